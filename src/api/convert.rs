@@ -1,0 +1,164 @@
+//! Protobuf ↔ domain conversions. Requests are destructured field by field,
+//! so a new proto field is a compile error here until it is handled.
+
+use prost_types::Timestamp;
+use secrecy::SecretString;
+use time::OffsetDateTime;
+use tonic::Status;
+
+use super::{pb, status::bad_field};
+use crate::broker::types::{
+    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId, MAX_FIELD_LEN, Permissions,
+    TenantId,
+};
+
+/// Parses the (tenant_id, exchange) pair every request carries.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming the field.
+pub fn target(tenant_id: &str, exchange: &str) -> Result<(TenantId, ExchangeId), Status> {
+    Ok((tenant(tenant_id)?, exchange_id("exchange", exchange)?))
+}
+
+/// Parses a tenant id.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming `tenant_id`.
+pub fn tenant(tenant_id: &str) -> Result<TenantId, Status> {
+    if tenant_id.is_empty() {
+        return Err(bad_field("tenant_id", "is required"));
+    }
+    tenant_id.parse().map_err(|e: String| bad_field("tenant_id", &e))
+}
+
+/// Parses an exchange name.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming `field`.
+pub fn exchange_id(field: &str, exchange: &str) -> Result<ExchangeId, Status> {
+    if exchange.is_empty() {
+        return Err(bad_field(field, "is required (binance, bybit, okx, coinbase, kraken, kucoin)"));
+    }
+    exchange.parse().map_err(|e: String| bad_field(field, &e))
+}
+
+/// Converts a request's credential set; size limits are checked here so an
+/// oversized value never reaches a validator or a log.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming the field.
+pub fn credential_set(set: Option<pb::CredentialSet>) -> Result<CredentialSet, Status> {
+    let pb::CredentialSet {
+        api_key,
+        api_secret,
+        passphrase,
+    } = set.ok_or_else(|| bad_field("credentials", "is required"))?;
+    for (field, len) in [
+        ("credentials.api_key", api_key.len()),
+        ("credentials.api_secret", api_secret.len()),
+        ("credentials.passphrase", passphrase.as_ref().map_or(0, String::len)),
+    ] {
+        if len > MAX_FIELD_LEN {
+            return Err(bad_field(field, &format!("is {len} bytes; at most {MAX_FIELD_LEN} allowed")));
+        }
+    }
+    Ok(CredentialSet {
+        api_key,
+        api_secret: SecretString::from(api_secret),
+        passphrase: passphrase.map(SecretString::from),
+    })
+}
+
+/// Builds the wire form of a set. The strings are copies the response owns;
+/// tonic drops them after encoding.
+pub fn set_to_pb(set: &CredentialSet) -> pb::CredentialSet {
+    use secrecy::ExposeSecret as _;
+    pb::CredentialSet {
+        api_key: set.api_key.clone(),
+        api_secret: set.api_secret.expose_secret().to_owned(),
+        passphrase: set.passphrase.as_ref().map(|p| p.expose_secret().to_owned()),
+    }
+}
+
+/// A timestamp on the wire.
+pub fn ts(t: OffsetDateTime) -> Timestamp {
+    Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+/// A status on the wire.
+pub fn status(s: CredentialStatus) -> i32 {
+    (match s {
+        CredentialStatus::Active => pb::CredentialStatus::Active,
+        CredentialStatus::Expired => pb::CredentialStatus::Expired,
+        CredentialStatus::Invalid => pb::CredentialStatus::Invalid,
+        CredentialStatus::Revoked => pb::CredentialStatus::Revoked,
+    }) as i32
+}
+
+/// Permissions on the wire.
+pub fn permissions(p: &Permissions) -> pb::Permissions {
+    pb::Permissions {
+        read: p.read,
+        trade: p.trade,
+        withdraw: p.withdraw,
+        transfer: p.transfer,
+        ip_restricted: p.ip_restricted,
+        expires_at: p.expires_at.map(ts),
+    }
+}
+
+/// Metadata on the wire.
+pub fn metadata(r: &CredentialRecord) -> pb::CredentialMetadata {
+    pb::CredentialMetadata {
+        tenant_id: r.tenant.to_string(),
+        exchange: r.exchange.as_str().to_owned(),
+        status: status(r.status),
+        version: r.current_version,
+        previous_version: r.previous_version,
+        previous_valid_until: r.previous_valid_until.map(ts),
+        permissions: r.permissions.as_ref().map(permissions),
+        vault_path: r.vault_path.clone(),
+        last_validated_at: r.last_validated_at.map(ts),
+        health_check_status: r.health.as_str().to_owned(),
+        created_at: Some(ts(r.created_at)),
+        updated_at: Some(ts(r.updated_at)),
+        api_key_hint: r.api_key_hint.clone(),
+    }
+}
+
+/// Health on the wire.
+pub fn health(r: &CredentialRecord) -> pb::CredentialHealth {
+    pb::CredentialHealth {
+        tenant_id: r.tenant.to_string(),
+        exchange: r.exchange.as_str().to_owned(),
+        status: r.health.as_str().to_owned(),
+        credential_status: status(r.status),
+        checked_at: Some(ts(r.updated_at)),
+        detail: r.health_detail.clone().unwrap_or_default(),
+        permissions: r.permissions.as_ref().map(permissions),
+    }
+}
+
+/// An event on the wire.
+pub fn event(e: &CredentialEvent) -> pb::RotationEvent {
+    let kind = match e.kind {
+        EventKind::Stored => pb::EventKind::Stored,
+        EventKind::Rotated => pb::EventKind::Rotated,
+        EventKind::PreviousExpired => pb::EventKind::PreviousExpired,
+        EventKind::Invalidated => pb::EventKind::Invalidated,
+        EventKind::Deleted => pb::EventKind::Deleted,
+    };
+    pb::RotationEvent {
+        seq: e.seq,
+        tenant_id: e.tenant.to_string(),
+        exchange: e.exchange.as_str().to_owned(),
+        kind: kind as i32,
+        version: e.version,
+        previous_version: e.previous_version,
+        previous_valid_until: e.previous_valid_until.map(ts),
+        occurred_at: Some(ts(e.occurred_at)),
+    }
+}

@@ -1,0 +1,191 @@
+//! The gRPC face of the broker: the only code that sees protobuf types and
+//! builds `Status`. Each handler parses its request, checks the caller may
+//! touch the tenant, calls the broker, and converts the answer.
+
+pub mod convert;
+pub mod pb;
+pub mod status;
+
+use std::{collections::BTreeSet, pin::Pin, sync::Arc, time::Duration};
+
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::{AuthError, Caller},
+    broker::{Broker, types::TenantId},
+    rotation::watch::{self, Subscription, WatchItem},
+};
+use pb::credential_broker_server::CredentialBroker;
+
+/// Buffered messages per WatchRotations stream.
+const WATCH_BUFFER: usize = 32;
+
+/// The `credbroker.v1.CredentialBroker` service.
+pub struct BrokerService {
+    broker: Arc<Broker>,
+    heartbeat: Duration,
+    shutdown: CancellationToken,
+}
+
+impl BrokerService {
+    /// Serves `broker`; streams send heartbeats every `heartbeat` and end
+    /// with a resumable status when `shutdown` fires.
+    pub fn new(broker: Arc<Broker>, heartbeat: Duration, shutdown: CancellationToken) -> Self {
+        Self {
+            broker,
+            heartbeat,
+            shutdown,
+        }
+    }
+}
+
+/// Checks the caller the auth layer attached may act on `tenant`.
+fn authorize<T>(req: &Request<T>, tenant: TenantId) -> Result<(), Status> {
+    let caller = req
+        .extensions()
+        .get::<Caller>()
+        .ok_or_else(|| Status::unauthenticated("a client certificate with a SPIFFE ID is required"))?;
+    caller.authorize(tenant).map_err(|e: AuthError| e.into())
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRotationsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl CredentialBroker for BrokerService {
+    type WatchRotationsStream = WatchStream;
+
+    async fn get_credentials(&self, req: Request<pb::GetCredentialsRequest>) -> Result<Response<pb::GetCredentialsResponse>, Status> {
+        let pb::GetCredentialsRequest { tenant_id, exchange } = req.get_ref();
+        let (tenant, exchange) = convert::target(tenant_id, exchange)?;
+        authorize(&req, tenant)?;
+        let view = self.broker.get_credentials(tenant, exchange).await?;
+        let (previous, previous_version, previous_valid_until) = match &view.previous {
+            Some((set, v, until)) => (Some(convert::set_to_pb(set)), Some(*v), Some(convert::ts(*until))),
+            None => (None, None, None),
+        };
+        Ok(Response::new(pb::GetCredentialsResponse {
+            current: Some(convert::set_to_pb(&view.current)),
+            version: view.record.current_version,
+            status: convert::status(view.record.status),
+            previous,
+            previous_version,
+            previous_valid_until,
+            stale: view.stale,
+        }))
+    }
+
+    async fn validate_and_store(&self, req: Request<pb::ValidateAndStoreRequest>) -> Result<Response<pb::ValidateAndStoreResponse>, Status> {
+        let (tenant, exchange) = convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
+        authorize(&req, tenant)?;
+        let pb::ValidateAndStoreRequest {
+            tenant_id: _,
+            exchange: _,
+            credentials,
+        } = req.into_inner();
+        let set = convert::credential_set(credentials)?;
+        let record = self.broker.validate_and_store(tenant, exchange, set).await?;
+        Ok(Response::new(pb::ValidateAndStoreResponse {
+            credential: Some(convert::metadata(&record)),
+        }))
+    }
+
+    async fn rotate(&self, req: Request<pb::RotateRequest>) -> Result<Response<pb::RotateResponse>, Status> {
+        let (tenant, exchange) = convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
+        authorize(&req, tenant)?;
+        let pb::RotateRequest {
+            tenant_id: _,
+            exchange: _,
+            credentials,
+            overlap_seconds,
+        } = req.into_inner();
+        let set = convert::credential_set(credentials)?;
+        let overlap = overlap_seconds.map(|s| time::Duration::seconds(i64::from(s)));
+        let out = self.broker.rotate(tenant, exchange, set, overlap).await?;
+        Ok(Response::new(pb::RotateResponse {
+            credential: Some(convert::metadata(&out.record)),
+            rotated: out.rotated,
+        }))
+    }
+
+    async fn watch_rotations(&self, req: Request<pb::WatchRotationsRequest>) -> Result<Response<Self::WatchRotationsStream>, Status> {
+        let pb::WatchRotationsRequest {
+            tenant_id,
+            exchanges,
+            after_seq,
+        } = req.get_ref();
+        let tenant = convert::tenant(tenant_id)?;
+        authorize(&req, tenant)?;
+        let exchanges = exchanges
+            .iter()
+            .map(|e| convert::exchange_id("exchanges", e))
+            .collect::<Result<BTreeSet<_>, _>>()?;
+        let sub = Subscription {
+            tenant,
+            exchanges,
+            after_seq: *after_seq,
+        };
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        tokio::spawn(watch::run(self.broker.clone(), sub, tx, self.heartbeat, self.shutdown.clone()));
+        let stream = ReceiverStream::new(rx).map(|item| {
+            use pb::watch_rotations_response::Message;
+            let message = match item {
+                WatchItem::State(r) => Message::State(convert::metadata(&r)),
+                WatchItem::Event(e) => Message::Event(convert::event(&e)),
+                WatchItem::Heartbeat(seq) => Message::Heartbeat(pb::Heartbeat {
+                    seq,
+                    sent_at: Some(convert::ts(time::OffsetDateTime::now_utc())),
+                }),
+                WatchItem::End(e) => return Err(Status::from(e)),
+            };
+            Ok(pb::WatchRotationsResponse { message: Some(message) })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_credentials(&self, req: Request<pb::ListCredentialsRequest>) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+        let pb::ListCredentialsRequest { tenant_id } = req.get_ref();
+        let tenant = convert::tenant(tenant_id)?;
+        authorize(&req, tenant)?;
+        let records = self.broker.list(tenant).await?;
+        Ok(Response::new(pb::ListCredentialsResponse {
+            credentials: records.iter().map(convert::metadata).collect(),
+        }))
+    }
+
+    async fn describe_credential(&self, req: Request<pb::DescribeCredentialRequest>) -> Result<Response<pb::CredentialMetadata>, Status> {
+        let pb::DescribeCredentialRequest { tenant_id, exchange } = req.get_ref();
+        let (tenant, exchange) = convert::target(tenant_id, exchange)?;
+        authorize(&req, tenant)?;
+        let record = self.broker.describe(tenant, exchange).await?;
+        Ok(Response::new(convert::metadata(&record)))
+    }
+
+    async fn delete_credentials(&self, req: Request<pb::DeleteCredentialsRequest>) -> Result<Response<pb::DeleteCredentialsResponse>, Status> {
+        let pb::DeleteCredentialsRequest { tenant_id, exchange } = req.get_ref();
+        let (tenant, exchange) = convert::target(tenant_id, exchange)?;
+        authorize(&req, tenant)?;
+        let deleted = self.broker.delete(tenant, exchange).await?;
+        Ok(Response::new(pb::DeleteCredentialsResponse { deleted }))
+    }
+
+    async fn validate_credentials(&self, req: Request<pb::ValidateCredentialsRequest>) -> Result<Response<pb::ValidateCredentialsResponse>, Status> {
+        let pb::ValidateCredentialsRequest { tenant_id, exchange } = req.get_ref();
+        let (tenant, exchange) = convert::target(tenant_id, exchange)?;
+        authorize(&req, tenant)?;
+        let record = self.broker.revalidate(tenant, exchange).await?;
+        Ok(Response::new(pb::ValidateCredentialsResponse {
+            health: Some(convert::health(&record)),
+        }))
+    }
+
+    async fn get_credential_health(&self, req: Request<pb::GetCredentialHealthRequest>) -> Result<Response<pb::CredentialHealth>, Status> {
+        let pb::GetCredentialHealthRequest { tenant_id, exchange } = req.get_ref();
+        let (tenant, exchange) = convert::target(tenant_id, exchange)?;
+        authorize(&req, tenant)?;
+        let record = self.broker.describe(tenant, exchange).await?;
+        Ok(Response::new(convert::health(&record)))
+    }
+}

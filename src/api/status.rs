@@ -1,0 +1,37 @@
+//! The one place where errors become gRPC statuses. Messages are safe to
+//! show: they never carry an upstream error string or a secret.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+use crate::broker::error::{BrokerError, ValidationError};
+
+/// INVALID_ARGUMENT with a `google.rpc.BadRequest` field violation.
+pub fn bad_field(field: &str, reason: &str) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {reason}"),
+        ErrorDetails::with_bad_request_violation(field, reason),
+    )
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        let msg = e.to_string();
+        match e {
+            BrokerError::InvalidArgument { field, reason } => bad_field(field, &reason),
+            BrokerError::Validation(ValidationError::InvalidField { field, reason }) => bad_field(field, &reason),
+            BrokerError::Validation(ValidationError::Rejected { .. }) => Status::failed_precondition(msg),
+            BrokerError::Validation(ValidationError::Unavailable { .. }) => {
+                Status::unavailable(format!("{msg}; nothing was stored, retry later"))
+            }
+            BrokerError::NotFound { .. } => Status::not_found(msg),
+            BrokerError::AlreadyExists { .. } => Status::already_exists(msg),
+            BrokerError::Conflict => Status::aborted(msg),
+            BrokerError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            BrokerError::Unavailable { .. } => Status::unavailable(msg),
+            BrokerError::ResumeTooOld { .. } => Status::out_of_range(msg),
+            BrokerError::Internal => Status::internal("internal error; the broker logged the cause"),
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! Wiring: builds the stores, the broker and the service from configuration,
+//! and owns every spawned task (health probe, retire job, Vault login).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::ServerTlsConfig;
+
+use crate::{
+    api::BrokerService,
+    broker::{
+        Broker, BrokerSettings,
+        ports::{CredentialValidator, MetadataStore, SecretStore},
+        validate::FormatCheckValidator,
+    },
+    cache::CredentialCache,
+    clock::{Clock, SystemClock},
+    config::{CacheConfig, Config, RotationConfig},
+    rotation::{hub::Hub, retire},
+    server::{self, ServeParams},
+    store::{self, PgMetadataStore},
+    vault::VaultSecretStore,
+};
+
+/// The storage and validation ports a broker runs on.
+pub struct Backends {
+    /// Secret store.
+    pub secrets: Arc<dyn SecretStore>,
+    /// Metadata store.
+    pub meta: Arc<dyn MetadataStore>,
+    /// Validator.
+    pub validator: Arc<dyn CredentialValidator>,
+    /// Set when secrets live in Vault with AppRole: its login loop.
+    pub vault: Option<Arc<VaultSecretStore>>,
+}
+
+/// Server-side settings independent of the backends.
+pub struct Settings {
+    /// mTLS.
+    pub tls: ServerTlsConfig,
+    /// Accepted SPIFFE trust domain.
+    pub trust_domain: String,
+    /// Cache.
+    pub cache: CacheConfig,
+    /// Rotation.
+    pub rotation: RotationConfig,
+    /// KV path prefix.
+    pub path_prefix: String,
+    /// Stream heartbeat.
+    pub heartbeat: Duration,
+    /// Health probe period.
+    pub health_probe: Duration,
+    /// Shutdown grace.
+    pub grace: Duration,
+    /// Clock (tests inject a manual one).
+    pub clock: Arc<dyn Clock>,
+}
+
+/// A running broker.
+pub struct Running {
+    /// Address the server listens on.
+    pub addr: SocketAddr,
+    /// The broker core (tests drive jobs through it).
+    pub broker: Arc<Broker>,
+    shutdown: CancellationToken,
+    tasks: JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the server stops (shutdown or failure); a task that fails
+    /// stops everything and its error is returned.
+    ///
+    /// # Errors
+    /// The first task failure.
+    pub async fn wait(mut self) -> anyhow::Result<()> {
+        let mut first_err = None;
+        while let Some(done) = self.tasks.join_next().await {
+            let res = done.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = res {
+                tracing::error!("task failed: {e:#}");
+                self.shutdown.cancel();
+                first_err.get_or_insert(e);
+            } else {
+                // The server returning means shutdown; stop the jobs too.
+                self.shutdown.cancel();
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Stops the server and waits for it.
+    ///
+    /// # Errors
+    /// The first task failure.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+}
+
+/// Connects to Vault and PostgreSQL as configured, migrates if asked.
+///
+/// # Errors
+/// When a backend cannot be reached at start-up or a migration fails.
+pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
+    let vault = Arc::new(
+        VaultSecretStore::connect(&cfg.vault)
+            .await
+            .map_err(|e| anyhow::anyhow!("vault ({}): {e}", cfg.vault.addr))?,
+    );
+    let pool = store::pool(&cfg.postgres).map_err(anyhow::Error::msg)?;
+    if cfg.postgres.migrate_on_start {
+        let n = store::migrate::run(&pool).await.map_err(|e| anyhow::anyhow!("postgres migrations: {e:#}"))?;
+        tracing::info!(applied = n, "database schema up to date");
+    }
+    Ok(Backends {
+        secrets: vault.clone(),
+        meta: Arc::new(PgMetadataStore::new(pool)),
+        validator: Arc::new(FormatCheckValidator),
+        vault: Some(vault),
+    })
+}
+
+/// Settings from the configuration file.
+///
+/// # Errors
+/// When TLS files cannot be read.
+pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
+    Ok(Settings {
+        tls: crate::tls::server_config(&cfg.tls)?,
+        trust_domain: cfg.tls.trust_domain.clone(),
+        cache: cfg.cache.clone(),
+        rotation: cfg.rotation.clone(),
+        path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
+        heartbeat: Duration::from_secs(cfg.server.heartbeat_secs),
+        health_probe: Duration::from_secs(cfg.server.health_probe_secs),
+        grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
+        clock: Arc::new(SystemClock),
+    })
+}
+
+/// Starts the server on `listener` with its background tasks.
+///
+/// # Errors
+/// When the server cannot be set up.
+pub async fn start(backends: Backends, s: Settings, listener: TcpListener) -> anyhow::Result<Running> {
+    let addr = listener.local_addr()?;
+    let secs = |n: u64| time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX));
+    let broker = Arc::new(Broker::new(
+        backends.secrets.clone(),
+        backends.meta.clone(),
+        backends.validator,
+        CredentialCache::new(s.cache.capacity, secs(s.cache.ttl_secs), secs(s.cache.outage_grace_secs)),
+        Hub::new(4096),
+        s.clock,
+        BrokerSettings {
+            path_prefix: s.path_prefix,
+            default_overlap: secs(s.rotation.default_overlap_secs),
+            max_overlap: secs(s.rotation.max_overlap_secs),
+        },
+    ));
+    let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let (reporter, health) = tonic_health::server::health_reporter();
+    server::set_serving(&reporter, false).await;
+    {
+        let (secrets, meta, cancel, every) = (backends.secrets.clone(), backends.meta.clone(), shutdown.clone(), s.health_probe);
+        tasks.spawn(async move {
+            health_probe(secrets, meta, reporter, every, cancel).await;
+            Ok(())
+        });
+    }
+    {
+        let (b, cancel, every) = (broker.clone(), shutdown.clone(), Duration::from_secs(s.rotation.retire_interval_secs.max(1)));
+        tasks.spawn(async move {
+            retire::task_main(b, every, cancel).await;
+            Ok(())
+        });
+    }
+    if let Some(vault) = backends.vault {
+        let cancel = shutdown.clone();
+        tasks.spawn(async move {
+            vault.task_main(cancel).await;
+            Ok(())
+        });
+    }
+    let service = BrokerService::new(broker.clone(), s.heartbeat, shutdown.clone());
+    tasks.spawn(server::serve(ServeParams {
+        listener,
+        tls: s.tls,
+        trust_domain: s.trust_domain,
+        service,
+        health,
+        shutdown: shutdown.clone(),
+        grace: s.grace,
+        request_timeout: Duration::from_secs(30),
+    }));
+    tracing::info!(%addr, "credbroker listening (mTLS)");
+    Ok(Running {
+        addr,
+        broker,
+        shutdown,
+        tasks,
+    })
+}
+
+/// Keeps grpc.health.v1 true: SERVING only while both stores answer.
+async fn health_probe(
+    secrets: Arc<dyn SecretStore>,
+    meta: Arc<dyn MetadataStore>,
+    reporter: tonic_health::server::HealthReporter,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let (v, p) = tokio::join!(secrets.ping(), meta.ping());
+        let serving = v.is_ok() && p.is_ok();
+        if last != Some(serving) {
+            if let Err(e) = &v {
+                tracing::warn!("health: Vault unreachable: {e}");
+            }
+            if let Err(e) = &p {
+                tracing::warn!("health: PostgreSQL unreachable: {e}");
+            }
+            server::set_serving(&reporter, serving).await;
+            last = Some(serving);
+        }
+        tokio::select! {
+            () = cancel.cancelled() => {
+                server::set_serving(&reporter, false).await;
+                return;
+            }
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = term => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}

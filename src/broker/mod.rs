@@ -1,0 +1,395 @@
+//! The domain core: store, fetch, rotate, delete and re-validate credentials.
+//!
+//! No tonic, SQL or vaultrs type appears here; the broker drives the ports in
+//! [`ports`] and publishes committed events to the hub. Write order is always
+//! Vault first (check-and-set), then one PostgreSQL transaction that points
+//! at the new version and appends the event, then cache invalidation, then
+//! publication: a crash in between leaves at worst an unreferenced Vault
+//! version, never metadata that points at a missing secret.
+
+pub mod error;
+pub mod ports;
+pub mod types;
+pub mod validate;
+
+use std::sync::Arc;
+
+use time::{Duration, OffsetDateTime};
+
+use crate::{
+    cache::{CachedCredential, CredentialCache},
+    clock::Clock,
+    rotation::hub::Hub,
+};
+use error::{BrokerError, SecretStoreError, ValidationError};
+use ports::{CredentialValidator, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore};
+use types::{
+    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId, HealthStatus, TenantId,
+};
+
+/// Tunables of the broker core.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    /// KV v2 path prefix under the mount, e.g. `tenants`.
+    pub path_prefix: String,
+    /// Overlap when a Rotate does not name one.
+    pub default_overlap: Duration,
+    /// Longest overlap a Rotate may ask for.
+    pub max_overlap: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            path_prefix: "tenants".into(),
+            default_overlap: Duration::hours(1),
+            max_overlap: Duration::days(7),
+        }
+    }
+}
+
+/// What GetCredentials returns.
+#[derive(Debug)]
+pub struct CredentialView {
+    /// Metadata.
+    pub record: CredentialRecord,
+    /// The current set.
+    pub current: CredentialSet,
+    /// The previous set with its version and deadline, while its overlap is open.
+    pub previous: Option<(CredentialSet, u64, OffsetDateTime)>,
+    /// Served from the cache because a backend is down.
+    pub stale: bool,
+}
+
+/// Result of a Rotate.
+#[derive(Debug)]
+pub struct RotateOutcome {
+    /// Metadata after the call.
+    pub record: CredentialRecord,
+    /// False when the request repeated the rotation already applied.
+    pub rotated: bool,
+}
+
+/// The broker core. Cheap to share behind an `Arc`.
+pub struct Broker {
+    secrets: Arc<dyn SecretStore>,
+    meta: Arc<dyn MetadataStore>,
+    validator: Arc<dyn CredentialValidator>,
+    cache: CredentialCache,
+    hub: Hub,
+    clock: Arc<dyn Clock>,
+    settings: BrokerSettings,
+}
+
+impl Broker {
+    /// Assembles the core from its ports.
+    pub fn new(
+        secrets: Arc<dyn SecretStore>,
+        meta: Arc<dyn MetadataStore>,
+        validator: Arc<dyn CredentialValidator>,
+        cache: CredentialCache,
+        hub: Hub,
+        clock: Arc<dyn Clock>,
+        settings: BrokerSettings,
+    ) -> Self {
+        Self {
+            secrets,
+            meta,
+            validator,
+            cache,
+            hub,
+            clock,
+            settings,
+        }
+    }
+
+    /// The metadata store (watch streams read events from it).
+    pub fn metadata(&self) -> &Arc<dyn MetadataStore> {
+        &self.meta
+    }
+
+    /// The secret store.
+    pub fn secrets(&self) -> &Arc<dyn SecretStore> {
+        &self.secrets
+    }
+
+    /// The event hub of this replica.
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// KV v2 path of a credential, relative to the mount.
+    pub fn vault_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
+        format!("{}/{tenant}/exchanges/{exchange}/credentials", self.settings.path_prefix)
+    }
+
+    /// Applies a committed event on this replica: invalidate, then publish,
+    /// so a subscriber that refetches on the event never reads the old set.
+    pub fn apply_event(&self, event: CredentialEvent) {
+        self.cache.invalidate(&(event.tenant, event.exchange));
+        self.hub.publish(event);
+    }
+
+    /// The current (and, during an overlap, previous) set.
+    ///
+    /// # Errors
+    /// `NotFound`; `FailedPrecondition` for a revoked credential;
+    /// `Unavailable` when a backend is down and nothing usable is cached.
+    pub async fn get_credentials(&self, tenant: TenantId, exchange: ExchangeId) -> Result<CredentialView, BrokerError> {
+        let key = (tenant, exchange);
+        let now = self.clock.now();
+        if let Some(hit) = self.cache.fresh(&key, now) {
+            return Ok(view(&hit, now, false));
+        }
+        match self.load(tenant, exchange, now).await {
+            Ok(entry) => {
+                let entry = self.cache.insert(key, entry);
+                Ok(view(&entry, now, false))
+            }
+            Err(e @ BrokerError::Unavailable { .. }) => match self.cache.within_grace(&key, now) {
+                Some(hit) => {
+                    tracing::warn!(%tenant, %exchange, "serving a stale cached credential: {e}");
+                    Ok(view(&hit, now, true))
+                }
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn load(&self, tenant: TenantId, exchange: ExchangeId, now: OffsetDateTime) -> Result<CachedCredential, BrokerError> {
+        let record = self.meta.get(tenant, exchange).await?.ok_or_else(|| not_found(tenant, exchange))?;
+        if record.status == CredentialStatus::Revoked {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "credentials for tenant {tenant} on {exchange} are revoked; store or rotate in a new set"
+            )));
+        }
+        let current = self.secrets.read(&record.vault_path, record.current_version).await?;
+        let previous = match record.open_previous(now) {
+            Some((version, _)) => match self.secrets.read(&record.vault_path, version).await {
+                Ok(set) => Some(set),
+                // Retired concurrently: the overlap is over, serve without it.
+                Err(SecretStoreError::NotFound { .. }) => None,
+                Err(e) => return Err(e.into()),
+            },
+            None => None,
+        };
+        Ok(CachedCredential {
+            record,
+            current,
+            previous,
+            fetched_at: now,
+        })
+    }
+
+    /// Validates and stores a tenant's first set for an exchange.
+    ///
+    /// # Errors
+    /// `Validation` when the set is refused, `AlreadyExists` when a set is
+    /// stored, `Conflict` when a concurrent store won, `Unavailable`.
+    pub async fn validate_and_store(&self, tenant: TenantId, exchange: ExchangeId, set: CredentialSet) -> Result<CredentialRecord, BrokerError> {
+        let permissions = self.validator.validate(tenant, exchange, &set).await?;
+        if self.meta.get(tenant, exchange).await?.is_some() {
+            return Err(already_exists(tenant, exchange));
+        }
+        let path = self.vault_path(tenant, exchange);
+        // A version without a row is what a crash between the two writes
+        // leaves behind; writing on top of it converges the retry.
+        let cas = self.secrets.latest_version(&path).await?.unwrap_or(0);
+        let version = self.secrets.write(&path, &set, cas).await?;
+        let new = NewCredential {
+            tenant,
+            exchange,
+            vault_path: path,
+            version,
+            permissions,
+            api_key_hint: set.key_hint(),
+            validated_at: self.clock.now(),
+        };
+        let (record, event) = self.meta.insert(new).await.map_err(|e| match e {
+            error::MetadataStoreError::AlreadyExists => already_exists(tenant, exchange),
+            other => other.into(),
+        })?;
+        tracing::info!(%tenant, %exchange, version, key = %record.api_key_hint, "credentials stored");
+        self.apply_event(event);
+        Ok(record)
+    }
+
+    /// Validates and stores a new version; the replaced one stays served for
+    /// the overlap (`None`: the default; zero: revoked at once).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an overlap beyond the maximum, `Validation`,
+    /// `NotFound`, `Conflict` when a concurrent rotation won, `Unavailable`.
+    pub async fn rotate(&self, tenant: TenantId, exchange: ExchangeId, set: CredentialSet, overlap: Option<Duration>) -> Result<RotateOutcome, BrokerError> {
+        let overlap = overlap.unwrap_or(self.settings.default_overlap);
+        if overlap.is_negative() || overlap > self.settings.max_overlap {
+            return Err(BrokerError::InvalidArgument {
+                field: "overlap_seconds",
+                reason: format!("must be between 0 and {} seconds", self.settings.max_overlap.whole_seconds()),
+            });
+        }
+        let permissions = self.validator.validate(tenant, exchange, &set).await?;
+        let record = self.meta.get(tenant, exchange).await?.ok_or_else(|| not_found(tenant, exchange))?;
+        // A retried Rotate (timeout, crash) carries the set already current:
+        // converge on it instead of rotating again.
+        let current = self.secrets.read(&record.vault_path, record.current_version).await?;
+        if current.same_as(&set) {
+            return Ok(RotateOutcome { record, rotated: false });
+        }
+        let cas = self.secrets.latest_version(&record.vault_path).await?.unwrap_or(0);
+        let new_version = self.secrets.write(&record.vault_path, &set, cas).await?;
+        let now = self.clock.now();
+        let keep_previous = overlap > Duration::ZERO;
+        let commit = RotationCommit {
+            tenant,
+            exchange,
+            expected_version: record.current_version,
+            new_version,
+            previous_version: keep_previous.then_some(record.current_version),
+            previous_valid_until: keep_previous.then_some(now + overlap),
+            permissions,
+            api_key_hint: set.key_hint(),
+            validated_at: now,
+        };
+        let (updated, event) = self.meta.rotate(commit).await.map_err(|e| match e {
+            error::MetadataStoreError::NotFound => not_found(tenant, exchange),
+            other => other.into(),
+        })?;
+        tracing::info!(%tenant, %exchange, version = new_version, overlap_secs = overlap.whole_seconds(), "credentials rotated");
+        self.apply_event(event);
+        // Versions no longer served are destroyed now: the replaced current
+        // one on an emergency revoke, and a previous one cut short by a
+        // rotation inside its overlap. Failure only delays it to the retire
+        // job's sweep of what the database no longer references.
+        let mut dead: Vec<u64> = Vec::new();
+        if !keep_previous {
+            dead.push(record.current_version);
+        }
+        if let Some((v, _)) = record.open_previous(now) {
+            dead.push(v);
+        }
+        if !dead.is_empty()
+            && let Err(e) = self.secrets.destroy_versions(&updated.vault_path, &dead).await
+        {
+            tracing::warn!(%tenant, %exchange, ?dead, "could not destroy replaced versions yet: {e}");
+        }
+        Ok(RotateOutcome { record: updated, rotated: true })
+    }
+
+    /// Deletes metadata (with a DELETED event) and then every Vault version.
+    /// Returns whether anything was stored. Retrying after a Vault failure
+    /// finishes the purge.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<bool, BrokerError> {
+        let event = self.meta.delete(tenant, exchange).await?;
+        let deleted = event.is_some();
+        if let Some(event) = event {
+            self.apply_event(event);
+        }
+        self.secrets.purge(&self.vault_path(tenant, exchange)).await?;
+        if deleted {
+            tracing::info!(%tenant, %exchange, "credentials deleted");
+        }
+        Ok(deleted)
+    }
+
+    /// Metadata of one credential.
+    ///
+    /// # Errors
+    /// `NotFound`, `Unavailable`.
+    pub async fn describe(&self, tenant: TenantId, exchange: ExchangeId) -> Result<CredentialRecord, BrokerError> {
+        self.meta.get(tenant, exchange).await?.ok_or_else(|| not_found(tenant, exchange))
+    }
+
+    /// Metadata of every credential of a tenant.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, BrokerError> {
+        Ok(self.meta.list(tenant).await?)
+    }
+
+    /// Re-validates the current set against the exchange now and records the
+    /// outcome. A rejection marks the credential invalid (INVALIDATED event);
+    /// an exchange outage changes nothing and is returned as `Validation`
+    /// (`Unavailable` kind).
+    ///
+    /// # Errors
+    /// `NotFound`, `Validation(Unavailable)`, `Unavailable`.
+    pub async fn revalidate(&self, tenant: TenantId, exchange: ExchangeId) -> Result<CredentialRecord, BrokerError> {
+        let record = self.describe(tenant, exchange).await?;
+        let set = self.secrets.read(&record.vault_path, record.current_version).await?;
+        let now = self.clock.now();
+        let update = match self.validator.validate(tenant, exchange, &set).await {
+            Ok(permissions) => HealthUpdate {
+                tenant,
+                exchange,
+                health: HealthStatus::Healthy,
+                status: if record.status == CredentialStatus::Invalid {
+                    CredentialStatus::Active
+                } else {
+                    record.status
+                },
+                detail: None,
+                permissions: Some(permissions),
+                checked_at: now,
+            },
+            Err(e @ ValidationError::Unavailable { .. }) => return Err(e.into()),
+            Err(e) => HealthUpdate {
+                tenant,
+                exchange,
+                health: HealthStatus::Unhealthy,
+                status: CredentialStatus::Invalid,
+                detail: Some(e.to_string()),
+                permissions: None,
+                checked_at: now,
+            },
+        };
+        let (updated, event) = self.meta.record_health(update).await.map_err(|e| match e {
+            error::MetadataStoreError::NotFound => not_found(tenant, exchange),
+            other => other.into(),
+        })?;
+        if let Some(event) = event {
+            tracing::warn!(%tenant, %exchange, "credential invalidated by re-validation");
+            self.apply_event(event);
+        } else {
+            self.cache.invalidate(&(tenant, exchange));
+        }
+        Ok(updated)
+    }
+}
+
+fn view(entry: &CachedCredential, now: OffsetDateTime, stale: bool) -> CredentialView {
+    let previous = match (entry.record.open_previous(now), &entry.previous) {
+        (Some((version, until)), Some(set)) => Some((set.clone(), version, until)),
+        _ => None,
+    };
+    CredentialView {
+        record: entry.record.clone(),
+        current: entry.current.clone(),
+        previous,
+        stale,
+    }
+}
+
+fn not_found(tenant: TenantId, exchange: ExchangeId) -> BrokerError {
+    BrokerError::NotFound {
+        tenant: tenant.to_string(),
+        exchange: exchange.as_str(),
+    }
+}
+
+fn already_exists(tenant: TenantId, exchange: ExchangeId) -> BrokerError {
+    BrokerError::AlreadyExists {
+        tenant: tenant.to_string(),
+        exchange: exchange.as_str(),
+    }
+}

@@ -1,0 +1,192 @@
+//! The traits the broker drives: where secrets live, where metadata and
+//! events live, and who decides whether a key works. Vault/PostgreSQL and the
+//! in-memory dev stores implement the first two; exchange adapters the third.
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use super::{
+    error::{MetadataStoreError, SecretStoreError, ValidationError},
+    types::{
+        CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId,
+        HealthStatus, Permissions, TenantId,
+    },
+};
+
+/// Versioned secret storage (Vault KV v2 semantics).
+#[async_trait]
+pub trait SecretStore: Send + Sync + 'static {
+    /// Latest version at `path` (soft-deleted or destroyed versions count),
+    /// `None` when nothing was ever written there.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn latest_version(&self, path: &str) -> Result<Option<u64>, SecretStoreError>;
+
+    /// Writes a new version if the latest version equals `cas` (0: only if
+    /// nothing exists) and returns the new version number.
+    ///
+    /// # Errors
+    /// `CasConflict` when another writer got there first.
+    async fn write(&self, path: &str, set: &CredentialSet, cas: u64) -> Result<u64, SecretStoreError>;
+
+    /// Reads one version.
+    ///
+    /// # Errors
+    /// `NotFound` when that version does not exist or was destroyed.
+    async fn read(&self, path: &str, version: u64) -> Result<CredentialSet, SecretStoreError>;
+
+    /// Destroys versions permanently (idempotent).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn destroy_versions(&self, path: &str, versions: &[u64]) -> Result<(), SecretStoreError>;
+
+    /// Removes every version and the metadata at `path` (idempotent).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn purge(&self, path: &str) -> Result<(), SecretStoreError>;
+
+    /// Checks that the store is reachable, unsealed and accepts our token.
+    ///
+    /// # Errors
+    /// Unavailable otherwise.
+    async fn ping(&self) -> Result<(), SecretStoreError>;
+}
+
+/// A new credential's metadata, written together with its STORED event.
+#[derive(Clone, Debug)]
+pub struct NewCredential {
+    /// Owner.
+    pub tenant: TenantId,
+    /// Exchange.
+    pub exchange: ExchangeId,
+    /// Vault path.
+    pub vault_path: String,
+    /// Vault version written.
+    pub version: u64,
+    /// Detected permissions.
+    pub permissions: Permissions,
+    /// Masked key.
+    pub api_key_hint: String,
+    /// Validation time.
+    pub validated_at: OffsetDateTime,
+}
+
+/// A rotation to commit, guarded by the version it replaces.
+#[derive(Clone, Debug)]
+pub struct RotationCommit {
+    /// Owner.
+    pub tenant: TenantId,
+    /// Exchange.
+    pub exchange: ExchangeId,
+    /// The current version the caller read; the commit fails with
+    /// `Conflict` if it changed since.
+    pub expected_version: u64,
+    /// The new current version.
+    pub new_version: u64,
+    /// The version kept during the overlap (`None`: revoked at once).
+    pub previous_version: Option<u64>,
+    /// End of the overlap.
+    pub previous_valid_until: Option<OffsetDateTime>,
+    /// Permissions of the new set.
+    pub permissions: Permissions,
+    /// Masked new key.
+    pub api_key_hint: String,
+    /// Validation time.
+    pub validated_at: OffsetDateTime,
+}
+
+/// Result of a health check to record.
+#[derive(Clone, Debug)]
+pub struct HealthUpdate {
+    /// Owner.
+    pub tenant: TenantId,
+    /// Exchange.
+    pub exchange: ExchangeId,
+    /// Outcome.
+    pub health: HealthStatus,
+    /// New lifecycle status (Invalid after a rejection emits INVALIDATED).
+    pub status: CredentialStatus,
+    /// Safe-to-show detail of a failure.
+    pub detail: Option<String>,
+    /// Permissions when the check succeeded.
+    pub permissions: Option<Permissions>,
+    /// Check time.
+    pub checked_at: OffsetDateTime,
+}
+
+/// Metadata and event storage (PostgreSQL semantics: every write is one
+/// transaction that also appends its event).
+#[async_trait]
+pub trait MetadataStore: Send + Sync + 'static {
+    /// One record.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn get(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialRecord>, MetadataStoreError>;
+
+    /// Every record of a tenant, ordered by exchange.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError>;
+
+    /// Inserts a new record with its STORED event.
+    ///
+    /// # Errors
+    /// `AlreadyExists` when a record exists.
+    async fn insert(&self, new: NewCredential) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError>;
+
+    /// Commits a rotation with its ROTATED event.
+    ///
+    /// # Errors
+    /// `Conflict` when the current version is no longer `expected_version`,
+    /// `NotFound` when the record is gone.
+    async fn rotate(&self, commit: RotationCommit) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError>;
+
+    /// Deletes a record with its DELETED event; `None` when nothing existed.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialEvent>, MetadataStoreError>;
+
+    /// Records a health check; returns the INVALIDATED event when the status
+    /// moved to invalid.
+    ///
+    /// # Errors
+    /// `NotFound` when the record is gone.
+    async fn record_health(&self, update: HealthUpdate) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError>;
+
+    /// Ends overlaps whose deadline passed before `now`: clears the previous
+    /// version and appends PREVIOUS_EXPIRED, one transaction per record.
+    /// Returns each retired (vault path, version) with its event.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn expire_overlaps(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError>;
+
+    /// A tenant's events with `seq > after`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn events_after(&self, tenant: TenantId, after: u64, limit: u32) -> Result<Vec<CredentialEvent>, MetadataStoreError>;
+
+    /// Checks that the store is reachable.
+    ///
+    /// # Errors
+    /// Unavailable otherwise.
+    async fn ping(&self) -> Result<(), MetadataStoreError>;
+}
+
+/// Decides whether a credential set works on its exchange and what it may do.
+#[async_trait]
+pub trait CredentialValidator: Send + Sync + 'static {
+    /// Validates `set` for `exchange` and returns its permissions.
+    ///
+    /// # Errors
+    /// `InvalidField` for malformed input, `Rejected` when the key does not
+    /// work or policy refuses it, `Unavailable` when no answer could be had.
+    async fn validate(&self, tenant: TenantId, exchange: ExchangeId, set: &CredentialSet) -> Result<Permissions, ValidationError>;
+}

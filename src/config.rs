@@ -1,0 +1,282 @@
+//! Typed configuration, loaded from a TOML file and `CREDBROKER__*`
+//! environment variables (`CREDBROKER__VAULT__AUTH__TOKEN` sets
+//! `vault.auth.token`), checked completely at start-up. Every error names the
+//! key; secret values are `SecretString`s and never printed.
+
+use std::{net::SocketAddr, path::{Path, PathBuf}};
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use thiserror::Error;
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(pub String);
+
+/// The whole configuration of `credbroker server`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// gRPC server.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// mTLS material.
+    pub tls: TlsConfig,
+    /// Vault / OpenBao.
+    pub vault: VaultConfig,
+    /// PostgreSQL.
+    pub postgres: PostgresConfig,
+    /// L1 cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Rotation and events.
+    #[serde(default)]
+    pub rotation: RotationConfig,
+}
+
+/// gRPC server settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// How long in-flight calls may run after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Heartbeat period of idle WatchRotations streams.
+    pub heartbeat_secs: u64,
+    /// Period of the Vault/PostgreSQL reachability probe behind grpc.health.v1.
+    pub health_probe_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            shutdown_grace_secs: 30,
+            heartbeat_secs: 15,
+            health_probe_secs: 5,
+        }
+    }
+}
+
+/// Server certificate and the CA that signs client certificates.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// CA bundle client certificates must chain to (PEM).
+    pub client_ca: PathBuf,
+    /// SPIFFE trust domain accepted in client URI SANs.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+}
+
+fn default_trust_domain() -> String {
+    "credbroker.local".into()
+}
+
+/// Vault / OpenBao settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// Base URL, e.g. `https://vault.internal:8200`.
+    pub addr: String,
+    /// KV v2 mount.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// Path prefix under the mount; credentials live at
+    /// `{prefix}/{tenant}/exchanges/{exchange}/credentials`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Per-request timeout.
+    #[serde(default = "default_vault_timeout")]
+    pub timeout_ms: u64,
+    /// CA bundle for Vault's TLS certificate.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// Vault Enterprise / OpenBao namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Authentication.
+    pub auth: VaultAuthConfig,
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_prefix() -> String {
+    "tenants".into()
+}
+fn default_vault_timeout() -> u64 {
+    5000
+}
+
+/// How to log in to Vault.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VaultAuthConfig {
+    /// A static token.
+    Token {
+        /// The token.
+        token: SecretString,
+    },
+    /// AppRole login.
+    Approle {
+        /// Auth mount.
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+        /// Role ID.
+        role_id: String,
+        /// Secret ID.
+        secret_id: SecretString,
+    },
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection string (`postgres://user:pass@host/db` or key=value); may
+    /// hold a password, so it is a secret.
+    pub url: SecretString,
+    /// Pool size.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// Apply pending migrations at start-up.
+    #[serde(default = "default_true")]
+    pub migrate_on_start: bool,
+}
+
+fn default_pool() -> usize {
+    16
+}
+fn default_true() -> bool {
+    true
+}
+
+/// L1 cache settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Freshness of a cached set.
+    pub ttl_secs: u64,
+    /// How long past `ttl_secs` a cached set is served while Vault or
+    /// PostgreSQL is down.
+    pub outage_grace_secs: u64,
+    /// Maximum cached credentials.
+    pub capacity: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 300,
+            outage_grace_secs: 3600,
+            capacity: 100_000,
+        }
+    }
+}
+
+/// Rotation settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Overlap when a Rotate names none.
+    pub default_overlap_secs: u64,
+    /// Longest overlap a Rotate may ask for.
+    pub max_overlap_secs: u64,
+    /// How often the retire job looks for ended overlaps.
+    pub retire_interval_secs: u64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            default_overlap_secs: 3600,
+            max_overlap_secs: 7 * 24 * 3600,
+            retire_interval_secs: 15,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (if given) overlaid with `CREDBROKER__*` variables, then
+    /// checks every value.
+    ///
+    /// # Errors
+    /// A `ConfigError` naming the first bad key.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError(format!("config file {} does not exist", p.display())));
+            }
+            b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("CREDBROKER")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let cfg: Config = b
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError(e.to_string()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks values serde cannot: URLs, files, ranges.
+    ///
+    /// # Errors
+    /// A `ConfigError` naming the first bad key.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
+        match url::Url::parse(&self.vault.addr) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            Ok(u) => return bad("vault.addr", format!("scheme {:?} is not http or https", u.scheme())),
+            Err(e) => return bad("vault.addr", format!("not a URL ({e})")),
+        }
+        for (key, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)] {
+            if !p.is_file() {
+                return bad(key, format!("{} is not a readable file", p.display()));
+            }
+        }
+        if let Some(ca) = &self.vault.ca_cert
+            && !ca.is_file()
+        {
+            return bad("vault.ca_cert", format!("{} is not a readable file", ca.display()));
+        }
+        if self.vault.mount.is_empty() || self.vault.mount.contains(char::is_whitespace) {
+            return bad("vault.mount", "must be a non-empty mount name".into());
+        }
+        if self.vault.prefix.trim_matches('/').is_empty() {
+            return bad("vault.prefix", "must not be empty".into());
+        }
+        if self.tls.trust_domain.is_empty() || self.tls.trust_domain.contains('/') {
+            return bad("tls.trust_domain", "must be a bare trust domain such as credbroker.local".into());
+        }
+        if self.postgres.pool_size == 0 {
+            return bad("postgres.pool_size", "must be at least 1".into());
+        }
+        if self.cache.ttl_secs == 0 {
+            return bad("cache.ttl_secs", "must be at least 1".into());
+        }
+        if self.rotation.default_overlap_secs > self.rotation.max_overlap_secs {
+            return bad("rotation.default_overlap_secs", "must not exceed rotation.max_overlap_secs".into());
+        }
+        if self.server.heartbeat_secs == 0 || self.server.health_probe_secs == 0 {
+            return bad("server.heartbeat_secs", "heartbeat and health probe periods must be at least 1".into());
+        }
+        Ok(())
+    }
+}

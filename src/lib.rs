@@ -1,0 +1,23 @@
+//! credbroker: a multi-tenant gRPC credential broker for exchange API keys.
+//!
+//! See ARCHITECTURE.md for the map. A request flows mTLS → tower stack
+//! (`auth`) → `api` (protobuf ↔ domain) → `broker` → `cache` → `vault` and
+//! `store`; a change flows commit → cache invalidation → `rotation::hub` →
+//! each WatchRotations stream.
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod dev;
+pub mod memstore;
+pub mod rotation;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod vault;

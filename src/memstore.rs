@@ -1,0 +1,230 @@
+//! In-memory implementations of the storage ports, for `credbroker dev` and
+//! unit tests. They keep the same semantics as Vault KV v2 (versions,
+//! check-and-set, destroy) and PostgreSQL (one atomic step per write, a
+//! growing event sequence), but nothing survives the process.
+
+use std::{collections::BTreeMap, sync::Mutex};
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::broker::{
+    error::{MetadataStoreError, SecretStoreError},
+    ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore},
+    types::{CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId, HealthStatus, TenantId},
+};
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Versioned secrets in memory. Index `i` holds version `i + 1`; `None` is a
+/// destroyed version.
+#[derive(Default)]
+pub struct MemorySecretStore {
+    paths: Mutex<BTreeMap<String, Vec<Option<CredentialSet>>>>,
+}
+
+#[async_trait]
+impl SecretStore for MemorySecretStore {
+    async fn latest_version(&self, path: &str) -> Result<Option<u64>, SecretStoreError> {
+        Ok(lock(&self.paths).get(path).map(|v| v.len() as u64))
+    }
+
+    async fn write(&self, path: &str, set: &CredentialSet, cas: u64) -> Result<u64, SecretStoreError> {
+        let mut paths = lock(&self.paths);
+        let versions = paths.entry(path.to_owned()).or_default();
+        if versions.len() as u64 != cas {
+            return Err(SecretStoreError::CasConflict { path: path.to_owned() });
+        }
+        versions.push(Some(set.clone()));
+        Ok(versions.len() as u64)
+    }
+
+    async fn read(&self, path: &str, version: u64) -> Result<CredentialSet, SecretStoreError> {
+        let paths = lock(&self.paths);
+        let idx = usize::try_from(version).ok().and_then(|v| v.checked_sub(1));
+        paths
+            .get(path)
+            .and_then(|v| idx.and_then(|i| v.get(i)))
+            .and_then(Option::clone)
+            .ok_or_else(|| SecretStoreError::NotFound {
+                path: path.to_owned(),
+                version,
+            })
+    }
+
+    async fn destroy_versions(&self, path: &str, versions: &[u64]) -> Result<(), SecretStoreError> {
+        if let Some(stored) = lock(&self.paths).get_mut(path) {
+            for v in versions {
+                if let Some(slot) = usize::try_from(*v).ok().and_then(|v| v.checked_sub(1)).and_then(|i| stored.get_mut(i)) {
+                    *slot = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, path: &str) -> Result<(), SecretStoreError> {
+        lock(&self.paths).remove(path);
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), SecretStoreError> {
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct MetaState {
+    records: BTreeMap<(TenantId, ExchangeId), CredentialRecord>,
+    events: Vec<CredentialEvent>,
+    next_seq: u64,
+}
+
+impl MetaState {
+    fn append(&mut self, record: &CredentialRecord, kind: EventKind, now: OffsetDateTime) -> CredentialEvent {
+        self.next_seq += 1;
+        let event = CredentialEvent {
+            seq: self.next_seq,
+            tenant: record.tenant,
+            exchange: record.exchange,
+            kind,
+            version: if kind == EventKind::Deleted { 0 } else { record.current_version },
+            previous_version: record.previous_version,
+            previous_valid_until: record.previous_valid_until,
+            occurred_at: now,
+        };
+        self.events.push(event.clone());
+        event
+    }
+}
+
+/// Metadata and events in memory.
+#[derive(Default)]
+pub struct MemoryMetadataStore {
+    state: Mutex<MetaState>,
+}
+
+#[async_trait]
+impl MetadataStore for MemoryMetadataStore {
+    async fn get(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialRecord>, MetadataStoreError> {
+        Ok(lock(&self.state).records.get(&(tenant, exchange)).cloned())
+    }
+
+    async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
+        Ok(lock(&self.state)
+            .records
+            .range((tenant, ExchangeId::Binance)..=(tenant, ExchangeId::Kucoin))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    async fn insert(&self, new: NewCredential) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let key = (new.tenant, new.exchange);
+        if st.records.contains_key(&key) {
+            return Err(MetadataStoreError::AlreadyExists);
+        }
+        let now = new.validated_at;
+        let record = CredentialRecord {
+            tenant: new.tenant,
+            exchange: new.exchange,
+            vault_path: new.vault_path,
+            current_version: new.version,
+            previous_version: None,
+            previous_valid_until: None,
+            status: CredentialStatus::Active,
+            permissions: Some(new.permissions),
+            api_key_hint: new.api_key_hint,
+            last_validated_at: Some(now),
+            health: HealthStatus::Unknown,
+            health_detail: None,
+            created_at: now,
+            updated_at: now,
+        };
+        st.records.insert(key, record.clone());
+        let event = st.append(&record, EventKind::Stored, now);
+        Ok((record, event))
+    }
+
+    async fn rotate(&self, c: RotationCommit) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let record = st.records.get_mut(&(c.tenant, c.exchange)).ok_or(MetadataStoreError::NotFound)?;
+        if record.current_version != c.expected_version {
+            return Err(MetadataStoreError::Conflict);
+        }
+        record.current_version = c.new_version;
+        record.previous_version = c.previous_version;
+        record.previous_valid_until = c.previous_valid_until;
+        record.status = CredentialStatus::Active;
+        record.permissions = Some(c.permissions);
+        record.api_key_hint = c.api_key_hint;
+        record.last_validated_at = Some(c.validated_at);
+        record.updated_at = c.validated_at;
+        let record = record.clone();
+        let event = st.append(&record, EventKind::Rotated, c.validated_at);
+        Ok((record, event))
+    }
+
+    async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialEvent>, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let Some(record) = st.records.remove(&(tenant, exchange)) else {
+            return Ok(None);
+        };
+        Ok(Some(st.append(&record, EventKind::Deleted, OffsetDateTime::now_utc())))
+    }
+
+    async fn record_health(&self, u: HealthUpdate) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let record = st.records.get_mut(&(u.tenant, u.exchange)).ok_or(MetadataStoreError::NotFound)?;
+        let invalidated = u.status == CredentialStatus::Invalid && record.status != CredentialStatus::Invalid;
+        record.health = u.health;
+        record.status = u.status;
+        record.health_detail = u.detail;
+        if let Some(p) = u.permissions {
+            record.permissions = Some(p);
+            record.last_validated_at = Some(u.checked_at);
+        }
+        record.updated_at = u.checked_at;
+        let record = record.clone();
+        let event = invalidated.then(|| st.append(&record, EventKind::Invalidated, u.checked_at));
+        Ok((record, event))
+    }
+
+    async fn expire_overlaps(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let due: Vec<_> = st
+            .records
+            .iter()
+            .filter(|(_, r)| r.previous_valid_until.is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .take(limit as usize)
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
+        for key in due {
+            let Some(record) = st.records.get_mut(&key) else { continue };
+            let Some(version) = record.previous_version.take() else { continue };
+            record.previous_valid_until = None;
+            record.updated_at = now;
+            let record = record.clone();
+            let event = st.append(&record, EventKind::PreviousExpired, now);
+            out.push((record.vault_path, version, event));
+        }
+        Ok(out)
+    }
+
+    async fn events_after(&self, tenant: TenantId, after: u64, limit: u32) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
+        Ok(lock(&self.state)
+            .events
+            .iter()
+            .filter(|e| e.tenant == tenant && e.seq > after)
+            .take(limit as usize)
+            .cloned()
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<(), MetadataStoreError> {
+        Ok(())
+    }
+}

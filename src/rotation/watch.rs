@@ -1,0 +1,131 @@
+//! One WatchRotations subscription: full state first, then missed events
+//! replayed from the table, then live events from the hub, with heartbeats
+//! while idle. Runs as its own task feeding a bounded channel; a failed send
+//! means the client left.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{
+    Broker,
+    error::BrokerError,
+    types::{CredentialEvent, CredentialRecord, ExchangeId, TenantId},
+};
+
+/// Events read from the table per catch-up query.
+const CATCH_UP_PAGE: u32 = 500;
+
+/// What a subscription asked for.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    /// Tenant watched.
+    pub tenant: TenantId,
+    /// Exchanges watched; empty means all.
+    pub exchanges: BTreeSet<ExchangeId>,
+    /// Resume point (0: none).
+    pub after_seq: u64,
+}
+
+impl Subscription {
+    fn wants(&self, tenant: TenantId, exchange: ExchangeId) -> bool {
+        tenant == self.tenant && (self.exchanges.is_empty() || self.exchanges.contains(&exchange))
+    }
+}
+
+/// One message of the stream, before it is put on the wire.
+#[derive(Debug)]
+pub enum WatchItem {
+    /// Current state of one credential.
+    State(CredentialRecord),
+    /// A change.
+    Event(CredentialEvent),
+    /// Idle tick carrying the last sequence delivered.
+    Heartbeat(u64),
+    /// The stream ends with this error (resumable where it says so).
+    End(BrokerError),
+}
+
+/// Feeds `tx` until the client leaves or `cancel` fires.
+pub async fn run(
+    broker: Arc<Broker>,
+    sub: Subscription,
+    tx: mpsc::Sender<WatchItem>,
+    heartbeat: Duration,
+    cancel: CancellationToken,
+) {
+    // Subscribe before reading state so nothing committed in between is lost.
+    let mut live = broker.hub().subscribe();
+    let mut cursor = sub.after_seq;
+    let records = match broker.list(sub.tenant).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tx.send(WatchItem::End(e)).await;
+            return;
+        }
+    };
+    for r in records.into_iter().filter(|r| sub.wants(r.tenant, r.exchange)) {
+        if tx.send(WatchItem::State(r)).await.is_err() {
+            return;
+        }
+    }
+    if sub.after_seq > 0 && !catch_up(&broker, &sub, &mut cursor, &tx).await {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = tx.send(WatchItem::End(BrokerError::Unavailable { what: "this broker replica (shutting down)" })).await;
+                return;
+            }
+            got = tokio::time::timeout(heartbeat, live.recv()) => match got {
+                Err(_idle) => {
+                    if tx.send(WatchItem::Heartbeat(cursor)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Ok(event)) => {
+                    if event.seq <= cursor || !sub.wants(event.tenant, event.exchange) {
+                        continue;
+                    }
+                    cursor = event.seq;
+                    if tx.send(WatchItem::Event((*event).clone())).await.is_err() {
+                        return;
+                    }
+                }
+                // Fell behind the hub: the table has everything, re-read it.
+                Ok(Err(RecvError::Lagged(missed))) => {
+                    tracing::debug!(tenant = %sub.tenant, missed, "watch subscriber lagged; catching up from the table");
+                    if !catch_up(&broker, &sub, &mut cursor, &tx).await {
+                        return;
+                    }
+                }
+                Ok(Err(RecvError::Closed)) => return,
+            }
+        }
+    }
+}
+
+/// Sends every stored event after `cursor`; false when the stream is over.
+async fn catch_up(broker: &Broker, sub: &Subscription, cursor: &mut u64, tx: &mpsc::Sender<WatchItem>) -> bool {
+    loop {
+        let page = match broker.metadata().events_after(sub.tenant, *cursor, CATCH_UP_PAGE).await {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = tx.send(WatchItem::End(e.into())).await;
+                return false;
+            }
+        };
+        let full = page.len() == CATCH_UP_PAGE as usize;
+        for e in page {
+            *cursor = e.seq;
+            if sub.wants(e.tenant, e.exchange) && tx.send(WatchItem::Event(e)).await.is_err() {
+                return false;
+            }
+        }
+        if !full {
+            return true;
+        }
+    }
+}

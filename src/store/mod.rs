@@ -1,0 +1,435 @@
+//! PostgreSQL as the [`MetadataStore`]: credential rows and the event log,
+//! with tenant row-level security.
+//!
+//! Every transaction first switches to a non-superuser role
+//! (`credbroker_tenant` with the tenant in `credbroker.tenant_id`, or
+//! `credbroker_system` for cross-tenant jobs) so RLS holds even when the
+//! login role owns the tables.
+
+pub mod migrate;
+
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use secrecy::ExposeSecret;
+use time::OffsetDateTime;
+use tokio_postgres::{NoTls, Row, error::SqlState};
+
+use crate::{
+    broker::{
+        error::MetadataStoreError,
+        ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit},
+        types::{
+            CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId, HealthStatus, Permissions,
+            TenantId,
+        },
+    },
+    config::PostgresConfig,
+};
+
+const RECORD_COLS: &str = "tenant_id, exchange, vault_path, current_version, previous_version, \
+    previous_valid_until, status, permissions, api_key_hint, last_validated_at, health_check_status, \
+    health_check_detail, created_at, updated_at";
+const EVENT_COLS: &str = "seq, tenant_id, exchange, kind, version, previous_version, previous_valid_until, occurred_at";
+
+/// Builds a connection pool from the configuration.
+///
+/// # Errors
+/// A message naming `postgres.url` when the connection string is malformed.
+pub fn pool(cfg: &PostgresConfig) -> Result<Pool, String> {
+    let pg = tokio_postgres::Config::from_str(cfg.url.expose_secret())
+        .map_err(|e| format!("postgres.url: not a valid connection string ({e})"))?;
+    let mgr = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(cfg.pool_size)
+        .wait_timeout(Some(std::time::Duration::from_secs(5)))
+        .create_timeout(Some(std::time::Duration::from_secs(5)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| format!("postgres: cannot build pool ({e})"))
+}
+
+/// The PostgreSQL metadata store.
+#[derive(Clone)]
+pub struct PgMetadataStore {
+    pool: Pool,
+}
+
+/// Whose rows a transaction may see.
+#[derive(Clone, Copy)]
+enum Scope {
+    Tenant(TenantId),
+    System,
+}
+
+impl PgMetadataStore {
+    /// Wraps a pool.
+    pub fn new(pool: Pool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool (the event listener takes its own connection outside it).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Runs `f` in one transaction under `scope`'s role and commits.
+    async fn in_tx<T, F>(&self, scope: Scope, f: F) -> Result<T, MetadataStoreError>
+    where
+        F: for<'a> FnOnce(&'a Transaction<'a>) -> futures::future::BoxFuture<'a, Result<T, MetadataStoreError>>,
+    {
+        let mut client = self.pool.get().await.map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
+        let tx = client.transaction().await.map_err(pg_err)?;
+        match scope {
+            Scope::Tenant(t) => {
+                tx.execute(
+                    "SELECT set_config('role', 'credbroker_tenant', true), set_config('credbroker.tenant_id', $1, true)",
+                    &[&t.to_string()],
+                )
+                .await
+            }
+            Scope::System => tx.execute("SELECT set_config('role', 'credbroker_system', true)", &[]).await,
+        }
+        .map_err(pg_err)?;
+        let out = f(&tx).await?;
+        tx.commit().await.map_err(pg_err)?;
+        Ok(out)
+    }
+}
+
+fn pg_err(e: tokio_postgres::Error) -> MetadataStoreError {
+    match e.code() {
+        Some(c) if *c == SqlState::UNIQUE_VIOLATION => MetadataStoreError::AlreadyExists,
+        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
+            MetadataStoreError::Conflict
+        }
+        Some(c) if c.code().starts_with("08") || c.code().starts_with("57") => MetadataStoreError::Unavailable(e.to_string()),
+        Some(_) => MetadataStoreError::Other(e.to_string()),
+        None if e.is_closed() => MetadataStoreError::Unavailable(e.to_string()),
+        None => MetadataStoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn row_to_record(row: &Row) -> Result<CredentialRecord, MetadataStoreError> {
+    let exchange: String = row.get("exchange");
+    let status: String = row.get("status");
+    let permissions: Option<serde_json::Value> = row.get("permissions");
+    Ok(CredentialRecord {
+        tenant: TenantId::new(row.get("tenant_id")),
+        exchange: ExchangeId::from_str(&exchange).map_err(MetadataStoreError::Other)?,
+        vault_path: row.get("vault_path"),
+        current_version: to_u64(row.get("current_version")),
+        previous_version: row.get::<_, Option<i64>>("previous_version").map(to_u64),
+        previous_valid_until: row.get("previous_valid_until"),
+        status: CredentialStatus::parse(&status).ok_or_else(|| MetadataStoreError::Other(format!("bad status {status}")))?,
+        permissions: permissions
+            .map(serde_json::from_value::<Permissions>)
+            .transpose()
+            .map_err(|e| MetadataStoreError::Other(format!("bad permissions json: {e}")))?,
+        api_key_hint: row.get("api_key_hint"),
+        last_validated_at: row.get("last_validated_at"),
+        health: HealthStatus::parse(row.get::<_, &str>("health_check_status")),
+        health_detail: row.get("health_check_detail"),
+        created_at: row.get("created_at"),
+        updated_at: row.get("updated_at"),
+    })
+}
+
+/// Maps an event row.
+///
+/// # Errors
+/// `Other` for a row with an unknown exchange or kind.
+pub fn row_to_event(row: &Row) -> Result<CredentialEvent, MetadataStoreError> {
+    let exchange: String = row.get("exchange");
+    let kind: String = row.get("kind");
+    Ok(CredentialEvent {
+        seq: to_u64(row.get("seq")),
+        tenant: TenantId::new(row.get("tenant_id")),
+        exchange: ExchangeId::from_str(&exchange).map_err(MetadataStoreError::Other)?,
+        kind: EventKind::parse(&kind).ok_or_else(|| MetadataStoreError::Other(format!("bad event kind {kind}")))?,
+        version: to_u64(row.get("version")),
+        previous_version: row.get::<_, Option<i64>>("previous_version").map(to_u64),
+        previous_valid_until: row.get("previous_valid_until"),
+        occurred_at: row.get("occurred_at"),
+    })
+}
+
+fn permissions_json(p: &Permissions) -> Result<serde_json::Value, MetadataStoreError> {
+    serde_json::to_value(p).map_err(|e| MetadataStoreError::Other(e.to_string()))
+}
+
+/// Appends the event describing `record`'s new state.
+async fn append_event(
+    tx: &Transaction<'_>,
+    record: &CredentialRecord,
+    kind: EventKind,
+) -> Result<CredentialEvent, MetadataStoreError> {
+    let version = if kind == EventKind::Deleted { 0 } else { to_i64(record.current_version) };
+    let row = tx
+        .query_one(
+            &format!(
+                "INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {EVENT_COLS}"
+            ),
+            &[
+                &record.tenant.as_uuid(),
+                &record.exchange.as_str(),
+                &kind.as_str(),
+                &version,
+                &record.previous_version.map(to_i64),
+                &record.previous_valid_until,
+            ],
+        )
+        .await
+        .map_err(pg_err)?;
+    row_to_event(&row)
+}
+
+async fn select_record(
+    tx: &impl GenericClient,
+    tenant: TenantId,
+    exchange: ExchangeId,
+    lock: bool,
+) -> Result<Option<CredentialRecord>, MetadataStoreError> {
+    let sql = format!(
+        "SELECT {RECORD_COLS} FROM tenant_credentials WHERE tenant_id = $1 AND exchange = $2{}",
+        if lock { " FOR UPDATE" } else { "" }
+    );
+    tx.query_opt(&sql, &[&tenant.as_uuid(), &exchange.as_str()])
+        .await
+        .map_err(pg_err)?
+        .as_ref()
+        .map(row_to_record)
+        .transpose()
+}
+
+#[async_trait]
+impl MetadataStore for PgMetadataStore {
+    async fn get(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialRecord>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| Box::pin(select_record(tx, tenant, exchange, false)))
+            .await
+    }
+
+    async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        &format!("SELECT {RECORD_COLS} FROM tenant_credentials WHERE tenant_id = $1 ORDER BY exchange"),
+                        &[&tenant.as_uuid()],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter().map(row_to_record).collect()
+            })
+        })
+        .await
+    }
+
+    async fn insert(&self, new: NewCredential) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+        self.in_tx(Scope::Tenant(new.tenant), |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!(
+                            "INSERT INTO tenant_credentials (tenant_id, exchange, vault_path, current_version, permissions, \
+                             api_key_hint, last_validated_at, created_at, updated_at) \
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $7, $7) \
+                             ON CONFLICT (tenant_id, exchange) DO NOTHING RETURNING {RECORD_COLS}"
+                        ),
+                        &[
+                            &new.tenant.as_uuid(),
+                            &new.exchange.as_str(),
+                            &new.vault_path,
+                            &to_i64(new.version),
+                            &permissions_json(&new.permissions)?,
+                            &new.api_key_hint,
+                            &new.validated_at,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .ok_or(MetadataStoreError::AlreadyExists)?;
+                let record = row_to_record(&row)?;
+                let event = append_event(tx, &record, EventKind::Stored).await?;
+                Ok((record, event))
+            })
+        })
+        .await
+    }
+
+    async fn rotate(&self, c: RotationCommit) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+        self.in_tx(Scope::Tenant(c.tenant), |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!(
+                            "UPDATE tenant_credentials SET current_version = $3, previous_version = $4, \
+                             previous_valid_until = $5, status = 'active', permissions = $6, api_key_hint = $7, \
+                             last_validated_at = $8, updated_at = $8 \
+                             WHERE tenant_id = $1 AND exchange = $2 AND current_version = $9 RETURNING {RECORD_COLS}"
+                        ),
+                        &[
+                            &c.tenant.as_uuid(),
+                            &c.exchange.as_str(),
+                            &to_i64(c.new_version),
+                            &c.previous_version.map(to_i64),
+                            &c.previous_valid_until,
+                            &permissions_json(&c.permissions)?,
+                            &c.api_key_hint,
+                            &c.validated_at,
+                            &to_i64(c.expected_version),
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let Some(row) = row else {
+                    return Err(match select_record(tx, c.tenant, c.exchange, false).await? {
+                        Some(_) => MetadataStoreError::Conflict,
+                        None => MetadataStoreError::NotFound,
+                    });
+                };
+                let record = row_to_record(&row)?;
+                let event = append_event(tx, &record, EventKind::Rotated).await?;
+                Ok((record, event))
+            })
+        })
+        .await
+    }
+
+    async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialEvent>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        &format!("DELETE FROM tenant_credentials WHERE tenant_id = $1 AND exchange = $2 RETURNING {RECORD_COLS}"),
+                        &[&tenant.as_uuid(), &exchange.as_str()],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                match row {
+                    Some(row) => Ok(Some(append_event(tx, &row_to_record(&row)?, EventKind::Deleted).await?)),
+                    None => Ok(None),
+                }
+            })
+        })
+        .await
+    }
+
+    async fn record_health(&self, u: HealthUpdate) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
+        self.in_tx(Scope::Tenant(u.tenant), |tx| {
+            Box::pin(async move {
+                let before = select_record(tx, u.tenant, u.exchange, true)
+                    .await?
+                    .ok_or(MetadataStoreError::NotFound)?;
+                let permissions = u.permissions.as_ref().map(permissions_json).transpose()?;
+                let row = tx
+                    .query_one(
+                        &format!(
+                            "UPDATE tenant_credentials SET health_check_status = $3, status = $4, health_check_detail = $5, \
+                             permissions = COALESCE($6, permissions), \
+                             last_validated_at = CASE WHEN $6::jsonb IS NULL THEN last_validated_at ELSE $7 END, \
+                             updated_at = $7 WHERE tenant_id = $1 AND exchange = $2 RETURNING {RECORD_COLS}"
+                        ),
+                        &[
+                            &u.tenant.as_uuid(),
+                            &u.exchange.as_str(),
+                            &u.health.as_str(),
+                            &u.status.as_str(),
+                            &u.detail,
+                            &permissions,
+                            &u.checked_at,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let record = row_to_record(&row)?;
+                let event = if record.status == CredentialStatus::Invalid && before.status != CredentialStatus::Invalid {
+                    Some(append_event(tx, &record, EventKind::Invalidated).await?)
+                } else {
+                    None
+                };
+                Ok((record, event))
+            })
+        })
+        .await
+    }
+
+    async fn expire_overlaps(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                // SKIP LOCKED: two replicas running the job never retire the
+                // same version twice, and neither waits for the other.
+                let due = tx
+                    .query(
+                        &format!(
+                            "SELECT {RECORD_COLS} FROM tenant_credentials WHERE previous_valid_until <= $1 \
+                             ORDER BY previous_valid_until LIMIT $2 FOR UPDATE SKIP LOCKED"
+                        ),
+                        &[&now, &i64::from(limit)],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let mut out = Vec::with_capacity(due.len());
+                for row in &due {
+                    let before = row_to_record(row)?;
+                    let Some(version) = before.previous_version else { continue };
+                    let row = tx
+                        .query_one(
+                            &format!(
+                                "UPDATE tenant_credentials SET previous_version = NULL, previous_valid_until = NULL, \
+                                 updated_at = $3 WHERE tenant_id = $1 AND exchange = $2 RETURNING {RECORD_COLS}"
+                            ),
+                            &[&before.tenant.as_uuid(), &before.exchange.as_str(), &now],
+                        )
+                        .await
+                        .map_err(pg_err)?;
+                    let record = row_to_record(&row)?;
+                    let event = append_event(tx, &record, EventKind::PreviousExpired).await?;
+                    out.push((record.vault_path, version, event));
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    async fn events_after(&self, tenant: TenantId, after: u64, limit: u32) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        &format!(
+                            "SELECT {EVENT_COLS} FROM credential_events WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+                        ),
+                        &[&tenant.as_uuid(), &to_i64(after), &i64::from(limit)],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter().map(row_to_event).collect()
+            })
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), MetadataStoreError> {
+        let client = self.pool.get().await.map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
+        client.simple_query("SELECT 1").await.map_err(pg_err)?;
+        Ok(())
+    }
+}
