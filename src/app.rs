@@ -116,7 +116,9 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     );
     let pool = store::pool(&cfg.postgres).map_err(anyhow::Error::msg)?;
     if cfg.postgres.migrate_on_start {
-        let n = store::migrate::run(&pool).await.map_err(|e| anyhow::anyhow!("postgres migrations: {e:#}"))?;
+        let n = store::migrate::run(&pool)
+            .await
+            .map_err(|e| anyhow::anyhow!("postgres migrations: {e:#}"))?;
         tracing::info!(applied = n, "database schema up to date");
     }
     Ok(Backends {
@@ -149,14 +151,22 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
 ///
 /// # Errors
 /// When the server cannot be set up.
-pub async fn start(backends: Backends, s: Settings, listener: TcpListener) -> anyhow::Result<Running> {
+pub async fn start(
+    backends: Backends,
+    s: Settings,
+    listener: TcpListener,
+) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let secs = |n: u64| time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX));
     let broker = Arc::new(Broker::new(
         backends.secrets.clone(),
         backends.meta.clone(),
         backends.validator,
-        CredentialCache::new(s.cache.capacity, secs(s.cache.ttl_secs), secs(s.cache.outage_grace_secs)),
+        CredentialCache::new(
+            s.cache.capacity,
+            secs(s.cache.ttl_secs),
+            secs(s.cache.outage_grace_secs),
+        ),
         Hub::new(4096),
         s.clock,
         BrokerSettings {
@@ -171,14 +181,23 @@ pub async fn start(backends: Backends, s: Settings, listener: TcpListener) -> an
     let (reporter, health) = tonic_health::server::health_reporter();
     server::set_serving(&reporter, false).await;
     {
-        let (secrets, meta, cancel, every) = (backends.secrets.clone(), backends.meta.clone(), shutdown.clone(), s.health_probe);
+        let (secrets, meta, cancel, every) = (
+            backends.secrets.clone(),
+            backends.meta.clone(),
+            shutdown.clone(),
+            s.health_probe,
+        );
         tasks.spawn(async move {
             health_probe(secrets, meta, reporter, every, cancel).await;
             Ok(())
         });
     }
     {
-        let (b, cancel, every) = (broker.clone(), shutdown.clone(), Duration::from_secs(s.rotation.retire_interval_secs.max(1)));
+        let (b, cancel, every) = (
+            broker.clone(),
+            shutdown.clone(),
+            Duration::from_secs(s.rotation.retire_interval_secs.max(1)),
+        );
         tasks.spawn(async move {
             retire::task_main(b, every, cancel).await;
             Ok(())

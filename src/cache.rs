@@ -46,12 +46,18 @@ impl CredentialCache {
 
     /// The entry if it was fetched less than `ttl` ago.
     pub fn fresh(&self, key: &CacheKey, now: OffsetDateTime) -> Option<Arc<CachedCredential>> {
-        self.entries.get(key).filter(|e| now < e.fetched_at + self.ttl)
+        self.entries
+            .get(key)
+            .filter(|e| now < e.fetched_at + self.ttl)
     }
 
     /// The entry if it is within `ttl + grace`: what may be served while a
     /// backend is down.
-    pub fn within_grace(&self, key: &CacheKey, now: OffsetDateTime) -> Option<Arc<CachedCredential>> {
+    pub fn within_grace(
+        &self,
+        key: &CacheKey,
+        now: OffsetDateTime,
+    ) -> Option<Arc<CachedCredential>> {
         self.entries
             .get(key)
             .filter(|e| now < e.fetched_at + self.ttl + self.grace)

@@ -3,7 +3,10 @@
 //! `vault.auth.token`), checked completely at start-up. Every error names the
 //! key; secret values are `SecretString`s and never printed.
 
-use std::{net::SocketAddr, path::{Path, PathBuf}};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -217,7 +220,10 @@ impl Config {
         let mut b = config::Config::builder();
         if let Some(p) = path {
             if !p.exists() {
-                return Err(ConfigError(format!("config file {} does not exist", p.display())));
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    p.display()
+                )));
             }
             b = b.add_source(config::File::from(p).format(config::FileFormat::Toml));
         }
@@ -243,10 +249,19 @@ impl Config {
         let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
         match url::Url::parse(&self.vault.addr) {
             Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => return bad("vault.addr", format!("scheme {:?} is not http or https", u.scheme())),
+            Ok(u) => {
+                return bad(
+                    "vault.addr",
+                    format!("scheme {:?} is not http or https", u.scheme()),
+                );
+            }
             Err(e) => return bad("vault.addr", format!("not a URL ({e})")),
         }
-        for (key, p) in [("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key), ("tls.client_ca", &self.tls.client_ca)] {
+        for (key, p) in [
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+            ("tls.client_ca", &self.tls.client_ca),
+        ] {
             if !p.is_file() {
                 return bad(key, format!("{} is not a readable file", p.display()));
             }
@@ -254,7 +269,10 @@ impl Config {
         if let Some(ca) = &self.vault.ca_cert
             && !ca.is_file()
         {
-            return bad("vault.ca_cert", format!("{} is not a readable file", ca.display()));
+            return bad(
+                "vault.ca_cert",
+                format!("{} is not a readable file", ca.display()),
+            );
         }
         if self.vault.mount.is_empty() || self.vault.mount.contains(char::is_whitespace) {
             return bad("vault.mount", "must be a non-empty mount name".into());
@@ -263,7 +281,10 @@ impl Config {
             return bad("vault.prefix", "must not be empty".into());
         }
         if self.tls.trust_domain.is_empty() || self.tls.trust_domain.contains('/') {
-            return bad("tls.trust_domain", "must be a bare trust domain such as credbroker.local".into());
+            return bad(
+                "tls.trust_domain",
+                "must be a bare trust domain such as credbroker.local".into(),
+            );
         }
         if self.postgres.pool_size == 0 {
             return bad("postgres.pool_size", "must be at least 1".into());
@@ -272,10 +293,16 @@ impl Config {
             return bad("cache.ttl_secs", "must be at least 1".into());
         }
         if self.rotation.default_overlap_secs > self.rotation.max_overlap_secs {
-            return bad("rotation.default_overlap_secs", "must not exceed rotation.max_overlap_secs".into());
+            return bad(
+                "rotation.default_overlap_secs",
+                "must not exceed rotation.max_overlap_secs".into(),
+            );
         }
         if self.server.heartbeat_secs == 0 || self.server.health_probe_secs == 0 {
-            return bad("server.heartbeat_secs", "heartbeat and health probe periods must be at least 1".into());
+            return bad(
+                "server.heartbeat_secs",
+                "heartbeat and health probe periods must be at least 1".into(),
+            );
         }
         Ok(())
     }

@@ -35,7 +35,10 @@ pub fn write_dev_pki(dir: &Path) -> anyhow::Result<tonic::transport::ServerTlsCo
     std::fs::write(dir.join("client.pem"), &client.cert)?;
     write_private(&dir.join("client.key"), &client.key)?;
     Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(&server.cert, &server.key))
+        .identity(tonic::transport::Identity::from_pem(
+            &server.cert,
+            &server.key,
+        ))
         .client_ca_root(tonic::transport::Certificate::from_pem(pki.ca_pem())))
 }
 

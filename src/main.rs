@@ -42,9 +42,13 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let filter = EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     if std::env::var("CREDBROKER_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
@@ -55,7 +59,9 @@ async fn main() -> anyhow::Result<()> {
             let settings = credbroker::app::settings(&cfg)?;
             let listener = tokio::net::TcpListener::bind(cfg.server.listen)
                 .await
-                .map_err(|e| anyhow::anyhow!("server.listen {}: cannot bind ({e})", cfg.server.listen))?;
+                .map_err(|e| {
+                    anyhow::anyhow!("server.listen {}: cannot bind ({e})", cfg.server.listen)
+                })?;
             let running = credbroker::app::start(backends, settings, listener).await?;
             let token = running.shutdown_token();
             tokio::spawn(async move {

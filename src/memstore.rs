@@ -11,7 +11,10 @@ use time::OffsetDateTime;
 use crate::broker::{
     error::{MetadataStoreError, SecretStoreError},
     ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore},
-    types::{CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId, HealthStatus, TenantId},
+    types::{
+        CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId,
+        HealthStatus, TenantId,
+    },
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -31,11 +34,18 @@ impl SecretStore for MemorySecretStore {
         Ok(lock(&self.paths).get(path).map(|v| v.len() as u64))
     }
 
-    async fn write(&self, path: &str, set: &CredentialSet, cas: u64) -> Result<u64, SecretStoreError> {
+    async fn write(
+        &self,
+        path: &str,
+        set: &CredentialSet,
+        cas: u64,
+    ) -> Result<u64, SecretStoreError> {
         let mut paths = lock(&self.paths);
         let versions = paths.entry(path.to_owned()).or_default();
         if versions.len() as u64 != cas {
-            return Err(SecretStoreError::CasConflict { path: path.to_owned() });
+            return Err(SecretStoreError::CasConflict {
+                path: path.to_owned(),
+            });
         }
         versions.push(Some(set.clone()));
         Ok(versions.len() as u64)
@@ -57,7 +67,11 @@ impl SecretStore for MemorySecretStore {
     async fn destroy_versions(&self, path: &str, versions: &[u64]) -> Result<(), SecretStoreError> {
         if let Some(stored) = lock(&self.paths).get_mut(path) {
             for v in versions {
-                if let Some(slot) = usize::try_from(*v).ok().and_then(|v| v.checked_sub(1)).and_then(|i| stored.get_mut(i)) {
+                if let Some(slot) = usize::try_from(*v)
+                    .ok()
+                    .and_then(|v| v.checked_sub(1))
+                    .and_then(|i| stored.get_mut(i))
+                {
                     *slot = None;
                 }
             }
@@ -83,14 +97,23 @@ struct MetaState {
 }
 
 impl MetaState {
-    fn append(&mut self, record: &CredentialRecord, kind: EventKind, now: OffsetDateTime) -> CredentialEvent {
+    fn append(
+        &mut self,
+        record: &CredentialRecord,
+        kind: EventKind,
+        now: OffsetDateTime,
+    ) -> CredentialEvent {
         self.next_seq += 1;
         let event = CredentialEvent {
             seq: self.next_seq,
             tenant: record.tenant,
             exchange: record.exchange,
             kind,
-            version: if kind == EventKind::Deleted { 0 } else { record.current_version },
+            version: if kind == EventKind::Deleted {
+                0
+            } else {
+                record.current_version
+            },
             previous_version: record.previous_version,
             previous_valid_until: record.previous_valid_until,
             occurred_at: now,
@@ -108,7 +131,11 @@ pub struct MemoryMetadataStore {
 
 #[async_trait]
 impl MetadataStore for MemoryMetadataStore {
-    async fn get(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialRecord>, MetadataStoreError> {
+    async fn get(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<CredentialRecord>, MetadataStoreError> {
         Ok(lock(&self.state).records.get(&(tenant, exchange)).cloned())
     }
 
@@ -120,7 +147,10 @@ impl MetadataStore for MemoryMetadataStore {
             .collect())
     }
 
-    async fn insert(&self, new: NewCredential) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+    async fn insert(
+        &self,
+        new: NewCredential,
+    ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
         let mut st = lock(&self.state);
         let key = (new.tenant, new.exchange);
         if st.records.contains_key(&key) {
@@ -148,9 +178,15 @@ impl MetadataStore for MemoryMetadataStore {
         Ok((record, event))
     }
 
-    async fn rotate(&self, c: RotationCommit) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+    async fn rotate(
+        &self,
+        c: RotationCommit,
+    ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
         let mut st = lock(&self.state);
-        let record = st.records.get_mut(&(c.tenant, c.exchange)).ok_or(MetadataStoreError::NotFound)?;
+        let record = st
+            .records
+            .get_mut(&(c.tenant, c.exchange))
+            .ok_or(MetadataStoreError::NotFound)?;
         if record.current_version != c.expected_version {
             return Err(MetadataStoreError::Conflict);
         }
@@ -167,18 +203,33 @@ impl MetadataStore for MemoryMetadataStore {
         Ok((record, event))
     }
 
-    async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialEvent>, MetadataStoreError> {
+    async fn delete(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
         let mut st = lock(&self.state);
         let Some(record) = st.records.remove(&(tenant, exchange)) else {
             return Ok(None);
         };
-        Ok(Some(st.append(&record, EventKind::Deleted, OffsetDateTime::now_utc())))
+        Ok(Some(st.append(
+            &record,
+            EventKind::Deleted,
+            OffsetDateTime::now_utc(),
+        )))
     }
 
-    async fn record_health(&self, u: HealthUpdate) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
+    async fn record_health(
+        &self,
+        u: HealthUpdate,
+    ) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
         let mut st = lock(&self.state);
-        let record = st.records.get_mut(&(u.tenant, u.exchange)).ok_or(MetadataStoreError::NotFound)?;
-        let invalidated = u.status == CredentialStatus::Invalid && record.status != CredentialStatus::Invalid;
+        let record = st
+            .records
+            .get_mut(&(u.tenant, u.exchange))
+            .ok_or(MetadataStoreError::NotFound)?;
+        let invalidated =
+            u.status == CredentialStatus::Invalid && record.status != CredentialStatus::Invalid;
         record.health = u.health;
         record.status = u.status;
         record.health_detail = u.detail;
@@ -192,7 +243,11 @@ impl MetadataStore for MemoryMetadataStore {
         Ok((record, event))
     }
 
-    async fn expire_overlaps(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
+    async fn expire_overlaps(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
         let mut st = lock(&self.state);
         let due: Vec<_> = st
             .records
@@ -203,8 +258,12 @@ impl MetadataStore for MemoryMetadataStore {
             .collect();
         let mut out = Vec::with_capacity(due.len());
         for key in due {
-            let Some(record) = st.records.get_mut(&key) else { continue };
-            let Some(version) = record.previous_version.take() else { continue };
+            let Some(record) = st.records.get_mut(&key) else {
+                continue;
+            };
+            let Some(version) = record.previous_version.take() else {
+                continue;
+            };
             record.previous_valid_until = None;
             record.updated_at = now;
             let record = record.clone();
@@ -214,7 +273,12 @@ impl MetadataStore for MemoryMetadataStore {
         Ok(out)
     }
 
-    async fn events_after(&self, tenant: TenantId, after: u64, limit: u32) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
         Ok(lock(&self.state)
             .events
             .iter()

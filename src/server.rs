@@ -45,7 +45,9 @@ pub struct ServeParams<H> {
 ///
 /// # Errors
 /// When TLS or reflection cannot be set up, or the server fails.
-pub async fn serve<H: tonic_health::pb::health_server::Health>(p: ServeParams<H>) -> anyhow::Result<()> {
+pub async fn serve<H: tonic_health::pb::health_server::Health>(
+    p: ServeParams<H>,
+) -> anyhow::Result<()> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -58,7 +60,8 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(p: ServeParams<H>
         // google.rpc.BadRequest, so grpcurl can print error details.
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let broker = CredentialBrokerServer::new(p.service).max_decoding_message_size(MAX_REQUEST_BYTES);
+    let broker =
+        CredentialBrokerServer::new(p.service).max_decoding_message_size(MAX_REQUEST_BYTES);
 
     let shutdown = p.shutdown.clone();
     let server = Server::builder()
@@ -73,7 +76,9 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(p: ServeParams<H>
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), async move { shutdown.cancelled().await });
+        .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), async move {
+            shutdown.cancelled().await
+        });
 
     tokio::pin!(server);
     tokio::select! {
@@ -83,7 +88,10 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(p: ServeParams<H>
     match tokio::time::timeout(p.grace, server).await {
         Ok(r) => r.map_err(Into::into),
         Err(_) => {
-            tracing::warn!(grace_secs = p.grace.as_secs(), "in-flight calls did not finish within the grace period");
+            tracing::warn!(
+                grace_secs = p.grace.as_secs(),
+                "in-flight calls did not finish within the grace period"
+            );
             Ok(())
         }
     }

@@ -8,8 +8,8 @@ use tonic::Status;
 
 use super::{pb, status::bad_field};
 use crate::broker::types::{
-    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId, MAX_FIELD_LEN, Permissions,
-    TenantId,
+    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId,
+    MAX_FIELD_LEN, Permissions, TenantId,
 };
 
 /// Parses the (tenant_id, exchange) pair every request carries.
@@ -28,7 +28,9 @@ pub fn tenant(tenant_id: &str) -> Result<TenantId, Status> {
     if tenant_id.is_empty() {
         return Err(bad_field("tenant_id", "is required"));
     }
-    tenant_id.parse().map_err(|e: String| bad_field("tenant_id", &e))
+    tenant_id
+        .parse()
+        .map_err(|e: String| bad_field("tenant_id", &e))
 }
 
 /// Parses an exchange name.
@@ -37,7 +39,10 @@ pub fn tenant(tenant_id: &str) -> Result<TenantId, Status> {
 /// INVALID_ARGUMENT naming `field`.
 pub fn exchange_id(field: &str, exchange: &str) -> Result<ExchangeId, Status> {
     if exchange.is_empty() {
-        return Err(bad_field(field, "is required (binance, bybit, okx, coinbase, kraken, kucoin)"));
+        return Err(bad_field(
+            field,
+            "is required (binance, bybit, okx, coinbase, kraken, kucoin)",
+        ));
     }
     exchange.parse().map_err(|e: String| bad_field(field, &e))
 }
@@ -56,10 +61,16 @@ pub fn credential_set(set: Option<pb::CredentialSet>) -> Result<CredentialSet, S
     for (field, len) in [
         ("credentials.api_key", api_key.len()),
         ("credentials.api_secret", api_secret.len()),
-        ("credentials.passphrase", passphrase.as_ref().map_or(0, String::len)),
+        (
+            "credentials.passphrase",
+            passphrase.as_ref().map_or(0, String::len),
+        ),
     ] {
         if len > MAX_FIELD_LEN {
-            return Err(bad_field(field, &format!("is {len} bytes; at most {MAX_FIELD_LEN} allowed")));
+            return Err(bad_field(
+                field,
+                &format!("is {len} bytes; at most {MAX_FIELD_LEN} allowed"),
+            ));
         }
     }
     Ok(CredentialSet {
@@ -76,7 +87,10 @@ pub fn set_to_pb(set: &CredentialSet) -> pb::CredentialSet {
     pb::CredentialSet {
         api_key: set.api_key.clone(),
         api_secret: set.api_secret.expose_secret().to_owned(),
-        passphrase: set.passphrase.as_ref().map(|p| p.expose_secret().to_owned()),
+        passphrase: set
+            .passphrase
+            .as_ref()
+            .map(|p| p.expose_secret().to_owned()),
     }
 }
 

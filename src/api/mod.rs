@@ -44,10 +44,9 @@ impl BrokerService {
 
 /// Checks the caller the auth layer attached may act on `tenant`.
 fn authorize<T>(req: &Request<T>, tenant: TenantId) -> Result<(), Status> {
-    let caller = req
-        .extensions()
-        .get::<Caller>()
-        .ok_or_else(|| Status::unauthenticated("a client certificate with a SPIFFE ID is required"))?;
+    let caller = req.extensions().get::<Caller>().ok_or_else(|| {
+        Status::unauthenticated("a client certificate with a SPIFFE ID is required")
+    })?;
     caller.authorize(tenant).map_err(|e: AuthError| e.into())
 }
 
@@ -57,13 +56,23 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRotationsResponse, 
 impl CredentialBroker for BrokerService {
     type WatchRotationsStream = WatchStream;
 
-    async fn get_credentials(&self, req: Request<pb::GetCredentialsRequest>) -> Result<Response<pb::GetCredentialsResponse>, Status> {
-        let pb::GetCredentialsRequest { tenant_id, exchange } = req.get_ref();
+    async fn get_credentials(
+        &self,
+        req: Request<pb::GetCredentialsRequest>,
+    ) -> Result<Response<pb::GetCredentialsResponse>, Status> {
+        let pb::GetCredentialsRequest {
+            tenant_id,
+            exchange,
+        } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
         let view = self.broker.get_credentials(tenant, exchange).await?;
         let (previous, previous_version, previous_valid_until) = match &view.previous {
-            Some((set, v, until)) => (Some(convert::set_to_pb(set)), Some(*v), Some(convert::ts(*until))),
+            Some((set, v, until)) => (
+                Some(convert::set_to_pb(set)),
+                Some(*v),
+                Some(convert::ts(*until)),
+            ),
             None => (None, None, None),
         };
         Ok(Response::new(pb::GetCredentialsResponse {
@@ -77,8 +86,12 @@ impl CredentialBroker for BrokerService {
         }))
     }
 
-    async fn validate_and_store(&self, req: Request<pb::ValidateAndStoreRequest>) -> Result<Response<pb::ValidateAndStoreResponse>, Status> {
-        let (tenant, exchange) = convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
+    async fn validate_and_store(
+        &self,
+        req: Request<pb::ValidateAndStoreRequest>,
+    ) -> Result<Response<pb::ValidateAndStoreResponse>, Status> {
+        let (tenant, exchange) =
+            convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
         authorize(&req, tenant)?;
         let pb::ValidateAndStoreRequest {
             tenant_id: _,
@@ -86,14 +99,21 @@ impl CredentialBroker for BrokerService {
             credentials,
         } = req.into_inner();
         let set = convert::credential_set(credentials)?;
-        let record = self.broker.validate_and_store(tenant, exchange, set).await?;
+        let record = self
+            .broker
+            .validate_and_store(tenant, exchange, set)
+            .await?;
         Ok(Response::new(pb::ValidateAndStoreResponse {
             credential: Some(convert::metadata(&record)),
         }))
     }
 
-    async fn rotate(&self, req: Request<pb::RotateRequest>) -> Result<Response<pb::RotateResponse>, Status> {
-        let (tenant, exchange) = convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
+    async fn rotate(
+        &self,
+        req: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        let (tenant, exchange) =
+            convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
         authorize(&req, tenant)?;
         let pb::RotateRequest {
             tenant_id: _,
@@ -110,7 +130,10 @@ impl CredentialBroker for BrokerService {
         }))
     }
 
-    async fn watch_rotations(&self, req: Request<pb::WatchRotationsRequest>) -> Result<Response<Self::WatchRotationsStream>, Status> {
+    async fn watch_rotations(
+        &self,
+        req: Request<pb::WatchRotationsRequest>,
+    ) -> Result<Response<Self::WatchRotationsStream>, Status> {
         let pb::WatchRotationsRequest {
             tenant_id,
             exchanges,
@@ -128,7 +151,13 @@ impl CredentialBroker for BrokerService {
             after_seq: *after_seq,
         };
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(watch::run(self.broker.clone(), sub, tx, self.heartbeat, self.shutdown.clone()));
+        tokio::spawn(watch::run(
+            self.broker.clone(),
+            sub,
+            tx,
+            self.heartbeat,
+            self.shutdown.clone(),
+        ));
         let stream = ReceiverStream::new(rx).map(|item| {
             use pb::watch_rotations_response::Message;
             let message = match item {
@@ -140,12 +169,17 @@ impl CredentialBroker for BrokerService {
                 }),
                 WatchItem::End(e) => return Err(Status::from(e)),
             };
-            Ok(pb::WatchRotationsResponse { message: Some(message) })
+            Ok(pb::WatchRotationsResponse {
+                message: Some(message),
+            })
         });
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_credentials(&self, req: Request<pb::ListCredentialsRequest>) -> Result<Response<pb::ListCredentialsResponse>, Status> {
+    async fn list_credentials(
+        &self,
+        req: Request<pb::ListCredentialsRequest>,
+    ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
         let pb::ListCredentialsRequest { tenant_id } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
         authorize(&req, tenant)?;
@@ -155,24 +189,42 @@ impl CredentialBroker for BrokerService {
         }))
     }
 
-    async fn describe_credential(&self, req: Request<pb::DescribeCredentialRequest>) -> Result<Response<pb::CredentialMetadata>, Status> {
-        let pb::DescribeCredentialRequest { tenant_id, exchange } = req.get_ref();
+    async fn describe_credential(
+        &self,
+        req: Request<pb::DescribeCredentialRequest>,
+    ) -> Result<Response<pb::CredentialMetadata>, Status> {
+        let pb::DescribeCredentialRequest {
+            tenant_id,
+            exchange,
+        } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
         let record = self.broker.describe(tenant, exchange).await?;
         Ok(Response::new(convert::metadata(&record)))
     }
 
-    async fn delete_credentials(&self, req: Request<pb::DeleteCredentialsRequest>) -> Result<Response<pb::DeleteCredentialsResponse>, Status> {
-        let pb::DeleteCredentialsRequest { tenant_id, exchange } = req.get_ref();
+    async fn delete_credentials(
+        &self,
+        req: Request<pb::DeleteCredentialsRequest>,
+    ) -> Result<Response<pb::DeleteCredentialsResponse>, Status> {
+        let pb::DeleteCredentialsRequest {
+            tenant_id,
+            exchange,
+        } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
         let deleted = self.broker.delete(tenant, exchange).await?;
         Ok(Response::new(pb::DeleteCredentialsResponse { deleted }))
     }
 
-    async fn validate_credentials(&self, req: Request<pb::ValidateCredentialsRequest>) -> Result<Response<pb::ValidateCredentialsResponse>, Status> {
-        let pb::ValidateCredentialsRequest { tenant_id, exchange } = req.get_ref();
+    async fn validate_credentials(
+        &self,
+        req: Request<pb::ValidateCredentialsRequest>,
+    ) -> Result<Response<pb::ValidateCredentialsResponse>, Status> {
+        let pb::ValidateCredentialsRequest {
+            tenant_id,
+            exchange,
+        } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
         let record = self.broker.revalidate(tenant, exchange).await?;
@@ -181,8 +233,14 @@ impl CredentialBroker for BrokerService {
         }))
     }
 
-    async fn get_credential_health(&self, req: Request<pb::GetCredentialHealthRequest>) -> Result<Response<pb::CredentialHealth>, Status> {
-        let pb::GetCredentialHealthRequest { tenant_id, exchange } = req.get_ref();
+    async fn get_credential_health(
+        &self,
+        req: Request<pb::GetCredentialHealthRequest>,
+    ) -> Result<Response<pb::CredentialHealth>, Status> {
+        let pb::GetCredentialHealthRequest {
+            tenant_id,
+            exchange,
+        } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
         let record = self.broker.describe(tenant, exchange).await?;

@@ -4,14 +4,18 @@
 tonic::include_proto!("credbroker.v1");
 
 /// The encoded descriptor set, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/credbroker_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/credbroker_descriptor.bin"));
 
 impl std::fmt::Debug for CredentialSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialSet")
             .field("api_key", &crate::broker::types::key_hint(&self.api_key))
             .field("api_secret", &"[REDACTED]")
-            .field("passphrase", &self.passphrase.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "passphrase",
+                &self.passphrase.as_ref().map(|_| "[REDACTED]"),
+            )
             .finish()
     }
 }

@@ -20,8 +20,12 @@ impl From<BrokerError> for Status {
         let msg = e.to_string();
         match e {
             BrokerError::InvalidArgument { field, reason } => bad_field(field, &reason),
-            BrokerError::Validation(ValidationError::InvalidField { field, reason }) => bad_field(field, &reason),
-            BrokerError::Validation(ValidationError::Rejected { .. }) => Status::failed_precondition(msg),
+            BrokerError::Validation(ValidationError::InvalidField { field, reason }) => {
+                bad_field(field, &reason)
+            }
+            BrokerError::Validation(ValidationError::Rejected { .. }) => {
+                Status::failed_precondition(msg)
+            }
             BrokerError::Validation(ValidationError::Unavailable { .. }) => {
                 Status::unavailable(format!("{msg}; nothing was stored, retry later"))
             }
@@ -31,7 +35,9 @@ impl From<BrokerError> for Status {
             BrokerError::FailedPrecondition(_) => Status::failed_precondition(msg),
             BrokerError::Unavailable { .. } => Status::unavailable(msg),
             BrokerError::ResumeTooOld { .. } => Status::out_of_range(msg),
-            BrokerError::Internal => Status::internal("internal error; the broker logged the cause"),
+            BrokerError::Internal => {
+                Status::internal("internal error; the broker logged the cause")
+            }
         }
     }
 }

@@ -72,13 +72,17 @@ impl Caller {
             .and_then(|r| r.strip_prefix(trust_domain))
             .and_then(|r| r.strip_prefix('/'))
             .ok_or_else(|| {
-                AuthError::Unauthenticated(format!("client identity {id} is not in trust domain {trust_domain}"))
+                AuthError::Unauthenticated(format!(
+                    "client identity {id} is not in trust domain {trust_domain}"
+                ))
             })?;
         let mut parts = rest.split('/');
         let role = match (parts.next(), parts.next()) {
             (Some("operator"), Some(name)) if !name.is_empty() => CallerRole::Operator,
             (Some("tenant"), Some(t)) => CallerRole::Workload(t.parse().map_err(|_| {
-                AuthError::Unauthenticated(format!("client identity {id}: tenant segment is not a UUID"))
+                AuthError::Unauthenticated(format!(
+                    "client identity {id}: tenant segment is not a UUID"
+                ))
             })?),
             _ => {
                 return Err(AuthError::Unauthenticated(format!(
@@ -158,7 +162,10 @@ fn caller_of<B>(req: &http::Request<B>, trust_domain: &str) -> Result<Caller, Au
 
 impl<S, B> Service<http::Request<B>> for AuthService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>> + Clone + Send + 'static,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
 {
@@ -209,13 +216,19 @@ mod tests {
         let op = Caller::from_spiffe_id(&format!("spiffe://{td}/operator/alice"), td).unwrap();
         assert_eq!(op.role, CallerRole::Operator);
         for bad in [
-            format!("spiffe://other.domain/operator/alice"),
+            "spiffe://other.domain/operator/alice".to_owned(),
             format!("spiffe://{td}.evil/operator/alice"),
             format!("spiffe://{td}/tenant/not-a-uuid"),
             format!("spiffe://{td}/admin"),
             format!("spiffe://{td}/operator/"),
         ] {
-            assert!(matches!(Caller::from_spiffe_id(&bad, td), Err(AuthError::Unauthenticated(_))), "{bad}");
+            assert!(
+                matches!(
+                    Caller::from_spiffe_id(&bad, td),
+                    Err(AuthError::Unauthenticated(_))
+                ),
+                "{bad}"
+            );
         }
     }
 }

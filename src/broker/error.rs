@@ -104,7 +104,9 @@ pub enum BrokerError {
         exchange: &'static str,
     },
     /// A credential already exists.
-    #[error("credentials for tenant {tenant} on {exchange} already exist; use Rotate to replace them")]
+    #[error(
+        "credentials for tenant {tenant} on {exchange} already exist; use Rotate to replace them"
+    )]
     AlreadyExists {
         /// Tenant.
         tenant: String,
@@ -157,7 +159,9 @@ impl From<MetadataStoreError> for BrokerError {
         match e {
             MetadataStoreError::Unavailable(_) => BrokerError::Unavailable { what: "PostgreSQL" },
             MetadataStoreError::Conflict => BrokerError::Conflict,
-            MetadataStoreError::AlreadyExists | MetadataStoreError::NotFound | MetadataStoreError::Other(_) => {
+            MetadataStoreError::AlreadyExists
+            | MetadataStoreError::NotFound
+            | MetadataStoreError::Other(_) => {
                 tracing::error!(error = %e, "metadata store failure");
                 BrokerError::Internal
             }

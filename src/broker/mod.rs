@@ -22,9 +22,12 @@ use crate::{
     rotation::hub::Hub,
 };
 use error::{BrokerError, SecretStoreError, ValidationError};
-use ports::{CredentialValidator, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore};
+use ports::{
+    CredentialValidator, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
+};
 use types::{
-    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId, HealthStatus, TenantId,
+    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId, HealthStatus,
+    TenantId,
 };
 
 /// Tunables of the broker core.
@@ -125,7 +128,10 @@ impl Broker {
 
     /// KV v2 path of a credential, relative to the mount.
     pub fn vault_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
-        format!("{}/{tenant}/exchanges/{exchange}/credentials", self.settings.path_prefix)
+        format!(
+            "{}/{tenant}/exchanges/{exchange}/credentials",
+            self.settings.path_prefix
+        )
     }
 
     /// Applies a committed event on this replica: invalidate, then publish,
@@ -140,7 +146,11 @@ impl Broker {
     /// # Errors
     /// `NotFound`; `FailedPrecondition` for a revoked credential;
     /// `Unavailable` when a backend is down and nothing usable is cached.
-    pub async fn get_credentials(&self, tenant: TenantId, exchange: ExchangeId) -> Result<CredentialView, BrokerError> {
+    pub async fn get_credentials(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<CredentialView, BrokerError> {
         let key = (tenant, exchange);
         let now = self.clock.now();
         if let Some(hit) = self.cache.fresh(&key, now) {
@@ -162,14 +172,26 @@ impl Broker {
         }
     }
 
-    async fn load(&self, tenant: TenantId, exchange: ExchangeId, now: OffsetDateTime) -> Result<CachedCredential, BrokerError> {
-        let record = self.meta.get(tenant, exchange).await?.ok_or_else(|| not_found(tenant, exchange))?;
+    async fn load(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        now: OffsetDateTime,
+    ) -> Result<CachedCredential, BrokerError> {
+        let record = self
+            .meta
+            .get(tenant, exchange)
+            .await?
+            .ok_or_else(|| not_found(tenant, exchange))?;
         if record.status == CredentialStatus::Revoked {
             return Err(BrokerError::FailedPrecondition(format!(
                 "credentials for tenant {tenant} on {exchange} are revoked; store or rotate in a new set"
             )));
         }
-        let current = self.secrets.read(&record.vault_path, record.current_version).await?;
+        let current = self
+            .secrets
+            .read(&record.vault_path, record.current_version)
+            .await?;
         let previous = match record.open_previous(now) {
             Some((version, _)) => match self.secrets.read(&record.vault_path, version).await {
                 Ok(set) => Some(set),
@@ -192,7 +214,12 @@ impl Broker {
     /// # Errors
     /// `Validation` when the set is refused, `AlreadyExists` when a set is
     /// stored, `Conflict` when a concurrent store won, `Unavailable`.
-    pub async fn validate_and_store(&self, tenant: TenantId, exchange: ExchangeId, set: CredentialSet) -> Result<CredentialRecord, BrokerError> {
+    pub async fn validate_and_store(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        set: CredentialSet,
+    ) -> Result<CredentialRecord, BrokerError> {
         let permissions = self.validator.validate(tenant, exchange, &set).await?;
         if self.meta.get(tenant, exchange).await?.is_some() {
             return Err(already_exists(tenant, exchange));
@@ -226,23 +253,46 @@ impl Broker {
     /// # Errors
     /// `InvalidArgument` for an overlap beyond the maximum, `Validation`,
     /// `NotFound`, `Conflict` when a concurrent rotation won, `Unavailable`.
-    pub async fn rotate(&self, tenant: TenantId, exchange: ExchangeId, set: CredentialSet, overlap: Option<Duration>) -> Result<RotateOutcome, BrokerError> {
+    pub async fn rotate(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        set: CredentialSet,
+        overlap: Option<Duration>,
+    ) -> Result<RotateOutcome, BrokerError> {
         let overlap = overlap.unwrap_or(self.settings.default_overlap);
         if overlap.is_negative() || overlap > self.settings.max_overlap {
             return Err(BrokerError::InvalidArgument {
                 field: "overlap_seconds",
-                reason: format!("must be between 0 and {} seconds", self.settings.max_overlap.whole_seconds()),
+                reason: format!(
+                    "must be between 0 and {} seconds",
+                    self.settings.max_overlap.whole_seconds()
+                ),
             });
         }
         let permissions = self.validator.validate(tenant, exchange, &set).await?;
-        let record = self.meta.get(tenant, exchange).await?.ok_or_else(|| not_found(tenant, exchange))?;
+        let record = self
+            .meta
+            .get(tenant, exchange)
+            .await?
+            .ok_or_else(|| not_found(tenant, exchange))?;
         // A retried Rotate (timeout, crash) carries the set already current:
         // converge on it instead of rotating again.
-        let current = self.secrets.read(&record.vault_path, record.current_version).await?;
+        let current = self
+            .secrets
+            .read(&record.vault_path, record.current_version)
+            .await?;
         if current.same_as(&set) {
-            return Ok(RotateOutcome { record, rotated: false });
+            return Ok(RotateOutcome {
+                record,
+                rotated: false,
+            });
         }
-        let cas = self.secrets.latest_version(&record.vault_path).await?.unwrap_or(0);
+        let cas = self
+            .secrets
+            .latest_version(&record.vault_path)
+            .await?
+            .unwrap_or(0);
         let new_version = self.secrets.write(&record.vault_path, &set, cas).await?;
         let now = self.clock.now();
         let keep_previous = overlap > Duration::ZERO;
@@ -275,11 +325,17 @@ impl Broker {
             dead.push(v);
         }
         if !dead.is_empty()
-            && let Err(e) = self.secrets.destroy_versions(&updated.vault_path, &dead).await
+            && let Err(e) = self
+                .secrets
+                .destroy_versions(&updated.vault_path, &dead)
+                .await
         {
             tracing::warn!(%tenant, %exchange, ?dead, "could not destroy replaced versions yet: {e}");
         }
-        Ok(RotateOutcome { record: updated, rotated: true })
+        Ok(RotateOutcome {
+            record: updated,
+            rotated: true,
+        })
     }
 
     /// Deletes metadata (with a DELETED event) and then every Vault version.
@@ -288,13 +344,19 @@ impl Broker {
     ///
     /// # Errors
     /// `Unavailable`.
-    pub async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<bool, BrokerError> {
+    pub async fn delete(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<bool, BrokerError> {
         let event = self.meta.delete(tenant, exchange).await?;
         let deleted = event.is_some();
         if let Some(event) = event {
             self.apply_event(event);
         }
-        self.secrets.purge(&self.vault_path(tenant, exchange)).await?;
+        self.secrets
+            .purge(&self.vault_path(tenant, exchange))
+            .await?;
         if deleted {
             tracing::info!(%tenant, %exchange, "credentials deleted");
         }
@@ -305,8 +367,15 @@ impl Broker {
     ///
     /// # Errors
     /// `NotFound`, `Unavailable`.
-    pub async fn describe(&self, tenant: TenantId, exchange: ExchangeId) -> Result<CredentialRecord, BrokerError> {
-        self.meta.get(tenant, exchange).await?.ok_or_else(|| not_found(tenant, exchange))
+    pub async fn describe(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<CredentialRecord, BrokerError> {
+        self.meta
+            .get(tenant, exchange)
+            .await?
+            .ok_or_else(|| not_found(tenant, exchange))
     }
 
     /// Metadata of every credential of a tenant.
@@ -324,9 +393,16 @@ impl Broker {
     ///
     /// # Errors
     /// `NotFound`, `Validation(Unavailable)`, `Unavailable`.
-    pub async fn revalidate(&self, tenant: TenantId, exchange: ExchangeId) -> Result<CredentialRecord, BrokerError> {
+    pub async fn revalidate(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<CredentialRecord, BrokerError> {
         let record = self.describe(tenant, exchange).await?;
-        let set = self.secrets.read(&record.vault_path, record.current_version).await?;
+        let set = self
+            .secrets
+            .read(&record.vault_path, record.current_version)
+            .await?;
         let now = self.clock.now();
         let update = match self.validator.validate(tenant, exchange, &set).await {
             Ok(permissions) => HealthUpdate {

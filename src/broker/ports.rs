@@ -28,7 +28,12 @@ pub trait SecretStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `CasConflict` when another writer got there first.
-    async fn write(&self, path: &str, set: &CredentialSet, cas: u64) -> Result<u64, SecretStoreError>;
+    async fn write(
+        &self,
+        path: &str,
+        set: &CredentialSet,
+        cas: u64,
+    ) -> Result<u64, SecretStoreError>;
 
     /// Reads one version.
     ///
@@ -125,7 +130,11 @@ pub trait MetadataStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn get(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialRecord>, MetadataStoreError>;
+    async fn get(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<CredentialRecord>, MetadataStoreError>;
 
     /// Every record of a tenant, ordered by exchange.
     ///
@@ -137,27 +146,40 @@ pub trait MetadataStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// `AlreadyExists` when a record exists.
-    async fn insert(&self, new: NewCredential) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError>;
+    async fn insert(
+        &self,
+        new: NewCredential,
+    ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError>;
 
     /// Commits a rotation with its ROTATED event.
     ///
     /// # Errors
     /// `Conflict` when the current version is no longer `expected_version`,
     /// `NotFound` when the record is gone.
-    async fn rotate(&self, commit: RotationCommit) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError>;
+    async fn rotate(
+        &self,
+        commit: RotationCommit,
+    ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError>;
 
     /// Deletes a record with its DELETED event; `None` when nothing existed.
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialEvent>, MetadataStoreError>;
+    async fn delete(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<CredentialEvent>, MetadataStoreError>;
 
     /// Records a health check; returns the INVALIDATED event when the status
     /// moved to invalid.
     ///
     /// # Errors
     /// `NotFound` when the record is gone.
-    async fn record_health(&self, update: HealthUpdate) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError>;
+    async fn record_health(
+        &self,
+        update: HealthUpdate,
+    ) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError>;
 
     /// Ends overlaps whose deadline passed before `now`: clears the previous
     /// version and appends PREVIOUS_EXPIRED, one transaction per record.
@@ -165,13 +187,22 @@ pub trait MetadataStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn expire_overlaps(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError>;
+    async fn expire_overlaps(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError>;
 
     /// A tenant's events with `seq > after`, oldest first, at most `limit`.
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn events_after(&self, tenant: TenantId, after: u64, limit: u32) -> Result<Vec<CredentialEvent>, MetadataStoreError>;
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<CredentialEvent>, MetadataStoreError>;
 
     /// Checks that the store is reachable.
     ///
@@ -188,5 +219,10 @@ pub trait CredentialValidator: Send + Sync + 'static {
     /// # Errors
     /// `InvalidField` for malformed input, `Rejected` when the key does not
     /// work or policy refuses it, `Unavailable` when no answer could be had.
-    async fn validate(&self, tenant: TenantId, exchange: ExchangeId, set: &CredentialSet) -> Result<Permissions, ValidationError>;
+    async fn validate(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        set: &CredentialSet,
+    ) -> Result<Permissions, ValidationError>;
 }

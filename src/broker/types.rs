@@ -150,7 +150,10 @@ impl CredentialSet {
             _ => false,
         };
         eq(&self.api_key, &other.api_key)
-            & eq(self.api_secret.expose_secret(), other.api_secret.expose_secret())
+            & eq(
+                self.api_secret.expose_secret(),
+                other.api_secret.expose_secret(),
+            )
             & pass
     }
 }
@@ -160,7 +163,10 @@ impl fmt::Debug for CredentialSet {
         f.debug_struct("CredentialSet")
             .field("api_key", &self.key_hint())
             .field("api_secret", &"[REDACTED]")
-            .field("passphrase", &self.passphrase.as_ref().map(|_| "[REDACTED]"))
+            .field(
+                "passphrase",
+                &self.passphrase.as_ref().map(|_| "[REDACTED]"),
+            )
             .finish()
     }
 }
@@ -424,6 +430,9 @@ mod tests {
             updated_at: now,
         };
         assert!(rec.open_previous(now).is_some());
-        assert!(rec.open_previous(now + time::Duration::seconds(10)).is_none());
+        assert!(
+            rec.open_previous(now + time::Duration::seconds(10))
+                .is_none()
+        );
     }
 }

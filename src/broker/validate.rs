@@ -20,7 +20,12 @@ pub struct FormatCheckValidator;
 
 #[async_trait]
 impl CredentialValidator for FormatCheckValidator {
-    async fn validate(&self, _tenant: TenantId, exchange: ExchangeId, set: &CredentialSet) -> Result<Permissions, ValidationError> {
+    async fn validate(
+        &self,
+        _tenant: TenantId,
+        exchange: ExchangeId,
+        set: &CredentialSet,
+    ) -> Result<Permissions, ValidationError> {
         check_format(exchange, set)?;
         Ok(Permissions {
             read: true,
@@ -42,13 +47,25 @@ fn check_token(field: &'static str, value: &str, min: usize) -> Result<(), Valid
         return Err(invalid(field, "is required"));
     }
     if value.len() > MAX_FIELD_LEN {
-        return Err(invalid(field, format!("is {} bytes; at most {MAX_FIELD_LEN} allowed", value.len())));
+        return Err(invalid(
+            field,
+            format!("is {} bytes; at most {MAX_FIELD_LEN} allowed", value.len()),
+        ));
     }
     if value.len() < min {
-        return Err(invalid(field, format!("is too short ({} characters; at least {min} expected)", value.len())));
+        return Err(invalid(
+            field,
+            format!(
+                "is too short ({} characters; at least {min} expected)",
+                value.len()
+            ),
+        ));
     }
     if let Some(pos) = value.chars().position(|c| !c.is_ascii_graphic()) {
-        return Err(invalid(field, format!("contains a space or non-printable character at position {pos}")));
+        return Err(invalid(
+            field,
+            format!("contains a space or non-printable character at position {pos}"),
+        ));
     }
     Ok(())
 }
@@ -71,13 +88,19 @@ pub fn check_format(exchange: ExchangeId, set: &CredentialSet) -> Result<(), Val
                 return Err(invalid(SECRET, "is required"));
             }
             if secret.len() > MAX_FIELD_LEN {
-                return Err(invalid(SECRET, format!("is {} bytes; at most {MAX_FIELD_LEN} allowed", secret.len())));
+                return Err(invalid(
+                    SECRET,
+                    format!("is {} bytes; at most {MAX_FIELD_LEN} allowed", secret.len()),
+                ));
             }
             let pem = secret.contains("-----BEGIN");
             if !pem {
                 check_token(SECRET, secret, 32)?;
             } else if !secret.contains("PRIVATE KEY-----") {
-                return Err(invalid(SECRET, "PEM must hold an EC PRIVATE KEY or PRIVATE KEY block"));
+                return Err(invalid(
+                    SECRET,
+                    "PEM must hold an EC PRIVATE KEY or PRIVATE KEY block",
+                ));
             }
         }
         _ => {
@@ -97,7 +120,10 @@ pub fn check_format(exchange: ExchangeId, set: &CredentialSet) -> Result<(), Val
                 Ok(())
             }
         }
-        (Some(_), false) => Err(invalid(PASS, format!("{exchange} keys have no passphrase; leave it unset"))),
+        (Some(_), false) => Err(invalid(
+            PASS,
+            format!("{exchange} keys have no passphrase; leave it unset"),
+        )),
         (None, false) => Ok(()),
     }
 }
@@ -120,21 +146,69 @@ mod tests {
     fn table() {
         let long = "x".repeat(MAX_FIELD_LEN + 1);
         let cases: &[(ExchangeId, CredentialSet, Option<&str>)] = &[
-            (ExchangeId::Binance, set("abcdefgh12", "secretsecret", None), None),
-            (ExchangeId::Binance, set("", "secretsecret", None), Some("credentials.api_key")),
-            (ExchangeId::Binance, set("abcdefgh12", "", None), Some("credentials.api_secret")),
-            (ExchangeId::Binance, set("abc def gh", "secretsecret", None), Some("credentials.api_key")),
-            (ExchangeId::Binance, set("abcdefgh12", &long, None), Some("credentials.api_secret")),
-            (ExchangeId::Binance, set("abcdefgh12", "secretsecret", Some("p")), Some("credentials.passphrase")),
-            (ExchangeId::Okx, set("abcdefgh12", "secretsecret", None), Some("credentials.passphrase")),
-            (ExchangeId::Okx, set("abcdefgh12", "secretsecret", Some("pass")), None),
-            (ExchangeId::Kucoin, set("abcdefgh12", "secretsecret", Some("")), Some("credentials.passphrase")),
             (
-                ExchangeId::Coinbase,
-                set("organizations/o/apiKeys/k", "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n", None),
+                ExchangeId::Binance,
+                set("abcdefgh12", "secretsecret", None),
                 None,
             ),
-            (ExchangeId::Coinbase, set("organizations/o/apiKeys/k", "-----BEGIN CERTIFICATE-----", None), Some("credentials.api_secret")),
+            (
+                ExchangeId::Binance,
+                set("", "secretsecret", None),
+                Some("credentials.api_key"),
+            ),
+            (
+                ExchangeId::Binance,
+                set("abcdefgh12", "", None),
+                Some("credentials.api_secret"),
+            ),
+            (
+                ExchangeId::Binance,
+                set("abc def gh", "secretsecret", None),
+                Some("credentials.api_key"),
+            ),
+            (
+                ExchangeId::Binance,
+                set("abcdefgh12", &long, None),
+                Some("credentials.api_secret"),
+            ),
+            (
+                ExchangeId::Binance,
+                set("abcdefgh12", "secretsecret", Some("p")),
+                Some("credentials.passphrase"),
+            ),
+            (
+                ExchangeId::Okx,
+                set("abcdefgh12", "secretsecret", None),
+                Some("credentials.passphrase"),
+            ),
+            (
+                ExchangeId::Okx,
+                set("abcdefgh12", "secretsecret", Some("pass")),
+                None,
+            ),
+            (
+                ExchangeId::Kucoin,
+                set("abcdefgh12", "secretsecret", Some("")),
+                Some("credentials.passphrase"),
+            ),
+            (
+                ExchangeId::Coinbase,
+                set(
+                    "organizations/o/apiKeys/k",
+                    "-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----\n",
+                    None,
+                ),
+                None,
+            ),
+            (
+                ExchangeId::Coinbase,
+                set(
+                    "organizations/o/apiKeys/k",
+                    "-----BEGIN CERTIFICATE-----",
+                    None,
+                ),
+                Some("credentials.api_secret"),
+            ),
         ];
         for (i, (ex, s, want)) in cases.iter().enumerate() {
             let got = check_format(*ex, s).err().map(|e| match e {
@@ -148,7 +222,9 @@ mod tests {
     #[test]
     fn errors_never_echo_the_secret() {
         let s = set("abcdefgh12", "has space-SECRETVALUE", None);
-        let e = check_format(ExchangeId::Binance, &s).unwrap_err().to_string();
+        let e = check_format(ExchangeId::Binance, &s)
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("SECRETVALUE"), "{e}");
     }
 }

@@ -65,7 +65,10 @@ pub async fn run(
             return;
         }
     };
-    for r in records.into_iter().filter(|r| sub.wants(r.tenant, r.exchange)) {
+    for r in records
+        .into_iter()
+        .filter(|r| sub.wants(r.tenant, r.exchange))
+    {
         if tx.send(WatchItem::State(r)).await.is_err() {
             return;
         }
@@ -108,9 +111,18 @@ pub async fn run(
 }
 
 /// Sends every stored event after `cursor`; false when the stream is over.
-async fn catch_up(broker: &Broker, sub: &Subscription, cursor: &mut u64, tx: &mpsc::Sender<WatchItem>) -> bool {
+async fn catch_up(
+    broker: &Broker,
+    sub: &Subscription,
+    cursor: &mut u64,
+    tx: &mpsc::Sender<WatchItem>,
+) -> bool {
     loop {
-        let page = match broker.metadata().events_after(sub.tenant, *cursor, CATCH_UP_PAGE).await {
+        let page = match broker
+            .metadata()
+            .events_after(sub.tenant, *cursor, CATCH_UP_PAGE)
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 let _ = tx.send(WatchItem::End(e.into())).await;

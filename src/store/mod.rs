@@ -11,7 +11,9 @@ pub mod migrate;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction};
+use deadpool_postgres::{
+    GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod, Transaction,
+};
 use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio_postgres::{NoTls, Row, error::SqlState};
@@ -21,8 +23,8 @@ use crate::{
         error::MetadataStoreError,
         ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit},
         types::{
-            CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId, HealthStatus, Permissions,
-            TenantId,
+            CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
+            HealthStatus, Permissions, TenantId,
         },
     },
     config::PostgresConfig,
@@ -31,7 +33,8 @@ use crate::{
 const RECORD_COLS: &str = "tenant_id, exchange, vault_path, current_version, previous_version, \
     previous_valid_until, status, permissions, api_key_hint, last_validated_at, health_check_status, \
     health_check_detail, created_at, updated_at";
-const EVENT_COLS: &str = "seq, tenant_id, exchange, kind, version, previous_version, previous_valid_until, occurred_at";
+const EVENT_COLS: &str =
+    "seq, tenant_id, exchange, kind, version, previous_version, previous_valid_until, occurred_at";
 
 /// Builds a connection pool from the configuration.
 ///
@@ -83,9 +86,15 @@ impl PgMetadataStore {
     /// Runs `f` in one transaction under `scope`'s role and commits.
     async fn in_tx<T, F>(&self, scope: Scope, f: F) -> Result<T, MetadataStoreError>
     where
-        F: for<'a> FnOnce(&'a Transaction<'a>) -> futures::future::BoxFuture<'a, Result<T, MetadataStoreError>>,
+        F: for<'a> FnOnce(
+            &'a Transaction<'a>,
+        ) -> futures::future::BoxFuture<'a, Result<T, MetadataStoreError>>,
     {
-        let mut client = self.pool.get().await.map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
         let tx = client.transaction().await.map_err(pg_err)?;
         match scope {
             Scope::Tenant(t) => {
@@ -107,10 +116,15 @@ impl PgMetadataStore {
 fn pg_err(e: tokio_postgres::Error) -> MetadataStoreError {
     match e.code() {
         Some(c) if *c == SqlState::UNIQUE_VIOLATION => MetadataStoreError::AlreadyExists,
-        Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
+        Some(c)
+            if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED =>
+        {
             MetadataStoreError::Conflict
         }
-        Some(c) if c.code().starts_with("08") || c.code().starts_with("57") => MetadataStoreError::Unavailable(e.to_string()),
+        Some(c) if c.code().starts_with("08") || c.code().starts_with("57") => {
+            MetadataStoreError::Unavailable(e.to_string())
+        }
         Some(_) => MetadataStoreError::Other(e.to_string()),
         None if e.is_closed() => MetadataStoreError::Unavailable(e.to_string()),
         None => MetadataStoreError::Unavailable(e.to_string()),
@@ -136,7 +150,8 @@ fn row_to_record(row: &Row) -> Result<CredentialRecord, MetadataStoreError> {
         current_version: to_u64(row.get("current_version")),
         previous_version: row.get::<_, Option<i64>>("previous_version").map(to_u64),
         previous_valid_until: row.get("previous_valid_until"),
-        status: CredentialStatus::parse(&status).ok_or_else(|| MetadataStoreError::Other(format!("bad status {status}")))?,
+        status: CredentialStatus::parse(&status)
+            .ok_or_else(|| MetadataStoreError::Other(format!("bad status {status}")))?,
         permissions: permissions
             .map(serde_json::from_value::<Permissions>)
             .transpose()
@@ -161,7 +176,8 @@ pub fn row_to_event(row: &Row) -> Result<CredentialEvent, MetadataStoreError> {
         seq: to_u64(row.get("seq")),
         tenant: TenantId::new(row.get("tenant_id")),
         exchange: ExchangeId::from_str(&exchange).map_err(MetadataStoreError::Other)?,
-        kind: EventKind::parse(&kind).ok_or_else(|| MetadataStoreError::Other(format!("bad event kind {kind}")))?,
+        kind: EventKind::parse(&kind)
+            .ok_or_else(|| MetadataStoreError::Other(format!("bad event kind {kind}")))?,
         version: to_u64(row.get("version")),
         previous_version: row.get::<_, Option<i64>>("previous_version").map(to_u64),
         previous_valid_until: row.get("previous_valid_until"),
@@ -179,7 +195,11 @@ async fn append_event(
     record: &CredentialRecord,
     kind: EventKind,
 ) -> Result<CredentialEvent, MetadataStoreError> {
-    let version = if kind == EventKind::Deleted { 0 } else { to_i64(record.current_version) };
+    let version = if kind == EventKind::Deleted {
+        0
+    } else {
+        to_i64(record.current_version)
+    };
     let row = tx
         .query_one(
             &format!(
@@ -220,9 +240,15 @@ async fn select_record(
 
 #[async_trait]
 impl MetadataStore for PgMetadataStore {
-    async fn get(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialRecord>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| Box::pin(select_record(tx, tenant, exchange, false)))
-            .await
+    async fn get(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<CredentialRecord>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(select_record(tx, tenant, exchange, false))
+        })
+        .await
     }
 
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
@@ -241,7 +267,10 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn insert(&self, new: NewCredential) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+    async fn insert(
+        &self,
+        new: NewCredential,
+    ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
         self.in_tx(Scope::Tenant(new.tenant), |tx| {
             Box::pin(async move {
                 let row = tx
@@ -273,7 +302,10 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn rotate(&self, c: RotationCommit) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
+    async fn rotate(
+        &self,
+        c: RotationCommit,
+    ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
         self.in_tx(Scope::Tenant(c.tenant), |tx| {
             Box::pin(async move {
                 let row = tx
@@ -312,7 +344,11 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn delete(&self, tenant: TenantId, exchange: ExchangeId) -> Result<Option<CredentialEvent>, MetadataStoreError> {
+    async fn delete(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
         self.in_tx(Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let row = tx
@@ -331,7 +367,10 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn record_health(&self, u: HealthUpdate) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
+    async fn record_health(
+        &self,
+        u: HealthUpdate,
+    ) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
         self.in_tx(Scope::Tenant(u.tenant), |tx| {
             Box::pin(async move {
                 let before = select_record(tx, u.tenant, u.exchange, true)
@@ -370,7 +409,11 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn expire_overlaps(&self, now: OffsetDateTime, limit: u32) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
+    async fn expire_overlaps(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
         self.in_tx(Scope::System, |tx| {
             Box::pin(async move {
                 // SKIP LOCKED: two replicas running the job never retire the
@@ -409,7 +452,12 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn events_after(&self, tenant: TenantId, after: u64, limit: u32) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
+    async fn events_after(
+        &self,
+        tenant: TenantId,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
         self.in_tx(Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let rows = tx
@@ -428,7 +476,11 @@ impl MetadataStore for PgMetadataStore {
     }
 
     async fn ping(&self) -> Result<(), MetadataStoreError> {
-        let client = self.pool.get().await.map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
         client.simple_query("SELECT 1").await.map_err(pg_err)?;
         Ok(())
     }

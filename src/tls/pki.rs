@@ -5,8 +5,8 @@
 use std::{fs, path::Path};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// A certificate and its private key, PEM encoded.
@@ -20,7 +20,9 @@ pub struct PemPair {
 
 impl std::fmt::Debug for PemPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PemPair").field("key", &"[REDACTED]").finish_non_exhaustive()
+        f.debug_struct("PemPair")
+            .field("key", &"[REDACTED]")
+            .finish_non_exhaustive()
     }
 }
 
@@ -38,7 +40,11 @@ impl DevPki {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         Ok(Self {
             ca: CertifiedIssuer::self_signed(params, KeyPair::generate()?)?,
         })
@@ -54,10 +60,16 @@ impl DevPki {
     /// # Errors
     /// When signing fails.
     pub fn server(&self, extra: &[String]) -> anyhow::Result<PemPair> {
-        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
         names.extend(extra.iter().cloned());
         let mut params = CertificateParams::new(names)?;
-        params.distinguished_name.push(DnType::CommonName, "credbroker");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "credbroker");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue(params)
     }
@@ -68,7 +80,9 @@ impl DevPki {
     /// When the ID is not a valid IA5 string or signing fails.
     pub fn client(&self, spiffe_id: &str) -> anyhow::Result<PemPair> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, spiffe_id);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spiffe_id);
         params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params)
@@ -90,6 +104,11 @@ impl DevPki {
 /// On I/O failure.
 pub fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(contents.as_bytes())
 }

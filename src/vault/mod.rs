@@ -19,11 +19,7 @@ use vaultrs::{
 };
 
 use crate::{
-    broker::{
-        error::SecretStoreError,
-        ports::SecretStore,
-        types::CredentialSet,
-    },
+    broker::{error::SecretStoreError, ports::SecretStore, types::CredentialSet},
     config::{VaultAuthConfig, VaultConfig},
 };
 
@@ -96,7 +92,9 @@ fn build_client(cfg: &VaultConfig, token: &str) -> Result<VaultClient, SecretSto
     if let Some(ns) = &cfg.namespace {
         b.set_namespace(ns.clone());
     }
-    let settings = b.build().map_err(|e| SecretStoreError::Other(format!("vault client settings: {e}")))?;
+    let settings = b
+        .build()
+        .map_err(|e| SecretStoreError::Other(format!("vault client settings: {e}")))?;
     VaultClient::new(settings).map_err(|e| SecretStoreError::Other(format!("vault client: {e}")))
 }
 
@@ -108,7 +106,11 @@ impl VaultSecretStore {
     pub async fn connect(cfg: &VaultConfig) -> Result<Self, SecretStoreError> {
         let auth = match &cfg.auth {
             VaultAuthConfig::Token { token } => VaultAuth::Token(token.clone()),
-            VaultAuthConfig::Approle { mount, role_id, secret_id } => VaultAuth::AppRole {
+            VaultAuthConfig::Approle {
+                mount,
+                role_id,
+                secret_id,
+            } => VaultAuth::AppRole {
                 mount: mount.clone(),
                 role_id: role_id.clone(),
                 secret_id: secret_id.clone(),
@@ -130,19 +132,33 @@ impl VaultSecretStore {
 
     /// Logs in again with AppRole (no-op for a static token).
     async fn login(&self) -> Result<(), SecretStoreError> {
-        let VaultAuth::AppRole { mount, role_id, secret_id } = &self.auth else {
+        let VaultAuth::AppRole {
+            mount,
+            role_id,
+            secret_id,
+        } = &self.auth
+        else {
             return Ok(());
         };
         let current = self.client.load_full();
-        let info = vaultrs::auth::approle::login(current.as_ref(), mount, role_id, secret_id.expose_secret())
-            .await
-            .map_err(|e| classify("approle login", e))?;
+        let info = vaultrs::auth::approle::login(
+            current.as_ref(),
+            mount,
+            role_id,
+            secret_id.expose_secret(),
+        )
+        .await
+        .map_err(|e| classify("approle login", e))?;
         let mut fresh = VaultClient::new(current.settings.clone())
             .map_err(|e| SecretStoreError::Other(format!("vault client: {e}")))?;
         fresh.set_token(&info.client_token);
         self.client.store(Arc::new(fresh));
-        self.lease_secs.store(info.lease_duration, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(lease_secs = info.lease_duration, "logged in to Vault with AppRole");
+        self.lease_secs
+            .store(info.lease_duration, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            lease_secs = info.lease_duration,
+            "logged in to Vault with AppRole"
+        );
         Ok(())
     }
 
@@ -155,14 +171,19 @@ impl VaultSecretStore {
         }
         loop {
             let lease = self.lease_secs.load(std::sync::atomic::Ordering::Relaxed);
-            let wait = if lease == 0 { 5 } else { (lease * 2 / 3).max(1) };
+            let wait = if lease == 0 {
+                5
+            } else {
+                (lease * 2 / 3).max(1)
+            };
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(wait)) => {}
             }
             if let Err(e) = self.login().await {
                 tracing::warn!("Vault re-login failed, retrying: {e}");
-                self.lease_secs.store(0, std::sync::atomic::Ordering::Relaxed);
+                self.lease_secs
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -173,12 +194,22 @@ impl VaultSecretStore {
 fn classify(op: &str, e: ClientError) -> SecretStoreError {
     match e {
         ClientError::APIError { code, errors } => match code {
-            403 => SecretStoreError::Denied(format!("{op}: permission denied (check the broker's Vault policy)")),
-            429 | 500..=599 => SecretStoreError::Unavailable(format!("{op}: Vault answered {code}")),
-            _ if errors.iter().any(|m| m.contains("check-and-set")) => SecretStoreError::CasConflict { path: op.to_owned() },
+            403 => SecretStoreError::Denied(format!(
+                "{op}: permission denied (check the broker's Vault policy)"
+            )),
+            429 | 500..=599 => {
+                SecretStoreError::Unavailable(format!("{op}: Vault answered {code}"))
+            }
+            _ if errors.iter().any(|m| m.contains("check-and-set")) => {
+                SecretStoreError::CasConflict {
+                    path: op.to_owned(),
+                }
+            }
             _ => SecretStoreError::Other(format!("{op}: Vault answered {code}")),
         },
-        ClientError::RestClientError { .. } => SecretStoreError::Unavailable(format!("{op}: cannot reach Vault")),
+        ClientError::RestClientError { .. } => {
+            SecretStoreError::Unavailable(format!("{op}: cannot reach Vault"))
+        }
         other => SecretStoreError::Other(format!("{op}: {other}")),
     }
 }
@@ -193,24 +224,45 @@ impl SecretStore for VaultSecretStore {
         }
     }
 
-    async fn write(&self, path: &str, set: &CredentialSet, cas: u64) -> Result<u64, SecretStoreError> {
+    async fn write(
+        &self,
+        path: &str,
+        set: &CredentialSet,
+        cas: u64,
+    ) -> Result<u64, SecretStoreError> {
         let data = StoredSetRef {
             api_key: &set.api_key,
             api_secret: set.api_secret.expose_secret(),
             passphrase: set.passphrase.as_ref().map(ExposeSecret::expose_secret),
         };
-        let cas = u32::try_from(cas).map_err(|_| SecretStoreError::Other("version beyond u32".into()))?;
-        let meta = vaultrs::kv2::set_with_options(self.client.load().as_ref(), &self.mount, path, &data, SetSecretRequestOptions { cas })
-            .await
-            .map_err(|e| match classify("write", e) {
-                SecretStoreError::CasConflict { .. } => SecretStoreError::CasConflict { path: path.to_owned() },
-                other => other,
-            })?;
+        let cas =
+            u32::try_from(cas).map_err(|_| SecretStoreError::Other("version beyond u32".into()))?;
+        let meta = vaultrs::kv2::set_with_options(
+            self.client.load().as_ref(),
+            &self.mount,
+            path,
+            &data,
+            SetSecretRequestOptions { cas },
+        )
+        .await
+        .map_err(|e| match classify("write", e) {
+            SecretStoreError::CasConflict { .. } => SecretStoreError::CasConflict {
+                path: path.to_owned(),
+            },
+            other => other,
+        })?;
         Ok(meta.version)
     }
 
     async fn read(&self, path: &str, version: u64) -> Result<CredentialSet, SecretStoreError> {
-        match vaultrs::kv2::read_version::<StoredSet>(self.client.load().as_ref(), &self.mount, path, version).await {
+        match vaultrs::kv2::read_version::<StoredSet>(
+            self.client.load().as_ref(),
+            &self.mount,
+            path,
+            version,
+        )
+        .await
+        {
             Ok(s) => Ok(CredentialSet {
                 api_key: s.api_key,
                 api_secret: SecretString::from(s.api_secret),
@@ -218,14 +270,18 @@ impl SecretStore for VaultSecretStore {
             }),
             // A destroyed or deleted version answers 404, and so does a
             // version whose data is empty.
-            Err(ClientError::APIError { code: 404, .. } | ClientError::ResponseDataEmptyError) => Err(SecretStoreError::NotFound {
-                path: path.to_owned(),
-                version,
-            }),
-            Err(ClientError::RestClientError { source }) if source.to_string().contains("404") => Err(SecretStoreError::NotFound {
-                path: path.to_owned(),
-                version,
-            }),
+            Err(ClientError::APIError { code: 404, .. } | ClientError::ResponseDataEmptyError) => {
+                Err(SecretStoreError::NotFound {
+                    path: path.to_owned(),
+                    version,
+                })
+            }
+            Err(ClientError::RestClientError { source }) if source.to_string().contains("404") => {
+                Err(SecretStoreError::NotFound {
+                    path: path.to_owned(),
+                    version,
+                })
+            }
             Err(e) => Err(classify("read", e)),
         }
     }
@@ -234,9 +290,14 @@ impl SecretStore for VaultSecretStore {
         if versions.is_empty() {
             return Ok(());
         }
-        vaultrs::kv2::destroy_versions(self.client.load().as_ref(), &self.mount, path, versions.to_vec())
-            .await
-            .map_err(|e| classify("destroy versions", e))
+        vaultrs::kv2::destroy_versions(
+            self.client.load().as_ref(),
+            &self.mount,
+            path,
+            versions.to_vec(),
+        )
+        .await
+        .map_err(|e| classify("destroy versions", e))
     }
 
     async fn purge(&self, path: &str) -> Result<(), SecretStoreError> {

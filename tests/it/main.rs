@@ -1,5 +1,6 @@
 //! Integration tests against real OpenBao and PostgreSQL over real mTLS.
 //! One binary, so the crate links once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

