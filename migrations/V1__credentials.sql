@@ -55,6 +55,7 @@ CREATE TABLE tenant_credentials (
     health_check_status   VARCHAR(20) NOT NULL DEFAULT 'unknown'
                           CHECK (health_check_status IN ('unknown', 'healthy', 'unhealthy')),
     health_check_detail   TEXT,
+    health_checked_at     TIMESTAMPTZ,
     created_at            TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at            TIMESTAMPTZ NOT NULL DEFAULT now(),
     UNIQUE (tenant_id, exchange),
@@ -82,6 +83,15 @@ CREATE TABLE credential_events (
     occurred_at           TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX idx_credential_events_tenant_seq ON credential_events (tenant_id, seq);
+CREATE INDEX idx_credential_events_occurred_at ON credential_events (occurred_at);
+
+-- Events are kept for a retention window; a client resuming from a seq at or
+-- below `pruned_through` may have missed pruned events and is told to resync.
+CREATE TABLE credential_event_retention (
+    singleton       BOOLEAN PRIMARY KEY DEFAULT true CHECK (singleton),
+    pruned_through  BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO credential_event_retention DEFAULT VALUES;
 
 -- Tenant isolation. credbroker_tenant sees only the rows of the tenant set
 -- in `credbroker.tenant_id` for the transaction; an unset tenant sees
@@ -101,6 +111,8 @@ CREATE POLICY system_all ON tenant_credentials TO credbroker_system USING (true)
 CREATE POLICY system_all ON credential_events TO credbroker_system USING (true) WITH CHECK (true);
 
 GRANT SELECT, INSERT, UPDATE, DELETE ON tenant_credentials, credential_events TO credbroker_tenant, credbroker_system;
+GRANT SELECT ON credential_event_retention TO credbroker_tenant, credbroker_system;
+GRANT UPDATE ON credential_event_retention TO credbroker_system;
 
 -- Wake-up for other replicas' listeners; the payload is only the seq, the
 -- table stays the source of truth.

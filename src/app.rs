@@ -17,7 +17,7 @@ use crate::{
     cache::CredentialCache,
     clock::{Clock, SystemClock},
     config::{CacheConfig, Config, RotationConfig},
-    rotation::{hub::Hub, retire},
+    rotation::{hub::Hub, listener::EventListener, retire},
     server::{self, ServeParams},
     store::{self, PgMetadataStore},
     vault::VaultSecretStore,
@@ -33,6 +33,17 @@ pub struct Backends {
     pub validator: Arc<dyn CredentialValidator>,
     /// Set when secrets live in Vault with AppRole: its login loop.
     pub vault: Option<Arc<VaultSecretStore>>,
+    /// Where committed events come from.
+    pub events: EventSource,
+}
+
+/// How a replica learns of committed events.
+pub enum EventSource {
+    /// Single process (in-memory stores): the broker publishes on commit.
+    Local,
+    /// PostgreSQL LISTEN/NOTIFY plus the events table, so every replica
+    /// sees every replica's events.
+    Postgres(Box<tokio_postgres::Config>),
 }
 
 /// Server-side settings independent of the backends.
@@ -51,6 +62,8 @@ pub struct Settings {
     pub heartbeat: Duration,
     /// Health probe period.
     pub health_probe: Duration,
+    /// Stream limit per tenant.
+    pub max_streams_per_tenant: usize,
     /// Shutdown grace.
     pub grace: Duration,
     /// Clock (tests inject a manual one).
@@ -115,6 +128,10 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
             .map_err(|e| anyhow::anyhow!("vault ({}): {e}", cfg.vault.addr))?,
     );
     let pool = store::pool(&cfg.postgres).map_err(anyhow::Error::msg)?;
+    let pg = <tokio_postgres::Config as std::str::FromStr>::from_str(
+        secrecy::ExposeSecret::expose_secret(&cfg.postgres.url),
+    )
+    .map_err(|e| anyhow::anyhow!("postgres.url: {e}"))?;
     if cfg.postgres.migrate_on_start {
         let n = store::migrate::run(&pool)
             .await
@@ -126,6 +143,7 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
         meta: Arc::new(PgMetadataStore::new(pool)),
         validator: Arc::new(FormatCheckValidator),
         vault: Some(vault),
+        events: EventSource::Postgres(Box::new(pg)),
     })
 }
 
@@ -142,6 +160,7 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
         path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
         heartbeat: Duration::from_secs(cfg.server.heartbeat_secs),
         health_probe: Duration::from_secs(cfg.server.health_probe_secs),
+        max_streams_per_tenant: cfg.server.max_streams_per_tenant,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
         clock: Arc::new(SystemClock),
     })
@@ -173,6 +192,7 @@ pub async fn start(
             path_prefix: s.path_prefix,
             default_overlap: secs(s.rotation.default_overlap_secs),
             max_overlap: secs(s.rotation.max_overlap_secs),
+            publish_on_commit: matches!(backends.events, EventSource::Local),
         },
     ));
     let shutdown = CancellationToken::new();
@@ -193,15 +213,28 @@ pub async fn start(
         });
     }
     {
-        let (b, cancel, every) = (
-            broker.clone(),
-            shutdown.clone(),
-            Duration::from_secs(s.rotation.retire_interval_secs.max(1)),
-        );
+        let (b, cancel) = (broker.clone(), shutdown.clone());
+        let every = Duration::from_secs(s.rotation.retire_interval_secs.max(1));
+        let retention = secs(s.rotation.event_retention_secs);
         tasks.spawn(async move {
-            retire::task_main(b, every, cancel).await;
+            retire::task_main(b, every, retention, cancel).await;
             Ok(())
         });
+    }
+    if let EventSource::Postgres(pg) = backends.events {
+        let every = Duration::from_secs(s.rotation.event_poll_secs.max(1));
+        let listener = EventListener::new(*pg, broker.clone(), every);
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        tasks.spawn(listener.task_main(ready_tx, shutdown.clone()));
+        // Serve only once the listener runs: a stream opened before would
+        // miss events committed in between.
+        let after = tokio::time::timeout(Duration::from_secs(30), ready_rx)
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("event listener could not connect to PostgreSQL within 30 s")
+            })?
+            .map_err(|_| anyhow::anyhow!("event listener stopped before it started"))?;
+        tracing::debug!(after_seq = after, "event listener ready");
     }
     if let Some(vault) = backends.vault {
         let cancel = shutdown.clone();
@@ -210,7 +243,12 @@ pub async fn start(
             Ok(())
         });
     }
-    let service = BrokerService::new(broker.clone(), s.heartbeat, shutdown.clone());
+    let service = BrokerService::new(
+        broker.clone(),
+        s.heartbeat,
+        s.max_streams_per_tenant,
+        shutdown.clone(),
+    );
     tasks.spawn(server::serve(ServeParams {
         listener,
         tls: s.tls,

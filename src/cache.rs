@@ -109,6 +109,7 @@ mod tests {
                 last_validated_at: None,
                 health: HealthStatus::Unknown,
                 health_detail: None,
+                health_checked_at: None,
                 created_at: at,
                 updated_at: at,
             },

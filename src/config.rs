@@ -50,6 +50,8 @@ pub struct ServerConfig {
     pub heartbeat_secs: u64,
     /// Period of the Vault/PostgreSQL reachability probe behind grpc.health.v1.
     pub health_probe_secs: u64,
+    /// Concurrent WatchRotations streams one tenant may hold on a replica.
+    pub max_streams_per_tenant: usize,
 }
 
 impl Default for ServerConfig {
@@ -59,6 +61,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             heartbeat_secs: 15,
             health_probe_secs: 5,
+            max_streams_per_tenant: 256,
         }
     }
 }
@@ -198,6 +201,10 @@ pub struct RotationConfig {
     pub max_overlap_secs: u64,
     /// How often the retire job looks for ended overlaps.
     pub retire_interval_secs: u64,
+    /// How long events are kept for resuming streams.
+    pub event_retention_secs: u64,
+    /// Backstop poll of the events table when no notification arrives.
+    pub event_poll_secs: u64,
 }
 
 impl Default for RotationConfig {
@@ -206,6 +213,8 @@ impl Default for RotationConfig {
             default_overlap_secs: 3600,
             max_overlap_secs: 7 * 24 * 3600,
             retire_interval_secs: 15,
+            event_retention_secs: 7 * 24 * 3600,
+            event_poll_secs: 5,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 
 use crate::{
-    app::{self, Backends, Settings},
+    app::{self, Backends, EventSource, Settings},
     broker::validate::FormatCheckValidator,
     clock::SystemClock,
     config::{CacheConfig, RotationConfig},
@@ -74,6 +74,7 @@ pub async fn run(listen: SocketAddr, dir: &Path) -> anyhow::Result<()> {
         meta: Arc::new(MemoryMetadataStore::default()),
         validator: Arc::new(FormatCheckValidator),
         vault: None,
+        events: EventSource::Local,
     };
     let settings = Settings {
         tls,
@@ -83,6 +84,7 @@ pub async fn run(listen: SocketAddr, dir: &Path) -> anyhow::Result<()> {
         path_prefix: "tenants".into(),
         heartbeat: Duration::from_secs(15),
         health_probe: Duration::from_secs(5),
+        max_streams_per_tenant: 256,
         grace: Duration::from_secs(5),
         clock: Arc::new(SystemClock),
     };

@@ -94,6 +94,7 @@ struct MetaState {
     records: BTreeMap<(TenantId, ExchangeId), CredentialRecord>,
     events: Vec<CredentialEvent>,
     next_seq: u64,
+    pruned_through: u64,
 }
 
 impl MetaState {
@@ -170,6 +171,7 @@ impl MetadataStore for MemoryMetadataStore {
             last_validated_at: Some(now),
             health: HealthStatus::Unknown,
             health_detail: None,
+            health_checked_at: None,
             created_at: now,
             updated_at: now,
         };
@@ -233,6 +235,7 @@ impl MetadataStore for MemoryMetadataStore {
         record.health = u.health;
         record.status = u.status;
         record.health_detail = u.detail;
+        record.health_checked_at = Some(u.checked_at);
         if let Some(p) = u.permissions {
             record.permissions = Some(p);
             record.last_validated_at = Some(u.checked_at);
@@ -286,6 +289,22 @@ impl MetadataStore for MemoryMetadataStore {
             .take(limit as usize)
             .cloned()
             .collect())
+    }
+
+    async fn prune_events(&self, before: OffsetDateTime) -> Result<u64, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let n = st
+            .events
+            .iter()
+            .take_while(|e| e.occurred_at < before)
+            .count();
+        let last = st.events.drain(..n).next_back().map_or(0, |e| e.seq);
+        st.pruned_through = st.pruned_through.max(last);
+        Ok(n as u64)
+    }
+
+    async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
+        Ok(lock(&self.state).pruned_through)
     }
 
     async fn ping(&self) -> Result<(), MetadataStoreError> {

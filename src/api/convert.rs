@@ -150,7 +150,7 @@ pub fn health(r: &CredentialRecord) -> pb::CredentialHealth {
         exchange: r.exchange.as_str().to_owned(),
         status: r.health.as_str().to_owned(),
         credential_status: status(r.status),
-        checked_at: Some(ts(r.updated_at)),
+        checked_at: r.health_checked_at.map(ts),
         detail: r.health_detail.clone().unwrap_or_default(),
         permissions: r.permissions.as_ref().map(permissions),
     }

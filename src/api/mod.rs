@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     auth::{AuthError, Caller},
     broker::{Broker, types::TenantId},
-    rotation::watch::{self, Subscription, WatchItem},
+    rotation::watch::{self, StreamSlots, Subscription, WatchItem},
 };
 use pb::credential_broker_server::CredentialBroker;
 
@@ -27,16 +27,24 @@ const WATCH_BUFFER: usize = 32;
 pub struct BrokerService {
     broker: Arc<Broker>,
     heartbeat: Duration,
+    slots: Arc<StreamSlots>,
     shutdown: CancellationToken,
 }
 
 impl BrokerService {
-    /// Serves `broker`; streams send heartbeats every `heartbeat` and end
-    /// with a resumable status when `shutdown` fires.
-    pub fn new(broker: Arc<Broker>, heartbeat: Duration, shutdown: CancellationToken) -> Self {
+    /// Serves `broker`; streams send heartbeats every `heartbeat`, at most
+    /// `max_streams_per_tenant` per tenant, and end with a resumable status
+    /// when `shutdown` fires.
+    pub fn new(
+        broker: Arc<Broker>,
+        heartbeat: Duration,
+        max_streams_per_tenant: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             broker,
             heartbeat,
+            slots: StreamSlots::new(max_streams_per_tenant),
             shutdown,
         }
     }
@@ -150,6 +158,10 @@ impl CredentialBroker for BrokerService {
             exchanges,
             after_seq: *after_seq,
         };
+        let slot = self
+            .slots
+            .acquire(tenant)
+            .map_err(Status::resource_exhausted)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         tokio::spawn(watch::run(
             self.broker.clone(),
@@ -157,6 +169,7 @@ impl CredentialBroker for BrokerService {
             tx,
             self.heartbeat,
             self.shutdown.clone(),
+            slot,
         ));
         let stream = ReceiverStream::new(rx).map(|item| {
             use pb::watch_rotations_response::Message;

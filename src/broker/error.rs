@@ -131,8 +131,18 @@ pub enum BrokerError {
     /// A bug or an unexpected backend answer; the detail is logged, not shown.
     #[error("internal error")]
     Internal,
+    /// This replica is shutting down; the stream may resume elsewhere.
+    #[error(
+        "the broker is shutting down; reconnect (to any replica) with after_seq={resume_after}"
+    )]
+    ShuttingDown {
+        /// The last sequence number delivered on the stream.
+        resume_after: u64,
+    },
     /// A resume point older than event retention.
-    #[error("events after seq {after_seq} are no longer retained; resync with after_seq=0")]
+    #[error(
+        "events after seq {after_seq} are no longer retained; resync: reconnect with after_seq=0 and take the full state"
+    )]
     ResumeTooOld {
         /// The requested resume point.
         after_seq: u64,

@@ -39,6 +39,10 @@ pub struct BrokerSettings {
     pub default_overlap: Duration,
     /// Longest overlap a Rotate may ask for.
     pub max_overlap: Duration,
+    /// Publish committed events to the hub directly (single-process stores).
+    /// With PostgreSQL this is off: the event listener publishes every event,
+    /// from every replica, in `seq` order.
+    pub publish_on_commit: bool,
 }
 
 impl Default for BrokerSettings {
@@ -47,6 +51,7 @@ impl Default for BrokerSettings {
             path_prefix: "tenants".into(),
             default_overlap: Duration::hours(1),
             max_overlap: Duration::days(7),
+            publish_on_commit: true,
         }
     }
 }
@@ -134,9 +139,21 @@ impl Broker {
         )
     }
 
-    /// Applies a committed event on this replica: invalidate, then publish,
-    /// so a subscriber that refetches on the event never reads the old set.
+    /// After a commit on this replica: the cache entry is dropped at once
+    /// (our next read is fresh), and the event is published here unless the
+    /// event listener does it.
     pub fn apply_event(&self, event: CredentialEvent) {
+        if self.settings.publish_on_commit {
+            self.deliver(event);
+        } else {
+            self.cache.invalidate(&(event.tenant, event.exchange));
+        }
+    }
+
+    /// Delivers a committed event (from any replica): invalidate, then
+    /// publish, so a subscriber that refetches on the event never reads the
+    /// old set from this replica's cache.
+    pub fn deliver(&self, event: CredentialEvent) {
         self.cache.invalidate(&(event.tenant, event.exchange));
         self.hub.publish(event);
     }

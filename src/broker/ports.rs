@@ -204,6 +204,20 @@ pub trait MetadataStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<CredentialEvent>, MetadataStoreError>;
 
+    /// Deletes events that occurred before `before`, remembering the highest
+    /// pruned seq; returns how many were deleted.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn prune_events(&self, before: OffsetDateTime) -> Result<u64, MetadataStoreError>;
+
+    /// The highest seq ever pruned (0: none). A resume point below it may
+    /// have missed events.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn pruned_through(&self) -> Result<u64, MetadataStoreError>;
+
     /// Checks that the store is reachable.
     ///
     /// # Errors

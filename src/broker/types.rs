@@ -290,6 +290,8 @@ pub struct CredentialRecord {
     pub health: HealthStatus,
     /// Safe-to-show reason of the latest failed check.
     pub health_detail: Option<String>,
+    /// When the latest health check ran.
+    pub health_checked_at: Option<OffsetDateTime>,
     /// When the credential was first stored.
     pub created_at: OffsetDateTime,
     /// Last change.
@@ -426,6 +428,7 @@ mod tests {
             last_validated_at: None,
             health: HealthStatus::Unknown,
             health_detail: None,
+            health_checked_at: None,
             created_at: now,
             updated_at: now,
         };

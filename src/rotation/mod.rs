@@ -2,5 +2,6 @@
 //! stream's state machine and the overlap retire job.
 
 pub mod hub;
+pub mod listener;
 pub mod retire;
 pub mod watch;

@@ -33,8 +33,14 @@ pub async fn retire_once(broker: &Broker) -> Result<usize, crate::broker::error:
     Ok(n)
 }
 
-/// Retires due overlaps every `every` until cancelled.
-pub async fn task_main(broker: Arc<Broker>, every: Duration, cancel: CancellationToken) {
+/// Retires due overlaps every `every`, and prunes events older than
+/// `retention`, until cancelled.
+pub async fn task_main(
+    broker: Arc<Broker>,
+    every: Duration,
+    retention: time::Duration,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
@@ -49,6 +55,12 @@ pub async fn task_main(broker: Arc<Broker>, every: Duration, cancel: Cancellatio
                     break;
                 }
             }
+        }
+        let before = broker.clock().now() - retention;
+        match broker.metadata().prune_events(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(pruned = n, "pruned events past retention"),
+            Err(e) => tracing::warn!("event pruning failed, retrying next period: {e}"),
         }
     }
 }

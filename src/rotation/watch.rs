@@ -3,7 +3,11 @@
 //! while idle. Runs as its own task feeding a bounded channel; a failed send
 //! means the client left.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::sync::{broadcast::error::RecvError, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +20,78 @@ use crate::broker::{
 
 /// Events read from the table per catch-up query.
 const CATCH_UP_PAGE: u32 = 500;
+
+/// Per-tenant admission for streams: a reconnect herd or one noisy tenant
+/// cannot hold every slot of a replica.
+pub struct StreamSlots {
+    max_per_tenant: usize,
+    open: Mutex<HashMap<TenantId, usize>>,
+}
+
+/// One admitted stream; frees its slot when dropped.
+pub struct StreamSlot {
+    slots: Arc<StreamSlots>,
+    tenant: TenantId,
+}
+
+impl StreamSlots {
+    /// At most `max_per_tenant` concurrent streams per tenant.
+    pub fn new(max_per_tenant: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_tenant,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Admits a stream for `tenant`, or says why not.
+    ///
+    /// # Errors
+    /// `ResourceExhausted`-style message when the tenant holds every slot.
+    pub fn acquire(self: &Arc<Self>, tenant: TenantId) -> Result<StreamSlot, String> {
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(tenant).or_insert(0);
+        if *n >= self.max_per_tenant {
+            return Err(format!(
+                "tenant {tenant} already holds {} WatchRotations streams on this replica (the limit); close one or retry with backoff",
+                self.max_per_tenant
+            ));
+        }
+        *n += 1;
+        Ok(StreamSlot {
+            slots: self.clone(),
+            tenant,
+        })
+    }
+
+    /// Streams open for `tenant`.
+    pub fn open(&self, tenant: TenantId) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&tenant)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self
+            .slots
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.tenant);
+            }
+        }
+    }
+}
 
 /// What a subscription asked for.
 #[derive(Clone, Debug)]
@@ -47,17 +123,37 @@ pub enum WatchItem {
     End(BrokerError),
 }
 
-/// Feeds `tx` until the client leaves or `cancel` fires.
+/// Feeds `tx` until the client leaves or `cancel` fires; `slot` is held
+/// for as long.
 pub async fn run(
     broker: Arc<Broker>,
     sub: Subscription,
     tx: mpsc::Sender<WatchItem>,
     heartbeat: Duration,
     cancel: CancellationToken,
+    slot: StreamSlot,
 ) {
+    let _slot = slot;
     // Subscribe before reading state so nothing committed in between is lost.
     let mut live = broker.hub().subscribe();
     let mut cursor = sub.after_seq;
+    if sub.after_seq > 0 {
+        match broker.metadata().pruned_through().await {
+            Ok(pruned) if sub.after_seq < pruned => {
+                let _ = tx
+                    .send(WatchItem::End(BrokerError::ResumeTooOld {
+                        after_seq: sub.after_seq,
+                    }))
+                    .await;
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let _ = tx.send(WatchItem::End(e.into())).await;
+                return;
+            }
+        }
+    }
     let records = match broker.list(sub.tenant).await {
         Ok(r) => r,
         Err(e) => {
@@ -79,7 +175,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                let _ = tx.send(WatchItem::End(BrokerError::Unavailable { what: "this broker replica (shutting down)" })).await;
+                let _ = tx.send(WatchItem::End(BrokerError::ShuttingDown { resume_after: cursor })).await;
                 return;
             }
             got = tokio::time::timeout(heartbeat, live.recv()) => match got {

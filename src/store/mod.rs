@@ -32,7 +32,11 @@ use crate::{
 
 const RECORD_COLS: &str = "tenant_id, exchange, vault_path, current_version, previous_version, \
     previous_valid_until, status, permissions, api_key_hint, last_validated_at, health_check_status, \
-    health_check_detail, created_at, updated_at";
+    health_check_detail, health_checked_at, created_at, updated_at";
+/// Taken by every transaction right before it appends an event, and held to
+/// commit: events become visible in `seq` order, so a reader that has seen
+/// seq N has seen every event below N.
+const EVENT_ORDER_LOCK: i64 = 0x6372_6564_6272_6b72; // "credbrkr"
 const EVENT_COLS: &str =
     "seq, tenant_id, exchange, kind, version, previous_version, previous_valid_until, occurred_at";
 
@@ -160,6 +164,7 @@ fn row_to_record(row: &Row) -> Result<CredentialRecord, MetadataStoreError> {
         last_validated_at: row.get("last_validated_at"),
         health: HealthStatus::parse(row.get::<_, &str>("health_check_status")),
         health_detail: row.get("health_check_detail"),
+        health_checked_at: row.get("health_checked_at"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
     })
@@ -195,6 +200,9 @@ async fn append_event(
     record: &CredentialRecord,
     kind: EventKind,
 ) -> Result<CredentialEvent, MetadataStoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_ORDER_LOCK])
+        .await
+        .map_err(pg_err)?;
     let version = if kind == EventKind::Deleted {
         0
     } else {
@@ -381,6 +389,7 @@ impl MetadataStore for PgMetadataStore {
                     .query_one(
                         &format!(
                             "UPDATE tenant_credentials SET health_check_status = $3, status = $4, health_check_detail = $5, \
+                             health_checked_at = $7, \
                              permissions = COALESCE($6, permissions), \
                              last_validated_at = CASE WHEN $6::jsonb IS NULL THEN last_validated_at ELSE $7 END, \
                              updated_at = $7 WHERE tenant_id = $1 AND exchange = $2 RETURNING {RECORD_COLS}"
@@ -470,6 +479,39 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 rows.iter().map(row_to_event).collect()
+            })
+        })
+        .await
+    }
+
+    async fn prune_events(&self, before: OffsetDateTime) -> Result<u64, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one(
+                        "WITH gone AS (DELETE FROM credential_events WHERE occurred_at < $1 RETURNING seq), \
+                         marked AS (UPDATE credential_event_retention \
+                             SET pruned_through = GREATEST(pruned_through, (SELECT coalesce(max(seq), 0) FROM gone)) \
+                             RETURNING pruned_through) \
+                         SELECT (SELECT count(*) FROM gone), (SELECT pruned_through FROM marked)",
+                        &[&before],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(to_u64(row.get(0)))
+            })
+        })
+        .await
+    }
+
+    async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one("SELECT pruned_through FROM credential_event_retention", &[])
+                    .await
+                    .map_err(pg_err)?;
+                Ok(to_u64(row.get(0)))
             })
         })
         .await

@@ -6,5 +6,6 @@ mod support;
 
 mod core;
 mod mtls;
+mod replicas;
 mod rotation;
 mod storage;

@@ -268,6 +268,7 @@ impl Env {
                 shutdown_grace_secs: 5,
                 heartbeat_secs: 1,
                 health_probe_secs: 1,
+                max_streams_per_tenant: 64,
             },
             tls: TlsConfig {
                 cert: pki.path("server.pem"),
@@ -309,15 +310,20 @@ impl Env {
 
     /// Starts (or restarts) the broker on the current config.
     pub async fn start_broker(&mut self, clock: Option<Arc<dyn Clock>>) {
+        let running = self.replica(clock).await;
+        self.addr = running.addr;
+        self.running = Some(running);
+    }
+
+    /// Another broker replica on the same OpenBao and PostgreSQL.
+    pub async fn replica(&self, clock: Option<Arc<dyn Clock>>) -> Running {
         let backends = app::real_backends(&self.config).await.unwrap();
         let mut settings = app::settings(&self.config).unwrap();
         if let Some(c) = clock {
             settings.clock = c;
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = app::start(backends, settings, listener).await.unwrap();
-        self.addr = running.addr;
-        self.running = Some(running);
+        app::start(backends, settings, listener).await.unwrap()
     }
 
     pub fn broker(&self) -> &Arc<credbroker::broker::Broker> {
@@ -336,12 +342,22 @@ impl Env {
 
     /// A client presenting a certificate for `spiffe_id` from the test CA.
     pub async fn client_for(&self, spiffe_id: &str) -> CredentialBrokerClient<Channel> {
+        self.client_at(self.addr, spiffe_id).await
+    }
+
+    /// A client of the broker at `addr`, presenting a certificate for
+    /// `spiffe_id` from the test CA.
+    pub async fn client_at(
+        &self,
+        addr: std::net::SocketAddr,
+        spiffe_id: &str,
+    ) -> CredentialBrokerClient<Channel> {
         let pair = self.pki.ca.client(spiffe_id).unwrap();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
             .identity(Identity::from_pem(pair.cert, pair.key))
             .domain_name("localhost");
-        let ch = Channel::from_shared(self.endpoint())
+        let ch = Channel::from_shared(format!("https://localhost:{}", addr.port()))
             .unwrap()
             .tls_config(tls)
             .unwrap()

@@ -1,0 +1,169 @@
+//! The event listener: one per replica, on its own PostgreSQL connection
+//! (NOTIFY only arrives through a `Connection`, never through the pool).
+//!
+//! A notification is only a wake-up: the listener reads every event after the
+//! last seq it delivered from the table, in order, and delivers each (cache
+//! invalidation, then the hub). Notifications sent while it is disconnected
+//! are lost, so after every reconnect it reads the table, and it also polls
+//! on a timer as a backstop. Events become visible in seq order (writers hold
+//! an advisory lock while they append), so "after the last seq" misses none.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::StreamExt as _;
+use rand::Rng as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::{broker::Broker, store::row_to_event};
+
+/// Events read per query.
+const PAGE: i64 = 1000;
+
+/// Listens for committed events from every replica.
+pub struct EventListener {
+    pg: tokio_postgres::Config,
+    broker: Arc<Broker>,
+    poll_every: Duration,
+}
+
+impl EventListener {
+    /// A listener on `pg` delivering into `broker`; the table is re-read
+    /// every `poll_every` even without notifications.
+    pub fn new(mut pg: tokio_postgres::Config, broker: Arc<Broker>, poll_every: Duration) -> Self {
+        pg.application_name("credbroker-listener");
+        Self {
+            pg,
+            broker,
+            poll_every,
+        }
+    }
+
+    /// Runs until cancelled, reconnecting with jittered exponential backoff.
+    /// `ready` fires once the first session listens, with the seq it starts
+    /// after (events up to it are history, served from the table).
+    ///
+    /// # Errors
+    /// Never returns an error: connection failures are retried forever and
+    /// logged.
+    pub async fn task_main(
+        self,
+        ready: oneshot::Sender<u64>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut last: Option<u64> = None;
+        let mut ready = Some(ready);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.session(&mut last, &mut ready, &cancel).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if cancel.is_cancelled() {
+                        return Ok(());
+                    }
+                    tracing::warn!(
+                        after_seq = last.unwrap_or(0),
+                        "event listener lost PostgreSQL ({e:#}); reconnecting"
+                    );
+                    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
+                    tokio::select! {
+                        () = cancel.cancelled() => return Ok(()),
+                        () = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &self,
+        last: &mut Option<u64>,
+        ready: &mut Option<oneshot::Sender<u64>>,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let (client, mut conn) = self.pg.connect(NoTls).await?;
+        let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
+        // The connection task ends when the server goes away; dropping its
+        // sender then ends this session.
+        let conn_task = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(msg) = messages.next().await {
+                match msg {
+                    Ok(AsyncMessage::Notification(_)) => {
+                        let _ = wake_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!("listener connection error: {e}");
+                        break;
+                    }
+                }
+            }
+        });
+        let _abort = AbortOnDrop(conn_task);
+        client
+            .batch_execute("SET ROLE credbroker_system; LISTEN credbroker_events")
+            .await?;
+        if last.is_none() {
+            let row = client
+                .query_one("SELECT coalesce(max(seq), 0) FROM credential_events", &[])
+                .await?;
+            *last = Some(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
+        }
+        if let Some(r) = ready.take() {
+            let _ = r.send(last.unwrap_or(0));
+        }
+        tracing::info!(after_seq = last.unwrap_or(0), "event listener connected");
+        loop {
+            self.drain(&client, last).await?;
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                woke = wake.recv() => {
+                    if woke.is_none() {
+                        anyhow::bail!("connection closed");
+                    }
+                    // One read covers every notification queued so far.
+                    while wake.try_recv().is_ok() {}
+                }
+                () = tokio::time::sleep(self.poll_every) => {}
+            }
+        }
+    }
+
+    /// Delivers every event after `last`, in order.
+    async fn drain(
+        &self,
+        client: &tokio_postgres::Client,
+        last: &mut Option<u64>,
+    ) -> anyhow::Result<()> {
+        loop {
+            let after = i64::try_from(last.unwrap_or(0)).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    "SELECT seq, tenant_id, exchange, kind, version, previous_version, previous_valid_until, occurred_at \
+                     FROM credential_events WHERE seq > $1 ORDER BY seq LIMIT $2",
+                    &[&after, &PAGE],
+                )
+                .await?;
+            let n = rows.len();
+            for row in &rows {
+                let event = row_to_event(row)?;
+                *last = Some(event.seq);
+                self.broker.deliver(event);
+            }
+            if n < PAGE as usize {
+                return Ok(());
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

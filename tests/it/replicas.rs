@@ -1,0 +1,327 @@
+//! Several replicas on one PostgreSQL: events and cache invalidation cross
+//! replicas, a stream resumes on another replica with no gap and no
+//! duplicate, the listener survives losing its connection, retention and
+//! stream limits answer with clear statuses.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use credbroker::api::pb::{self, EventKind, watch_rotations_response::Message};
+use tonic::Code;
+
+use crate::{
+    rotation::next_non_heartbeat,
+    support::{Env, TD, new_tenant, set},
+};
+
+fn rotate(tenant: &str, exchange: &str, n: u32) -> pb::RotateRequest {
+    pb::RotateRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+        credentials: Some(set(
+            &format!("{exchange}Key{n:06}"),
+            &format!("{exchange}Secret{n:06}"),
+        )),
+        overlap_seconds: None,
+    }
+}
+
+fn store(tenant: &str, exchange: &str) -> pb::ValidateAndStoreRequest {
+    pb::ValidateAndStoreRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+        credentials: Some(set(
+            &format!("{exchange}Key000000"),
+            &format!("{exchange}Secret000000"),
+        )),
+    }
+}
+
+fn watch(tenant: &str, after_seq: u64) -> pb::WatchRotationsRequest {
+    pb::WatchRotationsRequest {
+        tenant_id: tenant.into(),
+        exchanges: vec![],
+        after_seq,
+    }
+}
+
+#[tokio::test]
+async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
+    let env = Env::start().await;
+    let b = env.replica(None).await;
+    let tenant = new_tenant();
+    let mut on_a = env.operator().await;
+    let mut on_b = env
+        .client_at(b.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/b"))
+        .await;
+    on_a.validate_and_store(store(&tenant, "binance"))
+        .await
+        .unwrap();
+    // B caches version 1.
+    let get = pb::GetCredentialsRequest {
+        tenant_id: tenant.clone(),
+        exchange: "binance".into(),
+    };
+    assert_eq!(
+        on_b.get_credentials(get.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .version,
+        1
+    );
+    let mut stream = on_b
+        .watch_rotations(watch(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_non_heartbeat(&mut stream).await,
+        Message::State(_)
+    ));
+
+    on_a.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
+        panic!()
+    };
+    assert_eq!((e.kind, e.version), (EventKind::Rotated as i32, 2));
+    // B invalidated its cache before publishing: the next read is version 2.
+    let g = on_b.get_credentials(get).await.unwrap().into_inner();
+    assert_eq!(g.version, 2);
+    assert_eq!(g.current.unwrap().api_secret, "binanceSecret000001");
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
+    let mut env = Env::start().await;
+    let b = env.replica(None).await;
+    let tenant = new_tenant();
+    let mut admin = env
+        .client_at(b.addr, &format!("spiffe://{TD}/operator/admin"))
+        .await;
+    admin
+        .validate_and_store(store(&tenant, "kraken"))
+        .await
+        .unwrap();
+    admin
+        .validate_and_store(store(&tenant, "bybit"))
+        .await
+        .unwrap();
+    let exchange = |n: u32| {
+        if n.is_multiple_of(2) {
+            "kraken"
+        } else {
+            "bybit"
+        }
+    };
+
+    // The pod watches replica A; every write goes through replica B.
+    let mut on_a = env.tenant_client(&tenant).await;
+    let mut stream = on_a
+        .watch_rotations(watch(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        assert!(matches!(
+            next_non_heartbeat(&mut stream).await,
+            Message::State(_)
+        ));
+    }
+    let mut seqs = Vec::new();
+    for n in 1..=5 {
+        admin.rotate(rotate(&tenant, exchange(n), n)).await.unwrap();
+    }
+    while seqs.len() < 5 {
+        let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
+            panic!("event expected")
+        };
+        seqs.push(e.seq);
+    }
+    // Replica A goes away: the stream ends with a status naming the resume point.
+    env.stop_broker().await;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(m)) => assert!(matches!(m.message, Some(Message::Heartbeat(_))), "{m:?}"),
+            Ok(None) => panic!("stream ended without a status"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    let last = *seqs.last().unwrap();
+    assert!(
+        end.message().contains(&format!("after_seq={last}")),
+        "{end:?}"
+    );
+
+    // More rotations while the pod is disconnected.
+    for n in 6..=10 {
+        admin.rotate(rotate(&tenant, exchange(n), n)).await.unwrap();
+    }
+    let mut on_b = env
+        .client_at(b.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/a"))
+        .await;
+    let mut resumed = on_b
+        .watch_rotations(watch(&tenant, last))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..2 {
+        assert!(matches!(
+            next_non_heartbeat(&mut resumed).await,
+            Message::State(_)
+        ));
+    }
+    while seqs.len() < 10 {
+        let Message::Event(e) = next_non_heartbeat(&mut resumed).await else {
+            panic!("event expected")
+        };
+        seqs.push(e.seq);
+    }
+    // Exactly the committed rotations, in order, each once.
+    let committed: Vec<u64> = env
+        .db
+        .connect()
+        .await
+        .query(
+            "SELECT seq FROM credential_events WHERE kind = 'rotated' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap())
+        .collect();
+    assert_eq!(seqs, committed);
+    assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len(), 10);
+    // Nothing more is pending.
+    let extra = tokio::time::timeout(
+        Duration::from_millis(1500),
+        next_non_heartbeat(&mut resumed),
+    )
+    .await;
+    assert!(extra.is_err(), "unexpected extra message: {extra:?}");
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_listener_recovers_after_losing_its_connection() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut c = env.operator().await;
+    c.validate_and_store(store(&tenant, "binance"))
+        .await
+        .unwrap();
+    let mut stream = env
+        .tenant_client(&tenant)
+        .await
+        .watch_rotations(watch(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_non_heartbeat(&mut stream).await,
+        Message::State(_)
+    ));
+    // Cut the listener's connection, as a PostgreSQL restart or a network
+    // blip would, and commit while it is away.
+    let killed: i64 = env
+        .db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'credbroker-listener' AND datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    c.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
+        panic!()
+    };
+    assert_eq!((e.kind, e.version), (EventKind::Rotated as i32, 2));
+}
+
+#[tokio::test]
+async fn resuming_before_retention_asks_for_a_resync() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut c = env.operator().await;
+    c.validate_and_store(store(&tenant, "binance"))
+        .await
+        .unwrap();
+    c.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    // Prune everything (retention passed for all events).
+    let pruned = env
+        .broker()
+        .metadata()
+        .prune_events(time::OffsetDateTime::now_utc() + time::Duration::seconds(1))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    let mut w = env.tenant_client(&tenant).await;
+    let mut s = w
+        .watch_rotations(watch(&tenant, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("silent end"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("resync"), "{err:?}");
+    // A fresh subscription (after_seq = 0) still gets the full state.
+    let mut s = w
+        .watch_rotations(watch(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let Message::State(st) = next_non_heartbeat(&mut s).await else {
+        panic!()
+    };
+    assert_eq!(st.version, 2);
+}
+
+#[tokio::test]
+async fn streams_per_tenant_are_limited() {
+    let mut env = Env::start().await;
+    env.stop_broker().await;
+    env.config.server.max_streams_per_tenant = 2;
+    env.start_broker(None).await;
+    let tenant = new_tenant();
+    let mut w = env.tenant_client(&tenant).await;
+    let s1 = w.watch_rotations(watch(&tenant, 0)).await.unwrap();
+    let s2 = w.watch_rotations(watch(&tenant, 0)).await.unwrap();
+    let e = w.watch_rotations(watch(&tenant, 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    // Another tenant is not affected.
+    let other = new_tenant();
+    env.tenant_client(&other)
+        .await
+        .watch_rotations(watch(&other, 0))
+        .await
+        .unwrap();
+    // Closing a stream frees its slot.
+    drop(s1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match w.watch_rotations(watch(&tenant, 0)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted);
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    drop(s2);
+}
