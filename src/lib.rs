@@ -7,11 +7,13 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod agent;
 pub mod api;
 pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod cache;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;

@@ -28,6 +28,39 @@ enum Cmd {
         #[arg(long, env = "CREDBROKER__POSTGRES__URL", hide_env_values = true)]
         database_url: String,
     },
+    /// Sidecar: keep one file per exchange up to date in a directory.
+    Agent {
+        /// Broker endpoint, e.g. https://credbroker:50051 (repeat for failover).
+        #[arg(long = "endpoint", required = true)]
+        endpoints: Vec<String>,
+        /// CA bundle of the broker's certificate (PEM).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Our client certificate (PEM, SPIFFE ID in its URI SAN).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Our private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// Name to verify in the broker's certificate (default: endpoint host).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// Tenant UUID.
+        #[arg(long)]
+        tenant: String,
+        /// Exchange to watch (repeat; default: all of the tenant's).
+        #[arg(long = "exchange")]
+        exchanges: Vec<String>,
+        /// Directory to write {exchange}.json files into.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Shell command to run after each change.
+        #[arg(long)]
+        on_change: Option<String>,
+        /// Instance name sent with acknowledgements.
+        #[arg(long, env = "HOSTNAME")]
+        instance: Option<String>,
+    },
     /// Run the whole broker in memory with generated certificates.
     Dev {
         /// Listen address.
@@ -82,5 +115,56 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Dev { listen, dir } => credbroker::dev::run(listen, &dir).await,
+        Cmd::Agent {
+            endpoints,
+            ca,
+            cert,
+            key,
+            server_name,
+            tenant,
+            exchanges,
+            dir,
+            on_change,
+            instance,
+        } => {
+            let read = |flag: &str, p: &PathBuf| {
+                std::fs::read(p).map_err(|e| anyhow::anyhow!("--{flag} {}: {e}", p.display()))
+            };
+            let tenant = tenant
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+            let exchanges = exchanges
+                .iter()
+                .map(|e| e.parse())
+                .collect::<Result<Vec<_>, String>>()
+                .map_err(|e| anyhow::anyhow!("--exchange: {e}"))?;
+            let key = String::from_utf8(read("key", &key)?)
+                .map_err(|_| anyhow::anyhow!("--key: not PEM text"))?;
+            let mut client = credbroker::client::ClientConfig::new(
+                endpoints,
+                read("ca", &ca)?,
+                read("cert", &cert)?,
+                key.into(),
+                tenant,
+            );
+            client.domain = server_name;
+            client.exchanges = exchanges;
+            client.instance = instance;
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                credbroker::app::shutdown_signal().await;
+                stop.cancel();
+            });
+            credbroker::agent::run(
+                credbroker::agent::AgentConfig {
+                    client,
+                    dir,
+                    on_change,
+                },
+                cancel,
+            )
+            .await
+        }
     }
 }

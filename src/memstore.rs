@@ -12,8 +12,8 @@ use crate::broker::{
     error::{MetadataStoreError, SecretStoreError},
     ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore},
     types::{
-        CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId,
-        HealthStatus, TenantId,
+        Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
+        ExchangeId, HealthStatus, TenantId,
     },
 };
 
@@ -95,6 +95,7 @@ struct MetaState {
     events: Vec<CredentialEvent>,
     next_seq: u64,
     pruned_through: u64,
+    acks: BTreeMap<(TenantId, ExchangeId, String), Adoption>,
 }
 
 impl MetaState {
@@ -214,6 +215,8 @@ impl MetadataStore for MemoryMetadataStore {
         let Some(record) = st.records.remove(&(tenant, exchange)) else {
             return Ok(None);
         };
+        st.acks
+            .retain(|(t, e, _), _| (*t, *e) != (tenant, exchange));
         Ok(Some(st.append(
             &record,
             EventKind::Deleted,
@@ -289,6 +292,48 @@ impl MetadataStore for MemoryMetadataStore {
             .take(limit as usize)
             .cloned()
             .collect())
+    }
+
+    async fn acknowledge(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        subscriber: &str,
+        version: u64,
+        at: OffsetDateTime,
+    ) -> Result<(), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        if !st.records.contains_key(&(tenant, exchange)) {
+            return Err(MetadataStoreError::NotFound);
+        }
+        let ack = Adoption {
+            subscriber: subscriber.to_owned(),
+            version,
+            acked_at: at,
+        };
+        st.acks
+            .insert((tenant, exchange, subscriber.to_owned()), ack);
+        Ok(())
+    }
+
+    async fn adoption(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Vec<Adoption>, MetadataStoreError> {
+        let st = lock(&self.state);
+        let mut out: Vec<Adoption> = st
+            .acks
+            .iter()
+            .filter(|((t, e, _), _)| (*t, *e) == (tenant, exchange))
+            .map(|(_, a)| a.clone())
+            .collect();
+        out.sort_by(|a, b| {
+            b.acked_at
+                .cmp(&a.acked_at)
+                .then_with(|| a.subscriber.cmp(&b.subscriber))
+        });
+        Ok(out)
     }
 
     async fn prune_events(&self, before: OffsetDateTime) -> Result<u64, MetadataStoreError> {

@@ -8,8 +8,8 @@ use tonic::Status;
 
 use super::{pb, status::bad_field};
 use crate::broker::types::{
-    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind, ExchangeId,
-    MAX_FIELD_LEN, Permissions, TenantId,
+    Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
+    ExchangeId, MAX_FIELD_LEN, Permissions, TenantId,
 };
 
 /// Parses the (tenant_id, exchange) pair every request carries.
@@ -140,7 +140,20 @@ pub fn metadata(r: &CredentialRecord) -> pb::CredentialMetadata {
         created_at: Some(ts(r.created_at)),
         updated_at: Some(ts(r.updated_at)),
         api_key_hint: r.api_key_hint.clone(),
+        adoption: Vec::new(),
     }
+}
+
+/// Adoption on the wire; `on_previous` is judged against `r`.
+pub fn adoption(r: &CredentialRecord, a: &[Adoption]) -> Vec<pb::Adoption> {
+    a.iter()
+        .map(|a| pb::Adoption {
+            subscriber: a.subscriber.clone(),
+            version: a.version,
+            acked_at: Some(ts(a.acked_at)),
+            on_previous: a.version < r.current_version,
+        })
+        .collect()
 }
 
 /// Health on the wire.

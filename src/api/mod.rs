@@ -212,8 +212,48 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
-        let record = self.broker.describe(tenant, exchange).await?;
-        Ok(Response::new(convert::metadata(&record)))
+        let (record, adoption) = self.broker.describe_with_adoption(tenant, exchange).await?;
+        let mut meta = convert::metadata(&record);
+        meta.adoption = convert::adoption(&record, &adoption);
+        Ok(Response::new(meta))
+    }
+
+    async fn acknowledge_version(
+        &self,
+        req: Request<pb::AcknowledgeVersionRequest>,
+    ) -> Result<Response<pb::AcknowledgeVersionResponse>, Status> {
+        let pb::AcknowledgeVersionRequest {
+            tenant_id,
+            exchange,
+            version,
+            instance,
+        } = req.get_ref();
+        let (tenant, exchange) = convert::target(tenant_id, exchange)?;
+        authorize(&req, tenant)?;
+        if *version == 0 {
+            return Err(status::bad_field(
+                "version",
+                "must be a stored version (1 or more)",
+            ));
+        }
+        if instance.len() > 128 || instance.chars().any(|c| c.is_control() || c == '#') {
+            return Err(status::bad_field(
+                "instance",
+                "at most 128 printable characters, no '#'",
+            ));
+        }
+        let caller = req.extensions().get::<Caller>().ok_or_else(|| {
+            Status::unauthenticated("a client certificate with a SPIFFE ID is required")
+        })?;
+        let subscriber = if instance.is_empty() {
+            caller.spiffe_id.clone()
+        } else {
+            format!("{}#{instance}", caller.spiffe_id)
+        };
+        self.broker
+            .acknowledge(tenant, exchange, &subscriber, *version)
+            .await?;
+        Ok(Response::new(pb::AcknowledgeVersionResponse {}))
     }
 
     async fn delete_credentials(

@@ -26,8 +26,8 @@ use ports::{
     CredentialValidator, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
 };
 use types::{
-    CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId, HealthStatus,
-    TenantId,
+    Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId,
+    HealthStatus, TenantId,
 };
 
 /// Tunables of the broker core.
@@ -393,6 +393,51 @@ impl Broker {
             .get(tenant, exchange)
             .await?
             .ok_or_else(|| not_found(tenant, exchange))
+    }
+
+    /// Metadata of one credential with who acknowledged which version.
+    ///
+    /// # Errors
+    /// `NotFound`, `Unavailable`.
+    pub async fn describe_with_adoption(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<(CredentialRecord, Vec<Adoption>), BrokerError> {
+        let record = self.describe(tenant, exchange).await?;
+        let adoption = self.meta.adoption(tenant, exchange).await?;
+        Ok((record, adoption))
+    }
+
+    /// Records that `subscriber` now signs with `version`, which must be the
+    /// current version or the previous one inside its overlap.
+    ///
+    /// # Errors
+    /// `FailedPrecondition` for a version that is not served, `NotFound`.
+    pub async fn acknowledge(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        subscriber: &str,
+        version: u64,
+    ) -> Result<(), BrokerError> {
+        let record = self.describe(tenant, exchange).await?;
+        let now = self.clock.now();
+        let served = version == record.current_version
+            || record.open_previous(now).is_some_and(|(v, _)| v == version);
+        if !served {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "version {version} of {exchange} is not served (current is {}); fetch the current set and acknowledge that",
+                record.current_version
+            )));
+        }
+        self.meta
+            .acknowledge(tenant, exchange, subscriber, version, now)
+            .await
+            .map_err(|e| match e {
+                error::MetadataStoreError::NotFound => not_found(tenant, exchange),
+                other => other.into(),
+            })
     }
 
     /// Metadata of every credential of a tenant.

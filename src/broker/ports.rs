@@ -8,7 +8,7 @@ use time::OffsetDateTime;
 use super::{
     error::{MetadataStoreError, SecretStoreError, ValidationError},
     types::{
-        CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId,
+        Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId,
         HealthStatus, Permissions, TenantId,
     },
 };
@@ -203,6 +203,29 @@ pub trait MetadataStore: Send + Sync + 'static {
         after: u64,
         limit: u32,
     ) -> Result<Vec<CredentialEvent>, MetadataStoreError>;
+
+    /// Records that `subscriber` signs with `version`.
+    ///
+    /// # Errors
+    /// `NotFound` when the credential does not exist.
+    async fn acknowledge(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        subscriber: &str,
+        version: u64,
+        at: OffsetDateTime,
+    ) -> Result<(), MetadataStoreError>;
+
+    /// Every subscriber's acknowledged version, newest first.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn adoption(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Vec<Adoption>, MetadataStoreError>;
 
     /// Deletes events that occurred before `before`, remembering the highest
     /// pruned seq; returns how many were deleted.

@@ -308,6 +308,17 @@ impl CredentialRecord {
     }
 }
 
+/// One subscriber's acknowledged version of a credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Adoption {
+    /// SPIFFE ID, plus `#instance` when the pod named one.
+    pub subscriber: String,
+    /// Version it signs with.
+    pub version: u64,
+    /// When it said so.
+    pub acked_at: OffsetDateTime,
+}
+
 /// Kind of a credential change event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventKind {

@@ -23,7 +23,7 @@ use crate::{
         error::MetadataStoreError,
         ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit},
         types::{
-            CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
+            Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
             HealthStatus, Permissions, TenantId,
         },
     },
@@ -479,6 +479,65 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 rows.iter().map(row_to_event).collect()
+            })
+        })
+        .await
+    }
+
+    async fn acknowledge(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        subscriber: &str,
+        version: u64,
+        at: OffsetDateTime,
+    ) -> Result<(), MetadataStoreError> {
+        let subscriber = subscriber.to_owned();
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "INSERT INTO rotation_acks (tenant_id, exchange, subscriber, version, acked_at) \
+                         SELECT tenant_id, exchange, $3, $4, $5 FROM tenant_credentials \
+                         WHERE tenant_id = $1 AND exchange = $2 \
+                         ON CONFLICT (tenant_id, exchange, subscriber) \
+                         DO UPDATE SET version = EXCLUDED.version, acked_at = EXCLUDED.acked_at",
+                        &[&tenant.as_uuid(), &exchange.as_str(), &subscriber, &to_i64(version), &at],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                if n == 0 {
+                    return Err(MetadataStoreError::NotFound);
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn adoption(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Vec<Adoption>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT subscriber, version, acked_at FROM rotation_acks \
+                         WHERE tenant_id = $1 AND exchange = $2 ORDER BY acked_at DESC, subscriber",
+                        &[&tenant.as_uuid(), &exchange.as_str()],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| Adoption {
+                        subscriber: r.get(0),
+                        version: to_u64(r.get(1)),
+                        acked_at: r.get(2),
+                    })
+                    .collect())
             })
         })
         .await

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod clients;
 mod core;
 mod mtls;
 mod replicas;

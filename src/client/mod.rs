@@ -1,0 +1,500 @@
+//! The Rust client: a [`CredentialHandle`] that always holds the latest
+//! credential sets of a tenant, read lock-free.
+//!
+//! A supervisor task keeps one WatchRotations stream open, rotating through
+//! the configured endpoints; it reconnects with jittered exponential backoff
+//! and resumes from the last sequence it saw, fetches a set only when its
+//! version changed (so reconnects cause no needless reloads), acknowledges
+//! the version it now holds, and keeps the last good value while the broker
+//! is unreachable. Every full-state snapshot on (re)connect is authoritative:
+//! an exchange it leaves out was deleted.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use rand::Rng as _;
+use secrecy::SecretString;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Code, Status,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+
+use crate::{
+    api::pb::{
+        self, EventKind, credential_broker_client::CredentialBrokerClient,
+        watch_rotations_response::Message,
+    },
+    broker::types::{CredentialSet, ExchangeId, TenantId},
+};
+
+/// How to reach the broker and what to watch.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Broker endpoints (`https://host:port`), tried in turn.
+    pub endpoints: Vec<String>,
+    /// CA bundle the broker's certificate chains to (PEM).
+    pub ca_pem: Vec<u8>,
+    /// Our client certificate (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Our private key (PEM).
+    pub key_pem: SecretString,
+    /// Name to verify in the broker's certificate (default: the endpoint host).
+    pub domain: Option<String>,
+    /// Tenant watched.
+    pub tenant: TenantId,
+    /// Exchanges watched; empty means all of the tenant's.
+    pub exchanges: Vec<ExchangeId>,
+    /// Instance name sent with acknowledgements (pod name).
+    pub instance: Option<String>,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Reconnect when no message (not even a heartbeat) arrives this long.
+    pub silence_limit: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults: backoff 100 ms … 30 s, silence limit 45 s (three heartbeats).
+    pub fn new(
+        endpoints: Vec<String>,
+        ca_pem: Vec<u8>,
+        cert_pem: Vec<u8>,
+        key_pem: SecretString,
+        tenant: TenantId,
+    ) -> Self {
+        Self {
+            endpoints,
+            ca_pem,
+            cert_pem,
+            key_pem,
+            domain: None,
+            tenant,
+            exchanges: Vec::new(),
+            instance: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            silence_limit: Duration::from_secs(45),
+        }
+    }
+}
+
+/// The sets of one exchange as last fetched.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    /// Exchange.
+    pub exchange: ExchangeId,
+    /// Version of `current`.
+    pub version: u64,
+    /// The set to sign with.
+    pub current: CredentialSet,
+    /// The previous set, version and deadline while an overlap is open.
+    pub previous: Option<(CredentialSet, u64, OffsetDateTime)>,
+}
+
+/// Everything the handle holds.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Per exchange.
+    pub credentials: BTreeMap<ExchangeId, Arc<Credentials>>,
+    /// Last event sequence seen.
+    pub last_seq: u64,
+}
+
+/// Always the latest credentials; cheap to clone, lock-free to read.
+#[derive(Clone)]
+pub struct CredentialHandle {
+    state: Arc<ArcSwap<Snapshot>>,
+    changes: watch::Receiver<u64>,
+    cancel: CancellationToken,
+}
+
+impl CredentialHandle {
+    /// Starts watching in the background.
+    pub fn start(cfg: ClientConfig) -> Self {
+        let state = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+        let (tx, changes) = watch::channel(0u64);
+        let cancel = CancellationToken::new();
+        let sup = Supervisor {
+            cfg,
+            state: state.clone(),
+            changes: tx,
+            generation: 0,
+        };
+        tokio::spawn(sup.run(cancel.clone()));
+        Self {
+            state,
+            changes,
+            cancel,
+        }
+    }
+
+    /// The current credentials of `exchange`, if any.
+    pub fn get(&self, exchange: ExchangeId) -> Option<Arc<Credentials>> {
+        self.state.load().credentials.get(&exchange).cloned()
+    }
+
+    /// Everything held.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.state.load_full()
+    }
+
+    /// A receiver that changes whenever a set is swapped in or removed; its
+    /// value counts the changes.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+
+    /// Waits until `exchange` is held at `version` or later.
+    ///
+    /// # Errors
+    /// When `timeout` passes first.
+    pub async fn wait_for(
+        &self,
+        exchange: ExchangeId,
+        version: u64,
+        timeout: Duration,
+    ) -> Result<Arc<Credentials>, &'static str> {
+        let mut rx = self.changes();
+        tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(c) = self.get(exchange).filter(|c| c.version >= version) {
+                    return c;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+        .await
+        .map_err(|_| "timed out waiting for the credential version")
+    }
+
+    /// Stops the background task.
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+struct Supervisor {
+    cfg: ClientConfig,
+    state: Arc<ArcSwap<Snapshot>>,
+    changes: watch::Sender<u64>,
+    generation: u64,
+}
+
+/// Why a session ended.
+enum SessionEnd {
+    Cancelled,
+    /// Worth retrying; `progressed` when it delivered anything.
+    Retry {
+        why: String,
+        progressed: bool,
+    },
+}
+
+impl Supervisor {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut backoff = self.cfg.backoff_min;
+        let mut attempt = 0usize;
+        loop {
+            let Some(endpoint) = self
+                .cfg
+                .endpoints
+                .get(attempt % self.cfg.endpoints.len().max(1))
+                .cloned()
+            else {
+                tracing::error!("credbroker client has no endpoints");
+                return;
+            };
+            attempt += 1;
+            match self.session(&endpoint, &cancel).await {
+                SessionEnd::Cancelled => return,
+                SessionEnd::Retry { why, progressed } => {
+                    if progressed {
+                        backoff = self.cfg.backoff_min;
+                    }
+                    // Full jitter: a fleet that lost the same replica does
+                    // not come back in the same millisecond.
+                    let wait = rand::rng().random_range(backoff / 2..=backoff);
+                    tracing::warn!(%endpoint, retry_in_ms = wait.as_millis() as u64, "credbroker stream ended: {why}");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    backoff = (backoff * 2).min(self.cfg.backoff_max);
+                }
+            }
+        }
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<CredentialBrokerClient<Channel>, String> {
+        use secrecy::ExposeSecret as _;
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.cfg.ca_pem))
+            .identity(Identity::from_pem(
+                &self.cfg.cert_pem,
+                self.cfg.key_pem.expose_secret(),
+            ));
+        if let Some(d) = &self.cfg.domain {
+            tls = tls.domain_name(d.clone());
+        }
+        let ch = Channel::from_shared(endpoint.to_owned())
+            .map_err(|e| format!("bad endpoint: {e}"))?
+            .tls_config(tls)
+            .map_err(|e| format!("tls: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        Ok(CredentialBrokerClient::new(ch))
+    }
+
+    async fn session(&mut self, endpoint: &str, cancel: &CancellationToken) -> SessionEnd {
+        let mut client = match self.connect(endpoint).await {
+            Ok(c) => c,
+            Err(why) => {
+                return SessionEnd::Retry {
+                    why,
+                    progressed: false,
+                };
+            }
+        };
+        let after_seq = self.state.load().last_seq;
+        let req = pb::WatchRotationsRequest {
+            tenant_id: self.cfg.tenant.to_string(),
+            exchanges: self
+                .cfg
+                .exchanges
+                .iter()
+                .map(|e| e.as_str().to_owned())
+                .collect(),
+            after_seq,
+        };
+        let mut stream = match client.watch_rotations(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => return self.on_status(s, false),
+        };
+        let mut progressed = false;
+        // Exchanges named by this connection's initial state; None once the
+        // state phase is over.
+        let mut in_state: Option<Vec<ExchangeId>> = Some(Vec::new());
+        loop {
+            let msg = tokio::select! {
+                () = cancel.cancelled() => return SessionEnd::Cancelled,
+                m = tokio::time::timeout(self.cfg.silence_limit, stream.message()) => m,
+            };
+            let msg = match msg {
+                Err(_) => {
+                    return SessionEnd::Retry {
+                        why: format!("no message within {:?}", self.cfg.silence_limit),
+                        progressed,
+                    };
+                }
+                Ok(Err(s)) => return self.on_status(s, progressed),
+                Ok(Ok(None)) => {
+                    return SessionEnd::Retry {
+                        why: "stream closed".into(),
+                        progressed,
+                    };
+                }
+                Ok(Ok(Some(m))) => m,
+            };
+            progressed = true;
+            let Some(message) = msg.message else { continue };
+            if !matches!(message, Message::State(_))
+                && let Some(named) = in_state.take()
+            {
+                self.forget_absent(&named);
+            }
+            match message {
+                Message::State(meta) => {
+                    let Ok(ex) = meta.exchange.parse::<ExchangeId>() else {
+                        continue;
+                    };
+                    if let Some(named) = in_state.as_mut() {
+                        named.push(ex);
+                    }
+                    self.refresh(&mut client, ex, meta.version, false).await;
+                }
+                Message::Event(e) => {
+                    let Ok(ex) = e.exchange.parse::<ExchangeId>() else {
+                        continue;
+                    };
+                    let kind = EventKind::try_from(e.kind).unwrap_or(EventKind::Unspecified);
+                    if kind == EventKind::Deleted {
+                        self.remove(ex);
+                    } else {
+                        // PREVIOUS_EXPIRED keeps the version but drops the
+                        // previous set: refetch even though it is held.
+                        let force = kind == EventKind::PreviousExpired;
+                        self.refresh(&mut client, ex, e.version, force).await;
+                    }
+                    self.set_seq(e.seq);
+                }
+                Message::Heartbeat(h) => self.set_seq(h.seq),
+            }
+        }
+    }
+
+    fn on_status(&mut self, s: Status, progressed: bool) -> SessionEnd {
+        if s.code() == Code::OutOfRange {
+            // Our resume point fell out of retention: start over from full
+            // state (which the next connection sends anyway).
+            self.state.rcu(|st| Snapshot {
+                credentials: st.credentials.clone(),
+                last_seq: 0,
+            });
+        }
+        SessionEnd::Retry {
+            why: format!("{:?}: {}", s.code(), s.message()),
+            progressed,
+        }
+    }
+
+    fn set_seq(&self, seq: u64) {
+        let cur = self.state.load();
+        if seq > cur.last_seq {
+            self.state.rcu(|st| Snapshot {
+                credentials: st.credentials.clone(),
+                last_seq: st.last_seq.max(seq),
+            });
+        }
+    }
+
+    fn bump(&mut self) {
+        self.generation += 1;
+        let _ = self.changes.send(self.generation);
+    }
+
+    fn remove(&mut self, ex: ExchangeId) {
+        if self.state.load().credentials.contains_key(&ex) {
+            self.state.rcu(|st| {
+                let mut c = st.credentials.clone();
+                c.remove(&ex);
+                Snapshot {
+                    credentials: c,
+                    last_seq: st.last_seq,
+                }
+            });
+            self.bump();
+        }
+    }
+
+    fn forget_absent(&mut self, named: &[ExchangeId]) {
+        let held: Vec<ExchangeId> = self.state.load().credentials.keys().copied().collect();
+        for ex in held {
+            let watched = self.cfg.exchanges.is_empty() || self.cfg.exchanges.contains(&ex);
+            if watched && !named.contains(&ex) {
+                self.remove(ex);
+            }
+        }
+    }
+
+    /// Fetches `ex` unless version `version` is already held. A failed fetch
+    /// keeps the last good value.
+    async fn refresh(
+        &mut self,
+        client: &mut CredentialBrokerClient<Channel>,
+        ex: ExchangeId,
+        version: u64,
+        force: bool,
+    ) {
+        // Deduplicate by version: reconnects and replays cause no reload.
+        // (Not `>=`: a credential deleted and stored again restarts at 1.)
+        let held = self.state.load().credentials.get(&ex).map(|c| c.version);
+        if !force && held == Some(version) {
+            return;
+        }
+        let resp = client
+            .get_credentials(pb::GetCredentialsRequest {
+                tenant_id: self.cfg.tenant.to_string(),
+                exchange: ex.as_str().to_owned(),
+            })
+            .await;
+        let resp = match resp {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::NotFound => {
+                self.remove(ex);
+                return;
+            }
+            Err(s) => {
+                tracing::warn!(exchange = %ex, "keeping the last good credentials: fetch failed: {}", s.message());
+                return;
+            }
+        };
+        let Some(creds) = to_credentials(ex, resp) else {
+            tracing::warn!(exchange = %ex, "keeping the last good credentials: the broker sent an incomplete set");
+            return;
+        };
+        let version = creds.version;
+        if !force && held == Some(version) {
+            // A replayed old event: the broker still serves what we hold.
+            return;
+        }
+        let creds = Arc::new(creds);
+        self.state.rcu(|st| {
+            let mut c = st.credentials.clone();
+            c.insert(ex, creds.clone());
+            Snapshot {
+                credentials: c,
+                last_seq: st.last_seq,
+            }
+        });
+        self.bump();
+        let ack = pb::AcknowledgeVersionRequest {
+            tenant_id: self.cfg.tenant.to_string(),
+            exchange: ex.as_str().to_owned(),
+            version,
+            instance: self.cfg.instance.clone().unwrap_or_default(),
+        };
+        if let Err(s) = client.acknowledge_version(ack).await {
+            tracing::debug!(exchange = %ex, "acknowledgement not recorded: {}", s.message());
+        }
+    }
+}
+
+fn to_set(s: pb::CredentialSet) -> CredentialSet {
+    let pb::CredentialSet {
+        api_key,
+        api_secret,
+        passphrase,
+    } = s;
+    CredentialSet {
+        api_key,
+        api_secret: SecretString::from(api_secret),
+        passphrase: passphrase.map(SecretString::from),
+    }
+}
+
+fn to_credentials(exchange: ExchangeId, r: pb::GetCredentialsResponse) -> Option<Credentials> {
+    let pb::GetCredentialsResponse {
+        current,
+        version,
+        status: _,
+        previous,
+        previous_version,
+        previous_valid_until,
+        stale: _,
+    } = r;
+    let current = to_set(current?);
+    if current.api_key.is_empty() || version == 0 {
+        return None;
+    }
+    let previous = match (previous, previous_version, previous_valid_until) {
+        (Some(p), Some(v), Some(t)) => {
+            let until = OffsetDateTime::from_unix_timestamp(t.seconds).ok()?;
+            Some((to_set(p), v, until))
+        }
+        _ => None,
+    };
+    Some(Credentials {
+        exchange,
+        version,
+        current,
+        previous,
+    })
+}

@@ -1,0 +1,264 @@
+//! The Rust client handle and the sidecar agent against real replicas.
+
+use std::{os::unix::fs::PermissionsExt as _, time::Duration};
+
+use credbroker::{
+    agent::{self, AgentConfig},
+    api::pb,
+    broker::types::ExchangeId,
+    client::{ClientConfig, CredentialHandle},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::support::{Env, TD, new_tenant, set};
+
+fn client_config(env: &Env, endpoints: Vec<String>, tenant: &str) -> ClientConfig {
+    let pair = env
+        .pki
+        .ca
+        .client(&format!("spiffe://{TD}/tenant/{tenant}/pod/trader"))
+        .unwrap();
+    let mut cfg = ClientConfig::new(
+        endpoints,
+        env.pki.ca.ca_pem().into_bytes(),
+        pair.cert.into_bytes(),
+        pair.key.into(),
+        tenant.parse().unwrap(),
+    );
+    cfg.domain = Some("localhost".into());
+    cfg.instance = Some("trader-0".into());
+    cfg.backoff_min = Duration::from_millis(50);
+    cfg.backoff_max = Duration::from_millis(500);
+    cfg.silence_limit = Duration::from_secs(3);
+    cfg
+}
+
+fn rotate(tenant: &str, exchange: &str, n: u32) -> pb::RotateRequest {
+    pb::RotateRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+        credentials: Some(set(
+            &format!("{exchange}Key{n:06}"),
+            &format!("{exchange}Secret{n:06}"),
+        )),
+        overlap_seconds: None,
+    }
+}
+
+#[tokio::test]
+async fn the_handle_follows_rotations_fails_over_dedupes_and_keeps_the_last_good_value() {
+    let mut env = Env::start().await;
+    let b = env.replica(None).await;
+    let tenant = new_tenant();
+    let mut admin = env
+        .client_at(b.addr, &format!("spiffe://{TD}/operator/admin"))
+        .await;
+    admin
+        .validate_and_store(pb::ValidateAndStoreRequest {
+            tenant_id: tenant.clone(),
+            exchange: "binance".into(),
+            credentials: Some(set("binanceKey000000", "binanceSecret000000")),
+        })
+        .await
+        .unwrap();
+    let endpoints = vec![
+        env.endpoint(),
+        format!("https://localhost:{}", b.addr.port()),
+    ];
+    let handle = CredentialHandle::start(client_config(&env, endpoints, &tenant));
+    let wait = Duration::from_secs(15);
+    let v1 = handle.wait_for(ExchangeId::Binance, 1, wait).await.unwrap();
+    assert_eq!(v1.current.api_key, "binanceKey000000");
+
+    admin.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    let v2 = handle.wait_for(ExchangeId::Binance, 2, wait).await.unwrap();
+    assert_eq!(v2.current.api_key, "binanceKey000001");
+    let (prev, prev_version, _) = v2.previous.as_ref().unwrap();
+    assert_eq!(
+        (prev.api_key.as_str(), *prev_version),
+        ("binanceKey000000", 1)
+    );
+
+    // The replica the handle is connected to goes away; it fails over to the
+    // other endpoint and resumes there.
+    env.stop_broker().await;
+    admin.rotate(rotate(&tenant, "binance", 2)).await.unwrap();
+    let v3 = handle.wait_for(ExchangeId::Binance, 3, wait).await.unwrap();
+    assert_eq!(v3.current.api_key, "binanceKey000002");
+    // One swap per distinct version: the reconnect's full state did not
+    // cause a reload.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*handle.changes().borrow(), 3);
+
+    // The pod acknowledged what it holds.
+    let meta = admin
+        .describe_credential(pb::DescribeCredentialRequest {
+            tenant_id: tenant.clone(),
+            exchange: "binance".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ack = meta
+        .adoption
+        .iter()
+        .find(|a| a.subscriber.ends_with("#trader-0"))
+        .expect("acknowledged");
+    assert_eq!((ack.version, ack.on_previous), (3, false));
+    assert!(
+        ack.subscriber
+            .starts_with(&format!("spiffe://{TD}/tenant/{tenant}/"))
+    );
+
+    // With every replica gone the handle keeps serving the last good value.
+    b.stop().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(handle.get(ExchangeId::Binance).unwrap().version, 3);
+    handle.stop();
+}
+
+#[tokio::test]
+async fn acknowledging_a_version_that_is_not_served_is_refused() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut c = env.tenant_client(&tenant).await;
+    let mut op = env.operator().await;
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "kraken".into(),
+        credentials: Some(set("krakenKey000000", "krakenSecret000000")),
+    })
+    .await
+    .unwrap();
+    op.rotate(rotate(&tenant, "kraken", 1)).await.unwrap();
+    let ack = |version| pb::AcknowledgeVersionRequest {
+        tenant_id: tenant.clone(),
+        exchange: "kraken".into(),
+        version,
+        instance: "pod-1".into(),
+    };
+    // Previous (inside its overlap) and current are fine.
+    c.acknowledge_version(ack(1)).await.unwrap();
+    let meta = op
+        .describe_credential(pb::DescribeCredentialRequest {
+            tenant_id: tenant.clone(),
+            exchange: "kraken".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.adoption.len(), 1);
+    assert!(
+        meta.adoption[0].on_previous,
+        "pod-1 still signs with the previous key"
+    );
+    c.acknowledge_version(ack(2)).await.unwrap();
+    let e = c.acknowledge_version(ack(7)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    let e = c.acknowledge_version(ack(0)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_agent_writes_each_set_atomically_and_runs_the_hook() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut op = env.operator().await;
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "kraken".into(),
+        credentials: Some(set("krakenKey000000", "krakenSecret000000")),
+    })
+    .await
+    .unwrap();
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "okx".into(),
+        credentials: Some(pb::CredentialSet {
+            api_key: "okxKey000000".into(),
+            api_secret: "okxSecret000000".into(),
+            passphrase: Some("okx-pass".into()),
+        }),
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("creds");
+    let hook_log = dir.path().join("hook.log");
+    let cancel = CancellationToken::new();
+    let cfg = AgentConfig {
+        client: client_config(&env, vec![env.endpoint()], &tenant),
+        dir: out.clone(),
+        on_change: Some(format!(
+            "echo \"$CREDBROKER_EXCHANGE $CREDBROKER_VERSION\" >> {}",
+            hook_log.display()
+        )),
+    };
+    let task = tokio::spawn(agent::run(cfg, cancel.clone()));
+
+    let kraken = out.join("kraken.json");
+    let okx = out.join("okx.json");
+    wait_until("both files", || kraken.exists() && okx.exists()).await;
+    let k = agent::read_file(&kraken).unwrap();
+    assert_eq!(
+        (k["version"].as_u64(), k["api_secret"].as_str()),
+        (Some(1), Some("krakenSecret000000"))
+    );
+    assert_eq!(agent::read_file(&okx).unwrap()["passphrase"], "okx-pass");
+    let mode = std::fs::metadata(&kraken).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    op.rotate(rotate(&tenant, "kraken", 1)).await.unwrap();
+    wait_until("kraken v2", || {
+        agent::read_file(&kraken).is_ok_and(|v| v["version"] == 2)
+    })
+    .await;
+    let k = agent::read_file(&kraken).unwrap();
+    assert_eq!(k["api_key"], "krakenKey000001");
+    assert_eq!(
+        (
+            k["previous"]["version"].as_u64(),
+            k["previous"]["api_key"].as_str()
+        ),
+        (Some(1), Some("krakenKey000000"))
+    );
+
+    op.delete_credentials(pb::DeleteCredentialsRequest {
+        tenant_id: tenant.clone(),
+        exchange: "okx".into(),
+    })
+    .await
+    .unwrap();
+    wait_until("okx file removed", || !okx.exists()).await;
+    // No temp files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty());
+    wait_until("hook runs", || {
+        std::fs::read_to_string(&hook_log).is_ok_and(|l| l.contains("okx 0"))
+    })
+    .await;
+    let log = std::fs::read_to_string(&hook_log).unwrap();
+    for line in ["kraken 1", "okx 1", "kraken 2", "okx 0"] {
+        assert!(
+            log.lines().any(|l| l == line),
+            "{line} missing from hook log:\n{log}"
+        );
+    }
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+}
