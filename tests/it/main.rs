@@ -6,6 +6,7 @@ mod support;
 
 mod clients;
 mod core;
+mod examples;
 mod mtls;
 mod replicas;
 mod rotation;

@@ -308,53 +308,14 @@ async fn approle_login_works_end_to_end() {
 
 #[tokio::test]
 async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
-    crate::support::init();
-    let dir = tempfile::tempdir().unwrap();
-    let port = crate::support::free_port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    // Wait for the printed banner, which names the grpcurl commands.
-    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    let mut banner = String::new();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        use tokio::io::AsyncBufReadExt as _;
-        while !banner.contains("Watch changes") {
-            if stdout.read_line(&mut banner).await.unwrap() == 0 {
-                break;
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let mut dev = crate::support::DevBroker::spawn().await;
+    let port = dev.port;
     assert!(
-        banner.contains(&format!("localhost:{port}")) && banner.contains("client.key"),
-        "{banner}"
+        dev.banner.contains(&format!("localhost:{port}")) && dev.banner.contains("client.key"),
+        "{}",
+        dev.banner
     );
-
-    let d = dir.path();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(
-            std::fs::read(d.join("ca.pem")).unwrap(),
-        ))
-        .identity(tonic::transport::Identity::from_pem(
-            std::fs::read(d.join("client.pem")).unwrap(),
-            std::fs::read(d.join("client.key")).unwrap(),
-        ))
-        .domain_name("localhost");
-    let ch = tonic::transport::Channel::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(ch);
+    let mut c = dev.operator().await;
     let tenant = new_tenant();
     c.validate_and_store(pb::ValidateAndStoreRequest {
         tenant_id: tenant.clone(),
@@ -375,7 +336,7 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
     let first = crate::rotation::next_non_heartbeat(&mut stream).await;
     assert!(matches!(first, Message::State(_)));
 
-    let pid = child.id().unwrap();
+    let pid = dev.child.id().unwrap();
     assert!(
         std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
@@ -395,7 +356,7 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
     .unwrap();
     let status = end.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait())
+    let exit = tokio::time::timeout(Duration::from_secs(10), dev.child.wait())
         .await
         .unwrap()
         .unwrap();

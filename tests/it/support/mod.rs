@@ -416,3 +416,66 @@ pub fn set(key: &str, secret: &str) -> credbroker::api::pb::CredentialSet {
 pub fn new_tenant() -> String {
     Uuid::new_v4().to_string()
 }
+
+/// `credbroker dev` as a child process (the binary the README starts).
+pub struct DevBroker {
+    pub child: tokio::process::Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub banner: String,
+}
+
+impl DevBroker {
+    pub async fn spawn() -> DevBroker {
+        use tokio::io::AsyncBufReadExt as _;
+        init();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+            .arg(dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !banner.contains("Watch changes") {
+                if stdout.read_line(&mut banner).await.unwrap() == 0 {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("dev broker did not print its banner");
+        DevBroker {
+            child,
+            dir,
+            port,
+            banner,
+        }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A client using the operator certificate `dev` wrote.
+    pub async fn operator(&self) -> CredentialBrokerClient<Channel> {
+        let read = |f: &str| std::fs::read(self.file(f)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")))
+            .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+            .domain_name("localhost");
+        let ch = Channel::from_shared(format!("https://localhost:{}", self.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        CredentialBrokerClient::new(ch)
+    }
+}
