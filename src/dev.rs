@@ -63,7 +63,11 @@ pub fn grpcurl_examples(dir: &Path, addr: SocketAddr) -> String {
 ///
 /// # Errors
 /// When the address cannot be bound or the server fails.
-pub async fn run(listen: SocketAddr, dir: &Path) -> anyhow::Result<()> {
+pub async fn run(
+    listen: SocketAddr,
+    dir: &Path,
+    max_streams_per_tenant: usize,
+) -> anyhow::Result<()> {
     let tls = write_dev_pki(dir)?;
     let listener = TcpListener::bind(listen)
         .await
@@ -84,7 +88,7 @@ pub async fn run(listen: SocketAddr, dir: &Path) -> anyhow::Result<()> {
         path_prefix: "tenants".into(),
         heartbeat: Duration::from_secs(15),
         health_probe: Duration::from_secs(5),
-        max_streams_per_tenant: 256,
+        max_streams_per_tenant: max_streams_per_tenant.max(1),
         grace: Duration::from_secs(5),
         clock: Arc::new(SystemClock),
     };

@@ -69,6 +69,9 @@ enum Cmd {
         /// Directory for the generated CA and certificates.
         #[arg(long, default_value = "./.credbroker-dev")]
         dir: PathBuf,
+        /// Concurrent WatchRotations streams per tenant.
+        #[arg(long, default_value_t = 256)]
+        max_streams_per_tenant: usize,
     },
 }
 
@@ -114,7 +117,11 @@ async fn main() -> anyhow::Result<()> {
             println!("applied {n} migration(s)");
             Ok(())
         }
-        Cmd::Dev { listen, dir } => credbroker::dev::run(listen, &dir).await,
+        Cmd::Dev {
+            listen,
+            dir,
+            max_streams_per_tenant,
+        } => credbroker::dev::run(listen, &dir, max_streams_per_tenant).await,
         Cmd::Agent {
             endpoints,
             ca,

@@ -142,11 +142,27 @@ impl MetadataStore for MemoryMetadataStore {
     }
 
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
-        Ok(lock(&self.state)
+        Ok(self.snapshot(tenant).await?.0)
+    }
+
+    async fn snapshot(
+        &self,
+        tenant: TenantId,
+    ) -> Result<(Vec<CredentialRecord>, u64), MetadataStoreError> {
+        let st = lock(&self.state);
+        let seq = st
+            .events
+            .iter()
+            .filter(|e| e.tenant == tenant)
+            .map(|e| e.seq)
+            .max()
+            .unwrap_or(0);
+        let records = st
             .records
             .range((tenant, ExchangeId::Binance)..=(tenant, ExchangeId::Kucoin))
             .map(|(_, r)| r.clone())
-            .collect())
+            .collect();
+        Ok((records, seq))
     }
 
     async fn insert(

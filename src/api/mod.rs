@@ -180,7 +180,7 @@ impl CredentialBroker for BrokerService {
                     seq,
                     sent_at: Some(convert::ts(time::OffsetDateTime::now_utc())),
                 }),
-                WatchItem::End(e) => return Err(Status::from(e)),
+                WatchItem::End(e) => return Err(Status::from(*e)),
             };
             Ok(pb::WatchRotationsResponse {
                 message: Some(message),

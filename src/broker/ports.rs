@@ -142,6 +142,16 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Unavailable when the store cannot be reached.
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError>;
 
+    /// Every record of a tenant with the highest event seq they reflect:
+    /// the starting point of a watch stream.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn snapshot(
+        &self,
+        tenant: TenantId,
+    ) -> Result<(Vec<CredentialRecord>, u64), MetadataStoreError>;
+
     /// Inserts a new record with its STORED event.
     ///
     /// # Errors

@@ -112,15 +112,18 @@ impl Subscription {
 
 /// One message of the stream, before it is put on the wire.
 #[derive(Debug)]
+///
+/// Kept pointer-sized: each stream's channel allocates its slots up front, so
+/// the item size is paid by every idle subscriber.
 pub enum WatchItem {
     /// Current state of one credential.
-    State(CredentialRecord),
-    /// A change.
-    Event(CredentialEvent),
+    State(Box<CredentialRecord>),
+    /// A change, shared with every other subscriber.
+    Event(Arc<CredentialEvent>),
     /// Idle tick carrying the last sequence delivered.
     Heartbeat(u64),
     /// The stream ends with this error (resumable where it says so).
-    End(BrokerError),
+    End(Box<BrokerError>),
 }
 
 /// Feeds `tx` until the client leaves or `cancel` fires; `slot` is held
@@ -141,23 +144,30 @@ pub async fn run(
         match broker.metadata().pruned_through().await {
             Ok(pruned) if sub.after_seq < pruned => {
                 let _ = tx
-                    .send(WatchItem::End(BrokerError::ResumeTooOld {
+                    .send(WatchItem::End(Box::new(BrokerError::ResumeTooOld {
                         after_seq: sub.after_seq,
-                    }))
+                    })))
                     .await;
                 return;
             }
             Ok(_) => {}
             Err(e) => {
-                let _ = tx.send(WatchItem::End(e.into())).await;
+                let _ = tx.send(WatchItem::End(Box::new(e.into()))).await;
                 return;
             }
         }
     }
-    let records = match broker.list(sub.tenant).await {
-        Ok(r) => r,
+    let records = match broker.metadata().snapshot(sub.tenant).await {
+        Ok((records, seq)) => {
+            // A fresh subscription starts at the state: older events are
+            // already reflected in it. A resuming one asked for its replay.
+            if sub.after_seq == 0 {
+                cursor = seq;
+            }
+            records
+        }
         Err(e) => {
-            let _ = tx.send(WatchItem::End(e)).await;
+            let _ = tx.send(WatchItem::End(Box::new(e.into()))).await;
             return;
         }
     };
@@ -165,7 +175,7 @@ pub async fn run(
         .into_iter()
         .filter(|r| sub.wants(r.tenant, r.exchange))
     {
-        if tx.send(WatchItem::State(r)).await.is_err() {
+        if tx.send(WatchItem::State(Box::new(r))).await.is_err() {
             return;
         }
     }
@@ -175,7 +185,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = cancel.cancelled() => {
-                let _ = tx.send(WatchItem::End(BrokerError::ShuttingDown { resume_after: cursor })).await;
+                let _ = tx.send(WatchItem::End(Box::new(BrokerError::ShuttingDown { resume_after: cursor }))).await;
                 return;
             }
             got = tokio::time::timeout(heartbeat, live.recv()) => match got {
@@ -189,7 +199,7 @@ pub async fn run(
                         continue;
                     }
                     cursor = event.seq;
-                    if tx.send(WatchItem::Event((*event).clone())).await.is_err() {
+                    if tx.send(WatchItem::Event(event)).await.is_err() {
                         return;
                     }
                 }
@@ -221,14 +231,16 @@ async fn catch_up(
         {
             Ok(p) => p,
             Err(e) => {
-                let _ = tx.send(WatchItem::End(e.into())).await;
+                let _ = tx.send(WatchItem::End(Box::new(e.into()))).await;
                 return false;
             }
         };
         let full = page.len() == CATCH_UP_PAGE as usize;
         for e in page {
             *cursor = e.seq;
-            if sub.wants(e.tenant, e.exchange) && tx.send(WatchItem::Event(e)).await.is_err() {
+            if sub.wants(e.tenant, e.exchange)
+                && tx.send(WatchItem::Event(Arc::new(e))).await.is_err()
+            {
                 return false;
             }
         }

@@ -246,6 +246,20 @@ async fn select_record(
         .transpose()
 }
 
+async fn select_all(
+    tx: &Transaction<'_>,
+    tenant: TenantId,
+) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
+    let rows = tx
+        .query(
+            &format!("SELECT {RECORD_COLS} FROM tenant_credentials WHERE tenant_id = $1 ORDER BY exchange"),
+            &[&tenant.as_uuid()],
+        )
+        .await
+        .map_err(pg_err)?;
+    rows.iter().map(row_to_record).collect()
+}
+
 #[async_trait]
 impl MetadataStore for PgMetadataStore {
     async fn get(
@@ -260,16 +274,28 @@ impl MetadataStore for PgMetadataStore {
     }
 
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| Box::pin(select_all(tx, tenant)))
+            .await
+    }
+
+    async fn snapshot(
+        &self,
+        tenant: TenantId,
+    ) -> Result<(Vec<CredentialRecord>, u64), MetadataStoreError> {
         self.in_tx(Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
-                let rows = tx
-                    .query(
-                        &format!("SELECT {RECORD_COLS} FROM tenant_credentials WHERE tenant_id = $1 ORDER BY exchange"),
+                // The cursor first: rows read after it can only be newer, so
+                // events above the cursor may repeat what the rows show but
+                // none can be missing from both.
+                let seq: i64 = tx
+                    .query_one(
+                        "SELECT coalesce(max(seq), 0) FROM credential_events WHERE tenant_id = $1",
                         &[&tenant.as_uuid()],
                     )
                     .await
-                    .map_err(pg_err)?;
-                rows.iter().map(row_to_record).collect()
+                    .map_err(pg_err)?
+                    .get(0);
+                Ok((select_all(tx, tenant).await?, to_u64(seq)))
             })
         })
         .await

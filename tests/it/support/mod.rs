@@ -39,12 +39,29 @@ pub fn init() {
         .try_init();
 }
 
-pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A port P such that P and P+1 are free (OpenBao dev servers also bind a
+/// cluster listener on P+1). Ports come from below the kernel's ephemeral
+/// range, handed out once per process, so neither the kernel (bind to port
+/// 0) nor a parallel test can hand out the same one between the check here
+/// and the server's own bind.
+pub fn free_port_pair() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 4_000) as u16 * 2,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let p = NEXT.fetch_add(2, Ordering::SeqCst);
+        assert!(p < 32_000, "ran out of test ports");
+        if StdListener::bind(("127.0.0.1", p)).is_ok()
+            && StdListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return p;
+        }
+    }
 }
 
 /// An OpenBao dev server, killed on drop.
@@ -58,7 +75,7 @@ pub struct Bao {
 impl Bao {
     pub async fn start() -> Bao {
         let bin = std::env::var("BAO_BIN").unwrap_or_else(|_| "bao".into());
-        let port = free_port();
+        let port = free_port_pair();
         let token = format!("root-{}", Uuid::new_v4());
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
@@ -423,6 +440,9 @@ pub struct DevBroker {
     pub dir: tempfile::TempDir,
     pub port: u16,
     pub banner: String,
+    /// Everything the process printed after its banner (kept draining so
+    /// the pipe never closes under it).
+    pub output: Arc<std::sync::Mutex<String>>,
 }
 
 impl DevBroker {
@@ -430,12 +450,13 @@ impl DevBroker {
         use tokio::io::AsyncBufReadExt as _;
         init();
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        // Port 0: the broker binds a free port itself and names it in its
+        // banner.
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-            .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--dir"])
+            .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
             .arg(dir.path())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -450,11 +471,31 @@ impl DevBroker {
         })
         .await
         .expect("dev broker did not print its banner");
+        assert!(
+            banner.contains("Watch changes"),
+            "dev broker exited early:\n{banner}"
+        );
+        let port = banner
+            .split("listening on 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in the banner:\n{banner}"));
+        let output = Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = output.clone();
+        tokio::spawn(async move {
+            let mut line = String::new();
+            while stdout.read_line(&mut line).await.unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
         DevBroker {
             child,
             dir,
             port,
             banner,
+            output,
         }
     }
 
@@ -475,7 +516,13 @@ impl DevBroker {
             .unwrap()
             .connect()
             .await
-            .unwrap();
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot reach the dev broker: {e:?}\nbanner:\n{}\nlater output:\n{}",
+                    self.banner,
+                    self.output.lock().unwrap()
+                )
+            });
         CredentialBrokerClient::new(ch)
     }
 }

@@ -1,0 +1,236 @@
+//! Fan-out benchmark: how fast a rotation reaches N concurrent
+//! WatchRotations subscribers on one broker, and what an idle subscriber
+//! costs the broker in memory.
+//!
+//! Runs `credbroker dev` (the release binary when built with `--release`) as
+//! a separate process, so its resident memory can be read from /proc and the
+//! clients' work is not counted. Subscribers share HTTP/2 connections (100
+//! streams each) like sidecars behind a few pods would.
+//!
+//! `cargo bench --bench fanout` (set `FANOUT_SUBSCRIBERS=1000,10000` and
+//! `FANOUT_ROTATIONS=5` to change the defaults).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use credbroker::api::pb::{
+    self, credential_broker_client::CredentialBrokerClient, watch_rotations_response::Message,
+};
+use tokio::{io::AsyncBufReadExt as _, sync::mpsc};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const STREAMS_PER_CONNECTION: usize = 100;
+const TENANT: &str = "00000000-0000-0000-0000-00000000fa11";
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+async fn channel(dir: &std::path::Path, port: u16) -> Channel {
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+struct Result {
+    subscribers: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+    bytes_per_subscriber: u64,
+}
+
+async fn run(n: usize, rotations: usize) -> Result {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--max-streams-per-tenant",
+        ])
+        .arg((n + 16).to_string())
+        .arg("--dir")
+        .arg(dir.path())
+        .env("CREDBROKER_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Watch changes") {
+        assert!(
+            out.read_line(&mut banner).await.unwrap() > 0,
+            "dev broker exited"
+        );
+    }
+    let mut op = CredentialBrokerClient::new(channel(dir.path(), port).await);
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: TENANT.into(),
+        exchange: "binance".into(),
+        credentials: Some(pb::CredentialSet {
+            api_key: "benchKey00000000".into(),
+            api_secret: "benchSecret00000000".into(),
+            passphrase: None,
+        }),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = rss_kib(pid);
+
+    // n subscribers; each reports (rotation version, receipt time).
+    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(n);
+    let (got_tx, mut got_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
+    let mut channels = Vec::new();
+    for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
+        channels.push(channel(dir.path(), port).await);
+    }
+    for i in 0..n {
+        let mut c = CredentialBrokerClient::new(channels[i / STREAMS_PER_CONNECTION].clone());
+        let (ready, got) = (ready_tx.clone(), got_tx.clone());
+        tokio::spawn(async move {
+            let mut s = c
+                .watch_rotations(pb::WatchRotationsRequest {
+                    tenant_id: TENANT.into(),
+                    exchanges: vec![],
+                    after_seq: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Ok(Some(m)) = s.message().await {
+                match m.message {
+                    Some(Message::State(_)) => {
+                        let _ = ready.send(()).await;
+                    }
+                    Some(Message::Event(e)) => {
+                        let _ = got.send((e.version, Instant::now()));
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        ready_rx.recv().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_kib(pid);
+
+    let mut latencies = Vec::with_capacity(n * rotations);
+    for r in 0..rotations {
+        let version = r as u64 + 2;
+        let sent = Instant::now();
+        op.rotate(pb::RotateRequest {
+            tenant_id: TENANT.into(),
+            exchange: "binance".into(),
+            credentials: Some(pb::CredentialSet {
+                api_key: format!("benchKey{version:08}"),
+                api_secret: format!("benchSecret{version:08}"),
+                passphrase: None,
+            }),
+            overlap_seconds: None,
+        })
+        .await
+        .unwrap();
+        let mut received = 0;
+        while received < n {
+            let (v, at) = tokio::time::timeout(Duration::from_secs(60), got_rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if v == version {
+                latencies.push(at - sent);
+                received += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill().await;
+    latencies.sort();
+    Result {
+        subscribers: n,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        max: *latencies.last().unwrap(),
+        bytes_per_subscriber: (rss_idle.saturating_sub(rss_before) * 1024) / n as u64,
+    }
+}
+
+fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing
+    // and expects a quick smoke run.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let counts: Vec<usize> = std::env::var("FANOUT_SUBSCRIBERS")
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().parse().unwrap()).collect())
+        .unwrap_or_else(|| if quick { vec![50] } else { vec![1_000, 10_000] });
+    let rotations: usize = std::env::var("FANOUT_ROTATIONS")
+        .ok()
+        .map(|v| v.parse().unwrap())
+        .unwrap_or(if quick { 1 } else { 5 });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let results: Vec<Result> = counts
+        .iter()
+        .map(|&n| rt.block_on(run(n, rotations)))
+        .collect();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!(
+        "fan-out, Rotate sent → ROTATED event received ({rotations} rotations, {profile} build)"
+    );
+    println!(
+        "{:>12} {:>10} {:>10} {:>10} {:>18}",
+        "subscribers", "p50", "p99", "max", "RSS/idle stream"
+    );
+    for r in &results {
+        println!(
+            "{:>12} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>14} B",
+            r.subscribers,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3,
+            r.max.as_secs_f64() * 1e3,
+            r.bytes_per_subscriber
+        );
+    }
+}
