@@ -77,7 +77,29 @@ pub struct Running {
     /// The broker core (tests drive jobs through it).
     pub broker: Arc<Broker>,
     shutdown: CancellationToken,
-    tasks: JoinSet<anyhow::Result<()>>,
+    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+}
+
+/// Spawns a long-running task under `name`. A task that returns before
+/// shutdown was requested counts as a failure: every job here is meant to
+/// run for the life of the process.
+fn spawn_task<F>(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    name: &'static str,
+    shutdown: &CancellationToken,
+    fut: F,
+) where
+    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let shutdown = shutdown.clone();
+    tasks.spawn(async move {
+        let res = fut.await;
+        let res = match res {
+            Ok(()) if !shutdown.is_cancelled() => Err(anyhow::anyhow!("stopped unexpectedly")),
+            other => other,
+        };
+        (name, res)
+    });
 }
 
 impl Running {
@@ -94,14 +116,14 @@ impl Running {
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first_err = None;
         while let Some(done) = self.tasks.join_next().await {
-            let res = done.map_err(anyhow::Error::from).and_then(|r| r);
+            let (name, res) = match done {
+                Ok((name, res)) => (name, res),
+                Err(e) => ("a task", Err(anyhow::Error::from(e))),
+            };
             if let Err(e) = res {
-                tracing::error!("task failed: {e:#}");
+                tracing::error!(task = name, "task failed, shutting down: {e:#}");
                 self.shutdown.cancel();
-                first_err.get_or_insert(e);
-            } else {
-                // The server returning means shutdown; stop the jobs too.
-                self.shutdown.cancel();
+                first_err.get_or_insert(e.context(name));
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -207,7 +229,7 @@ pub async fn start(
             shutdown.clone(),
             s.health_probe,
         );
-        tasks.spawn(async move {
+        spawn_task(&mut tasks, "health probe", &shutdown, async move {
             health_probe(secrets, meta, reporter, every, cancel).await;
             Ok(())
         });
@@ -216,7 +238,7 @@ pub async fn start(
         let (b, cancel) = (broker.clone(), shutdown.clone());
         let every = Duration::from_secs(s.rotation.retire_interval_secs.max(1));
         let retention = secs(s.rotation.event_retention_secs);
-        tasks.spawn(async move {
+        spawn_task(&mut tasks, "overlap retire job", &shutdown, async move {
             retire::task_main(b, every, retention, cancel).await;
             Ok(())
         });
@@ -225,7 +247,12 @@ pub async fn start(
         let every = Duration::from_secs(s.rotation.event_poll_secs.max(1));
         let listener = EventListener::new(*pg, broker.clone(), every);
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tasks.spawn(listener.task_main(ready_tx, shutdown.clone()));
+        spawn_task(
+            &mut tasks,
+            "event listener",
+            &shutdown,
+            listener.task_main(ready_tx, shutdown.clone()),
+        );
         // Serve only once the listener runs: a stream opened before would
         // miss events committed in between.
         let after = tokio::time::timeout(Duration::from_secs(30), ready_rx)
@@ -236,9 +263,9 @@ pub async fn start(
             .map_err(|_| anyhow::anyhow!("event listener stopped before it started"))?;
         tracing::debug!(after_seq = after, "event listener ready");
     }
-    if let Some(vault) = backends.vault {
+    if let Some(vault) = backends.vault.filter(|v| v.needs_relogin()) {
         let cancel = shutdown.clone();
-        tasks.spawn(async move {
+        spawn_task(&mut tasks, "Vault re-login", &shutdown, async move {
             vault.task_main(cancel).await;
             Ok(())
         });
@@ -249,16 +276,21 @@ pub async fn start(
         s.max_streams_per_tenant,
         shutdown.clone(),
     );
-    tasks.spawn(server::serve(ServeParams {
-        listener,
-        tls: s.tls,
-        trust_domain: s.trust_domain,
-        service,
-        health,
-        shutdown: shutdown.clone(),
-        grace: s.grace,
-        request_timeout: Duration::from_secs(30),
-    }));
+    spawn_task(
+        &mut tasks,
+        "gRPC server",
+        &shutdown,
+        server::serve(ServeParams {
+            listener,
+            tls: s.tls,
+            trust_domain: s.trust_domain,
+            service,
+            health,
+            shutdown: shutdown.clone(),
+            grace: s.grace,
+            request_timeout: Duration::from_secs(30),
+        }),
+    );
     tracing::info!(%addr, "credbroker listening (mTLS)");
     Ok(Running {
         addr,

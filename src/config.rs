@@ -59,7 +59,7 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             shutdown_grace_secs: 30,
-            heartbeat_secs: 15,
+            heartbeat_secs: 5,
             health_probe_secs: 5,
             max_streams_per_tenant: 256,
         }

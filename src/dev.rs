@@ -86,7 +86,7 @@ pub async fn run(
         cache: CacheConfig::default(),
         rotation: RotationConfig::default(),
         path_prefix: "tenants".into(),
-        heartbeat: Duration::from_secs(15),
+        heartbeat: Duration::from_secs(5),
         health_probe: Duration::from_secs(5),
         max_streams_per_tenant: max_streams_per_tenant.max(1),
         grace: Duration::from_secs(5),

@@ -78,8 +78,11 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let filter =
-        EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("CREDBROKER_LOG").unwrap_or_else(|_| {
+        // vaultrs/rustify log every non-2xx answer as an error, including
+        // the 404 of a first write; the broker logs what matters itself.
+        EnvFilter::new("info,rustify=off,vaultrs=off")
+    });
     if std::env::var("CREDBROKER_LOG_FORMAT").is_ok_and(|v| v == "json") {
         tracing_subscriber::fmt()
             .json()

@@ -68,6 +68,10 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         .tls_config(p.tls)?
         // Unary deadline; streams are bounded by their own heartbeat logic.
         .timeout(p.request_timeout)
+        // Find dead peers (a pod that vanished without closing its
+        // connection) so their streams and slots are released.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // One span per call, named after the method; never the body.
         .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
         // Identity first: every later layer and handler knows the caller.

@@ -58,7 +58,8 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
-    /// Defaults: backoff 100 ms … 30 s, silence limit 45 s (three heartbeats).
+    /// Defaults: backoff 100 ms … 30 s, silence limit 15 s (three missed
+    /// heartbeats at the server default of 5 s).
     pub fn new(
         endpoints: Vec<String>,
         ca_pem: Vec<u8>,
@@ -77,7 +78,7 @@ impl ClientConfig {
             instance: None,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
-            silence_limit: Duration::from_secs(45),
+            silence_limit: Duration::from_secs(15),
         }
     }
 }

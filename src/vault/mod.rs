@@ -162,6 +162,11 @@ impl VaultSecretStore {
         Ok(())
     }
 
+    /// Whether the token must be renewed by logging in again (AppRole).
+    pub fn needs_relogin(&self) -> bool {
+        matches!(self.auth, VaultAuth::AppRole { .. })
+    }
+
     /// Keeps an AppRole token alive: logs in again at two thirds of each
     /// lease, retrying every few seconds while Vault is down. Returns at once
     /// for a static token.

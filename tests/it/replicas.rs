@@ -325,3 +325,84 @@ async fn streams_per_tenant_are_limited() {
     }
     drop(s2);
 }
+
+#[tokio::test]
+async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
+    let env = Env::start().await;
+    let mut proc_a = env.spawn_server_process().await;
+    let tenant = new_tenant();
+    // Writes through the in-process replica; the pod watches the process.
+    let mut admin = env.operator().await;
+    admin
+        .validate_and_store(store(&tenant, "binance"))
+        .await
+        .unwrap();
+    let mut on_a = env
+        .client_at(proc_a.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/a"))
+        .await;
+    let mut stream = on_a
+        .watch_rotations(watch(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_non_heartbeat(&mut stream).await,
+        Message::State(_)
+    ));
+    let mut seqs = Vec::new();
+    for n in 1..=3 {
+        admin.rotate(rotate(&tenant, "binance", n)).await.unwrap();
+    }
+    while seqs.len() < 3 {
+        let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
+            panic!()
+        };
+        seqs.push(e.seq);
+    }
+    // SIGKILL: no graceful goodbye, the stream just breaks.
+    proc_a.child.start_kill().unwrap();
+    proc_a.child.wait().await.unwrap();
+    let broken = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(_)) => continue,
+            other => break other,
+        }
+    };
+    assert!(!matches!(broken, Ok(Some(_))));
+    for n in 4..=6 {
+        admin.rotate(rotate(&tenant, "binance", n)).await.unwrap();
+    }
+    let mut on_b = env.tenant_client(&tenant).await;
+    let mut resumed = on_b
+        .watch_rotations(watch(&tenant, *seqs.last().unwrap()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_non_heartbeat(&mut resumed).await,
+        Message::State(_)
+    ));
+    while seqs.len() < 6 {
+        let Message::Event(e) = next_non_heartbeat(&mut resumed).await else {
+            panic!()
+        };
+        seqs.push(e.seq);
+    }
+    let committed: Vec<u64> = env
+        .db
+        .connect()
+        .await
+        .query(
+            "SELECT seq FROM credential_events WHERE kind = 'rotated' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap())
+        .collect();
+    assert_eq!(seqs, committed, "every rotation exactly once, in order");
+}

@@ -33,7 +33,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                .unwrap_or_else(|_| "warn,rustify=off,vaultrs=off".into()),
         )
         .with_test_writer()
         .try_init();
@@ -524,5 +524,78 @@ impl DevBroker {
                 )
             });
         CredentialBrokerClient::new(ch)
+    }
+}
+
+/// `credbroker server` as a child process on this environment's OpenBao and
+/// PostgreSQL, configured by a TOML file plus `CREDBROKER__*` variables.
+pub struct ServerProcess {
+    pub child: tokio::process::Child,
+    pub addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    pub async fn spawn_server_process(&self) -> ServerProcess {
+        use tokio::io::AsyncBufReadExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            r#"
+[server]
+listen = "127.0.0.1:0"
+heartbeat_secs = 1
+
+[tls]
+cert = "{cert}"
+key = "{key}"
+client_ca = "{ca}"
+trust_domain = "{TD}"
+
+[vault]
+addr = "{vault}"
+[vault.auth]
+method = "token"
+
+[postgres]
+url = "{pg}"
+"#,
+            cert = self.pki.path("server.pem").display(),
+            key = self.pki.path("server.key").display(),
+            ca = self.pki.path("ca.pem").display(),
+            vault = self.bao.addr,
+            pg = self.db.url(),
+        );
+        let cfg = dir.path().join("credbroker.toml");
+        std::fs::write(&cfg, toml).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["server", "--config"])
+            .arg(&cfg)
+            // The secret comes from the environment, not the file.
+            .env("CREDBROKER__VAULT__AUTH__TOKEN", &self.bao.token)
+            .env("CREDBROKER_LOG_FORMAT", "json")
+            .env("CREDBROKER_LOG", "info,rustify=off,vaultrs=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["fields"]["message"] == "credbroker listening (mTLS)" {
+                    return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                }
+            }
+            panic!("credbroker server exited before listening");
+        })
+        .await
+        .expect("credbroker server did not start within 30 s");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        ServerProcess {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 }
