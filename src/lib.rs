@@ -17,6 +17,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod dev;
+pub mod exchange;
 pub mod memstore;
 pub mod rotation;
 pub mod server;
