@@ -78,6 +78,7 @@ async fn run(n: usize, rotations: usize) -> Result {
             "--max-streams-per-tenant",
         ])
         .arg((n + 16).to_string())
+        .args(["--validation", "format"])
         .arg("--dir")
         .arg(dir.path())
         .env("CREDBROKER_LOG", "warn")

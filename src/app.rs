@@ -9,6 +9,7 @@ use tonic::transport::ServerTlsConfig;
 
 use crate::{
     api::BrokerService,
+    broker::types::TenantId,
     broker::{
         Broker, BrokerSettings,
         ports::{CredentialValidator, MetadataStore, SecretStore},
@@ -16,7 +17,8 @@ use crate::{
     },
     cache::CredentialCache,
     clock::{Clock, SystemClock},
-    config::{CacheConfig, Config, RotationConfig},
+    config::{CacheConfig, Config, RotationConfig, ValidationConfig, ValidationMode},
+    exchange::{ExchangeValidator, WithdrawPolicy},
     rotation::{hub::Hub, listener::EventListener, retire},
     server::{self, ServeParams},
     store::{self, PgMetadataStore},
@@ -163,9 +165,36 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     Ok(Backends {
         secrets: vault.clone(),
         meta: Arc::new(PgMetadataStore::new(pool)),
-        validator: Arc::new(FormatCheckValidator),
+        validator: validator(&cfg.validation, Arc::new(SystemClock))?,
         vault: Some(vault),
         events: EventSource::Postgres(Box::new(pg)),
+    })
+}
+
+/// The validator the configuration asks for.
+///
+/// # Errors
+/// A message naming a bad `validation.exchanges` value.
+pub fn validator(
+    cfg: &ValidationConfig,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Arc<dyn CredentialValidator>> {
+    Ok(match cfg.mode {
+        ValidationMode::Format => Arc::new(FormatCheckValidator),
+        ValidationMode::Exchange => {
+            let policy = WithdrawPolicy {
+                allowed_tenants: cfg
+                    .allow_withdraw_tenants
+                    .iter()
+                    .copied()
+                    .map(TenantId::new)
+                    .collect(),
+            };
+            Arc::new(
+                ExchangeValidator::new(&cfg.exchanges, policy, clock)
+                    .map_err(|e| anyhow::anyhow!("validation.{e}"))?,
+            )
+        }
     })
 }
 

@@ -36,6 +36,45 @@ pub struct Config {
     /// Rotation and events.
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// How keys are validated before they are stored.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+}
+
+/// How keys are validated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// `exchange`: a signed request and the permission endpoint on the
+    /// exchange (the default); `format`: format checks only, no network.
+    pub mode: ValidationMode,
+    /// Tenants allowed to store keys that can withdraw funds.
+    pub allow_withdraw_tenants: Vec<uuid::Uuid>,
+    /// Per-exchange endpoints (mainnet unless set: testnets, demo, proxies).
+    pub exchanges: std::collections::BTreeMap<
+        crate::broker::types::ExchangeId,
+        crate::exchange::ExchangeEndpoint,
+    >,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            mode: ValidationMode::Exchange,
+            allow_withdraw_tenants: Vec::new(),
+            exchanges: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// See [`ValidationConfig::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidationMode {
+    /// Ask the exchange.
+    Exchange,
+    /// Format checks only.
+    Format,
 }
 
 /// gRPC server settings.

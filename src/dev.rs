@@ -9,9 +9,13 @@ use tokio::net::TcpListener;
 
 use crate::{
     app::{self, Backends, EventSource, Settings},
-    broker::validate::FormatCheckValidator,
+    broker::{ports::CredentialValidator, types::ExchangeId, validate::FormatCheckValidator},
     clock::SystemClock,
-    config::{CacheConfig, RotationConfig},
+    config::{CacheConfig, RotationConfig, ValidationConfig},
+    exchange::{
+        ExchangeEndpoint, ExchangeValidator, WithdrawPolicy,
+        sim::{SimKey, Simulators, native_permissions},
+    },
     memstore::{MemoryMetadataStore, MemorySecretStore},
     tls::pki::{DevPki, write_private},
 };
@@ -43,20 +47,134 @@ pub fn write_dev_pki(dir: &Path) -> anyhow::Result<tonic::transport::ServerTlsCo
 }
 
 /// The grpcurl commands printed at start-up.
-pub fn grpcurl_examples(dir: &Path, addr: SocketAddr) -> String {
+pub fn grpcurl_examples(dir: &Path, addr: SocketAddr, validation: &str) -> String {
     let d = dir.display();
     let target = format!("localhost:{}", addr.port());
     let g = format!("grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client.key");
     let t = "00000000-0000-0000-0000-000000000001";
     format!(
         "credbroker dev is listening on {addr} (mTLS; certificates in {d})\n\
-         Secrets and metadata are in memory; validation is the format check only.\n\n\
+         Secrets and metadata are in memory; keys are validated against {validation}.\n\n\
          List the services:\n  {g} {target} list\n\n\
          Store a key:\n  {g} -d '{{\"tenant_id\":\"{t}\",\"exchange\":\"binance\",\"credentials\":{{\"api_key\":\"demoKey0123456789\",\"api_secret\":\"demoSecret0123456789\"}}}}' {target} credbroker.v1.CredentialBroker/ValidateAndStore\n\n\
          Fetch it:\n  {g} -d '{{\"tenant_id\":\"{t}\",\"exchange\":\"binance\"}}' {target} credbroker.v1.CredentialBroker/GetCredentials\n\n\
          Rotate it (previous set served for 1 hour):\n  {g} -d '{{\"tenant_id\":\"{t}\",\"exchange\":\"binance\",\"credentials\":{{\"api_key\":\"demoKey9876543210\",\"api_secret\":\"demoSecret9876543210\"}}}}' {target} credbroker.v1.CredentialBroker/Rotate\n\n\
          Watch changes:\n  {g} -d '{{\"tenant_id\":\"{t}\"}}' {target} credbroker.v1.CredentialBroker/WatchRotations\n"
     )
+}
+
+/// How `credbroker dev` validates keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DevValidation {
+    /// Against the bundled exchange simulators, seeded with the demo keys the
+    /// README uses (no network).
+    Simulated,
+    /// Format checks only.
+    Format,
+    /// Against the real exchanges' mainnet APIs.
+    Live,
+}
+
+/// Demo keys the simulators know in dev mode: (exchange, key, secret,
+/// passphrase).
+pub const DEMO_KEYS: &[(ExchangeId, &str, &str, Option<&str>)] = &[
+    (
+        ExchangeId::Binance,
+        "demoKey0123456789",
+        "demoSecret0123456789",
+        None,
+    ),
+    (
+        ExchangeId::Binance,
+        "demoKey9876543210",
+        "demoSecret9876543210",
+        None,
+    ),
+    (
+        ExchangeId::Binance,
+        "demoKeyLeakFix0001",
+        "demoSecretLeakFix01",
+        None,
+    ),
+    (
+        ExchangeId::Bybit,
+        "demoBybitKey0001",
+        "demoBybitSecret0001",
+        None,
+    ),
+    (
+        ExchangeId::Okx,
+        "okxKey0123456789",
+        "okxSecret0123456789",
+        Some("p4ss"),
+    ),
+    (
+        ExchangeId::Kraken,
+        "demoKrakenKey0001",
+        "ZGVtby1rcmFrZW4tc2VjcmV0LTAwMDE=",
+        None,
+    ),
+    (
+        ExchangeId::Kucoin,
+        "demoKucoinKey0001",
+        "demoKucoinSecret0001",
+        Some("p4ss"),
+    ),
+];
+
+async fn dev_validator(
+    mode: DevValidation,
+) -> anyhow::Result<(
+    Arc<dyn CredentialValidator>,
+    Option<Simulators>,
+    &'static str,
+)> {
+    Ok(match mode {
+        DevValidation::Format => (
+            Arc::new(FormatCheckValidator),
+            None,
+            "the format check only (no exchange is asked)",
+        ),
+        DevValidation::Live => (
+            app::validator(&ValidationConfig::default(), Arc::new(SystemClock))?,
+            None,
+            "the real exchanges (mainnet APIs)",
+        ),
+        DevValidation::Simulated => {
+            let sims = Simulators::start().await?;
+            for (ex, key, secret, pass) in DEMO_KEYS {
+                let mut k = SimKey::hmac(secret, native_permissions(*ex, false, true));
+                k.passphrase = pass.map(str::to_owned);
+                sims.add_key(*ex, key, k);
+            }
+            let endpoints = sims
+                .urls
+                .iter()
+                .map(|(ex, url)| {
+                    (
+                        *ex,
+                        ExchangeEndpoint {
+                            base_url: url.clone(),
+                            timeout_ms: 5000,
+                            requests_per_minute: 600,
+                            demo: false,
+                        },
+                    )
+                })
+                .collect();
+            let v = ExchangeValidator::new(
+                &endpoints,
+                WithdrawPolicy::default(),
+                Arc::new(SystemClock),
+            )
+            .map_err(anyhow::Error::msg)?;
+            (
+                Arc::new(v),
+                Some(sims),
+                "the bundled exchange SIMULATORS (demo keys only; no real exchange is asked)",
+            )
+        }
+    })
 }
 
 /// Runs the dev broker until SIGINT/SIGTERM.
@@ -67,8 +185,10 @@ pub async fn run(
     listen: SocketAddr,
     dir: &Path,
     max_streams_per_tenant: usize,
+    validation: DevValidation,
 ) -> anyhow::Result<()> {
     let tls = write_dev_pki(dir)?;
+    let (validator, _simulators, validation_label) = dev_validator(validation).await?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {listen}: cannot bind ({e})"))?;
@@ -76,7 +196,7 @@ pub async fn run(
     let backends = Backends {
         secrets: Arc::new(MemorySecretStore::default()),
         meta: Arc::new(MemoryMetadataStore::default()),
-        validator: Arc::new(FormatCheckValidator),
+        validator,
         vault: None,
         events: EventSource::Local,
     };
@@ -93,7 +213,7 @@ pub async fn run(
         clock: Arc::new(SystemClock),
     };
     let running = app::start(backends, settings, listener).await?;
-    println!("{}", grpcurl_examples(dir, addr));
+    println!("{}", grpcurl_examples(dir, addr, validation_label));
     let token = running.shutdown_token();
     tokio::spawn(async move {
         crate::app::shutdown_signal().await;

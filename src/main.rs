@@ -72,6 +72,10 @@ enum Cmd {
         /// Concurrent WatchRotations streams per tenant.
         #[arg(long, default_value_t = 256)]
         max_streams_per_tenant: usize,
+        /// How keys are validated: against bundled exchange simulators
+        /// (demo keys), by format only, or against the live exchanges.
+        #[arg(long, value_enum, default_value = "simulated")]
+        validation: credbroker::dev::DevValidation,
     },
 }
 
@@ -124,7 +128,8 @@ async fn main() -> anyhow::Result<()> {
             listen,
             dir,
             max_streams_per_tenant,
-        } => credbroker::dev::run(listen, &dir, max_streams_per_tenant).await,
+            validation,
+        } => credbroker::dev::run(listen, &dir, max_streams_per_tenant, validation).await,
         Cmd::Agent {
             endpoints,
             ca,

@@ -64,7 +64,10 @@ pub enum ValidationError {
     },
     /// The exchange rejected the key (bad key, signature, passphrase, IP,
     /// permission) or the broker's policy refused it.
-    #[error("rejected by {exchange}: {reason}")]
+    #[error(
+        "rejected by {exchange}{}: {reason}",
+        code.as_ref().map(|c| format!(" (code {c})")).unwrap_or_default()
+    )]
     Rejected {
         /// Exchange name.
         exchange: &'static str,

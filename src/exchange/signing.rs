@@ -9,7 +9,8 @@ use sha2::{Digest as _, Sha256, Sha512};
 
 fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
     // HMAC accepts keys of any length; this cannot fail.
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = Hmac::<Sha256>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(msg);
     mac.finalize().into_bytes().to_vec()
 }
@@ -17,19 +18,28 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> Vec<u8> {
 /// Binance: lowercase hex HMAC-SHA256 of the query string concatenated with
 /// the body (no separator).
 pub fn binance(secret: &str, query: &str, body: &str) -> String {
-    hex::encode(hmac_sha256(secret.as_bytes(), format!("{query}{body}").as_bytes()))
+    hex::encode(hmac_sha256(
+        secret.as_bytes(),
+        format!("{query}{body}").as_bytes(),
+    ))
 }
 
 /// Bybit v5: lowercase hex HMAC-SHA256 of `ts + key + recvWindow +
 /// (queryString | jsonBody)`.
 pub fn bybit(secret: &str, ts_ms: u64, api_key: &str, recv_window: u64, payload: &str) -> String {
-    hex::encode(hmac_sha256(secret.as_bytes(), format!("{ts_ms}{api_key}{recv_window}{payload}").as_bytes()))
+    hex::encode(hmac_sha256(
+        secret.as_bytes(),
+        format!("{ts_ms}{api_key}{recv_window}{payload}").as_bytes(),
+    ))
 }
 
 /// OKX v5: base64 HMAC-SHA256 of `ts + METHOD + requestPath(+?query) + body`,
 /// `ts` in ISO-8601 UTC with milliseconds.
 pub fn okx(secret: &str, ts_iso: &str, method: &str, path_and_query: &str, body: &str) -> String {
-    B64.encode(hmac_sha256(secret.as_bytes(), format!("{ts_iso}{method}{path_and_query}{body}").as_bytes()))
+    B64.encode(hmac_sha256(
+        secret.as_bytes(),
+        format!("{ts_iso}{method}{path_and_query}{body}").as_bytes(),
+    ))
 }
 
 /// Kraken: base64 HMAC-SHA512, keyed with the base64-decoded secret, of
@@ -37,12 +47,18 @@ pub fn okx(secret: &str, ts_iso: &str, method: &str, path_and_query: &str, body:
 ///
 /// # Errors
 /// When the secret is not base64.
-pub fn kraken(secret_b64: &str, uri_path: &str, nonce: &str, post_data: &str) -> Result<String, base64::DecodeError> {
+pub fn kraken(
+    secret_b64: &str,
+    uri_path: &str,
+    nonce: &str,
+    post_data: &str,
+) -> Result<String, base64::DecodeError> {
     let key = B64.decode(secret_b64)?;
     let inner = Sha256::digest(format!("{nonce}{post_data}").as_bytes());
     let mut msg = uri_path.as_bytes().to_vec();
     msg.extend_from_slice(&inner);
-    let mut mac = Hmac::<Sha512>::new_from_slice(&key).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = Hmac::<Sha512>::new_from_slice(&key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
     mac.update(&msg);
     Ok(B64.encode(mac.finalize().into_bytes()))
 }
@@ -102,7 +118,13 @@ mod tests {
     #[test]
     fn bybit_reference() {
         assert_eq!(
-            bybit("YYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYY", 1_700_000_000_000, "XXXXXXXXXX", 5000, "accountType=UNIFIED"),
+            bybit(
+                "YYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYYY",
+                1_700_000_000_000,
+                "XXXXXXXXXX",
+                5000,
+                "accountType=UNIFIED"
+            ),
             "022f707db12ba29c321c8b8770b60ea1bbd354aba05516bc0b93481c6f1eeed0"
         );
     }
@@ -110,13 +132,20 @@ mod tests {
     #[test]
     fn okx_reference() {
         assert_eq!(
-            okx("okx-secret", "2023-11-14T22:13:20.000Z", "GET", "/api/v5/account/balance", ""),
+            okx(
+                "okx-secret",
+                "2023-11-14T22:13:20.000Z",
+                "GET",
+                "/api/v5/account/balance",
+                ""
+            ),
             "KzoL7EXzaeDYjvV0aKuN/zgHl51VNo4isfB++yCxZEY="
         );
     }
 
     // Kraken's spot REST authentication guide.
-    const KR_SECRET: &str = "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
+    const KR_SECRET: &str =
+        "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
 
     #[test]
     fn kraken_published_example() {
@@ -131,7 +160,13 @@ mod tests {
             "4/dpxb3iT4tp/ZCVEwSnEsLxx0bqyhLpdfOpc6fn7OR8+UClSV5n9E6aSS8MPtnRfp32bAb0nmbRn6H8ndwLUQ=="
         );
         assert_eq!(
-            kraken(KR_SECRET, "/0/private/Balance", "1700000000000", "nonce=1700000000000").unwrap(),
+            kraken(
+                KR_SECRET,
+                "/0/private/Balance",
+                "1700000000000",
+                "nonce=1700000000000"
+            )
+            .unwrap(),
             "czhu1TvpTUkVtUbRiqwKniRXzZlg53wZmCdUIPWVLRoRMbTDwnq4frkWOdPSH9Q5YwHV5wqsA77JHXvM+XqHVQ=="
         );
         assert!(kraken("not base64!", "/0/private/Balance", "1", "nonce=1").is_err());
@@ -139,12 +174,24 @@ mod tests {
 
     #[test]
     fn kucoin_sdk_example_and_reference() {
-        assert_eq!(kucoin_raw("test_api_secret", "test_plain"), "jie/gxS38wLFFaBwl/cAzFbAzlI8MIny96jSXrB+iP4=");
         assert_eq!(
-            kucoin("kc-secret", 1_700_000_000_000, "GET", "/api/v1/accounts", ""),
+            kucoin_raw("test_api_secret", "test_plain"),
+            "jie/gxS38wLFFaBwl/cAzFbAzlI8MIny96jSXrB+iP4="
+        );
+        assert_eq!(
+            kucoin(
+                "kc-secret",
+                1_700_000_000_000,
+                "GET",
+                "/api/v1/accounts",
+                ""
+            ),
             "EW+esrWLNz/gOL0OpUxbepCqrfIxOBhlg/w4w1I1UEg="
         );
-        assert_eq!(kucoin_passphrase("kc-secret", "kc-passphrase"), "In0tsJHvZZhc6Qp0178v96bdGxVmSEWmNK1VQhZaWT8=");
+        assert_eq!(
+            kucoin_passphrase("kc-secret", "kc-passphrase"),
+            "In0tsJHvZZhc6Qp0178v96bdGxVmSEWmNK1VQhZaWT8="
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod support;
 mod clients;
 mod core;
 mod examples;
+mod exchanges;
 mod mtls;
 mod replicas;
 mod rotation;

@@ -18,7 +18,7 @@ use credbroker::{
     clock::Clock,
     config::{
         CacheConfig, Config, PostgresConfig, RotationConfig, ServerConfig, TlsConfig,
-        VaultAuthConfig, VaultConfig,
+        ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
     },
     tls::pki::DevPki,
 };
@@ -265,6 +265,8 @@ pub struct Env {
 
 #[derive(Default)]
 pub struct EnvOptions {
+    /// Validation; default: the format check (tests store made-up keys).
+    pub validation: Option<ValidationConfig>,
     pub clock: Option<Arc<dyn Clock>>,
     pub rotation: RotationConfig,
     pub cache: CacheConfig,
@@ -311,6 +313,10 @@ impl Env {
             },
             cache: opts.cache,
             rotation: opts.rotation,
+            validation: opts.validation.unwrap_or(ValidationConfig {
+                mode: ValidationMode::Format,
+                ..ValidationConfig::default()
+            }),
         };
         config.check().unwrap();
         let mut env = Env {
@@ -446,7 +452,12 @@ pub struct DevBroker {
 }
 
 impl DevBroker {
+    /// `credbroker dev --validation format` (tests store made-up keys).
     pub async fn spawn() -> DevBroker {
+        Self::spawn_with(&["--validation", "format"]).await
+    }
+
+    pub async fn spawn_with(extra: &[&str]) -> DevBroker {
         use tokio::io::AsyncBufReadExt as _;
         init();
         let dir = tempfile::tempdir().unwrap();
@@ -455,6 +466,7 @@ impl DevBroker {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
             .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
             .arg(dir.path())
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -558,6 +570,9 @@ method = "token"
 
 [postgres]
 url = "{pg}"
+
+[validation]
+mode = "format"
 "#,
             cert = self.pki.path("server.pem").display(),
             key = self.pki.path("server.key").display(),

@@ -1,0 +1,500 @@
+//! Validation against the exchange simulators: full ValidateAndStore over
+//! mTLS, real OpenBao and PostgreSQL, for every exchange and every outcome
+//! of the error taxonomy.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use credbroker::{
+    api::pb::{self, CredentialStatus},
+    broker::{
+        error::ValidationError,
+        ports::CredentialValidator,
+        types::{CredentialSet, ExchangeId, TenantId},
+    },
+    clock::ManualClock,
+    config::{ValidationConfig, ValidationMode},
+    exchange::{
+        ExchangeEndpoint, ExchangeValidator, WithdrawPolicy,
+        sim::{CdpPublicKey, Fault, SimKey, Simulators, native_permissions},
+    },
+};
+use secrecy::SecretString;
+use tonic::Code;
+
+use crate::support::{Env, EnvOptions, new_tenant};
+
+fn endpoints(sims: &Simulators) -> BTreeMap<ExchangeId, ExchangeEndpoint> {
+    sims.urls
+        .iter()
+        .map(|(ex, url)| {
+            (
+                *ex,
+                ExchangeEndpoint {
+                    base_url: url.clone(),
+                    timeout_ms: 1000,
+                    requests_per_minute: 10_000,
+                    demo: false,
+                },
+            )
+        })
+        .collect()
+}
+
+async fn env_with(sims: &Simulators, allow_withdraw: Vec<uuid::Uuid>) -> Env {
+    Env::start_with(EnvOptions {
+        validation: Some(ValidationConfig {
+            mode: ValidationMode::Exchange,
+            allow_withdraw_tenants: allow_withdraw,
+            exchanges: endpoints(sims),
+        }),
+        ..EnvOptions::default()
+    })
+    .await
+}
+
+/// A key per exchange in the exchange's own shape, registered in the
+/// simulator: (api_key, api_secret, passphrase).
+fn register(
+    sims: &Simulators,
+    ex: ExchangeId,
+    tag: &str,
+    withdraw: bool,
+) -> (String, String, Option<String>) {
+    let perms = native_permissions(ex, withdraw, true);
+    let (key, secret, pass, cdp) = match ex {
+        ExchangeId::Binance => (
+            format!("bnKey{tag}0000000000"),
+            format!("bnSecret{tag}000000000"),
+            None,
+            None,
+        ),
+        ExchangeId::Bybit => (
+            format!("byKey{tag}000000"),
+            format!("bySecret{tag}00000000"),
+            None,
+            None,
+        ),
+        ExchangeId::Okx => (
+            format!("okx-key-{tag}"),
+            format!("okx-secret-{tag}"),
+            Some(format!("pass-{tag}")),
+            None,
+        ),
+        ExchangeId::Kraken => (
+            format!("krKey{tag}000000"),
+            B64.encode(format!("kraken-secret-{tag}-0123456789abcdef")),
+            None,
+            None,
+        ),
+        ExchangeId::Kucoin => (
+            format!("kcKey{tag}000000"),
+            format!("kc-secret-{tag}"),
+            Some(format!("kc-pass-{tag}")),
+            None,
+        ),
+        ExchangeId::Coinbase => {
+            let (pem, public) = ec_key();
+            (
+                format!("organizations/org/apiKeys/{tag}"),
+                pem,
+                None,
+                Some(CdpPublicKey::Es256(public)),
+            )
+        }
+    };
+    let mut k = SimKey::hmac(&secret, perms);
+    k.passphrase = pass.clone();
+    k.cdp_public_key = cdp;
+    sims.add_key(ex, &key, k);
+    (key, secret, pass)
+}
+
+/// A fresh P-256 key as Coinbase hands it out (SEC1 PEM), and its public point.
+fn ec_key() -> (String, Vec<u8>) {
+    use aws_lc_rs::{
+        encoding::AsDer as _,
+        signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair as _},
+    };
+    let pair = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    let sec1 = pair.private_key().as_der().unwrap();
+    let b64 = B64.encode(sec1.as_ref());
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let pem = format!(
+        "-----BEGIN EC PRIVATE KEY-----\n{}\n-----END EC PRIVATE KEY-----\n",
+        lines.join("\n")
+    );
+    (pem, pair.public_key().as_ref().to_vec())
+}
+
+/// A fresh Ed25519 key as base64(seed‖public), and its public key.
+fn ed_key() -> (String, Vec<u8>) {
+    use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+    let seed: [u8; 32] = rand::random();
+    let pair = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+    let public = pair.public_key().as_ref().to_vec();
+    let mut raw = seed.to_vec();
+    raw.extend_from_slice(&public);
+    (B64.encode(raw), public)
+}
+
+fn store_req(
+    tenant: &str,
+    ex: ExchangeId,
+    key: &str,
+    secret: &str,
+    pass: Option<&str>,
+) -> pb::ValidateAndStoreRequest {
+    pb::ValidateAndStoreRequest {
+        tenant_id: tenant.into(),
+        exchange: ex.as_str().into(),
+        credentials: Some(pb::CredentialSet {
+            api_key: key.into(),
+            api_secret: secret.into(),
+            passphrase: pass.map(str::to_owned),
+        }),
+    }
+}
+
+async fn assert_nothing_stored(env: &Env, tenant: &str, ex: ExchangeId) {
+    let rows = env
+        .db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM tenant_credentials WHERE tenant_id = $1::text::uuid AND exchange = $2",
+            &[&tenant, &ex.as_str()],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(rows, 0, "{ex}: a row was stored");
+    let (code, _) = env
+        .kv_metadata(&format!("tenants/{tenant}/exchanges/{ex}/credentials"))
+        .await;
+    assert_eq!(code, 404, "{ex}: a secret reached Vault");
+}
+
+#[tokio::test]
+async fn every_exchange_accepts_a_good_key_and_reports_its_permissions() {
+    let sims = Simulators::start().await.unwrap();
+    let env = env_with(&sims, vec![]).await;
+    let tenant = new_tenant();
+    let mut c = env.operator().await;
+    for ex in ExchangeId::ALL {
+        let (key, secret, pass) = register(&sims, ex, "good", false);
+        let stored = c
+            .validate_and_store(store_req(&tenant, ex, &key, &secret, pass.as_deref()))
+            .await
+            .unwrap_or_else(|e| panic!("{ex}: {e:?}"))
+            .into_inner()
+            .credential
+            .unwrap();
+        let p = stored.permissions.unwrap();
+        assert!(p.read && p.trade && !p.withdraw, "{ex}: {p:?}");
+        // Coinbase does not report IP binding; the others do.
+        assert_eq!(p.ip_restricted, ex != ExchangeId::Coinbase, "{ex}: {p:?}");
+        assert_eq!(stored.status, CredentialStatus::Active as i32);
+    }
+    // Coinbase Ed25519 (EdDSA) keys too.
+    let (secret, public) = ed_key();
+    let mut k = SimKey::hmac("", native_permissions(ExchangeId::Coinbase, false, false));
+    k.cdp_public_key = Some(CdpPublicKey::EdDsa(public));
+    sims.add_key(ExchangeId::Coinbase, "organizations/org/apiKeys/ed", k);
+    let other = new_tenant();
+    c.validate_and_store(store_req(
+        &other,
+        ExchangeId::Coinbase,
+        "organizations/org/apiKeys/ed",
+        &secret,
+        None,
+    ))
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn refused_keys_are_rejected_with_the_exchange_code_and_nothing_is_stored() {
+    let sims = Simulators::start().await.unwrap();
+    let env = env_with(&sims, vec![]).await;
+    let mut c = env.operator().await;
+    let tenant = new_tenant();
+    for ex in ExchangeId::ALL {
+        let (key, secret, pass) = register(&sims, ex, "bad", false);
+        // Wrong secret (same shape, different value).
+        let wrong = match ex {
+            ExchangeId::Kraken => B64.encode("a different kraken secret value!!"),
+            ExchangeId::Coinbase => ec_key().0,
+            _ => format!("{}x", &secret[..secret.len() - 1]),
+        };
+        let e = c
+            .validate_and_store(store_req(&tenant, ex, &key, &wrong, pass.as_deref()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{ex}: {e:?}");
+        assert!(
+            !e.message().contains(&wrong) && !e.message().contains(&secret),
+            "{ex}: secret echoed"
+        );
+        if ex != ExchangeId::Coinbase {
+            assert!(
+                e.message().contains("secret is wrong"),
+                "{ex}: {}",
+                e.message()
+            );
+        }
+        // Unknown key.
+        let e = c
+            .validate_and_store(store_req(
+                &tenant,
+                ex,
+                &format!("{key}zz"),
+                &secret,
+                pass.as_deref(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{ex}: {e:?}");
+        assert_nothing_stored(&env, &tenant, ex).await;
+    }
+    // Wrong passphrase.
+    for ex in [ExchangeId::Okx, ExchangeId::Kucoin] {
+        let (key, secret, _) = register(&sims, ex, "pp", false);
+        let e = c
+            .validate_and_store(store_req(
+                &tenant,
+                ex,
+                &key,
+                &secret,
+                Some("not-the-passphrase"),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{ex}: {e:?}");
+        assert!(e.message().contains("passphrase"), "{ex}: {}", e.message());
+        assert_nothing_stored(&env, &tenant, ex).await;
+    }
+    // The broker's IP is not on the key's allow-list.
+    for ex in [
+        ExchangeId::Binance,
+        ExchangeId::Bybit,
+        ExchangeId::Okx,
+        ExchangeId::Kucoin,
+    ] {
+        let (key, secret, pass) = register(&sims, ex, "ip", false);
+        sims.update_key(ex, &key, |k| k.ip_allowed = false);
+        let e = c
+            .validate_and_store(store_req(&tenant, ex, &key, &secret, pass.as_deref()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{ex}: {e:?}");
+        assert!(
+            e.message().contains("IP") || e.message().contains("permission"),
+            "{ex}: {}",
+            e.message()
+        );
+        assert_nothing_stored(&env, &tenant, ex).await;
+    }
+}
+
+#[tokio::test]
+async fn withdrawal_keys_are_refused_unless_the_tenant_is_allowed() {
+    let sims = Simulators::start().await.unwrap();
+    let allowed = uuid::Uuid::new_v4();
+    let env = env_with(&sims, vec![allowed]).await;
+    let mut c = env.operator().await;
+    let tenant = new_tenant();
+    for ex in ExchangeId::ALL {
+        let (key, secret, pass) = register(&sims, ex, "wd", true);
+        let e = c
+            .validate_and_store(store_req(&tenant, ex, &key, &secret, pass.as_deref()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{ex}: {e:?}");
+        assert!(e.message().contains("withdraw"), "{ex}: {}", e.message());
+        assert_nothing_stored(&env, &tenant, ex).await;
+        let ok = c
+            .validate_and_store(store_req(
+                &allowed.to_string(),
+                ex,
+                &key,
+                &secret,
+                pass.as_deref(),
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{ex}: {e:?}"))
+            .into_inner();
+        assert!(ok.credential.unwrap().permissions.unwrap().withdraw, "{ex}");
+    }
+}
+
+#[tokio::test]
+async fn exchange_outages_are_unavailable_and_store_nothing() {
+    let sims = Simulators::start().await.unwrap();
+    let env = env_with(&sims, vec![]).await;
+    let mut c = env.operator().await;
+    let tenant = new_tenant();
+    for (fault, what) in [
+        (Fault::ServerError, "HTTP 503"),
+        (Fault::Slow(Duration::from_millis(2500)), "no answer within"),
+        (Fault::RateLimited, "rate limited"),
+    ] {
+        for ex in ExchangeId::ALL {
+            let (key, secret, pass) = register(&sims, ex, "down", false);
+            sims.update_key(ex, &key, |k| k.fault = fault);
+            let e = c
+                .validate_and_store(store_req(&tenant, ex, &key, &secret, pass.as_deref()))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), Code::Unavailable, "{ex} {fault:?}: {e:?}");
+            assert!(
+                e.message().contains(what) && e.message().contains("retry"),
+                "{ex} {fault:?}: {}",
+                e.message()
+            );
+            assert_nothing_stored(&env, &tenant, ex).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn revalidation_marks_a_revoked_key_invalid_but_never_on_an_outage() {
+    let sims = Simulators::start().await.unwrap();
+    let env = env_with(&sims, vec![]).await;
+    let mut c = env.operator().await;
+    let tenant = new_tenant();
+    let ex = ExchangeId::Bybit;
+    let (key, secret, _) = register(&sims, ex, "rv", false);
+    c.validate_and_store(store_req(&tenant, ex, &key, &secret, None))
+        .await
+        .unwrap();
+    let req = pb::ValidateCredentialsRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+    };
+    let h = c
+        .validate_credentials(req.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .health
+        .unwrap();
+    assert_eq!(
+        (h.status.as_str(), h.credential_status),
+        ("healthy", CredentialStatus::Active as i32)
+    );
+
+    // The exchange is down: UNAVAILABLE, and the key stays active.
+    sims.update_key(ex, &key, |k| k.fault = Fault::ServerError);
+    let e = c.validate_credentials(req.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    let h = c
+        .get_credential_health(pb::GetCredentialHealthRequest {
+            tenant_id: tenant.clone(),
+            exchange: "bybit".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.credential_status, CredentialStatus::Active as i32);
+
+    // The key was revoked on the exchange: invalid, with an INVALIDATED event.
+    sims.update_key(ex, &key, |k| {
+        k.fault = Fault::None;
+        k.secret = "rotatedElsewhere000000".into();
+    });
+    let h = c
+        .validate_credentials(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .health
+        .unwrap();
+    assert_eq!(
+        (h.status.as_str(), h.credential_status),
+        ("unhealthy", CredentialStatus::Invalid as i32)
+    );
+    assert!(h.detail.contains("10004"), "{}", h.detail);
+    assert_eq!(
+        env.count("SELECT count(*) FROM credential_events WHERE kind = 'invalidated'")
+            .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_skewed_broker_clock_is_reported_as_such() {
+    let sims = Simulators::start().await.unwrap();
+    let clock = ManualClock::new(time::OffsetDateTime::now_utc() - time::Duration::seconds(90));
+    let v = ExchangeValidator::new(
+        &endpoints(&sims),
+        WithdrawPolicy::default(),
+        Arc::new(clock),
+    )
+    .unwrap();
+    let tenant: TenantId = new_tenant().parse().unwrap();
+    for ex in [
+        ExchangeId::Binance,
+        ExchangeId::Bybit,
+        ExchangeId::Okx,
+        ExchangeId::Kucoin,
+    ] {
+        let (key, secret, pass) = register(&sims, ex, "skew", false);
+        let set = CredentialSet {
+            api_key: key,
+            api_secret: SecretString::from(secret),
+            passphrase: pass.map(SecretString::from),
+        };
+        match v.validate(tenant, ex, &set).await {
+            Err(ValidationError::Rejected { reason, .. }) => {
+                assert!(reason.contains("clock"), "{ex}: {reason}")
+            }
+            other => panic!("{ex}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn malformed_exchange_keys_fail_before_any_request() {
+    let sims = Simulators::start().await.unwrap();
+    let env = env_with(&sims, vec![]).await;
+    let mut c = env.operator().await;
+    let tenant = new_tenant();
+    for (ex, key, secret, field) in [
+        (
+            ExchangeId::Kraken,
+            "krKey0000000",
+            "not base64 at all!",
+            "credentials.api_secret",
+        ),
+        (
+            ExchangeId::Coinbase,
+            "organizations/o/apiKeys/k",
+            "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END EC PRIVATE KEY-----\n",
+            "credentials.api_secret",
+        ),
+        (
+            ExchangeId::Binance,
+            "bn-key-with-dashes",
+            "secret0000000",
+            "credentials.api_key",
+        ),
+    ] {
+        // Make the simulator fail loudly if it is asked at all.
+        sims.add_key(ex, key, {
+            let mut k = SimKey::hmac(secret, native_permissions(ex, false, true));
+            k.fault = Fault::ServerError;
+            k
+        });
+        let e = c
+            .validate_and_store(store_req(&tenant, ex, key, secret, None))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{ex}: {e:?}");
+        assert!(e.message().starts_with(field), "{ex}: {}", e.message());
+    }
+}
