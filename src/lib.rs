@@ -18,6 +18,7 @@ pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod exchange;
+pub mod import;
 pub mod memstore;
 pub mod rotation;
 pub mod server;

@@ -30,21 +30,8 @@ enum Cmd {
     },
     /// Sidecar: keep one file per exchange up to date in a directory.
     Agent {
-        /// Broker endpoint, e.g. https://credbroker:50051 (repeat for failover).
-        #[arg(long = "endpoint", required = true)]
-        endpoints: Vec<String>,
-        /// CA bundle of the broker's certificate (PEM).
-        #[arg(long)]
-        ca: PathBuf,
-        /// Our client certificate (PEM, SPIFFE ID in its URI SAN).
-        #[arg(long)]
-        cert: PathBuf,
-        /// Our private key (PEM).
-        #[arg(long)]
-        key: PathBuf,
-        /// Name to verify in the broker's certificate (default: endpoint host).
-        #[arg(long)]
-        server_name: Option<String>,
+        #[command(flatten)]
+        conn: BrokerConn,
         /// Tenant UUID.
         #[arg(long)]
         tenant: String,
@@ -60,6 +47,17 @@ enum Cmd {
         /// Instance name sent with acknowledgements.
         #[arg(long, env = "HOSTNAME")]
         instance: Option<String>,
+    },
+    /// Import legacy credential files (*.json, .env) from a directory through
+    /// ValidateAndStore; prints what was stored, rejected and why.
+    Import {
+        /// Directory holding the files.
+        dir: PathBuf,
+        /// Tenant UUID the credentials belong to.
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        conn: BrokerConn,
     },
     /// Run the whole broker in memory with generated certificates.
     Dev {
@@ -77,6 +75,59 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "simulated")]
         validation: credbroker::dev::DevValidation,
     },
+}
+
+/// How a client command reaches the broker.
+#[derive(clap::Args)]
+struct BrokerConn {
+    /// Broker endpoint, e.g. https://credbroker:50051 (repeat for failover).
+    #[arg(long = "endpoint", required = true)]
+    endpoints: Vec<String>,
+    /// CA bundle of the broker's certificate (PEM).
+    #[arg(long)]
+    ca: PathBuf,
+    /// Our client certificate (PEM, SPIFFE ID in its URI SAN).
+    #[arg(long)]
+    cert: PathBuf,
+    /// Our private key (PEM).
+    #[arg(long)]
+    key: PathBuf,
+    /// Name to verify in the broker's certificate (default: endpoint host).
+    #[arg(long)]
+    server_name: Option<String>,
+}
+
+impl BrokerConn {
+    /// (CA, certificate, key) read from their files.
+    fn material(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>, String)> {
+        let read = |flag: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| anyhow::anyhow!("--{flag} {}: {e}", p.display()))
+        };
+        let key = String::from_utf8(read("key", &self.key)?)
+            .map_err(|_| anyhow::anyhow!("--key: not PEM text"))?;
+        Ok((read("ca", &self.ca)?, read("cert", &self.cert)?, key))
+    }
+
+    /// A channel to the first endpoint.
+    async fn channel(&self) -> anyhow::Result<tonic::transport::Channel> {
+        let (ca, cert, key) = self.material()?;
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(cert, key));
+        if let Some(n) = &self.server_name {
+            tls = tls.domain_name(n.clone());
+        }
+        let endpoint = self
+            .endpoints
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("--endpoint is required"))?;
+        Ok(tonic::transport::Channel::from_shared(endpoint.clone())
+            .map_err(|e| anyhow::anyhow!("--endpoint {endpoint}: {e}"))?
+            .tls_config(tls)?
+            .connect()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach {endpoint}: {e}"))?)
+    }
 }
 
 #[tokio::main]
@@ -130,21 +181,33 @@ async fn main() -> anyhow::Result<()> {
             max_streams_per_tenant,
             validation,
         } => credbroker::dev::run(listen, &dir, max_streams_per_tenant, validation).await,
+        Cmd::Import { dir, tenant, conn } => {
+            let tenant = tenant
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
+            let mut client =
+                credbroker::api::pb::credential_broker_client::CredentialBrokerClient::new(
+                    conn.channel().await?,
+                );
+            let report = credbroker::import::run(&dir, tenant, &mut client).await?;
+            for line in &report {
+                println!("{line}");
+            }
+            let stored = report
+                .iter()
+                .filter(|l| l.outcome == credbroker::import::Outcome::Stored)
+                .count();
+            println!("{stored} stored, {} not stored", report.len() - stored);
+            Ok(())
+        }
         Cmd::Agent {
-            endpoints,
-            ca,
-            cert,
-            key,
-            server_name,
+            conn,
             tenant,
             exchanges,
             dir,
             on_change,
             instance,
         } => {
-            let read = |flag: &str, p: &PathBuf| {
-                std::fs::read(p).map_err(|e| anyhow::anyhow!("--{flag} {}: {e}", p.display()))
-            };
             let tenant = tenant
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
@@ -153,16 +216,15 @@ async fn main() -> anyhow::Result<()> {
                 .map(|e| e.parse())
                 .collect::<Result<Vec<_>, String>>()
                 .map_err(|e| anyhow::anyhow!("--exchange: {e}"))?;
-            let key = String::from_utf8(read("key", &key)?)
-                .map_err(|_| anyhow::anyhow!("--key: not PEM text"))?;
+            let (ca, cert, key) = conn.material()?;
             let mut client = credbroker::client::ClientConfig::new(
-                endpoints,
-                read("ca", &ca)?,
-                read("cert", &cert)?,
+                conn.endpoints.clone(),
+                ca,
+                cert,
                 key.into(),
                 tenant,
             );
-            client.domain = server_name;
+            client.domain = conn.server_name.clone();
             client.exchanges = exchanges;
             client.instance = instance;
             let cancel = tokio_util::sync::CancellationToken::new();

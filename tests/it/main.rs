@@ -6,6 +6,7 @@ mod support;
 
 mod clients;
 mod core;
+mod devmode;
 mod examples;
 mod exchanges;
 mod mtls;
