@@ -121,12 +121,12 @@ impl BrokerConn {
             .endpoints
             .first()
             .ok_or_else(|| anyhow::anyhow!("--endpoint is required"))?;
-        Ok(tonic::transport::Channel::from_shared(endpoint.clone())
+        tonic::transport::Channel::from_shared(endpoint.clone())
             .map_err(|e| anyhow::anyhow!("--endpoint {endpoint}: {e}"))?
             .tls_config(tls)?
             .connect()
             .await
-            .map_err(|e| anyhow::anyhow!("cannot reach {endpoint}: {e}"))?)
+            .map_err(|e| anyhow::anyhow!("cannot reach {endpoint}: {e}"))
     }
 }
 

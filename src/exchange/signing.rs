@@ -202,3 +202,39 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Signing is a pure function: a fixed clock and nonce give the same
+        /// signature every time, and another secret gives another one.
+        #[test]
+        fn signing_is_deterministic(
+            secret in "[A-Za-z0-9]{8,64}",
+            other in "[A-Za-z0-9]{8,64}",
+            ts in 1_600_000_000_000u64..1_900_000_000_000,
+            query in "[a-z]{1,8}=[a-z0-9]{1,8}",
+        ) {
+            prop_assume!(secret != other);
+            prop_assert_eq!(binance(&secret, &query, ""), binance(&secret, &query, ""));
+            prop_assert_ne!(binance(&secret, &query, ""), binance(&other, &query, ""));
+            prop_assert_eq!(bybit(&secret, ts, "k", 5000, &query), bybit(&secret, ts, "k", 5000, &query));
+            prop_assert_ne!(bybit(&secret, ts, "k", 5000, &query), bybit(&secret, ts + 1, "k", 5000, &query));
+            let iso = "2023-11-14T22:13:20.000Z";
+            prop_assert_eq!(okx(&secret, iso, "GET", "/p", ""), okx(&secret, iso, "GET", "/p", ""));
+            prop_assert_eq!(kucoin(&secret, ts, "GET", "/p", ""), kucoin(&secret, ts, "GET", "/p", ""));
+            let b64 = B64.encode(secret.as_bytes());
+            let nonce = ts.to_string();
+            prop_assert_eq!(
+                kraken(&b64, "/0/private/Balance", &nonce, &format!("nonce={nonce}")).ok(),
+                kraken(&b64, "/0/private/Balance", &nonce, &format!("nonce={nonce}")).ok()
+            );
+            // The signature never contains the secret.
+            prop_assert!(!binance(&secret, &query, "").contains(&secret));
+        }
+    }
+}

@@ -498,3 +498,62 @@ async fn malformed_exchange_keys_fail_before_any_request() {
         assert!(e.message().starts_with(field), "{ex}: {}", e.message());
     }
 }
+
+/// A `MakeWriter` that appends to a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 24, .. proptest::prelude::ProptestConfig::default() })]
+
+    /// Whatever the secret, a rejected key's error and every log line at
+    /// TRACE level (ours, reqwest's, hyper's) never contain it.
+    #[test]
+    fn no_error_or_log_line_contains_the_secret(secret in "[A-Za-z0-9]{16,48}", ex_idx in 0usize..4) {
+        let ex = [ExchangeId::Binance, ExchangeId::Bybit, ExchangeId::Okx, ExchangeId::Kucoin][ex_idx];
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(capture.clone())
+            .finish();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let err = tracing::subscriber::with_default(subscriber, || {
+            rt.block_on(async {
+                let sims = Simulators::start().await.unwrap();
+                let (key, _, pass) = register(&sims, ex, "prop", false);
+                let v = ExchangeValidator::new(&endpoints(&sims), WithdrawPolicy::default(), Arc::new(credbroker::clock::SystemClock)).unwrap();
+                let set = CredentialSet {
+                    api_key: key,
+                    api_secret: SecretString::from(secret.clone()),
+                    passphrase: pass.map(SecretString::from),
+                };
+                tracing::debug!(?set, "validating");
+                v.validate(new_tenant().parse().unwrap(), ex, &set).await.unwrap_err()
+            })
+        });
+        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        proptest::prop_assert!(matches!(err, ValidationError::Rejected { .. }), "{:?}", err);
+        proptest::prop_assert!(!err.to_string().contains(&secret));
+        let debug = format!("{:?}", err);
+        proptest::prop_assert!(!debug.contains(&secret));
+        proptest::prop_assert!(!logs.contains(&secret), "secret in logs");
+        proptest::prop_assert!(logs.contains("validating"), "the capture saw nothing");
+    }
+}
