@@ -23,7 +23,7 @@ use credbroker::{
     },
     clock::SystemClock,
     exchange::{
-        ExchangeEndpoint, ExchangeValidator, WithdrawPolicy, signing,
+        ExchangeValidator, WithdrawPolicy, signing,
         sim::{CdpPublicKey, SimKey, Simulators, native_permissions},
     },
 };
@@ -60,21 +60,7 @@ fn main() {
     );
     rt.block_on(async {
         let sims = Simulators::start().await.unwrap();
-        let endpoints = sims
-            .urls
-            .iter()
-            .map(|(ex, url)| {
-                (
-                    *ex,
-                    ExchangeEndpoint {
-                        base_url: url.clone(),
-                        timeout_ms: 5000,
-                        requests_per_minute: 1_000_000,
-                        demo: false,
-                    },
-                )
-            })
-            .collect();
+        let endpoints = sims.endpoints(5000, 1_000_000);
         let v =
             ExchangeValidator::new(&endpoints, WithdrawPolicy::default(), Arc::new(SystemClock))
                 .unwrap();

@@ -13,7 +13,7 @@ use crate::{
     clock::SystemClock,
     config::{CacheConfig, RotationConfig, ValidationConfig},
     exchange::{
-        ExchangeEndpoint, ExchangeValidator, WithdrawPolicy,
+        ExchangeValidator, WithdrawPolicy,
         sim::{SimKey, Simulators, native_permissions},
     },
     memstore::{MemoryMetadataStore, MemorySecretStore},
@@ -147,21 +147,7 @@ async fn dev_validator(
                 k.passphrase = pass.map(str::to_owned);
                 sims.add_key(*ex, key, k);
             }
-            let endpoints = sims
-                .urls
-                .iter()
-                .map(|(ex, url)| {
-                    (
-                        *ex,
-                        ExchangeEndpoint {
-                            base_url: url.clone(),
-                            timeout_ms: 5000,
-                            requests_per_minute: 600,
-                            demo: false,
-                        },
-                    )
-                })
-                .collect();
+            let endpoints = sims.endpoints(5000, 600);
             let v = ExchangeValidator::new(
                 &endpoints,
                 WithdrawPolicy::default(),

@@ -136,6 +136,26 @@ impl Simulators {
         })
     }
 
+    /// Validator endpoints pointing at these simulators.
+    pub fn endpoints(
+        &self,
+        timeout_ms: u64,
+        requests_per_minute: u32,
+    ) -> BTreeMap<ExchangeId, super::ExchangeEndpoint> {
+        self.urls
+            .iter()
+            .map(|(ex, url)| {
+                let endpoint = super::ExchangeEndpoint {
+                    base_url: url.clone(),
+                    timeout_ms,
+                    requests_per_minute,
+                    demo: false,
+                };
+                (*ex, endpoint)
+            })
+            .collect()
+    }
+
     /// Registers (or replaces) a key.
     pub fn add_key(&self, ex: ExchangeId, api_key: &str, key: SimKey) {
         lock(&self.keys).insert((ex, api_key.to_owned()), key);

@@ -10,7 +10,7 @@ use credbroker::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Env, TD, new_tenant, set};
+use crate::support::{Env, TD, new_tenant, rotate_n, set};
 
 fn client_config(env: &Env, endpoints: Vec<String>, tenant: &str) -> ClientConfig {
     let pair = env
@@ -31,18 +31,6 @@ fn client_config(env: &Env, endpoints: Vec<String>, tenant: &str) -> ClientConfi
     cfg.backoff_max = Duration::from_millis(500);
     cfg.silence_limit = Duration::from_secs(3);
     cfg
-}
-
-fn rotate(tenant: &str, exchange: &str, n: u32) -> pb::RotateRequest {
-    pb::RotateRequest {
-        tenant_id: tenant.into(),
-        exchange: exchange.into(),
-        credentials: Some(set(
-            &format!("{exchange}Key{n:06}"),
-            &format!("{exchange}Secret{n:06}"),
-        )),
-        overlap_seconds: None,
-    }
 }
 
 #[tokio::test]
@@ -70,7 +58,7 @@ async fn the_handle_follows_rotations_fails_over_dedupes_and_keeps_the_last_good
     let v1 = handle.wait_for(ExchangeId::Binance, 1, wait).await.unwrap();
     assert_eq!(v1.current.api_key, "binanceKey000000");
 
-    admin.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    admin.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     let v2 = handle.wait_for(ExchangeId::Binance, 2, wait).await.unwrap();
     assert_eq!(v2.current.api_key, "binanceKey000001");
     let (prev, prev_version, _) = v2.previous.as_ref().unwrap();
@@ -82,7 +70,7 @@ async fn the_handle_follows_rotations_fails_over_dedupes_and_keeps_the_last_good
     // The replica the handle is connected to goes away; it fails over to the
     // other endpoint and resumes there.
     env.stop_broker().await;
-    admin.rotate(rotate(&tenant, "binance", 2)).await.unwrap();
+    admin.rotate(rotate_n(&tenant, "binance", 2)).await.unwrap();
     let v3 = handle.wait_for(ExchangeId::Binance, 3, wait).await.unwrap();
     assert_eq!(v3.current.api_key, "binanceKey000002");
     // One swap per distinct version: the reconnect's full state did not
@@ -130,7 +118,7 @@ async fn acknowledging_a_version_that_is_not_served_is_refused() {
     })
     .await
     .unwrap();
-    op.rotate(rotate(&tenant, "kraken", 1)).await.unwrap();
+    op.rotate(rotate_n(&tenant, "kraken", 1)).await.unwrap();
     let ack = |version| pb::AcknowledgeVersionRequest {
         tenant_id: tenant.clone(),
         exchange: "kraken".into(),
@@ -219,7 +207,7 @@ async fn the_agent_writes_each_set_atomically_and_runs_the_hook() {
     let mode = std::fs::metadata(&kraken).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 
-    op.rotate(rotate(&tenant, "kraken", 1)).await.unwrap();
+    op.rotate(rotate_n(&tenant, "kraken", 1)).await.unwrap();
     wait_until("kraken v2", || {
         agent::read_file(&kraken).is_ok_and(|v| v["version"] == 2)
     })

@@ -25,20 +25,7 @@ use tonic::Code;
 use crate::support::{Env, EnvOptions, new_tenant};
 
 fn endpoints(sims: &Simulators) -> BTreeMap<ExchangeId, ExchangeEndpoint> {
-    sims.urls
-        .iter()
-        .map(|(ex, url)| {
-            (
-                *ex,
-                ExchangeEndpoint {
-                    base_url: url.clone(),
-                    timeout_ms: 1000,
-                    requests_per_minute: 10_000,
-                    demo: false,
-                },
-            )
-        })
-        .collect()
+    sims.endpoints(1000, 10_000)
 }
 
 async fn env_with(sims: &Simulators, allow_withdraw: Vec<uuid::Uuid>) -> Env {
@@ -424,6 +411,40 @@ async fn revalidation_marks_a_revoked_key_invalid_but_never_on_an_outage() {
             .await,
         1
     );
+}
+
+#[tokio::test]
+async fn the_client_side_budget_protects_the_brokers_ip() {
+    let sims = Simulators::start().await.unwrap();
+    // Two signed requests a minute: exactly one Binance validation.
+    let v = ExchangeValidator::new(
+        &sims.endpoints(1000, 2),
+        WithdrawPolicy::default(),
+        Arc::new(credbroker::clock::SystemClock),
+    )
+    .unwrap();
+    let (key, secret, _) = register(&sims, ExchangeId::Binance, "budget", false);
+    let set = CredentialSet {
+        api_key: key,
+        api_secret: SecretString::from(secret),
+        passphrase: None,
+    };
+    let tenant: TenantId = new_tenant().parse().unwrap();
+    v.validate(tenant, ExchangeId::Binance, &set).await.unwrap();
+    match v.validate(tenant, ExchangeId::Binance, &set).await {
+        Err(ValidationError::Unavailable { reason, .. }) => {
+            assert!(reason.contains("budget"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    // Other exchanges have their own budget.
+    let (key, secret, _) = register(&sims, ExchangeId::Bybit, "budget", false);
+    let set = CredentialSet {
+        api_key: key,
+        api_secret: SecretString::from(secret),
+        passphrase: None,
+    };
+    v.validate(tenant, ExchangeId::Bybit, &set).await.unwrap();
 }
 
 #[tokio::test]

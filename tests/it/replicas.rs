@@ -8,41 +8,7 @@ use std::{collections::BTreeSet, time::Duration};
 use credbroker::api::pb::{self, EventKind, watch_rotations_response::Message};
 use tonic::Code;
 
-use crate::{
-    rotation::next_non_heartbeat,
-    support::{Env, TD, new_tenant, set},
-};
-
-fn rotate(tenant: &str, exchange: &str, n: u32) -> pb::RotateRequest {
-    pb::RotateRequest {
-        tenant_id: tenant.into(),
-        exchange: exchange.into(),
-        credentials: Some(set(
-            &format!("{exchange}Key{n:06}"),
-            &format!("{exchange}Secret{n:06}"),
-        )),
-        overlap_seconds: None,
-    }
-}
-
-fn store(tenant: &str, exchange: &str) -> pb::ValidateAndStoreRequest {
-    pb::ValidateAndStoreRequest {
-        tenant_id: tenant.into(),
-        exchange: exchange.into(),
-        credentials: Some(set(
-            &format!("{exchange}Key000000"),
-            &format!("{exchange}Secret000000"),
-        )),
-    }
-}
-
-fn watch(tenant: &str, after_seq: u64) -> pb::WatchRotationsRequest {
-    pb::WatchRotationsRequest {
-        tenant_id: tenant.into(),
-        exchanges: vec![],
-        after_seq,
-    }
-}
+use crate::support::{Env, TD, new_tenant, next_non_heartbeat, rotate_n, store_n, watch_req};
 
 #[tokio::test]
 async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
@@ -53,7 +19,7 @@ async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
     let mut on_b = env
         .client_at(b.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/b"))
         .await;
-    on_a.validate_and_store(store(&tenant, "binance"))
+    on_a.validate_and_store(store_n(&tenant, "binance"))
         .await
         .unwrap();
     // B caches version 1.
@@ -70,7 +36,7 @@ async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
         1
     );
     let mut stream = on_b
-        .watch_rotations(watch(&tenant, 0))
+        .watch_rotations(watch_req(&tenant, 0))
         .await
         .unwrap()
         .into_inner();
@@ -79,7 +45,7 @@ async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
         Message::State(_)
     ));
 
-    on_a.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    on_a.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
         panic!()
     };
@@ -100,11 +66,11 @@ async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
         .client_at(b.addr, &format!("spiffe://{TD}/operator/admin"))
         .await;
     admin
-        .validate_and_store(store(&tenant, "kraken"))
+        .validate_and_store(store_n(&tenant, "kraken"))
         .await
         .unwrap();
     admin
-        .validate_and_store(store(&tenant, "bybit"))
+        .validate_and_store(store_n(&tenant, "bybit"))
         .await
         .unwrap();
     let exchange = |n: u32| {
@@ -118,7 +84,7 @@ async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
     // The pod watches replica A; every write goes through replica B.
     let mut on_a = env.tenant_client(&tenant).await;
     let mut stream = on_a
-        .watch_rotations(watch(&tenant, 0))
+        .watch_rotations(watch_req(&tenant, 0))
         .await
         .unwrap()
         .into_inner();
@@ -130,7 +96,10 @@ async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
     }
     let mut seqs = Vec::new();
     for n in 1..=5 {
-        admin.rotate(rotate(&tenant, exchange(n), n)).await.unwrap();
+        admin
+            .rotate(rotate_n(&tenant, exchange(n), n))
+            .await
+            .unwrap();
     }
     while seqs.len() < 5 {
         let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
@@ -159,13 +128,16 @@ async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
 
     // More rotations while the pod is disconnected.
     for n in 6..=10 {
-        admin.rotate(rotate(&tenant, exchange(n), n)).await.unwrap();
+        admin
+            .rotate(rotate_n(&tenant, exchange(n), n))
+            .await
+            .unwrap();
     }
     let mut on_b = env
         .client_at(b.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/a"))
         .await;
     let mut resumed = on_b
-        .watch_rotations(watch(&tenant, last))
+        .watch_rotations(watch_req(&tenant, last))
         .await
         .unwrap()
         .into_inner();
@@ -212,13 +184,13 @@ async fn the_listener_recovers_after_losing_its_connection() {
     let env = Env::start().await;
     let tenant = new_tenant();
     let mut c = env.operator().await;
-    c.validate_and_store(store(&tenant, "binance"))
+    c.validate_and_store(store_n(&tenant, "binance"))
         .await
         .unwrap();
     let mut stream = env
         .tenant_client(&tenant)
         .await
-        .watch_rotations(watch(&tenant, 0))
+        .watch_rotations(watch_req(&tenant, 0))
         .await
         .unwrap()
         .into_inner();
@@ -240,7 +212,7 @@ async fn the_listener_recovers_after_losing_its_connection() {
         .unwrap()
         .get(0);
     assert_eq!(killed, 1);
-    c.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    c.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
         panic!()
     };
@@ -252,10 +224,10 @@ async fn resuming_before_retention_asks_for_a_resync() {
     let env = Env::start().await;
     let tenant = new_tenant();
     let mut c = env.operator().await;
-    c.validate_and_store(store(&tenant, "binance"))
+    c.validate_and_store(store_n(&tenant, "binance"))
         .await
         .unwrap();
-    c.rotate(rotate(&tenant, "binance", 1)).await.unwrap();
+    c.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     // Prune everything (retention passed for all events).
     let pruned = env
         .broker()
@@ -266,7 +238,7 @@ async fn resuming_before_retention_asks_for_a_resync() {
     assert_eq!(pruned, 2);
     let mut w = env.tenant_client(&tenant).await;
     let mut s = w
-        .watch_rotations(watch(&tenant, 1))
+        .watch_rotations(watch_req(&tenant, 1))
         .await
         .unwrap()
         .into_inner();
@@ -281,7 +253,7 @@ async fn resuming_before_retention_asks_for_a_resync() {
     assert!(err.message().contains("resync"), "{err:?}");
     // A fresh subscription (after_seq = 0) still gets the full state.
     let mut s = w
-        .watch_rotations(watch(&tenant, 0))
+        .watch_rotations(watch_req(&tenant, 0))
         .await
         .unwrap()
         .into_inner();
@@ -299,22 +271,22 @@ async fn streams_per_tenant_are_limited() {
     env.start_broker(None).await;
     let tenant = new_tenant();
     let mut w = env.tenant_client(&tenant).await;
-    let s1 = w.watch_rotations(watch(&tenant, 0)).await.unwrap();
-    let s2 = w.watch_rotations(watch(&tenant, 0)).await.unwrap();
-    let e = w.watch_rotations(watch(&tenant, 0)).await.unwrap_err();
+    let s1 = w.watch_rotations(watch_req(&tenant, 0)).await.unwrap();
+    let s2 = w.watch_rotations(watch_req(&tenant, 0)).await.unwrap();
+    let e = w.watch_rotations(watch_req(&tenant, 0)).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     // Another tenant is not affected.
     let other = new_tenant();
     env.tenant_client(&other)
         .await
-        .watch_rotations(watch(&other, 0))
+        .watch_rotations(watch_req(&other, 0))
         .await
         .unwrap();
     // Closing a stream frees its slot.
     drop(s1);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        match w.watch_rotations(watch(&tenant, 0)).await {
+        match w.watch_rotations(watch_req(&tenant, 0)).await {
             Ok(_) => break,
             Err(e) => {
                 assert_eq!(e.code(), Code::ResourceExhausted);
@@ -334,14 +306,14 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
     // Writes through the in-process replica; the pod watches the process.
     let mut admin = env.operator().await;
     admin
-        .validate_and_store(store(&tenant, "binance"))
+        .validate_and_store(store_n(&tenant, "binance"))
         .await
         .unwrap();
     let mut on_a = env
         .client_at(proc_a.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/a"))
         .await;
     let mut stream = on_a
-        .watch_rotations(watch(&tenant, 0))
+        .watch_rotations(watch_req(&tenant, 0))
         .await
         .unwrap()
         .into_inner();
@@ -351,7 +323,7 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
     ));
     let mut seqs = Vec::new();
     for n in 1..=3 {
-        admin.rotate(rotate(&tenant, "binance", n)).await.unwrap();
+        admin.rotate(rotate_n(&tenant, "binance", n)).await.unwrap();
     }
     while seqs.len() < 3 {
         let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
@@ -373,11 +345,11 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
     };
     assert!(!matches!(broken, Ok(Some(_))));
     for n in 4..=6 {
-        admin.rotate(rotate(&tenant, "binance", n)).await.unwrap();
+        admin.rotate(rotate_n(&tenant, "binance", n)).await.unwrap();
     }
     let mut on_b = env.tenant_client(&tenant).await;
     let mut resumed = on_b
-        .watch_rotations(watch(&tenant, *seqs.last().unwrap()))
+        .watch_rotations(watch_req(&tenant, *seqs.last().unwrap()))
         .await
         .unwrap()
         .into_inner();

@@ -11,7 +11,7 @@ use credbroker::{
 use time::OffsetDateTime;
 use tonic::Code;
 
-use crate::support::{Env, EnvOptions, new_tenant, set};
+use crate::support::{Env, EnvOptions, get_req, new_tenant, next_non_heartbeat, rotate_req, set};
 
 async fn store(env: &Env, tenant: &str, exchange: &str, key: &str, secret: &str) {
     env.operator()
@@ -23,28 +23,6 @@ async fn store(env: &Env, tenant: &str, exchange: &str, key: &str, secret: &str)
         })
         .await
         .unwrap();
-}
-
-fn rotate_req(
-    tenant: &str,
-    exchange: &str,
-    key: &str,
-    secret: &str,
-    overlap: Option<u32>,
-) -> pb::RotateRequest {
-    pb::RotateRequest {
-        tenant_id: tenant.into(),
-        exchange: exchange.into(),
-        credentials: Some(set(key, secret)),
-        overlap_seconds: overlap,
-    }
-}
-
-fn get_req(tenant: &str, exchange: &str) -> pb::GetCredentialsRequest {
-    pb::GetCredentialsRequest {
-        tenant_id: tenant.into(),
-        exchange: exchange.into(),
-    }
 }
 
 #[tokio::test]
@@ -438,18 +416,4 @@ async fn watch_sends_state_then_every_change_and_resumes_from_a_sequence() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-}
-
-pub async fn next_non_heartbeat(s: &mut tonic::Streaming<pb::WatchRotationsResponse>) -> Message {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), s.message())
-            .await
-            .expect("no message within 10 s")
-            .expect("stream error")
-            .expect("stream ended");
-        match m.message.expect("empty message") {
-            Message::Heartbeat(_) => continue,
-            other => return other,
-        }
-    }
 }

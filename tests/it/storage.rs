@@ -333,7 +333,7 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
         .await
         .unwrap()
         .into_inner();
-    let first = crate::rotation::next_non_heartbeat(&mut stream).await;
+    let first = crate::support::next_non_heartbeat(&mut stream).await;
     assert!(matches!(first, Message::State(_)));
 
     let pid = dev.child.id().unwrap();

@@ -614,3 +614,70 @@ mode = "format"
         }
     }
 }
+
+pub fn store_n(tenant: &str, exchange: &str) -> credbroker::api::pb::ValidateAndStoreRequest {
+    credbroker::api::pb::ValidateAndStoreRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+        credentials: Some(set(
+            &format!("{exchange}Key000000"),
+            &format!("{exchange}Secret000000"),
+        )),
+    }
+}
+
+pub fn rotate_n(tenant: &str, exchange: &str, n: u32) -> credbroker::api::pb::RotateRequest {
+    rotate_req(
+        tenant,
+        exchange,
+        &format!("{exchange}Key{n:06}"),
+        &format!("{exchange}Secret{n:06}"),
+        None,
+    )
+}
+
+pub fn rotate_req(
+    tenant: &str,
+    exchange: &str,
+    key: &str,
+    secret: &str,
+    overlap: Option<u32>,
+) -> credbroker::api::pb::RotateRequest {
+    credbroker::api::pb::RotateRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+        credentials: Some(set(key, secret)),
+        overlap_seconds: overlap,
+    }
+}
+
+pub fn get_req(tenant: &str, exchange: &str) -> credbroker::api::pb::GetCredentialsRequest {
+    credbroker::api::pb::GetCredentialsRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+    }
+}
+
+pub fn watch_req(tenant: &str, after_seq: u64) -> credbroker::api::pb::WatchRotationsRequest {
+    credbroker::api::pb::WatchRotationsRequest {
+        tenant_id: tenant.into(),
+        exchanges: vec![],
+        after_seq,
+    }
+}
+
+pub async fn next_non_heartbeat(
+    s: &mut tonic::Streaming<credbroker::api::pb::WatchRotationsResponse>,
+) -> credbroker::api::pb::watch_rotations_response::Message {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("no message within 10 s")
+            .expect("stream error")
+            .expect("stream ended");
+        match m.message.expect("empty message") {
+            credbroker::api::pb::watch_rotations_response::Message::Heartbeat(_) => continue,
+            other => return other,
+        }
+    }
+}
