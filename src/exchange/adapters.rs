@@ -134,6 +134,7 @@ const IP: &str =
 const BAD_KEY: &str =
     "the exchange does not know this API key (typo, deleted key, or a key of another environment)";
 const BAD_SECRET: &str = "the signature does not match: the API secret is wrong";
+const BAD_PASSPHRASE: &str = "the passphrase is wrong (it was chosen when the key was created)";
 const NO_PERMISSION: &str =
     "the key lacks a permission the broker needs to validate it (read access)";
 
@@ -310,11 +311,7 @@ async fn okx(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions, 
             return Err(match code {
                 "50111" => rejected(ex, code, BAD_KEY),
                 "50113" => rejected(ex, code, BAD_SECRET),
-                "50105" => rejected(
-                    ex,
-                    code,
-                    "the passphrase is wrong (it was chosen when the key was created)",
-                ),
+                "50105" => rejected(ex, code, BAD_PASSPHRASE),
                 "50102" => rejected(ex, code, CLOCK),
                 "50110" => rejected(ex, code, IP),
                 "50101" => rejected(
@@ -588,11 +585,7 @@ async fn kucoin(
             return Err(match code {
                 "400003" => rejected(ex, code, BAD_KEY),
                 "400005" => rejected(ex, code, BAD_SECRET),
-                "400004" => rejected(
-                    ex,
-                    code,
-                    "the passphrase is wrong (it was chosen when the key was created)",
-                ),
+                "400004" => rejected(ex, code, BAD_PASSPHRASE),
                 "400002" => rejected(ex, code, CLOCK),
                 "400006" | "400007" => rejected(ex, code, IP),
                 "429000" => unavailable(ex, "rate limited by KuCoin (429000); retry in a minute"),
