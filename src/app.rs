@@ -19,7 +19,7 @@ use crate::{
     clock::{Clock, SystemClock},
     config::{CacheConfig, Config, RotationConfig, ValidationConfig, ValidationMode},
     exchange::{ExchangeValidator, WithdrawPolicy},
-    rotation::{hub::Hub, listener::EventListener, retire},
+    rotation::{hub::Hub, listener::EventListener, retire, watch::StreamTiming},
     server::{self, ServeParams},
     store::{self, PgMetadataStore},
     vault::VaultSecretStore,
@@ -60,8 +60,8 @@ pub struct Settings {
     pub rotation: RotationConfig,
     /// KV path prefix.
     pub path_prefix: String,
-    /// Stream heartbeat.
-    pub heartbeat: Duration,
+    /// Stream heartbeat and maximum age.
+    pub streams: StreamTiming,
     /// Health probe period.
     pub health_probe: Duration,
     /// Stream limit per tenant.
@@ -209,7 +209,11 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
         cache: cfg.cache.clone(),
         rotation: cfg.rotation.clone(),
         path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
-        heartbeat: Duration::from_secs(cfg.server.heartbeat_secs),
+        streams: StreamTiming {
+            heartbeat: Duration::from_secs(cfg.server.heartbeat_secs),
+            max_age: (cfg.server.max_stream_age_secs > 0)
+                .then(|| Duration::from_secs(cfg.server.max_stream_age_secs)),
+        },
         health_probe: Duration::from_secs(cfg.server.health_probe_secs),
         max_streams_per_tenant: cfg.server.max_streams_per_tenant,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
@@ -301,7 +305,7 @@ pub async fn start(
     }
     let service = BrokerService::new(
         broker.clone(),
-        s.heartbeat,
+        s.streams,
         s.max_streams_per_tenant,
         shutdown.clone(),
     );

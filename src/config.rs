@@ -91,6 +91,9 @@ pub struct ServerConfig {
     pub health_probe_secs: u64,
     /// Concurrent WatchRotations streams one tenant may hold on a replica.
     pub max_streams_per_tenant: usize,
+    /// Streams end (resumably) after 75–100 % of this, spreading clients
+    /// across replicas again; 0 disables.
+    pub max_stream_age_secs: u64,
 }
 
 impl Default for ServerConfig {
@@ -101,6 +104,7 @@ impl Default for ServerConfig {
             heartbeat_secs: 5,
             health_probe_secs: 5,
             max_streams_per_tenant: 256,
+            max_stream_age_secs: 3600,
         }
     }
 }

@@ -192,7 +192,10 @@ pub async fn run(
         cache: CacheConfig::default(),
         rotation: RotationConfig::default(),
         path_prefix: "tenants".into(),
-        heartbeat: Duration::from_secs(5),
+        streams: crate::rotation::watch::StreamTiming {
+            heartbeat: Duration::from_secs(5),
+            max_age: Some(Duration::from_secs(3600)),
+        },
         health_probe: Duration::from_secs(5),
         max_streams_per_tenant: max_streams_per_tenant.max(1),
         grace: Duration::from_secs(5),

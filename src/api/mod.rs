@@ -6,7 +6,7 @@ pub mod convert;
 pub mod pb;
 pub mod status;
 
-use std::{collections::BTreeSet, pin::Pin, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, pin::Pin, sync::Arc};
 
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     auth::{AuthError, Caller},
     broker::{Broker, types::TenantId},
-    rotation::watch::{self, StreamSlots, Subscription, WatchItem},
+    rotation::watch::{self, StreamSlots, StreamTiming, Subscription, WatchItem},
 };
 use pb::credential_broker_server::CredentialBroker;
 
@@ -26,24 +26,24 @@ const WATCH_BUFFER: usize = 32;
 /// The `credbroker.v1.CredentialBroker` service.
 pub struct BrokerService {
     broker: Arc<Broker>,
-    heartbeat: Duration,
+    timing: StreamTiming,
     slots: Arc<StreamSlots>,
     shutdown: CancellationToken,
 }
 
 impl BrokerService {
-    /// Serves `broker`; streams send heartbeats every `heartbeat`, at most
+    /// Serves `broker`; streams follow `timing`, at most
     /// `max_streams_per_tenant` per tenant, and end with a resumable status
     /// when `shutdown` fires.
     pub fn new(
         broker: Arc<Broker>,
-        heartbeat: Duration,
+        timing: StreamTiming,
         max_streams_per_tenant: usize,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             broker,
-            heartbeat,
+            timing,
             slots: StreamSlots::new(max_streams_per_tenant),
             shutdown,
         }
@@ -167,7 +167,7 @@ impl CredentialBroker for BrokerService {
             self.broker.clone(),
             sub,
             tx,
-            self.heartbeat,
+            self.timing,
             self.shutdown.clone(),
             slot,
         ));

@@ -33,9 +33,9 @@ impl From<BrokerError> for Status {
             BrokerError::AlreadyExists { .. } => Status::already_exists(msg),
             BrokerError::Conflict => Status::aborted(msg),
             BrokerError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            BrokerError::Unavailable { .. } | BrokerError::ShuttingDown { .. } => {
-                Status::unavailable(msg)
-            }
+            BrokerError::Unavailable { .. }
+            | BrokerError::ShuttingDown { .. }
+            | BrokerError::StreamAged { .. } => Status::unavailable(msg),
             BrokerError::ResumeTooOld { .. } => Status::out_of_range(msg),
             BrokerError::Internal => {
                 Status::internal("internal error; the broker logged the cause")

@@ -142,6 +142,15 @@ pub enum BrokerError {
         /// The last sequence number delivered on the stream.
         resume_after: u64,
     },
+    /// The stream reached its maximum age; the client reconnects (possibly
+    /// to another replica) and resumes.
+    #[error(
+        "this stream reached its maximum age (load balancing); reconnect with after_seq={resume_after}"
+    )]
+    StreamAged {
+        /// The last sequence number delivered on the stream.
+        resume_after: u64,
+    },
     /// A resume point older than event retention.
     #[error(
         "events after seq {after_seq} are no longer retained; resync: reconnect with after_seq=0 and take the full state"

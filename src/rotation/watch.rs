@@ -93,6 +93,17 @@ impl Drop for StreamSlot {
     }
 }
 
+/// Timing rules of every stream.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamTiming {
+    /// Heartbeat period when idle.
+    pub heartbeat: Duration,
+    /// Streams end (resumably) after a jittered 75–100 % of this, so a fleet
+    /// that connected in one burst (after a partition, a deploy) spreads over
+    /// the replicas again instead of staying where the herd landed.
+    pub max_age: Option<Duration>,
+}
+
 /// What a subscription asked for.
 #[derive(Clone, Debug)]
 pub struct Subscription {
@@ -132,11 +143,23 @@ pub async fn run(
     broker: Arc<Broker>,
     sub: Subscription,
     tx: mpsc::Sender<WatchItem>,
-    heartbeat: Duration,
+    timing: StreamTiming,
     cancel: CancellationToken,
     slot: StreamSlot,
 ) {
     let _slot = slot;
+    let heartbeat = timing.heartbeat;
+    let expires = timing.max_age.map(|age| {
+        use rand::Rng as _;
+        tokio::time::Instant::now() + age.mul_f64(rand::rng().random_range(0.75..=1.0))
+    });
+    let aged = async move {
+        match expires {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(aged);
     // Subscribe before reading state so nothing committed in between is lost.
     let mut live = broker.hub().subscribe();
     let mut cursor = sub.after_seq;
@@ -186,6 +209,10 @@ pub async fn run(
         tokio::select! {
             () = cancel.cancelled() => {
                 let _ = tx.send(WatchItem::End(Box::new(BrokerError::ShuttingDown { resume_after: cursor }))).await;
+                return;
+            }
+            () = &mut aged => {
+                let _ = tx.send(WatchItem::End(Box::new(BrokerError::StreamAged { resume_after: cursor }))).await;
                 return;
             }
             got = tokio::time::timeout(heartbeat, live.recv()) => match got {
@@ -299,14 +326,11 @@ mod tests {
             after_seq: 0,
         };
         let cancel = CancellationToken::new();
-        tokio::spawn(run(
-            broker.clone(),
-            sub,
-            tx,
-            Duration::from_secs(60),
-            cancel.clone(),
-            slot,
-        ));
+        let timing = StreamTiming {
+            heartbeat: Duration::from_secs(60),
+            max_age: None,
+        };
+        tokio::spawn(run(broker.clone(), sub, tx, timing, cancel.clone(), slot));
         assert!(matches!(rx.recv().await, Some(WatchItem::State(_))));
         // 100 rotations while nobody reads: far more than the hub holds.
         for n in 1..=100 {

@@ -378,3 +378,44 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
         .collect();
     assert_eq!(seqs, committed, "every rotation exactly once, in order");
 }
+
+#[tokio::test]
+async fn streams_end_resumably_at_their_jittered_maximum_age() {
+    let mut env = Env::start().await;
+    env.stop_broker().await;
+    env.config.server.max_stream_age_secs = 2;
+    env.start_broker(None).await;
+    let tenant = new_tenant();
+    env.operator()
+        .await
+        .validate_and_store(store_n(&tenant, "kraken"))
+        .await
+        .unwrap();
+    let mut w = env.tenant_client(&tenant).await;
+    let started = std::time::Instant::now();
+    let mut s = w
+        .watch_rotations(watch_req(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .unwrap()
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("silent end"),
+            Err(status) => break status,
+        }
+    };
+    let age = started.elapsed();
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    assert!(
+        end.message().contains("maximum age") && end.message().contains("after_seq="),
+        "{end:?}"
+    );
+    assert!(
+        age >= Duration::from_millis(1400) && age < Duration::from_secs(4),
+        "{age:?}"
+    );
+}

@@ -417,3 +417,52 @@ async fn watch_sends_state_then_every_change_and_resumes_from_a_sequence() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn rotating_inside_an_overlap_retires_the_oldest_version_at_once() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut c = env.operator().await;
+    c.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(set("bybitKeyV1xxxx", "bybitSecretV1")),
+    })
+    .await
+    .unwrap();
+    c.rotate(rotate_req(
+        &tenant,
+        "bybit",
+        "bybitKeyV2xxxx",
+        "bybitSecretV2",
+        None,
+    ))
+    .await
+    .unwrap();
+    let third = c
+        .rotate(rotate_req(
+            &tenant,
+            "bybit",
+            "bybitKeyV3xxxx",
+            "bybitSecretV3",
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .credential
+        .unwrap();
+    // Only one previous is ever served: version 2; version 1 is destroyed.
+    assert_eq!((third.version, third.previous_version), (3, Some(2)));
+    let g = c
+        .get_credentials(get_req(&tenant, "bybit"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.previous.unwrap().api_secret, "bybitSecretV2");
+    let (_, meta) = env
+        .kv_metadata(&format!("tenants/{tenant}/exchanges/bybit/credentials"))
+        .await;
+    assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true, "{meta}");
+    assert_eq!(meta["data"]["versions"]["2"]["destroyed"], false, "{meta}");
+}

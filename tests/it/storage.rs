@@ -362,3 +362,38 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[tokio::test]
+async fn the_migrate_command_applies_the_schema_once() {
+    crate::support::init();
+    let db = crate::support::TestDb::create().await;
+    let run = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["migrate", "--database-url", &db.url()])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(run().await.contains("applied 2 migration(s)"));
+    assert!(run().await.contains("applied 0 migration(s)"));
+    let tables: i64 = db
+        .connect()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE tablename IN ('tenant_credentials', 'credential_events', 'rotation_acks') AND rowsecurity",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        tables, 3,
+        "all three tables exist with row-level security on"
+    );
+}

@@ -288,6 +288,7 @@ impl Env {
                 heartbeat_secs: 1,
                 health_probe_secs: 1,
                 max_streams_per_tenant: 64,
+                max_stream_age_secs: 0,
             },
             tls: TlsConfig {
                 cert: pki.path("server.pem"),
