@@ -237,10 +237,13 @@ impl Broker {
         exchange: ExchangeId,
         set: CredentialSet,
     ) -> Result<CredentialRecord, BrokerError> {
-        let permissions = self.validator.validate(tenant, exchange, &set).await?;
+        // Cheap checks first: a malformed set or an existing credential
+        // never costs an exchange request (or the request budget).
+        validate::check_format(exchange, &set)?;
         if self.meta.get(tenant, exchange).await?.is_some() {
             return Err(already_exists(tenant, exchange));
         }
+        let permissions = self.validator.validate(tenant, exchange, &set).await?;
         let path = self.vault_path(tenant, exchange);
         // A version without a row is what a crash between the two writes
         // leaves behind; writing on top of it converges the retry.
@@ -287,7 +290,7 @@ impl Broker {
                 ),
             });
         }
-        let permissions = self.validator.validate(tenant, exchange, &set).await?;
+        validate::check_format(exchange, &set)?;
         let record = self
             .meta
             .get(tenant, exchange)
@@ -305,6 +308,7 @@ impl Broker {
                 rotated: false,
             });
         }
+        let permissions = self.validator.validate(tenant, exchange, &set).await?;
         let cas = self
             .secrets
             .latest_version(&record.vault_path)
