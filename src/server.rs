@@ -4,9 +4,8 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, ServerTlsConfig};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::server::HealthReporter;
 
 use crate::{
@@ -63,6 +62,11 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
     let broker =
         CredentialBrokerServer::new(p.service).max_decoding_message_size(MAX_REQUEST_BYTES);
 
+    // Small request/response messages: without TCP_NODELAY, Nagle and
+    // delayed ACKs add ~40 ms to the tail. Keepalive finds vanished peers.
+    let incoming = TcpIncoming::from(p.listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     let shutdown = p.shutdown.clone();
     let server = Server::builder()
         .tls_config(p.tls)?
@@ -80,9 +84,7 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(broker)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(p.listener), async move {
-            shutdown.cancelled().await
-        });
+        .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await });
 
     tokio::pin!(server);
     tokio::select! {
