@@ -35,6 +35,17 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// CPU time (user + system) the process has used, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    Duration::from_millis(ticks * 10)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[idx.min(sorted.len() - 1)]
@@ -61,6 +72,7 @@ struct Result {
     p99: Duration,
     max: Duration,
     bytes_per_subscriber: u64,
+    cpu_per_delivery: Duration,
 }
 
 async fn run(n: usize, rotations: usize) -> Result {
@@ -151,6 +163,26 @@ async fn run(n: usize, rotations: usize) -> Result {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = rss_kib(pid);
 
+    if let Ok(out) = std::env::var("FANOUT_PERF") {
+        // Profile the broker during the rotations (perf record, 15 s).
+        let _ = tokio::process::Command::new("perf")
+            .args([
+                "record",
+                "-g",
+                "-o",
+                &out,
+                "-p",
+                &pid.to_string(),
+                "--",
+                "sleep",
+                "15",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let cpu_before = cpu_time(pid);
     let mut latencies = Vec::with_capacity(n * rotations);
     for r in 0..rotations {
         let version = r as u64 + 2;
@@ -180,6 +212,7 @@ async fn run(n: usize, rotations: usize) -> Result {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let cpu = cpu_time(pid).saturating_sub(cpu_before);
     let _ = child.kill().await;
     latencies.sort();
     Result {
@@ -188,6 +221,7 @@ async fn run(n: usize, rotations: usize) -> Result {
         p99: percentile(&latencies, 0.99),
         max: *latencies.last().unwrap(),
         bytes_per_subscriber: (rss_idle.saturating_sub(rss_before) * 1024) / n as u64,
+        cpu_per_delivery: cpu / u32::try_from(n * rotations).unwrap(),
     }
 }
 
@@ -226,12 +260,13 @@ fn main() {
     );
     for r in &results {
         println!(
-            "{:>12} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>14} B",
+            "{:>12} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>16} B {:>15.1}µs",
             r.subscribers,
             r.p50.as_secs_f64() * 1e3,
             r.p99.as_secs_f64() * 1e3,
             r.max.as_secs_f64() * 1e3,
-            r.bytes_per_subscriber
+            r.bytes_per_subscriber,
+            r.cpu_per_delivery.as_secs_f64() * 1e6
         );
     }
 }

@@ -8,20 +8,16 @@ pub mod status;
 
 use std::{collections::BTreeSet, pin::Pin, sync::Arc};
 
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt as _, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
     auth::{AuthError, Caller},
     broker::{Broker, types::TenantId},
-    rotation::watch::{self, StreamSlots, StreamTiming, Subscription, WatchItem},
+    rotation::watch::{StreamSlots, StreamTiming, Subscription, Watch, WatchItem},
 };
 use pb::credential_broker_server::CredentialBroker;
-
-/// Buffered messages per WatchRotations stream.
-const WATCH_BUFFER: usize = 32;
 
 /// The `credbroker.v1.CredentialBroker` service.
 pub struct BrokerService {
@@ -162,16 +158,14 @@ impl CredentialBroker for BrokerService {
             .slots
             .acquire(tenant)
             .map_err(Status::resource_exhausted)?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
-        tokio::spawn(watch::run(
+        let watch = Watch::new(
             self.broker.clone(),
             sub,
-            tx,
             self.timing,
             self.shutdown.clone(),
             slot,
-        ));
-        let stream = ReceiverStream::new(rx).map(|item| {
+        );
+        let stream = watch.into_stream().map(|item| {
             use pb::watch_rotations_response::Message;
             let message = match item {
                 WatchItem::State(r) => Message::State(convert::metadata(&r)),

@@ -1,15 +1,16 @@
 //! One WatchRotations subscription: full state first, then missed events
 //! replayed from the table, then live events from the hub, with heartbeats
-//! while idle. Runs as its own task feeding a bounded channel; a failed send
-//! means the client left.
+//! while idle. The gRPC response stream polls it directly, so it only runs
+//! when the client can take a message; a client that stops reading falls
+//! behind the hub and is caught up from the table when it reads again.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::broadcast::{self, error::RecvError};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{
@@ -137,142 +138,165 @@ pub enum WatchItem {
     End(Box<BrokerError>),
 }
 
-/// Feeds `tx` until the client leaves or `cancel` fires; `slot` is held
-/// for as long.
-pub async fn run(
+/// One subscription, polled directly by its gRPC response stream: no task
+/// or channel of its own, so an idle subscriber costs a broadcast receiver
+/// and this struct, and a delivery costs one wake-up.
+pub struct Watch {
     broker: Arc<Broker>,
     sub: Subscription,
-    tx: mpsc::Sender<WatchItem>,
     timing: StreamTiming,
     cancel: CancellationToken,
-    slot: StreamSlot,
-) {
-    let _slot = slot;
-    let heartbeat = timing.heartbeat;
-    let expires = timing.max_age.map(|age| {
-        use rand::Rng as _;
-        tokio::time::Instant::now() + age.mul_f64(rand::rng().random_range(0.75..=1.0))
-    });
-    let aged = async move {
-        match expires {
-            Some(at) => tokio::time::sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    };
-    tokio::pin!(aged);
-    // Subscribe before reading state so nothing committed in between is lost.
-    let mut live = broker.hub().subscribe();
-    let mut cursor = sub.after_seq;
-    if sub.after_seq > 0 {
-        match broker.metadata().pruned_through().await {
-            Ok(pruned) if sub.after_seq < pruned => {
-                let _ = tx
-                    .send(WatchItem::End(Box::new(BrokerError::ResumeTooOld {
-                        after_seq: sub.after_seq,
-                    })))
-                    .await;
-                return;
-            }
-            Ok(_) => {}
-            Err(e) => {
-                let _ = tx.send(WatchItem::End(Box::new(e.into()))).await;
-                return;
-            }
-        }
-    }
-    let records = match broker.metadata().snapshot(sub.tenant).await {
-        Ok((records, seq)) => {
-            // A fresh subscription starts at the state: older events are
-            // already reflected in it. A resuming one asked for its replay.
-            if sub.after_seq == 0 {
-                cursor = seq;
-            }
-            records
-        }
-        Err(e) => {
-            let _ = tx.send(WatchItem::End(Box::new(e.into()))).await;
-            return;
-        }
-    };
-    for r in records
-        .into_iter()
-        .filter(|r| sub.wants(r.tenant, r.exchange))
-    {
-        if tx.send(WatchItem::State(Box::new(r))).await.is_err() {
-            return;
-        }
-    }
-    if sub.after_seq > 0 && !catch_up(&broker, &sub, &mut cursor, &tx).await {
-        return;
-    }
-    loop {
-        tokio::select! {
-            () = cancel.cancelled() => {
-                let _ = tx.send(WatchItem::End(Box::new(BrokerError::ShuttingDown { resume_after: cursor }))).await;
-                return;
-            }
-            () = &mut aged => {
-                let _ = tx.send(WatchItem::End(Box::new(BrokerError::StreamAged { resume_after: cursor }))).await;
-                return;
-            }
-            got = tokio::time::timeout(heartbeat, live.recv()) => match got {
-                Err(_idle) => {
-                    if tx.send(WatchItem::Heartbeat(cursor)).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(Ok(event)) => {
-                    if event.seq <= cursor || !sub.wants(event.tenant, event.exchange) {
-                        continue;
-                    }
-                    cursor = event.seq;
-                    if tx.send(WatchItem::Event(event)).await.is_err() {
-                        return;
-                    }
-                }
-                // Fell behind the hub: the table has everything, re-read it.
-                Ok(Err(RecvError::Lagged(missed))) => {
-                    tracing::debug!(tenant = %sub.tenant, missed, "watch subscriber lagged; catching up from the table");
-                    if !catch_up(&broker, &sub, &mut cursor, &tx).await {
-                        return;
-                    }
-                }
-                Ok(Err(RecvError::Closed)) => return,
-            }
-        }
-    }
+    _slot: StreamSlot,
+    live: broadcast::Receiver<Arc<CredentialEvent>>,
+    cursor: u64,
+    started: bool,
+    done: bool,
+    expires: Option<tokio::time::Instant>,
+    pending: VecDeque<WatchItem>,
 }
 
-/// Sends every stored event after `cursor`; false when the stream is over.
-async fn catch_up(
-    broker: &Broker,
-    sub: &Subscription,
-    cursor: &mut u64,
-    tx: &mpsc::Sender<WatchItem>,
-) -> bool {
-    loop {
-        let page = match broker
-            .metadata()
-            .events_after(sub.tenant, *cursor, CATCH_UP_PAGE)
-            .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = tx.send(WatchItem::End(Box::new(e.into()))).await;
-                return false;
+impl Watch {
+    /// Subscribes now (before any state is read, so nothing committed in
+    /// between is lost); the state is read on the first poll.
+    pub fn new(
+        broker: Arc<Broker>,
+        sub: Subscription,
+        timing: StreamTiming,
+        cancel: CancellationToken,
+        slot: StreamSlot,
+    ) -> Self {
+        let live = broker.hub().subscribe();
+        let expires = timing.max_age.map(|age| {
+            use rand::Rng as _;
+            tokio::time::Instant::now() + age.mul_f64(rand::rng().random_range(0.75..=1.0))
+        });
+        Self {
+            broker,
+            cursor: sub.after_seq,
+            sub,
+            timing,
+            cancel,
+            _slot: slot,
+            live,
+            started: false,
+            done: false,
+            expires,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// The stream of items; it ends after an `End` item.
+    pub fn into_stream(self) -> impl futures::Stream<Item = WatchItem> + Send {
+        futures::stream::unfold(
+            self,
+            |mut w| async move { w.next().await.map(|item| (item, w)) },
+        )
+    }
+
+    fn end(&mut self, e: BrokerError) {
+        self.pending.push_back(WatchItem::End(Box::new(e)));
+        self.done = true;
+    }
+
+    /// The next item, or `None` once the stream is over.
+    pub async fn next(&mut self) -> Option<WatchItem> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(item);
             }
-        };
-        let full = page.len() == CATCH_UP_PAGE as usize;
-        for e in page {
-            *cursor = e.seq;
-            if sub.wants(e.tenant, e.exchange)
-                && tx.send(WatchItem::Event(Arc::new(e))).await.is_err()
-            {
-                return false;
+            if self.done {
+                return None;
+            }
+            if !self.started {
+                self.started = true;
+                self.start().await;
+                continue;
+            }
+            let expires = self.expires;
+            let aged = async move {
+                match expires {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = self.cancel.cancelled() => self.end(BrokerError::ShuttingDown { resume_after: self.cursor }),
+                () = aged => self.end(BrokerError::StreamAged { resume_after: self.cursor }),
+                got = tokio::time::timeout(self.timing.heartbeat, self.live.recv()) => match got {
+                    Err(_idle) => return Some(WatchItem::Heartbeat(self.cursor)),
+                    Ok(Ok(event)) => {
+                        if event.seq > self.cursor && self.sub.wants(event.tenant, event.exchange) {
+                            self.cursor = event.seq;
+                            return Some(WatchItem::Event(event));
+                        }
+                    }
+                    // Fell behind the hub: the table has everything, re-read it.
+                    Ok(Err(RecvError::Lagged(missed))) => {
+                        tracing::debug!(tenant = %self.sub.tenant, missed, "watch subscriber lagged; catching up from the table");
+                        self.catch_up().await;
+                    }
+                    Ok(Err(RecvError::Closed)) => self.done = true,
+                }
             }
         }
-        if !full {
-            return true;
+    }
+
+    /// Full state, then (when resuming) the events after `after_seq`.
+    async fn start(&mut self) {
+        if self.sub.after_seq > 0 {
+            match self.broker.metadata().pruned_through().await {
+                Ok(pruned) if self.sub.after_seq < pruned => {
+                    return self.end(BrokerError::ResumeTooOld {
+                        after_seq: self.sub.after_seq,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => return self.end(e.into()),
+            }
+        }
+        match self.broker.metadata().snapshot(self.sub.tenant).await {
+            Ok((records, seq)) => {
+                // A fresh subscription starts at the state: older events are
+                // already reflected in it. A resuming one asked for its replay.
+                if self.sub.after_seq == 0 {
+                    self.cursor = seq;
+                }
+                for r in records
+                    .into_iter()
+                    .filter(|r| self.sub.wants(r.tenant, r.exchange))
+                {
+                    self.pending.push_back(WatchItem::State(Box::new(r)));
+                }
+            }
+            Err(e) => return self.end(e.into()),
+        }
+        if self.sub.after_seq > 0 {
+            self.catch_up().await;
+        }
+    }
+
+    /// Queues every stored event after the cursor.
+    async fn catch_up(&mut self) {
+        loop {
+            let page = match self
+                .broker
+                .metadata()
+                .events_after(self.sub.tenant, self.cursor, CATCH_UP_PAGE)
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => return self.end(e.into()),
+            };
+            let full = page.len() == CATCH_UP_PAGE as usize;
+            for e in page {
+                self.cursor = e.seq;
+                if self.sub.wants(e.tenant, e.exchange) {
+                    self.pending.push_back(WatchItem::Event(Arc::new(e)));
+                }
+            }
+            if !full {
+                return;
+            }
         }
     }
 }
@@ -301,7 +325,8 @@ mod tests {
     }
 
     /// A subscriber that stops reading while many events pass falls behind
-    /// the hub's bound; it is caught up from the table, never skipped.
+    /// the hub's bound (16 here); it is caught up from the table, never
+    /// skipped.
     #[tokio::test]
     async fn a_lagging_subscriber_is_caught_up_from_the_table() {
         let broker = Arc::new(Broker::new(
@@ -318,7 +343,6 @@ mod tests {
             .validate_and_store(tenant, ExchangeId::Binance, set(0))
             .await
             .unwrap();
-        let (tx, mut rx) = mpsc::channel(1);
         let slot = StreamSlots::new(1).acquire(tenant).unwrap();
         let sub = Subscription {
             tenant,
@@ -330,8 +354,8 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             max_age: None,
         };
-        tokio::spawn(run(broker.clone(), sub, tx, timing, cancel.clone(), slot));
-        assert!(matches!(rx.recv().await, Some(WatchItem::State(_))));
+        let mut w = Watch::new(broker.clone(), sub, timing, cancel.clone(), slot);
+        assert!(matches!(w.next().await, Some(WatchItem::State(_))));
         // 100 rotations while nobody reads: far more than the hub holds.
         for n in 1..=100 {
             broker
@@ -341,7 +365,7 @@ mod tests {
         }
         let mut seqs = Vec::new();
         while seqs.len() < 100 {
-            match tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            match tokio::time::timeout(Duration::from_secs(5), w.next())
                 .await
                 .unwrap()
             {
