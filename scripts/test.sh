@@ -27,4 +27,7 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
     for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
 
-exec cargo test --all-targets "$@"
+# The benchmarks first, as quick smoke runs (tiny sizes), so the unit and
+# integration tests' summary is what the run ends with.
+cargo test --benches "$@"
+exec cargo test --lib --bins --tests "$@"
