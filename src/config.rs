@@ -359,3 +359,100 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, files: bool) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        if files {
+            for f in ["cert.pem", "key.pem", "ca.pem"] {
+                std::fs::write(dir.path().join(f), "x").unwrap();
+            }
+        }
+        let toml = toml.replace("DIR", &dir.path().display().to_string());
+        let path = dir.path().join("credbroker.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(Some(&path))
+    }
+
+    const GOOD: &str = r#"
+[tls]
+cert = "DIR/cert.pem"
+key = "DIR/key.pem"
+client_ca = "DIR/ca.pem"
+[vault]
+addr = "http://127.0.0.1:8200"
+[vault.auth]
+method = "token"
+token = "s.very-secret-token"
+[postgres]
+url = "host=db user=credbroker password=pg-secret-password"
+"#;
+
+    #[test]
+    fn a_good_file_loads_with_defaults() {
+        let cfg = load(GOOD, true).unwrap();
+        assert_eq!(cfg.cache.ttl_secs, 300);
+        assert_eq!(cfg.rotation.default_overlap_secs, 3600);
+        assert_eq!(cfg.validation.mode, ValidationMode::Exchange);
+        // Secret values never show in Debug output.
+        let dbg = format!("{cfg:?}");
+        assert!(
+            !dbg.contains("very-secret-token") && !dbg.contains("pg-secret-password"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (
+                GOOD.replace("http://127.0.0.1:8200", "not a url"),
+                true,
+                "vault.addr",
+            ),
+            (
+                GOOD.replace("http://127.0.0.1:8200", "ftp://vault"),
+                true,
+                "vault.addr",
+            ),
+            (GOOD.to_owned(), false, "tls.cert"),
+            (
+                GOOD.replace("[postgres]", "[postgres]\npool_size = 0"),
+                true,
+                "postgres.pool_size",
+            ),
+            (
+                GOOD.replace("[vault]", "[vault]\nmount = \"\""),
+                true,
+                "vault.mount",
+            ),
+            (
+                format!("{GOOD}\n[rotation]\ndefault_overlap_secs = 99999999\n"),
+                true,
+                "rotation.default_overlap_secs",
+            ),
+            (
+                format!("{GOOD}\n[server]\nlisten = \"nowhere\"\n"),
+                true,
+                "listen",
+            ),
+            (format!("{GOOD}\n[cache]\nttl = 5\n"), true, "ttl"),
+            (
+                GOOD.replace("method = \"token\"", "method = \"kerberos\""),
+                true,
+                "kerberos",
+            ),
+        ];
+        for (toml, files, key) in cases {
+            let err = load(&toml, files).unwrap_err().to_string();
+            assert!(err.contains(key), "expected {key} in: {err}");
+            assert!(
+                !err.contains("very-secret-token") && !err.contains("pg-secret-password"),
+                "{err}"
+            );
+        }
+    }
+}
