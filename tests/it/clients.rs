@@ -10,7 +10,7 @@ use credbroker::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Env, TD, new_tenant, rotate_n, set};
+use crate::support::{Env, TD, new_tenant, rotate_n, store_req};
 
 fn client_config(env: &Env, endpoints: Vec<String>, tenant: &str) -> ClientConfig {
     let pair = env
@@ -42,11 +42,12 @@ async fn the_handle_follows_rotations_fails_over_dedupes_and_keeps_the_last_good
         .client_at(b.addr, &format!("spiffe://{TD}/operator/admin"))
         .await;
     admin
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-            credentials: Some(set("binanceKey000000", "binanceSecret000000")),
-        })
+        .validate_and_store(store_req(
+            &tenant,
+            "binance",
+            "binanceKey000000",
+            "binanceSecret000000",
+        ))
         .await
         .unwrap();
     let endpoints = vec![
@@ -111,11 +112,12 @@ async fn acknowledging_a_version_that_is_not_served_is_refused() {
     let tenant = new_tenant();
     let mut c = env.tenant_client(&tenant).await;
     let mut op = env.operator().await;
-    op.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "kraken".into(),
-        credentials: Some(set("krakenKey000000", "krakenSecret000000")),
-    })
+    op.validate_and_store(store_req(
+        &tenant,
+        "kraken",
+        "krakenKey000000",
+        "krakenSecret000000",
+    ))
     .await
     .unwrap();
     op.rotate(rotate_n(&tenant, "kraken", 1)).await.unwrap();
@@ -163,11 +165,12 @@ async fn the_agent_writes_each_set_atomically_and_runs_the_hook() {
     let env = Env::start().await;
     let tenant = new_tenant();
     let mut op = env.operator().await;
-    op.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "kraken".into(),
-        credentials: Some(set("krakenKey000000", "krakenSecret000000")),
-    })
+    op.validate_and_store(store_req(
+        &tenant,
+        "kraken",
+        "krakenKey000000",
+        "krakenSecret000000",
+    ))
     .await
     .unwrap();
     op.validate_and_store(pb::ValidateAndStoreRequest {

@@ -5,7 +5,7 @@ use credbroker::api::pb::{self, CredentialStatus};
 use tonic::Code;
 use tonic_types::StatusExt as _;
 
-use crate::support::{Env, new_tenant, set};
+use crate::support::{Env, get_req, new_tenant, set, store_req};
 
 #[tokio::test]
 async fn store_then_get_round_trips_through_vault_and_postgres() {
@@ -13,11 +13,12 @@ async fn store_then_get_round_trips_through_vault_and_postgres() {
     let tenant = new_tenant();
     let mut c = env.operator().await;
     let stored = c
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-            credentials: Some(set("binanceKey0001abcd", "binanceSecret0001")),
-        })
+        .validate_and_store(store_req(
+            &tenant,
+            "binance",
+            "binanceKey0001abcd",
+            "binanceSecret0001",
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -30,10 +31,7 @@ async fn store_then_get_round_trips_through_vault_and_postgres() {
     assert_eq!(stored.vault_path, path);
 
     let got = c
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-        })
+        .get_credentials(get_req(&tenant, "binance"))
         .await
         .unwrap()
         .into_inner();
@@ -95,11 +93,12 @@ async fn store_then_get_round_trips_through_vault_and_postgres() {
 
     // A second store for the same exchange must go through Rotate.
     let again = c
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-            credentials: Some(set("binanceKey0002abcd", "binanceSecret0002")),
-        })
+        .validate_and_store(store_req(
+            &tenant,
+            "binance",
+            "binanceKey0002abcd",
+            "binanceSecret0002",
+        ))
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
@@ -111,11 +110,12 @@ async fn delete_removes_metadata_and_every_vault_version() {
     let env = Env::start().await;
     let tenant = new_tenant();
     let mut c = env.operator().await;
-    c.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "kraken".into(),
-        credentials: Some(set("krakenKey0001", "krakenSecret0001")),
-    })
+    c.validate_and_store(store_req(
+        &tenant,
+        "kraken",
+        "krakenKey0001",
+        "krakenSecret0001",
+    ))
     .await
     .unwrap();
     c.rotate(pb::RotateRequest {
@@ -138,10 +138,7 @@ async fn delete_removes_metadata_and_every_vault_version() {
             .deleted
     );
     let err = c
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: tenant.clone(),
-            exchange: "kraken".into(),
-        })
+        .get_credentials(get_req(&tenant, "kraken"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -168,11 +165,12 @@ async fn delete_removes_metadata_and_every_vault_version() {
     );
     // And the tenant can store again from scratch.
     let again = c
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: tenant.clone(),
-            exchange: "kraken".into(),
-            credentials: Some(set("krakenKey0003", "krakenSecret0003")),
-        })
+        .validate_and_store(store_req(
+            &tenant,
+            "kraken",
+            "krakenKey0003",
+            "krakenSecret0003",
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -284,22 +282,13 @@ async fn a_tenant_workload_cannot_touch_another_tenant() {
     let mut ca = env.tenant_client(&a).await;
     // Its own tenant: fine.
     let own = ca
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: a.clone(),
-            exchange: "bybit".into(),
-        })
+        .get_credentials(get_req(&a, "bybit"))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(own.current.unwrap().api_secret, format!("secret-of-{a}"));
     // Every RPC naming tenant B is refused.
-    let e1 = ca
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: b.clone(),
-            exchange: "bybit".into(),
-        })
-        .await
-        .unwrap_err();
+    let e1 = ca.get_credentials(get_req(&b, "bybit")).await.unwrap_err();
     let e2 = ca
         .list_credentials(pb::ListCredentialsRequest {
             tenant_id: b.clone(),

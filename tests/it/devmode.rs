@@ -5,7 +5,7 @@
 use credbroker::api::pb;
 use tonic::Code;
 
-use crate::support::{DevBroker, new_tenant, set};
+use crate::support::{DevBroker, new_tenant, store_req};
 
 fn grpcurl_bin() -> String {
     std::env::var("GRPCURL_BIN").unwrap_or_else(|_| "grpcurl".into())
@@ -52,11 +52,12 @@ async fn the_printed_grpcurl_commands_work_against_the_simulators() {
     let e = dev
         .operator()
         .await
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: new_tenant(),
-            exchange: "binance".into(),
-            credentials: Some(set("madeUpKey000000", "madeUpSecret0000")),
-        })
+        .validate_and_store(store_req(
+            &new_tenant(),
+            "binance",
+            "madeUpKey000000",
+            "madeUpSecret0000",
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");

@@ -6,18 +6,19 @@ use std::time::Duration;
 use credbroker::api::pb;
 use tokio::io::AsyncBufReadExt as _;
 
-use crate::support::{DevBroker, new_tenant, set};
+use crate::support::{DevBroker, new_tenant, set, store_req};
 
 #[tokio::test]
 async fn the_python_example_hot_swaps_on_rotation() {
     let dev = DevBroker::spawn().await;
     let mut op = dev.operator().await;
     let tenant = new_tenant();
-    op.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "bybit".into(),
-        credentials: Some(set("bybitKeyPython0001", "bybitSecretPython0001")),
-    })
+    op.validate_and_store(store_req(
+        &tenant,
+        "bybit",
+        "bybitKeyPython0001",
+        "bybitSecretPython0001",
+    ))
     .await
     .unwrap();
 

@@ -8,13 +8,11 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-use crate::support::{Env, TD, new_tenant};
+use crate::support::{Env, TD, get_req, new_tenant};
 
-fn get_req() -> pb::GetCredentialsRequest {
-    pb::GetCredentialsRequest {
-        tenant_id: "00000000-0000-0000-0000-000000000001".into(),
-        exchange: "binance".into(),
-    }
+/// A request for a tenant nobody stored anything for.
+fn probe_req() -> pb::GetCredentialsRequest {
+    get_req("00000000-0000-0000-0000-000000000001", "binance")
 }
 
 async fn call_with(
@@ -31,7 +29,7 @@ async fn call_with(
         Err(e) => return Err(tonic::Status::unavailable(format!("connect: {e}"))),
     };
     pb::credential_broker_client::CredentialBrokerClient::new(ch)
-        .get_credentials(get_req())
+        .get_credentials(probe_req())
         .await
         .map(tonic::Response::into_inner)
 }
@@ -102,7 +100,7 @@ async fn clients_without_a_valid_certificate_are_refused() {
     let e = env
         .operator()
         .await
-        .get_credentials(get_req())
+        .get_credentials(probe_req())
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");

@@ -5,10 +5,12 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use credbroker::api::pb::{self, EventKind, watch_rotations_response::Message};
+use credbroker::api::pb::{EventKind, watch_rotations_response::Message};
 use tonic::Code;
 
-use crate::support::{Env, TD, new_tenant, next_non_heartbeat, rotate_n, store_n, watch_req};
+use crate::support::{
+    Env, TD, get_req, new_tenant, next_non_heartbeat, rotate_n, store_n, watch_req,
+};
 
 #[tokio::test]
 async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
@@ -23,10 +25,7 @@ async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
         .await
         .unwrap();
     // B caches version 1.
-    let get = pb::GetCredentialsRequest {
-        tenant_id: tenant.clone(),
-        exchange: "binance".into(),
-    };
+    let get = get_req(&tenant, "binance");
     assert_eq!(
         on_b.get_credentials(get.clone())
             .await

@@ -11,7 +11,9 @@ use credbroker::{
 use time::OffsetDateTime;
 use tonic::Code;
 
-use crate::support::{Env, EnvOptions, get_req, new_tenant, next_non_heartbeat, rotate_req, set};
+use crate::support::{
+    Env, EnvOptions, get_req, new_tenant, next_non_heartbeat, rotate_req, set, store_req,
+};
 
 async fn store(env: &Env, tenant: &str, exchange: &str, key: &str, secret: &str) {
     env.operator()
@@ -423,11 +425,12 @@ async fn rotating_inside_an_overlap_retires_the_oldest_version_at_once() {
     let env = Env::start().await;
     let tenant = new_tenant();
     let mut c = env.operator().await;
-    c.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "bybit".into(),
-        credentials: Some(set("bybitKeyV1xxxx", "bybitSecretV1")),
-    })
+    c.validate_and_store(store_req(
+        &tenant,
+        "bybit",
+        "bybitKeyV1xxxx",
+        "bybitSecretV1",
+    ))
     .await
     .unwrap();
     c.rotate(rotate_req(

@@ -17,7 +17,7 @@ use secrecy::SecretString;
 use time::OffsetDateTime;
 use tonic::Code;
 
-use crate::support::{Env, EnvOptions, new_tenant, set};
+use crate::support::{Env, EnvOptions, get_req, new_tenant, store_req};
 
 fn domain_set(key: &str, secret: &str) -> CredentialSet {
     CredentialSet {
@@ -48,20 +48,18 @@ async fn a_crash_between_vault_and_postgres_converges_on_retry() {
     // Nothing serves it.
     let mut c = env.operator().await;
     let e = c
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-        })
+        .get_credentials(get_req(&tenant, "binance"))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // The client's retry writes over the orphan and commits.
     let stored = c
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-            credentials: Some(set("binanceKey001", "binanceSecret1")),
-        })
+        .validate_and_store(store_req(
+            &tenant,
+            "binance",
+            "binanceKey001",
+            "binanceSecret1",
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -69,10 +67,7 @@ async fn a_crash_between_vault_and_postgres_converges_on_retry() {
         .unwrap();
     assert_eq!(stored.version, 2);
     let g = c
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-        })
+        .get_credentials(get_req(&tenant, "binance"))
         .await
         .unwrap()
         .into_inner();
@@ -139,17 +134,15 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
     .await;
     let tenant = new_tenant();
     let mut c = env.operator().await;
-    c.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "binance".into(),
-        credentials: Some(set("binanceKey001", "binanceSecret1")),
-    })
+    c.validate_and_store(store_req(
+        &tenant,
+        "binance",
+        "binanceKey001",
+        "binanceSecret1",
+    ))
     .await
     .unwrap();
-    let get = pb::GetCredentialsRequest {
-        tenant_id: tenant.clone(),
-        exchange: "binance".into(),
-    };
+    let get = get_req(&tenant, "binance");
     c.get_credentials(get.clone()).await.unwrap();
     let mut health = health_client(&env).await;
     assert_eq!(
@@ -162,11 +155,12 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
 
     // Writes are refused with UNAVAILABLE and nothing reaches PostgreSQL.
     let e = c
-        .validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: tenant.clone(),
-            exchange: "kraken".into(),
-            credentials: Some(set("krakenKey001", "krakenSecret1")),
-        })
+        .validate_and_store(store_req(
+            &tenant,
+            "kraken",
+            "krakenKey001",
+            "krakenSecret1",
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
@@ -288,18 +282,11 @@ async fn approle_login_works_end_to_end() {
     env.start_broker(None).await;
     let tenant = new_tenant();
     let mut c = env.operator().await;
-    c.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "bybit".into(),
-        credentials: Some(set("bybitKey0001", "bybitSecret01")),
-    })
-    .await
-    .unwrap();
+    c.validate_and_store(store_req(&tenant, "bybit", "bybitKey0001", "bybitSecret01"))
+        .await
+        .unwrap();
     let g = c
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: tenant,
-            exchange: "bybit".into(),
-        })
+        .get_credentials(get_req(&tenant, "bybit"))
         .await
         .unwrap()
         .into_inner();
@@ -317,11 +304,12 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
     );
     let mut c = dev.operator().await;
     let tenant = new_tenant();
-    c.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "binance".into(),
-        credentials: Some(set("binanceKey001", "binanceSecret1")),
-    })
+    c.validate_and_store(store_req(
+        &tenant,
+        "binance",
+        "binanceKey001",
+        "binanceSecret1",
+    ))
     .await
     .unwrap();
     let mut stream = c

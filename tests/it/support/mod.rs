@@ -682,3 +682,16 @@ pub async fn next_non_heartbeat(
         }
     }
 }
+
+pub fn store_req(
+    tenant: &str,
+    exchange: &str,
+    key: &str,
+    secret: &str,
+) -> credbroker::api::pb::ValidateAndStoreRequest {
+    credbroker::api::pb::ValidateAndStoreRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+        credentials: Some(set(key, secret)),
+    }
+}
