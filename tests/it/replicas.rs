@@ -153,19 +153,7 @@ async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
         seqs.push(e.seq);
     }
     // Exactly the committed rotations, in order, each once.
-    let committed: Vec<u64> = env
-        .db
-        .connect()
-        .await
-        .query(
-            "SELECT seq FROM credential_events WHERE kind = 'rotated' ORDER BY seq",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap())
-        .collect();
+    let committed = env.rotated_seqs().await;
     assert_eq!(seqs, committed);
     assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len(), 10);
     // Nothing more is pending.
@@ -362,19 +350,7 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
         };
         seqs.push(e.seq);
     }
-    let committed: Vec<u64> = env
-        .db
-        .connect()
-        .await
-        .query(
-            "SELECT seq FROM credential_events WHERE kind = 'rotated' ORDER BY seq",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap())
-        .collect();
+    let committed = env.rotated_seqs().await;
     assert_eq!(seqs, committed, "every rotation exactly once, in order");
 }
 

@@ -407,6 +407,20 @@ impl Env {
         c.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// The seqs of every committed ROTATED event, in order.
+    pub async fn rotated_seqs(&self) -> Vec<u64> {
+        let c = self.db.connect().await;
+        c.query(
+            "SELECT seq FROM credential_events WHERE kind = 'rotated' ORDER BY seq",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap())
+        .collect()
+    }
+
     /// KV v2 metadata of a path, as OpenBao reports it.
     pub async fn kv_metadata(&self, path: &str) -> (u16, serde_json::Value) {
         let (code, body) = self
