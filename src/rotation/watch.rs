@@ -6,12 +6,16 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
+    pin::Pin,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use tokio::sync::broadcast::{self, error::RecvError};
-use tokio_util::sync::CancellationToken;
+use tokio::{
+    sync::broadcast::{self, error::RecvError},
+    time::{Instant, Sleep, sleep_until},
+};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::broker::{
     Broker,
@@ -141,17 +145,23 @@ pub enum WatchItem {
 /// One subscription, polled directly by its gRPC response stream: no task
 /// or channel of its own, so an idle subscriber costs a broadcast receiver
 /// and this struct, and a delivery costs one wake-up.
+///
+/// Its timers and cancellation wait live as long as the subscription: a
+/// delivery touches neither the timer wheel nor the token's waiter list.
 pub struct Watch {
     broker: Arc<Broker>,
     sub: Subscription,
     timing: StreamTiming,
-    cancel: CancellationToken,
+    cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
     _slot: StreamSlot,
     live: broadcast::Receiver<Arc<CredentialEvent>>,
     cursor: u64,
     started: bool,
     done: bool,
-    expires: Option<tokio::time::Instant>,
+    /// Fires at the heartbeat deadline; re-armed lazily from `last_sent`.
+    heartbeat: Pin<Box<Sleep>>,
+    last_sent: Instant,
+    aged: Option<Pin<Box<Sleep>>>,
     pending: VecDeque<WatchItem>,
 }
 
@@ -166,21 +176,26 @@ impl Watch {
         slot: StreamSlot,
     ) -> Self {
         let live = broker.hub().subscribe();
-        let expires = timing.max_age.map(|age| {
+        let now = Instant::now();
+        let aged = timing.max_age.map(|age| {
             use rand::Rng as _;
-            tokio::time::Instant::now() + age.mul_f64(rand::rng().random_range(0.75..=1.0))
+            Box::pin(sleep_until(
+                now + age.mul_f64(rand::rng().random_range(0.75..=1.0)),
+            ))
         });
         Self {
             broker,
             cursor: sub.after_seq,
             sub,
             timing,
-            cancel,
+            cancelled: Box::pin(cancel.cancelled_owned()),
             _slot: slot,
             live,
             started: false,
             done: false,
-            expires,
+            heartbeat: Box::pin(sleep_until(now + timing.heartbeat)),
+            last_sent: now,
+            aged,
             pending: VecDeque::new(),
         }
     }
@@ -212,30 +227,40 @@ impl Watch {
                 self.start().await;
                 continue;
             }
-            let expires = self.expires;
-            let aged = async move {
-                match expires {
-                    Some(at) => tokio::time::sleep_until(at).await,
+            let aged = async {
+                match self.aged.as_mut() {
+                    Some(t) => t.as_mut().await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
-                () = self.cancel.cancelled() => self.end(BrokerError::ShuttingDown { resume_after: self.cursor }),
+                () = self.cancelled.as_mut() => self.end(BrokerError::ShuttingDown { resume_after: self.cursor }),
                 () = aged => self.end(BrokerError::StreamAged { resume_after: self.cursor }),
-                got = tokio::time::timeout(self.timing.heartbeat, self.live.recv()) => match got {
-                    Err(_idle) => return Some(WatchItem::Heartbeat(self.cursor)),
-                    Ok(Ok(event)) => {
+                () = self.heartbeat.as_mut() => {
+                    let now = Instant::now();
+                    let due = self.last_sent + self.timing.heartbeat;
+                    if now >= due {
+                        self.last_sent = now;
+                        self.heartbeat.as_mut().reset(now + self.timing.heartbeat);
+                        return Some(WatchItem::Heartbeat(self.cursor));
+                    }
+                    // Something was sent since the timer was armed.
+                    self.heartbeat.as_mut().reset(due);
+                }
+                got = self.live.recv() => match got {
+                    Ok(event) => {
                         if event.seq > self.cursor && self.sub.wants(event.tenant, event.exchange) {
                             self.cursor = event.seq;
+                            self.last_sent = Instant::now();
                             return Some(WatchItem::Event(event));
                         }
                     }
                     // Fell behind the hub: the table has everything, re-read it.
-                    Ok(Err(RecvError::Lagged(missed))) => {
+                    Err(RecvError::Lagged(missed)) => {
                         tracing::debug!(tenant = %self.sub.tenant, missed, "watch subscriber lagged; catching up from the table");
                         self.catch_up().await;
                     }
-                    Ok(Err(RecvError::Closed)) => self.done = true,
+                    Err(RecvError::Closed) => self.done = true,
                 }
             }
         }
