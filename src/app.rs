@@ -151,11 +151,8 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
             .await
             .map_err(|e| anyhow::anyhow!("vault ({}): {e}", cfg.vault.addr))?,
     );
-    let pool = store::pool(&cfg.postgres).map_err(anyhow::Error::msg)?;
-    let pg = <tokio_postgres::Config as std::str::FromStr>::from_str(
-        secrecy::ExposeSecret::expose_secret(&cfg.postgres.url),
-    )
-    .map_err(|e| anyhow::anyhow!("postgres.url: {e}"))?;
+    let pg = store::connect_config(&cfg.postgres).map_err(anyhow::Error::msg)?;
+    let pool = store::pool(pg.clone(), cfg.postgres.pool_size).map_err(anyhow::Error::msg)?;
     if cfg.postgres.migrate_on_start {
         let n = store::migrate::run(&pool)
             .await

@@ -74,16 +74,6 @@ impl CredentialCache {
     pub fn invalidate(&self, key: &CacheKey) {
         self.entries.remove(key);
     }
-
-    /// Number of cached credentials.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    /// Whether the cache is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -165,12 +165,13 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await
         }
         Cmd::Migrate { database_url } => {
-            let pool = credbroker::store::pool(&credbroker::config::PostgresConfig {
+            let pg = credbroker::store::connect_config(&credbroker::config::PostgresConfig {
                 url: database_url.into(),
                 pool_size: 1,
                 migrate_on_start: true,
             })
-            .map_err(anyhow::Error::msg)?;
+            .map_err(|e| anyhow::anyhow!("--database-url: {e}"))?;
+            let pool = credbroker::store::pool(pg, 1).map_err(anyhow::Error::msg)?;
             let n = credbroker::store::migrate::run(&pool).await?;
             println!("applied {n} migration(s)");
             Ok(())

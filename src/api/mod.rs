@@ -71,18 +71,18 @@ impl CredentialBroker for BrokerService {
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
         let view = self.broker.get_credentials(tenant, exchange).await?;
-        let (previous, previous_version, previous_valid_until) = match &view.previous {
+        let (previous, previous_version, previous_valid_until) = match view.previous() {
             Some((set, v, until)) => (
                 Some(convert::set_to_pb(set)),
-                Some(*v),
-                Some(convert::ts(*until)),
+                Some(v),
+                Some(convert::ts(until)),
             ),
             None => (None, None, None),
         };
         Ok(Response::new(pb::GetCredentialsResponse {
-            current: Some(convert::set_to_pb(&view.current)),
-            version: view.record.current_version,
-            status: convert::status(view.record.status),
+            current: Some(convert::set_to_pb(view.current())),
+            version: view.record().current_version,
+            status: convert::status(view.record().status),
             previous,
             previous_version,
             previous_valid_until,

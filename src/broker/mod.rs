@@ -56,17 +56,50 @@ impl Default for BrokerSettings {
     }
 }
 
-/// What GetCredentials returns.
+/// What GetCredentials returns: the cached entry itself (nothing is copied
+/// on the hot path) and whether its previous set is still inside its overlap.
 #[derive(Debug)]
 pub struct CredentialView {
-    /// Metadata.
-    pub record: CredentialRecord,
-    /// The current set.
-    pub current: CredentialSet,
-    /// The previous set with its version and deadline, while its overlap is open.
-    pub previous: Option<(CredentialSet, u64, OffsetDateTime)>,
+    entry: Arc<CachedCredential>,
+    open_previous: Option<(u64, OffsetDateTime)>,
     /// Served from the cache because a backend is down.
     pub stale: bool,
+}
+
+impl CredentialView {
+    fn new(entry: Arc<CachedCredential>, now: OffsetDateTime, stale: bool) -> Self {
+        // A previous set is served only while its deadline is ahead, even if
+        // the entry was cached before the deadline passed.
+        let open_previous = entry
+            .record
+            .open_previous(now)
+            .filter(|_| entry.previous.is_some());
+        Self {
+            entry,
+            open_previous,
+            stale,
+        }
+    }
+
+    /// Metadata.
+    pub fn record(&self) -> &CredentialRecord {
+        &self.entry.record
+    }
+
+    /// The current set.
+    pub fn current(&self) -> &CredentialSet {
+        &self.entry.current
+    }
+
+    /// The previous set with its version and deadline, while its overlap is
+    /// open.
+    pub fn previous(&self) -> Option<(&CredentialSet, u64, OffsetDateTime)> {
+        let (version, until) = self.open_previous?;
+        self.entry
+            .previous
+            .as_ref()
+            .map(|set| (set, version, until))
+    }
 }
 
 /// Result of a Rotate.
@@ -171,17 +204,17 @@ impl Broker {
         let key = (tenant, exchange);
         let now = self.clock.now();
         if let Some(hit) = self.cache.fresh(&key, now) {
-            return Ok(view(&hit, now, false));
+            return Ok(CredentialView::new(hit, now, false));
         }
         match self.load(tenant, exchange, now).await {
             Ok(entry) => {
                 let entry = self.cache.insert(key, entry);
-                Ok(view(&entry, now, false))
+                Ok(CredentialView::new(entry, now, false))
             }
             Err(e @ BrokerError::Unavailable { .. }) => match self.cache.within_grace(&key, now) {
                 Some(hit) => {
                     tracing::warn!(%tenant, %exchange, "serving a stale cached credential: {e}");
-                    Ok(view(&hit, now, true))
+                    Ok(CredentialView::new(hit, now, true))
                 }
                 None => Err(e),
             },
@@ -506,19 +539,6 @@ impl Broker {
             self.cache.invalidate(&(tenant, exchange));
         }
         Ok(updated)
-    }
-}
-
-fn view(entry: &CachedCredential, now: OffsetDateTime, stale: bool) -> CredentialView {
-    let previous = match (entry.record.open_previous(now), &entry.previous) {
-        (Some((version, until)), Some(set)) => Some((set.clone(), version, until)),
-        _ => None,
-    };
-    CredentialView {
-        record: entry.record.clone(),
-        current: entry.current.clone(),
-        previous,
-        stale,
     }
 }
 

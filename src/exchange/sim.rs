@@ -86,7 +86,6 @@ pub struct Simulators {
     /// Base URL per exchange.
     pub urls: BTreeMap<ExchangeId, String>,
     keys: Keys,
-    nonces: Arc<Mutex<HashMap<String, u64>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -128,12 +127,7 @@ impl Simulators {
                 let _ = axum::serve(listener, app).await;
             }));
         }
-        Ok(Self {
-            urls,
-            keys,
-            nonces,
-            tasks,
-        })
+        Ok(Self { urls, keys, tasks })
     }
 
     /// Validator endpoints pointing at these simulators.
@@ -166,11 +160,6 @@ impl Simulators {
         if let Some(k) = lock(&self.keys).get_mut(&(ex, api_key.to_owned())) {
             f(k);
         }
-    }
-
-    /// Forgets which Kraken nonces were seen.
-    pub fn reset_nonces(&self) {
-        lock(&self.nonces).clear();
     }
 }
 

@@ -33,9 +33,4 @@ impl Hub {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<CredentialEvent>> {
         self.tx.subscribe()
     }
-
-    /// Current number of subscribers.
-    pub fn subscribers(&self) -> usize {
-        self.tx.receiver_count()
-    }
 }

@@ -70,16 +70,6 @@ impl StreamSlots {
             tenant,
         })
     }
-
-    /// Streams open for `tenant`.
-    pub fn open(&self, tenant: TenantId) -> usize {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&tenant)
-            .copied()
-            .unwrap_or(0)
-    }
 }
 
 impl Drop for StreamSlot {

@@ -40,13 +40,21 @@ const EVENT_ORDER_LOCK: i64 = 0x6372_6564_6272_6b72; // "credbrkr"
 const EVENT_COLS: &str =
     "seq, tenant_id, exchange, kind, version, previous_version, previous_valid_until, occurred_at";
 
-/// Builds a connection pool from the configuration.
+/// Parses `postgres.url` (shared by the pool and the event listener, which
+/// keeps its own connection).
 ///
 /// # Errors
 /// A message naming `postgres.url` when the connection string is malformed.
-pub fn pool(cfg: &PostgresConfig) -> Result<Pool, String> {
-    let pg = tokio_postgres::Config::from_str(cfg.url.expose_secret())
-        .map_err(|e| format!("postgres.url: not a valid connection string ({e})"))?;
+pub fn connect_config(cfg: &PostgresConfig) -> Result<tokio_postgres::Config, String> {
+    tokio_postgres::Config::from_str(cfg.url.expose_secret())
+        .map_err(|e| format!("postgres.url: not a valid connection string ({e})"))
+}
+
+/// Builds a connection pool of `size` connections.
+///
+/// # Errors
+/// When the pool cannot be built.
+pub fn pool(pg: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
     let mgr = Manager::from_config(
         pg,
         NoTls,
@@ -55,7 +63,7 @@ pub fn pool(cfg: &PostgresConfig) -> Result<Pool, String> {
         },
     );
     Pool::builder(mgr)
-        .max_size(cfg.pool_size)
+        .max_size(size)
         .wait_timeout(Some(std::time::Duration::from_secs(5)))
         .create_timeout(Some(std::time::Duration::from_secs(5)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -80,11 +88,6 @@ impl PgMetadataStore {
     /// Wraps a pool.
     pub fn new(pool: Pool) -> Self {
         Self { pool }
-    }
-
-    /// The pool (the event listener takes its own connection outside it).
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// Runs `f` in one transaction under `scope`'s role and commits.
