@@ -12,6 +12,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../tests/common/dev_broker.rs"]
+mod dev_broker;
+
 use std::{
     process::Stdio,
     time::{Duration, Instant},
@@ -20,8 +23,8 @@ use std::{
 use credbroker::api::pb::{
     self, credential_broker_client::CredentialBrokerClient, watch_rotations_response::Message,
 };
-use tokio::{io::AsyncBufReadExt as _, sync::mpsc};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use dev_broker::DevBroker;
+use tokio::sync::mpsc;
 
 const STREAMS_PER_CONNECTION: usize = 100;
 const TENANT: &str = "00000000-0000-0000-0000-00000000fa11";
@@ -51,21 +54,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-async fn channel(dir: &std::path::Path, port: u16) -> Channel {
-    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-        .domain_name("localhost");
-    Channel::from_shared(format!("https://localhost:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
 struct Result {
     subscribers: usize,
     p50: Duration,
@@ -76,39 +64,15 @@ struct Result {
 }
 
 async fn run(n: usize, rotations: usize) -> Result {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args([
-            "dev",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--max-streams-per-tenant",
-        ])
-        .arg((n + 16).to_string())
-        .args(["--validation", "format"])
-        .arg("--dir")
-        .arg(dir.path())
-        .env("CREDBROKER_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    let mut banner = String::new();
-    while !banner.contains("Watch changes") {
-        assert!(
-            out.read_line(&mut banner).await.unwrap() > 0,
-            "dev broker exited"
-        );
-    }
-    let mut op = CredentialBrokerClient::new(channel(dir.path(), port).await);
+    let dev = DevBroker::spawn_with(&[
+        "--max-streams-per-tenant",
+        &(n + 16).to_string(),
+        "--validation",
+        "format",
+    ])
+    .await;
+    let pid = dev.child.id().unwrap();
+    let mut op = dev.operator().await;
     op.validate_and_store(pb::ValidateAndStoreRequest {
         tenant_id: TENANT.into(),
         exchange: "binance".into(),
@@ -128,7 +92,7 @@ async fn run(n: usize, rotations: usize) -> Result {
     let (got_tx, mut got_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
     let mut channels = Vec::new();
     for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
-        channels.push(channel(dir.path(), port).await);
+        channels.push(dev.channel().await);
     }
     for i in 0..n {
         let mut c = CredentialBrokerClient::new(channels[i / STREAMS_PER_CONNECTION].clone());
@@ -213,7 +177,7 @@ async fn run(n: usize, rotations: usize) -> Result {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cpu = cpu_time(pid).saturating_sub(cpu_before);
-    let _ = child.kill().await;
+    drop(dev);
     latencies.sort();
     Result {
         subscribers: n,

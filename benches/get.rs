@@ -9,14 +9,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{
-    process::Stdio,
-    time::{Duration, Instant},
-};
+#[path = "../tests/common/dev_broker.rs"]
+mod dev_broker;
+
+use std::time::{Duration, Instant};
 
 use credbroker::api::pb::{self, credential_broker_client::CredentialBrokerClient};
-use tokio::io::AsyncBufReadExt as _;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use dev_broker::DevBroker;
 
 const TENANT: &str = "00000000-0000-0000-0000-00000000cafe";
 
@@ -35,45 +34,8 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-            .args(["dev", "--listen", "127.0.0.1:0", "--validation", "format", "--dir"])
-            .arg(dir.path())
-            .env("CREDBROKER_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
-        let mut banner = String::new();
-        while !banner.contains("Watch changes") {
-            assert!(out.read_line(&mut banner).await.unwrap() > 0, "dev broker exited");
-        }
-        let port: u16 = banner
-            .split("listening on 127.0.0.1:")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|p| p.parse().ok())
-            .expect("port in the banner");
-        tokio::spawn(async move {
-            let mut sink = String::new();
-            while out.read_line(&mut sink).await.unwrap_or(0) > 0 {
-                sink.clear();
-            }
-        });
-        let read = |f: &str| std::fs::read(dir.path().join(f)).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read("ca.pem")))
-            .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-            .domain_name("localhost");
-        let ch = Channel::from_shared(format!("https://localhost:{port}"))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let dev = DevBroker::spawn_with(&["--validation", "format"]).await;
+        let ch = dev.channel().await;
         let mut c = CredentialBrokerClient::new(ch.clone());
         c.validate_and_store(pb::ValidateAndStoreRequest {
             tenant_id: TENANT.into(),
@@ -121,6 +83,6 @@ fn main() {
             lat.last().unwrap().as_secs_f64() * 1e3,
             lat.len() as f64 / elapsed.as_secs_f64()
         );
-        let _ = child.kill().await;
+        drop(dev);
     });
 }

@@ -1,0 +1,119 @@
+//! `credbroker dev` as a child process, shared by the integration tests and
+//! the benchmarks: started on port 0 (the broker picks a free port and names
+//! it in its banner), its output drained so the pipe never closes under it.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use credbroker::api::pb::credential_broker_client::CredentialBrokerClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// `credbroker dev` as a child process (the binary the README starts).
+pub struct DevBroker {
+    pub child: tokio::process::Child,
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    pub banner: String,
+    /// Everything the process printed after its banner (kept draining so
+    /// the pipe never closes under it).
+    pub output: Arc<Mutex<String>>,
+}
+
+impl DevBroker {
+    /// `credbroker dev --validation format` (tests store made-up keys).
+    pub async fn spawn() -> DevBroker {
+        Self::spawn_with(&["--validation", "format"]).await
+    }
+
+    pub async fn spawn_with(extra: &[&str]) -> DevBroker {
+        use tokio::io::AsyncBufReadExt as _;
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        // Port 0: the broker binds a free port itself and names it in its
+        // banner.
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
+            .arg(dir.path())
+            .args(extra)
+            .env("CREDBROKER_LOG", "warn,rustify=off,vaultrs=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+        let mut banner = String::new();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !banner.contains("Watch changes") {
+                if stdout.read_line(&mut banner).await.unwrap() == 0 {
+                    break;
+                }
+            }
+        })
+        .await
+        .expect("dev broker did not print its banner");
+        assert!(
+            banner.contains("Watch changes"),
+            "dev broker exited early:\n{banner}"
+        );
+        let port = banner
+            .split("listening on 127.0.0.1:")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in the banner:\n{banner}"));
+        let output = Arc::new(Mutex::new(String::new()));
+        let sink = output.clone();
+        tokio::spawn(async move {
+            let mut line = String::new();
+            while stdout.read_line(&mut line).await.unwrap_or(0) > 0 {
+                sink.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
+        DevBroker {
+            child,
+            dir,
+            port,
+            banner,
+            output,
+        }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A channel using the operator certificate `dev` wrote.
+    pub async fn channel(&self) -> Channel {
+        let read = |f: &str| std::fs::read(self.file(f)).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")))
+            .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://localhost:{}", self.port))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot reach the dev broker: {e:?}\nbanner:\n{}\nlater output:\n{}",
+                    self.banner,
+                    self.output.lock().unwrap()
+                )
+            })
+    }
+
+    /// A client using the operator certificate `dev` wrote.
+    pub async fn operator(&self) -> CredentialBrokerClient<Channel> {
+        CredentialBrokerClient::new(self.channel().await)
+    }
+}
