@@ -73,17 +73,8 @@ async fn run(n: usize, rotations: usize) -> Result {
     .await;
     let pid = dev.child.id().unwrap();
     let mut op = dev.operator().await;
-    op.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: TENANT.into(),
-        exchange: "binance".into(),
-        credentials: Some(pb::CredentialSet {
-            api_key: "benchKey00000000".into(),
-            api_secret: "benchSecret00000000".into(),
-            passphrase: None,
-        }),
-    })
-    .await
-    .unwrap();
+    dev.store(TENANT, "binance", "benchKey00000000", "benchSecret00000000")
+        .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = rss_kib(pid);
 

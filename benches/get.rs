@@ -36,18 +36,8 @@ fn main() {
     rt.block_on(async move {
         let dev = DevBroker::spawn_with(&["--validation", "format"]).await;
         let ch = dev.channel().await;
+        dev.store(TENANT, "binance", "benchKey00000000", "benchSecret00000000").await;
         let mut c = CredentialBrokerClient::new(ch.clone());
-        c.validate_and_store(pb::ValidateAndStoreRequest {
-            tenant_id: TENANT.into(),
-            exchange: "binance".into(),
-            credentials: Some(pb::CredentialSet {
-                api_key: "benchKey00000000".into(),
-                api_secret: "benchSecret00000000".into(),
-                passphrase: None,
-            }),
-        })
-        .await
-        .unwrap();
         let req = pb::GetCredentialsRequest {
             tenant_id: TENANT.into(),
             exchange: "binance".into(),

@@ -116,4 +116,21 @@ impl DevBroker {
     pub async fn operator(&self) -> CredentialBrokerClient<Channel> {
         CredentialBrokerClient::new(self.channel().await)
     }
+
+    /// Stores a credential set as the operator.
+    pub async fn store(&self, tenant: &str, exchange: &str, key: &str, secret: &str) {
+        self.operator()
+            .await
+            .validate_and_store(credbroker::api::pb::ValidateAndStoreRequest {
+                tenant_id: tenant.into(),
+                exchange: exchange.into(),
+                credentials: Some(credbroker::api::pb::CredentialSet {
+                    api_key: key.into(),
+                    api_secret: secret.into(),
+                    passphrase: None,
+                }),
+            })
+            .await
+            .unwrap();
+    }
 }
