@@ -41,6 +41,7 @@ fn main() {
         let req = pb::GetCredentialsRequest {
             tenant_id: TENANT.into(),
             exchange: "binance".into(),
+            min_version: 0,
         };
         c.get_credentials(req.clone()).await.unwrap();
         let started = Instant::now();

@@ -99,13 +99,19 @@ struct MetaState {
 }
 
 impl MetaState {
+    /// Appends the event describing `record` and stamps its seq on the
+    /// record (and on the stored row, if it still exists).
     fn append(
         &mut self,
-        record: &CredentialRecord,
+        record: &mut CredentialRecord,
         kind: EventKind,
         now: OffsetDateTime,
     ) -> CredentialEvent {
         self.next_seq += 1;
+        record.event_seq = self.next_seq;
+        if let Some(row) = self.records.get_mut(&(record.tenant, record.exchange)) {
+            row.event_seq = self.next_seq;
+        }
         let event = CredentialEvent {
             seq: self.next_seq,
             tenant: record.tenant,
@@ -191,9 +197,11 @@ impl MetadataStore for MemoryMetadataStore {
             health_checked_at: None,
             created_at: now,
             updated_at: now,
+            event_seq: 0,
         };
+        let mut record = record;
         st.records.insert(key, record.clone());
-        let event = st.append(&record, EventKind::Stored, now);
+        let event = st.append(&mut record, EventKind::Stored, now);
         Ok((record, event))
     }
 
@@ -217,8 +225,8 @@ impl MetadataStore for MemoryMetadataStore {
         record.api_key_hint = c.api_key_hint;
         record.last_validated_at = Some(c.validated_at);
         record.updated_at = c.validated_at;
-        let record = record.clone();
-        let event = st.append(&record, EventKind::Rotated, c.validated_at);
+        let mut record = record.clone();
+        let event = st.append(&mut record, EventKind::Rotated, c.validated_at);
         Ok((record, event))
     }
 
@@ -228,13 +236,13 @@ impl MetadataStore for MemoryMetadataStore {
         exchange: ExchangeId,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
         let mut st = lock(&self.state);
-        let Some(record) = st.records.remove(&(tenant, exchange)) else {
+        let Some(mut record) = st.records.remove(&(tenant, exchange)) else {
             return Ok(None);
         };
         st.acks
             .retain(|(t, e, _), _| (*t, *e) != (tenant, exchange));
         Ok(Some(st.append(
-            &record,
+            &mut record,
             EventKind::Deleted,
             OffsetDateTime::now_utc(),
         )))
@@ -260,8 +268,9 @@ impl MetadataStore for MemoryMetadataStore {
             record.last_validated_at = Some(u.checked_at);
         }
         record.updated_at = u.checked_at;
-        let record = record.clone();
-        let event = invalidated.then(|| st.append(&record, EventKind::Invalidated, u.checked_at));
+        let mut record = record.clone();
+        let event =
+            invalidated.then(|| st.append(&mut record, EventKind::Invalidated, u.checked_at));
         Ok((record, event))
     }
 
@@ -288,8 +297,8 @@ impl MetadataStore for MemoryMetadataStore {
             };
             record.previous_valid_until = None;
             record.updated_at = now;
-            let record = record.clone();
-            let event = st.append(&record, EventKind::PreviousExpired, now);
+            let mut record = record.clone();
+            let event = st.append(&mut record, EventKind::PreviousExpired, now);
             out.push((record.vault_path, version, event));
         }
         Ok(out)

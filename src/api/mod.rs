@@ -67,10 +67,14 @@ impl CredentialBroker for BrokerService {
         let pb::GetCredentialsRequest {
             tenant_id,
             exchange,
+            min_version,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         authorize(&req, tenant)?;
-        let view = self.broker.get_credentials(tenant, exchange).await?;
+        let view = self
+            .broker
+            .get_credentials(tenant, exchange, *min_version)
+            .await?;
         let (previous, previous_version, previous_valid_until) = match view.previous() {
             Some((set, v, until)) => (
                 Some(convert::set_to_pb(set)),
@@ -170,8 +174,9 @@ impl CredentialBroker for BrokerService {
             let message = match item {
                 WatchItem::State(r) => Message::State(convert::metadata(&r)),
                 WatchItem::Event(e) => Message::Event(convert::event(&e)),
-                WatchItem::Heartbeat(seq) => Message::Heartbeat(pb::Heartbeat {
+                WatchItem::Heartbeat { seq, head } => Message::Heartbeat(pb::Heartbeat {
                     seq,
+                    head_seq: head,
                     sent_at: Some(convert::ts(time::OffsetDateTime::now_utc())),
                 }),
                 WatchItem::End(e) => return Err(Status::from(*e)),

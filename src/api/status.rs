@@ -36,7 +36,10 @@ impl From<BrokerError> for Status {
             BrokerError::Unavailable { .. }
             | BrokerError::ShuttingDown { .. }
             | BrokerError::StreamAged { .. } => Status::unavailable(msg),
-            BrokerError::ResumeTooOld { .. } => Status::out_of_range(msg),
+            BrokerError::ResumeTooOld { .. } | BrokerError::ResumeAhead { .. } => {
+                Status::out_of_range(msg)
+            }
+            BrokerError::SecretMissing { .. } => Status::data_loss(msg),
             BrokerError::Internal => {
                 Status::internal("internal error; the broker logged the cause")
             }

@@ -87,8 +87,9 @@ pub enum ValidationError {
     },
 }
 
-/// A failure of a broker operation, as the API layer sees it.
-#[derive(Debug, Error)]
+/// A failure of a broker operation, as the API layer sees it. `Clone`: one
+/// failed load is shared by every caller that waited on it.
+#[derive(Clone, Debug, Error)]
 pub enum BrokerError {
     /// A request field is malformed.
     #[error("{field}: {reason}")]
@@ -150,6 +151,30 @@ pub enum BrokerError {
     StreamAged {
         /// The last sequence number delivered on the stream.
         resume_after: u64,
+    },
+    /// The Vault version a row names as current is gone (destroyed outside
+    /// the broker): nothing can serve it until a new set is rotated in.
+    #[error(
+        "version {version} of the credentials for tenant {tenant} on {exchange} is missing from Vault (destroyed outside the broker?); rotate in a new set"
+    )]
+    SecretMissing {
+        /// Tenant.
+        tenant: String,
+        /// Exchange.
+        exchange: &'static str,
+        /// The missing version.
+        version: u64,
+    },
+    /// A resume point ahead of the newest event (a database restore, a bug,
+    /// a hostile client): nothing would ever arrive after it.
+    #[error(
+        "resume point after_seq={after_seq} is ahead of the newest event ({head}); resync: reconnect with after_seq=0 and take the full state"
+    )]
+    ResumeAhead {
+        /// The requested resume point.
+        after_seq: u64,
+        /// The newest event seq of the tenant.
+        head: u64,
     },
     /// A resume point older than event retention.
     #[error(

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 
 use crate::{
-    cache::{CachedCredential, CredentialCache},
+    cache::{CacheStats, CachedCredential, CredentialCache},
     clock::Clock,
     rotation::hub::Hub,
 };
@@ -172,45 +172,60 @@ impl Broker {
         )
     }
 
-    /// After a commit on this replica: the cache entry is dropped at once
+    /// After a commit on this replica: the cache applies the event at once
     /// (our next read is fresh), and the event is published here unless the
     /// event listener does it.
     pub fn apply_event(&self, event: CredentialEvent) {
         if self.settings.publish_on_commit {
             self.deliver(event);
         } else {
-            self.cache.invalidate(&(event.tenant, event.exchange));
+            self.cache.apply(&event);
         }
     }
 
-    /// Delivers a committed event (from any replica): invalidate, then
-    /// publish, so a subscriber that refetches on the event never reads the
-    /// old set from this replica's cache.
+    /// Delivers a committed event (from any replica): the cache applies it
+    /// first, then it is published, so a subscriber that refetches on the
+    /// event never reads the old set from this replica's cache.
     pub fn deliver(&self, event: CredentialEvent) {
-        self.cache.invalidate(&(event.tenant, event.exchange));
+        self.cache.apply(&event);
         self.hub.publish(event);
+    }
+
+    /// Read-path counters (cache hits, loads, coalesced misses, discarded
+    /// stale loads).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
     }
 
     /// The current (and, during an overlap, previous) set.
     ///
+    /// `min_version` is the version a client was told about by an event (0:
+    /// none): a cached set older than that is not served from the cache.
+    ///
     /// # Errors
     /// `NotFound`; `FailedPrecondition` for a revoked credential;
-    /// `Unavailable` when a backend is down and nothing usable is cached.
+    /// `SecretMissing` when Vault lost the current version; `Unavailable`
+    /// when a backend is down and nothing usable is cached.
     pub async fn get_credentials(
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
+        min_version: u64,
     ) -> Result<CredentialView, BrokerError> {
         let key = (tenant, exchange);
         let now = self.clock.now();
-        if let Some(hit) = self.cache.fresh(&key, now) {
+        if let Some(hit) = self.cache.fresh(&key, now, min_version) {
             return Ok(CredentialView::new(hit, now, false));
         }
-        match self.load(tenant, exchange, now).await {
-            Ok(entry) => {
-                let entry = self.cache.insert(key, entry);
-                Ok(CredentialView::new(entry, now, false))
-            }
+        let loader = Loader {
+            secrets: self.secrets.clone(),
+            meta: self.meta.clone(),
+            tenant,
+            exchange,
+            now,
+        };
+        match self.cache.load(key, || loader.run()).await {
+            Ok(entry) => Ok(CredentialView::new(entry, now, false)),
             Err(e @ BrokerError::Unavailable { .. }) => match self.cache.within_grace(&key, now) {
                 Some(hit) => {
                     tracing::warn!(%tenant, %exchange, "serving a stale cached credential: {e}");
@@ -220,43 +235,6 @@ impl Broker {
             },
             Err(e) => Err(e),
         }
-    }
-
-    async fn load(
-        &self,
-        tenant: TenantId,
-        exchange: ExchangeId,
-        now: OffsetDateTime,
-    ) -> Result<CachedCredential, BrokerError> {
-        let record = self
-            .meta
-            .get(tenant, exchange)
-            .await?
-            .ok_or_else(|| not_found(tenant, exchange))?;
-        if record.status == CredentialStatus::Revoked {
-            return Err(BrokerError::FailedPrecondition(format!(
-                "credentials for tenant {tenant} on {exchange} are revoked; store or rotate in a new set"
-            )));
-        }
-        let current = self
-            .secrets
-            .read(&record.vault_path, record.current_version)
-            .await?;
-        let previous = match record.open_previous(now) {
-            Some((version, _)) => match self.secrets.read(&record.vault_path, version).await {
-                Ok(set) => Some(set),
-                // Retired concurrently: the overlap is over, serve without it.
-                Err(SecretStoreError::NotFound { .. }) => None,
-                Err(e) => return Err(e.into()),
-            },
-            None => None,
-        };
-        Ok(CachedCredential {
-            record,
-            current,
-            previous,
-            fetched_at: now,
-        })
     }
 
     /// Validates and stores a tenant's first set for an exchange.
@@ -296,6 +274,14 @@ impl Broker {
             other => other.into(),
         })?;
         tracing::info!(%tenant, %exchange, version, key = %record.api_key_hint, "credentials stored");
+        // Cache what we hold before anyone is told, so a subscriber's
+        // fetch on the event is a hit.
+        self.cache.install(CachedCredential {
+            record: record.clone(),
+            current: set,
+            previous: None,
+            fetched_at: self.clock.now(),
+        });
         self.apply_event(event);
         Ok(record)
     }
@@ -331,11 +317,26 @@ impl Broker {
             .ok_or_else(|| not_found(tenant, exchange))?;
         // A retried Rotate (timeout, crash) carries the set already current:
         // converge on it instead of rotating again.
-        let current = self
+        let current = match self
             .secrets
             .read(&record.vault_path, record.current_version)
-            .await?;
-        if current.same_as(&set) {
+            .await
+        {
+            Ok(set) => Some(set),
+            // Destroyed under us by a concurrent rotation (we lost: ABORTED),
+            // or outside the broker (rotating in a new set is the repair).
+            Err(SecretStoreError::NotFound { .. }) => {
+                let now_current = self.meta.get(tenant, exchange).await?.map(|r| r.current_version);
+                if now_current != Some(record.current_version) {
+                    return Err(BrokerError::Conflict);
+                }
+                tracing::warn!(%tenant, %exchange, version = record.current_version,
+                    "the current version is missing from Vault; rotating over it");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if current.as_ref().is_some_and(|c| c.same_as(&set)) {
             return Ok(RotateOutcome {
                 record,
                 rotated: false,
@@ -366,6 +367,12 @@ impl Broker {
             other => other.into(),
         })?;
         tracing::info!(%tenant, %exchange, version = new_version, overlap_secs = overlap.whole_seconds(), "credentials rotated");
+        self.cache.install(CachedCredential {
+            record: updated.clone(),
+            current: set,
+            previous: if keep_previous { current } else { None },
+            fetched_at: now,
+        });
         self.apply_event(event);
         // Versions no longer served are destroyed now: the replaced current
         // one on an emergency revoke, and a previous one cut short by a
@@ -536,9 +543,82 @@ impl Broker {
             tracing::warn!(%tenant, %exchange, "credential invalidated by re-validation");
             self.apply_event(event);
         } else {
-            self.cache.invalidate(&(tenant, exchange));
+            self.cache.forget(&(tenant, exchange));
         }
         Ok(updated)
+    }
+}
+
+/// One cache miss: the row from PostgreSQL, then the current and previous
+/// sets from Vault at once. Owns what it needs, so the cache can share it
+/// between callers and finish it when the caller that started it is gone.
+struct Loader {
+    secrets: Arc<dyn SecretStore>,
+    meta: Arc<dyn MetadataStore>,
+    tenant: TenantId,
+    exchange: ExchangeId,
+    now: OffsetDateTime,
+}
+
+impl Loader {
+    /// Rows read before giving up on a credential that keeps moving under us.
+    const ATTEMPTS: usize = 3;
+
+    async fn run(self) -> Result<CachedCredential, BrokerError> {
+        let (tenant, exchange) = (self.tenant, self.exchange);
+        let mut last_missing = 0;
+        for _ in 0..Self::ATTEMPTS {
+            let record = self
+                .meta
+                .get(tenant, exchange)
+                .await?
+                .ok_or_else(|| not_found(tenant, exchange))?;
+            if record.status == CredentialStatus::Revoked {
+                return Err(BrokerError::FailedPrecondition(format!(
+                    "credentials for tenant {tenant} on {exchange} are revoked; store or rotate in a new set"
+                )));
+            }
+            let path = &record.vault_path;
+            let open_previous = record.open_previous(self.now);
+            let (current, previous) = tokio::join!(
+                self.secrets.read(path, record.current_version),
+                async {
+                    match open_previous {
+                        Some((version, _)) => Some(self.secrets.read(path, version).await),
+                        None => None,
+                    }
+                }
+            );
+            let current = match current {
+                Ok(set) => set,
+                // A rotation destroyed it after we read the row (an overlap-0
+                // revoke or a rotation inside an overlap): read the row again.
+                Err(SecretStoreError::NotFound { version, .. }) => {
+                    last_missing = version;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let previous = match previous {
+                None => None,
+                Some(Ok(set)) => Some(set),
+                // Retired concurrently: the overlap is over, serve without it.
+                Some(Err(SecretStoreError::NotFound { .. })) => None,
+                Some(Err(e)) => return Err(e.into()),
+            };
+            return Ok(CachedCredential {
+                record,
+                current,
+                previous,
+                fetched_at: self.now,
+            });
+        }
+        tracing::error!(%tenant, %exchange, version = last_missing, "the current version is missing from Vault");
+        Err(BrokerError::SecretMissing {
+            tenant: tenant.to_string(),
+            exchange: exchange.as_str(),
+            version: last_missing,
+        })
     }
 }
 

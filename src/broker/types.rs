@@ -21,7 +21,7 @@ pub struct TenantId(Uuid);
 
 impl TenantId {
     /// Wraps a UUID.
-    pub fn new(id: Uuid) -> Self {
+    pub const fn new(id: Uuid) -> Self {
         Self(id)
     }
 
@@ -296,6 +296,9 @@ pub struct CredentialRecord {
     pub created_at: OffsetDateTime,
     /// Last change.
     pub updated_at: OffsetDateTime,
+    /// Seq of the newest event describing this state (0: none yet). Loads
+    /// older than an event the cache has applied are never cached.
+    pub event_seq: u64,
 }
 
 impl CredentialRecord {
@@ -442,6 +445,7 @@ mod tests {
             health_checked_at: None,
             created_at: now,
             updated_at: now,
+            event_seq: 0,
         };
         assert!(rec.open_previous(now).is_some());
         assert!(

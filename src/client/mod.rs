@@ -11,6 +11,8 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use tokio::time::Instant;
+
 use arc_swap::ArcSwap;
 use rand::Rng as _;
 use secrecy::SecretString;
@@ -124,6 +126,7 @@ impl CredentialHandle {
             state: state.clone(),
             changes: tx,
             generation: 0,
+            pending: BTreeMap::new(),
         };
         tokio::spawn(sup.run(cancel.clone()));
         Self {
@@ -185,7 +188,29 @@ struct Supervisor {
     state: Arc<ArcSwap<Snapshot>>,
     changes: watch::Sender<u64>,
     generation: u64,
+    /// Fetches to retry: the broker answered with a set older than an event
+    /// announced (a replica that has not seen the event yet), or failed.
+    pending: BTreeMap<ExchangeId, Pending>,
 }
+
+/// A fetch that has not yet produced the announced version.
+struct Pending {
+    /// The version an event or the state announced.
+    min_version: u64,
+    /// Refetch even if that version is held (PREVIOUS_EXPIRED).
+    force: bool,
+    attempt: u32,
+    since: Instant,
+    next_at: Instant,
+    warned: bool,
+}
+
+/// First retry delay of a fetch that got an older set than announced.
+const REFETCH_MIN: Duration = Duration::from_millis(50);
+/// Longest retry delay of such a fetch.
+const REFETCH_MAX: Duration = Duration::from_secs(5);
+/// Waiting this long for the announced version is worth a warning.
+const REFETCH_WARN_AFTER: Duration = Duration::from_secs(5);
 
 /// Why a session ended.
 enum SessionEnd {
@@ -284,8 +309,13 @@ impl Supervisor {
         // state phase is over.
         let mut in_state: Option<Vec<ExchangeId>> = Some(Vec::new());
         loop {
+            let retry_at = self.pending.values().map(|p| p.next_at).min();
             let msg = tokio::select! {
                 () = cancel.cancelled() => return SessionEnd::Cancelled,
+                () = sleep_until_opt(retry_at) => {
+                    self.retry_due(&mut client).await;
+                    continue;
+                }
                 m = tokio::time::timeout(self.cfg.silence_limit, stream.message()) => m,
             };
             let msg = match msg {
@@ -327,6 +357,7 @@ impl Supervisor {
                     };
                     let kind = EventKind::try_from(e.kind).unwrap_or(EventKind::Unspecified);
                     if kind == EventKind::Deleted {
+                        self.pending.remove(&ex);
                         self.remove(ex);
                     } else {
                         // PREVIOUS_EXPIRED keeps the version but drops the
@@ -395,8 +426,10 @@ impl Supervisor {
         }
     }
 
-    /// Fetches `ex` unless version `version` is already held. A failed fetch
-    /// keeps the last good value.
+    /// Fetches `ex` unless version `version` is already held, and never
+    /// accepts a set older than `version`: the fetch is retried with backoff
+    /// (while the stream keeps being read) until the broker serves it. A
+    /// failed fetch keeps the last good value and is retried the same way.
     async fn refresh(
         &mut self,
         client: &mut CredentialBrokerClient<Channel>,
@@ -408,32 +441,85 @@ impl Supervisor {
         // (Not `>=`: a credential deleted and stored again restarts at 1.)
         let held = self.state.load().credentials.get(&ex).map(|c| c.version);
         if !force && held == Some(version) {
+            self.pending.remove(&ex);
             return;
         }
+        let now = Instant::now();
+        let p = self.pending.entry(ex).or_insert(Pending {
+            min_version: version,
+            force,
+            attempt: 0,
+            since: now,
+            next_at: now,
+            warned: false,
+        });
+        // A newer announcement replaces the older one (a delete and a new
+        // store may announce a lower version: the latest announcement wins).
+        p.min_version = version;
+        p.force |= force;
+        p.next_at = now;
+        self.fetch(client, ex).await;
+    }
+
+    /// Retries every pending fetch that is due.
+    async fn retry_due(&mut self, client: &mut CredentialBrokerClient<Channel>) {
+        let now = Instant::now();
+        let due: Vec<ExchangeId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.next_at <= now)
+            .map(|(ex, _)| *ex)
+            .collect();
+        for ex in due {
+            self.fetch(client, ex).await;
+        }
+    }
+
+    /// One attempt of the pending fetch of `ex`.
+    async fn fetch(&mut self, client: &mut CredentialBrokerClient<Channel>, ex: ExchangeId) {
+        let Some((min_version, force)) = self.pending.get(&ex).map(|p| (p.min_version, p.force))
+        else {
+            return;
+        };
         let resp = client
             .get_credentials(pb::GetCredentialsRequest {
                 tenant_id: self.cfg.tenant.to_string(),
                 exchange: ex.as_str().to_owned(),
+                min_version,
             })
             .await;
         let resp = match resp {
             Ok(r) => r.into_inner(),
             Err(s) if s.code() == Code::NotFound => {
+                self.pending.remove(&ex);
                 self.remove(ex);
                 return;
             }
             Err(s) => {
                 tracing::warn!(exchange = %ex, "keeping the last good credentials: fetch failed: {}", s.message());
+                self.backoff(ex);
                 return;
             }
         };
         let Some(creds) = to_credentials(ex, resp) else {
             tracing::warn!(exchange = %ex, "keeping the last good credentials: the broker sent an incomplete set");
+            self.backoff(ex);
             return;
         };
         let version = creds.version;
+        if version < min_version {
+            // A replica (or its cache) that has not seen the event yet.
+            self.backoff(ex);
+            return;
+        }
+        if let Some(p) = self.pending.remove(&ex)
+            && p.warned
+        {
+            tracing::info!(exchange = %ex, version, waited_ms = p.since.elapsed().as_millis() as u64,
+                "the broker now serves the announced version");
+        }
+        let held = self.state.load().credentials.get(&ex).map(|c| c.version);
         if !force && held == Some(version) {
-            // A replayed old event: the broker still serves what we hold.
             return;
         }
         let creds = Arc::new(creds);
@@ -455,6 +541,32 @@ impl Supervisor {
         if let Err(s) = client.acknowledge_version(ack).await {
             tracing::debug!(exchange = %ex, "acknowledgement not recorded: {}", s.message());
         }
+    }
+
+    /// Schedules the next attempt of `ex`'s fetch (jittered exponential
+    /// backoff), and says so once the announced version is long in coming.
+    fn backoff(&mut self, ex: ExchangeId) {
+        let Some(p) = self.pending.get_mut(&ex) else {
+            return;
+        };
+        let base = REFETCH_MIN
+            .saturating_mul(1 << p.attempt.min(16))
+            .min(REFETCH_MAX);
+        p.attempt += 1;
+        p.next_at = Instant::now() + rand::rng().random_range(base / 2..=base);
+        if !p.warned && p.since.elapsed() >= REFETCH_WARN_AFTER {
+            p.warned = true;
+            tracing::warn!(exchange = %ex, announced = p.min_version, waited_ms = p.since.elapsed().as_millis() as u64,
+                "the broker still serves an older set than the announced version; keeping the last good set and retrying");
+        }
+    }
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -126,8 +126,14 @@ pub enum WatchItem {
     State(Box<CredentialRecord>),
     /// A change, shared with every other subscriber.
     Event(Arc<CredentialEvent>),
-    /// Idle tick carrying the last sequence delivered.
-    Heartbeat(u64),
+    /// Idle tick carrying the last sequence delivered and the newest event
+    /// seq of the tenant that this replica knows.
+    Heartbeat {
+        /// Resume point.
+        seq: u64,
+        /// Head of the tenant's log.
+        head: u64,
+    },
     /// The stream ends with this error (resumable where it says so).
     End(Box<BrokerError>),
 }
@@ -146,6 +152,8 @@ pub struct Watch {
     _slot: StreamSlot,
     live: broadcast::Receiver<Arc<CredentialEvent>>,
     cursor: u64,
+    /// Newest event seq of the tenant seen (snapshot, table, hub).
+    head: u64,
     started: bool,
     done: bool,
     /// Fires at the heartbeat deadline; re-armed lazily from `last_sent`.
@@ -176,6 +184,7 @@ impl Watch {
         Self {
             broker,
             cursor: sub.after_seq,
+            head: 0,
             sub,
             timing,
             cancelled: Box::pin(cancel.cancelled_owned()),
@@ -232,13 +241,16 @@ impl Watch {
                     if now >= due {
                         self.last_sent = now;
                         self.heartbeat.as_mut().reset(now + self.timing.heartbeat);
-                        return Some(WatchItem::Heartbeat(self.cursor));
+                        return Some(WatchItem::Heartbeat { seq: self.cursor, head: self.head.max(self.cursor) });
                     }
                     // Something was sent since the timer was armed.
                     self.heartbeat.as_mut().reset(due);
                 }
                 got = self.live.recv() => match got {
                     Ok(event) => {
+                        if event.tenant == self.sub.tenant {
+                            self.head = self.head.max(event.seq);
+                        }
                         if event.seq > self.cursor && self.sub.wants(event.tenant, event.exchange) {
                             self.cursor = event.seq;
                             self.last_sent = Instant::now();
@@ -256,21 +268,33 @@ impl Watch {
         }
     }
 
-    /// Full state, then (when resuming) the events after `after_seq`.
+    /// Full state, then (when resuming) the events after `after_seq`. A
+    /// resume point below retention, or above the newest event (nothing
+    /// would ever arrive after it), ends the stream with a resync status.
     async fn start(&mut self) {
-        if self.sub.after_seq > 0 {
+        let pruned = if self.sub.after_seq > 0 {
             match self.broker.metadata().pruned_through().await {
                 Ok(pruned) if self.sub.after_seq < pruned => {
                     return self.end(BrokerError::ResumeTooOld {
                         after_seq: self.sub.after_seq,
                     });
                 }
-                Ok(_) => {}
+                Ok(pruned) => pruned,
                 Err(e) => return self.end(e.into()),
             }
-        }
+        } else {
+            0
+        };
         match self.broker.metadata().snapshot(self.sub.tenant).await {
             Ok((records, seq)) => {
+                let head = seq.max(pruned);
+                if self.sub.after_seq > head {
+                    return self.end(BrokerError::ResumeAhead {
+                        after_seq: self.sub.after_seq,
+                        head,
+                    });
+                }
+                self.head = self.head.max(seq);
                 // A fresh subscription starts at the state: older events are
                 // already reflected in it. A resuming one asked for its replay.
                 if self.sub.after_seq == 0 {
@@ -305,6 +329,7 @@ impl Watch {
             let full = page.len() == CATCH_UP_PAGE as usize;
             for e in page {
                 self.cursor = e.seq;
+                self.head = self.head.max(e.seq);
                 if self.sub.wants(e.tenant, e.exchange) {
                     self.pending.push_back(WatchItem::Event(Arc::new(e)));
                 }

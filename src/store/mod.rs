@@ -32,7 +32,7 @@ use crate::{
 
 const RECORD_COLS: &str = "tenant_id, exchange, vault_path, current_version, previous_version, \
     previous_valid_until, status, permissions, api_key_hint, last_validated_at, health_check_status, \
-    health_check_detail, health_checked_at, created_at, updated_at";
+    health_check_detail, health_checked_at, created_at, updated_at, event_seq";
 /// Taken by every transaction right before it appends an event, and held to
 /// commit: events become visible in `seq` order, so a reader that has seen
 /// seq N has seen every event below N.
@@ -170,6 +170,7 @@ fn row_to_record(row: &Row) -> Result<CredentialRecord, MetadataStoreError> {
         health_checked_at: row.get("health_checked_at"),
         created_at: row.get("created_at"),
         updated_at: row.get("updated_at"),
+        event_seq: to_u64(row.get("event_seq")),
     })
 }
 
@@ -197,10 +198,12 @@ fn permissions_json(p: &Permissions) -> Result<serde_json::Value, MetadataStoreE
     serde_json::to_value(p).map_err(|e| MetadataStoreError::Other(e.to_string()))
 }
 
-/// Appends the event describing `record`'s new state.
+/// Appends the event describing `record`'s new state and stamps its seq on
+/// the row (`event_seq`, what the cache orders loads by); returns the event
+/// and sets `record.event_seq`.
 async fn append_event(
     tx: &Transaction<'_>,
-    record: &CredentialRecord,
+    record: &mut CredentialRecord,
     kind: EventKind,
 ) -> Result<CredentialEvent, MetadataStoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_ORDER_LOCK])
@@ -214,8 +217,11 @@ async fn append_event(
     let row = tx
         .query_one(
             &format!(
-                "INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {EVENT_COLS}"
+                "WITH ev AS (INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {EVENT_COLS}), \
+                 stamped AS (UPDATE tenant_credentials SET event_seq = (SELECT seq FROM ev) \
+                 WHERE tenant_id = $1 AND exchange = $2) \
+                 SELECT * FROM ev"
             ),
             &[
                 &record.tenant.as_uuid(),
@@ -228,7 +234,9 @@ async fn append_event(
         )
         .await
         .map_err(pg_err)?;
-    row_to_event(&row)
+    let event = row_to_event(&row)?;
+    record.event_seq = event.seq;
+    Ok(event)
 }
 
 async fn select_record(
@@ -270,10 +278,26 @@ impl MetadataStore for PgMetadataStore {
         tenant: TenantId,
         exchange: ExchangeId,
     ) -> Result<Option<CredentialRecord>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
-            Box::pin(select_record(tx, tenant, exchange, false))
-        })
-        .await
+        // The hot miss: one prepared statement, one round trip (the
+        // function switches role and tenant itself; see migration V3).
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLS} FROM credbroker_read_credential($1, $2)"
+            ))
+            .await
+            .map_err(pg_err)?;
+        client
+            .query_opt(&stmt, &[&tenant.as_uuid(), &exchange.as_str()])
+            .await
+            .map_err(pg_err)?
+            .as_ref()
+            .map(row_to_record)
+            .transpose()
     }
 
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
@@ -331,8 +355,8 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?
                     .ok_or(MetadataStoreError::AlreadyExists)?;
-                let record = row_to_record(&row)?;
-                let event = append_event(tx, &record, EventKind::Stored).await?;
+                let mut record = row_to_record(&row)?;
+                let event = append_event(tx, &mut record, EventKind::Stored).await?;
                 Ok((record, event))
             })
         })
@@ -373,8 +397,8 @@ impl MetadataStore for PgMetadataStore {
                         None => MetadataStoreError::NotFound,
                     });
                 };
-                let record = row_to_record(&row)?;
-                let event = append_event(tx, &record, EventKind::Rotated).await?;
+                let mut record = row_to_record(&row)?;
+                let event = append_event(tx, &mut record, EventKind::Rotated).await?;
                 Ok((record, event))
             })
         })
@@ -396,7 +420,7 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 match row {
-                    Some(row) => Ok(Some(append_event(tx, &row_to_record(&row)?, EventKind::Deleted).await?)),
+                    Some(row) => Ok(Some(append_event(tx, &mut row_to_record(&row)?, EventKind::Deleted).await?)),
                     None => Ok(None),
                 }
             })
@@ -435,9 +459,9 @@ impl MetadataStore for PgMetadataStore {
                     )
                     .await
                     .map_err(pg_err)?;
-                let record = row_to_record(&row)?;
+                let mut record = row_to_record(&row)?;
                 let event = if record.status == CredentialStatus::Invalid && before.status != CredentialStatus::Invalid {
-                    Some(append_event(tx, &record, EventKind::Invalidated).await?)
+                    Some(append_event(tx, &mut record, EventKind::Invalidated).await?)
                 } else {
                     None
                 };
@@ -480,8 +504,8 @@ impl MetadataStore for PgMetadataStore {
                         )
                         .await
                         .map_err(pg_err)?;
-                    let record = row_to_record(&row)?;
-                    let event = append_event(tx, &record, EventKind::PreviousExpired).await?;
+                    let mut record = row_to_record(&row)?;
+                    let event = append_event(tx, &mut record, EventKind::PreviousExpired).await?;
                     out.push((record.vault_path, version, event));
                 }
                 Ok(out)

@@ -575,6 +575,7 @@ pub fn get_req(tenant: &str, exchange: &str) -> credbroker::api::pb::GetCredenti
     credbroker::api::pb::GetCredentialsRequest {
         tenant_id: tenant.into(),
         exchange: exchange.into(),
+        min_version: 0,
     }
 }
 
