@@ -64,6 +64,9 @@ pub struct Settings {
     pub streams: StreamTiming,
     /// Health probe period.
     pub health_probe: Duration,
+    /// When the retire job (overlaps, event pruning, orphan sweep) runs;
+    /// tests set `Manual` and run its passes themselves.
+    pub retire: retire::Schedule,
     /// Stream limit per tenant.
     pub max_streams_per_tenant: usize,
     /// Shutdown grace.
@@ -212,6 +215,10 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
                 .then(|| Duration::from_secs(cfg.server.max_stream_age_secs)),
         },
         health_probe: Duration::from_secs(cfg.server.health_probe_secs),
+        retire: retire::Schedule::Every {
+            retire: Duration::from_secs(cfg.rotation.retire_interval_secs.max(1)),
+            sweep: Duration::from_secs(cfg.rotation.orphan_sweep_interval_secs.max(1)),
+        },
         max_streams_per_tenant: cfg.server.max_streams_per_tenant,
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
         clock: Arc::new(SystemClock),
@@ -266,10 +273,11 @@ pub async fn start(
     }
     {
         let (b, cancel) = (broker.clone(), shutdown.clone());
-        let every = Duration::from_secs(s.rotation.retire_interval_secs.max(1));
         let retention = secs(s.rotation.event_retention_secs);
+        let grace = secs(s.rotation.orphan_grace_secs);
+        let schedule = s.retire;
         spawn_task(&mut tasks, "overlap retire job", &shutdown, async move {
-            retire::task_main(b, every, retention, cancel).await;
+            retire::task_main(b, schedule, retention, grace, cancel).await;
             Ok(())
         });
     }

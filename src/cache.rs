@@ -47,9 +47,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::broker::{
     error::BrokerError,
-    types::{
-        CredentialEvent, CredentialRecord, CredentialSet, EventKind, ExchangeId, TenantId,
-    },
+    types::{CredentialEvent, CredentialRecord, CredentialSet, EventKind, ExchangeId, TenantId},
 };
 
 /// A fetched credential: its metadata and the secret sets it references.
@@ -159,7 +157,12 @@ impl Inner {
 
     /// Inserts `entry` unless an event newer than its row was applied, or a
     /// newer entry is already cached. Call with the key's shard locked.
-    fn insert_if_current(&self, state: &KeyState, key: CacheKey, entry: &Arc<CachedCredential>) -> bool {
+    fn insert_if_current(
+        &self,
+        state: &KeyState,
+        key: CacheKey,
+        entry: &Arc<CachedCredential>,
+    ) -> bool {
         if entry.record.event_seq < state.floor {
             return false;
         }
@@ -266,7 +269,10 @@ impl CredentialCache {
             let state = keys.entry(key).or_default();
             match &state.loading {
                 Some(l) if l.floor == state.floor => {
-                    self.inner.counters.coalesced.fetch_add(1, Ordering::Relaxed);
+                    self.inner
+                        .counters
+                        .coalesced
+                        .fetch_add(1, Ordering::Relaxed);
                     l.fut.clone()
                 }
                 _ => {
@@ -325,9 +331,11 @@ impl CredentialCache {
         let fallback = match event.kind {
             // The replaced current set is the new previous one: valid until
             // the overlap ends.
-            EventKind::Rotated if event.previous_version == Some(held) => Some(Standing::Fallback {
-                until: event.previous_valid_until,
-            }),
+            EventKind::Rotated if event.previous_version == Some(held) => {
+                Some(Standing::Fallback {
+                    until: event.previous_valid_until,
+                })
+            }
             // The current set is unchanged; only the previous one ended
             // (which the view never serves past its deadline anyway).
             EventKind::PreviousExpired if event.version == held => {
@@ -409,7 +417,12 @@ mod tests {
         }
     }
 
-    fn event(seq: u64, kind: EventKind, version: u64, previous: Option<(u64, OffsetDateTime)>) -> CredentialEvent {
+    fn event(
+        seq: u64,
+        kind: EventKind,
+        version: u64,
+        previous: Option<(u64, OffsetDateTime)>,
+    ) -> CredentialEvent {
         CredentialEvent {
             seq,
             tenant: KEY.0,
@@ -432,7 +445,10 @@ mod tests {
         let c = cache();
         assert!(c.install(entry(t0, 1, 1)));
         assert!(c.fresh(&KEY, t0 + Duration::minutes(4), 0).is_some());
-        assert!(c.fresh(&KEY, t0 + Duration::minutes(4), 2).is_none(), "below min_version");
+        assert!(
+            c.fresh(&KEY, t0 + Duration::minutes(4), 2).is_none(),
+            "below min_version"
+        );
         assert!(c.fresh(&KEY, t0 + Duration::minutes(5), 0).is_none());
         assert!(c.within_grace(&KEY, t0 + Duration::minutes(64)).is_some());
         assert!(c.within_grace(&KEY, t0 + Duration::minutes(65)).is_none());
@@ -463,13 +479,24 @@ mod tests {
         while c.stats().loads == 0 {
             tokio::task::yield_now().await;
         }
-        c.apply(&event(2, EventKind::Rotated, 2, Some((1, t0 + Duration::hours(1)))));
+        c.apply(&event(
+            2,
+            EventKind::Rotated,
+            2,
+            Some((1, t0 + Duration::hours(1))),
+        ));
         // A caller after the event starts its own load instead of joining.
-        let late = c.load(KEY, move || async move { Ok(entry(t0, 2, 2)) }).await.unwrap();
+        let late = c
+            .load(KEY, move || async move { Ok(entry(t0, 2, 2)) })
+            .await
+            .unwrap();
         assert_eq!(late.record.current_version, 2);
         release.send(()).unwrap();
         let old = early.await.unwrap().unwrap();
-        assert_eq!(old.record.current_version, 1, "the early caller gets its own read");
+        assert_eq!(
+            old.record.current_version, 1,
+            "the early caller gets its own read"
+        );
         assert_eq!(c.fresh(&KEY, t0, 0).unwrap().record.current_version, 2);
         let s = c.stats();
         assert_eq!((s.loads, s.coalesced, s.discarded), (2, 0, 1));
@@ -514,7 +541,10 @@ mod tests {
         c.install(entry(t0, 1, 1));
         // Rotated with an overlap: v1 stays valid until the overlap ends.
         c.apply(&event(2, EventKind::Rotated, 2, Some((1, until))));
-        assert!(c.fresh(&KEY, t0, 0).is_none(), "never fresh after the event");
+        assert!(
+            c.fresh(&KEY, t0, 0).is_none(),
+            "never fresh after the event"
+        );
         assert!(c.within_grace(&KEY, t0 + Duration::minutes(29)).is_some());
         assert!(c.within_grace(&KEY, until).is_none());
         // Revoked (overlap 0): nothing to fall back on.

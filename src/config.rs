@@ -244,6 +244,11 @@ pub struct RotationConfig {
     pub max_overlap_secs: u64,
     /// How often the retire job looks for ended overlaps.
     pub retire_interval_secs: u64,
+    /// How often Vault is swept for versions no credential references.
+    pub orphan_sweep_interval_secs: u64,
+    /// An unreferenced version younger than this is left alone (a Rotate
+    /// may have written it and not committed yet).
+    pub orphan_grace_secs: u64,
     /// How long events are kept for resuming streams.
     pub event_retention_secs: u64,
     /// Backstop poll of the events table when no notification arrives.
@@ -256,6 +261,8 @@ impl Default for RotationConfig {
             default_overlap_secs: 3600,
             max_overlap_secs: 7 * 24 * 3600,
             retire_interval_secs: 15,
+            orphan_sweep_interval_secs: 3600,
+            orphan_grace_secs: 900,
             event_retention_secs: 7 * 24 * 3600,
             event_poll_secs: 5,
         }
@@ -343,6 +350,12 @@ impl Config {
         }
         if self.cache.ttl_secs == 0 {
             return bad("cache.ttl_secs", "must be at least 1".into());
+        }
+        if self.rotation.orphan_grace_secs < 300 {
+            return bad(
+                "rotation.orphan_grace_secs",
+                "must be at least 300: a Rotate writes its Vault version before it commits its row, and a younger unreferenced version may still be committed".into(),
+            );
         }
         if self.rotation.default_overlap_secs > self.rotation.max_overlap_secs {
             return bad(

@@ -197,6 +197,10 @@ pub async fn run(
             max_age: Some(Duration::from_secs(3600)),
         },
         health_probe: Duration::from_secs(5),
+        retire: crate::rotation::retire::Schedule::Every {
+            retire: Duration::from_secs(15),
+            sweep: Duration::from_secs(3600),
+        },
         max_streams_per_tenant: max_streams_per_tenant.max(1),
         grace: Duration::from_secs(5),
         clock: Arc::new(SystemClock),

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 
 use crate::broker::{
     error::{MetadataStoreError, SecretStoreError},
-    ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore},
+    ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore, VersionInfo},
     types::{
         Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
         ExchangeId, HealthStatus, TenantId,
@@ -21,11 +21,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Versioned secrets in memory. Index `i` holds version `i + 1`; `None` is a
-/// destroyed version.
+/// Versioned secrets in memory. Index `i` holds version `i + 1` with its
+/// write time; `None` is a destroyed version.
 #[derive(Default)]
 pub struct MemorySecretStore {
-    paths: Mutex<BTreeMap<String, Vec<Option<CredentialSet>>>>,
+    paths: Mutex<BTreeMap<String, Vec<(OffsetDateTime, Option<CredentialSet>)>>>,
 }
 
 #[async_trait]
@@ -47,7 +47,7 @@ impl SecretStore for MemorySecretStore {
                 path: path.to_owned(),
             });
         }
-        versions.push(Some(set.clone()));
+        versions.push((OffsetDateTime::now_utc(), Some(set.clone())));
         Ok(versions.len() as u64)
     }
 
@@ -57,7 +57,7 @@ impl SecretStore for MemorySecretStore {
         paths
             .get(path)
             .and_then(|v| idx.and_then(|i| v.get(i)))
-            .and_then(Option::clone)
+            .and_then(|(_, set)| set.clone())
             .ok_or_else(|| SecretStoreError::NotFound {
                 path: path.to_owned(),
                 version,
@@ -72,7 +72,7 @@ impl SecretStore for MemorySecretStore {
                     .and_then(|v| v.checked_sub(1))
                     .and_then(|i| stored.get_mut(i))
                 {
-                    *slot = None;
+                    slot.1 = None;
                 }
             }
         }
@@ -82,6 +82,36 @@ impl SecretStore for MemorySecretStore {
     async fn purge(&self, path: &str) -> Result<(), SecretStoreError> {
         lock(&self.paths).remove(path);
         Ok(())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, SecretStoreError> {
+        let prefix = format!("{}/", prefix.trim_end_matches('/'));
+        let mut out: Vec<String> = lock(&self.paths)
+            .keys()
+            .filter_map(|p| p.strip_prefix(&prefix))
+            .map(|rest| match rest.find('/') {
+                Some(i) => rest[..=i].to_owned(),
+                None => rest.to_owned(),
+            })
+            .collect();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn versions(&self, path: &str) -> Result<Vec<VersionInfo>, SecretStoreError> {
+        Ok(lock(&self.paths)
+            .get(path)
+            .map(|v| {
+                v.iter()
+                    .zip(1..)
+                    .map(|((at, set), version)| VersionInfo {
+                        version,
+                        created_at: *at,
+                        destroyed: set.is_none(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     async fn ping(&self) -> Result<(), SecretStoreError> {

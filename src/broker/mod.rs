@@ -164,6 +164,11 @@ impl Broker {
         &self.clock
     }
 
+    /// The KV v2 folder (relative to the mount) that holds every tenant.
+    pub fn vault_path_prefix(&self) -> &str {
+        &self.settings.path_prefix
+    }
+
     /// KV v2 path of a credential, relative to the mount.
     pub fn vault_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
         format!(
@@ -326,7 +331,11 @@ impl Broker {
             // Destroyed under us by a concurrent rotation (we lost: ABORTED),
             // or outside the broker (rotating in a new set is the repair).
             Err(SecretStoreError::NotFound { .. }) => {
-                let now_current = self.meta.get(tenant, exchange).await?.map(|r| r.current_version);
+                let now_current = self
+                    .meta
+                    .get(tenant, exchange)
+                    .await?
+                    .map(|r| r.current_version);
                 if now_current != Some(record.current_version) {
                     return Err(BrokerError::Conflict);
                 }
@@ -580,15 +589,13 @@ impl Loader {
             }
             let path = &record.vault_path;
             let open_previous = record.open_previous(self.now);
-            let (current, previous) = tokio::join!(
-                self.secrets.read(path, record.current_version),
-                async {
+            let (current, previous) =
+                tokio::join!(self.secrets.read(path, record.current_version), async {
                     match open_previous {
                         Some((version, _)) => Some(self.secrets.read(path, version).await),
                         None => None,
                     }
-                }
-            );
+                });
             let current = match current {
                 Ok(set) => set,
                 // A rotation destroyed it after we read the row (an overlap-0

@@ -53,11 +53,36 @@ pub trait SecretStore: Send + Sync + 'static {
     /// Unavailable when the store cannot be reached.
     async fn purge(&self, path: &str) -> Result<(), SecretStoreError>;
 
+    /// Names directly under the folder `prefix` (folders end with `/`);
+    /// empty when there is nothing there.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, SecretStoreError>;
+
+    /// Every version kept at `path`, oldest first; empty when nothing was
+    /// ever written there.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn versions(&self, path: &str) -> Result<Vec<VersionInfo>, SecretStoreError>;
+
     /// Checks that the store is reachable, unsealed and accepts our token.
     ///
     /// # Errors
     /// Unavailable otherwise.
     async fn ping(&self) -> Result<(), SecretStoreError>;
+}
+
+/// One version kept at a secret path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: u64,
+    /// When it was written.
+    pub created_at: OffsetDateTime,
+    /// Destroyed (its data is gone for good).
+    pub destroyed: bool,
 }
 
 /// A new credential's metadata, written together with its STORED event.

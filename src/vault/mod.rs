@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio_util::sync::CancellationToken;
 use vaultrs::{
     api::kv2::requests::SetSecretRequestOptions,
@@ -19,7 +20,11 @@ use vaultrs::{
 };
 
 use crate::{
-    broker::{error::SecretStoreError, ports::SecretStore, types::CredentialSet},
+    broker::{
+        error::SecretStoreError,
+        ports::{SecretStore, VersionInfo},
+        types::CredentialSet,
+    },
     config::{VaultAuthConfig, VaultConfig},
 };
 
@@ -148,7 +153,7 @@ impl VaultSecretStore {
             secret_id.expose_secret(),
         )
         .await
-        .map_err(|e| classify("approle login", e))?;
+        .map_err(|e| classify("approle login", &e))?;
         let mut fresh = VaultClient::new(current.settings.clone())
             .map_err(|e| SecretStoreError::Other(format!("vault client: {e}")))?;
         fresh.set_token(&info.client_token);
@@ -194,29 +199,131 @@ impl VaultSecretStore {
     }
 }
 
-/// Maps a vaultrs error to the store taxonomy without forwarding response
-/// bodies that could echo data.
-fn classify(op: &str, e: ClientError) -> SecretStoreError {
-    match e {
-        ClientError::APIError { code, errors } => match code {
-            403 => SecretStoreError::Denied(format!(
-                "{op}: permission denied (check the broker's Vault policy)"
-            )),
-            429 | 500..=599 => {
-                SecretStoreError::Unavailable(format!("{op}: Vault answered {code}"))
-            }
-            _ if errors.iter().any(|m| m.contains("check-and-set")) => {
-                SecretStoreError::CasConflict {
-                    path: op.to_owned(),
+/// What one Vault answer means, decided by the HTTP status and the shape
+/// of the body, never by message text (which changes between Vault and
+/// OpenBao releases, and which we never forward).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaultAnswer {
+    /// 404 for a KV v2 version that was destroyed (`metadata.destroyed`).
+    Destroyed,
+    /// 404 for a KV v2 version that was soft-deleted (`metadata.deletion_time`).
+    Deleted,
+    /// 404 with an `errors` list: nothing at that path or version.
+    Missing,
+    /// 400: the request was refused (on a write with `cas`, a lost
+    /// check-and-set; the caller confirms by reading the metadata).
+    BadRequest,
+    /// 403: the token or its policy does not allow the operation.
+    Denied,
+    /// 503: sealed, or a standby that cannot serve.
+    Sealed,
+    /// 429: Vault's own rate limit.
+    RateLimited,
+    /// Any other 5xx.
+    ServerError(u16),
+    /// No TCP connection (refused, unreachable, TLS failure).
+    Unreachable,
+    /// No answer within the configured timeout.
+    Timeout,
+    /// An answer of a status or shape Vault does not give.
+    Unexpected,
+}
+
+impl VaultAnswer {
+    /// Classifies a vaultrs error.
+    pub fn of(e: &ClientError) -> Self {
+        use rustify::errors::ClientError as Rest;
+        match e {
+            ClientError::APIError { code, .. } => Self::by_status(*code, None),
+            ClientError::RestClientError { source } => match source {
+                Rest::ServerResponseError { code, content } => {
+                    Self::by_status(*code, content.as_deref())
+                }
+                Rest::RequestError { source, .. } => {
+                    match source.downcast_ref::<reqwest::Error>() {
+                        Some(r) if r.is_timeout() => Self::Timeout,
+                        _ => Self::Unreachable,
+                    }
+                }
+                _ => Self::Unexpected,
+            },
+            ClientError::ResponseDataEmptyError => Self::Missing,
+            _ => Self::Unexpected,
+        }
+    }
+
+    fn by_status(code: u16, body: Option<&str>) -> Self {
+        match code {
+            404 => {
+                // A destroyed or deleted KV v2 version answers 404 with the
+                // version's metadata and no `errors`; a missing path or
+                // version answers 404 with `errors`.
+                let meta = body
+                    .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
+                    .map(|v| v["data"]["metadata"].clone())
+                    .unwrap_or_default();
+                if meta["destroyed"].as_bool() == Some(true) {
+                    Self::Destroyed
+                } else if meta["deletion_time"]
+                    .as_str()
+                    .is_some_and(|t| !t.is_empty())
+                {
+                    Self::Deleted
+                } else {
+                    Self::Missing
                 }
             }
-            _ => SecretStoreError::Other(format!("{op}: Vault answered {code}")),
-        },
-        ClientError::RestClientError { .. } => {
-            SecretStoreError::Unavailable(format!("{op}: cannot reach Vault"))
+            400 => Self::BadRequest,
+            403 => Self::Denied,
+            429 => Self::RateLimited,
+            503 => Self::Sealed,
+            500..=599 => Self::ServerError(code),
+            _ => Self::Unexpected,
         }
-        other => SecretStoreError::Other(format!("{op}: {other}")),
     }
+
+    /// Whether the answer says the version is not there (destroyed,
+    /// deleted or never written).
+    pub fn is_not_found(self) -> bool {
+        matches!(self, Self::Destroyed | Self::Deleted | Self::Missing)
+    }
+
+    /// The store error for `op`, with a safe-to-show detail.
+    fn into_error(self, op: &str) -> SecretStoreError {
+        match self {
+            Self::Denied => SecretStoreError::Denied(format!(
+                "{op}: permission denied (check the broker's Vault policy)"
+            )),
+            Self::Sealed => {
+                SecretStoreError::Unavailable(format!("{op}: Vault is sealed or not active (503)"))
+            }
+            Self::RateLimited => {
+                SecretStoreError::Unavailable(format!("{op}: Vault rate-limited the broker (429)"))
+            }
+            Self::ServerError(code) => {
+                SecretStoreError::Unavailable(format!("{op}: Vault answered {code}"))
+            }
+            Self::Unreachable => SecretStoreError::Unavailable(format!("{op}: cannot reach Vault")),
+            Self::Timeout => {
+                SecretStoreError::Unavailable(format!("{op}: Vault did not answer in time"))
+            }
+            Self::Destroyed | Self::Deleted | Self::Missing => {
+                SecretStoreError::Other(format!("{op}: not found ({self:?})"))
+            }
+            Self::BadRequest => {
+                SecretStoreError::Other(format!("{op}: Vault refused the request (400)"))
+            }
+            Self::Unexpected => {
+                SecretStoreError::Other(format!("{op}: unexpected answer from Vault"))
+            }
+        }
+    }
+}
+
+/// Maps a vaultrs error to the store taxonomy without forwarding response
+/// bodies that could echo data.
+fn classify(op: &str, e: &ClientError) -> SecretStoreError {
+    VaultAnswer::of(e).into_error(op)
 }
 
 #[async_trait]
@@ -224,8 +331,8 @@ impl SecretStore for VaultSecretStore {
     async fn latest_version(&self, path: &str) -> Result<Option<u64>, SecretStoreError> {
         match vaultrs::kv2::read_metadata(self.client.load().as_ref(), &self.mount, path).await {
             Ok(meta) => Ok(Some(meta.current_version)),
-            Err(ClientError::APIError { code: 404, .. }) => Ok(None),
-            Err(e) => Err(classify("read metadata", e)),
+            Err(e) if VaultAnswer::of(&e) == VaultAnswer::Missing => Ok(None),
+            Err(e) => Err(classify("read metadata", &e)),
         }
     }
 
@@ -242,21 +349,33 @@ impl SecretStore for VaultSecretStore {
         };
         let cas =
             u32::try_from(cas).map_err(|_| SecretStoreError::Other("version beyond u32".into()))?;
-        let meta = vaultrs::kv2::set_with_options(
+        let written = vaultrs::kv2::set_with_options(
             self.client.load().as_ref(),
             &self.mount,
             path,
             &data,
             SetSecretRequestOptions { cas },
         )
-        .await
-        .map_err(|e| match classify("write", e) {
-            SecretStoreError::CasConflict { .. } => SecretStoreError::CasConflict {
-                path: path.to_owned(),
-            },
-            other => other,
-        })?;
-        Ok(meta.version)
+        .await;
+        match written {
+            Ok(meta) => Ok(meta.version),
+            // Vault answers a lost check-and-set with 400: confirm it by the
+            // version that is now latest rather than by the message.
+            Err(e) if VaultAnswer::of(&e) == VaultAnswer::BadRequest => {
+                match self.latest_version(path).await? {
+                    Some(latest) if latest != u64::from(cas) => {
+                        Err(SecretStoreError::CasConflict {
+                            path: path.to_owned(),
+                        })
+                    }
+                    None if cas != 0 => Err(SecretStoreError::CasConflict {
+                        path: path.to_owned(),
+                    }),
+                    _ => Err(classify("write", &e)),
+                }
+            }
+            Err(e) => Err(classify("write", &e)),
+        }
     }
 
     async fn read(&self, path: &str, version: u64) -> Result<CredentialSet, SecretStoreError> {
@@ -273,21 +392,16 @@ impl SecretStore for VaultSecretStore {
                 api_secret: SecretString::from(s.api_secret),
                 passphrase: s.passphrase.map(SecretString::from),
             }),
-            // A destroyed or deleted version answers 404, and so does a
-            // version whose data is empty.
-            Err(ClientError::APIError { code: 404, .. } | ClientError::ResponseDataEmptyError) => {
-                Err(SecretStoreError::NotFound {
-                    path: path.to_owned(),
-                    version,
-                })
-            }
-            Err(ClientError::RestClientError { source }) if source.to_string().contains("404") => {
-                Err(SecretStoreError::NotFound {
-                    path: path.to_owned(),
-                    version,
-                })
-            }
-            Err(e) => Err(classify("read", e)),
+            Err(e) => match VaultAnswer::of(&e) {
+                answer if answer.is_not_found() => {
+                    tracing::debug!(path, version, ?answer, "Vault has no such version");
+                    Err(SecretStoreError::NotFound {
+                        path: path.to_owned(),
+                        version,
+                    })
+                }
+                answer => Err(answer.into_error("read")),
+            },
         }
     }
 
@@ -302,20 +416,61 @@ impl SecretStore for VaultSecretStore {
             versions.to_vec(),
         )
         .await
-        .map_err(|e| classify("destroy versions", e))
+        .map_err(|e| classify("destroy versions", &e))
     }
 
     async fn purge(&self, path: &str) -> Result<(), SecretStoreError> {
         match vaultrs::kv2::delete_metadata(self.client.load().as_ref(), &self.mount, path).await {
-            Ok(()) | Err(ClientError::APIError { code: 404, .. }) => Ok(()),
-            Err(e) => Err(classify("delete metadata", e)),
+            Ok(()) => Ok(()),
+            Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(()),
+            Err(e) => Err(classify("delete metadata", &e)),
         }
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, SecretStoreError> {
+        match vaultrs::kv2::list(self.client.load().as_ref(), &self.mount, prefix).await {
+            Ok(keys) => Ok(keys),
+            Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(Vec::new()),
+            Err(e) => Err(classify("list", &e)),
+        }
+    }
+
+    async fn versions(&self, path: &str) -> Result<Vec<VersionInfo>, SecretStoreError> {
+        let meta = match vaultrs::kv2::read_metadata(self.client.load().as_ref(), &self.mount, path)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if VaultAnswer::of(&e).is_not_found() => return Ok(Vec::new()),
+            Err(e) => return Err(classify("read metadata", &e)),
+        };
+        let mut out = meta
+            .versions
+            .iter()
+            .map(|(v, m)| {
+                let version = v.parse::<u64>().map_err(|_| {
+                    SecretStoreError::Other(format!("read metadata: version {v:?} is not a number"))
+                })?;
+                let created_at =
+                    OffsetDateTime::parse(&m.created_time, &Rfc3339).map_err(|_| {
+                        SecretStoreError::Other(
+                            "read metadata: created_time is not RFC 3339".into(),
+                        )
+                    })?;
+                Ok(VersionInfo {
+                    version,
+                    created_at,
+                    destroyed: m.destroyed,
+                })
+            })
+            .collect::<Result<Vec<_>, SecretStoreError>>()?;
+        out.sort_by_key(|v| v.version);
+        Ok(out)
     }
 
     async fn ping(&self) -> Result<(), SecretStoreError> {
         vaultrs::token::lookup_self(self.client.load().as_ref())
             .await
             .map(|_| ())
-            .map_err(|e| classify("token lookup", e))
+            .map_err(|e| classify("token lookup", &e))
     }
 }

@@ -10,6 +10,7 @@ mod devmode;
 mod examples;
 mod exchanges;
 mod mtls;
+mod readpath;
 mod replicas;
 mod rotation;
 mod storage;

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod probe;
+
 use std::{
     net::TcpListener as StdListener,
     path::PathBuf,
@@ -339,10 +341,22 @@ impl Env {
         self.running = Some(running);
     }
 
-    /// Another broker replica on the same OpenBao and PostgreSQL.
+    /// Another broker replica on the same OpenBao and PostgreSQL. Its
+    /// retire job runs only when a test calls its passes (no timer races an
+    /// assertion).
     pub async fn replica(&self, clock: Option<Arc<dyn Clock>>) -> Running {
         let backends = app::real_backends(&self.config).await.unwrap();
+        self.replica_with(backends, clock).await
+    }
+
+    /// A replica on the given backends (a test may wrap the real stores).
+    pub async fn replica_with(
+        &self,
+        backends: app::Backends,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Running {
         let mut settings = app::settings(&self.config).unwrap();
+        settings.retire = credbroker::rotation::retire::Schedule::Manual;
         if let Some(c) = clock {
             settings.clock = c;
         }
