@@ -25,8 +25,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// write time; `None` is a destroyed version.
 #[derive(Default)]
 pub struct MemorySecretStore {
-    paths: Mutex<BTreeMap<String, Vec<(OffsetDateTime, Option<CredentialSet>)>>>,
+    paths: Mutex<BTreeMap<String, Vec<StoredVersion>>>,
 }
+
+/// One version: when it was written, and its set (`None`: destroyed).
+type StoredVersion = (OffsetDateTime, Option<CredentialSet>);
 
 #[async_trait]
 impl SecretStore for MemorySecretStore {

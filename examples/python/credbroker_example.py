@@ -4,7 +4,9 @@
 It fetches its tenant's credentials over mutual TLS, then watches
 WatchRotations and refetches a set whenever its version changes, keeping the
 last good set if the broker is unreachable and resuming from the last
-sequence number after a reconnect. The gRPC stubs are generated from the
+sequence number after a reconnect. It never accepts a set older than the
+version an event announced: it passes that version as min_version and
+fetches again, with backoff, until the broker serves it. The gRPC stubs are generated from the
 repository's proto/ with grpcio-tools on first run (into ./gen).
 
     pip install -r requirements.txt
@@ -104,10 +106,25 @@ def main():
             with grpc.secure_channel(args.target, creds, options) as channel:
                 stub = pb_grpc.CredentialBrokerStub(channel)
 
-                def refresh(exchange):
+                def refresh(exchange, announced):
                     nonlocal changes
-                    resp = stub.GetCredentials(pb.GetCredentialsRequest(
-                        tenant_id=args.tenant, exchange=exchange))
+                    delay, started, warned = 0.05, time.monotonic(), False
+                    while True:
+                        resp = stub.GetCredentials(pb.GetCredentialsRequest(
+                            tenant_id=args.tenant, exchange=exchange,
+                            min_version=announced))
+                        if resp.version >= announced:
+                            break
+                        # A replica that has not seen the event yet.
+                        waited = time.monotonic() - started
+                        if waited > 5 and not warned:
+                            warned = True
+                            print(f"still served version {resp.version} of {exchange} "
+                                  f"{waited:.0f} s after version {announced} was announced; "
+                                  "keeping the last good set and retrying",
+                                  file=sys.stderr, flush=True)
+                        time.sleep(random.uniform(delay / 2, delay))
+                        delay = min(delay * 2, 5.0)
                     if keys.swap(exchange, resp):
                         changes += 1
                         print(f"swapped {exchange} to version {resp.version} "
@@ -119,14 +136,14 @@ def main():
                     backoff = 0.1
                     kind = msg.WhichOneof("message")
                     if kind == "state":
-                        refresh(msg.state.exchange)
+                        refresh(msg.state.exchange, msg.state.version)
                     elif kind == "event":
                         last_seq = msg.event.seq
                         if msg.event.kind == pb.EVENT_KIND_DELETED:
                             keys.by_exchange.pop(msg.event.exchange, None)
                             print(f"deleted {msg.event.exchange}", flush=True)
                         else:
-                            refresh(msg.event.exchange)
+                            refresh(msg.event.exchange, msg.event.version)
                     elif kind == "heartbeat":
                         last_seq = max(last_seq, msg.heartbeat.seq)
                     if args.max_changes and changes >= args.max_changes:

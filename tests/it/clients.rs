@@ -253,3 +253,222 @@ async fn the_agent_writes_each_set_atomically_and_runs_the_hook() {
     cancel.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A broker that announces version 2 and then serves version 1 for a few
+/// more fetches (as a replica that has not seen the event, or one from
+/// before `min_version`, would). Only the client's defence is under test,
+/// and today's broker cannot misbehave this way, so this one is staged.
+mod lagging {
+    use std::{
+        pin::Pin,
+        sync::{
+            Arc,
+            atomic::{AtomicU64, Ordering},
+        },
+    };
+
+    use credbroker::api::pb::{
+        self, credential_broker_server::CredentialBroker, watch_rotations_response::Message,
+    };
+    use tokio_stream::Stream;
+    use tonic::{Request, Response, Status};
+
+    pub struct Lagging {
+        pub tenant: String,
+        /// GetCredentials calls that asked for at least version 2.
+        pub asked_for_2: Arc<AtomicU64>,
+        /// How many of those still get version 1.
+        pub stale_answers: u64,
+    }
+
+    type S<T> = Result<Response<T>, Status>;
+
+    #[tonic::async_trait]
+    impl CredentialBroker for Lagging {
+        type WatchRotationsStream =
+            Pin<Box<dyn Stream<Item = Result<pb::WatchRotationsResponse, Status>> + Send>>;
+
+        async fn get_credentials(
+            &self,
+            req: Request<pb::GetCredentialsRequest>,
+        ) -> S<pb::GetCredentialsResponse> {
+            let r = req.into_inner();
+            let n = if r.min_version >= 2 {
+                self.asked_for_2.fetch_add(1, Ordering::SeqCst) + 1
+            } else {
+                0
+            };
+            let version = if r.min_version >= 2 && n > self.stale_answers {
+                2
+            } else {
+                1
+            };
+            Ok(Response::new(pb::GetCredentialsResponse {
+                current: Some(pb::CredentialSet {
+                    api_key: format!("binanceKey00000{version}"),
+                    api_secret: format!("binanceSecret00000{version}"),
+                    passphrase: None,
+                }),
+                version,
+                ..Default::default()
+            }))
+        }
+        async fn watch_rotations(
+            &self,
+            _: Request<pb::WatchRotationsRequest>,
+        ) -> S<Self::WatchRotationsStream> {
+            let state = pb::CredentialMetadata {
+                tenant_id: self.tenant.clone(),
+                exchange: "binance".into(),
+                version: 1,
+                ..Default::default()
+            };
+            let event = pb::RotationEvent {
+                seq: 2,
+                tenant_id: self.tenant.clone(),
+                exchange: "binance".into(),
+                kind: pb::EventKind::Rotated as i32,
+                version: 2,
+                ..Default::default()
+            };
+            let items = vec![
+                Ok(pb::WatchRotationsResponse {
+                    message: Some(Message::State(state)),
+                }),
+                Ok(pb::WatchRotationsResponse {
+                    message: Some(Message::Event(event)),
+                }),
+            ];
+            let heartbeats = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::IntervalStream::new(tokio::time::interval(
+                    std::time::Duration::from_millis(200),
+                )),
+                |_| {
+                    Ok(pb::WatchRotationsResponse {
+                        message: Some(Message::Heartbeat(pb::Heartbeat {
+                            seq: 2,
+                            head_seq: 2,
+                            sent_at: None,
+                        })),
+                    })
+                },
+            );
+            let stream = tokio_stream::StreamExt::chain(tokio_stream::iter(items), heartbeats);
+            Ok(Response::new(Box::pin(stream)))
+        }
+        async fn acknowledge_version(
+            &self,
+            _: Request<pb::AcknowledgeVersionRequest>,
+        ) -> S<pb::AcknowledgeVersionResponse> {
+            Ok(Response::new(pb::AcknowledgeVersionResponse {}))
+        }
+        async fn validate_and_store(
+            &self,
+            _: Request<pb::ValidateAndStoreRequest>,
+        ) -> S<pb::ValidateAndStoreResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
+        async fn rotate(&self, _: Request<pb::RotateRequest>) -> S<pb::RotateResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
+        async fn list_credentials(
+            &self,
+            _: Request<pb::ListCredentialsRequest>,
+        ) -> S<pb::ListCredentialsResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
+        async fn describe_credential(
+            &self,
+            _: Request<pb::DescribeCredentialRequest>,
+        ) -> S<pb::CredentialMetadata> {
+            Err(Status::unimplemented("staged broker"))
+        }
+        async fn delete_credentials(
+            &self,
+            _: Request<pb::DeleteCredentialsRequest>,
+        ) -> S<pb::DeleteCredentialsResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
+        async fn validate_credentials(
+            &self,
+            _: Request<pb::ValidateCredentialsRequest>,
+        ) -> S<pb::ValidateCredentialsResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
+        async fn get_credential_health(
+            &self,
+            _: Request<pb::GetCredentialHealthRequest>,
+        ) -> S<pb::CredentialHealth> {
+            Err(Status::unimplemented("staged broker"))
+        }
+    }
+}
+
+/// The handle never settles on a set older than the version an event
+/// announced: it keeps the last good set, fetches again with backoff, and
+/// swaps as soon as the broker serves the announced version.
+#[tokio::test]
+async fn the_handle_refetches_until_the_announced_version_is_served() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    };
+    use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+    crate::support::init();
+    let pki = crate::support::Pki::new();
+    let tenant = new_tenant();
+    let asked = Arc::new(AtomicU64::new(0));
+    let svc = lagging::Lagging {
+        tenant: tenant.clone(),
+        asked_for_2: asked.clone(),
+        stale_answers: 3,
+    };
+    let server_pair = pki.ca.server(&[]).unwrap();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(server_pair.cert, server_pair.key))
+        .client_ca_root(Certificate::from_pem(pki.ca.ca_pem()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let cancel = CancellationToken::new();
+    let server = {
+        let cancel = cancel.clone();
+        tokio::spawn(
+            Server::builder()
+                .tls_config(tls)
+                .unwrap()
+                .add_service(pb::credential_broker_server::CredentialBrokerServer::new(
+                    svc,
+                ))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    cancel.cancelled_owned(),
+                ),
+        )
+    };
+    let pair = pki
+        .ca
+        .client(&format!("spiffe://{TD}/tenant/{tenant}/pod/trader"))
+        .unwrap();
+    let mut cfg = ClientConfig::new(
+        vec![format!("https://localhost:{port}")],
+        pki.ca.ca_pem().into_bytes(),
+        pair.cert.into_bytes(),
+        pair.key.into(),
+        tenant.parse().unwrap(),
+    );
+    cfg.domain = Some("localhost".into());
+    let handle = CredentialHandle::start(cfg);
+    let v2 = handle
+        .wait_for(ExchangeId::Binance, 2, Duration::from_secs(10))
+        .await
+        .expect("the handle reached the announced version");
+    assert_eq!(v2.current.api_key, "binanceKey000002");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        4,
+        "three stale answers, then the right one"
+    );
+    handle.stop();
+    cancel.cancel();
+    server.await.unwrap().unwrap();
+}

@@ -110,9 +110,50 @@ async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
 }
 
 /// Another replica: the event reaches it (as the listener delivers it)
-/// while its load is held.
+/// while its load is held, and nothing else touches the key: only the
+/// floor keeps the held load out of the cache.
 #[tokio::test]
-async fn a_load_that_raced_another_replicas_rotation_is_not_cached_in_memory() {
+async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
+    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
+    let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
+    let probe = ProbeSecrets::new(inner.clone());
+    let a = mem_broker(inner, meta.clone(), false);
+    let b = Arc::new(mem_broker(probe.clone(), meta.clone(), false));
+    let tenant = TenantId::new(uuid::Uuid::new_v4());
+    a.validate_and_store(tenant, ExchangeId::Binance, set(1))
+        .await
+        .unwrap();
+    let paused = probe.pause_next_read();
+    let early = {
+        let b = b.clone();
+        tokio::spawn(async move { b.get_credentials(tenant, ExchangeId::Binance, 0).await })
+    };
+    paused.reached.await.unwrap();
+    a.rotate(tenant, ExchangeId::Binance, set(2), None)
+        .await
+        .unwrap();
+    b.deliver(
+        meta.events_after(tenant, 0, 10)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap(),
+    );
+    paused.release.send(()).unwrap();
+    assert_eq!(early.await.unwrap().unwrap().record().current_version, 1);
+    let next = b
+        .get_credentials(tenant, ExchangeId::Binance, 0)
+        .await
+        .unwrap();
+    assert_eq!(next.record().current_version, 2);
+    assert_eq!(b.cache_stats().discarded, 1);
+}
+
+/// Another replica, overlap 0: a caller after the event does not join the
+/// held load, and the held load, whose version was destroyed meanwhile,
+/// reads the row again rather than fail.
+#[tokio::test]
+async fn a_caller_after_an_event_starts_its_own_load_in_memory() {
     let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
     let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
     let probe = ProbeSecrets::new(inner.clone());
