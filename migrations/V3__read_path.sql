@@ -5,6 +5,8 @@
 --   than an event it has already applied for that credential (a load that
 --   raced a rotation can never put the replaced set back). Every transaction
 --   that appends an event sets it in the same transaction.
+-- * rotation_acks.subscriber holds a SPIFFE ID (at most 2,048 bytes, the
+--   spec's limit) plus '#' and an instance name of at most 128 characters.
 -- * credbroker_read_credential(): the GetCredentials miss in one round trip.
 --   It switches to the tenant role and tenant for the rest of its (implicit,
 --   single-statement) transaction and reads the row under row-level
@@ -29,3 +31,5 @@ BEGIN
         WHERE tenant_id = p_tenant AND exchange = p_exchange;
 END
 $$;
+
+ALTER TABLE rotation_acks ALTER COLUMN subscriber TYPE VARCHAR(2200);

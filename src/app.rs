@@ -9,6 +9,10 @@ use tonic::transport::ServerTlsConfig;
 
 use crate::{
     api::BrokerService,
+    auth::{
+        AuthLayer, AuthSettings,
+        token::{TokenSettings, TokenVerifier},
+    },
     broker::types::TenantId,
     broker::{
         Broker, BrokerSettings,
@@ -19,6 +23,7 @@ use crate::{
     clock::{Clock, SystemClock},
     config::{CacheConfig, Config, RotationConfig, ValidationConfig, ValidationMode},
     exchange::{ExchangeValidator, WithdrawPolicy},
+    limits::Limits,
     rotation::{hub::Hub, listener::EventListener, retire, watch::StreamTiming},
     server::{self, ServeParams},
     store::{self, PgMetadataStore},
@@ -54,6 +59,10 @@ pub struct Settings {
     pub tls: ServerTlsConfig,
     /// Accepted SPIFFE trust domain.
     pub trust_domain: String,
+    /// Tokens and roles.
+    pub auth: crate::config::AuthConfig,
+    /// Per-tenant rate limits.
+    pub limits: crate::config::LimitsConfig,
     /// Cache.
     pub cache: CacheConfig,
     /// Rotation.
@@ -206,6 +215,8 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
     Ok(Settings {
         tls: crate::tls::server_config(&cfg.tls)?,
         trust_domain: cfg.tls.trust_domain.clone(),
+        auth: cfg.auth.clone(),
+        limits: cfg.limits.clone(),
         cache: cfg.cache.clone(),
         rotation: cfg.rotation.clone(),
         path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
@@ -312,8 +323,25 @@ pub async fn start(
         broker.clone(),
         s.streams,
         s.max_streams_per_tenant,
+        Arc::new(Limits::new(&s.limits)),
         shutdown.clone(),
     );
+    let tokens = TokenVerifier::new(&TokenSettings {
+        hs256_secret: s.auth.hs256_secret.clone(),
+        jwks_file: s.auth.jwks_file.clone(),
+        audience: s.auth.audience.clone(),
+        issuer: s.auth.issuer.clone(),
+        leeway: Duration::from_secs(s.auth.leeway_secs),
+    })
+    .map_err(anyhow::Error::msg)?;
+    let mode = s.auth.mode();
+    tracing::info!(token = ?mode, workload_role = s.auth.workload_role.as_str(), "caller identity: client certificate, bearer token");
+    let auth = AuthLayer::new(AuthSettings {
+        trust_domain: s.trust_domain.clone(),
+        mode,
+        tokens,
+        workload_role: s.auth.workload_role,
+    });
     spawn_task(
         &mut tasks,
         "gRPC server",
@@ -321,7 +349,7 @@ pub async fn start(
         server::serve(ServeParams {
             listener,
             tls: s.tls,
-            trust_domain: s.trust_domain,
+            auth,
             service,
             health,
             shutdown: shutdown.clone(),

@@ -39,6 +39,100 @@ pub struct Config {
     /// How keys are validated before they are stored.
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// Bearer tokens and roles.
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Per-tenant rate limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Bearer tokens and the role of a certificate without one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `required`, `optional` or `ignored`; default: `optional` when a key
+    /// is configured, else `ignored`.
+    pub token: Option<crate::auth::TokenMode>,
+    /// HS256 secret (at least 32 bytes).
+    pub hs256_secret: Option<SecretString>,
+    /// JWKS file with RS256 / ES256 / EdDSA public keys, re-read on change.
+    pub jwks_file: Option<PathBuf>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Tolerated clock skew on `exp` / `nbf`.
+    pub leeway_secs: u64,
+    /// Role of a workload certificate that sends no token.
+    pub workload_role: crate::auth::Role,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            hs256_secret: None,
+            jwks_file: None,
+            audience: None,
+            issuer: None,
+            leeway_secs: 30,
+            workload_role: crate::auth::Role::Trader,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The token policy in force.
+    pub fn mode(&self) -> crate::auth::TokenMode {
+        use crate::auth::TokenMode;
+        self.token
+            .unwrap_or(if self.hs256_secret.is_some() || self.jwks_file.is_some() {
+                TokenMode::Optional
+            } else {
+                TokenMode::Ignored
+            })
+    }
+}
+
+/// Per-tenant rate limits (calls per minute; 0: unlimited).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// ValidateAndStore, Rotate, DeleteCredentials, ValidateCredentials.
+    pub writes_per_minute: u32,
+    /// GetCredentials, metadata, AcknowledgeVersion.
+    pub reads_per_minute: u32,
+    /// WatchRotations opens.
+    pub watches_per_minute: u32,
+    /// Each operator's own budget, on top of the tenant's.
+    pub operator_per_minute: u32,
+    /// Overrides by tenant UUID.
+    pub tenants: std::collections::BTreeMap<uuid::Uuid, TenantLimits>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            writes_per_minute: 100,
+            reads_per_minute: 60_000,
+            watches_per_minute: 1_200,
+            operator_per_minute: 6_000,
+            tenants: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// One tenant's overrides (unset: the default; 0: unlimited).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Writes per minute.
+    pub writes_per_minute: Option<u32>,
+    /// Reads per minute.
+    pub reads_per_minute: Option<u32>,
+    /// Watch opens per minute.
+    pub watches_per_minute: Option<u32>,
 }
 
 /// How keys are validated.
@@ -350,6 +444,35 @@ impl Config {
         }
         if self.cache.ttl_secs == 0 {
             return bad("cache.ttl_secs", "must be at least 1".into());
+        }
+        if let Some(secret) = &self.auth.hs256_secret {
+            use secrecy::ExposeSecret as _;
+            if secret.expose_secret().len() < 32 {
+                return bad("auth.hs256_secret", "must be at least 32 bytes".into());
+            }
+        }
+        if let Some(p) = &self.auth.jwks_file
+            && !p.is_file()
+        {
+            return bad(
+                "auth.jwks_file",
+                format!("{} is not a readable file", p.display()),
+            );
+        }
+        if self.auth.mode() != crate::auth::TokenMode::Ignored
+            && self.auth.hs256_secret.is_none()
+            && self.auth.jwks_file.is_none()
+        {
+            return bad(
+                "auth.token",
+                "tokens cannot be verified: set auth.hs256_secret or auth.jwks_file, or token = \"ignored\"".into(),
+            );
+        }
+        if self.auth.workload_role == crate::auth::Role::Operator {
+            return bad(
+                "auth.workload_role",
+                "a workload certificate cannot be an operator".into(),
+            );
         }
         if self.rotation.orphan_grace_secs < 300 {
             return bad(

@@ -189,6 +189,8 @@ pub async fn run(
     let settings = Settings {
         tls,
         trust_domain: DEV_TRUST_DOMAIN.into(),
+        auth: crate::config::AuthConfig::default(),
+        limits: crate::config::LimitsConfig::default(),
         cache: CacheConfig::default(),
         rotation: RotationConfig::default(),
         path_prefix: "tenants".into(),

@@ -19,6 +19,7 @@ pub mod config;
 pub mod dev;
 pub mod exchange;
 pub mod import;
+pub mod limits;
 pub mod memstore;
 pub mod rotation;
 pub mod server;

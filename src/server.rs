@@ -25,8 +25,8 @@ pub struct ServeParams<H> {
     pub listener: TcpListener,
     /// mTLS configuration.
     pub tls: ServerTlsConfig,
-    /// Accepted SPIFFE trust domain.
-    pub trust_domain: String,
+    /// Caller identity (certificate, token).
+    pub auth: AuthLayer,
     /// The broker service.
     pub service: BrokerService,
     /// grpc.health.v1 service.
@@ -79,7 +79,7 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         // One span per call, named after the method; never the body.
         .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
         // Identity first: every later layer and handler knows the caller.
-        .layer(AuthLayer::new(&p.trust_domain))
+        .layer(p.auth)
         .add_service(p.health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

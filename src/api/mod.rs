@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    auth::{AuthError, Caller},
+    auth::{self, Action, Caller, Role},
     broker::{Broker, types::TenantId},
+    limits::Limits,
     rotation::watch::{StreamSlots, StreamTiming, Subscription, Watch, WatchItem},
 };
 use pb::credential_broker_server::CredentialBroker;
@@ -24,6 +25,7 @@ pub struct BrokerService {
     broker: Arc<Broker>,
     timing: StreamTiming,
     slots: Arc<StreamSlots>,
+    limits: Arc<Limits>,
     shutdown: CancellationToken,
 }
 
@@ -35,23 +37,37 @@ impl BrokerService {
         broker: Arc<Broker>,
         timing: StreamTiming,
         max_streams_per_tenant: usize,
+        limits: Arc<Limits>,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             broker,
             timing,
             slots: StreamSlots::new(max_streams_per_tenant),
+            limits,
             shutdown,
         }
     }
-}
 
-/// Checks the caller the auth layer attached may act on `tenant`.
-fn authorize<T>(req: &Request<T>, tenant: TenantId) -> Result<(), Status> {
-    let caller = req.extensions().get::<Caller>().ok_or_else(|| {
-        Status::unauthenticated("a client certificate with a SPIFFE ID is required")
-    })?;
-    caller.authorize(tenant).map_err(|e: AuthError| e.into())
+    /// Admission of one call, in one place and one order: the caller the
+    /// auth layer attached, then [`auth::authorize`] (a denied caller reads
+    /// and spends nothing), then the tenant's rate limit.
+    fn admit<T>(
+        &self,
+        req: &Request<T>,
+        tenant: TenantId,
+        action: Action,
+    ) -> Result<Caller, Status> {
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .ok_or_else(|| status::auth(auth::AuthError::NoCertificate))?;
+        auth::authorize(caller, tenant, action).map_err(status::auth)?;
+        self.limits
+            .check(caller, tenant, action)
+            .map_err(status::limited)?;
+        Ok(caller.clone())
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRotationsResponse, Status>> + Send>>;
@@ -70,7 +86,7 @@ impl CredentialBroker for BrokerService {
             min_version,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::GetCredentials)?;
         let view = self
             .broker
             .get_credentials(tenant, exchange, *min_version)
@@ -100,7 +116,7 @@ impl CredentialBroker for BrokerService {
     ) -> Result<Response<pb::ValidateAndStoreResponse>, Status> {
         let (tenant, exchange) =
             convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::ValidateAndStore)?;
         let pb::ValidateAndStoreRequest {
             tenant_id: _,
             exchange: _,
@@ -122,7 +138,7 @@ impl CredentialBroker for BrokerService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let (tenant, exchange) =
             convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::Rotate)?;
         let pb::RotateRequest {
             tenant_id: _,
             exchange: _,
@@ -148,7 +164,7 @@ impl CredentialBroker for BrokerService {
             after_seq,
         } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
-        authorize(&req, tenant)?;
+        let caller = self.admit(&req, tenant, Action::WatchRotations)?;
         let exchanges = exchanges
             .iter()
             .map(|e| convert::exchange_id("exchanges", e))
@@ -158,10 +174,17 @@ impl CredentialBroker for BrokerService {
             exchanges,
             after_seq: *after_seq,
         };
-        let slot = self
-            .slots
-            .acquire(tenant)
-            .map_err(Status::resource_exhausted)?;
+        // Operators' streams (tools, dashboards) do not take the tenant's
+        // stream slots; the tenant's pods keep all of them.
+        let slot = if caller.role == Role::Operator {
+            None
+        } else {
+            Some(
+                self.slots
+                    .acquire(tenant)
+                    .map_err(Status::resource_exhausted)?,
+            )
+        };
         let watch = Watch::new(
             self.broker.clone(),
             sub,
@@ -194,7 +217,7 @@ impl CredentialBroker for BrokerService {
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
         let pb::ListCredentialsRequest { tenant_id } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::ListCredentials)?;
         let records = self.broker.list(tenant).await?;
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: records.iter().map(convert::metadata).collect(),
@@ -210,7 +233,7 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::DescribeCredential)?;
         let (record, adoption) = self.broker.describe_with_adoption(tenant, exchange).await?;
         let mut meta = convert::metadata(&record);
         meta.adoption = convert::adoption(&record, &adoption);
@@ -228,7 +251,7 @@ impl CredentialBroker for BrokerService {
             instance,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        authorize(&req, tenant)?;
+        let caller = self.admit(&req, tenant, Action::AcknowledgeVersion)?;
         if *version == 0 {
             return Err(status::bad_field(
                 "version",
@@ -241,9 +264,6 @@ impl CredentialBroker for BrokerService {
                 "at most 128 printable characters, no '#'",
             ));
         }
-        let caller = req.extensions().get::<Caller>().ok_or_else(|| {
-            Status::unauthenticated("a client certificate with a SPIFFE ID is required")
-        })?;
         let subscriber = if instance.is_empty() {
             caller.spiffe_id.clone()
         } else {
@@ -264,7 +284,7 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::DeleteCredentials)?;
         let deleted = self.broker.delete(tenant, exchange).await?;
         Ok(Response::new(pb::DeleteCredentialsResponse { deleted }))
     }
@@ -278,7 +298,7 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::ValidateCredentials)?;
         let record = self.broker.revalidate(tenant, exchange).await?;
         Ok(Response::new(pb::ValidateCredentialsResponse {
             health: Some(convert::health(&record)),
@@ -294,7 +314,7 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        authorize(&req, tenant)?;
+        let _caller = self.admit(&req, tenant, Action::GetCredentialHealth)?;
         let record = self.broker.describe(tenant, exchange).await?;
         Ok(Response::new(convert::health(&record)))
     }

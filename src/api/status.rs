@@ -4,7 +4,31 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::broker::error::{BrokerError, ValidationError};
+use crate::{
+    auth::AuthError,
+    broker::error::{BrokerError, ValidationError},
+    limits::Limited,
+};
+
+/// UNAUTHENTICATED for a caller without a usable identity, PERMISSION_DENIED
+/// for one that may not do what it asked.
+pub fn auth(e: AuthError) -> Status {
+    if e.is_denial() {
+        Status::permission_denied(e.to_string())
+    } else {
+        Status::unauthenticated(e.to_string())
+    }
+}
+
+/// RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` saying when to retry.
+pub fn limited(l: Limited) -> Status {
+    let secs = l.retry_after.as_secs_f64();
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("rate limit: {}; retry in {secs:.1} s", l.what),
+        ErrorDetails::with_retry_info(Some(l.retry_after)),
+    )
+}
 
 /// INVALID_ARGUMENT with a `google.rpc.BadRequest` field violation.
 pub fn bad_field(field: &str, reason: &str) -> Status {

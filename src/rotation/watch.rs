@@ -149,7 +149,7 @@ pub struct Watch {
     sub: Subscription,
     timing: StreamTiming,
     cancelled: Pin<Box<WaitForCancellationFutureOwned>>,
-    _slot: StreamSlot,
+    _slot: Option<StreamSlot>,
     live: broadcast::Receiver<Arc<CredentialEvent>>,
     cursor: u64,
     /// Newest event seq of the tenant seen (snapshot, table, hub).
@@ -171,7 +171,7 @@ impl Watch {
         sub: Subscription,
         timing: StreamTiming,
         cancel: CancellationToken,
-        slot: StreamSlot,
+        slot: Option<StreamSlot>,
     ) -> Self {
         let live = broker.hub().subscribe();
         let now = Instant::now();
@@ -394,7 +394,7 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             max_age: None,
         };
-        let mut w = Watch::new(broker.clone(), sub, timing, cancel.clone(), slot);
+        let mut w = Watch::new(broker.clone(), sub, timing, cancel.clone(), Some(slot));
         assert!(matches!(w.next().await, Some(WatchItem::State(_))));
         // 100 rotations while nobody reads: far more than the hub holds.
         for n in 1..=100 {

@@ -30,12 +30,21 @@ pub fn server_config(cfg: &TlsConfig) -> anyhow::Result<ServerTlsConfig> {
         .client_auth_optional(false))
 }
 
-/// The first `spiffe://` URI SAN of a DER certificate.
-pub fn spiffe_id(cert_der: &[u8]) -> Option<String> {
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    san.value.general_names.iter().find_map(|n| match n {
-        GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some((*uri).to_owned()),
-        _ => None,
-    })
+/// Every URI SAN of a DER certificate (empty when it cannot be parsed or
+/// has none).
+pub fn uri_sans(cert_der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::certificate::X509Certificate::from_der(cert_der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some((*uri).to_owned()),
+            _ => None,
+        })
+        .collect()
 }

@@ -11,8 +11,8 @@ use std::{
 };
 
 use credbroker::config::{
-    CacheConfig, Config, PostgresConfig, RotationConfig, ServerConfig, TlsConfig,
-    ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
+    AuthConfig, CacheConfig, Config, LimitsConfig, PostgresConfig, RotationConfig, ServerConfig,
+    TlsConfig, ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
 };
 use uuid::Uuid;
 
@@ -56,6 +56,16 @@ pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domai
         validation: ValidationConfig {
             mode: ValidationMode::Format,
             ..ValidationConfig::default()
+        },
+        auth: AuthConfig::default(),
+        // Tests call far faster than any tenant should; the limits' own
+        // tests set them.
+        limits: LimitsConfig {
+            writes_per_minute: 0,
+            reads_per_minute: 0,
+            watches_per_minute: 0,
+            operator_per_minute: 0,
+            tenants: Default::default(),
         },
     }
 }
@@ -251,4 +261,3 @@ impl Drop for TestDb {
         .join();
     }
 }
-

@@ -6,12 +6,7 @@
 
 pub mod probe;
 
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
 
 use credbroker::{
     api::pb::credential_broker_client::CredentialBrokerClient,

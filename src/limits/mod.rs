@@ -1,0 +1,227 @@
+//! Per-tenant rate limits (GCRA, through governor): one budget per tenant
+//! and method class (writes, reads, watch opens), overridable per tenant,
+//! plus each operator's own budget. Checked after authorization, so a
+//! caller that may not touch a tenant never spends that tenant's budget.
+//!
+//! The limit holds per replica: with N replicas behind a balancer a tenant
+//! may get up to N times it (see the README).
+
+use std::{collections::HashMap, num::NonZeroU32, time::Duration};
+
+use governor::{
+    DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock as _, DefaultClock},
+};
+
+use crate::{
+    auth::{Action, Caller, Role},
+    broker::types::TenantId,
+    config::LimitsConfig,
+};
+
+/// Which budget a call spends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// Store, rotate, delete, validate.
+    Write,
+    /// GetCredentials, metadata, acknowledgements.
+    Read,
+    /// Opening a WatchRotations stream.
+    Watch,
+}
+
+impl Class {
+    /// The class of an action.
+    pub fn of(action: Action) -> Self {
+        match action {
+            Action::ValidateAndStore
+            | Action::Rotate
+            | Action::DeleteCredentials
+            | Action::ValidateCredentials => Class::Write,
+            Action::WatchRotations => Class::Watch,
+            Action::GetCredentials
+            | Action::AcknowledgeVersion
+            | Action::ListCredentials
+            | Action::DescribeCredential
+            | Action::GetCredentialHealth => Class::Read,
+        }
+    }
+
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Write => "write",
+            Class::Read => "read",
+            Class::Watch => "watch",
+        }
+    }
+}
+
+/// A refused call: whose budget, and when to retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limited {
+    /// What ran out, safe to show.
+    pub what: String,
+    /// When the next call would be admitted.
+    pub retry_after: Duration,
+}
+
+type Keyed<K> = DefaultKeyedRateLimiter<K>;
+
+/// The limiters of one replica.
+pub struct Limits {
+    per_class: HashMap<Class, (u32, Keyed<TenantId>)>,
+    /// Per-tenant budgets; `None`: that tenant's class is not limited.
+    overrides: HashMap<(TenantId, Class), Option<(u32, Keyed<TenantId>)>>,
+    operators: Option<(u32, Keyed<String>)>,
+    clock: DefaultClock,
+}
+
+fn limiter<K: std::hash::Hash + Eq + Clone>(per_minute: u32) -> Option<(u32, Keyed<K>)> {
+    NonZeroU32::new(per_minute).map(|n| (per_minute, RateLimiter::keyed(Quota::per_minute(n))))
+}
+
+impl Limits {
+    /// Limiters for `cfg` (0: no limit for that class).
+    pub fn new(cfg: &LimitsConfig) -> Self {
+        let mut per_class = HashMap::new();
+        for (class, n) in [
+            (Class::Write, cfg.writes_per_minute),
+            (Class::Read, cfg.reads_per_minute),
+            (Class::Watch, cfg.watches_per_minute),
+        ] {
+            if let Some(l) = limiter(n) {
+                per_class.insert(class, l);
+            }
+        }
+        let mut overrides = HashMap::new();
+        for (tenant, o) in &cfg.tenants {
+            for (class, n) in [
+                (Class::Write, o.writes_per_minute),
+                (Class::Read, o.reads_per_minute),
+                (Class::Watch, o.watches_per_minute),
+            ] {
+                if let Some(n) = n {
+                    overrides.insert((TenantId::new(*tenant), class), limiter(n));
+                }
+            }
+        }
+        Self {
+            per_class,
+            overrides,
+            operators: limiter(cfg.operator_per_minute),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Spends one call of `caller` on `tenant` for `action`.
+    ///
+    /// # Errors
+    /// `Limited` with the time to wait.
+    pub fn check(&self, caller: &Caller, tenant: TenantId, action: Action) -> Result<(), Limited> {
+        let class = Class::of(action);
+        if caller.role == Role::Operator
+            && let Some((n, l)) = &self.operators
+            && let Err(not_until) = l.check_key(&caller.subject)
+        {
+            return Err(Limited {
+                what: format!(
+                    "operator {} made more than {n} calls per minute",
+                    caller.subject
+                ),
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            });
+        }
+        let budget = match self.overrides.get(&(tenant, class)) {
+            Some(o) => o.as_ref(),
+            None => self.per_class.get(&class),
+        };
+        if let Some((n, l)) = budget
+            && let Err(not_until) = l.check_key(&tenant)
+        {
+            return Err(Limited {
+                what: format!(
+                    "tenant {tenant} made more than {n} {} calls per minute",
+                    class.as_str()
+                ),
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::TenantLimits;
+
+    fn caller(tenant: TenantId, role: Role) -> Caller {
+        Caller {
+            spiffe_id: "spiffe://td/x".into(),
+            subject: format!("pod-of-{tenant}"),
+            tenant: Some(tenant),
+            role,
+        }
+    }
+
+    #[test]
+    fn each_tenant_and_class_has_its_own_budget() {
+        let a = TenantId::new(uuid::Uuid::new_v4());
+        let b = TenantId::new(uuid::Uuid::new_v4());
+        let mut tenants = BTreeMap::new();
+        tenants.insert(
+            b.as_uuid(),
+            TenantLimits {
+                writes_per_minute: Some(3),
+                reads_per_minute: Some(0),
+                watches_per_minute: None,
+            },
+        );
+        let limits = Limits::new(&LimitsConfig {
+            writes_per_minute: 5,
+            reads_per_minute: 10,
+            watches_per_minute: 2,
+            operator_per_minute: 4,
+            tenants,
+        });
+        let ca = caller(a, Role::Admin);
+        for _ in 0..5 {
+            limits.check(&ca, a, Action::Rotate).unwrap();
+        }
+        let e = limits.check(&ca, a, Action::Rotate).unwrap_err();
+        assert!(e.what.contains("5 write calls per minute"), "{e:?}");
+        assert!(e.retry_after > Duration::ZERO && e.retry_after <= Duration::from_secs(12));
+        // Reads are another budget; tenant B is untouched by A's flood.
+        limits.check(&ca, a, Action::GetCredentials).unwrap();
+        let cb = caller(b, Role::Admin);
+        for _ in 0..3 {
+            limits.check(&cb, b, Action::DeleteCredentials).unwrap();
+        }
+        assert!(
+            limits.check(&cb, b, Action::DeleteCredentials).is_err(),
+            "B's override is 3"
+        );
+        for _ in 0..100 {
+            limits.check(&cb, b, Action::GetCredentials).unwrap();
+        }
+        // Operators spend the tenant's budget and their own.
+        let op = Caller {
+            spiffe_id: "spiffe://td/operator/o".into(),
+            subject: "spiffe://td/operator/o".into(),
+            tenant: None,
+            role: Role::Operator,
+        };
+        let c = TenantId::new(uuid::Uuid::new_v4());
+        for _ in 0..2 {
+            limits.check(&op, c, Action::WatchRotations).unwrap();
+        }
+        let e = limits.check(&op, c, Action::WatchRotations).unwrap_err();
+        assert!(e.what.contains("tenant"), "{e:?}");
+        limits.check(&op, c, Action::GetCredentials).unwrap();
+        let e = limits.check(&op, c, Action::GetCredentials).unwrap_err();
+        assert!(e.what.contains("operator"), "{e:?}");
+    }
+}
