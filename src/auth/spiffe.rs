@@ -205,7 +205,7 @@ mod tests {
                 SpiffeError::TrustDomainChar,
             ),
             (
-                format!("spiffe://Credbroker.local/operator/a"),
+                "spiffe://Credbroker.local/operator/a".to_owned(),
                 SpiffeError::TrustDomainChar,
             ),
             (

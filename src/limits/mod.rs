@@ -67,17 +67,19 @@ pub struct Limited {
 }
 
 type Keyed<K> = DefaultKeyedRateLimiter<K>;
+/// A budget: calls per minute and its limiter.
+type Budget<K> = (u32, Keyed<K>);
 
 /// The limiters of one replica.
 pub struct Limits {
-    per_class: HashMap<Class, (u32, Keyed<TenantId>)>,
+    per_class: HashMap<Class, Budget<TenantId>>,
     /// Per-tenant budgets; `None`: that tenant's class is not limited.
-    overrides: HashMap<(TenantId, Class), Option<(u32, Keyed<TenantId>)>>,
-    operators: Option<(u32, Keyed<String>)>,
+    overrides: HashMap<(TenantId, Class), Option<Budget<TenantId>>>,
+    operators: Option<Budget<String>>,
     clock: DefaultClock,
 }
 
-fn limiter<K: std::hash::Hash + Eq + Clone>(per_minute: u32) -> Option<(u32, Keyed<K>)> {
+fn limiter<K: std::hash::Hash + Eq + Clone>(per_minute: u32) -> Option<Budget<K>> {
     NonZeroU32::new(per_minute).map(|n| (per_minute, RateLimiter::keyed(Quota::per_minute(n))))
 }
 
