@@ -79,11 +79,24 @@ impl DevPki {
     /// # Errors
     /// When the ID is not a valid IA5 string or signing fails.
     pub fn client(&self, spiffe_id: &str) -> anyhow::Result<PemPair> {
+        self.client_with_uris(&[spiffe_id])
+    }
+
+    /// A client certificate carrying each of `uris` as a URI SAN, in order
+    /// (tests of certificates a careless CA might issue).
+    ///
+    /// # Errors
+    /// When an ID is not a valid IA5 string or signing fails.
+    pub fn client_with_uris(&self, uris: &[&str]) -> anyhow::Result<PemPair> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, spiffe_id);
-        params.subject_alt_names = vec![SanType::URI(spiffe_id.try_into()?)];
+        params.distinguished_name.push(
+            DnType::CommonName,
+            uris.first().copied().unwrap_or("no-uri"),
+        );
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| Ok(SanType::URI((*u).try_into()?)))
+            .collect::<anyhow::Result<_>>()?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.issue(params)
     }

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod access;
 mod clients;
 mod core;
 mod devmode;

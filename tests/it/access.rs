@@ -1,0 +1,546 @@
+//! Who may do what, over real mTLS on an in-process broker with the memory
+//! stores (no OpenBao or PostgreSQL needed: only the layers are under
+//! test). Every RPC is called under every identity case, and a refused call
+//! must neither answer nor change anything.
+
+use std::{sync::Arc, time::Duration};
+
+use credbroker::{
+    api::pb::{self, credential_broker_client::CredentialBrokerClient},
+    app::{self, Backends, EventSource, Running, Settings},
+    auth::{Action, Role, TokenMode},
+    broker::{types::TenantId, validate::FormatCheckValidator},
+    clock::SystemClock,
+    config::{AuthConfig, CacheConfig, LimitsConfig, RotationConfig, TenantLimits, TlsConfig},
+    memstore::{MemoryMetadataStore, MemorySecretStore},
+    rotation::{retire::Schedule, watch::StreamTiming},
+};
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::json;
+use tonic::{
+    Code, Request, Status,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
+use tonic_types::StatusExt as _;
+
+use crate::support::{Pki, TD, init, set, store_req};
+
+const SECRET: &str = "matrix-test-secret-at-least-32-bytes-long";
+
+/// A broker on memory stores with `auth` and `limits`, over real mTLS.
+struct Memory {
+    running: Running,
+    pki: Pki,
+}
+
+impl Memory {
+    async fn start(auth: AuthConfig, limits: LimitsConfig) -> Memory {
+        init();
+        let pki = Pki::new();
+        let settings = Settings {
+            tls: credbroker::tls::server_config(&TlsConfig {
+                cert: pki.path("server.pem"),
+                key: pki.path("server.key"),
+                client_ca: pki.path("ca.pem"),
+                trust_domain: TD.into(),
+            })
+            .unwrap(),
+            trust_domain: TD.into(),
+            auth,
+            limits,
+            cache: CacheConfig::default(),
+            rotation: RotationConfig::default(),
+            path_prefix: "tenants".into(),
+            streams: StreamTiming {
+                heartbeat: Duration::from_secs(5),
+                max_age: None,
+            },
+            health_probe: Duration::from_secs(5),
+            retire: Schedule::Manual,
+            max_streams_per_tenant: 8,
+            grace: Duration::from_secs(1),
+            clock: Arc::new(SystemClock),
+        };
+        let backends = Backends {
+            secrets: Arc::new(MemorySecretStore::default()),
+            meta: Arc::new(MemoryMetadataStore::default()),
+            validator: Arc::new(FormatCheckValidator),
+            vault: None,
+            events: EventSource::Local,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = app::start(backends, settings, listener).await.unwrap();
+        Memory { running, pki }
+    }
+
+    async fn client(&self, uris: &[&str]) -> CredentialBrokerClient<Channel> {
+        let pair = self.pki.ca.client_with_uris(uris).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
+            .identity(Identity::from_pem(pair.cert, pair.key))
+            .domain_name("localhost");
+        let ch = Channel::from_shared(format!("https://localhost:{}", self.running.addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        CredentialBrokerClient::new(ch)
+    }
+
+    /// Everything stored for `tenant`: records and event seqs.
+    async fn state(&self, tenant: &str) -> String {
+        let t: TenantId = tenant.parse().unwrap();
+        let meta = self.running.broker.metadata();
+        let records = meta.list(t).await.unwrap();
+        let events = meta.events_after(t, 0, 10_000).await.unwrap();
+        format!(
+            "{records:?} {:?}",
+            events.iter().map(|e| e.seq).collect::<Vec<_>>()
+        )
+    }
+}
+
+fn hs256(claims: &serde_json::Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token(sub: &str, tenant: Option<&str>, role: &str, exp_in: i64) -> String {
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + exp_in;
+    let mut c = json!({"sub": sub, "role": role, "exp": exp});
+    if let Some(t) = tenant {
+        c["tenant_id"] = json!(t);
+    }
+    hs256(&c)
+}
+
+fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(t) = token {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    r
+}
+
+/// Calls `action` on `tenant` as the client with `token`.
+async fn call(
+    c: &mut CredentialBrokerClient<Channel>,
+    action: Action,
+    tenant: &str,
+    token: Option<&str>,
+) -> Result<(), Status> {
+    let t = tenant.to_owned();
+    let target = || (t.clone(), "binance".to_owned());
+    match action {
+        Action::GetCredentials => {
+            let (tenant_id, exchange) = target();
+            c.get_credentials(with_token(
+                pb::GetCredentialsRequest {
+                    tenant_id,
+                    exchange,
+                    min_version: 0,
+                },
+                token,
+            ))
+            .await
+            .map(drop)
+        }
+        Action::WatchRotations => c
+            .watch_rotations(with_token(
+                pb::WatchRotationsRequest {
+                    tenant_id: t.clone(),
+                    exchanges: vec![],
+                    after_seq: 0,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Action::AcknowledgeVersion => {
+            let (tenant_id, exchange) = target();
+            c.acknowledge_version(with_token(
+                pb::AcknowledgeVersionRequest {
+                    tenant_id,
+                    exchange,
+                    version: 1,
+                    instance: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop)
+        }
+        Action::ListCredentials => c
+            .list_credentials(with_token(
+                pb::ListCredentialsRequest {
+                    tenant_id: t.clone(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Action::DescribeCredential => {
+            let (tenant_id, exchange) = target();
+            c.describe_credential(with_token(
+                pb::DescribeCredentialRequest {
+                    tenant_id,
+                    exchange,
+                },
+                token,
+            ))
+            .await
+            .map(drop)
+        }
+        Action::GetCredentialHealth => {
+            let (tenant_id, exchange) = target();
+            c.get_credential_health(with_token(
+                pb::GetCredentialHealthRequest {
+                    tenant_id,
+                    exchange,
+                },
+                token,
+            ))
+            .await
+            .map(drop)
+        }
+        Action::ValidateAndStore => c
+            .validate_and_store(with_token(
+                store_req(&t, "okx", "okxKey0123456789", "okxSecret0123456789"),
+                token,
+            ))
+            .await
+            .map(drop),
+        Action::Rotate => c
+            .rotate(with_token(
+                pb::RotateRequest {
+                    tenant_id: t.clone(),
+                    exchange: "binance".into(),
+                    credentials: Some(set("binanceKeyMatrix01", "binanceSecretMatrix01")),
+                    overlap_seconds: None,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Action::DeleteCredentials => c
+            .delete_credentials(with_token(
+                pb::DeleteCredentialsRequest {
+                    tenant_id: t.clone(),
+                    exchange: "kraken".into(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Action::ValidateCredentials => {
+            let (tenant_id, exchange) = target();
+            c.validate_credentials(with_token(
+                pb::ValidateCredentialsRequest {
+                    tenant_id,
+                    exchange,
+                },
+                token,
+            ))
+            .await
+            .map(drop)
+        }
+    }
+}
+
+fn matrix_auth() -> AuthConfig {
+    AuthConfig {
+        token: Some(TokenMode::Required),
+        hs256_secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    }
+}
+
+fn unlimited() -> LimitsConfig {
+    LimitsConfig {
+        writes_per_minute: 0,
+        reads_per_minute: 0,
+        watches_per_minute: 0,
+        operator_per_minute: 0,
+        tenants: Default::default(),
+    }
+}
+
+/// Every RPC × {no token, expired, bad signature, foreign tenant,
+/// certificate/token mismatch, viewer, trader, admin, operator}.
+#[tokio::test]
+async fn every_rpc_under_every_identity() {
+    let m = Memory::start(matrix_auth(), unlimited()).await;
+    let a = uuid::Uuid::new_v4().to_string();
+    let b = uuid::Uuid::new_v4().to_string();
+    let pod_a = |t: &str| format!("spiffe://{TD}/tenant/{t}/pod/p");
+    let mut cert_a = m.client(&[&pod_a(&a)]).await;
+    let cert_b = m.client(&[&pod_a(&b)]).await;
+    let mut cert_op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    // A stored key for tenant A (as its admin).
+    let admin_a = token("alice", Some(&a), "admin", 600);
+    cert_a
+        .validate_and_store(with_token(
+            store_req(&a, "binance", "binanceKey000000", "binanceSecret000000"),
+            Some(&admin_a),
+        ))
+        .await
+        .unwrap();
+
+    let forged = encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub":"x","tenant_id":a,"role":"admin","exp":time::OffsetDateTime::now_utc().unix_timestamp()+600}),
+        &EncodingKey::from_secret(b"not-the-secret-not-the-secret-not-the"),
+    )
+    .unwrap();
+    let refused: Vec<(&str, CredentialBrokerClient<Channel>, Option<String>, Code)> = vec![
+        ("no token", cert_a.clone(), None, Code::Unauthenticated),
+        (
+            "expired",
+            cert_a.clone(),
+            Some(token("alice", Some(&a), "admin", -600)),
+            Code::Unauthenticated,
+        ),
+        (
+            "bad signature",
+            cert_a.clone(),
+            Some(forged),
+            Code::Unauthenticated,
+        ),
+        (
+            "foreign tenant",
+            cert_b.clone(),
+            Some(token("bob", Some(&b), "admin", 600)),
+            Code::PermissionDenied,
+        ),
+        (
+            "cert/token mismatch",
+            cert_b.clone(),
+            Some(token("alice", Some(&a), "admin", 600)),
+            Code::Unauthenticated,
+        ),
+    ];
+    for (case, mut client, tok, want) in refused {
+        for action in Action::ALL {
+            let before = m.state(&a).await;
+            let e = call(&mut client, action, &a, tok.as_deref())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), want, "{case} / {action:?}: {e:?}");
+            assert_eq!(
+                m.state(&a).await,
+                before,
+                "{case} / {action:?} changed state"
+            );
+        }
+    }
+    for role in ["viewer", "trader", "admin"] {
+        let tok = token("someone", Some(&a), role, 600);
+        let r = Role::parse(role).unwrap();
+        for action in Action::ALL {
+            let before = m.state(&a).await;
+            let got = call(&mut cert_a, action, &a, Some(&tok)).await;
+            let allowed = match action.needs() {
+                Role::Viewer => true,
+                Role::Trader => r != Role::Viewer,
+                _ => r == Role::Admin,
+            };
+            match got {
+                Err(e) if !allowed => {
+                    assert_eq!(e.code(), Code::PermissionDenied, "{role} / {action:?}");
+                    assert!(
+                        e.message()
+                            .contains(&format!("needs role {}", action.needs().as_str())),
+                        "{}",
+                        e.message()
+                    );
+                    assert_eq!(
+                        m.state(&a).await,
+                        before,
+                        "{role} / {action:?} changed state"
+                    );
+                }
+                Err(e) => assert!(
+                    !matches!(e.code(), Code::PermissionDenied | Code::Unauthenticated),
+                    "{role} / {action:?} refused: {e:?}"
+                ),
+                Ok(()) => assert!(allowed, "{role} / {action:?} was allowed"),
+            }
+        }
+    }
+    let op = token("ops", None, "operator", 600);
+    for action in Action::ALL {
+        if let Err(e) = call(&mut cert_op, action, &a, Some(&op)).await {
+            assert!(
+                !matches!(e.code(), Code::PermissionDenied | Code::Unauthenticated),
+                "operator / {action:?}: {e:?}"
+            );
+        }
+    }
+    // An operator token over a pod certificate is a mismatch, not a promotion.
+    let e = call(&mut cert_a, Action::Rotate, &a, Some(&op))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    m.running.stop().await.unwrap();
+}
+
+/// Without a token (optional mode), a pod certificate is a trader of its
+/// tenant: it reads but cannot replace or delete keys.
+#[tokio::test]
+async fn a_pod_certificate_alone_can_read_but_not_write() {
+    let auth = AuthConfig {
+        token: Some(TokenMode::Optional),
+        hs256_secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    };
+    let m = Memory::start(auth, unlimited()).await;
+    let a = uuid::Uuid::new_v4().to_string();
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    op.validate_and_store(store_req(
+        &a,
+        "binance",
+        "binanceKey000000",
+        "binanceSecret000000",
+    ))
+    .await
+    .unwrap();
+    let mut pod = m
+        .client(&[&format!("spiffe://{TD}/tenant/{a}/pod/p")])
+        .await;
+    call(&mut pod, Action::GetCredentials, &a, None)
+        .await
+        .unwrap();
+    for action in [
+        Action::Rotate,
+        Action::DeleteCredentials,
+        Action::ValidateAndStore,
+    ] {
+        let e = call(&mut pod, action, &a, None).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied);
+        assert!(
+            e.message().contains("trader of tenant") && e.message().contains("needs role admin"),
+            "{}",
+            e.message()
+        );
+    }
+    m.running.stop().await.unwrap();
+}
+
+/// Certificates a careless CA might issue are refused, whatever the token.
+#[tokio::test]
+async fn certificates_must_carry_exactly_one_strict_spiffe_id() {
+    let m = Memory::start(AuthConfig::default(), unlimited()).await;
+    let a = uuid::Uuid::new_v4().to_string();
+    let op_id = format!("spiffe://{TD}/operator/ops");
+    let pod_id = format!("spiffe://{TD}/tenant/{a}/pod/p");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![op_id.clone(), pod_id.clone()], "exactly one URI SAN"),
+        (
+            vec![format!("spiffe://{TD}/tenant/{{{a}}}/pod/p")],
+            "character",
+        ),
+        (
+            vec![format!("spiffe://{TD}/tenant/urn:uuid:{a}")],
+            "character",
+        ),
+        (
+            vec![format!("spiffe://{TD}/tenant/{a}/pod/..")],
+            "'.' or '..'",
+        ),
+        (
+            vec![format!("spiffe://{TD}/tenant/{}/pod/p", a.to_uppercase())],
+            "lowercase hyphenated UUID",
+        ),
+        (
+            vec![format!("spiffe://{TD}:8443/operator/ops")],
+            "trust domain",
+        ),
+    ];
+    for (uris, want) in cases {
+        let refs: Vec<&str> = uris.iter().map(String::as_str).collect();
+        let mut c = m.client(&refs).await;
+        let e = call(&mut c, Action::ListCredentials, &a, None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated, "{uris:?}");
+        assert!(e.message().contains(want), "{uris:?}: {}", e.message());
+    }
+    m.running.stop().await.unwrap();
+}
+
+/// Over the limit: RESOURCE_EXHAUSTED with a RetryInfo; another tenant is
+/// not affected; a per-tenant override applies.
+#[tokio::test]
+async fn rate_limits_are_per_tenant_and_say_when_to_retry() {
+    let a = uuid::Uuid::new_v4().to_string();
+    let b = uuid::Uuid::new_v4().to_string();
+    let mut tenants = std::collections::BTreeMap::new();
+    tenants.insert(
+        b.parse().unwrap(),
+        TenantLimits {
+            writes_per_minute: Some(5),
+            ..TenantLimits::default()
+        },
+    );
+    let limits = LimitsConfig {
+        writes_per_minute: 3,
+        reads_per_minute: 0,
+        watches_per_minute: 0,
+        operator_per_minute: 0,
+        tenants,
+    };
+    let m = Memory::start(AuthConfig::default(), limits).await;
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    let writes = |t: String| {
+        let mut op = op.clone();
+        async move {
+            let mut codes = Vec::new();
+            for _ in 0..7 {
+                let r = op
+                    .delete_credentials(pb::DeleteCredentialsRequest {
+                        tenant_id: t.clone(),
+                        exchange: "kraken".into(),
+                    })
+                    .await;
+                codes.push(r);
+            }
+            codes
+        }
+    };
+    let on_a = writes(a.clone()).await;
+    assert_eq!(on_a.iter().filter(|r| r.is_ok()).count(), 3);
+    let e = on_a[3].as_ref().unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(
+        e.message().contains(&format!(
+            "tenant {a} made more than 3 write calls per minute"
+        )),
+        "{}",
+        e.message()
+    );
+    let retry = e.get_details_retry_info().expect("a RetryInfo detail");
+    let delay = retry.retry_delay.expect("a retry delay");
+    assert!(
+        delay > Duration::ZERO && delay <= Duration::from_secs(20),
+        "{delay:?}"
+    );
+    // B has its own (larger) budget, untouched by A's flood.
+    let on_b = writes(b.clone()).await;
+    assert_eq!(on_b.iter().filter(|r| r.is_ok()).count(), 5);
+    // Reads are not limited here.
+    for _ in 0..20 {
+        op.list_credentials(pb::ListCredentialsRequest {
+            tenant_id: a.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    m.running.stop().await.unwrap();
+}
