@@ -90,6 +90,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The broker core (tests drive jobs through it).
     pub broker: Arc<Broker>,
+    /// This replica's rate limits (and the live replica count they use).
+    pub limits: Arc<Limits>,
     shutdown: CancellationToken,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
 }
@@ -319,11 +321,19 @@ pub async fn start(
             Ok(())
         });
     }
+    let limits = Arc::new(Limits::new(&s.limits));
+    {
+        let (meta, limits, cancel) = (backends.meta.clone(), limits.clone(), shutdown.clone());
+        spawn_task(&mut tasks, "replica registry", &shutdown, async move {
+            replica_registry(meta, limits, cancel).await;
+            Ok(())
+        });
+    }
     let service = BrokerService::new(
         broker.clone(),
         s.streams,
         s.max_streams_per_tenant,
-        Arc::new(Limits::new(&s.limits)),
+        limits.clone(),
         shutdown.clone(),
     );
     let tokens = TokenVerifier::new(&TokenSettings {
@@ -361,9 +371,42 @@ pub async fn start(
     Ok(Running {
         addr,
         broker,
+        limits,
         shutdown,
         tasks,
     })
+}
+
+/// How often a replica says it is alive, and how long that counts.
+const REPLICA_HEARTBEAT: Duration = Duration::from_secs(5);
+const REPLICA_LIVE_FOR: time::Duration = time::Duration::seconds(15);
+
+/// Announces this replica every few seconds and shares the rate limits with
+/// the live ones. Liveness is wall-clock time, not the broker's (injectable)
+/// domain clock. While PostgreSQL is down the last count stays in force.
+async fn replica_registry(
+    meta: Arc<dyn MetadataStore>,
+    limits: Arc<Limits>,
+    cancel: CancellationToken,
+) {
+    let id = uuid::Uuid::new_v4();
+    let mut tick = tokio::time::interval(REPLICA_HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match meta
+            .replica_heartbeat(id, time::OffsetDateTime::now_utc(), REPLICA_LIVE_FOR)
+            .await
+        {
+            Ok(n) => limits.set_replicas(n),
+            Err(e) => {
+                tracing::warn!("replica heartbeat failed; keeping the last replica count: {e}")
+            }
+        }
+    }
 }
 
 /// Keeps grpc.health.v1 true: SERVING only while both stores answer.

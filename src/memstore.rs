@@ -129,6 +129,7 @@ struct MetaState {
     next_seq: u64,
     pruned_through: u64,
     acks: BTreeMap<(TenantId, ExchangeId, String), Adoption>,
+    replicas: BTreeMap<uuid::Uuid, OffsetDateTime>,
 }
 
 impl MetaState {
@@ -408,6 +409,18 @@ impl MetadataStore for MemoryMetadataStore {
 
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         Ok(lock(&self.state).pruned_through)
+    }
+
+    async fn replica_heartbeat(
+        &self,
+        id: uuid::Uuid,
+        now: OffsetDateTime,
+        live_for: time::Duration,
+    ) -> Result<u32, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        st.replicas.insert(id, now);
+        st.replicas.retain(|_, at| *at > now - live_for);
+        Ok(u32::try_from(st.replicas.len()).unwrap_or(u32::MAX))
     }
 
     async fn ping(&self) -> Result<(), MetadataStoreError> {

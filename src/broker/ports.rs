@@ -276,6 +276,18 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Unavailable when the store cannot be reached.
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError>;
 
+    /// Records that replica `id` is alive at `now` and returns how many
+    /// replicas are (heartbeats within `live_for`), itself included.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn replica_heartbeat(
+        &self,
+        id: uuid::Uuid,
+        now: OffsetDateTime,
+        live_for: time::Duration,
+    ) -> Result<u32, MetadataStoreError>;
+
     /// Checks that the store is reachable.
     ///
     /// # Errors

@@ -3,11 +3,21 @@
 //! plus each operator's own budget. Checked after authorization, so a
 //! caller that may not touch a tenant never spends that tenant's budget.
 //!
-//! The limit holds per replica: with N replicas behind a balancer a tenant
-//! may get up to N times it (see the README).
+//! The limits hold for the whole deployment: each replica counts the live
+//! replicas in PostgreSQL (`broker_replicas`, refreshed every few seconds)
+//! and enforces its share, `ceil(limit / replicas)`. A balancer that spreads
+//! a tenant's calls evenly gives it the configured limit; one that sends
+//! them all to one replica gives it that replica's share (stricter, never
+//! looser). When the count changes the budgets start afresh.
 
-use std::{collections::HashMap, num::NonZeroU32, time::Duration};
+use std::{
+    collections::HashMap,
+    num::NonZeroU32,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
 
+use arc_swap::ArcSwap;
 use governor::{
     DefaultKeyedRateLimiter, Quota, RateLimiter,
     clock::{Clock as _, DefaultClock},
@@ -72,27 +82,72 @@ type Budget<K> = (u32, Keyed<K>);
 
 /// The limiters of one replica.
 pub struct Limits {
+    cfg: LimitsConfig,
+    replicas: AtomicU32,
+    set: ArcSwap<LimiterSet>,
+    clock: DefaultClock,
+}
+
+/// The budgets for one replica count.
+struct LimiterSet {
     per_class: HashMap<Class, Budget<TenantId>>,
     /// Per-tenant budgets; `None`: that tenant's class is not limited.
     overrides: HashMap<(TenantId, Class), Option<Budget<TenantId>>>,
     operators: Option<Budget<String>>,
-    clock: DefaultClock,
 }
 
-fn limiter<K: std::hash::Hash + Eq + Clone>(per_minute: u32) -> Option<Budget<K>> {
-    NonZeroU32::new(per_minute).map(|n| (per_minute, RateLimiter::keyed(Quota::per_minute(n))))
+/// A budget of `per_minute` for the deployment, this replica's share of it.
+fn limiter<K: std::hash::Hash + Eq + Clone>(per_minute: u32, replicas: u32) -> Option<Budget<K>> {
+    let share = per_minute.div_ceil(replicas.max(1));
+    NonZeroU32::new(share).map(|n| (per_minute, RateLimiter::keyed(Quota::per_minute(n))))
 }
 
 impl Limits {
-    /// Limiters for `cfg` (0: no limit for that class).
+    /// Limiters for `cfg` (0: no limit for that class), for one replica
+    /// until [`Limits::set_replicas`] says otherwise.
     pub fn new(cfg: &LimitsConfig) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            replicas: AtomicU32::new(1),
+            set: ArcSwap::from_pointee(LimiterSet::new(cfg, 1)),
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Live replicas this replica shares the limits with.
+    pub fn replicas(&self) -> u32 {
+        self.replicas.load(Ordering::Relaxed)
+    }
+
+    /// Takes this replica's share for `n` live replicas (budgets restart
+    /// when the count changes).
+    pub fn set_replicas(&self, n: u32) {
+        let n = n.max(1);
+        if self.replicas.swap(n, Ordering::Relaxed) != n {
+            self.set
+                .store(std::sync::Arc::new(LimiterSet::new(&self.cfg, n)));
+            tracing::info!(replicas = n, "rate limits shared with the live replicas");
+        }
+    }
+
+    /// Spends one call of `caller` on `tenant` for `action`.
+    ///
+    /// # Errors
+    /// `Limited` with the time to wait.
+    pub fn check(&self, caller: &Caller, tenant: TenantId, action: Action) -> Result<(), Limited> {
+        self.set.load().check(caller, tenant, action, &self.clock)
+    }
+}
+
+impl LimiterSet {
+    fn new(cfg: &LimitsConfig, replicas: u32) -> Self {
         let mut per_class = HashMap::new();
         for (class, n) in [
             (Class::Write, cfg.writes_per_minute),
             (Class::Read, cfg.reads_per_minute),
             (Class::Watch, cfg.watches_per_minute),
         ] {
-            if let Some(l) = limiter(n) {
+            if let Some(l) = limiter(n, replicas) {
                 per_class.insert(class, l);
             }
         }
@@ -104,23 +159,24 @@ impl Limits {
                 (Class::Watch, o.watches_per_minute),
             ] {
                 if let Some(n) = n {
-                    overrides.insert((TenantId::new(*tenant), class), limiter(n));
+                    overrides.insert((TenantId::new(*tenant), class), limiter(n, replicas));
                 }
             }
         }
         Self {
             per_class,
             overrides,
-            operators: limiter(cfg.operator_per_minute),
-            clock: DefaultClock::default(),
+            operators: limiter(cfg.operator_per_minute, replicas),
         }
     }
 
-    /// Spends one call of `caller` on `tenant` for `action`.
-    ///
-    /// # Errors
-    /// `Limited` with the time to wait.
-    pub fn check(&self, caller: &Caller, tenant: TenantId, action: Action) -> Result<(), Limited> {
+    fn check(
+        &self,
+        caller: &Caller,
+        tenant: TenantId,
+        action: Action,
+        clock: &DefaultClock,
+    ) -> Result<(), Limited> {
         let class = Class::of(action);
         if caller.role == Role::Operator
             && let Some((n, l)) = &self.operators
@@ -131,7 +187,7 @@ impl Limits {
                     "operator {} made more than {n} calls per minute",
                     caller.subject
                 ),
-                retry_after: not_until.wait_time_from(self.clock.now()),
+                retry_after: not_until.wait_time_from(clock.now()),
             });
         }
         let budget = match self.overrides.get(&(tenant, class)) {
@@ -146,7 +202,7 @@ impl Limits {
                     "tenant {tenant} made more than {n} {} calls per minute",
                     class.as_str()
                 ),
-                retry_after: not_until.wait_time_from(self.clock.now()),
+                retry_after: not_until.wait_time_from(clock.now()),
             });
         }
         Ok(())
@@ -225,5 +281,20 @@ mod tests {
         limits.check(&op, c, Action::GetCredentials).unwrap();
         let e = limits.check(&op, c, Action::GetCredentials).unwrap_err();
         assert!(e.what.contains("operator"), "{e:?}");
+        // Three live replicas: this one takes ceil(5 / 3) = 2 writes.
+        limits.set_replicas(3);
+        let d = TenantId::new(uuid::Uuid::new_v4());
+        for _ in 0..2 {
+            limits
+                .check(&caller(d, Role::Admin), d, Action::Rotate)
+                .unwrap();
+        }
+        let e = limits
+            .check(&caller(d, Role::Admin), d, Action::Rotate)
+            .unwrap_err();
+        assert!(
+            e.what.contains("5 write calls per minute"),
+            "the message names the deployment's limit: {e:?}"
+        );
     }
 }

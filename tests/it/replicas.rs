@@ -394,3 +394,51 @@ async fn streams_end_resumably_at_their_jittered_maximum_age() {
         "{age:?}"
     );
 }
+
+/// Two replicas share a tenant's write limit: each enforces half, so the
+/// deployment admits the configured number whichever replica is called.
+#[tokio::test]
+async fn rate_limits_hold_for_the_whole_deployment() {
+    use credbroker::config::LimitsConfig;
+    let env = Env::start_with(crate::support::EnvOptions {
+        limits: Some(LimitsConfig {
+            writes_per_minute: 4,
+            reads_per_minute: 0,
+            watches_per_minute: 0,
+            operator_per_minute: 0,
+            tenants: Default::default(),
+        }),
+        ..Default::default()
+    })
+    .await;
+    let b = env.replica(None).await;
+    let a_limits = env.running.as_ref().unwrap().limits.clone();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while a_limits.replicas() != 2 || b.limits.replicas() != 2 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("both replicas count two live replicas");
+    let tenant = new_tenant();
+    let mut admitted = 0;
+    for addr in [env.addr, b.addr] {
+        let mut c = env
+            .client_at(addr, &format!("spiffe://{TD}/operator/ops"))
+            .await;
+        for _ in 0..3 {
+            match c
+                .delete_credentials(credbroker::api::pb::DeleteCredentialsRequest {
+                    tenant_id: tenant.clone(),
+                    exchange: "kraken".into(),
+                })
+                .await
+            {
+                Ok(_) => admitted += 1,
+                Err(e) => assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}"),
+            }
+        }
+    }
+    assert_eq!(admitted, 4, "the deployment admits the configured limit");
+    b.stop().await.unwrap();
+}

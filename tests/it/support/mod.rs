@@ -75,6 +75,8 @@ pub struct EnvOptions {
     pub clock: Option<Arc<dyn Clock>>,
     pub rotation: RotationConfig,
     pub cache: CacheConfig,
+    /// Rate limits; default: none (tests call far faster than a tenant).
+    pub limits: Option<credbroker::config::LimitsConfig>,
 }
 
 impl Env {
@@ -91,6 +93,9 @@ impl Env {
         config.rotation = opts.rotation;
         if let Some(v) = opts.validation {
             config.validation = v;
+        }
+        if let Some(l) = opts.limits {
+            config.limits = l;
         }
         config.check().unwrap();
         let mut env = Env {

@@ -202,6 +202,14 @@ impl MetadataStore for ProbeMeta {
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         self.inner.pruned_through().await
     }
+    async fn replica_heartbeat(
+        &self,
+        id: uuid::Uuid,
+        now: OffsetDateTime,
+        live_for: time::Duration,
+    ) -> Result<u32, MetadataStoreError> {
+        self.inner.replica_heartbeat(id, now, live_for).await
+    }
     async fn ping(&self) -> Result<(), MetadataStoreError> {
         self.inner.ping().await
     }
