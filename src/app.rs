@@ -5,10 +5,9 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::ServerTlsConfig;
 
 use crate::{
-    api::BrokerService,
+    api::{BrokerService, Gate},
     auth::{
         AuthLayer, AuthSettings,
         token::{TokenSettings, TokenVerifier},
@@ -55,8 +54,12 @@ pub enum EventSource {
 
 /// Server-side settings independent of the backends.
 pub struct Settings {
-    /// mTLS.
-    pub tls: ServerTlsConfig,
+    /// mTLS (re-read when its files change).
+    pub tls: Arc<crate::tls::acceptor::ReloadingTls>,
+    /// How often the TLS files are checked (`None`: never).
+    pub tls_reload: Option<Duration>,
+    /// Connection and call admission.
+    pub front: server::FrontDoor,
     /// Accepted SPIFFE trust domain.
     pub trust_domain: String,
     /// Tokens and roles.
@@ -216,6 +219,8 @@ pub fn validator(
 pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
     Ok(Settings {
         tls: crate::tls::server_config(&cfg.tls)?,
+        tls_reload: (cfg.tls.reload_secs > 0).then(|| Duration::from_secs(cfg.tls.reload_secs)),
+        front: server::FrontDoor::from_config(&cfg.server),
         trust_domain: cfg.tls.trust_domain.clone(),
         auth: cfg.auth.clone(),
         limits: cfg.limits.clone(),
@@ -321,6 +326,13 @@ pub async fn start(
             Ok(())
         });
     }
+    if let Some(every) = s.tls_reload {
+        let (tls, cancel) = (s.tls.clone(), shutdown.clone());
+        spawn_task(&mut tasks, "TLS file watcher", &shutdown, async move {
+            tls.task_main(every, cancel).await;
+            Ok(())
+        });
+    }
     let limits = Arc::new(Limits::new(&s.limits));
     {
         let (meta, limits, cancel) = (backends.meta.clone(), limits.clone(), shutdown.clone());
@@ -333,7 +345,15 @@ pub async fn start(
         broker.clone(),
         s.streams,
         s.max_streams_per_tenant,
-        limits.clone(),
+        Gate {
+            limits: limits.clone(),
+            networks: s
+                .auth
+                .tenant_networks
+                .iter()
+                .map(|(t, n)| (TenantId::new(*t), n.clone()))
+                .collect(),
+        },
         shutdown.clone(),
     );
     let tokens = TokenVerifier::new(&TokenSettings {
@@ -358,7 +378,8 @@ pub async fn start(
         &shutdown,
         server::serve(ServeParams {
             listener,
-            tls: s.tls,
+            tls: s.tls.clone(),
+            front: s.front,
             auth,
             service,
             health,

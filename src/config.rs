@@ -66,6 +66,8 @@ pub struct AuthConfig {
     pub leeway_secs: u64,
     /// Role of a workload certificate that sends no token.
     pub workload_role: crate::auth::Role,
+    /// Networks each tenant's callers must come from (unset: anywhere).
+    pub tenant_networks: std::collections::BTreeMap<uuid::Uuid, Vec<ipnet::IpNet>>,
 }
 
 impl Default for AuthConfig {
@@ -78,6 +80,7 @@ impl Default for AuthConfig {
             issuer: None,
             leeway_secs: 30,
             workload_role: crate::auth::Role::Trader,
+            tenant_networks: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -188,6 +191,15 @@ pub struct ServerConfig {
     /// Streams end (resumably) after 75–100 % of this, spreading clients
     /// across replicas again; 0 disables.
     pub max_stream_age_secs: u64,
+    /// Open connections at most; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Broker calls in flight at most; beyond, RESOURCE_EXHAUSTED at once.
+    pub max_concurrent_calls: usize,
+    /// HTTP/2 streams per connection (advertised as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for ServerConfig {
@@ -199,6 +211,10 @@ impl Default for ServerConfig {
             health_probe_secs: 5,
             max_streams_per_tenant: 256,
             max_stream_age_secs: 3600,
+            max_connections: 20_000,
+            handshake_timeout_secs: 10,
+            max_concurrent_calls: 2_048,
+            max_streams_per_connection: 1_000,
         }
     }
 }
@@ -216,6 +232,16 @@ pub struct TlsConfig {
     /// SPIFFE trust domain accepted in client URI SANs.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
+    /// Accept TLS 1.2 as well as 1.3 (off: TLS 1.3 only).
+    #[serde(default)]
+    pub allow_tls12: bool,
+    /// How often the three files are checked for changes (0: never).
+    #[serde(default = "default_tls_reload")]
+    pub reload_secs: u64,
+}
+
+fn default_tls_reload() -> u64 {
+    10
 }
 
 fn default_trust_domain() -> String {

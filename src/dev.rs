@@ -28,7 +28,7 @@ pub const DEV_TRUST_DOMAIN: &str = "credbroker.local";
 ///
 /// # Errors
 /// On I/O or key generation failure.
-pub fn write_dev_pki(dir: &Path) -> anyhow::Result<tonic::transport::ServerTlsConfig> {
+pub fn write_dev_pki(dir: &Path) -> anyhow::Result<crate::config::TlsConfig> {
     std::fs::create_dir_all(dir)?;
     let pki = DevPki::new("credbroker dev CA")?;
     let server = pki.server(&[])?;
@@ -38,12 +38,14 @@ pub fn write_dev_pki(dir: &Path) -> anyhow::Result<tonic::transport::ServerTlsCo
     write_private(&dir.join("server.key"), &server.key)?;
     std::fs::write(dir.join("client.pem"), &client.cert)?;
     write_private(&dir.join("client.key"), &client.key)?;
-    Ok(tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(
-            &server.cert,
-            &server.key,
-        ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(pki.ca_pem())))
+    Ok(crate::config::TlsConfig {
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        client_ca: dir.join("ca.pem"),
+        trust_domain: DEV_TRUST_DOMAIN.into(),
+        allow_tls12: false,
+        reload_secs: 0,
+    })
 }
 
 /// The grpcurl commands printed at start-up.
@@ -173,7 +175,7 @@ pub async fn run(
     max_streams_per_tenant: usize,
     validation: DevValidation,
 ) -> anyhow::Result<()> {
-    let tls = write_dev_pki(dir)?;
+    let tls = crate::tls::server_config(&write_dev_pki(dir)?)?;
     let (validator, _simulators, validation_label) = dev_validator(validation).await?;
     let listener = TcpListener::bind(listen)
         .await
@@ -204,6 +206,8 @@ pub async fn run(
             sweep: Duration::from_secs(3600),
         },
         max_streams_per_tenant: max_streams_per_tenant.max(1),
+        front: crate::server::FrontDoor::default(),
+        tls_reload: None,
         grace: Duration::from_secs(5),
         clock: Arc::new(SystemClock),
     };

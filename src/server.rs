@@ -3,14 +3,19 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
 use crate::{
     api::{BrokerService, pb, pb::credential_broker_server::CredentialBrokerServer},
     auth::AuthLayer,
+    config::ServerConfig,
+    limits::admission::AdmissionLayer,
+    tls::acceptor::{self, ConnLimits, ReloadingTls},
 };
 
 /// Largest accepted request; credential sets are a few KiB at most.
@@ -19,12 +24,45 @@ const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// gRPC service name reported by grpc.health.v1.
 pub const SERVICE_NAME: &str = "credbroker.v1.CredentialBroker";
 
+/// Admission at the front door: connections, handshakes, calls, streams.
+#[derive(Clone, Copy, Debug)]
+pub struct FrontDoor {
+    /// Connections and handshake deadline.
+    pub conns: ConnLimits,
+    /// Broker calls in flight at most.
+    pub max_concurrent_calls: usize,
+    /// HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+}
+
+impl FrontDoor {
+    /// From `[server]`.
+    pub fn from_config(c: &ServerConfig) -> Self {
+        Self {
+            conns: ConnLimits {
+                max_connections: c.max_connections,
+                handshake_timeout: Duration::from_secs(c.handshake_timeout_secs.max(1)),
+            },
+            max_concurrent_calls: c.max_concurrent_calls,
+            max_streams_per_connection: c.max_streams_per_connection,
+        }
+    }
+}
+
+impl Default for FrontDoor {
+    fn default() -> Self {
+        Self::from_config(&ServerConfig::default())
+    }
+}
+
 /// Everything [`serve`] needs.
 pub struct ServeParams<H> {
     /// Bound listener.
     pub listener: TcpListener,
-    /// mTLS configuration.
-    pub tls: ServerTlsConfig,
+    /// mTLS configuration (re-read when its files change).
+    pub tls: Arc<ReloadingTls>,
+    /// Connection and call admission.
+    pub front: FrontDoor,
     /// Caller identity (certificate, token).
     pub auth: AuthLayer,
     /// The broker service.
@@ -62,23 +100,31 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
     let broker =
         CredentialBrokerServer::new(p.service).max_decoding_message_size(MAX_REQUEST_BYTES);
 
-    // Small request/response messages: without TCP_NODELAY, Nagle and
-    // delayed ACKs add ~40 ms to the tail. Keepalive finds vanished peers.
-    let incoming = TcpIncoming::from(p.listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    // Our own TLS front door: TLS 1.3, certificate reload, a connection cap
+    // and a handshake deadline (see tls::acceptor). It also sets
+    // TCP_NODELAY (without it Nagle and delayed ACKs add ~40 ms to the tail)
+    // and TCP keepalive.
+    let incoming = acceptor::incoming(p.listener, p.tls, p.front.conns, p.shutdown.clone());
     let shutdown = p.shutdown.clone();
     let server = Server::builder()
-        .tls_config(p.tls)?
         // Unary deadline; streams are bounded by their own heartbeat logic.
         .timeout(p.request_timeout)
+        // Advertised as SETTINGS_MAX_CONCURRENT_STREAMS: a client learns the
+        // limit instead of having streams reset.
+        .max_concurrent_streams(Some(p.front.max_streams_per_connection))
         // Find dead peers (a pod that vanished without closing its
         // connection) so their streams and slots are released.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // One span per call, named after the method; never the body.
         .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
-        // Identity first: every later layer and handler knows the caller.
+        // Shed first: when the replica is saturated, refusing a call must
+        // cost nothing (no certificate or token work).
+        .layer(AdmissionLayer::new(p.front.max_concurrent_calls))
+        // Identity next: every later layer and handler knows the caller.
+        // (Authorization and rate limits need the tenant named in the
+        // request body, so they run in one place at the top of each
+        // handler: `api::Gate::admit`.)
         .layer(p.auth)
         .add_service(p.health)
         .add_service(reflection_v1)

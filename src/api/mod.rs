@@ -6,7 +6,11 @@ pub mod convert;
 pub mod pb;
 pub mod status;
 
-use std::{collections::BTreeSet, pin::Pin, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    pin::Pin,
+    sync::Arc,
+};
 
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
@@ -25,8 +29,17 @@ pub struct BrokerService {
     broker: Arc<Broker>,
     timing: StreamTiming,
     slots: Arc<StreamSlots>,
-    limits: Arc<Limits>,
+    gate: Gate,
     shutdown: CancellationToken,
+}
+
+/// What every call passes before its handler does anything: authorization,
+/// the tenant's allowed networks, the tenant's rate limit.
+pub struct Gate {
+    /// Rate limits.
+    pub limits: Arc<Limits>,
+    /// Networks each tenant's callers must come from (operators exempt).
+    pub networks: BTreeMap<TenantId, Vec<ipnet::IpNet>>,
 }
 
 impl BrokerService {
@@ -37,21 +50,22 @@ impl BrokerService {
         broker: Arc<Broker>,
         timing: StreamTiming,
         max_streams_per_tenant: usize,
-        limits: Arc<Limits>,
+        gate: Gate,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             broker,
             timing,
             slots: StreamSlots::new(max_streams_per_tenant),
-            limits,
+            gate,
             shutdown,
         }
     }
 
     /// Admission of one call, in one place and one order: the caller the
     /// auth layer attached, then [`auth::authorize`] (a denied caller reads
-    /// and spends nothing), then the tenant's rate limit.
+    /// and spends nothing), then the tenant's networks, then the tenant's
+    /// rate limit.
     fn admit<T>(
         &self,
         req: &Request<T>,
@@ -63,7 +77,23 @@ impl BrokerService {
             .get::<Caller>()
             .ok_or_else(|| status::auth(auth::AuthError::NoCertificate))?;
         auth::authorize(caller, tenant, action).map_err(status::auth)?;
-        self.limits
+        if caller.role != Role::Operator
+            && let Some(nets) = self.gate.networks.get(&tenant)
+        {
+            let peer = req
+                .extensions()
+                .get::<crate::tls::acceptor::PeerInfo>()
+                .and_then(|p| p.remote)
+                .map(|a| a.ip());
+            if !peer.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip))) {
+                return Err(status::auth(auth::AuthError::PermissionDenied(format!(
+                    "tenant {tenant} accepts calls only from its configured networks; this call came from {}",
+                    peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string())
+                ))));
+            }
+        }
+        self.gate
+            .limits
             .check(caller, tenant, action)
             .map_err(status::limited)?;
         Ok(caller.clone())

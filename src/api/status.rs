@@ -20,6 +20,15 @@ pub fn auth(e: AuthError) -> Status {
     }
 }
 
+/// RESOURCE_EXHAUSTED for a call shed because `max` calls are in flight.
+pub fn overloaded(max: usize, retry_after: std::time::Duration) -> Status {
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("the broker is at its limit of {max} calls in flight; retry with backoff"),
+        ErrorDetails::with_retry_info(Some(retry_after)),
+    )
+}
+
 /// RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` saying when to retry.
 pub fn limited(l: Limited) -> Status {
     let secs = l.retry_after.as_secs_f64();

@@ -25,10 +25,7 @@ use futures::future::BoxFuture;
 use quick_cache::sync::Cache;
 use rustls_pki_types::CertificateDer;
 use thiserror::Error;
-use tonic::{
-    codegen::http,
-    transport::server::{TcpConnectInfo, TlsConnectInfo},
-};
+use tonic::codegen::http;
 use tower::{Layer, Service};
 
 use crate::broker::types::TenantId;
@@ -357,8 +354,8 @@ impl LayerState {
     fn caller_of<B>(&self, req: &http::Request<B>) -> Result<Caller, AuthError> {
         let chain = req
             .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs)
+            .get::<crate::tls::acceptor::PeerInfo>()
+            .and_then(|p| p.certs.clone())
             .ok_or(AuthError::NoCertificate)?;
         let (spiffe_id, subject) = self.cert_identity(chain)?;
         let s = &self.settings;

@@ -10,6 +10,8 @@
 //! them all to one replica gives it that replica's share (stricter, never
 //! looser). When the count changes the budgets start afresh.
 
+pub mod admission;
+
 use std::{
     collections::HashMap,
     num::NonZeroU32,

@@ -28,12 +28,15 @@ pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domai
             health_probe_secs: 1,
             max_streams_per_tenant: 64,
             max_stream_age_secs: 0,
+            ..ServerConfig::default()
         },
         tls: TlsConfig {
             cert: tls_dir.join("server.pem"),
             key: tls_dir.join("server.key"),
             client_ca: tls_dir.join("ca.pem"),
             trust_domain: trust_domain.into(),
+            allow_tls12: false,
+            reload_secs: 1,
         },
         vault: VaultConfig {
             addr: bao.addr.clone(),

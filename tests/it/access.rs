@@ -43,6 +43,8 @@ impl Memory {
                 key: pki.path("server.key"),
                 client_ca: pki.path("ca.pem"),
                 trust_domain: TD.into(),
+                allow_tls12: false,
+                reload_secs: 0,
             })
             .unwrap(),
             trust_domain: TD.into(),
@@ -57,6 +59,8 @@ impl Memory {
             },
             health_probe: Duration::from_secs(5),
             retire: Schedule::Manual,
+            tls_reload: None,
+            front: credbroker::server::FrontDoor::default(),
             max_streams_per_tenant: 8,
             grace: Duration::from_secs(1),
             clock: Arc::new(SystemClock),

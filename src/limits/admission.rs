@@ -1,0 +1,94 @@
+//! Load shedding: at most `max` broker calls in flight on this replica;
+//! beyond that a call is refused at once with RESOURCE_EXHAUSTED and a
+//! retry hint, instead of queueing until its deadline. A WatchRotations
+//! call counts until its stream is set up (the stream itself is bounded by
+//! the per-tenant stream slots). Health and reflection are never shed.
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::future::BoxFuture;
+use tokio::sync::Semaphore;
+use tonic::codegen::http;
+use tower::{Layer, Service};
+
+/// How long a shed caller is asked to wait.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct AdmissionLayer {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl AdmissionLayer {
+    /// At most `max` calls in flight.
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            max,
+        }
+    }
+}
+
+impl<S> Layer<S> for AdmissionLayer {
+    type Service = Admission<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Admission {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// See [`AdmissionLayer`].
+#[derive(Clone)]
+pub struct Admission<S> {
+    inner: S,
+    layer: AdmissionLayer,
+}
+
+impl<S, B> Service<http::Request<B>> for Admission<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let permit = if req.uri().path().starts_with("/credbroker.") {
+            match self.layer.slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let resp =
+                        crate::api::status::overloaded(self.layer.max, RETRY_AFTER).into_http();
+                    return Box::pin(async move { Ok(resp) });
+                }
+            }
+        } else {
+            None
+        };
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Box::pin(async move {
+            let out = inner.call(req).await;
+            drop(permit);
+            out
+        })
+    }
+}
