@@ -3,108 +3,21 @@
 //! test). Every RPC is called under every identity case, and a refused call
 //! must neither answer nor change anything.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use credbroker::{
     api::pb::{self, credential_broker_client::CredentialBrokerClient},
-    app::{self, Backends, EventSource, Running, Settings},
     auth::{Action, Role, TokenMode},
-    broker::{types::TenantId, validate::FormatCheckValidator},
-    clock::SystemClock,
-    config::{AuthConfig, CacheConfig, LimitsConfig, RotationConfig, TenantLimits, TlsConfig},
-    memstore::{MemoryMetadataStore, MemorySecretStore},
-    rotation::{retire::Schedule, watch::StreamTiming},
+    config::{AuthConfig, LimitsConfig, TenantLimits},
 };
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
-use tonic::{
-    Code, Request, Status,
-    transport::{Certificate, Channel, ClientTlsConfig, Identity},
-};
+use tonic::{Code, Request, Status, transport::Channel};
 use tonic_types::StatusExt as _;
 
-use crate::support::{Pki, TD, init, set, store_req};
+use crate::support::{TD, memory::Memory, set, store_req};
 
 const SECRET: &str = "matrix-test-secret-at-least-32-bytes-long";
-
-/// A broker on memory stores with `auth` and `limits`, over real mTLS.
-struct Memory {
-    running: Running,
-    pki: Pki,
-}
-
-impl Memory {
-    async fn start(auth: AuthConfig, limits: LimitsConfig) -> Memory {
-        init();
-        let pki = Pki::new();
-        let settings = Settings {
-            tls: credbroker::tls::server_config(&TlsConfig {
-                cert: pki.path("server.pem"),
-                key: pki.path("server.key"),
-                client_ca: pki.path("ca.pem"),
-                trust_domain: TD.into(),
-                allow_tls12: false,
-                reload_secs: 0,
-            })
-            .unwrap(),
-            trust_domain: TD.into(),
-            auth,
-            limits,
-            cache: CacheConfig::default(),
-            rotation: RotationConfig::default(),
-            path_prefix: "tenants".into(),
-            streams: StreamTiming {
-                heartbeat: Duration::from_secs(5),
-                max_age: None,
-            },
-            health_probe: Duration::from_secs(5),
-            retire: Schedule::Manual,
-            tls_reload: None,
-            front: credbroker::server::FrontDoor::default(),
-            max_streams_per_tenant: 8,
-            grace: Duration::from_secs(1),
-            clock: Arc::new(SystemClock),
-        };
-        let backends = Backends {
-            secrets: Arc::new(MemorySecretStore::default()),
-            meta: Arc::new(MemoryMetadataStore::default()),
-            validator: Arc::new(FormatCheckValidator),
-            vault: None,
-            events: EventSource::Local,
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let running = app::start(backends, settings, listener).await.unwrap();
-        Memory { running, pki }
-    }
-
-    async fn client(&self, uris: &[&str]) -> CredentialBrokerClient<Channel> {
-        let pair = self.pki.ca.client_with_uris(uris).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
-            .identity(Identity::from_pem(pair.cert, pair.key))
-            .domain_name("localhost");
-        let ch = Channel::from_shared(format!("https://localhost:{}", self.running.addr.port()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        CredentialBrokerClient::new(ch)
-    }
-
-    /// Everything stored for `tenant`: records and event seqs.
-    async fn state(&self, tenant: &str) -> String {
-        let t: TenantId = tenant.parse().unwrap();
-        let meta = self.running.broker.metadata();
-        let records = meta.list(t).await.unwrap();
-        let events = meta.events_after(t, 0, 10_000).await.unwrap();
-        format!(
-            "{records:?} {:?}",
-            events.iter().map(|e| e.seq).collect::<Vec<_>>()
-        )
-    }
-}
 
 fn hs256(claims: &serde_json::Value) -> String {
     encode(

@@ -15,3 +15,4 @@ mod readpath;
 mod replicas;
 mod rotation;
 mod storage;
+mod transport;

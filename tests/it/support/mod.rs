@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod memory;
 pub mod probe;
 
 use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};

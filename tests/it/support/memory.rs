@@ -1,0 +1,138 @@
+//! A broker on the memory stores over real mTLS, in-process: for tests of
+//! the layers (identity, roles, limits, the front door), which need neither
+//! OpenBao nor PostgreSQL.
+
+use std::{sync::Arc, time::Duration};
+
+use credbroker::{
+    api::pb::credential_broker_client::CredentialBrokerClient,
+    app::{self, Backends, EventSource, Running, Settings},
+    broker::{ports::SecretStore, types::TenantId, validate::FormatCheckValidator},
+    clock::SystemClock,
+    config::{AuthConfig, CacheConfig, LimitsConfig, RotationConfig, TlsConfig},
+    memstore::{MemoryMetadataStore, MemorySecretStore},
+    rotation::{retire::Schedule, watch::StreamTiming},
+    server::FrontDoor,
+};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use super::{Pki, TD, init};
+
+/// What a [`Memory`] broker runs with.
+pub struct MemoryOptions {
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub front: FrontDoor,
+    pub allow_tls12: bool,
+    pub tls_reload: Option<Duration>,
+    pub secrets: Option<Arc<dyn SecretStore>>,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self {
+            auth: AuthConfig::default(),
+            limits: LimitsConfig {
+                writes_per_minute: 0,
+                reads_per_minute: 0,
+                watches_per_minute: 0,
+                operator_per_minute: 0,
+                tenants: Default::default(),
+            },
+            front: FrontDoor::default(),
+            allow_tls12: false,
+            tls_reload: None,
+            secrets: None,
+        }
+    }
+}
+
+/// A broker on memory stores with `auth` and `limits`, over real mTLS.
+pub struct Memory {
+    pub running: Running,
+    pub pki: Pki,
+}
+
+impl Memory {
+    pub async fn start(auth: AuthConfig, limits: LimitsConfig) -> Memory {
+        Self::start_with(MemoryOptions {
+            auth,
+            limits,
+            ..MemoryOptions::default()
+        })
+        .await
+    }
+
+    pub async fn start_with(o: MemoryOptions) -> Memory {
+        init();
+        let pki = Pki::new();
+        let settings = Settings {
+            tls: credbroker::tls::server_config(&TlsConfig {
+                cert: pki.path("server.pem"),
+                key: pki.path("server.key"),
+                client_ca: pki.path("ca.pem"),
+                trust_domain: TD.into(),
+                allow_tls12: o.allow_tls12,
+                reload_secs: 0,
+            })
+            .unwrap(),
+            trust_domain: TD.into(),
+            auth: o.auth,
+            limits: o.limits,
+            cache: CacheConfig::default(),
+            rotation: RotationConfig::default(),
+            path_prefix: "tenants".into(),
+            streams: StreamTiming {
+                heartbeat: Duration::from_secs(5),
+                max_age: None,
+            },
+            health_probe: Duration::from_secs(5),
+            retire: Schedule::Manual,
+            tls_reload: o.tls_reload,
+            front: o.front,
+            max_streams_per_tenant: 8,
+            grace: Duration::from_secs(1),
+            clock: Arc::new(SystemClock),
+        };
+        let backends = Backends {
+            secrets: o
+                .secrets
+                .unwrap_or_else(|| Arc::new(MemorySecretStore::default())),
+            meta: Arc::new(MemoryMetadataStore::default()),
+            validator: Arc::new(FormatCheckValidator),
+            vault: None,
+            events: EventSource::Local,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = app::start(backends, settings, listener).await.unwrap();
+        Memory { running, pki }
+    }
+
+    pub async fn client(&self, uris: &[&str]) -> CredentialBrokerClient<Channel> {
+        let pair = self.pki.ca.client_with_uris(uris).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
+            .identity(Identity::from_pem(pair.cert, pair.key))
+            .domain_name("localhost");
+        let ch = Channel::from_shared(format!("https://localhost:{}", self.running.addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        CredentialBrokerClient::new(ch)
+    }
+
+    /// Everything stored for `tenant`: records and event seqs.
+    pub async fn state(&self, tenant: &str) -> String {
+        let t: TenantId = tenant.parse().unwrap();
+        let meta = self.running.broker.metadata();
+        let records = meta.list(t).await.unwrap();
+        let events = meta.events_after(t, 0, 10_000).await.unwrap();
+        format!(
+            "{records:?} {:?}",
+            events.iter().map(|e| e.seq).collect::<Vec<_>>()
+        )
+    }
+}
