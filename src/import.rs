@@ -18,11 +18,10 @@ use std::{
 };
 
 use serde_json::Value;
-use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::{
-    api::pb::{self, credential_broker_client::CredentialBrokerClient},
+    api::pb,
     broker::types::{ExchangeId, TenantId, key_hint},
 };
 
@@ -173,7 +172,7 @@ pub fn parse_env(path: &Path, text: &str) -> Vec<Result<Found, (Option<ExchangeI
 pub async fn run(
     dir: &Path,
     tenant: TenantId,
-    client: &mut CredentialBrokerClient<Channel>,
+    client: &mut crate::client::token::BrokerClient,
 ) -> anyhow::Result<Vec<ReportLine>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?

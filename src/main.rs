@@ -95,9 +95,21 @@ struct BrokerConn {
     /// Name to verify in the broker's certificate (default: endpoint host).
     #[arg(long)]
     server_name: Option<String>,
+    /// File holding a bearer token (JWT), re-read when it changes.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
 }
 
 impl BrokerConn {
+    /// The token file, if one was given.
+    fn token(&self) -> anyhow::Result<Option<credbroker::client::token::TokenFile>> {
+        self.token_file
+            .clone()
+            .map(credbroker::client::token::TokenFile::open)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--token-file: {e}"))
+    }
+
     /// (CA, certificate, key) read from their files.
     fn material(&self) -> anyhow::Result<(Vec<u8>, Vec<u8>, String)> {
         let read = |flag: &str, p: &PathBuf| {
@@ -186,10 +198,10 @@ async fn main() -> anyhow::Result<()> {
             let tenant = tenant
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--tenant: {e}"))?;
-            let mut client =
-                credbroker::api::pb::credential_broker_client::CredentialBrokerClient::new(
-                    conn.channel().await?,
-                );
+            let mut client = credbroker::client::token::broker_client(
+                conn.channel().await?,
+                credbroker::client::token::Bearer(conn.token()?),
+            );
             let report = credbroker::import::run(&dir, tenant, &mut client).await?;
             for line in &report {
                 println!("{line}");
@@ -226,6 +238,7 @@ async fn main() -> anyhow::Result<()> {
                 tenant,
             );
             client.domain = conn.server_name.clone();
+            client.token = conn.token()?;
             client.exchanges = exchanges;
             client.instance = instance;
             let cancel = tokio_util::sync::CancellationToken::new();

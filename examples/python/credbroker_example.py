@@ -57,6 +57,26 @@ def load_stubs():
     return credbroker_pb2, credbroker_pb2_grpc
 
 
+class TokenFile:
+    """A bearer token re-read from its file when the file changes."""
+
+    def __init__(self, path):
+        self.path, self.mtime, self.value = path, None, None
+
+    def metadata(self):
+        if not self.path:
+            return ()
+        try:
+            mtime = os.stat(self.path).st_mtime
+            if mtime != self.mtime:
+                token = open(self.path).read().strip()
+                if token:
+                    self.value, self.mtime = token, mtime
+        except OSError:
+            pass  # keep the last good token
+        return (("authorization", f"Bearer {self.value}"),) if self.value else ()
+
+
 def mask(key):
     return "****" + key[-4:] if len(key) >= 12 else "****"
 
@@ -84,6 +104,8 @@ def main():
     ap.add_argument("--tenant", required=True)
     ap.add_argument("--exchange", action="append", default=[])
     ap.add_argument("--server-name", default="localhost")
+    ap.add_argument("--token-file", default=None,
+                    help="file holding a bearer token (JWT), re-read when it changes")
     ap.add_argument("--max-changes", type=int, default=0,
                     help="exit after this many key swaps (0: run forever)")
     args = ap.parse_args()
@@ -98,6 +120,7 @@ def main():
     )
     options = (("grpc.ssl_target_name_override", args.server_name),)
     keys = Keys()
+    token = TokenFile(args.token_file)
     last_seq = 0
     changes = 0
     backoff = 0.1
@@ -112,7 +135,7 @@ def main():
                     while True:
                         resp = stub.GetCredentials(pb.GetCredentialsRequest(
                             tenant_id=args.tenant, exchange=exchange,
-                            min_version=announced))
+                            min_version=announced), metadata=token.metadata())
                         if resp.version >= announced:
                             break
                         # A replica that has not seen the event yet.
@@ -131,7 +154,8 @@ def main():
                               f"key {mask(resp.current.api_key)}", flush=True)
 
                 stream = stub.WatchRotations(pb.WatchRotationsRequest(
-                    tenant_id=args.tenant, exchanges=args.exchange, after_seq=last_seq))
+                    tenant_id=args.tenant, exchanges=args.exchange, after_seq=last_seq),
+                    metadata=token.metadata())
                 for msg in stream:
                     backoff = 0.1
                     kind = msg.WhichOneof("message")

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 use rand::Rng as _;
 use secrecy::SecretString;
 use time::OffsetDateTime;
+use token::BrokerClient;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -24,11 +25,10 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
+pub mod token;
+
 use crate::{
-    api::pb::{
-        self, EventKind, credential_broker_client::CredentialBrokerClient,
-        watch_rotations_response::Message,
-    },
+    api::pb::{self, EventKind, watch_rotations_response::Message},
     broker::types::{CredentialSet, ExchangeId, TenantId},
 };
 
@@ -57,6 +57,8 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Reconnect when no message (not even a heartbeat) arrives this long.
     pub silence_limit: Duration,
+    /// Bearer token sent on every call, re-read when the file changes.
+    pub token: Option<token::TokenFile>,
 }
 
 impl ClientConfig {
@@ -81,6 +83,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             silence_limit: Duration::from_secs(15),
+            token: None,
         }
     }
 }
@@ -257,7 +260,7 @@ impl Supervisor {
         }
     }
 
-    async fn connect(&self, endpoint: &str) -> Result<CredentialBrokerClient<Channel>, String> {
+    async fn connect(&self, endpoint: &str) -> Result<BrokerClient, String> {
         use secrecy::ExposeSecret as _;
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.cfg.ca_pem))
@@ -276,7 +279,10 @@ impl Supervisor {
             .connect()
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        Ok(CredentialBrokerClient::new(ch))
+        Ok(token::broker_client(
+            ch,
+            token::Bearer(self.cfg.token.clone()),
+        ))
     }
 
     async fn session(&mut self, endpoint: &str, cancel: &CancellationToken) -> SessionEnd {
@@ -432,7 +438,7 @@ impl Supervisor {
     /// failed fetch keeps the last good value and is retried the same way.
     async fn refresh(
         &mut self,
-        client: &mut CredentialBrokerClient<Channel>,
+        client: &mut BrokerClient,
         ex: ExchangeId,
         version: u64,
         force: bool,
@@ -462,7 +468,7 @@ impl Supervisor {
     }
 
     /// Retries every pending fetch that is due.
-    async fn retry_due(&mut self, client: &mut CredentialBrokerClient<Channel>) {
+    async fn retry_due(&mut self, client: &mut BrokerClient) {
         let now = Instant::now();
         let due: Vec<ExchangeId> = self
             .pending
@@ -476,7 +482,7 @@ impl Supervisor {
     }
 
     /// One attempt of the pending fetch of `ex`.
-    async fn fetch(&mut self, client: &mut CredentialBrokerClient<Channel>, ex: ExchangeId) {
+    async fn fetch(&mut self, client: &mut BrokerClient, ex: ExchangeId) {
         let Some((min_version, force)) = self.pending.get(&ex).map(|p| (p.min_version, p.force))
         else {
             return;

@@ -461,3 +461,101 @@ async fn rate_limits_are_per_tenant_and_say_when_to_retry() {
     }
     m.running.stop().await.unwrap();
 }
+
+/// The Rust handle (and so the agent) and the Python example send a token
+/// from a file; without one, a broker that requires tokens gives nothing.
+#[tokio::test]
+async fn clients_send_a_token_from_a_file() {
+    use credbroker::{
+        broker::types::ExchangeId,
+        client::{ClientConfig, CredentialHandle, token::TokenFile},
+    };
+    let m = Memory::start(matrix_auth(), unlimited()).await;
+    let a = uuid::Uuid::new_v4().to_string();
+    let pod = format!("spiffe://{TD}/tenant/{a}/pod/p");
+    let mut admin = m.client(&[&pod]).await;
+    admin
+        .validate_and_store(with_token(
+            store_req(&a, "binance", "binanceKey000000", "binanceSecret000000"),
+            Some(&token("alice", Some(&a), "admin", 600)),
+        ))
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, token("pod", Some(&a), "trader", 600)).unwrap();
+    let config = |with_token: bool| {
+        let pair = m.pki.ca.client(&pod).unwrap();
+        let mut cfg = ClientConfig::new(
+            vec![format!("https://localhost:{}", m.running.addr.port())],
+            m.pki.ca.ca_pem().into_bytes(),
+            pair.cert.into_bytes(),
+            pair.key.into(),
+            a.parse().unwrap(),
+        );
+        cfg.domain = Some("localhost".into());
+        cfg.backoff_max = Duration::from_millis(200);
+        if with_token {
+            cfg.token = Some(TokenFile::open(token_path.clone()).unwrap());
+        }
+        cfg
+    };
+    let with = CredentialHandle::start(config(true));
+    let got = with
+        .wait_for(ExchangeId::Binance, 1, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(got.current.api_key, "binanceKey000000");
+    let without = CredentialHandle::start(config(false));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(without.get(ExchangeId::Binance).is_none());
+    with.stop();
+    without.stop();
+
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let pair = m.pki.ca.client(&pod).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), m.pki.ca.ca_pem()).unwrap();
+    std::fs::write(dir.path().join("pod.pem"), &pair.cert).unwrap();
+    std::fs::write(dir.path().join("pod.key"), &pair.key).unwrap();
+    let f = |n: &str| dir.path().join(n).display().to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(&python)
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/examples/python/credbroker_example.py"
+            ))
+            .args(["--target", &format!("localhost:{}", m.running.addr.port())])
+            .args([
+                "--ca",
+                &f("ca.pem"),
+                "--cert",
+                &f("pod.pem"),
+                "--key",
+                &f("pod.key"),
+            ])
+            .args([
+                "--tenant",
+                &a,
+                "--exchange",
+                "binance",
+                "--max-changes",
+                "1",
+            ])
+            .args(["--token-file", &f("token")])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "swapped binance to version 1 key ****0000"
+    );
+    m.running.stop().await.unwrap();
+}
