@@ -132,10 +132,32 @@ fn pg_err(e: tokio_postgres::Error) -> MetadataStoreError {
         Some(c) if c.code().starts_with("08") || c.code().starts_with("57") => {
             MetadataStoreError::Unavailable(e.to_string())
         }
-        Some(_) => MetadataStoreError::Other(e.to_string()),
+        Some(_) => MetadataStoreError::Other(describe_db_error(&e)),
         None if e.is_closed() => MetadataStoreError::Unavailable(e.to_string()),
         None => MetadataStoreError::Unavailable(e.to_string()),
     }
+}
+
+/// What failed, for the log: SQLSTATE and the names PostgreSQL reports
+/// (table, column, constraint, type), never its message or detail, which
+/// can quote the values involved.
+fn describe_db_error(e: &tokio_postgres::Error) -> String {
+    let Some(db) = e.as_db_error() else {
+        return "database error".to_owned();
+    };
+    let mut out = format!("database error SQLSTATE {}", db.code().code());
+    for (what, v) in [
+        ("table", db.table()),
+        ("column", db.column()),
+        ("constraint", db.constraint()),
+        ("type", db.datatype()),
+        ("routine", db.routine()),
+    ] {
+        if let Some(v) = v {
+            out.push_str(&format!(" {what}={v}"));
+        }
+    }
+    out
 }
 
 fn to_u64(v: i64) -> u64 {

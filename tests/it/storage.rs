@@ -392,3 +392,34 @@ async fn the_migrate_command_applies_the_schema_once() {
         "all three tables exist with row-level security on"
     );
 }
+
+/// A database error says what failed (SQLSTATE, and the names PostgreSQL
+/// gives) and never quotes a value; a maximal subscriber name fits.
+#[tokio::test]
+async fn database_errors_name_what_failed_without_values() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut op = env.operator().await;
+    op.validate_and_store(crate::support::store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let meta = env.broker().metadata();
+    let t = tenant.parse().unwrap();
+    let now = OffsetDateTime::now_utc();
+    // The longest subscriber a caller can produce: a 2,048-byte SPIFFE ID,
+    // '#', a 128-character instance.
+    let longest = format!("{}#{}", "s".repeat(2048), "i".repeat(128));
+    meta.acknowledge(t, ExchangeId::Binance, &longest, 1, now)
+        .await
+        .unwrap();
+    let secret_looking = "SECRETVALUE".repeat(300);
+    let e = meta
+        .acknowledge(t, ExchangeId::Binance, &secret_looking, 1, now)
+        .await
+        .unwrap_err();
+    let MetadataStoreError::Other(m) = e else {
+        panic!("{e:?}")
+    };
+    assert!(m.contains("SQLSTATE 22001"), "{m}");
+    assert!(!m.contains("SECRETVALUE"), "{m}");
+}
