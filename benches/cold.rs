@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use backends::{Bao, TestDb, config_for};
+use backends::{Bao, Pki, TD, TestDb, config_for};
 use credbroker::{
     api::pb::{self, credential_broker_client::CredentialBrokerClient},
     app,
@@ -28,7 +28,6 @@ use credbroker::{
         ports::SecretStore as _,
         types::{CredentialSet, ExchangeId, TenantId},
     },
-    tls::pki::DevPki,
     vault::VaultSecretStore,
 };
 use secrecy::SecretString;
@@ -88,13 +87,8 @@ fn main() {
         .unwrap();
     rt.block_on(async move {
         let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
-        let pki = DevPki::new("credbroker bench CA").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let server = pki.server(&[]).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), pki.ca_pem()).unwrap();
-        std::fs::write(dir.path().join("server.pem"), &server.cert).unwrap();
-        std::fs::write(dir.path().join("server.key"), &server.key).unwrap();
-        let mut config = config_for(&bao, &db, dir.path(), "credbroker.local");
+        let pki = Pki::new();
+        let mut config = config_for(&bao, &db, pki.dir.path(), TD);
         // One entry: every read of another credential is a miss.
         config.cache.capacity = 1;
         config.postgres.pool_size = concurrency.max(4);
@@ -146,12 +140,12 @@ fn main() {
             })
             .await;
         }
-        let pair = pki.client("spiffe://credbroker.local/operator/bench").unwrap();
+        let pair = pki.ca.client(&format!("spiffe://{TD}/operator/bench")).unwrap();
         let ch = Channel::from_shared(format!("https://localhost:{}", running.addr.port()))
             .unwrap()
             .tls_config(
                 ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(pki.ca_pem()))
+                    .ca_certificate(Certificate::from_pem(pki.ca.ca_pem()))
                     .identity(Identity::from_pem(pair.cert, pair.key))
                     .domain_name("localhost"),
             )

@@ -6,6 +6,7 @@
 
 use std::{
     net::TcpListener as StdListener,
+    path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -14,7 +15,43 @@ use credbroker::config::{
     AuthConfig, CacheConfig, Config, LimitsConfig, PostgresConfig, RotationConfig, ServerConfig,
     TlsConfig, ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
 };
+use credbroker::tls::pki::DevPki;
 use uuid::Uuid;
+
+pub const TD: &str = "credbroker.local";
+
+pub fn init() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
+                .unwrap_or_else(|_| "warn,rustify=off,vaultrs=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// Certificates for the broker and its clients.
+pub struct Pki {
+    pub ca: DevPki,
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let ca = DevPki::new("credbroker test CA").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let server = ca.server(&[]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert).unwrap();
+        std::fs::write(dir.path().join("server.key"), &server.key).unwrap();
+        Pki { ca, dir }
+    }
+
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+}
 
 /// A broker configuration on `bao` and `db`, with `server.pem`,
 /// `server.key` and `ca.pem` in `tls_dir`: format-only validation (tests

@@ -4,60 +4,25 @@
 
 #![allow(dead_code)]
 
+#[path = "../../common/memory.rs"]
 pub mod memory;
 pub mod probe;
 
-use std::{path::PathBuf, process::Stdio, sync::Arc, time::Duration};
+use std::{process::Stdio, sync::Arc, time::Duration};
 
 use credbroker::{
     api::pb::credential_broker_client::CredentialBrokerClient,
     app::{self, Running},
     clock::Clock,
     config::{CacheConfig, Config, RotationConfig, ValidationConfig},
-    tls::pki::DevPki,
 };
 use tokio::net::TcpListener;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use uuid::Uuid;
 
-pub const TD: &str = "credbroker.local";
-
-pub fn init() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
-                .unwrap_or_else(|_| "warn,rustify=off,vaultrs=off".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 #[path = "../../common/backends.rs"]
 mod backends;
-pub use backends::{Bao, TestDb};
-
-/// Certificates for the broker and its clients.
-pub struct Pki {
-    pub ca: DevPki,
-    pub dir: tempfile::TempDir,
-}
-
-impl Pki {
-    pub fn new() -> Pki {
-        let ca = DevPki::new("credbroker test CA").unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let server = ca.server(&[]).unwrap();
-        std::fs::write(dir.path().join("ca.pem"), ca.ca_pem()).unwrap();
-        std::fs::write(dir.path().join("server.pem"), &server.cert).unwrap();
-        std::fs::write(dir.path().join("server.key"), &server.key).unwrap();
-        Pki { ca, dir }
-    }
-
-    pub fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-}
+pub use backends::{Bao, Pki, TD, TestDb, init};
 
 /// One broker process-equivalent on real OpenBao and PostgreSQL.
 pub struct Env {

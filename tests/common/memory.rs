@@ -1,6 +1,9 @@
 //! A broker on the memory stores over real mTLS, in-process: for tests of
 //! the layers (identity, roles, limits, the front door), which need neither
-//! OpenBao nor PostgreSQL.
+//! OpenBao nor PostgreSQL. Shared by the integration tests and the
+//! benchmarks.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::{sync::Arc, time::Duration};
 
@@ -16,7 +19,7 @@ use credbroker::{
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use super::{Pki, TD, init};
+use super::backends::{Pki, TD, init};
 
 /// What a [`Memory`] broker runs with.
 pub struct MemoryOptions {
