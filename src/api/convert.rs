@@ -189,3 +189,40 @@ pub fn event(e: &CredentialEvent) -> pb::RotationEvent {
         occurred_at: Some(ts(e.occurred_at)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use secrecy::ExposeSecret as _;
+
+    use super::*;
+
+    proptest! {
+        /// Arbitrary request fields never panic a converter; whatever is
+        /// accepted prints in canonical form and parses back to itself.
+        #[test]
+        fn converters_never_panic_and_round_trip(
+            tenant_id in "\\PC{0,60}",
+            exchange in "\\PC{0,20}",
+            key in "\\PC{0,40}",
+            secret in ".{0,40}",
+            pass in proptest::option::of(".{0,20}"),
+        ) {
+            if let Ok((t, e)) = target(&tenant_id, &exchange) {
+                let canonical = t.to_string();
+                prop_assert_eq!(canonical.len(), 36);
+                prop_assert_eq!(canonical.to_lowercase(), canonical.clone());
+                prop_assert_eq!(target(&canonical, e.as_str()).unwrap(), (t, e));
+            }
+            let set = credential_set(Some(pb::CredentialSet {
+                api_key: key.clone(),
+                api_secret: secret.clone(),
+                passphrase: pass.clone(),
+            }))
+            .unwrap();
+            prop_assert_eq!(&set.api_key, &key);
+            prop_assert_eq!(set.api_secret.expose_secret(), secret.as_str());
+            prop_assert_eq!(set.passphrase.as_ref().map(|p| p.expose_secret().to_owned()), pass);
+        }
+    }
+}

@@ -1,8 +1,9 @@
 //! Bearer tokens: JWTs verified with jsonwebtoken, HS256 against a
 //! configured secret (the seed's choice) or RS256/ES256/EdDSA against a JWKS
-//! file that is re-read when it changes. A verified token is cached by its
-//! SHA-256 until it expires, so a pod that sends the same token on every
-//! call pays for one verification.
+//! file that is re-read when it changes. A verified token is cached (keyed
+//! by a seeded hash, confirmed by a constant-time comparison of the whole
+//! token) until it expires, so a pod that sends the same token on every call
+//! pays for one verification.
 
 use std::{
     path::PathBuf,
@@ -17,7 +18,7 @@ use jsonwebtoken::{
 use quick_cache::sync::Cache;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 
 use super::{AuthError, Role};
 use crate::broker::types::TenantId;
@@ -113,14 +114,25 @@ impl JwksFile {
     }
 }
 
+/// A verified token: the token itself (compared in constant time on every
+/// hit, so a hash collision can never lend one token another's claims) and
+/// what it says.
+struct Verified {
+    token: Box<[u8]>,
+    claims: Arc<TokenClaims>,
+}
+
 /// Verifies bearer tokens and remembers the good ones until they expire.
+/// The cache is keyed by a randomly seeded SipHash of the token (cheap on
+/// the hot path; an attacker cannot aim at another token's slot).
 pub struct TokenVerifier {
     hs256: Option<DecodingKey>,
     jwks: Option<JwksFile>,
     audience: Option<String>,
     issuer: Option<String>,
     leeway: Duration,
-    verified: Cache<[u8; 32], Arc<TokenClaims>>,
+    hasher: std::hash::RandomState,
+    verified: Cache<u64, Arc<Verified>>,
 }
 
 impl TokenVerifier {
@@ -138,6 +150,7 @@ impl TokenVerifier {
             audience: s.audience.clone(),
             issuer: s.issuer.clone(),
             leeway: s.leeway,
+            hasher: std::hash::RandomState::new(),
             verified: Cache::new(16_384),
         })
     }
@@ -154,20 +167,29 @@ impl TokenVerifier {
     /// valid, bad signature, wrong audience or issuer, unknown key, bad
     /// claims.
     pub fn verify(&self, token: &str, now: i64) -> Result<Arc<TokenClaims>, AuthError> {
-        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        use std::hash::BuildHasher as _;
+        let key = self.hasher.hash_one(token.as_bytes());
         let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
-        if let Some(hit) = self.verified.get(&digest) {
-            if now <= hit.expires_at + leeway {
-                return Ok(hit);
+        if let Some(hit) = self.verified.get(&key)
+            && bool::from(hit.token.as_ref().ct_eq(token.as_bytes()))
+        {
+            if now <= hit.claims.expires_at + leeway {
+                return Ok(hit.claims.clone());
             }
-            self.verified.remove(&digest);
+            self.verified.remove(&key);
         }
         let claims = Arc::new(self.verify_uncached(token)?);
         // `now` is authoritative (jsonwebtoken checked against the wall clock).
         if now > claims.expires_at + leeway {
             return Err(AuthError::BadToken("expired".into()));
         }
-        self.verified.insert(digest, claims.clone());
+        self.verified.insert(
+            key,
+            Arc::new(Verified {
+                token: token.as_bytes().into(),
+                claims: claims.clone(),
+            }),
+        );
         Ok(claims)
     }
 

@@ -559,3 +559,123 @@ async fn clients_send_a_token_from_a_file() {
     );
     m.running.stop().await.unwrap();
 }
+
+/// Operators' streams do not take the tenant's stream slots.
+#[tokio::test]
+async fn operator_streams_leave_the_tenants_slots_alone() {
+    let m = Memory::start(AuthConfig::default(), unlimited()).await;
+    let a = uuid::Uuid::new_v4().to_string();
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    let mut pod = m
+        .client(&[&format!("spiffe://{TD}/tenant/{a}/pod/p")])
+        .await;
+    let watch = || pb::WatchRotationsRequest {
+        tenant_id: a.clone(),
+        exchanges: vec![],
+        after_seq: 0,
+    };
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(op.watch_rotations(watch()).await.unwrap().into_inner());
+    }
+    // The memory broker allows 8 streams per tenant: all 8 are the pods'.
+    for _ in 0..8 {
+        held.push(pod.watch_rotations(watch()).await.unwrap().into_inner());
+    }
+    let e = pod.watch_rotations(watch()).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    held.push(op.watch_rotations(watch()).await.unwrap().into_inner());
+    m.running.stop().await.unwrap();
+}
+
+/// A tenant that floods past its limit is refused cheaply, and another
+/// tenant's calls keep their latency (compared as a ratio, so the machine's
+/// speed does not matter).
+#[tokio::test]
+async fn one_tenants_flood_does_not_slow_another() {
+    let limits = LimitsConfig {
+        reads_per_minute: 60,
+        ..unlimited()
+    };
+    let m = Memory::start(AuthConfig::default(), limits).await;
+    let (a, b) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    op.validate_and_store(store_req(
+        &b,
+        "binance",
+        "binanceKey000000",
+        "binanceSecret000000",
+    ))
+    .await
+    .unwrap();
+    let mut pod_b = m
+        .client(&[&format!("spiffe://{TD}/tenant/{b}/pod/p")])
+        .await;
+    let get_b = || pb::GetCredentialsRequest {
+        tenant_id: b.clone(),
+        exchange: "binance".into(),
+        min_version: 0,
+    };
+    // B's calls spend B's budget (60 a minute): measure 20 alone, 20 under
+    // the flood.
+    let median = |lat: &mut Vec<Duration>| {
+        lat.sort();
+        lat[lat.len() / 2]
+    };
+    let mut alone = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        pod_b.get_credentials(get_b()).await.unwrap();
+        alone.push(t.elapsed());
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..2 {
+        let mut c = m
+            .client(&[&format!("spiffe://{TD}/tenant/{a}/pod/p")])
+            .await;
+        let (stop, a) = (stop.clone(), a.clone());
+        flood.push(tokio::spawn(async move {
+            let (mut refused, mut sent) = (0u32, 0u32);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                let r = c
+                    .list_credentials(pb::ListCredentialsRequest {
+                        tenant_id: a.clone(),
+                    })
+                    .await;
+                if matches!(r, Err(ref e) if e.code() == Code::ResourceExhausted) {
+                    refused += 1;
+                }
+            }
+            (sent, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut during = Vec::new();
+    for _ in 0..20 {
+        let t = std::time::Instant::now();
+        pod_b.get_credentials(get_b()).await.unwrap();
+        during.push(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut sent, mut refused) = (0, 0);
+    for f in flood {
+        let (s, r) = f.await.unwrap();
+        sent += s;
+        refused += r;
+    }
+    let (alone, during) = (median(&mut alone), median(&mut during));
+    eprintln!(
+        "flood: A sent {sent}, {refused} refused; B median alone {alone:?}, during {during:?}"
+    );
+    assert!(refused > sent / 2, "A's flood was refused");
+    assert!(
+        during.as_secs_f64() < alone.as_secs_f64() * 4.0,
+        "B's median went from {alone:?} to {during:?}"
+    );
+    m.running.stop().await.unwrap();
+}
