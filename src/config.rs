@@ -126,6 +126,19 @@ impl Default for LimitsConfig {
     }
 }
 
+impl LimitsConfig {
+    /// No limit at all (tests, benchmarks).
+    pub fn unlimited() -> Self {
+        Self {
+            writes_per_minute: 0,
+            reads_per_minute: 0,
+            watches_per_minute: 0,
+            operator_per_minute: 0,
+            tenants: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
 /// One tenant's overrides (unset: the default; 0: unlimited).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -159,3 +159,11 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
     reporter.set_service_status(SERVICE_NAME, status).await;
     reporter.set_service_status("", status).await;
 }
+
+/// The service that `poll_ready` readied, leaving a clone in its place: a
+/// tower layer calls the readied one (tower's usual pattern for services
+/// whose future must be `'static`).
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}

@@ -463,8 +463,7 @@ where
                 }
             }
         }
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::server::take_ready(&mut self.inner);
         Box::pin(inner.call(req))
     }
 }

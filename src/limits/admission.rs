@@ -83,8 +83,7 @@ where
         } else {
             None
         };
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = crate::server::take_ready(&mut self.inner);
         Box::pin(async move {
             let out = inner.call(req).await;
             drop(permit);

@@ -51,6 +51,28 @@ impl Pki {
     pub fn path(&self, f: &str) -> PathBuf {
         self.dir.path().join(f)
     }
+
+    /// An mTLS channel to the broker at `addr`, presenting a certificate
+    /// from this CA that carries `uris` as its URI SANs.
+    pub async fn channel(
+        &self,
+        addr: std::net::SocketAddr,
+        uris: &[&str],
+    ) -> tonic::transport::Channel {
+        use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+        let pair = self.ca.client_with_uris(uris).unwrap();
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.ca.ca_pem()))
+            .identity(Identity::from_pem(pair.cert, pair.key))
+            .domain_name("localhost");
+        Channel::from_shared(format!("https://localhost:{}", addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
 }
 
 /// A broker configuration on `bao` and `db`, with `server.pem`,
@@ -100,13 +122,7 @@ pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domai
         auth: AuthConfig::default(),
         // Tests call far faster than any tenant should; the limits' own
         // tests set them.
-        limits: LimitsConfig {
-            writes_per_minute: 0,
-            reads_per_minute: 0,
-            watches_per_minute: 0,
-            operator_per_minute: 0,
-            tenants: Default::default(),
-        },
+        limits: LimitsConfig::unlimited(),
     }
 }
 

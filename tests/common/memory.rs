@@ -17,7 +17,7 @@ use credbroker::{
     rotation::{retire::Schedule, watch::StreamTiming},
     server::FrontDoor,
 };
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 use super::backends::{Pki, TD, init};
 
@@ -35,13 +35,7 @@ impl Default for MemoryOptions {
     fn default() -> Self {
         Self {
             auth: AuthConfig::default(),
-            limits: LimitsConfig {
-                writes_per_minute: 0,
-                reads_per_minute: 0,
-                watches_per_minute: 0,
-                operator_per_minute: 0,
-                tenants: Default::default(),
-            },
+            limits: LimitsConfig::unlimited(),
             front: FrontDoor::default(),
             allow_tls12: false,
             tls_reload: None,
@@ -112,19 +106,7 @@ impl Memory {
     }
 
     pub async fn client(&self, uris: &[&str]) -> CredentialBrokerClient<Channel> {
-        let pair = self.pki.ca.client_with_uris(uris).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
-            .identity(Identity::from_pem(pair.cert, pair.key))
-            .domain_name("localhost");
-        let ch = Channel::from_shared(format!("https://localhost:{}", self.running.addr.port()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        CredentialBrokerClient::new(ch)
+        CredentialBrokerClient::new(self.pki.channel(self.running.addr, uris).await)
     }
 
     /// Everything stored for `tenant`: records and event seqs.

@@ -180,13 +180,7 @@ fn matrix_auth() -> AuthConfig {
 }
 
 fn unlimited() -> LimitsConfig {
-    LimitsConfig {
-        writes_per_minute: 0,
-        reads_per_minute: 0,
-        watches_per_minute: 0,
-        operator_per_minute: 0,
-        tenants: Default::default(),
-    }
+    LimitsConfig::unlimited()
 }
 
 /// Every RPC × {no token, expired, bad signature, foreign tenant,

@@ -63,50 +63,97 @@ fn mem_broker(
     )
 }
 
+/// Two brokers on the same memory stores, version 1 stored through `a`;
+/// `b` reads Vault through a probe that can hold a read.
+struct Pair {
+    meta: Arc<dyn MetadataStore>,
+    a: Broker,
+    b: Arc<Broker>,
+    probe: Arc<ProbeSecrets>,
+    tenant: TenantId,
+}
+
+impl Pair {
+    async fn new(publish_on_commit: bool) -> Pair {
+        let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
+        let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
+        let probe = ProbeSecrets::new(inner.clone());
+        let a = mem_broker(inner, meta.clone(), publish_on_commit);
+        let b = Arc::new(mem_broker(probe.clone(), meta.clone(), publish_on_commit));
+        let tenant = TenantId::new(uuid::Uuid::new_v4());
+        a.validate_and_store(tenant, ExchangeId::Binance, set(1))
+            .await
+            .unwrap();
+        Pair {
+            meta,
+            a,
+            b,
+            probe,
+            tenant,
+        }
+    }
+
+    /// A GetCredentials on `b`, held between its row read and its Vault
+    /// read until the returned sender fires.
+    async fn held_get(
+        &self,
+    ) -> (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<credbroker::broker::CredentialView, BrokerError>>,
+    ) {
+        let paused = self.probe.pause_next_read();
+        let (b, tenant) = (self.b.clone(), self.tenant);
+        let early =
+            tokio::spawn(async move { b.get_credentials(tenant, ExchangeId::Binance, 0).await });
+        paused.reached.await.unwrap();
+        (paused.release, early)
+    }
+
+    async fn get_on_b(&self) -> credbroker::broker::CredentialView {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            self.b.get_credentials(self.tenant, ExchangeId::Binance, 0),
+        )
+        .await
+        .expect("not joined to a held load")
+        .unwrap()
+    }
+
+    async fn last_event(&self) -> credbroker::broker::types::CredentialEvent {
+        self.meta
+            .events_after(self.tenant, 0, 100)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+}
+
 /// The committing replica: a load holds v1 between its row read and its
 /// Vault read while the same broker rotates to v2; the load ends after the
 /// rotation and must not be cached.
 #[tokio::test]
 async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
-    let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
-    let probe = ProbeSecrets::new(inner.clone());
-    let seeder = mem_broker(inner, meta.clone(), true);
-    let tenant = TenantId::new(uuid::Uuid::new_v4());
-    seeder
-        .validate_and_store(tenant, ExchangeId::Binance, set(1))
+    let p = Pair::new(true).await;
+    let (release, early) = p.held_get().await;
+    p.b.rotate(p.tenant, ExchangeId::Binance, set(2), None)
         .await
         .unwrap();
-    let b = Arc::new(mem_broker(probe.clone(), meta.clone(), true));
-
-    let paused = probe.pause_next_read();
-    let early = {
-        let b = b.clone();
-        tokio::spawn(async move { b.get_credentials(tenant, ExchangeId::Binance, 0).await })
-    };
-    paused.reached.await.unwrap();
-    b.rotate(tenant, ExchangeId::Binance, set(2), None)
-        .await
-        .unwrap();
-    paused.release.send(()).unwrap();
+    release.send(()).unwrap();
     let early = early.await.unwrap().unwrap();
     assert_eq!(
         early.record().current_version,
         1,
         "issued before the rotation"
     );
-
-    let next = b
-        .get_credentials(tenant, ExchangeId::Binance, 0)
-        .await
-        .unwrap();
+    let next = p.get_on_b().await;
     assert_eq!(next.record().current_version, 2);
     assert_eq!(
         next.current().api_secret.expose_secret(),
         "binanceSecret000002"
     );
     assert!(!next.stale);
-    assert_eq!(b.cache_stats().discarded, 1);
+    assert_eq!(p.b.cache_stats().discarded, 1);
 }
 
 /// Another replica: the event reaches it (as the listener delivers it)
@@ -114,39 +161,16 @@ async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
 /// floor keeps the held load out of the cache.
 #[tokio::test]
 async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
-    let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
-    let probe = ProbeSecrets::new(inner.clone());
-    let a = mem_broker(inner, meta.clone(), false);
-    let b = Arc::new(mem_broker(probe.clone(), meta.clone(), false));
-    let tenant = TenantId::new(uuid::Uuid::new_v4());
-    a.validate_and_store(tenant, ExchangeId::Binance, set(1))
+    let p = Pair::new(false).await;
+    let (release, early) = p.held_get().await;
+    p.a.rotate(p.tenant, ExchangeId::Binance, set(2), None)
         .await
         .unwrap();
-    let paused = probe.pause_next_read();
-    let early = {
-        let b = b.clone();
-        tokio::spawn(async move { b.get_credentials(tenant, ExchangeId::Binance, 0).await })
-    };
-    paused.reached.await.unwrap();
-    a.rotate(tenant, ExchangeId::Binance, set(2), None)
-        .await
-        .unwrap();
-    b.deliver(
-        meta.events_after(tenant, 0, 10)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap(),
-    );
-    paused.release.send(()).unwrap();
+    p.b.deliver(p.last_event().await);
+    release.send(()).unwrap();
     assert_eq!(early.await.unwrap().unwrap().record().current_version, 1);
-    let next = b
-        .get_credentials(tenant, ExchangeId::Binance, 0)
-        .await
-        .unwrap();
-    assert_eq!(next.record().current_version, 2);
-    assert_eq!(b.cache_stats().discarded, 1);
+    assert_eq!(p.get_on_b().await.record().current_version, 2);
+    assert_eq!(p.b.cache_stats().discarded, 1);
 }
 
 /// Another replica, overlap 0: a caller after the event does not join the
@@ -154,54 +178,27 @@ async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
 /// reads the row again rather than fail.
 #[tokio::test]
 async fn a_caller_after_an_event_starts_its_own_load_in_memory() {
-    let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
-    let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
-    let probe = ProbeSecrets::new(inner.clone());
-    let a = mem_broker(inner, meta.clone(), false);
-    let b = Arc::new(mem_broker(probe.clone(), meta.clone(), false));
-    let tenant = TenantId::new(uuid::Uuid::new_v4());
-    a.validate_and_store(tenant, ExchangeId::Binance, set(1))
-        .await
-        .unwrap();
-
-    let paused = probe.pause_next_read();
-    let early = {
-        let b = b.clone();
-        tokio::spawn(async move { b.get_credentials(tenant, ExchangeId::Binance, 0).await })
-    };
-    paused.reached.await.unwrap();
-    a.rotate(
-        tenant,
+    let p = Pair::new(false).await;
+    let (release, early) = p.held_get().await;
+    p.a.rotate(
+        p.tenant,
         ExchangeId::Binance,
         set(2),
         Some(time::Duration::ZERO),
     )
     .await
     .unwrap();
-    let event = meta
-        .events_after(tenant, 0, 10)
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let event = p.last_event().await;
     assert_eq!(event.kind, DomainKind::Rotated);
-    b.deliver(event);
+    p.b.deliver(event);
     // A caller after the event does not join the held load.
-    let late = b
-        .get_credentials(tenant, ExchangeId::Binance, 0)
-        .await
-        .unwrap();
-    assert_eq!(late.record().current_version, 2);
-    paused.release.send(()).unwrap();
+    assert_eq!(p.get_on_b().await.record().current_version, 2);
+    release.send(()).unwrap();
     // The held load read a row whose version was destroyed meanwhile (an
     // overlap-0 revoke): it reads the row again rather than fail.
     let early = early.await.unwrap().unwrap();
     assert_eq!(early.record().current_version, 2);
-    let next = b
-        .get_credentials(tenant, ExchangeId::Binance, 0)
-        .await
-        .unwrap();
-    assert_eq!(next.record().current_version, 2);
+    assert_eq!(p.get_on_b().await.record().current_version, 2);
 }
 
 /// The same race on real OpenBao and PostgreSQL, across two replicas with

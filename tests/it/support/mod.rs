@@ -17,7 +17,7 @@ use credbroker::{
     config::{CacheConfig, Config, RotationConfig, ValidationConfig},
 };
 use tokio::net::TcpListener;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 #[path = "../../common/backends.rs"]
@@ -132,19 +132,7 @@ impl Env {
         addr: std::net::SocketAddr,
         spiffe_id: &str,
     ) -> CredentialBrokerClient<Channel> {
-        let pair = self.pki.ca.client(spiffe_id).unwrap();
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(self.pki.ca.ca_pem()))
-            .identity(Identity::from_pem(pair.cert, pair.key))
-            .domain_name("localhost");
-        let ch = Channel::from_shared(format!("https://localhost:{}", addr.port()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        CredentialBrokerClient::new(ch)
+        CredentialBrokerClient::new(self.pki.channel(addr, &[spiffe_id]).await)
     }
 
     pub async fn operator(&self) -> CredentialBrokerClient<Channel> {
