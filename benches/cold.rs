@@ -25,6 +25,7 @@ use credbroker::{
     api::pb::{self, credential_broker_client::CredentialBrokerClient},
     app,
     broker::{
+        context::RequestContext,
         ports::SecretStore as _,
         types::{CredentialSet, ExchangeId, TenantId},
     },
@@ -106,7 +107,7 @@ fn main() {
                 api_secret: SecretString::from(format!("benchSecret{i:010}")),
                 passphrase: None,
             };
-            broker.validate_and_store(*t, ExchangeId::Binance, set).await.unwrap();
+            broker.validate_and_store(&RequestContext::system("test"), *t, ExchangeId::Binance, set).await.unwrap();
         }
         // Uniformly random: concurrent callers rarely ask for the same key,
         // so single flight does not flatter the broker's figures.

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     api::{BrokerService, Gate},
+    audit::spool::Spool,
     auth::{
         AuthLayer, AuthSettings,
         token::{TokenSettings, TokenVerifier},
@@ -66,6 +67,8 @@ pub struct Settings {
     pub auth: crate::config::AuthConfig,
     /// Per-tenant rate limits.
     pub limits: crate::config::LimitsConfig,
+    /// The audit spool.
+    pub audit: crate::config::AuditConfig,
     /// Cache.
     pub cache: CacheConfig,
     /// Rotation.
@@ -224,6 +227,7 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
         trust_domain: cfg.tls.trust_domain.clone(),
         auth: cfg.auth.clone(),
         limits: cfg.limits.clone(),
+        audit: cfg.audit.clone(),
         cache: cfg.cache.clone(),
         rotation: cfg.rotation.clone(),
         path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
@@ -254,26 +258,53 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let secs = |n: u64| time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX));
-    let broker = Arc::new(Broker::new(
-        backends.secrets.clone(),
-        backends.meta.clone(),
-        backends.validator,
-        CredentialCache::new(
-            s.cache.capacity,
-            secs(s.cache.ttl_secs),
-            secs(s.cache.outage_grace_secs),
-        ),
-        Hub::new(4096),
-        s.clock,
-        BrokerSettings {
-            path_prefix: s.path_prefix,
-            default_overlap: secs(s.rotation.default_overlap_secs),
-            max_overlap: secs(s.rotation.max_overlap_secs),
-            publish_on_commit: matches!(backends.events, EventSource::Local),
-        },
-    ));
+    // The spool first: no call is answered that could not be audited.
+    let spool = Spool::open(&s.audit.spool_dir, s.audit.max_spool_bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "audit.spool_dir {}: cannot open the audit spool ({e})",
+            s.audit.spool_dir.display()
+        )
+    })?;
+    tracing::info!(dir = %s.audit.spool_dir.display(), chain = %spool.chain_id(), "audit spool open");
+    let broker = Arc::new(
+        Broker::new(
+            backends.secrets.clone(),
+            backends.meta.clone(),
+            backends.validator,
+            CredentialCache::new(
+                s.cache.capacity,
+                secs(s.cache.ttl_secs),
+                secs(s.cache.outage_grace_secs),
+            ),
+            Hub::new(4096),
+            s.clock,
+            BrokerSettings {
+                path_prefix: s.path_prefix,
+                default_overlap: secs(s.rotation.default_overlap_secs),
+                max_overlap: secs(s.rotation.max_overlap_secs),
+                publish_on_commit: matches!(backends.events, EventSource::Local),
+            },
+        )
+        .with_audit(spool.clone()),
+    );
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    {
+        let (spool, cancel) = (spool.clone(), shutdown.clone());
+        let every = Duration::from_millis(s.audit.fsync_ms);
+        spawn_task(&mut tasks, "audit fsync", &shutdown, async move {
+            spool.flusher(every, cancel).await;
+            Ok(())
+        });
+    }
+    {
+        let (spool, meta, cancel) = (spool.clone(), backends.meta.clone(), shutdown.clone());
+        let every = Duration::from_millis(s.audit.ship_ms);
+        spawn_task(&mut tasks, "audit shipper", &shutdown, async move {
+            crate::audit::ship::task_main(spool, meta, every, cancel).await;
+            Ok(())
+        });
+    }
 
     let (reporter, health) = tonic_health::server::health_reporter();
     server::set_serving(&reporter, false).await;
@@ -381,6 +412,7 @@ pub async fn start(
             tls: s.tls.clone(),
             front: s.front,
             auth,
+            audit: spool.clone(),
             service,
             health,
             shutdown: shutdown.clone(),

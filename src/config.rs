@@ -45,6 +45,35 @@ pub struct Config {
     /// Per-tenant rate limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The audit trail.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The audit spool and its shipping to PostgreSQL.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// This replica's own directory (one chain per directory: never share
+    /// it between replicas; keep it on a persistent volume).
+    pub spool_dir: PathBuf,
+    /// Bytes not yet shipped at most; beyond, calls are refused.
+    pub max_spool_bytes: u64,
+    /// Group fsync period: what a power cut can lose at most.
+    pub fsync_ms: u64,
+    /// Shipping period.
+    pub ship_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            spool_dir: PathBuf::from("/var/lib/credbroker/audit"),
+            max_spool_bytes: 1024 * 1024 * 1024,
+            fsync_ms: 50,
+            ship_ms: 200,
+        }
+    }
 }
 
 /// Bearer tokens and the role of a certificate without one.
@@ -512,6 +541,15 @@ impl Config {
                 "auth.workload_role",
                 "a workload certificate cannot be an operator".into(),
             );
+        }
+        if self.audit.fsync_ms == 0 || self.audit.ship_ms == 0 {
+            return bad(
+                "audit.fsync_ms",
+                "fsync and ship periods must be at least 1 ms".into(),
+            );
+        }
+        if self.audit.max_spool_bytes < 1024 * 1024 {
+            return bad("audit.max_spool_bytes", "must be at least 1 MiB".into());
         }
         if self.rotation.orphan_grace_secs < 300 {
             return bad(

@@ -193,6 +193,10 @@ pub async fn run(
         trust_domain: DEV_TRUST_DOMAIN.into(),
         auth: crate::config::AuthConfig::default(),
         limits: crate::config::LimitsConfig::default(),
+        audit: crate::config::AuditConfig {
+            spool_dir: dir.join("audit"),
+            ..crate::config::AuditConfig::default()
+        },
         cache: CacheConfig::default(),
         rotation: RotationConfig::default(),
         path_prefix: "tenants".into(),

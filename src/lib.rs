@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod api;
 pub mod app;
+pub mod audit;
 pub mod auth;
 pub mod broker;
 pub mod cache;

@@ -10,7 +10,10 @@ use time::OffsetDateTime;
 
 use crate::broker::{
     error::{MetadataStoreError, SecretStoreError},
-    ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore, VersionInfo},
+    ports::{
+        AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
+        VersionInfo,
+    },
     types::{
         Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
         ExchangeId, HealthStatus, TenantId,
@@ -130,6 +133,8 @@ struct MetaState {
     pruned_through: u64,
     acks: BTreeMap<(TenantId, ExchangeId, String), Adoption>,
     replicas: BTreeMap<uuid::Uuid, OffsetDateTime>,
+    audit: BTreeMap<uuid::Uuid, AuditRow>,
+    anchors: BTreeMap<(uuid::Uuid, u64), String>,
 }
 
 impl MetaState {
@@ -268,6 +273,7 @@ impl MetadataStore for MemoryMetadataStore {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
+        _actor: &str,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
         let mut st = lock(&self.state);
         let Some(mut record) = st.records.remove(&(tenant, exchange)) else {
@@ -409,6 +415,47 @@ impl MetadataStore for MemoryMetadataStore {
 
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         Ok(lock(&self.state).pruned_through)
+    }
+
+    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        for r in rows {
+            st.audit.entry(r.id).or_insert_with(|| r.clone());
+        }
+        Ok(())
+    }
+
+    async fn anchor_audit(
+        &self,
+        chain_id: uuid::Uuid,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), MetadataStoreError> {
+        lock(&self.state)
+            .anchors
+            .insert((chain_id, seq), hash.to_owned());
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        let st = lock(&self.state);
+        let mut rows: Vec<AuditRow> = st
+            .audit
+            .values()
+            .filter(|r| r.tenant == Some(tenant))
+            .filter(|r| since.is_none_or(|s| r.at >= s))
+            .filter(|r| before.is_none_or(|b| (r.at, r.id) < b))
+            .cloned()
+            .collect();
+        rows.sort_by(|a, b| (b.at, b.id).cmp(&(a.at, a.id)));
+        rows.truncate(limit as usize);
+        Ok(rows)
     }
 
     async fn replica_heartbeat(

@@ -12,6 +12,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::{
     api::{BrokerService, pb, pb::credential_broker_server::CredentialBrokerServer},
+    audit::layer::AuditLayer,
     auth::AuthLayer,
     config::ServerConfig,
     limits::admission::AdmissionLayer,
@@ -65,6 +66,8 @@ pub struct ServeParams<H> {
     pub front: FrontDoor,
     /// Caller identity (certificate, token).
     pub auth: AuthLayer,
+    /// Where every call's audit record goes.
+    pub audit: Arc<crate::audit::spool::Spool>,
     /// The broker service.
     pub service: BrokerService,
     /// grpc.health.v1 service.
@@ -121,6 +124,10 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         // Shed first: when the replica is saturated, refusing a call must
         // cost nothing (no certificate or token work).
         .layer(AdmissionLayer::new(p.front.max_concurrent_calls))
+        // Audit next: every call that is not shed is recorded, including
+        // the ones the auth layer refuses, with its outcome and duration;
+        // no answer leaves without its record in the spool.
+        .layer(AuditLayer::new(p.audit))
         // Identity next: every later layer and handler knows the caller.
         // (Authorization and rate limits need the tenant named in the
         // request body, so they run in one place at the top of each

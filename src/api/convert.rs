@@ -102,6 +102,69 @@ pub fn ts(t: OffsetDateTime) -> Timestamp {
     }
 }
 
+/// A timestamp from the wire.
+///
+/// # Errors
+/// INVALID_ARGUMENT for a time out of range.
+pub fn from_ts(t: &Timestamp) -> Result<OffsetDateTime, Status> {
+    OffsetDateTime::from_unix_timestamp(t.seconds)
+        .ok()
+        .and_then(|d| d.replace_nanosecond(u32::try_from(t.nanos).ok()?).ok())
+        .ok_or_else(|| bad_field("since", "is not a valid time"))
+}
+
+/// Decodes a ListAuditEvents page token: `<unix nanos>.<record id>`.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming `page_token`.
+pub fn audit_page_token(token: &str) -> Result<Option<(OffsetDateTime, uuid::Uuid)>, Status> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    let bad = || bad_field("page_token", "is not a token this broker gave out");
+    let (nanos, id) = token.split_once('.').ok_or_else(bad)?;
+    let at = nanos
+        .parse::<i128>()
+        .ok()
+        .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+        .ok_or_else(bad)?;
+    Ok(Some((at, uuid::Uuid::try_parse(id).map_err(|_| bad())?)))
+}
+
+/// The page token that continues after `row`.
+pub fn audit_page_token_of(row: &crate::broker::ports::AuditRow) -> String {
+    format!("{}.{}", row.at.unix_timestamp_nanos(), row.id)
+}
+
+/// An audit row on the wire (`None` for a body this broker cannot read).
+pub fn audit_event(row: &crate::broker::ports::AuditRow) -> Option<pb::AuditEvent> {
+    let r: crate::audit::AuditRecord = serde_json::from_str(&row.body).ok()?;
+    Some(pb::AuditEvent {
+        id: r.id.to_string(),
+        timestamp: Some(ts(r.timestamp)),
+        event_type: r.event_type,
+        user: r.user,
+        resource: r.resource,
+        action: r.action,
+        result: r.result,
+        ip_address: r.ip_address.unwrap_or_default(),
+        user_agent: r.user_agent.unwrap_or_default(),
+        tenant_id: r.tenant_id.map(|t| t.to_string()).unwrap_or_default(),
+        exchange: r
+            .exchange
+            .map(|e| e.as_str().to_owned())
+            .unwrap_or_default(),
+        versions: r.versions,
+        request_id: r.request_id.to_string(),
+        trace_id: r.trace_id.unwrap_or_default(),
+        grpc_code: r.grpc_code,
+        duration_ms: r.duration_ms,
+        role: r.role,
+        chain_id: row.chain_id.to_string(),
+        seq: row.seq,
+    })
+}
+
 /// A status on the wire.
 pub fn status(s: CredentialStatus) -> i32 {
     (match s {

@@ -17,8 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::layer::CallAudit,
     auth::{self, Action, Caller, Role},
-    broker::{Broker, types::TenantId},
+    broker::{
+        Broker,
+        context::{Actor, RequestContext},
+        types::{ExchangeId, TenantId},
+    },
     limits::Limits,
     rotation::watch::{StreamSlots, StreamTiming, Subscription, Watch, WatchItem},
 };
@@ -62,41 +67,87 @@ impl BrokerService {
         }
     }
 
-    /// Admission of one call, in one place and one order: the caller the
-    /// auth layer attached, then [`auth::authorize`] (a denied caller reads
-    /// and spends nothing), then the tenant's networks, then the tenant's
-    /// rate limit.
+    /// Admission of one call, in one place and one order: the audit note
+    /// learns what is asked, then the caller the auth layer attached passes
+    /// [`auth::authorize`] (a denied caller reads and spends nothing), the
+    /// tenant's networks, the tenant's rate limit. Returns the caller and
+    /// the request context the broker carries into its commits.
     fn admit<T>(
         &self,
         req: &Request<T>,
         tenant: TenantId,
+        exchange: Option<ExchangeId>,
         action: Action,
-    ) -> Result<Caller, Status> {
+    ) -> Result<Admitted, Status> {
+        let audit = req.extensions().get::<CallAudit>().cloned();
+        if let Some(a) = &audit {
+            a.note(|n| {
+                n.tenant = Some(tenant);
+                n.exchange = exchange;
+            });
+        }
         let caller = req
             .extensions()
             .get::<Caller>()
             .ok_or_else(|| status::auth(auth::AuthError::NoCertificate))?;
         auth::authorize(caller, tenant, action).map_err(status::auth)?;
+        let peer = req
+            .extensions()
+            .get::<crate::tls::acceptor::PeerInfo>()
+            .and_then(|p| p.remote)
+            .map(|a| a.ip());
         if caller.role != Role::Operator
             && let Some(nets) = self.gate.networks.get(&tenant)
+            && !peer.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip)))
         {
-            let peer = req
-                .extensions()
-                .get::<crate::tls::acceptor::PeerInfo>()
-                .and_then(|p| p.remote)
-                .map(|a| a.ip());
-            if !peer.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip))) {
-                return Err(status::auth(auth::AuthError::PermissionDenied(format!(
-                    "tenant {tenant} accepts calls only from its configured networks; this call came from {}",
-                    peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string())
-                ))));
-            }
+            return Err(status::auth(auth::AuthError::PermissionDenied(format!(
+                "tenant {tenant} accepts calls only from its configured networks; this call came from {}",
+                peer.map_or_else(|| "an unknown address".to_owned(), |ip| ip.to_string())
+            ))));
         }
         self.gate
             .limits
             .check(caller, tenant, action)
             .map_err(status::limited)?;
-        Ok(caller.clone())
+        let ctx = RequestContext {
+            actor: Actor {
+                subject: caller.subject.clone(),
+                role: caller.role.as_str().into(),
+                tenant: caller.tenant,
+                spiffe_id: Some(caller.spiffe_id.clone()),
+            },
+            request_id: audit
+                .as_ref()
+                .map_or_else(uuid::Uuid::now_v7, |a| a.request_id),
+            peer,
+            user_agent: audit.as_ref().and_then(|a| a.user_agent.clone()),
+            trace_id: audit.as_ref().and_then(|a| a.trace_id.clone()),
+        };
+        Ok(Admitted {
+            caller: caller.clone(),
+            ctx,
+            audit,
+        })
+    }
+}
+
+/// An admitted call.
+struct Admitted {
+    caller: Caller,
+    ctx: RequestContext,
+    audit: Option<CallAudit>,
+}
+
+impl Admitted {
+    /// Tells the audit record which versions (and which masked key) the
+    /// call touched.
+    fn touched(&self, versions: Vec<u64>, key_hint: Option<String>) {
+        if let Some(a) = &self.audit {
+            a.note(|n| {
+                n.versions = versions;
+                n.key_hint = key_hint;
+            });
+        }
     }
 }
 
@@ -116,11 +167,17 @@ impl CredentialBroker for BrokerService {
             min_version,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        let _caller = self.admit(&req, tenant, Action::GetCredentials)?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::GetCredentials)?;
         let view = self
             .broker
             .get_credentials(tenant, exchange, *min_version)
             .await?;
+        adm.touched(
+            std::iter::once(view.record().current_version)
+                .chain(view.previous().map(|(_, v, _)| v))
+                .collect(),
+            None,
+        );
         let (previous, previous_version, previous_valid_until) = match view.previous() {
             Some((set, v, until)) => (
                 Some(convert::set_to_pb(set)),
@@ -146,7 +203,7 @@ impl CredentialBroker for BrokerService {
     ) -> Result<Response<pb::ValidateAndStoreResponse>, Status> {
         let (tenant, exchange) =
             convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
-        let _caller = self.admit(&req, tenant, Action::ValidateAndStore)?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::ValidateAndStore)?;
         let pb::ValidateAndStoreRequest {
             tenant_id: _,
             exchange: _,
@@ -155,8 +212,12 @@ impl CredentialBroker for BrokerService {
         let set = convert::credential_set(credentials)?;
         let record = self
             .broker
-            .validate_and_store(tenant, exchange, set)
+            .validate_and_store(&adm.ctx, tenant, exchange, set)
             .await?;
+        adm.touched(
+            vec![record.current_version],
+            Some(record.api_key_hint.clone()),
+        );
         Ok(Response::new(pb::ValidateAndStoreResponse {
             credential: Some(convert::metadata(&record)),
         }))
@@ -168,7 +229,7 @@ impl CredentialBroker for BrokerService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         let (tenant, exchange) =
             convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
-        let _caller = self.admit(&req, tenant, Action::Rotate)?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::Rotate)?;
         let pb::RotateRequest {
             tenant_id: _,
             exchange: _,
@@ -177,7 +238,16 @@ impl CredentialBroker for BrokerService {
         } = req.into_inner();
         let set = convert::credential_set(credentials)?;
         let overlap = overlap_seconds.map(|s| time::Duration::seconds(i64::from(s)));
-        let out = self.broker.rotate(tenant, exchange, set, overlap).await?;
+        let out = self
+            .broker
+            .rotate(&adm.ctx, tenant, exchange, set, overlap)
+            .await?;
+        adm.touched(
+            std::iter::once(out.record.current_version)
+                .chain(out.record.previous_version)
+                .collect(),
+            Some(out.record.api_key_hint.clone()),
+        );
         Ok(Response::new(pb::RotateResponse {
             credential: Some(convert::metadata(&out.record)),
             rotated: out.rotated,
@@ -194,7 +264,9 @@ impl CredentialBroker for BrokerService {
             after_seq,
         } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
-        let caller = self.admit(&req, tenant, Action::WatchRotations)?;
+        let caller = self
+            .admit(&req, tenant, None, Action::WatchRotations)?
+            .caller;
         let exchanges = exchanges
             .iter()
             .map(|e| convert::exchange_id("exchanges", e))
@@ -247,7 +319,7 @@ impl CredentialBroker for BrokerService {
     ) -> Result<Response<pb::ListCredentialsResponse>, Status> {
         let pb::ListCredentialsRequest { tenant_id } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
-        let _caller = self.admit(&req, tenant, Action::ListCredentials)?;
+        self.admit(&req, tenant, None, Action::ListCredentials)?;
         let records = self.broker.list(tenant).await?;
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: records.iter().map(convert::metadata).collect(),
@@ -263,7 +335,7 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        let _caller = self.admit(&req, tenant, Action::DescribeCredential)?;
+        self.admit(&req, tenant, Some(exchange), Action::DescribeCredential)?;
         let (record, adoption) = self.broker.describe_with_adoption(tenant, exchange).await?;
         let mut meta = convert::metadata(&record);
         meta.adoption = convert::adoption(&record, &adoption);
@@ -281,7 +353,7 @@ impl CredentialBroker for BrokerService {
             instance,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        let caller = self.admit(&req, tenant, Action::AcknowledgeVersion)?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::AcknowledgeVersion)?;
         if *version == 0 {
             return Err(status::bad_field(
                 "version",
@@ -295,12 +367,13 @@ impl CredentialBroker for BrokerService {
             ));
         }
         let subscriber = if instance.is_empty() {
-            caller.spiffe_id.clone()
+            adm.caller.spiffe_id.clone()
         } else {
-            format!("{}#{instance}", caller.spiffe_id)
+            format!("{}#{instance}", adm.caller.spiffe_id)
         };
+        adm.touched(vec![*version], None);
         self.broker
-            .acknowledge(tenant, exchange, &subscriber, *version)
+            .acknowledge(&adm.ctx, tenant, exchange, &subscriber, *version)
             .await?;
         Ok(Response::new(pb::AcknowledgeVersionResponse {}))
     }
@@ -314,8 +387,8 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        let _caller = self.admit(&req, tenant, Action::DeleteCredentials)?;
-        let deleted = self.broker.delete(tenant, exchange).await?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::DeleteCredentials)?;
+        let deleted = self.broker.delete(&adm.ctx, tenant, exchange).await?;
         Ok(Response::new(pb::DeleteCredentialsResponse { deleted }))
     }
 
@@ -328,8 +401,9 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        let _caller = self.admit(&req, tenant, Action::ValidateCredentials)?;
-        let record = self.broker.revalidate(tenant, exchange).await?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::ValidateCredentials)?;
+        let record = self.broker.revalidate(&adm.ctx, tenant, exchange).await?;
+        adm.touched(vec![record.current_version], None);
         Ok(Response::new(pb::ValidateCredentialsResponse {
             health: Some(convert::health(&record)),
         }))
@@ -344,8 +418,40 @@ impl CredentialBroker for BrokerService {
             exchange,
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
-        let _caller = self.admit(&req, tenant, Action::GetCredentialHealth)?;
+        self.admit(&req, tenant, Some(exchange), Action::GetCredentialHealth)?;
         let record = self.broker.describe(tenant, exchange).await?;
         Ok(Response::new(convert::health(&record)))
+    }
+
+    async fn list_audit_events(
+        &self,
+        req: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let pb::ListAuditEventsRequest {
+            tenant_id,
+            page_size,
+            page_token,
+            since,
+        } = req.get_ref();
+        let tenant = convert::tenant(tenant_id)?;
+        self.admit(&req, tenant, None, Action::ListAuditEvents)?;
+        let limit = match *page_size {
+            0 => 100,
+            n => n.min(1000),
+        };
+        let before = convert::audit_page_token(page_token)?;
+        let since = since.as_ref().map(convert::from_ts).transpose()?;
+        let rows = self.broker.audit_page(tenant, before, since, limit).await?;
+        let next_page_token = if rows.len() == limit as usize {
+            rows.last()
+                .map(convert::audit_page_token_of)
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: rows.iter().filter_map(convert::audit_event).collect(),
+            next_page_token,
+        }))
     }
 }

@@ -20,6 +20,13 @@ pub fn auth(e: AuthError) -> Status {
     }
 }
 
+/// UNAVAILABLE for a call whose audit record cannot be written (fail closed).
+pub fn audit_unavailable(e: &crate::audit::AuditError) -> Status {
+    Status::unavailable(format!(
+        "{e}; nothing was done for this call's answer to be trusted, retry later"
+    ))
+}
+
 /// RESOURCE_EXHAUSTED for a call shed because `max` calls are in flight.
 pub fn overloaded(max: usize, retry_after: std::time::Duration) -> Status {
     Status::with_error_details(

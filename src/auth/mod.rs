@@ -103,11 +103,13 @@ pub enum Action {
     DeleteCredentials,
     /// ValidateCredentials.
     ValidateCredentials,
+    /// ListAuditEvents.
+    ListAuditEvents,
 }
 
 impl Action {
     /// Every action, for tests and docs.
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 11] = [
         Action::GetCredentials,
         Action::WatchRotations,
         Action::AcknowledgeVersion,
@@ -118,6 +120,7 @@ impl Action {
         Action::Rotate,
         Action::DeleteCredentials,
         Action::ValidateCredentials,
+        Action::ListAuditEvents,
     ];
 
     /// The least role that may do it.
@@ -132,7 +135,8 @@ impl Action {
             Action::ValidateAndStore
             | Action::Rotate
             | Action::DeleteCredentials
-            | Action::ValidateCredentials => Role::Admin,
+            | Action::ValidateCredentials
+            | Action::ListAuditEvents => Role::Admin,
         }
     }
 
@@ -149,6 +153,7 @@ impl Action {
             Action::Rotate => "Rotate",
             Action::DeleteCredentials => "DeleteCredentials",
             Action::ValidateCredentials => "ValidateCredentials",
+            Action::ListAuditEvents => "ListAuditEvents",
         }
     }
 }
@@ -454,6 +459,11 @@ where
         if req.uri().path().starts_with("/credbroker.") {
             match self.state.caller_of(&req) {
                 Ok(caller) => {
+                    if let Some(audit) = req.extensions().get::<crate::audit::layer::CallAudit>() {
+                        audit.note(|n| {
+                            n.user = Some((caller.subject.clone(), caller.role.as_str().into()))
+                        });
+                    }
                     req.extensions_mut().insert(caller);
                 }
                 Err(e) => {

@@ -7,6 +7,7 @@
 //! publication: a crash in between leaves at worst an unreferenced Vault
 //! version, never metadata that points at a missing secret.
 
+pub mod context;
 pub mod error;
 pub mod ports;
 pub mod types;
@@ -21,6 +22,7 @@ use crate::{
     clock::Clock,
     rotation::hub::Hub,
 };
+use context::RequestContext;
 use error::{BrokerError, SecretStoreError, ValidationError};
 use ports::{
     CredentialValidator, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
@@ -113,6 +115,7 @@ pub struct RotateOutcome {
 
 /// The broker core. Cheap to share behind an `Arc`.
 pub struct Broker {
+    audit: Arc<dyn crate::audit::AuditSink>,
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
     validator: Arc<dyn CredentialValidator>,
@@ -134,6 +137,7 @@ impl Broker {
         settings: BrokerSettings,
     ) -> Self {
         Self {
+            audit: Arc::new(crate::audit::Discard),
             secrets,
             meta,
             validator,
@@ -141,6 +145,21 @@ impl Broker {
             hub,
             clock,
             settings,
+        }
+    }
+
+    /// Records background actions into `sink` (default: nowhere).
+    #[must_use]
+    pub fn with_audit(mut self, sink: Arc<dyn crate::audit::AuditSink>) -> Self {
+        self.audit = sink;
+        self
+    }
+
+    /// Records a background action as the system actor; a failure is
+    /// logged loudly (the action already happened in the stores).
+    pub fn audit_system(&self, record: &crate::audit::AuditRecord) {
+        if let Err(e) = self.audit.append(record) {
+            tracing::error!(action = %record.action, "a system action could not be audited: {e}");
         }
     }
 
@@ -249,6 +268,7 @@ impl Broker {
     /// stored, `Conflict` when a concurrent store won, `Unavailable`.
     pub async fn validate_and_store(
         &self,
+        ctx: &RequestContext,
         tenant: TenantId,
         exchange: ExchangeId,
         set: CredentialSet,
@@ -273,6 +293,7 @@ impl Broker {
             permissions,
             api_key_hint: set.key_hint(),
             validated_at: self.clock.now(),
+            actor: ctx.actor_label(),
         };
         let (record, event) = self.meta.insert(new).await.map_err(|e| match e {
             error::MetadataStoreError::AlreadyExists => already_exists(tenant, exchange),
@@ -299,6 +320,7 @@ impl Broker {
     /// `NotFound`, `Conflict` when a concurrent rotation won, `Unavailable`.
     pub async fn rotate(
         &self,
+        ctx: &RequestContext,
         tenant: TenantId,
         exchange: ExchangeId,
         set: CredentialSet,
@@ -370,6 +392,7 @@ impl Broker {
             permissions,
             api_key_hint: set.key_hint(),
             validated_at: now,
+            actor: ctx.actor_label(),
         };
         let (updated, event) = self.meta.rotate(commit).await.map_err(|e| match e {
             error::MetadataStoreError::NotFound => not_found(tenant, exchange),
@@ -416,10 +439,14 @@ impl Broker {
     /// `Unavailable`.
     pub async fn delete(
         &self,
+        ctx: &RequestContext,
         tenant: TenantId,
         exchange: ExchangeId,
     ) -> Result<bool, BrokerError> {
-        let event = self.meta.delete(tenant, exchange).await?;
+        let event = self
+            .meta
+            .delete(tenant, exchange, &ctx.actor_label())
+            .await?;
         let deleted = event.is_some();
         if let Some(event) = event {
             self.apply_event(event);
@@ -469,11 +496,13 @@ impl Broker {
     /// `FailedPrecondition` for a version that is not served, `NotFound`.
     pub async fn acknowledge(
         &self,
+        ctx: &RequestContext,
         tenant: TenantId,
         exchange: ExchangeId,
         subscriber: &str,
         version: u64,
     ) -> Result<(), BrokerError> {
+        tracing::debug!(request_id = %ctx.request_id, %tenant, %exchange, version, "version acknowledged");
         let record = self.describe(tenant, exchange).await?;
         let now = self.clock.now();
         let served = version == record.current_version
@@ -493,6 +522,20 @@ impl Broker {
             })
     }
 
+    /// A page of a tenant's audit trail, newest first.
+    ///
+    /// # Errors
+    /// `Unavailable`.
+    pub async fn audit_page(
+        &self,
+        tenant: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<ports::AuditRow>, BrokerError> {
+        Ok(self.meta.list_audit(tenant, before, since, limit).await?)
+    }
+
     /// Metadata of every credential of a tenant.
     ///
     /// # Errors
@@ -510,6 +553,7 @@ impl Broker {
     /// `NotFound`, `Validation(Unavailable)`, `Unavailable`.
     pub async fn revalidate(
         &self,
+        ctx: &RequestContext,
         tenant: TenantId,
         exchange: ExchangeId,
     ) -> Result<CredentialRecord, BrokerError> {
@@ -532,6 +576,7 @@ impl Broker {
                 detail: None,
                 permissions: Some(permissions),
                 checked_at: now,
+                actor: ctx.actor_label(),
             },
             Err(e @ ValidationError::Unavailable { .. }) => return Err(e.into()),
             Err(e) => HealthUpdate {
@@ -542,6 +587,7 @@ impl Broker {
                 detail: Some(e.to_string()),
                 permissions: None,
                 checked_at: now,
+                actor: ctx.actor_label(),
             },
         };
         let (updated, event) = self.meta.record_health(update).await.map_err(|e| match e {

@@ -74,6 +74,28 @@ pub trait SecretStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), SecretStoreError>;
 }
 
+/// One audit record as stored: its columns and the exact body its chain
+/// hash covers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRow {
+    /// Record id.
+    pub id: uuid::Uuid,
+    /// Record time.
+    pub at: OffsetDateTime,
+    /// Tenant acted on.
+    pub tenant: Option<TenantId>,
+    /// Chain (replica).
+    pub chain_id: uuid::Uuid,
+    /// Place in the chain.
+    pub seq: u64,
+    /// Hash of the record before.
+    pub prev_hash: String,
+    /// This record's hash.
+    pub hash: String,
+    /// Canonical JSON of the record.
+    pub body: String,
+}
+
 /// One version kept at a secret path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionInfo {
@@ -102,6 +124,8 @@ pub struct NewCredential {
     pub api_key_hint: String,
     /// Validation time.
     pub validated_at: OffsetDateTime,
+    /// Who stored it (recorded with the event).
+    pub actor: String,
 }
 
 /// A rotation to commit, guarded by the version it replaces.
@@ -126,6 +150,8 @@ pub struct RotationCommit {
     pub api_key_hint: String,
     /// Validation time.
     pub validated_at: OffsetDateTime,
+    /// Who rotated (recorded with the event).
+    pub actor: String,
 }
 
 /// Result of a health check to record.
@@ -145,6 +171,8 @@ pub struct HealthUpdate {
     pub permissions: Option<Permissions>,
     /// Check time.
     pub checked_at: OffsetDateTime,
+    /// Who checked (recorded with an INVALIDATED event).
+    pub actor: String,
 }
 
 /// Metadata and event storage (PostgreSQL semantics: every write is one
@@ -204,6 +232,7 @@ pub trait MetadataStore: Send + Sync + 'static {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
+        actor: &str,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError>;
 
     /// Records a health check; returns the INVALIDATED event when the status
@@ -275,6 +304,37 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// # Errors
     /// Unavailable when the store cannot be reached.
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError>;
+
+    /// Inserts shipped audit records; a record already there (same id) is
+    /// skipped, so a batch may be sent again.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError>;
+
+    /// Records the head of an audit chain (an anchor).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn anchor_audit(
+        &self,
+        chain_id: uuid::Uuid,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), MetadataStoreError>;
+
+    /// A tenant's audit records, newest first: those before `before` (a
+    /// previous page's last (time, id)) and not older than `since`.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn list_audit(
+        &self,
+        tenant: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError>;
 
     /// Records that replica `id` is alive at `now` and returns how many
     /// replicas are (heartbeats within `live_for`), itself included.

@@ -55,7 +55,8 @@ impl Class {
             | Action::AcknowledgeVersion
             | Action::ListCredentials
             | Action::DescribeCredential
-            | Action::GetCredentialHealth => Class::Read,
+            | Action::GetCredentialHealth
+            | Action::ListAuditEvents => Class::Read,
         }
     }
 

@@ -13,10 +13,13 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{
-    Broker,
-    error::BrokerError,
-    types::{ExchangeId, TenantId},
+use crate::{
+    audit::AuditRecord,
+    broker::{
+        Broker,
+        error::BrokerError,
+        types::{ExchangeId, TenantId},
+    },
 };
 
 /// Rows retired per pass.
@@ -53,6 +56,13 @@ pub async fn retire_once(broker: &Broker) -> Result<usize, BrokerError> {
             tracing::warn!(tenant = %event.tenant, exchange = %event.exchange, version, "could not destroy retired version: {e}");
         }
         tracing::info!(tenant = %event.tenant, exchange = %event.exchange, version, "previous version retired");
+        broker.audit_system(&AuditRecord::system(
+            "retire",
+            "RetirePreviousVersion",
+            event.tenant,
+            event.exchange,
+            vec![version],
+        ));
         broker.apply_event(event);
     }
     Ok(n)
@@ -115,6 +125,13 @@ async fn sweep_one(
     if !due.is_empty() {
         broker.secrets().destroy_versions(&path, &due).await?;
         tracing::info!(%tenant, %exchange, versions = ?due, "destroyed Vault versions no credential references");
+        broker.audit_system(&AuditRecord::system(
+            "orphan-sweep",
+            "DestroyUnreferencedVersions",
+            tenant,
+            exchange,
+            due.clone(),
+        ));
     }
     let all_gone = versions
         .iter()

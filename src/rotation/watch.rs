@@ -349,7 +349,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        broker::{BrokerSettings, types::CredentialSet, validate::FormatCheckValidator},
+        broker::{
+            BrokerSettings, context::RequestContext, types::CredentialSet,
+            validate::FormatCheckValidator,
+        },
         cache::CredentialCache,
         clock::SystemClock,
         memstore::{MemoryMetadataStore, MemorySecretStore},
@@ -380,7 +383,12 @@ mod tests {
         ));
         let tenant = TenantId::new(uuid::Uuid::new_v4());
         broker
-            .validate_and_store(tenant, ExchangeId::Binance, set(0))
+            .validate_and_store(
+                &RequestContext::system("test"),
+                tenant,
+                ExchangeId::Binance,
+                set(0),
+            )
             .await
             .unwrap();
         let slot = StreamSlots::new(1).acquire(tenant).unwrap();
@@ -399,7 +407,13 @@ mod tests {
         // 100 rotations while nobody reads: far more than the hub holds.
         for n in 1..=100 {
             broker
-                .rotate(tenant, ExchangeId::Binance, set(n), None)
+                .rotate(
+                    &RequestContext::system("test"),
+                    tenant,
+                    ExchangeId::Binance,
+                    set(n),
+                    None,
+                )
                 .await
                 .unwrap();
         }

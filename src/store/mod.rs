@@ -21,7 +21,7 @@ use tokio_postgres::{NoTls, Row, error::SqlState};
 use crate::{
     broker::{
         error::MetadataStoreError,
-        ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit},
+        ports::{AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit},
         types::{
             Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
             HealthStatus, Permissions, TenantId,
@@ -216,6 +216,101 @@ pub fn row_to_event(row: &Row) -> Result<CredentialEvent, MetadataStoreError> {
     })
 }
 
+const AUDIT_COLS: &str = "id, chain_id, seq, prev_hash, hash, at, tenant_id, body";
+
+fn row_to_audit(row: &Row) -> AuditRow {
+    AuditRow {
+        id: row.get("id"),
+        chain_id: row.get("chain_id"),
+        seq: to_u64(row.get("seq")),
+        prev_hash: row.get("prev_hash"),
+        hash: row.get("hash"),
+        at: row.get("at"),
+        tenant: row
+            .get::<_, Option<uuid::Uuid>>("tenant_id")
+            .map(TenantId::new),
+        body: row.get("body"),
+    }
+}
+
+impl PgMetadataStore {
+    /// Every audit chain with its records in seq order and its anchors, for
+    /// `credbroker audit verify` (system role: all tenants).
+    ///
+    /// # Errors
+    /// When PostgreSQL cannot be read.
+    pub async fn audit_chains(
+        &self,
+    ) -> Result<Vec<(uuid::Uuid, Vec<AuditRow>, Vec<(u64, String)>)>, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        &format!("SELECT {AUDIT_COLS} FROM audit_log ORDER BY chain_id, seq"),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let anchors = tx
+                    .query(
+                        "SELECT chain_id, seq, hash FROM audit_anchors ORDER BY chain_id, seq",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                let mut out: Vec<(uuid::Uuid, Vec<AuditRow>, Vec<(u64, String)>)> = Vec::new();
+                for r in rows.iter().map(row_to_audit) {
+                    match out.last_mut() {
+                        Some(c) if c.0 == r.chain_id => c.1.push(r),
+                        _ => out.push((r.chain_id, vec![r], Vec::new())),
+                    }
+                }
+                for a in &anchors {
+                    let chain: uuid::Uuid = a.get(0);
+                    let entry = (to_u64(a.get(1)), a.get::<_, String>(2));
+                    match out.iter_mut().find(|c| c.0 == chain) {
+                        Some(c) => c.2.push(entry),
+                        // An anchor of a chain whose records are all gone.
+                        None => out.push((chain, Vec::new(), vec![entry])),
+                    }
+                }
+                Ok(out)
+            })
+        })
+        .await
+    }
+
+    /// Audit records for export, oldest first, optionally of one tenant and
+    /// within [since, until).
+    ///
+    /// # Errors
+    /// When PostgreSQL cannot be read.
+    pub async fn audit_export(
+        &self,
+        tenant: Option<TenantId>,
+        since: Option<OffsetDateTime>,
+        until: Option<OffsetDateTime>,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        &format!(
+                            "SELECT {AUDIT_COLS} FROM audit_log WHERE ($1::uuid IS NULL OR tenant_id = $1) \
+                             AND ($2::timestamptz IS NULL OR at >= $2) AND ($3::timestamptz IS NULL OR at < $3) \
+                             ORDER BY at, id"
+                        ),
+                        &[&tenant.map(|t| t.as_uuid()), &since, &until],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(rows.iter().map(row_to_audit).collect())
+            })
+        })
+        .await
+    }
+}
+
 fn permissions_json(p: &Permissions) -> Result<serde_json::Value, MetadataStoreError> {
     serde_json::to_value(p).map_err(|e| MetadataStoreError::Other(e.to_string()))
 }
@@ -227,6 +322,7 @@ async fn append_event(
     tx: &Transaction<'_>,
     record: &mut CredentialRecord,
     kind: EventKind,
+    actor: &str,
 ) -> Result<CredentialEvent, MetadataStoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_ORDER_LOCK])
         .await
@@ -239,8 +335,8 @@ async fn append_event(
     let row = tx
         .query_one(
             &format!(
-                "WITH ev AS (INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until) \
-                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {EVENT_COLS}), \
+                "WITH ev AS (INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until, actor) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {EVENT_COLS}), \
                  stamped AS (UPDATE tenant_credentials SET event_seq = (SELECT seq FROM ev) \
                  WHERE tenant_id = $1 AND exchange = $2) \
                  SELECT * FROM ev"
@@ -252,6 +348,7 @@ async fn append_event(
                 &version,
                 &record.previous_version.map(to_i64),
                 &record.previous_valid_until,
+                &actor,
             ],
         )
         .await
@@ -378,7 +475,7 @@ impl MetadataStore for PgMetadataStore {
                     .map_err(pg_err)?
                     .ok_or(MetadataStoreError::AlreadyExists)?;
                 let mut record = row_to_record(&row)?;
-                let event = append_event(tx, &mut record, EventKind::Stored).await?;
+                let event = append_event(tx, &mut record, EventKind::Stored, &new.actor).await?;
                 Ok((record, event))
             })
         })
@@ -420,7 +517,7 @@ impl MetadataStore for PgMetadataStore {
                     });
                 };
                 let mut record = row_to_record(&row)?;
-                let event = append_event(tx, &mut record, EventKind::Rotated).await?;
+                let event = append_event(tx, &mut record, EventKind::Rotated, &c.actor).await?;
                 Ok((record, event))
             })
         })
@@ -431,7 +528,9 @@ impl MetadataStore for PgMetadataStore {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
+        actor: &str,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
+        let actor = actor.to_owned();
         self.in_tx(Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let row = tx
@@ -442,7 +541,7 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 match row {
-                    Some(row) => Ok(Some(append_event(tx, &mut row_to_record(&row)?, EventKind::Deleted).await?)),
+                    Some(row) => Ok(Some(append_event(tx, &mut row_to_record(&row)?, EventKind::Deleted, &actor).await?)),
                     None => Ok(None),
                 }
             })
@@ -483,7 +582,7 @@ impl MetadataStore for PgMetadataStore {
                     .map_err(pg_err)?;
                 let mut record = row_to_record(&row)?;
                 let event = if record.status == CredentialStatus::Invalid && before.status != CredentialStatus::Invalid {
-                    Some(append_event(tx, &mut record, EventKind::Invalidated).await?)
+                    Some(append_event(tx, &mut record, EventKind::Invalidated, &u.actor).await?)
                 } else {
                     None
                 };
@@ -527,7 +626,7 @@ impl MetadataStore for PgMetadataStore {
                         .await
                         .map_err(pg_err)?;
                     let mut record = row_to_record(&row)?;
-                    let event = append_event(tx, &mut record, EventKind::PreviousExpired).await?;
+                    let event = append_event(tx, &mut record, EventKind::PreviousExpired, "system:retire (system)").await?;
                     out.push((record.vault_path, version, event));
                 }
                 Ok(out)
@@ -646,6 +745,92 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 Ok(to_u64(row.get(0)))
+            })
+        })
+        .await
+    }
+
+    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
+        let chains: Vec<uuid::Uuid> = rows.iter().map(|r| r.chain_id).collect();
+        let seqs: Vec<i64> = rows.iter().map(|r| to_i64(r.seq)).collect();
+        let prevs: Vec<String> = rows.iter().map(|r| r.prev_hash.clone()).collect();
+        let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
+        let ats: Vec<OffsetDateTime> = rows.iter().map(|r| r.at).collect();
+        let tenants: Vec<Option<uuid::Uuid>> =
+            rows.iter().map(|r| r.tenant.map(|t| t.as_uuid())).collect();
+        let bodies: Vec<String> = rows.iter().map(|r| r.body.clone()).collect();
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                // One statement per batch; a record already shipped (a batch
+                // re-sent after a crash) is skipped by its id.
+                tx.execute(
+                    "INSERT INTO audit_log (id, chain_id, seq, prev_hash, hash, at, tenant_id, body) \
+                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], \
+                                          $6::timestamptz[], $7::uuid[], $8::text[]) \
+                     ON CONFLICT (id) DO NOTHING",
+                    &[&ids, &chains, &seqs, &prevs, &hashes, &ats, &tenants, &bodies],
+                )
+                .await
+                .map_err(pg_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn anchor_audit(
+        &self,
+        chain_id: uuid::Uuid,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), MetadataStoreError> {
+        let hash = hash.to_owned();
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO audit_anchors (chain_id, seq, hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&chain_id, &to_i64(seq), &hash],
+                )
+                .await
+                .map_err(pg_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        &format!(
+                            "SELECT {AUDIT_COLS} FROM audit_log WHERE tenant_id = $1 \
+                             AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3)) \
+                             AND ($4::timestamptz IS NULL OR at >= $4) \
+                             ORDER BY at DESC, id DESC LIMIT $5"
+                        ),
+                        &[
+                            &tenant.as_uuid(),
+                            &before.map(|b| b.0),
+                            &before.map_or(uuid::Uuid::nil(), |b| b.1),
+                            &since,
+                            &i64::from(limit),
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(rows.iter().map(row_to_audit).collect())
             })
         })
         .await

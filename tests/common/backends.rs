@@ -12,8 +12,8 @@ use std::{
 };
 
 use credbroker::config::{
-    AuthConfig, CacheConfig, Config, LimitsConfig, PostgresConfig, RotationConfig, ServerConfig,
-    TlsConfig, ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
+    AuditConfig, AuthConfig, CacheConfig, Config, LimitsConfig, PostgresConfig, RotationConfig,
+    ServerConfig, TlsConfig, ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
 };
 use credbroker::tls::pki::DevPki;
 use uuid::Uuid;
@@ -123,6 +123,13 @@ pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domai
         // Tests call far faster than any tenant should; the limits' own
         // tests set them.
         limits: LimitsConfig::unlimited(),
+        // Each replica gets its own directory (see `Env::replica_with`).
+        audit: AuditConfig {
+            spool_dir: tls_dir.join("audit"),
+            fsync_ms: 20,
+            ship_ms: 50,
+            ..AuditConfig::default()
+        },
     }
 }
 

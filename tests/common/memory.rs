@@ -76,6 +76,12 @@ impl Memory {
             trust_domain: TD.into(),
             auth: o.auth,
             limits: o.limits,
+            audit: credbroker::config::AuditConfig {
+                spool_dir: pki.path("audit"),
+                fsync_ms: 20,
+                ship_ms: 50,
+                ..credbroker::config::AuditConfig::default()
+            },
             cache: CacheConfig::default(),
             rotation: RotationConfig::default(),
             path_prefix: "tenants".into(),

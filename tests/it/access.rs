@@ -156,6 +156,18 @@ async fn call(
             ))
             .await
             .map(drop),
+        Action::ListAuditEvents => c
+            .list_audit_events(with_token(
+                pb::ListAuditEventsRequest {
+                    tenant_id: t.clone(),
+                    page_size: 10,
+                    page_token: String::new(),
+                    since: None,
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         Action::ValidateCredentials => {
             let (tenant_id, exchange) = target();
             c.validate_credentials(with_token(

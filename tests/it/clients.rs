@@ -401,6 +401,12 @@ mod lagging {
         ) -> S<pb::CredentialHealth> {
             Err(Status::unimplemented("staged broker"))
         }
+        async fn list_audit_events(
+            &self,
+            _: Request<pb::ListAuditEventsRequest>,
+        ) -> S<pb::ListAuditEventsResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use credbroker::{
     app,
     broker::{
         Broker, BrokerSettings,
+        context::RequestContext,
         error::BrokerError,
         ports::{MetadataStore, SecretStore},
         types::{CredentialSet, EventKind as DomainKind, ExchangeId, TenantId},
@@ -81,9 +82,14 @@ impl Pair {
         let a = mem_broker(inner, meta.clone(), publish_on_commit);
         let b = Arc::new(mem_broker(probe.clone(), meta.clone(), publish_on_commit));
         let tenant = TenantId::new(uuid::Uuid::new_v4());
-        a.validate_and_store(tenant, ExchangeId::Binance, set(1))
-            .await
-            .unwrap();
+        a.validate_and_store(
+            &RequestContext::system("test"),
+            tenant,
+            ExchangeId::Binance,
+            set(1),
+        )
+        .await
+        .unwrap();
         Pair {
             meta,
             a,
@@ -136,9 +142,15 @@ impl Pair {
 async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
     let p = Pair::new(true).await;
     let (release, early) = p.held_get().await;
-    p.b.rotate(p.tenant, ExchangeId::Binance, set(2), None)
-        .await
-        .unwrap();
+    p.b.rotate(
+        &RequestContext::system("test"),
+        p.tenant,
+        ExchangeId::Binance,
+        set(2),
+        None,
+    )
+    .await
+    .unwrap();
     release.send(()).unwrap();
     let early = early.await.unwrap().unwrap();
     assert_eq!(
@@ -163,9 +175,15 @@ async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
 async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
     let p = Pair::new(false).await;
     let (release, early) = p.held_get().await;
-    p.a.rotate(p.tenant, ExchangeId::Binance, set(2), None)
-        .await
-        .unwrap();
+    p.a.rotate(
+        &RequestContext::system("test"),
+        p.tenant,
+        ExchangeId::Binance,
+        set(2),
+        None,
+    )
+    .await
+    .unwrap();
     p.b.deliver(p.last_event().await);
     release.send(()).unwrap();
     assert_eq!(early.await.unwrap().unwrap().record().current_version, 1);
@@ -181,6 +199,7 @@ async fn a_caller_after_an_event_starts_its_own_load_in_memory() {
     let p = Pair::new(false).await;
     let (release, early) = p.held_get().await;
     p.a.rotate(
+        &RequestContext::system("test"),
         p.tenant,
         ExchangeId::Binance,
         set(2),

@@ -98,6 +98,7 @@ async fn check_and_set_guards_both_stores() {
     // PostgreSQL: a rotation commit built on a stale version loses.
     broker
         .validate_and_store(
+            &credbroker::broker::context::RequestContext::system("test"),
             t,
             ExchangeId::Bybit,
             domain_set("bybitKey0001", "bybitSecret01"),
@@ -114,6 +115,7 @@ async fn check_and_set_guards_both_stores() {
         permissions: Permissions::default(),
         api_key_hint: "****".into(),
         validated_at: OffsetDateTime::now_utc(),
+        actor: "test".into(),
     };
     let stale = broker.metadata().rotate(commit(5)).await.unwrap_err();
     assert!(matches!(stale, MetadataStoreError::Conflict), "{stale:?}");

@@ -99,6 +99,8 @@ impl Env {
     ) -> Running {
         let mut settings = app::settings(&self.config).unwrap();
         settings.retire = credbroker::rotation::retire::Schedule::Manual;
+        // One spool (one chain) per replica.
+        settings.audit.spool_dir = self.pki.path(&format!("audit-{}", Uuid::new_v4()));
         if let Some(c) = clock {
             settings.clock = c;
         }
@@ -237,12 +239,17 @@ url = "{pg}"
 
 [validation]
 mode = "format"
+
+[audit]
+spool_dir = "{spool}"
+ship_ms = 50
 "#,
             cert = self.pki.path("server.pem").display(),
             key = self.pki.path("server.key").display(),
             ca = self.pki.path("ca.pem").display(),
             vault = self.bao.addr,
             pg = self.db.url(),
+            spool = self.pki.path("audit-process").display(),
         );
         let cfg = dir.path().join("credbroker.toml");
         std::fs::write(&cfg, toml).unwrap();

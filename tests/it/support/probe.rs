@@ -10,7 +10,10 @@ use std::sync::{
 use async_trait::async_trait;
 use credbroker::broker::{
     error::{MetadataStoreError, SecretStoreError},
-    ports::{HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore, VersionInfo},
+    ports::{
+        AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
+        VersionInfo,
+    },
     types::{Adoption, CredentialEvent, CredentialRecord, CredentialSet, ExchangeId, TenantId},
 };
 use time::OffsetDateTime;
@@ -155,8 +158,9 @@ impl MetadataStore for ProbeMeta {
         &self,
         t: TenantId,
         e: ExchangeId,
+        actor: &str,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
-        self.inner.delete(t, e).await
+        self.inner.delete(t, e, actor).await
     }
     async fn record_health(
         &self,
@@ -201,6 +205,26 @@ impl MetadataStore for ProbeMeta {
     }
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         self.inner.pruned_through().await
+    }
+    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError> {
+        self.inner.ship_audit(rows).await
+    }
+    async fn anchor_audit(
+        &self,
+        c: uuid::Uuid,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), MetadataStoreError> {
+        self.inner.anchor_audit(c, seq, hash).await
+    }
+    async fn list_audit(
+        &self,
+        t: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        self.inner.list_audit(t, before, since, limit).await
     }
     async fn replica_heartbeat(
         &self,

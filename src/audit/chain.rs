@@ -1,0 +1,189 @@
+//! Checking a chain: every record's hash matches its content, every link
+//! names the record before it, seqs run from 1 without a gap, and every
+//! anchor stored in PostgreSQL still matches. The first broken link is
+//! reported, saying what it means (an edit, a deletion, a reorder, a cut).
+
+use std::fmt;
+
+use super::spool::{ChainedRecord, GENESIS, link_hash};
+
+/// The first thing wrong with a chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Break {
+    /// The chain does not start at seq 1: the records before were deleted.
+    MissingStart {
+        /// The first seq present.
+        first: u64,
+    },
+    /// A record's content no longer matches its hash: it was edited.
+    Edited {
+        /// Its seq.
+        seq: u64,
+    },
+    /// Seqs jump: records in between were deleted.
+    Gap {
+        /// The last seq before the gap.
+        after: u64,
+        /// The next seq present.
+        next: u64,
+    },
+    /// A record does not link to the one before it: records were
+    /// reordered, replaced or re-chained.
+    Relinked {
+        /// Its seq.
+        seq: u64,
+    },
+    /// An anchor names a hash the chain no longer has at that seq, or a seq
+    /// the chain no longer reaches (its tail was cut).
+    Anchor {
+        /// The anchored seq.
+        seq: u64,
+    },
+}
+
+impl fmt::Display for Break {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Break::MissingStart { first } => write!(
+                f,
+                "records 1..{} are missing (deleted); the chain starts at seq {first}",
+                first - 1
+            ),
+            Break::Edited { seq } => write!(
+                f,
+                "record seq {seq} was edited (its hash no longer matches)"
+            ),
+            Break::Gap { after, next } => write!(
+                f,
+                "records after seq {after} up to {next} are missing (deleted)"
+            ),
+            Break::Relinked { seq } => write!(
+                f,
+                "record seq {seq} does not link to the record before it (reordered or replaced)"
+            ),
+            Break::Anchor { seq } => write!(
+                f,
+                "the anchor at seq {seq} no longer matches the chain (records rewritten or the tail cut)"
+            ),
+        }
+    }
+}
+
+/// The first broken link of one chain (`records` sorted by seq), checking
+/// `anchors` (seq, hash) too when given.
+pub fn first_break(records: &[ChainedRecord], anchors: Option<&[(u64, String)]>) -> Option<Break> {
+    let first = records.first()?;
+    if first.seq != 1 {
+        return Some(Break::MissingStart { first: first.seq });
+    }
+    let mut prev: Option<&ChainedRecord> = None;
+    for r in records {
+        if r.hash != link_hash(r.chain_id, r.seq, &r.prev_hash, &r.body) {
+            return Some(Break::Edited { seq: r.seq });
+        }
+        match prev {
+            None if r.prev_hash != GENESIS => return Some(Break::Relinked { seq: r.seq }),
+            Some(p) if r.seq != p.seq + 1 => {
+                return Some(Break::Gap {
+                    after: p.seq,
+                    next: r.seq,
+                });
+            }
+            Some(p) if r.prev_hash != p.hash => return Some(Break::Relinked { seq: r.seq }),
+            _ => {}
+        }
+        prev = Some(r);
+    }
+    for (seq, hash) in anchors.unwrap_or_default() {
+        let found = usize::try_from(*seq)
+            .ok()
+            .and_then(|s| s.checked_sub(1))
+            .and_then(|i| records.get(i));
+        if found.is_none_or(|r| r.hash != *hash) {
+            return Some(Break::Anchor { seq: *seq });
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn chain(n: u64) -> Vec<ChainedRecord> {
+        let id = Uuid::new_v4();
+        let mut prev = GENESIS.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let body = format!("{{\"n\":{seq}}}");
+                let hash = link_hash(id, seq, &prev, &body);
+                let r = ChainedRecord {
+                    chain_id: id,
+                    seq,
+                    prev_hash: prev.clone(),
+                    hash: hash.clone(),
+                    body,
+                };
+                prev = hash;
+                r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_of_tampering_is_named() {
+        let c = chain(5);
+        let anchors = vec![(5, c[4].hash.clone())];
+        assert_eq!(first_break(&c, Some(&anchors)), None);
+
+        let mut edited = c.clone();
+        edited[2].body = "{\"n\":99}".into();
+        assert_eq!(first_break(&edited, None), Some(Break::Edited { seq: 3 }));
+
+        let mut deleted = c.clone();
+        deleted.remove(2);
+        assert_eq!(
+            first_break(&deleted, None),
+            Some(Break::Gap { after: 2, next: 4 })
+        );
+
+        let mut swapped = c.clone();
+        swapped.swap(1, 2);
+        let (a, b) = (swapped[1].seq, swapped[2].seq);
+        swapped[1].seq = b;
+        swapped[2].seq = a;
+        // Swapping seqs edits the hashed content.
+        assert!(matches!(
+            first_break(&swapped, None),
+            Some(Break::Edited { .. })
+        ));
+
+        let head_cut = c[1..].to_vec();
+        assert_eq!(
+            first_break(&head_cut, None),
+            Some(Break::MissingStart { first: 2 })
+        );
+
+        let tail_cut = c[..3].to_vec();
+        assert_eq!(
+            first_break(&tail_cut, Some(&anchors)),
+            Some(Break::Anchor { seq: 5 })
+        );
+
+        // A record re-hashed after an edit still breaks the next link.
+        let mut rehashed = c.clone();
+        rehashed[2].body = "{\"n\":99}".into();
+        rehashed[2].hash = link_hash(
+            rehashed[2].chain_id,
+            3,
+            &rehashed[2].prev_hash,
+            &rehashed[2].body,
+        );
+        assert_eq!(
+            first_break(&rehashed, None),
+            Some(Break::Relinked { seq: 4 })
+        );
+    }
+}

@@ -1,0 +1,250 @@
+//! The tower layer that records every broker call. It puts an
+//! [`AuditNote`] in the request's extensions (the auth layer writes who
+//! called, the handler what was touched), lets the call run, then appends
+//! one record with the outcome, before the response leaves. If the record
+//! cannot be written the caller gets UNAVAILABLE instead (fail closed, as
+//! Vault's audit devices do). Every response carries `x-request-id`.
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    task::{Context, Poll},
+    time::Instant,
+};
+
+use futures::future::BoxFuture;
+use time::OffsetDateTime;
+use tonic::{Code, codegen::http};
+use tower::{Layer, Service};
+use uuid::Uuid;
+
+use super::{AuditRecord, AuditSink, ip_text, trace_id};
+use crate::broker::types::{ExchangeId, TenantId};
+
+/// What the inner layers learned about the call.
+#[derive(Clone, Debug, Default)]
+pub struct AuditNote {
+    /// Who called (subject) and in which role.
+    pub user: Option<(String, String)>,
+    /// Tenant named.
+    pub tenant: Option<TenantId>,
+    /// Exchange named.
+    pub exchange: Option<ExchangeId>,
+    /// Versions involved.
+    pub versions: Vec<u64>,
+    /// Masked key written.
+    pub key_hint: Option<String>,
+}
+
+/// The note of one call, shared by the layers and the handler.
+#[derive(Clone, Debug)]
+pub struct CallAudit {
+    /// Request id (returned as `x-request-id`).
+    pub request_id: Uuid,
+    /// W3C trace id from `traceparent`.
+    pub trace_id: Option<String>,
+    /// Client user agent.
+    pub user_agent: Option<String>,
+    note: Arc<Mutex<AuditNote>>,
+}
+
+impl CallAudit {
+    /// Updates the note.
+    pub fn note(&self, f: impl FnOnce(&mut AuditNote)) {
+        f(&mut self.note.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+}
+
+/// See the module docs.
+#[derive(Clone)]
+pub struct AuditLayer {
+    sink: Arc<dyn AuditSink>,
+}
+
+impl AuditLayer {
+    /// Records into `sink`.
+    pub fn new(sink: Arc<dyn AuditSink>) -> Self {
+        Self { sink }
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = Audit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Audit {
+            inner,
+            sink: self.sink.clone(),
+        }
+    }
+}
+
+/// See [`AuditLayer`].
+#[derive(Clone)]
+pub struct Audit<S> {
+    inner: S,
+    sink: Arc<dyn AuditSink>,
+}
+
+/// The RPC name of a path (`/credbroker.v1.CredentialBroker/Rotate`).
+fn method(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+fn event_type(code: Code, action: &str) -> &'static str {
+    match code {
+        Code::Unauthenticated => "auth_failure",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "rate_limited",
+        _ => match action {
+            "GetCredentials" | "ValidateCredentials" => "secret_access",
+            "ValidateAndStore" | "Rotate" | "DeleteCredentials" => "secret_write",
+            _ => "metadata_access",
+        },
+    }
+}
+
+fn result(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "success",
+        Code::Unauthenticated | Code::PermissionDenied => "denied",
+        _ => "failure",
+    }
+}
+
+fn code_name(code: Code) -> String {
+    // "PermissionDenied" -> "PERMISSION_DENIED", as grpcurl prints it.
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    if code == Code::Ok { "OK".into() } else { out }
+}
+
+impl<S, B> Service<http::Request<B>> for Audit<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let mut inner = crate::server::take_ready(&mut self.inner);
+        if !req.uri().path().starts_with("/credbroker.") {
+            return Box::pin(inner.call(req));
+        }
+        let started = Instant::now();
+        let timestamp = OffsetDateTime::now_utc();
+        let header = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let call = CallAudit {
+            request_id: Uuid::now_v7(),
+            trace_id: header("traceparent").as_deref().and_then(trace_id),
+            // Bounded: a user agent is shown, never trusted.
+            user_agent: header("user-agent").map(|u| u.chars().take(256).collect()),
+            note: Arc::default(),
+        };
+        let peer = req
+            .extensions()
+            .get::<crate::tls::acceptor::PeerInfo>()
+            .and_then(|p| p.remote)
+            .map(|a| a.ip());
+        let action = method(req.uri().path()).to_owned();
+        req.extensions_mut().insert(call.clone());
+        let sink = self.sink.clone();
+        Box::pin(async move {
+            let mut resp = inner.call(req).await?;
+            // Errors are trailers-only responses: the status is a header.
+            // A response without one is a success (unary trailers, or a
+            // stream that opened).
+            let code = resp
+                .headers()
+                .get("grpc-status")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i32>().ok())
+                .map_or(Code::Ok, Code::from_i32);
+            let note = call
+                .note
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let (user, role) = note
+                .user
+                .unwrap_or_else(|| ("unauthenticated".into(), "none".into()));
+            let record = AuditRecord {
+                id: Uuid::now_v7(),
+                timestamp,
+                event_type: event_type(code, &action).into(),
+                user,
+                role,
+                resource: note.exchange.map_or_else(
+                    || {
+                        if action == "ListAuditEvents" {
+                            "audit_log".into()
+                        } else {
+                            "tenant_credentials".into()
+                        }
+                    },
+                    |e| format!("{e}_api_key"),
+                ),
+                action,
+                result: result(code).into(),
+                ip_address: ip_text(peer),
+                user_agent: call.user_agent,
+                tenant_id: note.tenant,
+                exchange: note.exchange,
+                versions: note.versions,
+                request_id: call.request_id,
+                trace_id: call.trace_id,
+                grpc_code: code_name(code),
+                duration_ms: started.elapsed().as_secs_f64() * 1e3,
+                key_hint: note.key_hint,
+            };
+            if let Err(e) = sink.append(&record) {
+                tracing::error!("refusing a call that cannot be audited: {e}");
+                resp = crate::api::status::audit_unavailable(&e).into_http();
+            }
+            if let Ok(v) = http::HeaderValue::from_str(&call.request_id.to_string()) {
+                resp.headers_mut().insert("x-request-id", v);
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_kinds() {
+        assert_eq!(code_name(Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_name(Code::DataLoss), "DATA_LOSS");
+        assert_eq!(event_type(Code::Ok, "GetCredentials"), "secret_access");
+        assert_eq!(event_type(Code::Ok, "Rotate"), "secret_write");
+        assert_eq!(event_type(Code::Unauthenticated, "Rotate"), "auth_failure");
+        assert_eq!(method("/credbroker.v1.CredentialBroker/Rotate"), "Rotate");
+        assert_eq!(
+            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(trace_id("garbage"), None);
+    }
+}

@@ -1,0 +1,170 @@
+//! Ships the spool to PostgreSQL: reads complete lines from the shipped
+//! offset on, inserts them in batches (`ON CONFLICT (id) DO NOTHING`, so a
+//! batch re-sent after a crash adds nothing twice), then records the new
+//! offset. Fully shipped segments are removed. While PostgreSQL is away the
+//! spool grows (bounded: see [`super::spool`]) and drains when it returns.
+//! Each pass that shipped anything also anchors the chain's head.
+
+use std::{
+    io::{Read as _, Seek as _, SeekFrom},
+    path::Path,
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AuditRecord,
+    spool::{ChainedRecord, Spool, segment_path, segments, write_atomic, write_head},
+};
+use crate::broker::ports::{AuditRow, MetadataStore};
+
+/// Lines shipped per batch at most.
+const BATCH: usize = 500;
+/// Bytes read from a segment per batch at most.
+const READ_BYTES: usize = 1024 * 1024;
+
+/// The shipped position: (segment, byte offset in it).
+///
+/// # Errors
+/// When the offset file cannot be read.
+pub fn read_offset(dir: &Path) -> std::io::Result<(u64, u64)> {
+    match std::fs::read_to_string(dir.join("shipped")) {
+        Ok(s) => {
+            let mut it = s.split_whitespace().map(str::parse::<u64>);
+            match (it.next(), it.next()) {
+                (Some(Ok(seg)), Some(Ok(off))) => Ok((seg, off)),
+                _ => Err(std::io::Error::other(
+                    "audit spool: the shipped offset file is corrupt",
+                )),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((1, 0)),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_offset(dir: &Path, seg: u64, off: u64) -> std::io::Result<()> {
+    write_atomic(&dir.join("shipped"), format!("{seg} {off}\n").as_bytes())
+}
+
+/// What one pass did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Shipped {
+    /// Records inserted (or found already there).
+    pub records: usize,
+}
+
+/// Ships what is complete in the spool now.
+///
+/// # Errors
+/// When PostgreSQL or the spool cannot be used; nothing is marked shipped
+/// that was not inserted.
+pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Result<Shipped> {
+    let dir = spool.dir().to_owned();
+    let mut total = Shipped::default();
+    loop {
+        let (seg, off) = read_offset(&dir)?;
+        let current = spool.current_segment();
+        let (lines, consumed) = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || read_lines(&dir, seg, off)).await??
+        };
+        if lines.is_empty() {
+            // Nothing more here: move past a finished segment.
+            if seg < current {
+                let next = segments(&dir)?
+                    .into_iter()
+                    .find(|n| *n > seg)
+                    .unwrap_or(current);
+                write_offset(&dir, next, 0)?;
+                let _ = std::fs::remove_file(segment_path(&dir, seg));
+                continue;
+            }
+            return Ok(total);
+        }
+        let rows = lines
+            .iter()
+            .map(to_row)
+            .collect::<anyhow::Result<Vec<AuditRow>>>()?;
+        meta.ship_audit(&rows).await?;
+        let head = lines.last().map(|l| (l.seq, l.hash.clone()));
+        write_offset(&dir, seg, off + consumed)?;
+        spool.shipped(consumed);
+        if let Some((seq, hash)) = head {
+            write_head(&dir, seq, &hash)?;
+            meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
+        }
+        total.records += rows.len();
+    }
+}
+
+fn to_row(l: &ChainedRecord) -> anyhow::Result<AuditRow> {
+    let rec: AuditRecord = serde_json::from_str(&l.body)?;
+    Ok(AuditRow {
+        id: rec.id,
+        at: rec.timestamp,
+        tenant: rec.tenant_id,
+        chain_id: l.chain_id,
+        seq: l.seq,
+        prev_hash: l.prev_hash.clone(),
+        hash: l.hash.clone(),
+        body: l.body.clone(),
+    })
+}
+
+/// Complete lines of segment `seg` from `off`, and the bytes they span.
+fn read_lines(dir: &Path, seg: u64, off: u64) -> std::io::Result<(Vec<ChainedRecord>, u64)> {
+    let mut f = match std::fs::File::open(segment_path(dir, seg)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(e),
+    };
+    f.seek(SeekFrom::Start(off))?;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    f.take(READ_BYTES as u64).read_to_end(&mut buf)?;
+    let mut out = Vec::new();
+    let mut consumed = 0u64;
+    for chunk in buf.split_inclusive(|b| *b == b'\n') {
+        if !chunk.ends_with(b"\n") || out.len() == BATCH {
+            break;
+        }
+        let rec: ChainedRecord = serde_json::from_slice(chunk)
+            .map_err(|e| std::io::Error::other(format!("audit spool: unreadable line: {e}")))?;
+        consumed += chunk.len() as u64;
+        out.push(rec);
+    }
+    Ok((out, consumed))
+}
+
+/// Ships every `every` (with backoff up to 30 s while PostgreSQL is away)
+/// until cancelled, then one last time.
+pub async fn task_main(
+    spool: Arc<Spool>,
+    meta: Arc<dyn MetadataStore>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut wait = every;
+    loop {
+        let stop = tokio::select! {
+            () = cancel.cancelled() => true,
+            () = tokio::time::sleep(wait) => false,
+        };
+        match ship_once(&spool, meta.as_ref()).await {
+            Ok(_) => wait = every,
+            Err(e) => {
+                wait = (wait * 2).clamp(every, Duration::from_secs(30));
+                tracing::warn!(
+                    unshipped_bytes = spool.unshipped(),
+                    retry_in_ms = wait.as_millis() as u64,
+                    "audit records not shipped yet (kept in the spool): {e:#}"
+                );
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
