@@ -106,6 +106,68 @@ pub fn first_break(records: &[ChainedRecord], anchors: Option<&[(u64, String)]>)
     None
 }
 
+/// What `credbroker audit verify` found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Chains checked.
+    pub chains: usize,
+    /// Chains with a broken link.
+    pub broken: usize,
+    /// One line per chain.
+    pub lines: Vec<String>,
+}
+
+/// Checks every chain (records in seq order, with its anchors).
+pub fn verify_all(
+    chains: &[(
+        uuid::Uuid,
+        Vec<crate::broker::ports::AuditRow>,
+        Vec<(u64, String)>,
+    )],
+) -> Report {
+    let mut report = Report::default();
+    for (chain_id, rows, anchors) in chains {
+        report.chains += 1;
+        let records: Vec<ChainedRecord> = rows
+            .iter()
+            .map(|r| ChainedRecord {
+                chain_id: r.chain_id,
+                seq: r.seq,
+                prev_hash: r.prev_hash.clone(),
+                hash: r.hash.clone(),
+                body: r.body.clone(),
+            })
+            .collect();
+        let found = if records.is_empty() {
+            anchors.first().map(|(seq, _)| Break::Anchor { seq: *seq })
+        } else {
+            first_break(&records, Some(anchors))
+        };
+        match found {
+            Some(b) => {
+                report.broken += 1;
+                let id = match &b {
+                    Break::Edited { seq } | Break::Relinked { seq } => rows
+                        .iter()
+                        .find(|r| r.seq == *seq)
+                        .map(|r| format!(" (record id {})", r.id))
+                        .unwrap_or_default(),
+                    _ => String::new(),
+                };
+                report
+                    .lines
+                    .push(format!("chain {chain_id}: BROKEN: {b}{id}"));
+            }
+            None => report.lines.push(format!(
+                "chain {chain_id}: ok, {} records, {} anchors",
+                records.len(),
+                anchors.len()
+            )),
+        }
+    }
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use uuid::Uuid;

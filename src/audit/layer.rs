@@ -145,6 +145,13 @@ where
         if !req.uri().path().starts_with("/credbroker.") {
             return Box::pin(inner.call(req));
         }
+        // Fail closed before anything runs: a call that could not be
+        // audited must change nothing.
+        if let Err(e) = self.sink.check() {
+            tracing::error!("refusing a call that cannot be audited: {e}");
+            let resp = crate::api::status::audit_unavailable(&e).into_http();
+            return Box::pin(async move { Ok(resp) });
+        }
         let started = Instant::now();
         let timestamp = OffsetDateTime::now_utc();
         let header = |name: &str| {
@@ -217,7 +224,10 @@ where
                 key_hint: note.key_hint,
             };
             if let Err(e) = sink.append(&record) {
-                tracing::error!("refusing a call that cannot be audited: {e}");
+                // Checked before the call, failed after it: the caller
+                // learns nothing it could rely on, and the log says so.
+                tracing::error!(request_id = %record.request_id, action = %record.action,
+                    "the call ran but its audit record could not be written: {e}");
                 resp = crate::api::status::audit_unavailable(&e).into_http();
             }
             if let Ok(v) = http::HeaderValue::from_str(&call.request_id.to_string()) {

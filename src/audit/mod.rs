@@ -153,6 +153,15 @@ pub trait AuditSink: Send + Sync + 'static {
     /// # Errors
     /// When the record cannot be kept: the caller must fail.
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError>;
+
+    /// Whether a record could be appended now; checked before a call runs,
+    /// so a call that could not be audited changes nothing.
+    ///
+    /// # Errors
+    /// The reason it could not.
+    fn check(&self) -> Result<(), AuditError> {
+        Ok(())
+    }
 }
 
 /// A sink that drops every record.

@@ -78,6 +78,8 @@ pub struct Spool {
     /// Bytes appended and not yet shipped.
     unshipped: AtomicU64,
     warned: AtomicBool,
+    /// The last write failed (cleared by the next one that succeeds).
+    broken: AtomicBool,
 }
 
 /// Segment file name of number `n`.
@@ -200,6 +202,7 @@ impl Spool {
             dirty: AtomicBool::new(false),
             unshipped: AtomicU64::new(unshipped),
             warned: AtomicBool::new(false),
+            broken: AtomicBool::new(false),
         }))
     }
 
@@ -278,8 +281,10 @@ impl Spool {
         // One write of the whole line: the OS has it when this returns.
         if let Err(e) = w.file.write_all(&bytes) {
             w.prev_hash = line.prev_hash;
+            self.broken.store(true, Ordering::Relaxed);
             return Err(AuditError::Io(e.to_string()));
         }
+        self.broken.store(false, Ordering::Relaxed);
         w.seq = seq;
         w.prev_hash = hash;
         w.len += bytes.len() as u64;
@@ -329,6 +334,17 @@ impl Spool {
 impl AuditSink for Spool {
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError> {
         self.append_line(record)
+    }
+
+    fn check(&self) -> Result<(), AuditError> {
+        let unshipped = self.unshipped();
+        if unshipped >= self.max_bytes {
+            return Err(AuditError::Full(unshipped));
+        }
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(AuditError::Io("the last write failed".into()));
+        }
+        Ok(())
     }
 }
 

@@ -29,6 +29,8 @@ pub struct MemoryOptions {
     pub allow_tls12: bool,
     pub tls_reload: Option<Duration>,
     pub secrets: Option<Arc<dyn SecretStore>>,
+    /// A spool bound (and no shipping), to see calls fail closed.
+    pub audit_max_bytes: Option<u64>,
 }
 
 impl Default for MemoryOptions {
@@ -40,6 +42,7 @@ impl Default for MemoryOptions {
             allow_tls12: false,
             tls_reload: None,
             secrets: None,
+            audit_max_bytes: None,
         }
     }
 }
@@ -79,8 +82,12 @@ impl Memory {
             audit: credbroker::config::AuditConfig {
                 spool_dir: pki.path("audit"),
                 fsync_ms: 20,
-                ship_ms: 50,
-                ..credbroker::config::AuditConfig::default()
+                ship_ms: if o.audit_max_bytes.is_some() {
+                    3_600_000
+                } else {
+                    50
+                },
+                max_spool_bytes: o.audit_max_bytes.unwrap_or(1 << 30),
             },
             cache: CacheConfig::default(),
             rotation: RotationConfig::default(),

@@ -1,0 +1,416 @@
+//! The audit trail: every call recorded once with its fields (real
+//! PostgreSQL), tampering named by `credbroker audit verify`, no answered
+//! call lost to SIGKILL, fail closed when the spool cannot take a record,
+//! and ListAuditEvents per tenant.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use credbroker::{
+    api::pb,
+    audit::AuditRecord,
+    auth::TokenMode,
+    config::{AuthConfig, LimitsConfig},
+};
+use tonic::{Code, Request};
+
+use crate::support::{
+    Env, TD, get_req,
+    memory::{Memory, MemoryOptions},
+    new_tenant, rotate_n, store_n,
+};
+
+/// Audit records of the database, by request id.
+async fn records(env: &Env) -> BTreeMap<String, AuditRecord> {
+    let c = env.db.connect().await;
+    c.query("SELECT body FROM audit_log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let rec: AuditRecord = serde_json::from_str(r.get::<_, &str>(0)).unwrap();
+            (rec.request_id.to_string(), rec)
+        })
+        .collect()
+}
+
+/// Waits until every id in `ids` has its record in PostgreSQL.
+async fn shipped(env: &Env, ids: &[String]) -> BTreeMap<String, AuditRecord> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let all = records(env).await;
+            if ids.iter().all(|id| all.contains_key(id)) {
+                return all;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("every answered call's record reached PostgreSQL")
+}
+
+fn request_id<T>(r: &Result<tonic::Response<T>, tonic::Status>) -> String {
+    let md = match r {
+        Ok(resp) => resp.metadata(),
+        Err(s) => s.metadata(),
+    };
+    md.get("x-request-id")
+        .expect("every answer carries x-request-id")
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn every_call_is_recorded_once_with_its_fields() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let other = new_tenant();
+    let mut op = env.operator().await;
+    let mut pod_other = env.tenant_client(&other).await;
+    let mut ids = BTreeMap::new();
+    let r = op.validate_and_store(store_n(&tenant, "binance")).await;
+    ids.insert("store", request_id(&r));
+    r.unwrap();
+    for i in 0..3 {
+        let mut req = Request::new(get_req(&tenant, "binance"));
+        req.metadata_mut().insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let r = op.get_credentials(req).await;
+        ids.insert(["get0", "get1", "get2"][i], request_id(&r));
+        r.unwrap();
+    }
+    let r = op.rotate(rotate_n(&tenant, "binance", 1)).await;
+    ids.insert("rotate", request_id(&r));
+    r.unwrap();
+    let r = pod_other.get_credentials(get_req(&tenant, "binance")).await;
+    ids.insert("denied", request_id(&r));
+    assert_eq!(r.unwrap_err().code(), Code::PermissionDenied);
+    let mut bad_cert = env
+        .client_for(&format!("spiffe://{TD}/tenant/{}/x", tenant.to_uppercase()))
+        .await;
+    let r = bad_cert.get_credentials(get_req(&tenant, "binance")).await;
+    ids.insert("unauthenticated", request_id(&r));
+    assert_eq!(r.unwrap_err().code(), Code::Unauthenticated);
+
+    let wanted: Vec<String> = ids.values().cloned().collect();
+    let all = shipped(&env, &wanted).await;
+    // Exactly one record per call.
+    let distinct: std::collections::BTreeSet<_> = wanted.iter().collect();
+    assert_eq!(distinct.len(), wanted.len());
+    let rec = |k: &str| &all[&ids[k]];
+
+    let store = rec("store");
+    assert_eq!(
+        (
+            store.event_type.as_str(),
+            store.action.as_str(),
+            store.result.as_str(),
+            store.grpc_code.as_str()
+        ),
+        ("secret_write", "ValidateAndStore", "success", "OK")
+    );
+    assert_eq!(store.user, format!("spiffe://{TD}/operator/test"));
+    assert_eq!(store.role, "operator");
+    assert_eq!(store.resource, "binance_api_key");
+    assert_eq!(store.versions, vec![1]);
+    assert_eq!(store.key_hint.as_deref(), Some("****0000"));
+    assert_eq!(store.tenant_id.unwrap().to_string(), tenant);
+    assert_eq!(store.ip_address.as_deref(), Some("127.0.0.1"));
+    assert!(
+        store
+            .user_agent
+            .as_deref()
+            .is_some_and(|u| u.contains("tonic"))
+    );
+
+    let get = rec("get1");
+    assert_eq!(
+        (get.event_type.as_str(), get.action.as_str()),
+        ("secret_access", "GetCredentials")
+    );
+    assert_eq!(get.versions, vec![1]);
+    assert_eq!(
+        get.trace_id.as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+
+    let rot = rec("rotate");
+    assert_eq!(rot.versions, vec![2, 1], "new version and the previous one");
+
+    let denied = rec("denied");
+    assert_eq!(
+        (
+            denied.event_type.as_str(),
+            denied.result.as_str(),
+            denied.grpc_code.as_str()
+        ),
+        ("permission_denied", "denied", "PERMISSION_DENIED")
+    );
+    assert_eq!(denied.role, "trader");
+    assert!(denied.versions.is_empty(), "nothing was read");
+
+    let unauth = rec("unauthenticated");
+    assert_eq!(
+        (
+            unauth.event_type.as_str(),
+            unauth.result.as_str(),
+            unauth.user.as_str()
+        ),
+        ("auth_failure", "denied", "unauthenticated")
+    );
+
+    // No secret anywhere in the trail.
+    let c = env.db.connect().await;
+    for row in c.query("SELECT body FROM audit_log", &[]).await.unwrap() {
+        let body: &str = row.get(0);
+        assert!(!body.contains("binanceSecret"), "{body}");
+        assert!(
+            !body.contains("binanceKey0"),
+            "only the masked hint: {body}"
+        );
+    }
+
+    // The chain verifies, and every kind of tampering is named.
+    let verify = || async {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+            .args(["audit", "verify", "--database-url", &env.db.url()])
+            .output()
+            .await
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (ok, out) = verify().await;
+    assert!(ok, "{out}");
+    assert!(out.contains(": ok,"), "{out}");
+    let exec = |sql: String| {
+        let c = &c;
+        async move { c.batch_execute(&sql).await.unwrap() }
+    };
+    let target = &ids["get1"];
+    let (seq, body): (i64, String) = {
+        let row = c
+            .query_one(
+                "SELECT seq, body FROM audit_log WHERE body LIKE '%' || $1 || '%'",
+                &[target],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    exec(format!("UPDATE audit_log SET body = replace(body, 'secret_access', 'metadata_access') WHERE seq = {seq} AND body LIKE '%{target}%'")).await;
+    let (ok, out) = verify().await;
+    assert!(
+        !ok && out.contains(&format!("record seq {seq} was edited")),
+        "{out}"
+    );
+    c.execute(
+        "UPDATE audit_log SET body = $1 WHERE body LIKE '%' || $2 || '%'",
+        &[&body, target],
+    )
+    .await
+    .unwrap();
+    assert!(verify().await.0, "restored");
+    let row: (uuid::Uuid, uuid::Uuid, i64) = {
+        let r = c
+            .query_one(
+                "SELECT id, chain_id, seq FROM audit_log WHERE body LIKE '%' || $1 || '%'",
+                &[target],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1), r.get(2))
+    };
+    exec(format!("CREATE TABLE stash AS SELECT * FROM audit_log WHERE id = '{}'; DELETE FROM audit_log WHERE id = '{}'", row.0, row.0)).await;
+    let (ok, out) = verify().await;
+    assert!(
+        !ok && out.contains(&format!("after seq {} ", row.2 - 1)),
+        "{out}"
+    );
+    exec("INSERT INTO audit_log SELECT * FROM stash".into()).await;
+    assert!(verify().await.0, "restored");
+    // Swap two records' places.
+    exec(format!(
+        "UPDATE audit_log SET seq = seq + 1000000 WHERE chain_id = '{c}' AND seq IN ({a}, {b}); \
+         UPDATE audit_log SET seq = CASE WHEN seq = {a} + 1000000 THEN {b} ELSE {a} END \
+         WHERE chain_id = '{c}' AND seq IN ({a} + 1000000, {b} + 1000000)",
+        c = row.1,
+        a = row.2,
+        b = row.2 + 1
+    ))
+    .await;
+    let (ok, out) = verify().await;
+    assert!(!ok && out.contains("BROKEN"), "{out}");
+}
+
+/// SIGKILL mid-load: every call a client saw answered has its record after
+/// the broker restarts on the same spool.
+#[tokio::test]
+async fn sigkill_loses_no_answered_record() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut server = env.spawn_server_process().await;
+    let mut c = env
+        .client_at(server.addr, &format!("spiffe://{TD}/operator/load"))
+        .await;
+    c.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (mut c, answered, tenant) = (c.clone(), answered.clone(), tenant.clone());
+        load.push(tokio::spawn(async move {
+            loop {
+                let r = c.get_credentials(get_req(&tenant, "binance")).await;
+                match r {
+                    Ok(resp) => answered.lock().unwrap().push(
+                        resp.metadata()
+                            .get("x-request-id")
+                            .unwrap()
+                            .to_str()
+                            .unwrap()
+                            .to_owned(),
+                    ),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.child.start_kill().unwrap();
+    server.child.wait().await.unwrap();
+    for l in load {
+        l.await.unwrap();
+    }
+    let ids = answered.lock().unwrap().clone();
+    assert!(ids.len() > 20, "the load ran ({} answered)", ids.len());
+    // Restart on the same spool: it ships what the killed one had not.
+    let restarted = env.spawn_server_process().await;
+    shipped(&env, &ids).await;
+    drop(restarted);
+}
+
+/// A call that cannot be audited changes nothing and is UNAVAILABLE.
+#[tokio::test]
+async fn calls_fail_closed_when_the_spool_cannot_take_a_record() {
+    let m = Memory::start_with(MemoryOptions {
+        audit_max_bytes: Some(1),
+        ..MemoryOptions::default()
+    })
+    .await;
+    let t = uuid::Uuid::new_v4().to_string();
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    op.validate_and_store(store_n(&t, "binance")).await.unwrap();
+    let before = m.state(&t).await;
+    let e = op.rotate(rotate_n(&t, "binance", 1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("audit spool is full"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(m.state(&t).await, before, "nothing changed");
+}
+
+/// A tenant's admin pages through that tenant's records, never another's.
+#[tokio::test]
+async fn list_audit_events_pages_through_one_tenant() {
+    const SECRET: &str = "audit-list-secret-at-least-32-bytes-long";
+    let m = Memory::start_with(MemoryOptions {
+        auth: AuthConfig {
+            token: Some(TokenMode::Optional),
+            hs256_secret: Some(SECRET.into()),
+            ..AuthConfig::default()
+        },
+        limits: LimitsConfig::unlimited(),
+        ..MemoryOptions::default()
+    })
+    .await;
+    let (a, b) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    op.validate_and_store(store_n(&a, "binance")).await.unwrap();
+    op.validate_and_store(store_n(&b, "binance")).await.unwrap();
+    for _ in 0..4 {
+        op.get_credentials(get_req(&a, "binance")).await.unwrap();
+    }
+    let token = {
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 600;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub":"alice","tenant_id":a,"role":"admin","exp":exp}),
+            &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let mut admin = m
+        .client(&[&format!("spiffe://{TD}/tenant/{a}/pod/admin")])
+        .await;
+    let list = |tenant: &str, page_token: String| {
+        let mut r = Request::new(pb::ListAuditEventsRequest {
+            tenant_id: tenant.to_owned(),
+            page_size: 2,
+            page_token,
+            since: None,
+        });
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        r
+    };
+    // Wait for A's five records (one store, four reads) to be shipped.
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            seen.clear();
+            let mut page = String::new();
+            loop {
+                let r = admin
+                    .list_audit_events(list(&a, page))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                seen.extend(r.events);
+                if r.next_page_token.is_empty() {
+                    break;
+                }
+                page = r.next_page_token;
+            }
+            if seen.len() >= 5 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("A's records were listed");
+    assert!(
+        seen.iter().all(|e| e.tenant_id == a),
+        "only tenant A's records"
+    );
+    let ids: std::collections::BTreeSet<_> = seen.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids.len(), seen.len(), "pages do not overlap");
+    assert!(
+        seen.windows(2)
+            .all(|w| w[0].timestamp.as_ref().unwrap().seconds
+                >= w[1].timestamp.as_ref().unwrap().seconds),
+        "newest first"
+    );
+    assert_eq!(
+        seen.iter().filter(|e| e.action == "GetCredentials").count(),
+        4
+    );
+    let e = admin
+        .list_audit_events(list(&b, String::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
