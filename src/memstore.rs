@@ -453,7 +453,7 @@ impl MetadataStore for MemoryMetadataStore {
             .filter(|r| before.is_none_or(|b| (r.at, r.id) < b))
             .cloned()
             .collect();
-        rows.sort_by(|a, b| (b.at, b.id).cmp(&(a.at, a.id)));
+        rows.sort_by_key(|r| std::cmp::Reverse((r.at, r.id)));
         rows.truncate(limit as usize);
         Ok(rows)
     }

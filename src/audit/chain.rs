@@ -118,15 +118,14 @@ pub struct Report {
 }
 
 /// Checks every chain (records in seq order, with its anchors).
-pub fn verify_all(
-    chains: &[(
-        uuid::Uuid,
-        Vec<crate::broker::ports::AuditRow>,
-        Vec<(u64, String)>,
-    )],
-) -> Report {
+pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
     let mut report = Report::default();
-    for (chain_id, rows, anchors) in chains {
+    for crate::broker::ports::AuditChain {
+        chain_id,
+        rows,
+        anchors,
+    } in chains
+    {
         report.chains += 1;
         let records: Vec<ChainedRecord> = rows
             .iter()

@@ -96,6 +96,18 @@ pub struct AuditRow {
     pub body: String,
 }
 
+/// One replica's audit chain as stored: its records in seq order and its
+/// anchors (seq, hash).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditChain {
+    /// The chain.
+    pub chain_id: uuid::Uuid,
+    /// Its records, by seq.
+    pub rows: Vec<AuditRow>,
+    /// Its anchors, by seq.
+    pub anchors: Vec<(u64, String)>,
+}
+
 /// One version kept at a secret path.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VersionInfo {

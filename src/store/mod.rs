@@ -21,7 +21,7 @@ use tokio_postgres::{NoTls, Row, error::SqlState};
 use crate::{
     broker::{
         error::MetadataStoreError,
-        ports::{AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit},
+        ports::{AuditChain, AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit},
         types::{
             Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
             HealthStatus, Permissions, TenantId,
@@ -239,9 +239,7 @@ impl PgMetadataStore {
     ///
     /// # Errors
     /// When PostgreSQL cannot be read.
-    pub async fn audit_chains(
-        &self,
-    ) -> Result<Vec<(uuid::Uuid, Vec<AuditRow>, Vec<(u64, String)>)>, MetadataStoreError> {
+    pub async fn audit_chains(&self) -> Result<Vec<AuditChain>, MetadataStoreError> {
         self.in_tx(Scope::System, |tx| {
             Box::pin(async move {
                 let rows = tx
@@ -258,20 +256,28 @@ impl PgMetadataStore {
                     )
                     .await
                     .map_err(pg_err)?;
-                let mut out: Vec<(uuid::Uuid, Vec<AuditRow>, Vec<(u64, String)>)> = Vec::new();
+                let mut out: Vec<AuditChain> = Vec::new();
                 for r in rows.iter().map(row_to_audit) {
                     match out.last_mut() {
-                        Some(c) if c.0 == r.chain_id => c.1.push(r),
-                        _ => out.push((r.chain_id, vec![r], Vec::new())),
+                        Some(c) if c.chain_id == r.chain_id => c.rows.push(r),
+                        _ => out.push(AuditChain {
+                            chain_id: r.chain_id,
+                            rows: vec![r],
+                            anchors: Vec::new(),
+                        }),
                     }
                 }
                 for a in &anchors {
                     let chain: uuid::Uuid = a.get(0);
                     let entry = (to_u64(a.get(1)), a.get::<_, String>(2));
-                    match out.iter_mut().find(|c| c.0 == chain) {
-                        Some(c) => c.2.push(entry),
+                    match out.iter_mut().find(|c| c.chain_id == chain) {
+                        Some(c) => c.anchors.push(entry),
                         // An anchor of a chain whose records are all gone.
-                        None => out.push((chain, Vec::new(), vec![entry])),
+                        None => out.push(AuditChain {
+                            chain_id: chain,
+                            rows: Vec::new(),
+                            anchors: vec![entry],
+                        }),
                     }
                 }
                 Ok(out)
