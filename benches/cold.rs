@@ -89,7 +89,7 @@ fn main() {
     rt.block_on(async move {
         let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
         let pki = Pki::new();
-        let mut config = config_for(&bao, &db, pki.dir.path(), TD);
+        let mut config = config_for(&bao, &db.url(), pki.dir.path(), TD);
         // One entry: every read of another credential is a miss.
         config.cache.capacity = 1;
         config.postgres.pool_size = concurrency.max(4);

@@ -78,7 +78,12 @@ impl Pki {
 /// A broker configuration on `bao` and `db`, with `server.pem`,
 /// `server.key` and `ca.pem` in `tls_dir`: format-only validation (tests
 /// store made-up keys), one-second heartbeats and health probes.
-pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domain: &str) -> Config {
+pub fn config_for(
+    bao: &Bao,
+    pg_url: &str,
+    tls_dir: &std::path::Path,
+    trust_domain: &str,
+) -> Config {
     Config {
         server: ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -109,7 +114,7 @@ pub fn config_for(bao: &Bao, db: &TestDb, tls_dir: &std::path::Path, trust_domai
             },
         },
         postgres: PostgresConfig {
-            url: db.url().into(),
+            url: pg_url.to_owned().into(),
             pool_size: 4,
             migrate_on_start: true,
         },
@@ -323,4 +328,114 @@ impl Drop for TestDb {
         })
         .join();
     }
+}
+
+/// A private PostgreSQL instance (initdb into a temp dir, pg_ctl on a free
+/// loopback port), for tests that stop and start it; never the shared one.
+/// Runs as the `postgres` user when this process is root (initdb refuses
+/// root). Stopped and removed on drop.
+pub struct PrivatePg {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    bindir: PathBuf,
+}
+
+impl PrivatePg {
+    fn as_owner(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let bin = self.bindir.join(program);
+        let mut cmd = if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        cmd.args(args).output().unwrap()
+    }
+
+    pub fn start() -> PrivatePg {
+        let bindir = String::from_utf8(
+            Command::new("pg_config")
+                .arg("--bindir")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .into();
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status();
+        }
+        let port = free_port_pair();
+        let pg = PrivatePg { port, dir, bindir };
+        let data = pg.data();
+        let out = pg.as_owner(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.pg_ctl_start();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    pub fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("pg.log").display().to_string();
+        let out = self.as_owner(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn stop(&self) {
+        let out = self.as_owner("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            self.port
+        )
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let _ = self.as_owner("pg_ctl", &["-D", &self.data(), "-m", "immediate", "stop"]);
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }

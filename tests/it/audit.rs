@@ -414,3 +414,79 @@ async fn list_audit_events_pages_through_one_tenant() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+/// PostgreSQL (a private instance) stops during load: reads go on from the
+/// cache, no call is refused for want of the database, the spool holds the
+/// records, and when PostgreSQL returns every answered call's record is
+/// shipped.
+#[tokio::test]
+async fn a_postgres_outage_blocks_no_read_and_loses_no_record() {
+    use crate::support::{Bao, Pki, PrivatePg, config_for};
+    crate::support::init();
+    let pg = PrivatePg::start();
+    let bao = Bao::start().await;
+    let pki = Pki::new();
+    let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
+    let backends = credbroker::app::real_backends(&config).await.unwrap();
+    let mut settings = credbroker::app::settings(&config).unwrap();
+    settings.retire = credbroker::rotation::retire::Schedule::Manual;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = credbroker::app::start(backends, settings, listener)
+        .await
+        .unwrap();
+    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(
+        pki.channel(running.addr, &[&format!("spiffe://{TD}/operator/ops")])
+            .await,
+    );
+    let tenant = new_tenant();
+    c.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    let read =
+        |c: &pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>| {
+            let mut c = c.clone();
+            let tenant = tenant.clone();
+            async move {
+                let r = c.get_credentials(get_req(&tenant, "binance")).await;
+                let id = request_id(&r);
+                r.unwrap();
+                id
+            }
+        };
+    for _ in 0..20 {
+        ids.push(read(&c).await);
+    }
+    pg.stop();
+    for _ in 0..50 {
+        ids.push(read(&c).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    pg.pg_ctl_start();
+    let admin = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(admin.1);
+    tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            let n = admin
+                .0
+                .query("SELECT body FROM audit_log", &[])
+                .await
+                .map(|rows| {
+                    let bodies: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+                    ids.iter()
+                        .filter(|id| bodies.iter().any(|b| b.contains(id.as_str())))
+                        .count()
+                })
+                .unwrap_or(0);
+            if n == ids.len() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+    .expect("every record answered during the outage reached PostgreSQL");
+    running.stop().await.unwrap();
+}

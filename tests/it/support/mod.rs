@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 #[path = "../../common/backends.rs"]
 mod backends;
-pub use backends::{Bao, Pki, TD, TestDb, init};
+pub use backends::{Bao, Pki, PrivatePg, TD, TestDb, config_for, init};
 
 /// One broker process-equivalent on real OpenBao and PostgreSQL.
 pub struct Env {
@@ -54,7 +54,7 @@ impl Env {
         init();
         let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
         let pki = Pki::new();
-        let mut config = backends::config_for(&bao, &db, pki.dir.path(), TD);
+        let mut config = backends::config_for(&bao, &db.url(), pki.dir.path(), TD);
         config.cache = opts.cache;
         config.rotation = opts.rotation;
         if let Some(v) = opts.validation {
