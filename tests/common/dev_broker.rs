@@ -32,6 +32,12 @@ impl DevBroker {
     }
 
     pub async fn spawn_with(extra: &[&str]) -> DevBroker {
+        Self::spawn_logging(extra, "warn,rustify=off,vaultrs=off").await
+    }
+
+    /// `credbroker dev` logging at `filter`; everything it prints after its
+    /// banner, on stdout and stderr, is kept in `output`.
+    pub async fn spawn_logging(extra: &[&str], filter: &str) -> DevBroker {
         use tokio::io::AsyncBufReadExt as _;
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
@@ -41,12 +47,29 @@ impl DevBroker {
             .args(["dev", "--listen", "127.0.0.1:0", "--dir"])
             .arg(dir.path())
             .args(extra)
-            .env("CREDBROKER_LOG", "warn,rustify=off,vaultrs=off")
+            .env("CREDBROKER_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap();
+        // Drain stderr from the start (a full pipe would stall the child).
+        let early = Arc::new(Mutex::new(String::new()));
+        let stderr_sink: Arc<Mutex<Option<Arc<Mutex<String>>>>> = Arc::new(Mutex::new(None));
+        {
+            let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+            let (early, sink) = (early.clone(), stderr_sink.clone());
+            tokio::spawn(async move {
+                let mut line = String::new();
+                while stderr.read_line(&mut line).await.unwrap_or(0) > 0 {
+                    match sink.lock().unwrap().as_ref() {
+                        Some(out) => out.lock().unwrap().push_str(&line),
+                        None => early.lock().unwrap().push_str(&line),
+                    }
+                    line.clear();
+                }
+            });
+        }
         let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
         let mut banner = String::new();
         tokio::time::timeout(Duration::from_secs(20), async {
@@ -77,6 +100,12 @@ impl DevBroker {
                 line.clear();
             }
         });
+        {
+            // Switch the drain over first, then take what it kept before.
+            let mut sink = stderr_sink.lock().unwrap();
+            *sink = Some(output.clone());
+            output.lock().unwrap().push_str(&early.lock().unwrap());
+        }
         DevBroker {
             child,
             dir,

@@ -11,6 +11,7 @@ mod core;
 mod devmode;
 mod examples;
 mod exchanges;
+mod hygiene;
 mod mtls;
 mod readpath;
 mod replicas;
