@@ -259,13 +259,23 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let secs = |n: u64| time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX));
     // The spool first: no call is answered that could not be audited.
-    let spool = Spool::open(&s.audit.spool_dir, s.audit.max_spool_bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "audit.spool_dir {}: cannot open the audit spool ({e})",
-            s.audit.spool_dir.display()
-        )
-    })?;
-    tracing::info!(dir = %s.audit.spool_dir.display(), chain = %spool.chain_id(), "audit spool open");
+    let spool = if s.audit.enabled {
+        let spool = Spool::open(&s.audit.spool_dir, s.audit.max_spool_bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "audit.spool_dir {}: cannot open the audit spool ({e})",
+                s.audit.spool_dir.display()
+            )
+        })?;
+        tracing::info!(dir = %s.audit.spool_dir.display(), chain = %spool.chain_id(), "audit spool open");
+        Some(spool)
+    } else {
+        tracing::warn!("audit.enabled = false: calls are NOT audited (not SOC 2 compliant)");
+        None
+    };
+    let sink: Arc<dyn crate::audit::AuditSink> = match &spool {
+        Some(s) => s.clone(),
+        None => Arc::new(crate::audit::Discard),
+    };
     let broker = Arc::new(
         Broker::new(
             backends.secrets.clone(),
@@ -285,11 +295,11 @@ pub async fn start(
                 publish_on_commit: matches!(backends.events, EventSource::Local),
             },
         )
-        .with_audit(spool.clone()),
+        .with_audit(sink.clone()),
     );
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    {
+    if let Some(spool) = &spool {
         let (spool, cancel) = (spool.clone(), shutdown.clone());
         let every = Duration::from_millis(s.audit.fsync_ms);
         spawn_task(&mut tasks, "audit fsync", &shutdown, async move {
@@ -297,7 +307,7 @@ pub async fn start(
             Ok(())
         });
     }
-    {
+    if let Some(spool) = &spool {
         let (spool, meta, cancel) = (spool.clone(), backends.meta.clone(), shutdown.clone());
         let every = Duration::from_millis(s.audit.ship_ms);
         spawn_task(&mut tasks, "audit shipper", &shutdown, async move {
@@ -412,7 +422,7 @@ pub async fn start(
             tls: s.tls.clone(),
             front: s.front,
             auth,
-            audit: spool.clone(),
+            audit: sink,
             service,
             health,
             shutdown: shutdown.clone(),

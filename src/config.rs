@@ -54,6 +54,9 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
+    /// Record every call (on by default; off is not SOC 2 compliant and
+    /// exists for benchmarks and throw-away setups).
+    pub enabled: bool,
     /// This replica's own directory (one chain per directory: never share
     /// it between replicas; keep it on a persistent volume).
     pub spool_dir: PathBuf,
@@ -68,6 +71,7 @@ pub struct AuditConfig {
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
             spool_dir: PathBuf::from("/var/lib/credbroker/audit"),
             max_spool_bytes: 1024 * 1024 * 1024,
             fsync_ms: 50,

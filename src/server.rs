@@ -67,7 +67,7 @@ pub struct ServeParams<H> {
     /// Caller identity (certificate, token).
     pub auth: AuthLayer,
     /// Where every call's audit record goes.
-    pub audit: Arc<crate::audit::spool::Spool>,
+    pub audit: Arc<dyn crate::audit::AuditSink>,
     /// The broker service.
     pub service: BrokerService,
     /// grpc.health.v1 service.

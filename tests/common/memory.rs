@@ -31,6 +31,8 @@ pub struct MemoryOptions {
     pub secrets: Option<Arc<dyn SecretStore>>,
     /// A spool bound (and no shipping), to see calls fail closed.
     pub audit_max_bytes: Option<u64>,
+    /// Auditing on (the default).
+    pub audit: bool,
 }
 
 impl Default for MemoryOptions {
@@ -43,6 +45,7 @@ impl Default for MemoryOptions {
             tls_reload: None,
             secrets: None,
             audit_max_bytes: None,
+            audit: true,
         }
     }
 }
@@ -80,6 +83,7 @@ impl Memory {
             auth: o.auth,
             limits: o.limits,
             audit: credbroker::config::AuditConfig {
+                enabled: o.audit,
                 spool_dir: pki.path("audit"),
                 fsync_ms: 20,
                 ship_ms: if o.audit_max_bytes.is_some() {
