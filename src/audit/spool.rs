@@ -20,7 +20,6 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -32,7 +31,9 @@ const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// The first record's `prev_hash`.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// One spool line: a record's canonical JSON and its chain link.
+/// One spool line: a record's canonical JSON and its chain link. The body
+/// is embedded as raw JSON (not an escaped string), and read back byte for
+/// byte, so what is hashed is exactly what is stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainedRecord {
     /// The replica's chain.
@@ -44,12 +45,32 @@ pub struct ChainedRecord {
     /// `sha256(chain_id:seq:prev_hash:body)`, hex.
     pub hash: String,
     /// The record's canonical JSON (exactly the bytes hashed).
+    #[serde(with = "raw_json")]
     pub body: String,
+}
+
+/// (De)serializes a string holding JSON as that JSON, verbatim.
+mod raw_json {
+    use serde::{
+        Deserialize as _, Deserializer, Serialize as _, Serializer, de::Error as _, ser::Error as _,
+    };
+    use serde_json::value::RawValue;
+
+    pub fn serialize<S: Serializer>(body: &str, s: S) -> Result<S::Ok, S::Error> {
+        RawValue::from_string(body.to_owned())
+            .map_err(S::Error::custom)?
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let raw = Box::<RawValue>::deserialize(d).map_err(D::Error::custom)?;
+        Ok(raw.get().to_owned())
+    }
 }
 
 /// The chain hash of a record.
 pub fn link_hash(chain_id: Uuid, seq: u64, prev_hash: &str, body: &str) -> String {
-    let mut h = Sha256::new();
+    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(chain_id.as_hyphenated().to_string().as_bytes());
     h.update(b":");
     h.update(seq.to_string().as_bytes());
@@ -57,7 +78,7 @@ pub fn link_hash(chain_id: Uuid, seq: u64, prev_hash: &str, body: &str) -> Strin
     h.update(prev_hash.as_bytes());
     h.update(b":");
     h.update(body.as_bytes());
-    hex::encode(h.finalize())
+    hex::encode(h.finish().as_ref())
 }
 
 struct Writer {
@@ -269,18 +290,18 @@ impl Spool {
         }
         let seq = w.seq + 1;
         let hash = link_hash(self.chain_id, seq, &w.prev_hash, &body);
-        let line = ChainedRecord {
-            chain_id: self.chain_id,
-            seq,
-            prev_hash: std::mem::take(&mut w.prev_hash),
-            hash: hash.clone(),
-            body,
-        };
-        let mut bytes = serde_json::to_vec(&line).map_err(|e| AuditError::Io(e.to_string()))?;
-        bytes.push(b'\n');
+        // The line by hand: the body is already canonical JSON (serde's own
+        // output), embedded verbatim, exactly as `ChainedRecord` reads it.
+        let prev_hash = std::mem::take(&mut w.prev_hash);
+        let mut bytes = Vec::with_capacity(body.len() + 256);
+        let _ = write!(
+            bytes,
+            "{{\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"body\":{body}}}\n",
+            self.chain_id
+        );
         // One write of the whole line: the OS has it when this returns.
         if let Err(e) = w.file.write_all(&bytes) {
-            w.prev_hash = line.prev_hash;
+            w.prev_hash = prev_hash;
             self.broken.store(true, Ordering::Relaxed);
             return Err(AuditError::Io(e.to_string()));
         }

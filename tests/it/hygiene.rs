@@ -182,7 +182,7 @@ async fn no_secret_in_trace_logs_audit_records_or_errors() {
         }
     }
     assert!(
-        audit.contains("\\\"action\\\":\\\"Rotate\\\""),
+        audit.contains("\"action\":\"Rotate\""),
         "the audit spool holds the calls"
     );
     let broker_log = dev.output.lock().unwrap().clone();
