@@ -294,9 +294,9 @@ impl Spool {
         // output), embedded verbatim, exactly as `ChainedRecord` reads it.
         let prev_hash = std::mem::take(&mut w.prev_hash);
         let mut bytes = Vec::with_capacity(body.len() + 256);
-        let _ = write!(
+        let _ = writeln!(
             bytes,
-            "{{\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"body\":{body}}}\n",
+            "{{\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"body\":{body}}}",
             self.chain_id
         );
         // One write of the whole line: the OS has it when this returns.
