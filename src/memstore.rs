@@ -170,6 +170,9 @@ impl MetaState {
     }
 }
 
+/// Audit records kept in memory at most (the oldest go first).
+const MAX_AUDIT_ROWS: usize = 100_000;
+
 /// Metadata and events in memory.
 #[derive(Default)]
 pub struct MemoryMetadataStore {
@@ -421,6 +424,10 @@ impl MetadataStore for MemoryMetadataStore {
         let mut st = lock(&self.state);
         for r in rows {
             st.audit.entry(r.id).or_insert_with(|| r.clone());
+        }
+        // Dev mode keeps the newest records only (ids are time-ordered).
+        while st.audit.len() > MAX_AUDIT_ROWS {
+            st.audit.pop_first();
         }
         Ok(())
     }
