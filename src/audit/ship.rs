@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AuditRecord,
-    spool::{ChainedRecord, Spool, segment_path, segments, write_atomic, write_head},
+    spool::{ChainedRecord, Spool, segment_path, segments, write_head},
 };
 use crate::broker::ports::{AuditRow, MetadataStore};
 
@@ -45,8 +45,13 @@ pub fn read_offset(dir: &Path) -> std::io::Result<(u64, u64)> {
     }
 }
 
+/// Records the shipped position. Not fsynced: shipping is idempotent, so a
+/// position lost to a power cut only means a batch is sent again.
 fn write_offset(dir: &Path, seg: u64, off: u64) -> std::io::Result<()> {
-    write_atomic(&dir.join("shipped"), format!("{seg} {off}\n").as_bytes())
+    let path = dir.join("shipped");
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{seg} {off}\n"))?;
+    std::fs::rename(&tmp, &path)
 }
 
 /// What one pass did.
@@ -64,6 +69,8 @@ pub struct Shipped {
 pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Result<Shipped> {
     let dir = spool.dir().to_owned();
     let mut total = Shipped::default();
+    // The newest shipped (seq, hash): anchored once per pass.
+    let mut last_head: Option<(u64, String)> = None;
     loop {
         let (seg, off) = read_offset(&dir)?;
         let current = spool.current_segment();
@@ -72,15 +79,26 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
             tokio::task::spawn_blocking(move || read_lines(&dir, seg, off)).await??
         };
         if lines.is_empty() {
-            // Nothing more here: move past a finished segment.
+            // Nothing more here: move past a finished segment (keeping the
+            // chain head first, in case no segment is left to read it from).
             if seg < current {
-                let next = segments(&dir)?
-                    .into_iter()
-                    .find(|n| *n > seg)
-                    .unwrap_or(current);
-                write_offset(&dir, next, 0)?;
-                let _ = std::fs::remove_file(segment_path(&dir, seg));
+                let dir = dir.clone();
+                let (seq, hash) = spool.head();
+                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                    write_head(&dir, seq, &hash)?;
+                    let next = segments(&dir)?
+                        .into_iter()
+                        .find(|n| *n > seg)
+                        .unwrap_or(current);
+                    write_offset(&dir, next, 0)?;
+                    let _ = std::fs::remove_file(segment_path(&dir, seg));
+                    Ok(())
+                })
+                .await??;
                 continue;
+            }
+            if let Some((seq, hash)) = last_head {
+                meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
             }
             return Ok(total);
         }
@@ -89,13 +107,14 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
             .map(to_row)
             .collect::<anyhow::Result<Vec<AuditRow>>>()?;
         meta.ship_audit(&rows).await?;
-        let head = lines.last().map(|l| (l.seq, l.hash.clone()));
-        write_offset(&dir, seg, off + consumed)?;
-        spool.shipped(consumed);
-        if let Some((seq, hash)) = head {
-            write_head(&dir, seq, &hash)?;
-            meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
+        if let Some(l) = lines.last() {
+            last_head = Some((l.seq, l.hash.clone()));
         }
+        {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || write_offset(&dir, seg, off + consumed)).await??;
+        }
+        spool.shipped(consumed);
         total.records += rows.len();
     }
 }

@@ -245,6 +245,12 @@ impl Spool {
             .segment
     }
 
+    /// The chain's head now: the last seq written and its hash.
+    pub fn head(&self) -> (u64, String) {
+        let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        (w.seq, w.prev_hash.clone())
+    }
+
     /// Bytes not yet shipped.
     pub fn unshipped(&self) -> u64 {
         self.unshipped.load(Ordering::Relaxed)
