@@ -98,9 +98,10 @@ async fn every_call_is_recorded_once_with_its_fields() {
 
     let wanted: Vec<String> = ids.values().cloned().collect();
     let all = shipped(&env, &wanted).await;
-    // Exactly one record per call.
+    // Exactly one record per call, and nothing else.
     let distinct: std::collections::BTreeSet<_> = wanted.iter().collect();
     assert_eq!(distinct.len(), wanted.len());
+    assert_eq!(all.len(), wanted.len(), "one record per call, no more");
     let rec = |k: &str| &all[&ids[k]];
 
     let store = rec("store");
@@ -172,6 +173,46 @@ async fn every_call_is_recorded_once_with_its_fields() {
             !body.contains("binanceKey0"),
             "only the masked hint: {body}"
         );
+    }
+
+    // Export in the seed's format, filtered by tenant.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "audit",
+            "export",
+            "--database-url",
+            &env.db.url(),
+            "--tenant",
+            &tenant,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let exported: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // The unauthenticated call named no tenant the broker could trust.
+    assert_eq!(exported.len(), wanted.len() - 1);
+    for e in &exported {
+        for field in [
+            "timestamp",
+            "event_type",
+            "user",
+            "resource",
+            "action",
+            "result",
+            "ip_address",
+            "user_agent",
+        ] {
+            assert!(e.get(field).is_some(), "{field} in {e}");
+        }
+        assert_eq!(e["tenant_id"], tenant.as_str());
     }
 
     // The chain verifies, and every kind of tampering is named.
