@@ -195,7 +195,8 @@ where
                 .user
                 .unwrap_or_else(|| ("unauthenticated".into(), "none".into()));
             let record = AuditRecord {
-                id: Uuid::now_v7(),
+                // One record per call: the request id is the record's id.
+                id: call.request_id,
                 timestamp,
                 event_type: event_type(code, &action).into(),
                 user,

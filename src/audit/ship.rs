@@ -14,10 +14,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    AuditRecord,
-    spool::{ChainedRecord, Spool, segment_path, segments, write_head},
-};
+use super::spool::{ChainedRecord, Spool, segment_path, segments, write_head};
 use crate::broker::ports::{AuditRow, MetadataStore};
 
 /// Lines shipped per batch at most.
@@ -102,14 +99,14 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
             }
             return Ok(total);
         }
-        let rows = lines
-            .iter()
-            .map(to_row)
-            .collect::<anyhow::Result<Vec<AuditRow>>>()?;
-        meta.ship_audit(&rows).await?;
         if let Some(l) = lines.last() {
             last_head = Some((l.seq, l.hash.clone()));
         }
+        let rows = lines
+            .into_iter()
+            .map(to_row)
+            .collect::<anyhow::Result<Vec<AuditRow>>>()?;
+        meta.ship_audit(&rows).await?;
         {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || write_offset(&dir, seg, off + consumed)).await??;
@@ -119,17 +116,27 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
     }
 }
 
-fn to_row(l: &ChainedRecord) -> anyhow::Result<AuditRow> {
-    let rec: AuditRecord = serde_json::from_str(&l.body)?;
+/// The columns `audit_log` indexes, read from a record body without
+/// building the whole record.
+#[derive(serde::Deserialize)]
+struct Columns {
+    id: uuid::Uuid,
+    #[serde(with = "time::serde::rfc3339")]
+    timestamp: time::OffsetDateTime,
+    tenant_id: Option<crate::broker::types::TenantId>,
+}
+
+fn to_row(l: ChainedRecord) -> anyhow::Result<AuditRow> {
+    let c: Columns = serde_json::from_str(&l.body)?;
     Ok(AuditRow {
-        id: rec.id,
-        at: rec.timestamp,
-        tenant: rec.tenant_id,
+        id: c.id,
+        at: c.timestamp,
+        tenant: c.tenant_id,
         chain_id: l.chain_id,
         seq: l.seq,
-        prev_hash: l.prev_hash.clone(),
-        hash: l.hash.clone(),
-        body: l.body.clone(),
+        prev_hash: l.prev_hash,
+        hash: l.hash,
+        body: l.body,
     })
 }
 
