@@ -18,7 +18,7 @@ use super::spool::{ChainedRecord, Spool, segment_path, segments, write_head};
 use crate::broker::ports::{AuditRow, MetadataStore};
 
 /// Lines shipped per batch at most.
-const BATCH: usize = 500;
+const BATCH: usize = 2_000;
 /// Bytes read from a segment per batch at most.
 const READ_BYTES: usize = 1024 * 1024;
 

@@ -85,11 +85,11 @@ impl Memory {
             audit: credbroker::config::AuditConfig {
                 enabled: o.audit,
                 spool_dir: pki.path("audit"),
-                fsync_ms: 20,
+                fsync_ms: 50,
                 ship_ms: if o.audit_max_bytes.is_some() {
                     3_600_000
                 } else {
-                    50
+                    200
                 },
                 max_spool_bytes: o.audit_max_bytes.unwrap_or(1 << 30),
             },
