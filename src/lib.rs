@@ -12,6 +12,7 @@ pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
+pub mod backoff;
 pub mod broker;
 pub mod cache;
 pub mod client;

@@ -71,11 +71,21 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
     loop {
         let (seg, off) = read_offset(&dir)?;
         let current = spool.current_segment();
-        let (lines, consumed) = {
+        // Reading and parsing off the async workers: a big batch must not
+        // delay the calls queued behind it.
+        let (rows, consumed) = {
             let dir = dir.clone();
-            tokio::task::spawn_blocking(move || read_lines(&dir, seg, off)).await??
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<AuditRow>, u64)> {
+                let (lines, consumed) = read_lines(&dir, seg, off)?;
+                let rows = lines
+                    .into_iter()
+                    .map(to_row)
+                    .collect::<anyhow::Result<Vec<AuditRow>>>()?;
+                Ok((rows, consumed))
+            })
+            .await??
         };
-        if lines.is_empty() {
+        if rows.is_empty() {
             // Nothing more here: move past a finished segment (keeping the
             // chain head first, in case no segment is left to read it from).
             if seg < current {
@@ -99,13 +109,9 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
             }
             return Ok(total);
         }
-        if let Some(l) = lines.last() {
+        if let Some(l) = rows.last() {
             last_head = Some((l.seq, l.hash.clone()));
         }
-        let rows = lines
-            .into_iter()
-            .map(to_row)
-            .collect::<anyhow::Result<Vec<AuditRow>>>()?;
         meta.ship_audit(&rows).await?;
         {
             let dir = dir.clone();
@@ -172,6 +178,7 @@ pub async fn task_main(
     every: Duration,
     cancel: CancellationToken,
 ) {
+    let mut backoff = crate::backoff::Backoff::new(every, Duration::from_secs(30));
     let mut wait = every;
     loop {
         let stop = tokio::select! {
@@ -179,9 +186,12 @@ pub async fn task_main(
             () = tokio::time::sleep(wait) => false,
         };
         match ship_once(&spool, meta.as_ref()).await {
-            Ok(_) => wait = every,
+            Ok(_) => {
+                backoff.reset();
+                wait = every;
+            }
             Err(e) => {
-                wait = (wait * 2).clamp(every, Duration::from_secs(30));
+                wait = backoff.next_delay();
                 tracing::warn!(
                     unshipped_bytes = spool.unshipped(),
                     retry_in_ms = wait.as_millis() as u64,

@@ -11,10 +11,11 @@
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
+use crate::backoff::Backoff;
+
 use tokio::time::Instant;
 
 use arc_swap::ArcSwap;
-use rand::Rng as _;
 use secrecy::SecretString;
 use time::OffsetDateTime;
 use token::BrokerClient;
@@ -202,7 +203,7 @@ struct Pending {
     min_version: u64,
     /// Refetch even if that version is held (PREVIOUS_EXPIRED).
     force: bool,
-    attempt: u32,
+    backoff: Backoff,
     since: Instant,
     next_at: Instant,
     warned: bool,
@@ -227,7 +228,7 @@ enum SessionEnd {
 
 impl Supervisor {
     async fn run(mut self, cancel: CancellationToken) {
-        let mut backoff = self.cfg.backoff_min;
+        let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
         let mut attempt = 0usize;
         loop {
             let Some(endpoint) = self
@@ -244,17 +245,14 @@ impl Supervisor {
                 SessionEnd::Cancelled => return,
                 SessionEnd::Retry { why, progressed } => {
                     if progressed {
-                        backoff = self.cfg.backoff_min;
+                        backoff.reset();
                     }
-                    // Full jitter: a fleet that lost the same replica does
-                    // not come back in the same millisecond.
-                    let wait = rand::rng().random_range(backoff / 2..=backoff);
+                    let wait = backoff.next_delay();
                     tracing::warn!(%endpoint, retry_in_ms = wait.as_millis() as u64, "credbroker stream ended: {why}");
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(wait) => {}
                     }
-                    backoff = (backoff * 2).min(self.cfg.backoff_max);
                 }
             }
         }
@@ -454,7 +452,7 @@ impl Supervisor {
         let p = self.pending.entry(ex).or_insert(Pending {
             min_version: version,
             force,
-            attempt: 0,
+            backoff: Backoff::new(REFETCH_MIN, REFETCH_MAX),
             since: now,
             next_at: now,
             warned: false,
@@ -555,11 +553,7 @@ impl Supervisor {
         let Some(p) = self.pending.get_mut(&ex) else {
             return;
         };
-        let base = REFETCH_MIN
-            .saturating_mul(1 << p.attempt.min(16))
-            .min(REFETCH_MAX);
-        p.attempt += 1;
-        p.next_at = Instant::now() + rand::rng().random_range(base / 2..=base);
+        p.next_at = Instant::now() + p.backoff.next_delay();
         if !p.warned && p.since.elapsed() >= REFETCH_WARN_AFTER {
             p.warned = true;
             tracing::warn!(exchange = %ex, announced = p.min_version, waited_ms = p.since.elapsed().as_millis() as u64,

@@ -11,7 +11,6 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use rand::Rng as _;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -54,7 +53,8 @@ impl EventListener {
     ) -> anyhow::Result<()> {
         let mut last: Option<u64> = None;
         let mut ready = Some(ready);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             match self.session(&mut last, &mut ready, &cancel).await {
                 Ok(()) => return Ok(()),
@@ -66,12 +66,10 @@ impl EventListener {
                         after_seq = last.unwrap_or(0),
                         "event listener lost PostgreSQL ({e:#}); reconnecting"
                     );
-                    let jitter = rand::rng().random_range(0..=backoff.as_millis() as u64 / 2);
                     tokio::select! {
                         () = cancel.cancelled() => return Ok(()),
-                        () = tokio::time::sleep(backoff + Duration::from_millis(jitter)) => {}
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
