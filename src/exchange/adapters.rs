@@ -118,13 +118,23 @@ fn unavailable(ex: ExchangeId, reason: &str) -> ValidationError {
     }
 }
 
+/// An answer that is not recognisably the exchange's own (a proxy's page,
+/// an empty or cut-off body, the wrong shape): nothing is refused on it,
+/// nothing is stored, no stored key changes status.
+fn not_exchange(ex: ExchangeId, what: &str) -> ValidationError {
+    unavailable(
+        ex,
+        &format!(
+            "no usable answer from the exchange ({what}); nothing was stored or changed, retry later"
+        ),
+    )
+}
+
 fn parse(ex: ExchangeId, body: &str) -> Result<Value, ValidationError> {
-    serde_json::from_str(body).map_err(|_| {
-        unavailable(
-            ex,
-            "the exchange sent an answer that is not JSON; retry later",
-        )
-    })
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .filter(Value::is_object)
+        .ok_or_else(|| not_exchange(ex, "not a JSON object"))
 }
 
 const CLOCK: &str =
@@ -156,7 +166,16 @@ async fn binance(
         let (status, body) = v.send(ex, req).await?;
         let json = parse(ex, &body)?;
         if status != 200 {
-            let code = json["code"].as_i64().unwrap_or(0);
+            // Binance's own refusal: a 4xx with {"code": <negative>, "msg": ...}.
+            let (Some(code), Some(_)) = (json["code"].as_i64(), json["msg"].as_str()) else {
+                return Err(not_exchange(
+                    ex,
+                    &format!("HTTP {status} without Binance's error body"),
+                ));
+            };
+            if code >= 0 || !(400..500).contains(&status) {
+                return Err(not_exchange(ex, &format!("HTTP {status} with code {code}")));
+            }
             return Err(match code {
                 -2014 => rejected(
                     ex,
@@ -173,6 +192,14 @@ async fn binance(
                 -1003 => unavailable(ex, "rate limited by Binance (-1003); retry in a minute"),
                 _ => rejected(ex, code, "Binance refused the key"),
             });
+        }
+        let shaped = if path == "/api/v3/account" {
+            json["balances"].is_array()
+        } else {
+            json["enableReading"].is_boolean()
+        };
+        if !shaped {
+            return Err(not_exchange(ex, "an answer of the wrong shape"));
         }
         last = json;
     }
@@ -228,7 +255,13 @@ async fn bybit(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions
             ));
         }
         let json = parse(ex, &body)?;
-        let code = json["retCode"].as_i64().unwrap_or(-1);
+        // Bybit's own answers always carry an integer retCode and a retMsg.
+        let (Some(code), Some(_)) = (json["retCode"].as_i64(), json["retMsg"].as_str()) else {
+            return Err(not_exchange(
+                ex,
+                &format!("HTTP {status} without Bybit's retCode"),
+            ));
+        };
         if code != 0 {
             return Err(match code {
                 10003 => rejected(ex, code, BAD_KEY),
@@ -239,6 +272,9 @@ async fn bybit(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions
                 10006 => unavailable(ex, "rate limited by Bybit (10006); retry in a minute"),
                 _ => rejected(ex, code, "Bybit refused the key"),
             });
+        }
+        if !json["result"].is_object() {
+            return Err(not_exchange(ex, "an answer of the wrong shape"));
         }
         last = json["result"].clone();
     }
@@ -304,9 +340,18 @@ async fn okx(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions, 
                 ("OK-ACCESS-PASSPHRASE", pass.clone()),
             ],
         );
-        let (_, body) = v.send(ex, req).await?;
+        let (status, body) = v.send(ex, req).await?;
         let json = parse(ex, &body)?;
-        let code = json["code"].as_str().unwrap_or("-1");
+        // OKX's own answers: {"code": "<digits>", "msg": ..., "data": [...]}.
+        let code = match (json["code"].as_str(), json["msg"].as_str()) {
+            (Some(c), Some(_)) if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) => c,
+            _ => {
+                return Err(not_exchange(
+                    ex,
+                    &format!("HTTP {status} without OKX's code"),
+                ));
+            }
+        };
         if code != "0" {
             return Err(match code {
                 "50111" => rejected(ex, code, BAD_KEY),
@@ -322,6 +367,11 @@ async fn okx(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions, 
                 "50011" => unavailable(ex, "rate limited by OKX (50011); retry in a minute"),
                 _ => rejected(ex, code, "OKX refused the key"),
             });
+        }
+        if !json["data"].is_array()
+            || (path == "/api/v5/account/config" && !json["data"][0].is_object())
+        {
+            return Err(not_exchange(ex, "an answer of the wrong shape"));
         }
         last = json["data"][0].clone();
     }
@@ -435,6 +485,8 @@ async fn coinbase(
         (Some(h), None) => h.to_owned(),
         (None, _) => return Err(unavailable(ex, "the configured base URL has no host")),
     };
+    // The JWT names the path the request really goes to, prefix included.
+    let prefix = ep.base.path().trim_end_matches('/').to_owned();
     let mut last = Value::Null;
     for path in [
         "/api/v3/brokerage/accounts",
@@ -445,7 +497,7 @@ async fn coinbase(
         let jwt = coinbase_jwt(
             &set.api_key,
             &key,
-            &signing::coinbase_uri("GET", &host, path),
+            &signing::coinbase_uri("GET", &host, &format!("{prefix}{path}")),
             now,
             &nonce,
         )
@@ -455,17 +507,40 @@ async fn coinbase(
             vec![("Authorization", format!("Bearer {jwt}"))],
         );
         let (status, body) = v.send(ex, req).await?;
+        // Coinbase's own refusals: 401 with its plain "Unauthorized" body,
+        // 401/403 with its JSON error ({"error": ..., "message": ...}).
+        let coinbase_error = || {
+            serde_json::from_str::<Value>(&body)
+                .ok()
+                .is_some_and(|j| j["error"].is_string() && j["message"].is_string())
+        };
         match status {
-            200 => last = parse(ex, &body)?,
-            401 => {
+            200 => {
+                let json = parse(ex, &body)?;
+                let shaped = if path.ends_with("/accounts") {
+                    json["accounts"].is_array()
+                } else {
+                    json["can_view"].is_boolean()
+                };
+                if !shaped {
+                    return Err(not_exchange(ex, "an answer of the wrong shape"));
+                }
+                last = json;
+            }
+            401 if body.trim() == "Unauthorized" || coinbase_error() => {
                 return Err(rejected(
                     ex,
                     401,
                     "Unauthorized: the key name or private key is wrong, the key was deleted, or the broker's clock is off",
                 ));
             }
-            403 => return Err(rejected(ex, 403, NO_PERMISSION)),
-            other => return Err(rejected(ex, other, "Coinbase refused the key")),
+            403 if coinbase_error() => return Err(rejected(ex, 403, NO_PERMISSION)),
+            other => {
+                return Err(not_exchange(
+                    ex,
+                    &format!("HTTP {other} without Coinbase's error body"),
+                ));
+            }
         }
     }
     let b = |k: &str| last[k].as_bool().unwrap_or(false);
@@ -500,13 +575,28 @@ async fn kraken(
             headers: vec![("API-Key", set.api_key.clone()), ("API-Sign", sig)],
             body: Some(("application/x-www-form-urlencoded", body)),
         };
-        let (_, text) = v.send(ex, req).await?;
+        let (status, text) = v.send(ex, req).await?;
+        // Kraken's own answers: HTTP 200, an `error` array, and on success a
+        // `result` object; its errors read "<E|W><Category>:<message>".
+        if status != 200 {
+            return Err(not_exchange(ex, &format!("HTTP {status}")));
+        }
         let json = parse(ex, &text)?;
-        if let Some(err) = json["error"]
-            .as_array()
-            .and_then(|a| a.first())
-            .and_then(Value::as_str)
-        {
+        let Some(errors) = json["error"].as_array() else {
+            return Err(not_exchange(ex, "an answer without Kraken's error array"));
+        };
+        if let Some(first) = errors.first() {
+            let err = first
+                .as_str()
+                .filter(|e| {
+                    e.split_once(':').is_some_and(|(cat, msg)| {
+                        !msg.is_empty()
+                            && cat.len() > 1
+                            && cat.starts_with(['E', 'W'])
+                            && cat.bytes().all(|b| b.is_ascii_alphabetic())
+                    })
+                })
+                .ok_or_else(|| not_exchange(ex, "an error that is not Kraken's"))?;
             return Err(match err {
                 "EAPI:Invalid key" => rejected(ex, err, BAD_KEY),
                 "EAPI:Invalid signature" => rejected(ex, err, BAD_SECRET),
@@ -526,6 +616,9 @@ async fn kraken(
                 e if e.contains("IP") => rejected(ex, err, IP),
                 _ => rejected(ex, err, "Kraken refused the key"),
             });
+        }
+        if !json["result"].is_object() {
+            return Err(not_exchange(ex, "an answer of the wrong shape"));
         }
         last = json["result"].clone();
     }
@@ -578,9 +671,22 @@ async fn kucoin(
                 ("KC-API-KEY-VERSION", "2".into()),
             ],
         );
-        let (_, body) = v.send(ex, req).await?;
+        let (status, body) = v.send(ex, req).await?;
         let json = parse(ex, &body)?;
-        let code = json["code"].as_str().unwrap_or("-1");
+        // KuCoin's own answers: {"code": "<6 digits>", "data": ...} on
+        // success, {"code": ..., "msg": ...} on refusal.
+        let code = match json["code"].as_str() {
+            Some(c) if c.len() == 6 && c.bytes().all(|b| b.is_ascii_digit()) => c,
+            _ => {
+                return Err(not_exchange(
+                    ex,
+                    &format!("HTTP {status} without KuCoin's code"),
+                ));
+            }
+        };
+        if code != "200000" && !json["msg"].is_string() {
+            return Err(not_exchange(ex, "a refusal without KuCoin's message"));
+        }
         if code != "200000" {
             return Err(match code {
                 "400003" => rejected(ex, code, BAD_KEY),
@@ -591,6 +697,9 @@ async fn kucoin(
                 "429000" => unavailable(ex, "rate limited by KuCoin (429000); retry in a minute"),
                 _ => rejected(ex, code, "KuCoin refused the key"),
             });
+        }
+        if json["data"].is_null() {
+            return Err(not_exchange(ex, "an answer of the wrong shape"));
         }
         last = json["data"].clone();
     }

@@ -131,6 +131,19 @@ impl ExchangeValidator {
                 .unwrap_or_else(|| ExchangeEndpoint::mainnet(ex));
             let base = url::Url::parse(&ep.base_url)
                 .map_err(|e| format!("exchanges.{ex}.base_url: not a URL ({e})"))?;
+            // A base URL that cannot work stops start-up; a path (a gateway
+            // prefix) is kept in front of every request path.
+            if !matches!(base.scheme(), "http" | "https")
+                || base.host_str().is_none()
+                || base.query().is_some()
+                || base.fragment().is_some()
+                || !base.username().is_empty()
+                || base.password().is_some()
+            {
+                return Err(format!(
+                    "exchanges.{ex}.base_url: must be http(s)://host[:port][/path] without credentials, query or fragment"
+                ));
+            }
             let rpm = NonZeroU32::new(ep.requests_per_minute)
                 .ok_or_else(|| format!("exchanges.{ex}.requests_per_minute: must be at least 1"))?;
             out.insert(
@@ -195,13 +208,17 @@ impl ExchangeValidator {
                 reason: "the broker's own request budget for this exchange is spent (it protects the broker's IP from bans); retry in a minute".into(),
             });
         }
-        let url = ep
-            .base
-            .join(&req.path_and_query)
-            .map_err(|e| ValidationError::Unavailable {
-                exchange: ex.as_str(),
-                reason: format!("bad request URL: {e}"),
-            })?;
+        // The base URL's path is a prefix (`https://gateway/binance` +
+        // `/api/v3/account`), never cut off.
+        let url = url::Url::parse(&format!(
+            "{}{}",
+            ep.base.as_str().trim_end_matches('/'),
+            req.path_and_query
+        ))
+        .map_err(|e| ValidationError::Unavailable {
+            exchange: ex.as_str(),
+            reason: format!("bad request URL: {e}"),
+        })?;
         let mut rb = self
             .http
             .request(req.method.clone(), url)

@@ -578,3 +578,151 @@ proptest::proptest! {
         proptest::prop_assert!(logs.contains("validating"), "the capture saw nothing");
     }
 }
+
+/// A loopback stand-in for a proxy or a misrouted request: answers every
+/// request with `response` and records the request paths.
+async fn impostor(response: &'static str) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let paths = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = paths.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(path) = head.split_whitespace().nth(1) {
+                    seen.lock().unwrap().push(path.to_owned());
+                }
+                let _ = s.write_all(response.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (format!("http://{addr}"), paths)
+}
+
+/// Only the exchange itself may refuse a key: a proxy's 404, an HTML 502 or
+/// 403, an empty or cut-off 200, a body of the wrong shape, an auth proxy's
+/// 401 — on every exchange, each is UNAVAILABLE ("no usable answer"), never
+/// a refusal.
+#[tokio::test]
+async fn only_the_exchange_itself_may_refuse_a_key() {
+    let sims = Simulators::start().await.unwrap();
+    const NON_ANSWERS: [(&str, &str); 7] = [
+        (
+            "proxy 404",
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 21\r\nconnection: close\r\n\r\n{\"error\":\"not found\"}",
+        ),
+        (
+            "HTML 502",
+            "HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/html\r\ncontent-length: 13\r\nconnection: close\r\n\r\n<html></html>",
+        ),
+        (
+            "HTML 403",
+            "HTTP/1.1 403 Forbidden\r\ncontent-type: text/html\r\ncontent-length: 13\r\nconnection: close\r\n\r\n<html></html>",
+        ),
+        (
+            "empty 200",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        ),
+        (
+            "truncated JSON",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 8\r\nconnection: close\r\n\r\n{\"code\":",
+        ),
+        (
+            "wrong shape",
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"ok\":true}",
+        ),
+        (
+            "auth proxy 401",
+            "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\ncontent-length: 26\r\nconnection: close\r\n\r\n{\"message\":\"unauthorized\"}",
+        ),
+    ];
+    let tenant: TenantId = new_tenant().parse().unwrap();
+    for (what, response) in NON_ANSWERS {
+        let (base, _) = impostor(response).await;
+        let endpoints: BTreeMap<ExchangeId, ExchangeEndpoint> = ExchangeId::ALL
+            .into_iter()
+            .map(|ex| {
+                let mut ep = ExchangeEndpoint::mainnet(ex);
+                ep.base_url = base.clone();
+                ep.timeout_ms = 2000;
+                (ex, ep)
+            })
+            .collect();
+        let v = ExchangeValidator::new(
+            &endpoints,
+            WithdrawPolicy::default(),
+            Arc::new(credbroker::clock::SystemClock),
+        )
+        .unwrap();
+        for ex in ExchangeId::ALL {
+            let (key, secret, pass) = register(&sims, ex, "impostor", false);
+            let set = CredentialSet {
+                api_key: key,
+                api_secret: SecretString::from(secret),
+                passphrase: pass.map(SecretString::from),
+            };
+            match v.validate(tenant, ex, &set).await {
+                Err(ValidationError::Unavailable { .. }) => {}
+                other => panic!("{what} on {ex}: {other:?}"),
+            }
+        }
+    }
+}
+
+/// A base URL with a path keeps it in front of every request; one that
+/// cannot work stops start-up naming the key.
+#[tokio::test]
+async fn base_url_paths_are_kept_and_bad_base_urls_refused() {
+    let (base, paths) =
+        impostor("HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+            .await;
+    let mut endpoints = BTreeMap::new();
+    let mut ep = ExchangeEndpoint::mainnet(ExchangeId::Binance);
+    ep.base_url = format!("{base}/gateway/binance");
+    endpoints.insert(ExchangeId::Binance, ep);
+    let v = ExchangeValidator::new(
+        &endpoints,
+        WithdrawPolicy::default(),
+        Arc::new(credbroker::clock::SystemClock),
+    )
+    .unwrap();
+    let set = CredentialSet {
+        api_key: "bnKeyPath0000000000".into(),
+        api_secret: SecretString::from("bnSecretPath000000000"),
+        passphrase: None,
+    };
+    let tenant: TenantId = new_tenant().parse().unwrap();
+    assert!(v.validate(tenant, ExchangeId::Binance, &set).await.is_err());
+    let seen = paths.lock().unwrap().clone();
+    assert!(
+        seen.first()
+            .is_some_and(|p| p.starts_with("/gateway/binance/api/v3/account?")),
+        "{seen:?}"
+    );
+    for bad in [
+        "ftp://host/x",
+        "https://user:pw@host",
+        "https://host/?q=1",
+        "https://host/#f",
+        "not a url",
+    ] {
+        let mut endpoints = BTreeMap::new();
+        let mut ep = ExchangeEndpoint::mainnet(ExchangeId::Kraken);
+        ep.base_url = bad.into();
+        endpoints.insert(ExchangeId::Kraken, ep);
+        let e = ExchangeValidator::new(
+            &endpoints,
+            WithdrawPolicy::default(),
+            Arc::new(credbroker::clock::SystemClock),
+        )
+        .err()
+        .unwrap_or_else(|| panic!("{bad} accepted"));
+        assert!(e.contains("exchanges.kraken.base_url"), "{e}");
+    }
+}
