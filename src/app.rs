@@ -206,6 +206,12 @@ pub fn validator(
                     .copied()
                     .map(TenantId::new)
                     .collect(),
+                required: cfg.required_permissions.clone(),
+                required_by_tenant: cfg
+                    .tenant_required_permissions
+                    .iter()
+                    .map(|(t, r)| (TenantId::new(*t), r.clone()))
+                    .collect(),
             };
             Arc::new(
                 ExchangeValidator::new(&cfg.exchanges, policy, clock)

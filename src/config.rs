@@ -193,6 +193,11 @@ pub struct ValidationConfig {
     pub mode: ValidationMode,
     /// Tenants allowed to store keys that can withdraw funds.
     pub allow_withdraw_tenants: Vec<uuid::Uuid>,
+    /// Permissions every key must have (`read`, `trade`, `transfer`).
+    pub required_permissions: Vec<crate::exchange::RequiredPermission>,
+    /// Per-tenant requirements (a trading tenant: `["read", "trade"]`).
+    pub tenant_required_permissions:
+        std::collections::BTreeMap<uuid::Uuid, Vec<crate::exchange::RequiredPermission>>,
     /// Per-exchange endpoints (mainnet unless set: testnets, demo, proxies).
     pub exchanges: std::collections::BTreeMap<
         crate::broker::types::ExchangeId,
@@ -205,6 +210,8 @@ impl Default for ValidationConfig {
         Self {
             mode: ValidationMode::Exchange,
             allow_withdraw_tenants: Vec::new(),
+            required_permissions: vec![crate::exchange::RequiredPermission::Read],
+            tenant_required_permissions: std::collections::BTreeMap::new(),
             exchanges: std::collections::BTreeMap::new(),
         }
     }

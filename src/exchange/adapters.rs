@@ -90,11 +90,12 @@ pub fn check_exchange_format(ex: ExchangeId, set: &CredentialSet) -> Result<(), 
 /// `Rejected` or `Unavailable` as the exchange answers.
 pub async fn probe(
     v: &ExchangeValidator,
+    tenant: crate::broker::types::TenantId,
     ex: ExchangeId,
     set: &CredentialSet,
 ) -> Result<Permissions, ValidationError> {
     match ex {
-        ExchangeId::Binance => binance(v, set).await,
+        ExchangeId::Binance => binance(v, tenant, set).await,
         ExchangeId::Bybit => bybit(v, set).await,
         ExchangeId::Okx => okx(v, set).await,
         ExchangeId::Coinbase => coinbase(v, set).await,
@@ -152,6 +153,7 @@ const NO_PERMISSION: &str =
 
 async fn binance(
     v: &ExchangeValidator,
+    tenant: crate::broker::types::TenantId,
     set: &CredentialSet,
 ) -> Result<Permissions, ValidationError> {
     let ex = ExchangeId::Binance;
@@ -200,6 +202,11 @@ async fn binance(
         };
         if !shaped {
             return Err(not_exchange(ex, "an answer of the wrong shape"));
+        }
+        // The account answer already says whether the key can withdraw:
+        // refuse it before spending a second request.
+        if json["canWithdraw"].as_bool() == Some(true) && !v.policy.may_withdraw(tenant) {
+            return Err(super::withdraw_refused(ex));
         }
         last = json;
     }

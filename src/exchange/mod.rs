@@ -84,11 +84,63 @@ impl ExchangeEndpoint {
     }
 }
 
-/// Who may store keys that can withdraw funds.
+/// A permission a tenant can require of its keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequiredPermission {
+    /// Read balances and orders.
+    Read,
+    /// Place and cancel orders.
+    Trade,
+    /// Move funds between accounts.
+    Transfer,
+}
+
+impl RequiredPermission {
+    fn held_by(self, p: &Permissions) -> bool {
+        match self {
+            Self::Read => p.read,
+            Self::Trade => p.trade,
+            Self::Transfer => p.transfer,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Trade => "trade",
+            Self::Transfer => "transfer",
+        }
+    }
+}
+
+/// What a key must (not) be allowed to do.
 #[derive(Clone, Debug, Default)]
 pub struct WithdrawPolicy {
     /// Tenants explicitly allowed to store withdrawal-enabled keys.
     pub allowed_tenants: BTreeSet<TenantId>,
+    /// Permissions every key must have.
+    pub required: Vec<RequiredPermission>,
+    /// Per-tenant requirements, instead of `required`.
+    pub required_by_tenant: BTreeMap<TenantId, Vec<RequiredPermission>>,
+}
+
+impl WithdrawPolicy {
+    /// Whether `tenant` may store a key that can withdraw.
+    pub fn may_withdraw(&self, tenant: TenantId) -> bool {
+        self.allowed_tenants.contains(&tenant)
+    }
+}
+
+/// The refusal of a withdrawal-enabled key.
+pub(crate) fn withdraw_refused(ex: ExchangeId) -> ValidationError {
+    ValidationError::Rejected {
+        exchange: ex.as_str(),
+        code: Some("withdraw_enabled".into()),
+        reason: "this key can withdraw funds; create a key without withdrawal permission \
+                 (or have an operator allow withdrawal keys for this tenant)"
+            .into(),
+    }
 }
 
 struct Endpoint {
@@ -280,13 +332,22 @@ impl ExchangeValidator {
         ex: ExchangeId,
         p: &Permissions,
     ) -> Result<(), ValidationError> {
-        if p.withdraw && !self.policy.allowed_tenants.contains(&tenant) {
+        if p.withdraw && !self.policy.may_withdraw(tenant) {
+            return Err(withdraw_refused(ex));
+        }
+        let required = self
+            .policy
+            .required_by_tenant
+            .get(&tenant)
+            .unwrap_or(&self.policy.required);
+        if let Some(missing) = required.iter().find(|r| !r.held_by(p)) {
             return Err(ValidationError::Rejected {
                 exchange: ex.as_str(),
-                code: Some("withdraw_enabled".into()),
-                reason: "this key can withdraw funds; create a key without withdrawal permission \
-                         (or have an operator allow withdrawal keys for this tenant)"
-                    .into(),
+                code: Some("missing_permission".into()),
+                reason: format!(
+                    "this key lacks the `{}` permission this tenant requires; create a key with it",
+                    missing.name()
+                ),
             });
         }
         if !p.ip_restricted {
@@ -307,7 +368,7 @@ impl CredentialValidator for ExchangeValidator {
         check_format(exchange, set)?;
         adapters::check_exchange_format(exchange, set)?;
         let started = std::time::Instant::now();
-        let permissions = adapters::probe(self, exchange, set).await?;
+        let permissions = adapters::probe(self, tenant, exchange, set).await?;
         tracing::debug!(exchange = %exchange, elapsed_ms = started.elapsed().as_millis() as u64, "key validated against the exchange");
         self.apply_policy(tenant, exchange, &permissions)?;
         Ok(permissions)

@@ -240,7 +240,13 @@ fn answer(ex: ExchangeId, path: &str, key: &SimKey) -> Response {
     let (status, body) = match (ex, path) {
         (ExchangeId::Binance, "/api/v3/account") => (
             200,
-            json!({"canTrade": true, "accountType": "SPOT", "balances": []}),
+            json!({
+                "canTrade": perms["enableSpotAndMarginTrading"],
+                "canWithdraw": perms["enableWithdrawals"],
+                "canDeposit": true,
+                "accountType": "SPOT",
+                "balances": []
+            }),
         ),
         (ExchangeId::Binance, "/sapi/v1/account/apiRestrictions") => (200, perms),
         (ExchangeId::Bybit, "/v5/account/wallet-balance") => (

@@ -34,6 +34,7 @@ async fn env_with(sims: &Simulators, allow_withdraw: Vec<uuid::Uuid>) -> Env {
             mode: ValidationMode::Exchange,
             allow_withdraw_tenants: allow_withdraw,
             exchanges: endpoints(sims),
+            ..ValidationConfig::default()
         }),
         ..EnvOptions::default()
     })
@@ -724,5 +725,78 @@ async fn base_url_paths_are_kept_and_bad_base_urls_refused() {
         .err()
         .unwrap_or_else(|| panic!("{bad} accepted"));
         assert!(e.contains("exchanges.kraken.base_url"), "{e}");
+    }
+}
+
+/// Per-tenant required permissions: a read-only key is refused where
+/// trading is required, naming the missing permission; a withdrawal key on
+/// Binance is refused after the first request (the account answer already
+/// shows it), before a second one is spent.
+#[tokio::test]
+async fn required_permissions_and_early_withdraw_refusal() {
+    let sims = Simulators::start().await.unwrap();
+    let trading: TenantId = new_tenant().parse().unwrap();
+    let other: TenantId = new_tenant().parse().unwrap();
+    let mut required_by_tenant = BTreeMap::new();
+    required_by_tenant.insert(
+        trading,
+        vec![
+            credbroker::exchange::RequiredPermission::Read,
+            credbroker::exchange::RequiredPermission::Trade,
+        ],
+    );
+    let policy = WithdrawPolicy {
+        required: vec![credbroker::exchange::RequiredPermission::Read],
+        required_by_tenant,
+        ..WithdrawPolicy::default()
+    };
+    let v = ExchangeValidator::new(
+        &endpoints(&sims),
+        policy,
+        Arc::new(credbroker::clock::SystemClock),
+    )
+    .unwrap();
+    // A Coinbase key that can view but not trade.
+    let (key, secret, _) = register(&sims, ExchangeId::Coinbase, "readonly", false);
+    sims.update_key(ExchangeId::Coinbase, &key, |k| {
+        k.permissions =
+            serde_json::json!({"can_view": true, "can_trade": false, "can_transfer": false});
+    });
+    let set = CredentialSet {
+        api_key: key,
+        api_secret: SecretString::from(secret),
+        passphrase: None,
+    };
+    match v.validate(trading, ExchangeId::Coinbase, &set).await {
+        Err(ValidationError::Rejected { code, reason, .. }) => {
+            assert_eq!(code.as_deref(), Some("missing_permission"));
+            assert!(reason.contains("`trade`"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        v.validate(other, ExchangeId::Coinbase, &set).await.is_ok(),
+        "read is enough elsewhere"
+    );
+
+    // One request a minute for Binance: a second request would be refused
+    // by the budget (UNAVAILABLE), so a withdraw refusal proves it was not made.
+    let one = ExchangeValidator::new(
+        &sims.endpoints(1000, 1),
+        WithdrawPolicy::default(),
+        Arc::new(credbroker::clock::SystemClock),
+    )
+    .unwrap();
+    let (key, secret, _) = register(&sims, ExchangeId::Binance, "withdraw", true);
+    let set = CredentialSet {
+        api_key: key,
+        api_secret: SecretString::from(secret),
+        passphrase: None,
+    };
+    match one.validate(other, ExchangeId::Binance, &set).await {
+        Err(ValidationError::Rejected { code, .. }) => {
+            assert_eq!(code.as_deref(), Some("withdraw_enabled"))
+        }
+        other => panic!("{other:?}"),
     }
 }
