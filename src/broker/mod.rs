@@ -616,13 +616,14 @@ struct Loader {
 }
 
 impl Loader {
-    /// Rows read before giving up on a credential that keeps moving under us.
-    const ATTEMPTS: usize = 3;
+    /// Rows read before giving up on a credential that keeps moving under us
+    /// (or a Vault standby that has not caught up with a write yet).
+    const ATTEMPTS: usize = 4;
 
     async fn run(self) -> Result<CachedCredential, BrokerError> {
         let (tenant, exchange) = (self.tenant, self.exchange);
         let mut last_missing = 0;
-        for _ in 0..Self::ATTEMPTS {
+        for attempt in 0..Self::ATTEMPTS {
             let record = self
                 .meta
                 .get(tenant, exchange)
@@ -647,7 +648,13 @@ impl Loader {
                 // A rotation destroyed it after we read the row (an overlap-0
                 // revoke or a rotation inside an overlap): read the row again.
                 Err(SecretStoreError::NotFound { version, .. }) => {
+                    // PostgreSQL says the version exists: either a rotation
+                    // destroyed it since we read the row (the next row read
+                    // moves on), or a Vault standby lags the write (a short
+                    // wait lets it catch up). Only a version missing every
+                    // time is reported lost.
                     last_missing = version;
+                    tokio::time::sleep(std::time::Duration::from_millis(25 << attempt)).await;
                     continue;
                 }
                 Err(e) => return Err(e.into()),

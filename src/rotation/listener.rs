@@ -54,7 +54,9 @@ impl EventListener {
         let mut last: Option<u64> = None;
         let mut ready = Some(ready);
         let mut backoff =
-            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+            // Capped at 1 s: events flow again within about a second of
+            // PostgreSQL accepting connections.
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         loop {
             match self.session(&mut last, &mut ready, &cancel).await {
                 Ok(()) => return Ok(()),

@@ -442,3 +442,72 @@ async fn rate_limits_hold_for_the_whole_deployment() {
     assert_eq!(admitted, 4, "the deployment admits the configured limit");
     b.stop().await.unwrap();
 }
+
+/// A private PostgreSQL stopped and started again: the event listener is
+/// back within about a second of PostgreSQL accepting connections (its
+/// reconnect backoff is capped at 1 s), so a rotation committed right after
+/// the restart reaches a subscriber promptly.
+#[tokio::test]
+async fn events_flow_again_within_a_second_of_postgres_returning() {
+    use crate::support::{Bao, Pki, PrivatePg, config_for};
+    crate::support::init();
+    let pg = PrivatePg::start();
+    let bao = Bao::start().await;
+    let pki = Pki::new();
+    let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
+    let backends = credbroker::app::real_backends(&config).await.unwrap();
+    let mut settings = credbroker::app::settings(&config).unwrap();
+    settings.retire = credbroker::rotation::retire::Schedule::Manual;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = credbroker::app::start(backends, settings, listener)
+        .await
+        .unwrap();
+    let mut c = credbroker::api::pb::credential_broker_client::CredentialBrokerClient::new(
+        pki.channel(running.addr, &[&format!("spiffe://{TD}/operator/ops")])
+            .await,
+    );
+    let tenant = new_tenant();
+    c.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let mut stream = c
+        .watch_rotations(watch_req(&tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_non_heartbeat(&mut stream).await,
+        Message::State(_)
+    ));
+
+    pg.stop();
+    // Long enough for the listener to fail and back off to its ceiling.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pg.pg_ctl_start();
+    let back = std::time::Instant::now();
+    // The first write after the restart (the pool reconnects on demand).
+    let committed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if c.rotate(rotate_n(&tenant, "binance", 1)).await.is_ok() {
+                return std::time::Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("writes work again after the restart");
+    let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
+        panic!("expected the rotation event")
+    };
+    assert_eq!(e.version, 2);
+    let delivered = back.elapsed();
+    eprintln!(
+        "postgres restart: write ok after {:?}, event delivered after {delivered:?}",
+        committed - back
+    );
+    assert!(
+        delivered < Duration::from_millis(2500),
+        "event {delivered:?} after PostgreSQL returned"
+    );
+    running.stop().await.unwrap();
+}
