@@ -420,10 +420,10 @@ impl MetadataStore for MemoryMetadataStore {
         Ok(lock(&self.state).pruned_through)
     }
 
-    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError> {
+    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
         let mut st = lock(&self.state);
         for r in rows {
-            st.audit.entry(r.id).or_insert_with(|| r.clone());
+            st.audit.entry(r.id).or_insert(r);
         }
         // Dev mode keeps the newest records only (ids are time-ordered).
         while st.audit.len() > MAX_AUDIT_ROWS {

@@ -135,6 +135,7 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
                 prev_hash: r.prev_hash.clone(),
                 hash: r.hash.clone(),
                 body: r.body.clone(),
+                ..ChainedRecord::default()
             })
             .collect();
         let found = if records.is_empty() {
@@ -186,6 +187,7 @@ mod tests {
                     prev_hash: prev.clone(),
                     hash: hash.clone(),
                     body,
+                    ..ChainedRecord::default()
                 };
                 prev = hash;
                 r

@@ -18,7 +18,7 @@ pub mod layer;
 pub mod ship;
 pub mod spool;
 
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -40,17 +40,17 @@ pub struct AuditRecord {
     pub timestamp: OffsetDateTime,
     /// secret_access, secret_write, metadata_access, auth_failure,
     /// permission_denied, rate_limited, system.
-    pub event_type: String,
+    pub event_type: Cow<'static, str>,
     /// Who acted.
     pub user: String,
     /// Their role (or "system").
-    pub role: String,
+    pub role: Cow<'static, str>,
     /// What was touched, e.g. `binance_api_key`.
-    pub resource: String,
+    pub resource: Cow<'static, str>,
     /// The RPC or job.
-    pub action: String,
+    pub action: Cow<'static, str>,
     /// success, failure or denied.
-    pub result: String,
+    pub result: Cow<'static, str>,
     /// Peer address.
     pub ip_address: Option<String>,
     /// Client's user agent.
@@ -66,7 +66,7 @@ pub struct AuditRecord {
     /// W3C trace id, when the caller sent `traceparent`.
     pub trace_id: Option<String>,
     /// gRPC status code name.
-    pub grpc_code: String,
+    pub grpc_code: Cow<'static, str>,
     /// Time to the response.
     pub duration_ms: f64,
     /// Masked key of the set written, if any.
@@ -86,12 +86,12 @@ impl AuditRecord {
         Self {
             id: Uuid::now_v7(),
             timestamp: now,
-            event_type: "system".into(),
+            event_type: Cow::Borrowed("system"),
             user: format!("system:{job}"),
-            role: "system".into(),
-            resource: format!("{exchange}_api_key"),
-            action: action.into(),
-            result: "success".into(),
+            role: Cow::Borrowed("system"),
+            resource: Cow::Owned(format!("{exchange}_api_key")),
+            action: Cow::Owned(action.to_owned()),
+            result: Cow::Borrowed("success"),
             ip_address: None,
             user_agent: None,
             tenant_id: Some(tenant),
@@ -99,7 +99,7 @@ impl AuditRecord {
             versions,
             request_id: Uuid::now_v7(),
             trace_id: None,
-            grpc_code: "OK".into(),
+            grpc_code: Cow::Borrowed("OK"),
             duration_ms: 0.0,
             key_hint: None,
         }

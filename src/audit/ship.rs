@@ -112,13 +112,14 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
         if let Some(l) = rows.last() {
             last_head = Some((l.seq, l.hash.clone()));
         }
-        meta.ship_audit(&rows).await?;
+        let shipped = rows.len();
+        meta.ship_audit(rows).await?;
         {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || write_offset(&dir, seg, off + consumed)).await??;
         }
         spool.shipped(consumed);
-        total.records += rows.len();
+        total.records += shipped;
     }
 }
 
@@ -133,11 +134,23 @@ struct Columns {
 }
 
 fn to_row(l: ChainedRecord) -> anyhow::Result<AuditRow> {
-    let c: Columns = serde_json::from_str(&l.body)?;
+    // The spool repeats the columns outside the body; older lines (or a
+    // line without them) are read from the body.
+    let (id, at, tenant) = match (
+        l.id,
+        l.at_nanos
+            .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).ok()),
+    ) {
+        (Some(id), Some(at)) => (id, at, l.tenant_id),
+        _ => {
+            let c: Columns = serde_json::from_str(&l.body)?;
+            (c.id, c.timestamp, c.tenant_id)
+        }
+    };
     Ok(AuditRow {
-        id: c.id,
-        at: c.timestamp,
-        tenant: c.tenant_id,
+        id,
+        at,
+        tenant,
         chain_id: l.chain_id,
         seq: l.seq,
         prev_hash: l.prev_hash,

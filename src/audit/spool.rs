@@ -34,7 +34,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// One spool line: a record's canonical JSON and its chain link. The body
 /// is embedded as raw JSON (not an escaped string), and read back byte for
 /// byte, so what is hashed is exactly what is stored.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChainedRecord {
     /// The replica's chain.
     pub chain_id: Uuid,
@@ -47,6 +47,16 @@ pub struct ChainedRecord {
     /// The record's canonical JSON (exactly the bytes hashed).
     #[serde(with = "raw_json")]
     pub body: String,
+    /// The record's id, repeated outside the body so shipping need not
+    /// parse the body (not covered by the hash: the body is).
+    #[serde(default)]
+    pub id: Option<Uuid>,
+    /// The record's time in Unix nanoseconds, likewise.
+    #[serde(default)]
+    pub at_nanos: Option<i64>,
+    /// The record's tenant, likewise.
+    #[serde(default)]
+    pub tenant_id: Option<crate::broker::types::TenantId>,
 }
 
 /// (De)serializes a string holding JSON as that JSON, verbatim.
@@ -269,7 +279,6 @@ impl Spool {
     }
 
     fn append_line(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let body = serde_json::to_string(record).map_err(|e| AuditError::Io(e.to_string()))?;
         let unshipped = self.unshipped();
         if unshipped >= self.max_bytes {
             return Err(AuditError::Full(unshipped));
@@ -281,6 +290,15 @@ impl Spool {
                 "audit spool is over 80 % full: PostgreSQL has not taken records for a while; calls will be refused when it is full"
             );
         }
+        // The line by hand, the body first and serialized straight into it
+        // (canonical JSON, embedded verbatim, exactly as `ChainedRecord`
+        // reads it back); the chain fields follow once the hash is known.
+        let mut bytes = Vec::with_capacity(1024);
+        bytes.extend_from_slice(b"{\"body\":");
+        let start = bytes.len();
+        serde_json::to_writer(&mut bytes, record).map_err(|e| AuditError::Io(e.to_string()))?;
+        let end = bytes.len();
+        let at_nanos = i64::try_from(record.timestamp.unix_timestamp_nanos()).unwrap_or(i64::MAX);
         let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if w.len >= SEGMENT_BYTES {
             let next = w.segment + 1;
@@ -295,16 +313,21 @@ impl Spool {
             w.len = 0;
         }
         let seq = w.seq + 1;
-        let hash = link_hash(self.chain_id, seq, &w.prev_hash, &body);
-        // The line by hand: the body is already canonical JSON (serde's own
-        // output), embedded verbatim, exactly as `ChainedRecord` reads it.
+        let body =
+            std::str::from_utf8(&bytes[start..end]).map_err(|e| AuditError::Io(e.to_string()))?;
+        let hash = link_hash(self.chain_id, seq, &w.prev_hash, body);
         let prev_hash = std::mem::take(&mut w.prev_hash);
-        let mut bytes = Vec::with_capacity(body.len() + 256);
-        let _ = writeln!(
+        let _ = write!(
             bytes,
-            "{{\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"body\":{body}}}",
-            self.chain_id
+            ",\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"id\":\"{}\",\"at_nanos\":{at_nanos}",
+            self.chain_id, record.id
         );
+        match record.tenant_id {
+            Some(t) => {
+                let _ = writeln!(bytes, ",\"tenant_id\":\"{t}\"}}");
+            }
+            None => bytes.extend_from_slice(b"}\n"),
+        }
         // One write of the whole line: the OS has it when this returns.
         if let Err(e) = w.file.write_all(&bytes) {
             w.prev_hash = prev_hash;

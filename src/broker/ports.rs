@@ -322,7 +322,7 @@ pub trait MetadataStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError>;
+    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError>;
 
     /// Records the head of an audit chain (an anchor).
     ///

@@ -756,19 +756,33 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
-    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError> {
+    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
         if rows.is_empty() {
             return Ok(());
         }
-        let ids: Vec<uuid::Uuid> = rows.iter().map(|r| r.id).collect();
-        let chains: Vec<uuid::Uuid> = rows.iter().map(|r| r.chain_id).collect();
-        let seqs: Vec<i64> = rows.iter().map(|r| to_i64(r.seq)).collect();
-        let prevs: Vec<String> = rows.iter().map(|r| r.prev_hash.clone()).collect();
-        let hashes: Vec<String> = rows.iter().map(|r| r.hash.clone()).collect();
-        let ats: Vec<OffsetDateTime> = rows.iter().map(|r| r.at).collect();
-        let tenants: Vec<Option<uuid::Uuid>> =
-            rows.iter().map(|r| r.tenant.map(|t| t.as_uuid())).collect();
-        let bodies: Vec<String> = rows.iter().map(|r| r.body.clone()).collect();
+        let n = rows.len();
+        let (mut ids, mut chains, mut seqs, mut ats, mut tenants) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut prevs, mut hashes, mut bodies) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for r in rows {
+            ids.push(r.id);
+            chains.push(r.chain_id);
+            seqs.push(to_i64(r.seq));
+            ats.push(r.at);
+            tenants.push(r.tenant.map(|t| t.as_uuid()));
+            prevs.push(r.prev_hash);
+            hashes.push(r.hash);
+            bodies.push(r.body);
+        }
         self.in_tx(Scope::System, |tx| {
             Box::pin(async move {
                 // One statement per batch; a record already shipped (a batch

@@ -107,10 +107,10 @@ async fn every_call_is_recorded_once_with_its_fields() {
     let store = rec("store");
     assert_eq!(
         (
-            store.event_type.as_str(),
-            store.action.as_str(),
-            store.result.as_str(),
-            store.grpc_code.as_str()
+            store.event_type.as_ref(),
+            store.action.as_ref(),
+            store.result.as_ref(),
+            store.grpc_code.as_ref()
         ),
         ("secret_write", "ValidateAndStore", "success", "OK")
     );
@@ -130,7 +130,7 @@ async fn every_call_is_recorded_once_with_its_fields() {
 
     let get = rec("get1");
     assert_eq!(
-        (get.event_type.as_str(), get.action.as_str()),
+        (get.event_type.as_ref(), get.action.as_ref()),
         ("secret_access", "GetCredentials")
     );
     assert_eq!(get.versions, vec![1]);
@@ -145,9 +145,9 @@ async fn every_call_is_recorded_once_with_its_fields() {
     let denied = rec("denied");
     assert_eq!(
         (
-            denied.event_type.as_str(),
-            denied.result.as_str(),
-            denied.grpc_code.as_str()
+            denied.event_type.as_ref(),
+            denied.result.as_ref(),
+            denied.grpc_code.as_ref()
         ),
         ("permission_denied", "denied", "PERMISSION_DENIED")
     );
@@ -157,8 +157,8 @@ async fn every_call_is_recorded_once_with_its_fields() {
     let unauth = rec("unauthenticated");
     assert_eq!(
         (
-            unauth.event_type.as_str(),
-            unauth.result.as_str(),
+            unauth.event_type.as_ref(),
+            unauth.result.as_ref(),
             unauth.user.as_str()
         ),
         ("auth_failure", "denied", "unauthenticated")

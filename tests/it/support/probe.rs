@@ -206,7 +206,7 @@ impl MetadataStore for ProbeMeta {
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         self.inner.pruned_through().await
     }
-    async fn ship_audit(&self, rows: &[AuditRow]) -> Result<(), MetadataStoreError> {
+    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
         self.inner.ship_audit(rows).await
     }
     async fn anchor_audit(
