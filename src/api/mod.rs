@@ -70,8 +70,9 @@ impl BrokerService {
     /// Admission of one call, in one place and one order: the audit note
     /// learns what is asked, then the caller the auth layer attached passes
     /// [`auth::authorize`] (a denied caller reads and spends nothing), the
-    /// tenant's networks, the tenant's rate limit. Returns the caller and
-    /// the request context the broker carries into its commits.
+    /// tenant's networks, the tenant's rate limit. Copies no string: the
+    /// caller's text is shared, and the request context the broker carries
+    /// into its commits is built only by the handlers that write.
     fn admit<T>(
         &self,
         req: &Request<T>,
@@ -109,23 +110,9 @@ impl BrokerService {
             .limits
             .check(caller, tenant, action)
             .map_err(status::limited)?;
-        let ctx = RequestContext {
-            actor: Actor {
-                subject: caller.subject.clone(),
-                role: caller.role.as_str().into(),
-                tenant: caller.tenant,
-                spiffe_id: Some(caller.spiffe_id.clone()),
-            },
-            request_id: audit
-                .as_ref()
-                .map_or_else(uuid::Uuid::now_v7, |a| a.request_id),
-            peer,
-            user_agent: audit.as_ref().and_then(|a| a.user_agent.clone()),
-            trace_id: audit.as_ref().and_then(|a| a.trace_id.clone()),
-        };
         Ok(Admitted {
             caller: caller.clone(),
-            ctx,
+            peer,
             audit,
         })
     }
@@ -134,11 +121,37 @@ impl BrokerService {
 /// An admitted call.
 struct Admitted {
     caller: Caller,
-    ctx: RequestContext,
+    peer: Option<std::net::IpAddr>,
     audit: Option<CallAudit>,
 }
 
 impl Admitted {
+    /// Who acted, on which request: what a write carries into its commit.
+    fn ctx(&self) -> RequestContext {
+        let c = &self.caller;
+        RequestContext {
+            actor: Actor {
+                subject: c.subject.to_string(),
+                role: c.role.as_str().into(),
+                tenant: c.tenant,
+                spiffe_id: Some(c.spiffe_id.to_string()),
+            },
+            request_id: self
+                .audit
+                .as_ref()
+                .map_or_else(uuid::Uuid::now_v7, CallAudit::request_id),
+            peer: self.peer,
+            user_agent: self
+                .audit
+                .as_ref()
+                .and_then(|a| a.user_agent().map(str::to_owned)),
+            trace_id: self
+                .audit
+                .as_ref()
+                .and_then(|a| a.trace_id().map(str::to_owned)),
+        }
+    }
+
     /// Tells the audit record which versions (and which masked key) the
     /// call touched.
     fn touched(&self, versions: Vec<u64>, key_hint: Option<String>) {
@@ -212,7 +225,7 @@ impl CredentialBroker for BrokerService {
         let set = convert::credential_set(credentials)?;
         let record = self
             .broker
-            .validate_and_store(&adm.ctx, tenant, exchange, set)
+            .validate_and_store(&adm.ctx(), tenant, exchange, set)
             .await?;
         adm.touched(
             vec![record.current_version],
@@ -240,7 +253,7 @@ impl CredentialBroker for BrokerService {
         let overlap = overlap_seconds.map(|s| time::Duration::seconds(i64::from(s)));
         let out = self
             .broker
-            .rotate(&adm.ctx, tenant, exchange, set, overlap)
+            .rotate(&adm.ctx(), tenant, exchange, set, overlap)
             .await?;
         adm.touched(
             std::iter::once(out.record.current_version)
@@ -367,13 +380,13 @@ impl CredentialBroker for BrokerService {
             ));
         }
         let subscriber = if instance.is_empty() {
-            adm.caller.spiffe_id.clone()
+            adm.caller.spiffe_id.to_string()
         } else {
             format!("{}#{instance}", adm.caller.spiffe_id)
         };
         adm.touched(vec![*version], None);
         self.broker
-            .acknowledge(&adm.ctx, tenant, exchange, &subscriber, *version)
+            .acknowledge(&adm.ctx(), tenant, exchange, &subscriber, *version)
             .await?;
         Ok(Response::new(pb::AcknowledgeVersionResponse {}))
     }
@@ -388,7 +401,7 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         let adm = self.admit(&req, tenant, Some(exchange), Action::DeleteCredentials)?;
-        let deleted = self.broker.delete(&adm.ctx, tenant, exchange).await?;
+        let deleted = self.broker.delete(&adm.ctx(), tenant, exchange).await?;
         Ok(Response::new(pb::DeleteCredentialsResponse { deleted }))
     }
 
@@ -402,7 +415,7 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         let adm = self.admit(&req, tenant, Some(exchange), Action::ValidateCredentials)?;
-        let record = self.broker.revalidate(&adm.ctx, tenant, exchange).await?;
+        let record = self.broker.revalidate(&adm.ctx(), tenant, exchange).await?;
         adm.touched(vec![record.current_version], None);
         Ok(Response::new(pb::ValidateCredentialsResponse {
             health: Some(convert::health(&record)),

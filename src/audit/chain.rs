@@ -69,16 +69,58 @@ impl fmt::Display for Break {
     }
 }
 
+/// One record's place in its chain, as a spool line or a stored row has it.
+#[derive(Clone, Copy)]
+pub struct LinkRef<'a> {
+    chain_id: uuid::Uuid,
+    seq: u64,
+    prev_hash: &'a str,
+    hash: &'a str,
+    body: &'a str,
+}
+
+/// Anything that holds a chain link (a spool line, a stored row).
+pub trait Link {
+    /// Its link.
+    fn link(&self) -> LinkRef<'_>;
+}
+
+impl Link for ChainedRecord {
+    fn link(&self) -> LinkRef<'_> {
+        LinkRef {
+            chain_id: self.chain_id,
+            seq: self.seq,
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+            body: &self.body,
+        }
+    }
+}
+
+impl Link for crate::broker::ports::AuditRow {
+    fn link(&self) -> LinkRef<'_> {
+        LinkRef {
+            chain_id: self.chain_id,
+            seq: self.seq,
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+            body: &self.body,
+        }
+    }
+}
+
 /// The first broken link of one chain (`records` sorted by seq), checking
 /// `anchors` (seq, hash) too when given.
-pub fn first_break(records: &[ChainedRecord], anchors: Option<&[(u64, String)]>) -> Option<Break> {
+pub fn first_break<L: Link>(records: &[L], anchors: Option<&[(u64, String)]>) -> Option<Break> {
     let first = records.first()?;
-    if first.seq != 1 {
-        return Some(Break::MissingStart { first: first.seq });
+    if first.link().seq != 1 {
+        return Some(Break::MissingStart {
+            first: first.link().seq,
+        });
     }
-    let mut prev: Option<&ChainedRecord> = None;
-    for r in records {
-        if r.hash != link_hash(r.chain_id, r.seq, &r.prev_hash, &r.body) {
+    let mut prev: Option<LinkRef<'_>> = None;
+    for r in records.iter().map(Link::link) {
+        if r.hash != link_hash(r.chain_id, r.seq, r.prev_hash, r.body) {
             return Some(Break::Edited { seq: r.seq });
         }
         match prev {
@@ -99,7 +141,7 @@ pub fn first_break(records: &[ChainedRecord], anchors: Option<&[(u64, String)]>)
             .ok()
             .and_then(|s| s.checked_sub(1))
             .and_then(|i| records.get(i));
-        if found.is_none_or(|r| r.hash != *hash) {
+        if found.is_none_or(|r| r.link().hash != hash) {
             return Some(Break::Anchor { seq: *seq });
         }
     }
@@ -127,21 +169,10 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
     } in chains
     {
         report.chains += 1;
-        let records: Vec<ChainedRecord> = rows
-            .iter()
-            .map(|r| ChainedRecord {
-                chain_id: r.chain_id,
-                seq: r.seq,
-                prev_hash: r.prev_hash.clone(),
-                hash: r.hash.clone(),
-                body: r.body.clone(),
-                ..ChainedRecord::default()
-            })
-            .collect();
-        let found = if records.is_empty() {
+        let found = if rows.is_empty() {
             anchors.first().map(|(seq, _)| Break::Anchor { seq: *seq })
         } else {
-            first_break(&records, Some(anchors))
+            first_break(rows, Some(anchors))
         };
         match found {
             Some(b) => {
@@ -160,7 +191,7 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
             }
             None => report.lines.push(format!(
                 "chain {chain_id}: ok, {} records, {} anchors",
-                records.len(),
+                rows.len(),
                 anchors.len()
             )),
         }

@@ -18,14 +18,14 @@ use tonic::{Code, codegen::http};
 use tower::{Layer, Service};
 use uuid::Uuid;
 
-use super::{AuditRecord, AuditSink, ip_text, trace_id};
+use super::{AuditRecord, AuditSink, trace_id};
 use crate::broker::types::{ExchangeId, TenantId};
 
 /// What the inner layers learned about the call.
 #[derive(Clone, Debug, Default)]
 pub struct AuditNote {
     /// Who called (subject) and in which role.
-    pub user: Option<(String, Cow<'static, str>)>,
+    pub user: Option<(Arc<str>, &'static str)>,
     /// Tenant named.
     pub tenant: Option<TenantId>,
     /// Exchange named.
@@ -36,22 +36,42 @@ pub struct AuditNote {
     pub key_hint: Option<String>,
 }
 
-/// The note of one call, shared by the layers and the handler.
+/// The note of one call, shared by the layers and the handler (cloning it
+/// bumps a reference count).
 #[derive(Clone, Debug)]
-pub struct CallAudit {
-    /// Request id (returned as `x-request-id`).
-    pub request_id: Uuid,
-    /// W3C trace id from `traceparent`.
-    pub trace_id: Option<String>,
-    /// Client user agent.
-    pub user_agent: Option<String>,
-    note: Arc<Mutex<AuditNote>>,
+pub struct CallAudit(Arc<Call>);
+
+#[derive(Debug)]
+struct Call {
+    request_id: Uuid,
+    trace_id: Option<String>,
+    user_agent: Option<String>,
+    note: Mutex<AuditNote>,
 }
 
 impl CallAudit {
+    /// Request id (returned as `x-request-id`).
+    pub fn request_id(&self) -> Uuid {
+        self.0.request_id
+    }
+
+    /// W3C trace id from `traceparent`.
+    pub fn trace_id(&self) -> Option<&str> {
+        self.0.trace_id.as_deref()
+    }
+
+    /// Client user agent.
+    pub fn user_agent(&self) -> Option<&str> {
+        self.0.user_agent.as_deref()
+    }
+
     /// Updates the note.
     pub fn note(&self, f: impl FnOnce(&mut AuditNote)) {
-        f(&mut self.note.lock().unwrap_or_else(PoisonError::into_inner));
+        f(&mut self.0.note.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn take_note(&self) -> AuditNote {
+        std::mem::take(&mut *self.0.note.lock().unwrap_or_else(PoisonError::into_inner))
     }
 }
 
@@ -180,19 +200,14 @@ where
         }
         let started = Instant::now();
         let timestamp = OffsetDateTime::now_utc();
-        let header = |name: &str| {
-            req.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let call = CallAudit {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let call = CallAudit(Arc::new(Call {
             request_id: fast_v7(),
-            trace_id: header("traceparent").as_deref().and_then(trace_id),
+            trace_id: header("traceparent").and_then(trace_id),
             // Bounded: a user agent is shown, never trusted.
             user_agent: header("user-agent").map(|u| u.chars().take(256).collect()),
-            note: Arc::default(),
-        };
+            note: Mutex::default(),
+        }));
         let peer = req
             .extensions()
             .get::<crate::tls::acceptor::PeerInfo>()
@@ -212,21 +227,18 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<i32>().ok())
                 .map_or(Code::Ok, Code::from_i32);
-            let note = call
-                .note
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            let (user, role) = note
-                .user
-                .unwrap_or_else(|| ("unauthenticated".into(), Cow::Borrowed("none")));
+            let note = call.take_note();
+            let (user, role) = note.user.map_or_else(
+                || ("unauthenticated".to_owned(), "none"),
+                |(user, role)| (user.to_string(), role),
+            );
             let record = AuditRecord {
                 // One record per call: the request id is the record's id.
-                id: call.request_id,
+                id: call.request_id(),
                 timestamp,
                 event_type: Cow::Borrowed(event_type(code, &action)),
                 user,
-                role,
+                role: Cow::Borrowed(role),
                 resource: note.exchange.map_or_else(
                     || {
                         Cow::Borrowed(if action == "ListAuditEvents" {
@@ -239,13 +251,13 @@ where
                 ),
                 action,
                 result: Cow::Borrowed(result(code)),
-                ip_address: ip_text(peer),
-                user_agent: call.user_agent,
+                ip_address: peer.map(|ip| ip.to_string()),
+                user_agent: call.user_agent().map(str::to_owned),
                 tenant_id: note.tenant,
                 exchange: note.exchange,
                 versions: note.versions,
-                request_id: call.request_id,
-                trace_id: call.trace_id,
+                request_id: call.request_id(),
+                trace_id: call.trace_id().map(str::to_owned),
                 grpc_code: Cow::Borrowed(code_name(code)),
                 duration_ms: started.elapsed().as_secs_f64() * 1e3,
                 key_hint: note.key_hint,
@@ -257,7 +269,7 @@ where
                     "the call ran but its audit record could not be written: {e}");
                 resp = crate::api::status::audit_unavailable(&e).into_http();
             }
-            if let Ok(v) = http::HeaderValue::from_str(&call.request_id.to_string()) {
+            if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
                 resp.headers_mut().insert("x-request-id", v);
             }
             Ok(resp)

@@ -18,7 +18,7 @@ pub mod layer;
 pub mod ship;
 pub mod spool;
 
-use std::{borrow::Cow, net::IpAddr};
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -83,8 +83,9 @@ impl AuditRecord {
         versions: Vec<u64>,
     ) -> Self {
         let now = OffsetDateTime::now_utc();
+        let id = Uuid::now_v7();
         Self {
-            id: Uuid::now_v7(),
+            id,
             timestamp: now,
             event_type: Cow::Borrowed("system"),
             user: format!("system:{job}"),
@@ -97,7 +98,8 @@ impl AuditRecord {
             tenant_id: Some(tenant),
             exchange: Some(exchange),
             versions,
-            request_id: Uuid::now_v7(),
+            // One record per action: its id is its request id too.
+            request_id: id,
             trace_id: None,
             grpc_code: Cow::Borrowed("OK"),
             duration_ms: 0.0,
@@ -177,11 +179,8 @@ impl AuditSink for Discard {
 pub fn trace_id(traceparent: &str) -> Option<String> {
     let mut parts = traceparent.split('-');
     let (_version, trace) = (parts.next()?, parts.next()?);
-    (trace.len() == 32 && trace.bytes().all(|b| b.is_ascii_hexdigit()) && trace != "0".repeat(32))
-        .then(|| trace.to_ascii_lowercase())
-}
-
-/// The peer address as text.
-pub fn ip_text(ip: Option<IpAddr>) -> Option<String> {
-    ip.map(|i| i.to_string())
+    (trace.len() == 32
+        && trace.bytes().all(|b| b.is_ascii_hexdigit())
+        && trace.bytes().any(|b| b != b'0'))
+    .then(|| trace.to_ascii_lowercase())
 }

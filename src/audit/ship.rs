@@ -123,30 +123,17 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
     }
 }
 
-/// The columns `audit_log` indexes, read from a record body without
-/// building the whole record.
-#[derive(serde::Deserialize)]
-struct Columns {
-    id: uuid::Uuid,
-    #[serde(with = "time::serde::rfc3339")]
-    timestamp: time::OffsetDateTime,
-    tenant_id: Option<crate::broker::types::TenantId>,
-}
-
 fn to_row(l: ChainedRecord) -> anyhow::Result<AuditRow> {
-    // The spool repeats the columns outside the body; older lines (or a
-    // line without them) are read from the body.
-    let (id, at, tenant) = match (
+    // The spool repeats the indexed columns outside the body, so shipping
+    // never parses a body.
+    let (Some(id), Some(at)) = (
         l.id,
         l.at_nanos
             .and_then(|n| time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(n)).ok()),
-    ) {
-        (Some(id), Some(at)) => (id, at, l.tenant_id),
-        _ => {
-            let c: Columns = serde_json::from_str(&l.body)?;
-            (c.id, c.timestamp, c.tenant_id)
-        }
+    ) else {
+        anyhow::bail!("audit spool line {} lacks its id or time", l.seq);
     };
+    let tenant = l.tenant_id;
     Ok(AuditRow {
         id,
         at,

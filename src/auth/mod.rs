@@ -158,13 +158,15 @@ impl Action {
     }
 }
 
-/// The authenticated caller, stored in the request's extensions.
+/// The authenticated caller, stored in the request's extensions. Its text
+/// is shared (`Arc<str>`) with the per-connection and per-token caches, so
+/// deriving it on a call copies no string.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     /// The certificate's SPIFFE ID.
-    pub spiffe_id: String,
+    pub spiffe_id: Arc<str>,
     /// Who acted: the token's `sub`, or the SPIFFE ID without a token.
-    pub subject: String,
+    pub subject: Arc<str>,
     /// The tenant it belongs to (`None`: an operator).
     pub tenant: Option<TenantId>,
     /// Its role.
@@ -376,7 +378,6 @@ impl LayerState {
                     .verify(t, time::OffsetDateTime::now_utc().unix_timestamp())?,
             ),
         };
-        let spiffe_id = spiffe_id.to_string();
         Ok(match (subject, claims) {
             (CertSubject::Workload(tenant), None) => Caller {
                 subject: spiffe_id.clone(),
@@ -401,14 +402,14 @@ impl LayerState {
                 }
                 Caller {
                     spiffe_id,
-                    subject: c.subject.clone(),
+                    subject: Arc::clone(&c.subject),
                     tenant: c.tenant,
                     role: c.role,
                 }
             }
             (CertSubject::Operator, Some(c)) => Caller {
                 spiffe_id,
-                subject: c.subject.clone(),
+                subject: Arc::clone(&c.subject),
                 tenant: c.tenant,
                 role: c.role,
             },
@@ -461,7 +462,7 @@ where
                 Ok(caller) => {
                     if let Some(audit) = req.extensions().get::<crate::audit::layer::CallAudit>() {
                         audit.note(|n| {
-                            n.user = Some((caller.subject.clone(), caller.role.as_str().into()))
+                            n.user = Some((Arc::clone(&caller.subject), caller.role.as_str()))
                         });
                     }
                     req.extensions_mut().insert(caller);

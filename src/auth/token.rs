@@ -27,7 +27,7 @@ use crate::broker::types::TenantId;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenClaims {
     /// `sub`.
-    pub subject: String,
+    pub subject: Arc<str>,
     /// `tenant_id` (absent only for an operator).
     pub tenant: Option<TenantId>,
     /// `role`.
@@ -272,7 +272,7 @@ impl TokenVerifier {
             ));
         }
         Ok(TokenClaims {
-            subject: raw.sub,
+            subject: raw.sub.into(),
             tenant,
             role,
             expires_at: raw.exp,
@@ -434,7 +434,7 @@ mod tests {
         let t2 = sign("k2", &key2, "https://idp.test");
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&path, json!({"keys":[jwk("k2", &key2)]}).to_string()).unwrap();
-        assert_eq!(v.verify(&t2, now()).unwrap().subject, "pod");
+        assert_eq!(&*v.verify(&t2, now()).unwrap().subject, "pod");
         // HS256 is refused when only a JWKS is configured (no algorithm confusion).
         let e = v
             .verify(

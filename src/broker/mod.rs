@@ -634,6 +634,12 @@ impl Loader {
                     "credentials for tenant {tenant} on {exchange} are revoked; store or rotate in a new set"
                 )));
             }
+            // The row still names the version Vault just lacked: not a
+            // rotation that moved on but a standby behind the write. Give it
+            // a moment before reading again.
+            if record.current_version == last_missing {
+                tokio::time::sleep(std::time::Duration::from_millis(25 << attempt)).await;
+            }
             let path = &record.vault_path;
             let open_previous = record.open_previous(self.now);
             let (current, previous) =
@@ -645,16 +651,13 @@ impl Loader {
                 });
             let current = match current {
                 Ok(set) => set,
-                // A rotation destroyed it after we read the row (an overlap-0
-                // revoke or a rotation inside an overlap): read the row again.
+                // PostgreSQL says the version exists: either a rotation
+                // destroyed it since we read the row (the next row read moves
+                // on at once), or a Vault standby lags the write (the next
+                // round waits for it first). Only a version missing every
+                // time is reported lost.
                 Err(SecretStoreError::NotFound { version, .. }) => {
-                    // PostgreSQL says the version exists: either a rotation
-                    // destroyed it since we read the row (the next row read
-                    // moves on), or a Vault standby lags the write (a short
-                    // wait lets it catch up). Only a version missing every
-                    // time is reported lost.
                     last_missing = version;
-                    tokio::time::sleep(std::time::Duration::from_millis(25 << attempt)).await;
                     continue;
                 }
                 Err(e) => return Err(e.into()),

@@ -96,7 +96,7 @@ struct LimiterSet {
     per_class: HashMap<Class, Budget<TenantId>>,
     /// Per-tenant budgets; `None`: that tenant's class is not limited.
     overrides: HashMap<(TenantId, Class), Option<Budget<TenantId>>>,
-    operators: Option<Budget<String>>,
+    operators: Option<Budget<std::sync::Arc<str>>>,
 }
 
 /// A budget of `per_minute` for the deployment, this replica's share of it.
@@ -222,7 +222,7 @@ mod tests {
     fn caller(tenant: TenantId, role: Role) -> Caller {
         Caller {
             spiffe_id: "spiffe://td/x".into(),
-            subject: format!("pod-of-{tenant}"),
+            subject: format!("pod-of-{tenant}").into(),
             tenant: Some(tenant),
             role,
         }

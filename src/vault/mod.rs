@@ -258,10 +258,10 @@ impl VaultAnswer {
                 // A destroyed or deleted KV v2 version answers 404 with the
                 // version's metadata and no `errors`; a missing path or
                 // version answers 404 with `errors`.
-                let meta = body
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok())
-                    .map(|v| v["data"]["metadata"].clone())
-                    .unwrap_or_default();
+                let parsed = body.and_then(|b| serde_json::from_str::<serde_json::Value>(b).ok());
+                let meta = parsed
+                    .as_ref()
+                    .map_or(&serde_json::Value::Null, |v| &v["data"]["metadata"]);
                 if meta["destroyed"].as_bool() == Some(true) {
                     Self::Destroyed
                 } else if meta["deletion_time"]

@@ -462,23 +462,13 @@ async fn list_audit_events_pages_through_one_tenant() {
 /// shipped.
 #[tokio::test]
 async fn a_postgres_outage_blocks_no_read_and_loses_no_record() {
-    use crate::support::{Bao, Pki, PrivatePg, config_for};
-    crate::support::init();
-    let pg = PrivatePg::start();
-    let bao = Bao::start().await;
-    let pki = Pki::new();
-    let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
-    let backends = credbroker::app::real_backends(&config).await.unwrap();
-    let mut settings = credbroker::app::settings(&config).unwrap();
-    settings.retire = credbroker::rotation::retire::Schedule::Manual;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = credbroker::app::start(backends, settings, listener)
-        .await
-        .unwrap();
-    let mut c = pb::credential_broker_client::CredentialBrokerClient::new(
-        pki.channel(running.addr, &[&format!("spiffe://{TD}/operator/ops")])
-            .await,
-    );
+    let crate::support::PrivateEnv {
+        pg,
+        bao: _bao,
+        pki: _pki,
+        running,
+        operator: mut c,
+    } = crate::support::PrivateEnv::start().await;
     let tenant = new_tenant();
     c.validate_and_store(store_n(&tenant, "binance"))
         .await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use credbroker::api::pb::{self, watch_rotations_response::Message};
 
-use crate::support::{DevBroker, new_tenant, next_non_heartbeat, watch_req};
+use crate::support::{DevBroker, new_tenant, next_non_heartbeat, watch_past_state};
 
 const SECRETS: &[&str] = &[
     "demoSecret0123456789",
@@ -58,15 +58,7 @@ async fn no_secret_in_trace_logs_audit_records_or_errors() {
     })
     .await
     .unwrap();
-    let mut watch = op
-        .watch_rotations(watch_req(&t, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next_non_heartbeat(&mut watch).await,
-        Message::State(_)
-    ));
+    let mut watch = watch_past_state(&mut op, &t).await;
     op.get_credentials(crate::support::get_req(&t, "binance"))
         .await
         .unwrap();

@@ -34,7 +34,7 @@ use tonic::Code;
 
 use crate::support::{
     Env, TD, get_req, new_tenant, next_non_heartbeat, probe::ProbeMeta, probe::ProbeSecrets,
-    rotate_n, store_n, watch_req,
+    rotate_n, store_n, watch_past_state, watch_req,
 };
 
 fn set(n: u32) -> CredentialSet {
@@ -125,6 +125,20 @@ impl Pair {
         .unwrap()
     }
 
+    /// Rotates to set 2 through `broker`.
+    async fn rotate_to_v2(broker: &Broker, tenant: TenantId, overlap: Option<time::Duration>) {
+        broker
+            .rotate(
+                &RequestContext::system("test"),
+                tenant,
+                ExchangeId::Binance,
+                set(2),
+                overlap,
+            )
+            .await
+            .unwrap();
+    }
+
     async fn last_event(&self) -> credbroker::broker::types::CredentialEvent {
         self.meta
             .events_after(self.tenant, 0, 100)
@@ -142,15 +156,7 @@ impl Pair {
 async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
     let p = Pair::new(true).await;
     let (release, early) = p.held_get().await;
-    p.b.rotate(
-        &RequestContext::system("test"),
-        p.tenant,
-        ExchangeId::Binance,
-        set(2),
-        None,
-    )
-    .await
-    .unwrap();
+    Pair::rotate_to_v2(&p.b, p.tenant, None).await;
     release.send(()).unwrap();
     let early = early.await.unwrap().unwrap();
     assert_eq!(
@@ -175,15 +181,7 @@ async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
 async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
     let p = Pair::new(false).await;
     let (release, early) = p.held_get().await;
-    p.a.rotate(
-        &RequestContext::system("test"),
-        p.tenant,
-        ExchangeId::Binance,
-        set(2),
-        None,
-    )
-    .await
-    .unwrap();
+    Pair::rotate_to_v2(&p.a, p.tenant, None).await;
     p.b.deliver(p.last_event().await);
     release.send(()).unwrap();
     assert_eq!(early.await.unwrap().unwrap().record().current_version, 1);
@@ -198,15 +196,7 @@ async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
 async fn a_caller_after_an_event_starts_its_own_load_in_memory() {
     let p = Pair::new(false).await;
     let (release, early) = p.held_get().await;
-    p.a.rotate(
-        &RequestContext::system("test"),
-        p.tenant,
-        ExchangeId::Binance,
-        set(2),
-        Some(time::Duration::ZERO),
-    )
-    .await
-    .unwrap();
+    Pair::rotate_to_v2(&p.a, p.tenant, Some(time::Duration::ZERO)).await;
     let event = p.last_event().await;
     assert_eq!(event.kind, DomainKind::Rotated);
     p.b.deliver(event);
@@ -575,15 +565,7 @@ async fn a_resume_point_ahead_of_the_log_asks_for_a_resync() {
     op.validate_and_store(store_n(&tenant, "binance"))
         .await
         .unwrap();
-    let mut s = op
-        .watch_rotations(watch_req(&tenant, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next_non_heartbeat(&mut s).await,
-        Message::State(_)
-    ));
+    let mut s = watch_past_state(&mut op, &tenant).await;
     let hb = loop {
         match s.message().await.unwrap().unwrap().message.unwrap() {
             Message::Heartbeat(h) => break h,
@@ -654,15 +636,7 @@ async fn bursts_of_rotations_leave_no_reader_behind() {
         let tenant = tenant.clone();
         let (ready_tx, ready) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let mut s = watch_client
-                .watch_rotations(watch_req(&tenant, 0))
-                .await
-                .unwrap()
-                .into_inner();
-            assert!(matches!(
-                next_non_heartbeat(&mut s).await,
-                Message::State(_)
-            ));
+            let mut s = watch_past_state(&mut watch_client, &tenant).await;
             ready_tx.send(()).unwrap();
             let mut seen = BTreeSet::new();
             while seen.len() < (BURSTS * PER_BURST) as usize {

@@ -9,7 +9,8 @@ use credbroker::api::pb::{EventKind, watch_rotations_response::Message};
 use tonic::Code;
 
 use crate::support::{
-    Env, TD, get_req, new_tenant, next_non_heartbeat, rotate_n, store_n, watch_req,
+    Env, TD, get_req, new_tenant, next_non_heartbeat, rotate_n, store_n, watch_past_state,
+    watch_req,
 };
 
 #[tokio::test]
@@ -34,15 +35,7 @@ async fn a_rotation_on_one_replica_reaches_subscribers_and_caches_of_another() {
             .version,
         1
     );
-    let mut stream = on_b
-        .watch_rotations(watch_req(&tenant, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next_non_heartbeat(&mut stream).await,
-        Message::State(_)
-    ));
+    let mut stream = watch_past_state(&mut on_b, &tenant).await;
 
     on_a.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
@@ -299,15 +292,7 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
     let mut on_a = env
         .client_at(proc_a.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/a"))
         .await;
-    let mut stream = on_a
-        .watch_rotations(watch_req(&tenant, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next_non_heartbeat(&mut stream).await,
-        Message::State(_)
-    ));
+    let mut stream = watch_past_state(&mut on_a, &tenant).await;
     let mut seqs = Vec::new();
     for n in 1..=3 {
         admin.rotate(rotate_n(&tenant, "binance", n)).await.unwrap();
@@ -449,36 +434,18 @@ async fn rate_limits_hold_for_the_whole_deployment() {
 /// the restart reaches a subscriber promptly.
 #[tokio::test]
 async fn events_flow_again_within_a_second_of_postgres_returning() {
-    use crate::support::{Bao, Pki, PrivatePg, config_for};
-    crate::support::init();
-    let pg = PrivatePg::start();
-    let bao = Bao::start().await;
-    let pki = Pki::new();
-    let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
-    let backends = credbroker::app::real_backends(&config).await.unwrap();
-    let mut settings = credbroker::app::settings(&config).unwrap();
-    settings.retire = credbroker::rotation::retire::Schedule::Manual;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let running = credbroker::app::start(backends, settings, listener)
-        .await
-        .unwrap();
-    let mut c = credbroker::api::pb::credential_broker_client::CredentialBrokerClient::new(
-        pki.channel(running.addr, &[&format!("spiffe://{TD}/operator/ops")])
-            .await,
-    );
+    let crate::support::PrivateEnv {
+        pg,
+        bao: _bao,
+        pki: _pki,
+        running,
+        operator: mut c,
+    } = crate::support::PrivateEnv::start().await;
     let tenant = new_tenant();
     c.validate_and_store(store_n(&tenant, "binance"))
         .await
         .unwrap();
-    let mut stream = c
-        .watch_rotations(watch_req(&tenant, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next_non_heartbeat(&mut stream).await,
-        Message::State(_)
-    ));
+    let mut stream = watch_past_state(&mut c, &tenant).await;
 
     pg.stop();
     // Long enough for the listener to fail and back off to its ceiling.

@@ -24,7 +24,7 @@ use crate::support::{
     memory::{Memory, MemoryOptions},
     next_non_heartbeat,
     probe::ProbeSecrets,
-    rotate_n, store_n, watch_req,
+    rotate_n, store_n, watch_past_state,
 };
 
 fn op_id() -> String {
@@ -231,15 +231,7 @@ async fn tls_files_are_reloaded_without_dropping_streams() {
     old.validate_and_store(store_n(&t, "binance"))
         .await
         .unwrap();
-    let mut stream = old
-        .watch_rotations(watch_req(&t, 0))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(matches!(
-        next_non_heartbeat(&mut stream).await,
-        Message::State(_)
-    ));
+    let mut stream = watch_past_state(&mut old, &t).await;
 
     // A new CA issues the server certificate and the clients from now on.
     let ca2 = DevPki::new("rotated CA").unwrap();

@@ -366,3 +366,57 @@ pub fn store_req(
         credentials: Some(set(key, secret)),
     }
 }
+
+/// A broker on a private PostgreSQL instance (for tests that stop and
+/// start it) and its own OpenBao, with an operator client.
+pub struct PrivateEnv {
+    pub pg: PrivatePg,
+    pub bao: Bao,
+    pub pki: Pki,
+    pub running: Running,
+    pub operator: CredentialBrokerClient<Channel>,
+}
+
+impl PrivateEnv {
+    pub async fn start() -> PrivateEnv {
+        init();
+        let pg = PrivatePg::start();
+        let bao = Bao::start().await;
+        let pki = Pki::new();
+        let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
+        let backends = app::real_backends(&config).await.unwrap();
+        let mut settings = app::settings(&config).unwrap();
+        settings.retire = credbroker::rotation::retire::Schedule::Manual;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = app::start(backends, settings, listener).await.unwrap();
+        let operator = CredentialBrokerClient::new(
+            pki.channel(running.addr, &[&format!("spiffe://{TD}/operator/ops")])
+                .await,
+        );
+        PrivateEnv {
+            pg,
+            bao,
+            pki,
+            running,
+            operator,
+        }
+    }
+}
+
+/// A WatchRotations stream of `tenant` from the start, past its first state
+/// message.
+pub async fn watch_past_state(
+    client: &mut CredentialBrokerClient<Channel>,
+    tenant: &str,
+) -> tonic::Streaming<credbroker::api::pb::WatchRotationsResponse> {
+    let mut s = client
+        .watch_rotations(watch_req(tenant, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_non_heartbeat(&mut s).await,
+        credbroker::api::pb::watch_rotations_response::Message::State(_)
+    ));
+    s
+}
