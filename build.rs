@@ -15,7 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     fs::write(out.join("credbroker_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         // Messages that carry secret bytes get a hand-written, redacted Debug.
-        .skip_debug(["credbroker.v1.CredentialSet"])
+        .skip_debug([
+            "credbroker.v1.CredentialSet",
+            "credbroker.v1.SetWebhookRequest",
+            "credbroker.v1.SetWebhookResponse",
+        ])
         .compile_fds(fds)?;
     Ok(())
 }

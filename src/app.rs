@@ -16,10 +16,11 @@ use crate::{
     broker::types::TenantId,
     broker::{
         Broker, BrokerSettings,
-        ports::{CredentialValidator, MetadataStore, SecretStore},
+        ports::{CredentialValidator, FleetStore, MetadataStore, SecretStore, WebhookStore},
         validate::FormatCheckValidator,
     },
     cache::CredentialCache,
+    checks::{CheckSettings, HealthChecks},
     clock::{Clock, SystemClock},
     config::{CacheConfig, Config, RotationConfig, ValidationConfig, ValidationMode},
     exchange::{ExchangeValidator, WithdrawPolicy},
@@ -27,6 +28,10 @@ use crate::{
     rotation::{hub::Hub, listener::EventListener, retire, watch::StreamTiming},
     server::{self, ServeParams},
     store::{self, PgMetadataStore},
+    telemetry::{
+        instrument::{MeteredSecretStore, MeteredValidator},
+        metrics::{Metrics, Sources},
+    },
     vault::VaultSecretStore,
 };
 
@@ -38,6 +43,10 @@ pub struct Backends {
     pub meta: Arc<dyn MetadataStore>,
     /// Validator.
     pub validator: Arc<dyn CredentialValidator>,
+    /// Cross-tenant queries of the background jobs.
+    pub fleet: Arc<dyn FleetStore>,
+    /// Webhook endpoints and the outbox.
+    pub webhooks: Arc<dyn WebhookStore>,
     /// Set when secrets live in Vault with AppRole: its login loop.
     pub vault: Option<Arc<VaultSecretStore>>,
     /// Where committed events come from.
@@ -69,6 +78,16 @@ pub struct Settings {
     pub limits: crate::config::LimitsConfig,
     /// The audit spool.
     pub audit: crate::config::AuditConfig,
+    /// Metrics endpoint.
+    pub telemetry: crate::config::TelemetryConfig,
+    /// When health-check rounds run (tests: `Manual`).
+    pub checks: crate::checks::Schedule,
+    /// How health checks run.
+    pub check_settings: crate::checks::CheckSettings,
+    /// Expiry warning window of a health check.
+    pub expiry_warning: Duration,
+    /// Webhook outbox poll period.
+    pub webhook_poll: Duration,
     /// Cache.
     pub cache: CacheConfig,
     /// Rotation.
@@ -98,6 +117,14 @@ pub struct Running {
     pub broker: Arc<Broker>,
     /// This replica's rate limits (and the live replica count they use).
     pub limits: Arc<Limits>,
+    /// This replica's metrics.
+    pub metrics: Metrics,
+    /// Where `/metrics` is served, if it is.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The health-check job (tests run its rounds by hand).
+    pub checks: Arc<HealthChecks>,
+    /// The webhook deliverer (tests may run passes by hand).
+    pub webhooks: Arc<crate::webhook::Deliverer>,
     shutdown: CancellationToken,
     tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
 }
@@ -173,6 +200,7 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     );
     let pg = store::connect_config(&cfg.postgres).map_err(anyhow::Error::msg)?;
     let pool = store::pool(pg.clone(), cfg.postgres.pool_size).map_err(anyhow::Error::msg)?;
+    let meta = Arc::new(PgMetadataStore::new(pool.clone()));
     if cfg.postgres.migrate_on_start {
         let n = store::migrate::run(&pool)
             .await
@@ -181,7 +209,9 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     }
     Ok(Backends {
         secrets: vault.clone(),
-        meta: Arc::new(PgMetadataStore::new(pool)),
+        meta: meta.clone(),
+        fleet: meta.clone(),
+        webhooks: meta,
         validator: validator(&cfg.validation, Arc::new(SystemClock))?,
         vault: Some(vault),
         events: EventSource::Postgres(Box::new(pg)),
@@ -234,6 +264,11 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
         auth: cfg.auth.clone(),
         limits: cfg.limits.clone(),
         audit: cfg.audit.clone(),
+        telemetry: cfg.telemetry.clone(),
+        checks: crate::checks::Schedule::from_config(&cfg.checks),
+        check_settings: CheckSettings::from_config(&cfg.checks),
+        expiry_warning: Duration::from_secs(u64::from(cfg.checks.expiry_warning_days) * 86_400),
+        webhook_poll: Duration::from_millis(cfg.webhooks.poll_ms.max(10)),
         cache: cfg.cache.clone(),
         rotation: cfg.rotation.clone(),
         path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
@@ -282,11 +317,14 @@ pub async fn start(
         Some(s) => s.clone(),
         None => Arc::new(crate::audit::Discard),
     };
+    // Vault and the exchanges are measured where the broker meets them.
+    let metrics = Metrics::new();
+    let secrets = MeteredSecretStore::wrap(backends.secrets, metrics.clone());
     let broker = Arc::new(
         Broker::new(
-            backends.secrets.clone(),
+            secrets.clone(),
             backends.meta.clone(),
-            backends.validator,
+            MeteredValidator::wrap(backends.validator, metrics.clone()),
             CredentialCache::new(
                 s.cache.capacity,
                 secs(s.cache.ttl_secs),
@@ -299,9 +337,12 @@ pub async fn start(
                 default_overlap: secs(s.rotation.default_overlap_secs),
                 max_overlap: secs(s.rotation.max_overlap_secs),
                 publish_on_commit: matches!(backends.events, EventSource::Local),
+                expiry_warning: time::Duration::try_from(s.expiry_warning)
+                    .unwrap_or(time::Duration::days(7)),
             },
         )
-        .with_audit(sink.clone()),
+        .with_audit(sink.clone())
+        .with_webhooks(backends.webhooks.clone()),
     );
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -325,14 +366,15 @@ pub async fn start(
     let (reporter, health) = tonic_health::server::health_reporter();
     server::set_serving(&reporter, false).await;
     {
-        let (secrets, meta, cancel, every) = (
-            backends.secrets.clone(),
+        let (secrets, meta, cancel, every, metrics) = (
+            secrets.clone(),
             backends.meta.clone(),
             shutdown.clone(),
             s.health_probe,
+            metrics.clone(),
         );
         spawn_task(&mut tasks, "health probe", &shutdown, async move {
-            health_probe(secrets, meta, reporter, every, cancel).await;
+            health_probe(secrets, meta, reporter, every, metrics, cancel).await;
             Ok(())
         });
     }
@@ -348,7 +390,8 @@ pub async fn start(
     }
     if let EventSource::Postgres(pg) = backends.events {
         let every = Duration::from_secs(s.rotation.event_poll_secs.max(1));
-        let listener = EventListener::new(*pg, broker.clone(), every);
+        let listener = EventListener::new(*pg, broker.clone(), every)
+            .with_lag(metrics.families().event_lag.clone());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         spawn_task(
             &mut tasks,
@@ -388,6 +431,46 @@ pub async fn start(
             Ok(())
         });
     }
+    let webhooks = Arc::new(crate::webhook::Deliverer::new(
+        sink.clone(),
+        backends.webhooks.clone(),
+        secrets.clone(),
+        broker.vault_path_prefix(),
+        metrics.clone(),
+    )?);
+    {
+        let (d, every, cancel) = (webhooks.clone(), s.webhook_poll, shutdown.clone());
+        spawn_task(&mut tasks, "webhook delivery", &shutdown, async move {
+            d.task_main(every, cancel).await;
+            Ok(())
+        });
+    }
+    let checks = HealthChecks::new(
+        broker.clone(),
+        backends.fleet.clone(),
+        metrics.clone(),
+        s.check_settings,
+    );
+    {
+        let (checks, schedule, cancel) = (checks.clone(), s.checks, shutdown.clone());
+        spawn_task(
+            &mut tasks,
+            "credential health checks",
+            &shutdown,
+            async move {
+                checks.task_main(schedule, cancel).await;
+                Ok(())
+            },
+        );
+    }
+    {
+        let (fleet, metrics, cancel) = (backends.fleet.clone(), metrics.clone(), shutdown.clone());
+        let every = Duration::from_secs(s.telemetry.credentials_refresh_secs.max(1));
+        spawn_task(&mut tasks, "credential counts", &shutdown, async move {
+            crate::telemetry::credentials_task(fleet, metrics, every, cancel).await;
+            Ok(())
+        });
+    }
     let service = BrokerService::new(
         broker.clone(),
         s.streams,
@@ -403,6 +486,28 @@ pub async fn start(
         },
         shutdown.clone(),
     );
+    let metrics_addr = match s.telemetry.metrics_listen {
+        Some(at) => {
+            let listener = crate::telemetry::bind(at).await?;
+            let addr = listener.local_addr()?;
+            let (b, slots) = (broker.clone(), service.stream_slots());
+            let registry = metrics.registry(Sources {
+                cache: Arc::new(move || b.cache_stats()),
+                streams: Arc::new(move || slots.open_total()),
+                spool: spool.clone(),
+            });
+            let cancel = shutdown.clone();
+            spawn_task(
+                &mut tasks,
+                "metrics endpoint",
+                &shutdown,
+                crate::telemetry::serve(listener, registry, cancel),
+            );
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            Some(addr)
+        }
+        None => None,
+    };
     let tokens = TokenVerifier::new(&TokenSettings {
         hs256_secret: s.auth.hs256_secret.clone(),
         jwks_file: s.auth.jwks_file.clone(),
@@ -429,6 +534,7 @@ pub async fn start(
             front: s.front,
             auth,
             audit: sink,
+            metrics: metrics.clone(),
             service,
             health,
             shutdown: shutdown.clone(),
@@ -441,6 +547,10 @@ pub async fn start(
         addr,
         broker,
         limits,
+        metrics,
+        metrics_addr,
+        checks,
+        webhooks,
         shutdown,
         tasks,
     })
@@ -478,18 +588,30 @@ async fn replica_registry(
     }
 }
 
-/// Keeps grpc.health.v1 true: SERVING only while both stores answer.
+/// Keeps grpc.health.v1 true: SERVING only while both stores answer; and
+/// the reachability gauges (`credbroker_vault_up`, `credbroker_vault_sealed`,
+/// `credbroker_postgres_up`).
 async fn health_probe(
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
     reporter: tonic_health::server::HealthReporter,
     every: Duration,
+    metrics: Metrics,
     cancel: CancellationToken,
 ) {
     let mut last = None;
     loop {
         let (v, p) = tokio::join!(secrets.ping(), meta.ping());
         let serving = v.is_ok() && p.is_ok();
+        let f = metrics.families();
+        f.vault_up.set(i64::from(v.is_ok()));
+        f.postgres_up.set(i64::from(p.is_ok()));
+        let sealed = if v.is_ok() {
+            false
+        } else {
+            secrets.sealed().await.unwrap_or(false)
+        };
+        f.vault_sealed.set(i64::from(sealed));
         if last != Some(serving) {
             if let Err(e) = &v {
                 tracing::warn!("health: Vault unreachable: {e}");

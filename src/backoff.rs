@@ -36,6 +36,15 @@ impl Backoff {
         rand::rng().random_range(base / 2..=base)
     }
 
+    /// The delay before retry `n` (0-based) of a schedule that keeps no
+    /// state between attempts (a durable queue's retries): `min · 2^n`,
+    /// capped at `max`, jittered like [`Self::next_delay`].
+    pub fn nth(min: Duration, max: Duration, n: u32) -> Duration {
+        let mut b = Self::new(min, max);
+        b.current = min.saturating_mul(1u32 << n.min(30)).min(b.max);
+        b.next_delay()
+    }
+
     /// Back to the first delay (after a success).
     pub fn reset(&mut self) {
         self.current = self.min;

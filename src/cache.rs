@@ -117,6 +117,9 @@ pub struct CacheStats {
     /// Loads finished but not cached, because an event newer than the row
     /// they read had been applied meanwhile.
     pub discarded: u64,
+    /// Answers served from an entry past its freshness because a backend
+    /// was down (marked stale).
+    pub stale: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +128,7 @@ struct Counters {
     loads: AtomicU64,
     coalesced: AtomicU64,
     discarded: AtomicU64,
+    stale: AtomicU64,
 }
 
 struct Inner {
@@ -250,7 +254,10 @@ impl CredentialCache {
             Standing::Fresh | Standing::Fallback { until: None } => true,
             Standing::Fallback { until: Some(t) } => now < t,
         };
-        (in_grace && still_valid).then_some(slot.entry)
+        (in_grace && still_valid).then(|| {
+            self.inner.counters.stale.fetch_add(1, Ordering::Relaxed);
+            slot.entry
+        })
     }
 
     /// Joins the load of `key` in flight, or starts `load` (one per key at a
@@ -372,6 +379,7 @@ impl CredentialCache {
             loads: c.loads.load(Ordering::Relaxed),
             coalesced: c.coalesced.load(Ordering::Relaxed),
             discarded: c.discarded.load(Ordering::Relaxed),
+            stale: c.stale.load(Ordering::Relaxed),
         }
     }
 }

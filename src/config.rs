@@ -48,6 +48,86 @@ pub struct Config {
     /// The audit trail.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Metrics (and, when configured, traces).
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    /// The background credential health checks.
+    #[serde(default)]
+    pub checks: ChecksConfig,
+    /// Webhook delivery.
+    #[serde(default)]
+    pub webhooks: WebhookConfig,
+}
+
+/// Webhook delivery from the outbox.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// How often the outbox is polled for due messages.
+    pub poll_ms: u64,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self { poll_ms: 1000 }
+    }
+}
+
+/// Metrics endpoint and trace export.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Where `GET /metrics` is served (plain HTTP, its own port); unset: no
+    /// metrics endpoint.
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often the credential counts (`alphapulse_credentials_total`) are
+    /// re-read from PostgreSQL.
+    pub credentials_refresh_secs: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
+            credentials_refresh_secs: 30,
+        }
+    }
+}
+
+/// The background job that re-validates every active credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    /// Run the job (one replica at a time holds its lease).
+    pub enabled: bool,
+    /// A credential is re-checked once per interval (6 h, the seed's).
+    pub interval_secs: u64,
+    /// Each round starts after the interval's share plus up to this many
+    /// percent of jitter, so replicas and restarts do not line up.
+    pub jitter_percent: u8,
+    /// Checks in flight at most.
+    pub concurrency: usize,
+    /// Checks per minute per exchange at most: the job's own budget, below
+    /// the exchange's, so checks never starve a tenant's store or rotate.
+    pub requests_per_minute: u32,
+    /// An expiry the exchange reports closer than this is reported.
+    pub expiry_warning_days: u32,
+    /// The lease's length; the holder renews it at a third of that.
+    pub lease_secs: u64,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 6 * 3600,
+            jitter_percent: 10,
+            concurrency: 4,
+            requests_per_minute: 20,
+            expiry_warning_days: 7,
+            lease_secs: 60,
+        }
+    }
 }
 
 /// The audit spool and its shipping to PostgreSQL.
@@ -551,6 +631,24 @@ impl Config {
             return bad(
                 "auth.workload_role",
                 "a workload certificate cannot be an operator".into(),
+            );
+        }
+        if self.checks.interval_secs < 60 {
+            return bad("checks.interval_secs", "must be at least 60".into());
+        }
+        if self.checks.concurrency == 0 || self.checks.requests_per_minute == 0 {
+            return bad(
+                "checks.concurrency",
+                "concurrency and requests_per_minute must be at least 1".into(),
+            );
+        }
+        if self.checks.lease_secs < 3 {
+            return bad("checks.lease_secs", "must be at least 3".into());
+        }
+        if self.telemetry.credentials_refresh_secs == 0 {
+            return bad(
+                "telemetry.credentials_refresh_secs",
+                "must be at least 1".into(),
             );
         }
         if self.audit.fsync_ms == 0 || self.audit.ship_ms == 0 {

@@ -173,6 +173,7 @@ pub async fn run(
     listen: SocketAddr,
     dir: &Path,
     max_streams_per_tenant: usize,
+    metrics_listen: Option<SocketAddr>,
     validation: DevValidation,
 ) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&write_dev_pki(dir)?)?;
@@ -181,9 +182,12 @@ pub async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("--listen {listen}: cannot bind ({e})"))?;
     let addr = listener.local_addr()?;
+    let meta = Arc::new(MemoryMetadataStore::default());
     let backends = Backends {
         secrets: Arc::new(MemorySecretStore::default()),
-        meta: Arc::new(MemoryMetadataStore::default()),
+        meta: meta.clone(),
+        fleet: meta.clone(),
+        webhooks: meta,
         validator,
         vault: None,
         events: EventSource::Local,
@@ -197,6 +201,16 @@ pub async fn run(
             spool_dir: dir.join("audit"),
             ..crate::config::AuditConfig::default()
         },
+        telemetry: crate::config::TelemetryConfig {
+            metrics_listen,
+            ..crate::config::TelemetryConfig::default()
+        },
+        checks: crate::checks::Schedule::from_config(&crate::config::ChecksConfig::default()),
+        check_settings: crate::checks::CheckSettings::from_config(
+            &crate::config::ChecksConfig::default(),
+        ),
+        expiry_warning: Duration::from_secs(7 * 86_400),
+        webhook_poll: Duration::from_secs(1),
         cache: CacheConfig::default(),
         rotation: RotationConfig::default(),
         path_prefix: "tenants".into(),

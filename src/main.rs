@@ -81,6 +81,9 @@ enum Cmd {
         /// Concurrent WatchRotations streams per tenant.
         #[arg(long, default_value_t = 256)]
         max_streams_per_tenant: usize,
+        /// Serve Prometheus metrics here (`/metrics`); off unless given.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
         /// How keys are validated: against bundled exchange simulators
         /// (demo keys), by format only, or against the live exchanges.
         #[arg(long, value_enum, default_value = "simulated")]
@@ -230,8 +233,18 @@ async fn main() -> anyhow::Result<()> {
             listen,
             dir,
             max_streams_per_tenant,
+            metrics_listen,
             validation,
-        } => credbroker::dev::run(listen, &dir, max_streams_per_tenant, validation).await,
+        } => {
+            credbroker::dev::run(
+                listen,
+                &dir,
+                max_streams_per_tenant,
+                metrics_listen,
+                validation,
+            )
+            .await
+        }
         Cmd::Import { dir, tenant, conn } => {
             let tenant = tenant
                 .parse()

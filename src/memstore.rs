@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use crate::broker::{
     error::{MetadataStoreError, SecretStoreError},
     ports::{
-        AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
-        VersionInfo,
+        AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice, OutboxMessage,
+        RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
     },
     types::{
         Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
@@ -135,6 +135,31 @@ struct MetaState {
     replicas: BTreeMap<uuid::Uuid, OffsetDateTime>,
     audit: BTreeMap<uuid::Uuid, AuditRow>,
     anchors: BTreeMap<(uuid::Uuid, u64), String>,
+    leases: BTreeMap<String, (uuid::Uuid, OffsetDateTime)>,
+    webhooks: BTreeMap<TenantId, WebhookEndpoint>,
+    outbox: Vec<OutboxRow>,
+}
+
+/// A queued webhook message in memory.
+struct OutboxRow {
+    msg: OutboxMessage,
+    next_attempt_at: Option<OffsetDateTime>,
+}
+
+impl OutboxRow {
+    fn new(tenant: TenantId, n: Notice) -> Self {
+        Self {
+            msg: OutboxMessage {
+                id: n.id,
+                tenant,
+                event_type: n.event_type.to_owned(),
+                payload: n.payload,
+                attempts: 0,
+                endpoint: None,
+            },
+            next_attempt_at: Some(OffsetDateTime::now_utc()),
+        }
+    }
 }
 
 impl MetaState {
@@ -167,6 +192,138 @@ impl MetaState {
         };
         self.events.push(event.clone());
         event
+    }
+}
+
+#[async_trait]
+impl FleetStore for MemoryMetadataStore {
+    async fn credential_counts(
+        &self,
+    ) -> Result<Vec<(TenantId, ExchangeId, CredentialStatus, u64)>, MetadataStoreError> {
+        let mut counts: BTreeMap<(TenantId, ExchangeId, &'static str), (CredentialStatus, u64)> =
+            BTreeMap::new();
+        for r in lock(&self.state).records.values() {
+            counts
+                .entry((r.tenant, r.exchange, r.status.as_str()))
+                .or_insert((r.status, 0))
+                .1 += 1;
+        }
+        Ok(counts
+            .into_iter()
+            .map(|((t, e, _), (s, n))| (t, e, s, n))
+            .collect())
+    }
+
+    async fn due_for_check(
+        &self,
+        since: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, ExchangeId)>, MetadataStoreError> {
+        let st = lock(&self.state);
+        let mut due: Vec<_> = st
+            .records
+            .values()
+            .filter(|r| {
+                r.status == CredentialStatus::Active
+                    && r.health_checked_at.is_none_or(|t| t < since)
+            })
+            .map(|r| (r.health_checked_at, r.tenant, r.exchange))
+            .collect();
+        due.sort();
+        Ok(due
+            .into_iter()
+            .take(limit as usize)
+            .map(|(_, t, e)| (t, e))
+            .collect())
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: uuid::Uuid,
+        now: OffsetDateTime,
+        ttl: time::Duration,
+    ) -> Result<bool, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        match st.leases.get(name) {
+            Some((h, until)) if *h != holder && *until >= now => Ok(false),
+            _ => {
+                st.leases.insert(name.to_owned(), (holder, now + ttl));
+                Ok(true)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl WebhookStore for MemoryMetadataStore {
+    async fn set_webhook(
+        &self,
+        tenant: TenantId,
+        endpoint: Option<WebhookEndpoint>,
+    ) -> Result<(), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        match endpoint {
+            Some(e) => st.webhooks.insert(tenant, e),
+            None => st.webhooks.remove(&tenant),
+        };
+        Ok(())
+    }
+
+    async fn webhook(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Option<WebhookEndpoint>, MetadataStoreError> {
+        Ok(lock(&self.state).webhooks.get(&tenant).cloned())
+    }
+
+    async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        lease: time::Duration,
+        limit: u32,
+    ) -> Result<Vec<OutboxMessage>, MetadataStoreError> {
+        let mut guard = lock(&self.state);
+        let st = &mut *guard;
+        let mut out = Vec::new();
+        for row in &mut st.outbox {
+            if out.len() >= limit as usize {
+                break;
+            }
+            if row.next_attempt_at.is_some_and(|t| t <= now) {
+                row.next_attempt_at = Some(now + lease);
+                let mut msg = row.msg.clone();
+                msg.endpoint = st.webhooks.get(&msg.tenant).cloned();
+                out.push(msg);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: uuid::Uuid,
+        delivered: bool,
+        _result: &str,
+        _now: OffsetDateTime,
+        retry_at: Option<OffsetDateTime>,
+    ) -> Result<(), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        if delivered {
+            st.outbox.retain(|r| r.msg.id != id);
+        } else if let Some(row) = st.outbox.iter_mut().find(|r| r.msg.id == id) {
+            row.msg.attempts += 1;
+            row.next_attempt_at = retry_at;
+        }
+        Ok(())
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, MetadataStoreError> {
+        Ok(lock(&self.state)
+            .outbox
+            .iter()
+            .filter(|r| r.next_attempt_at.is_some())
+            .count() as u64)
     }
 }
 
@@ -300,8 +457,7 @@ impl MetadataStore for MemoryMetadataStore {
             .records
             .get_mut(&(u.tenant, u.exchange))
             .ok_or(MetadataStoreError::NotFound)?;
-        let invalidated =
-            u.status == CredentialStatus::Invalid && record.status != CredentialStatus::Invalid;
+        let invalidated = u.status.is_invalidated() && record.status != u.status;
         record.health = u.health;
         record.status = u.status;
         record.health_detail = u.detail;
@@ -314,6 +470,11 @@ impl MetadataStore for MemoryMetadataStore {
         let mut record = record.clone();
         let event =
             invalidated.then(|| st.append(&mut record, EventKind::Invalidated, u.checked_at));
+        if let Some(n) = u.notice
+            && st.webhooks.contains_key(&u.tenant)
+        {
+            st.outbox.push(OutboxRow::new(u.tenant, n));
+        }
         Ok((record, event))
     }
 

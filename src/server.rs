@@ -68,6 +68,8 @@ pub struct ServeParams<H> {
     pub auth: AuthLayer,
     /// Where every call's audit record goes.
     pub audit: Arc<dyn crate::audit::AuditSink>,
+    /// gRPC call metrics.
+    pub metrics: crate::telemetry::metrics::Metrics,
     /// The broker service.
     pub service: BrokerService,
     /// grpc.health.v1 service.
@@ -122,8 +124,9 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         // One span per call, named after the method; never the body.
         .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
         // Shed first: when the replica is saturated, refusing a call must
-        // cost nothing (no certificate or token work).
-        .layer(AdmissionLayer::new(p.front.max_concurrent_calls))
+        // cost nothing (no certificate or token work). Outermost, it also
+        // counts and times every call (shed ones included).
+        .layer(AdmissionLayer::new(p.front.max_concurrent_calls, p.metrics))
         // Audit next: every call that is not shed is recorded, including
         // the ones the auth layer refuses, with its outcome and duration;
         // no answer leaves without its record in the spool.

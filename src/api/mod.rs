@@ -67,6 +67,11 @@ impl BrokerService {
         }
     }
 
+    /// This replica's WatchRotations slots (the open-streams gauge).
+    pub fn stream_slots(&self) -> Arc<StreamSlots> {
+        self.slots.clone()
+    }
+
     /// Admission of one call, in one place and one order: the audit note
     /// learns what is asked, then the caller the auth layer attached passes
     /// [`auth::authorize`] (a denied caller reads and spends nothing), the
@@ -434,6 +439,30 @@ impl CredentialBroker for BrokerService {
         self.admit(&req, tenant, Some(exchange), Action::GetCredentialHealth)?;
         let record = self.broker.describe(tenant, exchange).await?;
         Ok(Response::new(convert::health(&record)))
+    }
+
+    async fn set_webhook(
+        &self,
+        req: Request<pb::SetWebhookRequest>,
+    ) -> Result<Response<pb::SetWebhookResponse>, Status> {
+        let pb::SetWebhookRequest {
+            tenant_id,
+            url,
+            secret,
+        } = req.get_ref();
+        let tenant = convert::tenant(tenant_id)?;
+        let adm = self.admit(&req, tenant, None, Action::SetWebhook)?;
+        let secret = (!secret.is_empty()).then(|| secrecy::SecretString::from(secret.clone()));
+        let generated = self
+            .broker
+            .set_webhook(&adm.ctx(), tenant, url, secret)
+            .await?;
+        Ok(Response::new(pb::SetWebhookResponse {
+            url: url.clone(),
+            secret: generated
+                .map(|s| secrecy::ExposeSecret::expose_secret(&s).to_owned())
+                .unwrap_or_default(),
+        }))
     }
 
     async fn list_audit_events(

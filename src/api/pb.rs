@@ -7,6 +7,25 @@ tonic::include_proto!("credbroker.v1");
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/credbroker_descriptor.bin"));
 
+impl std::fmt::Debug for SetWebhookRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetWebhookRequest")
+            .field("tenant_id", &self.tenant_id)
+            .field("url", &self.url)
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for SetWebhookResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetWebhookResponse")
+            .field("url", &self.url)
+            .field("secret", &"[REDACTED]")
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for CredentialSet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CredentialSet")

@@ -10,6 +10,41 @@ use crate::{
     limits::Limited,
 };
 
+/// The status code's name as grpcurl prints it (audit records, metric
+/// labels).
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The gRPC code of a response: errors are trailers-only responses, so the
+/// status is a header; a response without one is a success (unary
+/// trailers, or a stream that opened).
+pub fn response_code<B>(resp: &tonic::codegen::http::Response<B>) -> Code {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(Code::Ok, Code::from_i32)
+}
+
 /// UNAUTHENTICATED for a caller without a usable identity, PERMISSION_DENIED
 /// for one that may not do what it asked.
 pub fn auth(e: AuthError) -> Status {

@@ -146,29 +146,6 @@ fn result(code: Code) -> &'static str {
     }
 }
 
-/// The status code's name as grpcurl prints it.
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 impl<S, B> Service<http::Request<B>> for Audit<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
@@ -218,15 +195,7 @@ where
         let sink = self.sink.clone();
         Box::pin(async move {
             let mut resp = inner.call(req).await?;
-            // Errors are trailers-only responses: the status is a header.
-            // A response without one is a success (unary trailers, or a
-            // stream that opened).
-            let code = resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i32>().ok())
-                .map_or(Code::Ok, Code::from_i32);
+            let code = crate::api::status::response_code(&resp);
             let note = call.take_note();
             let (user, role) = note.user.map_or_else(
                 || ("unauthenticated".to_owned(), "none"),
@@ -258,7 +227,7 @@ where
                 versions: note.versions,
                 request_id: call.request_id(),
                 trace_id: call.trace_id().map(str::to_owned),
-                grpc_code: Cow::Borrowed(code_name(code)),
+                grpc_code: Cow::Borrowed(crate::api::status::code_name(code)),
                 duration_ms: started.elapsed().as_secs_f64() * 1e3,
                 key_hint: note.key_hint,
             };
@@ -283,9 +252,10 @@ mod tests {
 
     #[test]
     fn names_and_kinds() {
-        assert_eq!(code_name(Code::PermissionDenied), "PERMISSION_DENIED");
-        assert_eq!(code_name(Code::Ok), "OK");
-        assert_eq!(code_name(Code::DataLoss), "DATA_LOSS");
+        assert_eq!(
+            crate::api::status::code_name(Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
         assert_eq!(event_type(Code::Ok, "GetCredentials"), "secret_access");
         assert_eq!(event_type(Code::Ok, "Rotate"), "secret_write");
         assert_eq!(event_type(Code::Unauthenticated, "Rotate"), "auth_failure");

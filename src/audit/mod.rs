@@ -79,9 +79,10 @@ impl AuditRecord {
         job: &str,
         action: &str,
         tenant: TenantId,
-        exchange: ExchangeId,
+        exchange: impl Into<Option<ExchangeId>>,
         versions: Vec<u64>,
     ) -> Self {
+        let exchange = exchange.into();
         let now = OffsetDateTime::now_utc();
         let id = Uuid::now_v7();
         Self {
@@ -90,13 +91,15 @@ impl AuditRecord {
             event_type: Cow::Borrowed("system"),
             user: format!("system:{job}"),
             role: Cow::Borrowed("system"),
-            resource: Cow::Owned(format!("{exchange}_api_key")),
+            resource: exchange.map_or(Cow::Borrowed("tenant_credentials"), |e| {
+                Cow::Owned(format!("{e}_api_key"))
+            }),
             action: Cow::Owned(action.to_owned()),
             result: Cow::Borrowed("success"),
             ip_address: None,
             user_agent: None,
             tenant_id: Some(tenant),
-            exchange: Some(exchange),
+            exchange,
             versions,
             // One record per action: its id is its request id too.
             request_id: id,

@@ -111,6 +111,8 @@ pub struct Spool {
     warned: AtomicBool,
     /// The last write failed (cleared by the next one that succeeds).
     broken: AtomicBool,
+    /// Records appended since this process opened the spool.
+    appended: AtomicU64,
 }
 
 /// Segment file name of number `n`.
@@ -234,6 +236,7 @@ impl Spool {
             unshipped: AtomicU64::new(unshipped),
             warned: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            appended: AtomicU64::new(0),
         }))
     }
 
@@ -259,6 +262,16 @@ impl Spool {
     pub fn head(&self) -> (u64, String) {
         let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         (w.seq, w.prev_hash.clone())
+    }
+
+    /// The bound on unshipped bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Records appended since the spool was opened.
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
     }
 
     /// Bytes not yet shipped.
@@ -340,6 +353,7 @@ impl Spool {
         w.len += bytes.len() as u64;
         self.unshipped
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.appended.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }

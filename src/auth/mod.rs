@@ -105,11 +105,13 @@ pub enum Action {
     ValidateCredentials,
     /// ListAuditEvents.
     ListAuditEvents,
+    /// SetWebhook.
+    SetWebhook,
 }
 
 impl Action {
     /// Every action, for tests and docs.
-    pub const ALL: [Action; 11] = [
+    pub const ALL: [Action; 12] = [
         Action::GetCredentials,
         Action::WatchRotations,
         Action::AcknowledgeVersion,
@@ -121,6 +123,7 @@ impl Action {
         Action::DeleteCredentials,
         Action::ValidateCredentials,
         Action::ListAuditEvents,
+        Action::SetWebhook,
     ];
 
     /// The least role that may do it.
@@ -136,7 +139,8 @@ impl Action {
             | Action::Rotate
             | Action::DeleteCredentials
             | Action::ValidateCredentials
-            | Action::ListAuditEvents => Role::Admin,
+            | Action::ListAuditEvents
+            | Action::SetWebhook => Role::Admin,
         }
     }
 
@@ -154,6 +158,7 @@ impl Action {
             Action::DeleteCredentials => "DeleteCredentials",
             Action::ValidateCredentials => "ValidateCredentials",
             Action::ListAuditEvents => "ListAuditEvents",
+            Action::SetWebhook => "SetWebhook",
         }
     }
 }

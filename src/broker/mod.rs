@@ -15,6 +15,8 @@ pub mod validate;
 
 use std::sync::Arc;
 
+use secrecy::{ExposeSecret as _, SecretString};
+
 use time::{Duration, OffsetDateTime};
 
 use crate::{
@@ -25,11 +27,12 @@ use crate::{
 use context::RequestContext;
 use error::{BrokerError, SecretStoreError, ValidationError};
 use ports::{
-    CredentialValidator, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
+    CredentialValidator, HealthUpdate, MetadataStore, NewCredential, Notice, RotationCommit,
+    SecretStore, WebhookStore,
 };
 use types::{
     Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, ExchangeId,
-    HealthStatus, TenantId,
+    HealthStatus, Permissions, TenantId,
 };
 
 /// Tunables of the broker core.
@@ -45,6 +48,9 @@ pub struct BrokerSettings {
     /// With PostgreSQL this is off: the event listener publishes every event,
     /// from every replica, in `seq` order.
     pub publish_on_commit: bool,
+    /// An expiry the exchange reports closer than this is reported by a
+    /// health check.
+    pub expiry_warning: Duration,
 }
 
 impl Default for BrokerSettings {
@@ -54,8 +60,128 @@ impl Default for BrokerSettings {
             default_overlap: Duration::hours(1),
             max_overlap: Duration::days(7),
             publish_on_commit: true,
+            expiry_warning: Duration::days(7),
         }
     }
+}
+
+/// What a health check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// The exchange accepted the key and nothing drifted.
+    Healthy,
+    /// The exchange (or the policy, on what the exchange reported) refused
+    /// the key: marked invalid.
+    Refused(String),
+    /// The exchange reports the key expired: marked expired.
+    Expired,
+    /// The key works but changed in a way the tenant should know (lost its
+    /// IP restriction, lost a permission, expires soon); still active.
+    Drift(String),
+    /// No usable answer from the exchange: only the health detail changed.
+    Unreachable(String),
+}
+
+impl Finding {
+    /// The metric and webhook name of the finding.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Finding::Healthy => "healthy",
+            Finding::Refused(_) => "refused",
+            Finding::Expired => "expired",
+            Finding::Drift(_) => "drift",
+            Finding::Unreachable(_) => "unreachable",
+        }
+    }
+
+    /// A finding the tenant must hear of (counted as a health-check failure).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Finding::Refused(_) | Finding::Expired | Finding::Drift(_)
+        )
+    }
+}
+
+impl Notice {
+    /// The webhook for `finding`, recorded by `update` on `version`. Its
+    /// payload follows the Standard Webhooks shape (`type`, `timestamp`,
+    /// `data`) and holds no secret: tenant, exchange, version, status and
+    /// the safe-to-show reason.
+    fn new(finding: &Finding, update: &HealthUpdate, version: u64) -> Self {
+        let event_type = match finding {
+            Finding::Refused(_) => "credential.invalidated",
+            Finding::Expired => "credential.expired",
+            _ => "credential.drift",
+        };
+        let id = uuid::Uuid::now_v7();
+        let payload = serde_json::json!({
+            "type": event_type,
+            "timestamp": update.checked_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "data": {
+                "tenant_id": update.tenant.to_string(),
+                "exchange": update.exchange.as_str(),
+                "version": version,
+                "status": update.status.as_str(),
+                "health": update.health.as_str(),
+                "reason": update.detail,
+                "actor": update.actor,
+            },
+        });
+        Self {
+            id,
+            event_type,
+            payload: payload.to_string(),
+            at: update.checked_at,
+        }
+    }
+}
+
+/// One health check's result.
+#[derive(Clone, Debug)]
+pub struct CheckOutcome {
+    /// Metadata after the check.
+    pub record: CredentialRecord,
+    /// What it found.
+    pub finding: Finding,
+}
+
+/// What changed between the permissions stored and the ones the exchange
+/// reports now, in words (empty: nothing worth telling). Gained withdraw
+/// rights and lost required permissions never get here: the validator's
+/// policy refuses those keys.
+fn drift(
+    before: Option<&Permissions>,
+    now: &Permissions,
+    at: OffsetDateTime,
+    warn: Duration,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(b) = before {
+        for (name, was, is) in [
+            ("read", b.read, now.read),
+            ("trade", b.trade, now.trade),
+            ("transfer", b.transfer, now.transfer),
+        ] {
+            if was && !is {
+                out.push(format!("lost the {name} permission"));
+            }
+        }
+        if !b.withdraw && now.withdraw {
+            out.push("gained the withdraw permission".into());
+        }
+        if b.ip_restricted && !now.ip_restricted {
+            out.push("lost its IP allow-list".into());
+        }
+    }
+    if let Some(exp) = now.expires_at
+        && exp > at
+        && exp - at < warn
+    {
+        let days = (exp - at).whole_hours() as f64 / 24.0;
+        out.push(format!("expires in {days:.1} days"));
+    }
+    out
 }
 
 /// What GetCredentials returns: the cached entry itself (nothing is copied
@@ -116,6 +242,7 @@ pub struct RotateOutcome {
 /// The broker core. Cheap to share behind an `Arc`.
 pub struct Broker {
     audit: Arc<dyn crate::audit::AuditSink>,
+    webhooks: Option<Arc<dyn WebhookStore>>,
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
     validator: Arc<dyn CredentialValidator>,
@@ -138,6 +265,7 @@ impl Broker {
     ) -> Self {
         Self {
             audit: Arc::new(crate::audit::Discard),
+            webhooks: None,
             secrets,
             meta,
             validator,
@@ -146,6 +274,87 @@ impl Broker {
             clock,
             settings,
         }
+    }
+
+    /// Keeps webhook endpoints in `store` (without one, SetWebhook is
+    /// UNAVAILABLE).
+    #[must_use]
+    pub fn with_webhooks(mut self, store: Arc<dyn WebhookStore>) -> Self {
+        self.webhooks = Some(store);
+        self
+    }
+
+    /// Sets (or, with an empty `url`, removes) a tenant's webhook endpoint.
+    /// The signing secret goes to the secret store (a new version at
+    /// `{prefix}/{tenant}/webhook`); PostgreSQL keeps the URL and that
+    /// version. Returns the secret when it was generated here.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a bad URL or secret, `Unavailable`.
+    pub async fn set_webhook(
+        &self,
+        ctx: &RequestContext,
+        tenant: TenantId,
+        url: &str,
+        secret: Option<SecretString>,
+    ) -> Result<Option<SecretString>, BrokerError> {
+        let store = self
+            .webhooks
+            .as_ref()
+            .ok_or_else(|| BrokerError::Unavailable {
+                what: "the webhook store",
+            })?;
+        let path = crate::webhook::secret_path(&self.settings.path_prefix, tenant);
+        if url.is_empty() {
+            store.set_webhook(tenant, None).await?;
+            self.secrets.purge(&path).await?;
+            tracing::info!(%tenant, actor = %ctx.actor_label(), "webhook removed");
+            return Ok(None);
+        }
+        let bad = |reason: &str| BrokerError::InvalidArgument {
+            field: "url",
+            reason: reason.into(),
+        };
+        let parsed = url::Url::parse(url).map_err(|_| bad("not a URL"))?;
+        if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
+            return Err(bad("must be an http(s) URL with a host"));
+        }
+        if !parsed.username().is_empty() || parsed.password().is_some() || url.len() > 2048 {
+            return Err(bad(
+                "must not carry credentials and must be at most 2048 bytes",
+            ));
+        }
+        let (secret, generated) = match secret {
+            Some(s) => {
+                crate::webhook::secret_key(s.expose_secret()).map_err(|e| {
+                    BrokerError::InvalidArgument {
+                        field: "secret",
+                        reason: e.to_string(),
+                    }
+                })?;
+                (s, false)
+            }
+            None => (crate::webhook::generate_secret(), true),
+        };
+        let cas = self.secrets.latest_version(&path).await?.unwrap_or(0);
+        let set = CredentialSet {
+            api_key: "webhook-signing-secret".into(),
+            api_secret: secret.clone(),
+            passphrase: None,
+        };
+        let version = self.secrets.write(&path, &set, cas).await?;
+        store
+            .set_webhook(
+                tenant,
+                Some(crate::broker::ports::WebhookEndpoint {
+                    tenant,
+                    url: url.to_owned(),
+                    secret_version: version,
+                }),
+            )
+            .await?;
+        tracing::info!(%tenant, actor = %ctx.actor_label(), "webhook set");
+        Ok(generated.then_some(secret))
     }
 
     /// Records background actions into `sink` (default: nowhere).
@@ -545,9 +754,9 @@ impl Broker {
     }
 
     /// Re-validates the current set against the exchange now and records the
-    /// outcome. A rejection marks the credential invalid (INVALIDATED event);
-    /// an exchange outage changes nothing and is returned as `Validation`
-    /// (`Unavailable` kind).
+    /// outcome (ValidateCredentials): [`Self::check`], with an exchange
+    /// outage returned as `Validation` (`Unavailable` kind) after its
+    /// detail was recorded.
     ///
     /// # Errors
     /// `NotFound`, `Validation(Unavailable)`, `Unavailable`.
@@ -557,50 +766,147 @@ impl Broker {
         tenant: TenantId,
         exchange: ExchangeId,
     ) -> Result<CredentialRecord, BrokerError> {
+        let out = self.check(ctx, tenant, exchange).await?;
+        match out.finding {
+            Finding::Unreachable(reason) => Err(ValidationError::Unavailable {
+                exchange: exchange.as_str(),
+                reason,
+            }
+            .into()),
+            _ => Ok(out.record),
+        }
+    }
+
+    /// The one health-check path (the background job and
+    /// ValidateCredentials): validates the current set against the
+    /// exchange and records what it found. A refusal marks the credential
+    /// invalid (expired when the exchange reports it expired) with an
+    /// INVALIDATED event; drift (a lost permission or IP allow-list, an
+    /// expiry within the warning window) is recorded in the health detail;
+    /// an exchange outage changes nothing but the health detail. Every
+    /// finding the tenant must hear of goes, in the same commit, to the
+    /// tenant's webhook outbox.
+    ///
+    /// # Errors
+    /// `NotFound`, `Unavailable` (Vault or PostgreSQL).
+    pub async fn check(
+        &self,
+        ctx: &RequestContext,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<CheckOutcome, BrokerError> {
         let record = self.describe(tenant, exchange).await?;
         let set = self
             .secrets
             .read(&record.vault_path, record.current_version)
             .await?;
         let now = self.clock.now();
-        let update = match self.validator.validate(tenant, exchange, &set).await {
-            Ok(permissions) => HealthUpdate {
-                tenant,
-                exchange,
-                health: HealthStatus::Healthy,
-                status: if record.status == CredentialStatus::Invalid {
-                    CredentialStatus::Active
-                } else {
-                    record.status
-                },
-                detail: None,
-                permissions: Some(permissions),
-                checked_at: now,
-                actor: ctx.actor_label(),
-            },
-            Err(e @ ValidationError::Unavailable { .. }) => return Err(e.into()),
-            Err(e) => HealthUpdate {
-                tenant,
-                exchange,
-                health: HealthStatus::Unhealthy,
-                status: CredentialStatus::Invalid,
-                detail: Some(e.to_string()),
-                permissions: None,
-                checked_at: now,
-                actor: ctx.actor_label(),
-            },
+        let base = HealthUpdate {
+            tenant,
+            exchange,
+            health: record.health,
+            status: record.status,
+            detail: None,
+            permissions: None,
+            checked_at: now,
+            actor: ctx.actor_label(),
+            notice: None,
         };
+        let (mut update, finding, notify) =
+            match self.validator.validate(tenant, exchange, &set).await {
+                Ok(permissions) => {
+                    let expired = permissions.expires_at.is_some_and(|t| t <= now);
+                    let drifted = drift(
+                        record.permissions.as_ref(),
+                        &permissions,
+                        now,
+                        self.settings.expiry_warning,
+                    );
+                    let (status, health, detail, finding) = if expired {
+                        let why =
+                            "the exchange reports the key expired; rotate in a new one".to_owned();
+                        (
+                            CredentialStatus::Expired,
+                            HealthStatus::Unhealthy,
+                            Some(why),
+                            Finding::Expired,
+                        )
+                    } else if drifted.is_empty() {
+                        let status = if matches!(
+                            record.status,
+                            CredentialStatus::Invalid | CredentialStatus::Expired
+                        ) {
+                            CredentialStatus::Active
+                        } else {
+                            record.status
+                        };
+                        (status, HealthStatus::Healthy, None, Finding::Healthy)
+                    } else {
+                        let what = format!("the key works but {}", drifted.join(", "));
+                        (
+                            record.status,
+                            HealthStatus::Healthy,
+                            Some(what.clone()),
+                            Finding::Drift(what),
+                        )
+                    };
+                    // Tell the tenant once per change, not every round.
+                    let notify = finding.is_failure() && detail != record.health_detail;
+                    (
+                        HealthUpdate {
+                            health,
+                            status,
+                            detail,
+                            permissions: Some(permissions),
+                            ..base
+                        },
+                        finding,
+                        notify,
+                    )
+                }
+                Err(ValidationError::Unavailable { reason, .. }) => {
+                    let detail =
+                        format!("no usable answer from {exchange} at the last check: {reason}");
+                    (
+                        HealthUpdate {
+                            detail: Some(detail),
+                            ..base
+                        },
+                        Finding::Unreachable(reason),
+                        false,
+                    )
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    (
+                        HealthUpdate {
+                            health: HealthStatus::Unhealthy,
+                            status: CredentialStatus::Invalid,
+                            detail: Some(why.clone()),
+                            ..base
+                        },
+                        Finding::Refused(why),
+                        record.status != CredentialStatus::Invalid,
+                    )
+                }
+            };
+        if notify {
+            update.notice = Some(Notice::new(&finding, &update, record.current_version));
+        }
         let (updated, event) = self.meta.record_health(update).await.map_err(|e| match e {
             error::MetadataStoreError::NotFound => not_found(tenant, exchange),
             other => other.into(),
         })?;
         if let Some(event) = event {
-            tracing::warn!(%tenant, %exchange, "credential invalidated by re-validation");
+            tracing::warn!(%tenant, %exchange, finding = finding.as_str(), "credential invalidated by a health check");
             self.apply_event(event);
         } else {
             self.cache.forget(&(tenant, exchange));
         }
-        Ok(updated)
+        Ok(CheckOutcome {
+            record: updated,
+            finding,
+        })
     }
 }
 

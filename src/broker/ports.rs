@@ -72,6 +72,13 @@ pub trait SecretStore: Send + Sync + 'static {
     /// # Errors
     /// Unavailable otherwise.
     async fn ping(&self) -> Result<(), SecretStoreError>;
+
+    /// Whether the store says it is sealed (`None`: it cannot say, or
+    /// could not be asked). Asked only after a failed [`Self::ping`], for
+    /// the `credbroker_vault_sealed` gauge and the sealed alert.
+    async fn sealed(&self) -> Option<bool> {
+        None
+    }
 }
 
 /// One audit record as stored: its columns and the exact body its chain
@@ -185,6 +192,22 @@ pub struct HealthUpdate {
     pub checked_at: OffsetDateTime,
     /// Who checked (recorded with an INVALIDATED event).
     pub actor: String,
+    /// A webhook to queue in the same commit (when the tenant has one).
+    pub notice: Option<Notice>,
+}
+
+/// A webhook message for a tenant, queued in the outbox with the change it
+/// reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// Stable message id (`webhook-id`): the same on every attempt.
+    pub id: uuid::Uuid,
+    /// `credential.invalidated`, `credential.expired`, `credential.drift`.
+    pub event_type: &'static str,
+    /// The exact JSON body that is signed and sent.
+    pub payload: String,
+    /// When it happened.
+    pub at: OffsetDateTime,
 }
 
 /// Metadata and event storage (PostgreSQL semantics: every write is one
@@ -365,6 +388,130 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// # Errors
     /// Unavailable otherwise.
     async fn ping(&self) -> Result<(), MetadataStoreError>;
+}
+
+/// Cross-tenant queries of the background jobs (system role): what the
+/// metrics count, what the health-check job checks, and the leases that
+/// let one replica at a time run a job. Kept apart from [`MetadataStore`]
+/// so the per-tenant port does not grow with every job.
+#[async_trait]
+pub trait FleetStore: Send + Sync + 'static {
+    /// Credentials by tenant, exchange and status.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn credential_counts(
+        &self,
+    ) -> Result<Vec<(TenantId, ExchangeId, CredentialStatus, u64)>, MetadataStoreError>;
+
+    /// Active credentials not health-checked since `since`, least recently
+    /// checked first, at most `limit`.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn due_for_check(
+        &self,
+        since: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, ExchangeId)>, MetadataStoreError>;
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl`;
+    /// `false` while another holder's lease has not expired.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: uuid::Uuid,
+        now: OffsetDateTime,
+        ttl: time::Duration,
+    ) -> Result<bool, MetadataStoreError>;
+}
+
+/// A tenant's webhook endpoint. The signing secret itself is in the secret
+/// store, at `secret_path`, version `secret_version`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebhookEndpoint {
+    /// Owner.
+    pub tenant: TenantId,
+    /// Where messages are POSTed.
+    pub url: String,
+    /// Secret-store version of the signing secret.
+    pub secret_version: u64,
+}
+
+/// A queued webhook message, claimed for one delivery attempt.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutboxMessage {
+    /// Stable id (`webhook-id`).
+    pub id: uuid::Uuid,
+    /// Owner.
+    pub tenant: TenantId,
+    /// What it reports.
+    pub event_type: String,
+    /// Exact body.
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    /// The tenant's endpoint now (`None`: it was removed).
+    pub endpoint: Option<WebhookEndpoint>,
+}
+
+/// Webhook endpoints and the durable outbox.
+#[async_trait]
+pub trait WebhookStore: Send + Sync + 'static {
+    /// Sets (or, with `None`, removes) a tenant's endpoint.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn set_webhook(
+        &self,
+        tenant: TenantId,
+        endpoint: Option<WebhookEndpoint>,
+    ) -> Result<(), MetadataStoreError>;
+
+    /// A tenant's endpoint.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn webhook(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Option<WebhookEndpoint>, MetadataStoreError>;
+
+    /// Claims up to `limit` messages due at `now` for one attempt each: they
+    /// are not handed out again before `now + lease` (so a crash mid-attempt
+    /// only delays a message).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        lease: time::Duration,
+        limit: u32,
+    ) -> Result<Vec<OutboxMessage>, MetadataStoreError>;
+
+    /// Records an attempt: delivered (`retry_at` None and `delivered`), or
+    /// to be retried at `retry_at` (None and not delivered: given up).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn finish_attempt(
+        &self,
+        id: uuid::Uuid,
+        delivered: bool,
+        result: &str,
+        now: OffsetDateTime,
+        retry_at: Option<OffsetDateTime>,
+    ) -> Result<(), MetadataStoreError>;
+
+    /// Messages neither delivered nor given up.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn outbox_depth(&self) -> Result<u64, MetadataStoreError>;
 }
 
 /// Decides whether a credential set works on its exchange and what it may do.

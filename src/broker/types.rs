@@ -224,6 +224,11 @@ impl CredentialStatus {
         }
     }
 
+    /// Invalid or expired: a health check took it out of use (INVALIDATED).
+    pub fn is_invalidated(&self) -> bool {
+        matches!(self, CredentialStatus::Invalid | CredentialStatus::Expired)
+    }
+
     /// Parses the stored name.
     pub fn parse(s: &str) -> Option<Self> {
         [Self::Active, Self::Expired, Self::Invalid, Self::Revoked]

@@ -3,17 +3,23 @@
 //! retry hint, instead of queueing until its deadline. A WatchRotations
 //! call counts until its stream is set up (the stream itself is bounded by
 //! the per-tenant stream slots). Health and reflection are never shed.
+//!
+//! Being the outermost layer, it also feeds the gRPC call metrics
+//! (`credbroker_grpc_server_*{method,code}`): every call is counted with its
+//! code and its time to the response headers, shed calls included.
 
 use std::{
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::future::BoxFuture;
 use tokio::sync::Semaphore;
 use tonic::codegen::http;
 use tower::{Layer, Service};
+
+use crate::telemetry::metrics::Metrics;
 
 /// How long a shed caller is asked to wait.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
@@ -23,14 +29,16 @@ const RETRY_AFTER: Duration = Duration::from_millis(250);
 pub struct AdmissionLayer {
     slots: Arc<Semaphore>,
     max: usize,
+    metrics: Metrics,
 }
 
 impl AdmissionLayer {
-    /// At most `max` calls in flight.
-    pub fn new(max: usize) -> Self {
+    /// At most `max` calls in flight; every call recorded in `metrics`.
+    pub fn new(max: usize, metrics: Metrics) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max.max(1))),
             max,
+            metrics,
         }
     }
 }
@@ -71,12 +79,16 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let metrics = self.layer.metrics.clone();
+        let method = Metrics::grpc_method(req.uri().path());
         let permit = if req.uri().path().starts_with("/credbroker.") {
             match self.layer.slots.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
                     let resp =
                         crate::api::status::overloaded(self.layer.max, RETRY_AFTER).into_http();
+                    metrics.grpc_call(method, tonic::Code::ResourceExhausted, started.elapsed());
                     return Box::pin(async move { Ok(resp) });
                 }
             }
@@ -87,6 +99,13 @@ where
         Box::pin(async move {
             let out = inner.call(req).await;
             drop(permit);
+            if let Ok(resp) = &out {
+                metrics.grpc_call(
+                    method,
+                    crate::api::status::response_code(resp),
+                    started.elapsed(),
+                );
+            }
             out
         })
     }

@@ -49,7 +49,8 @@ impl Class {
             Action::ValidateAndStore
             | Action::Rotate
             | Action::DeleteCredentials
-            | Action::ValidateCredentials => Class::Write,
+            | Action::ValidateCredentials
+            | Action::SetWebhook => Class::Write,
             Action::WatchRotations => Class::Watch,
             Action::GetCredentials
             | Action::AcknowledgeVersion

@@ -25,6 +25,7 @@ pub struct EventListener {
     pg: tokio_postgres::Config,
     broker: Arc<Broker>,
     poll_every: Duration,
+    lag: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 impl EventListener {
@@ -36,7 +37,15 @@ impl EventListener {
             pg,
             broker,
             poll_every,
+            lag: None,
         }
+    }
+
+    /// Observes each event's commit-to-delivery time into `lag`.
+    #[must_use]
+    pub fn with_lag(mut self, lag: prometheus_client::metrics::histogram::Histogram) -> Self {
+        self.lag = Some(lag);
+        self
     }
 
     /// Runs until cancelled, reconnecting with jittered exponential backoff.
@@ -151,6 +160,10 @@ impl EventListener {
             for row in &rows {
                 let event = row_to_event(row)?;
                 *last = Some(event.seq);
+                if let Some(lag) = &self.lag {
+                    let age = time::OffsetDateTime::now_utc() - event.occurred_at;
+                    lag.observe(age.as_seconds_f64().max(0.0));
+                }
                 self.broker.deliver(event);
             }
             if n < PAGE as usize {

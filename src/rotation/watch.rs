@@ -48,6 +48,15 @@ impl StreamSlots {
         })
     }
 
+    /// Streams open on this replica, all tenants.
+    pub fn open_total(&self) -> usize {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .sum()
+    }
+
     /// Admits a stream for `tenant`, or says why not.
     ///
     /// # Errors

@@ -21,7 +21,10 @@ use tokio_postgres::{NoTls, Row, error::SqlState};
 use crate::{
     broker::{
         error::MetadataStoreError,
-        ports::{AuditChain, AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit},
+        ports::{
+            AuditChain, AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential,
+            OutboxMessage, RotationCommit, WebhookEndpoint, WebhookStore,
+        },
         types::{
             Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
             HealthStatus, Permissions, TenantId,
@@ -317,6 +320,241 @@ impl PgMetadataStore {
     }
 }
 
+#[async_trait]
+impl FleetStore for PgMetadataStore {
+    async fn credential_counts(
+        &self,
+    ) -> Result<Vec<(TenantId, ExchangeId, CredentialStatus, u64)>, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT tenant_id, exchange, status, count(*) AS n FROM tenant_credentials \
+                         GROUP BY tenant_id, exchange, status ORDER BY tenant_id, exchange, status",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter()
+                    .map(|r| {
+                        let exchange: String = r.get("exchange");
+                        let status: String = r.get("status");
+                        Ok((
+                            TenantId::new(r.get("tenant_id")),
+                            ExchangeId::from_str(&exchange).map_err(MetadataStoreError::Other)?,
+                            CredentialStatus::parse(&status).ok_or_else(|| {
+                                MetadataStoreError::Other(format!("unknown status {status:?}"))
+                            })?,
+                            to_u64(r.get("n")),
+                        ))
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn due_for_check(
+        &self,
+        since: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<(TenantId, ExchangeId)>, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT tenant_id, exchange FROM tenant_credentials \
+                         WHERE status = 'active' AND (health_checked_at IS NULL OR health_checked_at < $1) \
+                         ORDER BY health_checked_at NULLS FIRST, tenant_id, exchange LIMIT $2",
+                        &[&since, &i64::from(limit)],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter()
+                    .map(|r| {
+                        let exchange: String = r.get("exchange");
+                        Ok((
+                            TenantId::new(r.get("tenant_id")),
+                            ExchangeId::from_str(&exchange).map_err(MetadataStoreError::Other)?,
+                        ))
+                    })
+                    .collect()
+            })
+        })
+        .await
+    }
+
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: uuid::Uuid,
+        now: OffsetDateTime,
+        ttl: time::Duration,
+    ) -> Result<bool, MetadataStoreError> {
+        let name = name.to_owned();
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let until = now + ttl;
+                let n = tx
+                    .execute(
+                        "INSERT INTO job_leases (name, holder, expires_at) VALUES ($1, $2, $3) \
+                         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, expires_at = EXCLUDED.expires_at \
+                         WHERE job_leases.holder = EXCLUDED.holder OR job_leases.expires_at < $4",
+                        &[&name, &holder, &until, &now],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(n == 1)
+            })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl WebhookStore for PgMetadataStore {
+    async fn set_webhook(
+        &self,
+        tenant: TenantId,
+        endpoint: Option<WebhookEndpoint>,
+    ) -> Result<(), MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                match endpoint {
+                    Some(e) => tx
+                        .execute(
+                            "INSERT INTO tenant_webhooks (tenant_id, url, secret_version, updated_at) VALUES ($1, $2, $3, now()) \
+                             ON CONFLICT (tenant_id) DO UPDATE SET url = EXCLUDED.url, secret_version = EXCLUDED.secret_version, updated_at = now()",
+                            &[&tenant.as_uuid(), &e.url, &to_i64(e.secret_version)],
+                        )
+                        .await,
+                    None => tx
+                        .execute("DELETE FROM tenant_webhooks WHERE tenant_id = $1", &[&tenant.as_uuid()])
+                        .await,
+                }
+                .map_err(pg_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn webhook(
+        &self,
+        tenant: TenantId,
+    ) -> Result<Option<WebhookEndpoint>, MetadataStoreError> {
+        self.in_tx(Scope::Tenant(tenant), |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        "SELECT url, secret_version FROM tenant_webhooks WHERE tenant_id = $1",
+                        &[&tenant.as_uuid()],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(row.map(|r| WebhookEndpoint {
+                    tenant,
+                    url: r.get("url"),
+                    secret_version: to_u64(r.get("secret_version")),
+                }))
+            })
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now: OffsetDateTime,
+        lease: time::Duration,
+        limit: u32,
+    ) -> Result<Vec<OutboxMessage>, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                // SKIP LOCKED: replicas claim disjoint messages; the lease
+                // (next_attempt_at moved forward) keeps a claimed message
+                // from being handed out again while it is being delivered.
+                let rows = tx
+                    .query(
+                        "UPDATE webhook_outbox o SET next_attempt_at = $2 \
+                         FROM (SELECT id FROM webhook_outbox WHERE delivered_at IS NULL AND next_attempt_at <= $1 \
+                               ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) due \
+                         WHERE o.id = due.id \
+                         RETURNING o.id, o.tenant_id, o.event_type, o.payload, o.attempts, \
+                           (SELECT url FROM tenant_webhooks w WHERE w.tenant_id = o.tenant_id) AS url, \
+                           (SELECT secret_version FROM tenant_webhooks w WHERE w.tenant_id = o.tenant_id) AS secret_version",
+                        &[&now, &(now + lease), &i64::from(limit)],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| {
+                        let tenant = TenantId::new(r.get("tenant_id"));
+                        let url: Option<String> = r.get("url");
+                        let version: Option<i64> = r.get("secret_version");
+                        OutboxMessage {
+                            id: r.get("id"),
+                            tenant,
+                            event_type: r.get("event_type"),
+                            payload: r.get("payload"),
+                            attempts: u32::try_from(r.get::<_, i32>("attempts")).unwrap_or(0),
+                            endpoint: url.zip(version).map(|(url, v)| WebhookEndpoint {
+                                tenant,
+                                url,
+                                secret_version: to_u64(v),
+                            }),
+                        }
+                    })
+                    .collect())
+            })
+        })
+        .await
+    }
+
+    async fn finish_attempt(
+        &self,
+        id: uuid::Uuid,
+        delivered: bool,
+        result: &str,
+        now: OffsetDateTime,
+        retry_at: Option<OffsetDateTime>,
+    ) -> Result<(), MetadataStoreError> {
+        let result = result.to_owned();
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                // Given up: kept (for operators) but never due again.
+                tx.execute(
+                    "UPDATE webhook_outbox SET attempts = attempts + 1, last_result = $2, \
+                     delivered_at = CASE WHEN $3::boolean THEN $4::timestamptz ELSE NULL END, \
+                     next_attempt_at = COALESCE($5, 'infinity'::timestamptz) WHERE id = $1",
+                    &[&id, &result, &delivered, &now, &retry_at],
+                )
+                .await
+                .map_err(pg_err)?;
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn outbox_depth(&self) -> Result<u64, MetadataStoreError> {
+        self.in_tx(Scope::System, |tx| {
+            Box::pin(async move {
+                let n: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND next_attempt_at < 'infinity'",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .get(0);
+                Ok(to_u64(n))
+            })
+        })
+        .await
+    }
+}
+
 fn permissions_json(p: &Permissions) -> Result<serde_json::Value, MetadataStoreError> {
     serde_json::to_value(p).map_err(|e| MetadataStoreError::Other(e.to_string()))
 }
@@ -587,11 +825,23 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 let mut record = row_to_record(&row)?;
-                let event = if record.status == CredentialStatus::Invalid && before.status != CredentialStatus::Invalid {
+                let event = if record.status.is_invalidated() && before.status != record.status {
                     Some(append_event(tx, &mut record, EventKind::Invalidated, &u.actor).await?)
                 } else {
                     None
                 };
+                if let Some(n) = &u.notice {
+                    // Queued with the change, only for a tenant with a webhook;
+                    // due at once by the database's clock (the deliverers'
+                    // time), whatever the broker's domain clock says.
+                    tx.execute(
+                        "INSERT INTO webhook_outbox (id, tenant_id, event_type, payload, created_at, next_attempt_at) \
+                         SELECT $1, $2, $3, $4, $5, now() FROM tenant_webhooks WHERE tenant_id = $2",
+                        &[&n.id, &u.tenant.as_uuid(), &n.event_type, &n.payload, &n.at],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                }
                 Ok((record, event))
             })
         })

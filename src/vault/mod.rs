@@ -473,4 +473,12 @@ impl SecretStore for VaultSecretStore {
             .map(|_| ())
             .map_err(|e| classify("token lookup", &e))
     }
+
+    async fn sealed(&self) -> Option<bool> {
+        match vaultrs::sys::status(self.client.load().as_ref()).await {
+            Ok(vaultrs::sys::ServerStatus::SEALED) => Some(true),
+            Ok(_) => Some(false),
+            Err(_) => None,
+        }
+    }
 }

@@ -12,8 +12,9 @@ use std::{
 };
 
 use credbroker::config::{
-    AuditConfig, AuthConfig, CacheConfig, Config, LimitsConfig, PostgresConfig, RotationConfig,
-    ServerConfig, TlsConfig, ValidationConfig, ValidationMode, VaultAuthConfig, VaultConfig,
+    AuditConfig, AuthConfig, CacheConfig, ChecksConfig, Config, LimitsConfig, PostgresConfig,
+    RotationConfig, ServerConfig, TelemetryConfig, TlsConfig, ValidationConfig, ValidationMode,
+    VaultAuthConfig, VaultConfig,
 };
 use credbroker::tls::pki::DevPki;
 use uuid::Uuid;
@@ -134,6 +135,16 @@ pub fn config_for(
             fsync_ms: 20,
             ship_ms: 50,
             ..AuditConfig::default()
+        },
+        telemetry: TelemetryConfig {
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            credentials_refresh_secs: 1,
+        },
+        webhooks: credbroker::config::WebhookConfig { poll_ms: 100 },
+        // Tests run rounds by hand (`Running::checks`).
+        checks: ChecksConfig {
+            enabled: false,
+            ..ChecksConfig::default()
         },
     }
 }

@@ -93,6 +93,16 @@ impl Memory {
                 },
                 max_spool_bytes: o.audit_max_bytes.unwrap_or(1 << 30),
             },
+            telemetry: credbroker::config::TelemetryConfig {
+                metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..credbroker::config::TelemetryConfig::default()
+            },
+            checks: credbroker::checks::Schedule::Manual,
+            check_settings: credbroker::checks::CheckSettings::from_config(
+                &credbroker::config::ChecksConfig::default(),
+            ),
+            expiry_warning: Duration::from_secs(7 * 86_400),
+            webhook_poll: Duration::from_millis(100),
             cache: CacheConfig::default(),
             rotation: RotationConfig::default(),
             path_prefix: "tenants".into(),
@@ -108,11 +118,14 @@ impl Memory {
             grace: Duration::from_secs(1),
             clock: Arc::new(SystemClock),
         };
+        let meta = Arc::new(MemoryMetadataStore::default());
         let backends = Backends {
             secrets: o
                 .secrets
                 .unwrap_or_else(|| Arc::new(MemorySecretStore::default())),
-            meta: Arc::new(MemoryMetadataStore::default()),
+            meta: meta.clone(),
+            fleet: meta.clone(),
+            webhooks: meta,
             validator: Arc::new(FormatCheckValidator),
             vault: None,
             events: EventSource::Local,

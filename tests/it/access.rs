@@ -156,6 +156,17 @@ async fn call(
             ))
             .await
             .map(drop),
+        Action::SetWebhook => c
+            .set_webhook(with_token(
+                pb::SetWebhookRequest {
+                    tenant_id: t.clone(),
+                    url: "https://hooks.example/credbroker".into(),
+                    secret: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
         Action::ListAuditEvents => c
             .list_audit_events(with_token(
                 pb::ListAuditEventsRequest {

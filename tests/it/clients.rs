@@ -407,6 +407,12 @@ mod lagging {
         ) -> S<pb::ListAuditEventsResponse> {
             Err(Status::unimplemented("staged broker"))
         }
+        async fn set_webhook(
+            &self,
+            _: Request<pb::SetWebhookRequest>,
+        ) -> S<pb::SetWebhookResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use tonic::Code;
 
 use crate::support::{Env, EnvOptions, new_tenant};
 
-fn endpoints(sims: &Simulators) -> BTreeMap<ExchangeId, ExchangeEndpoint> {
+pub(crate) fn endpoints(sims: &Simulators) -> BTreeMap<ExchangeId, ExchangeEndpoint> {
     sims.endpoints(1000, 10_000)
 }
 
@@ -43,7 +43,7 @@ async fn env_with(sims: &Simulators, allow_withdraw: Vec<uuid::Uuid>) -> Env {
 
 /// A key per exchange in the exchange's own shape, registered in the
 /// simulator: (api_key, api_secret, passphrase).
-fn register(
+pub(crate) fn register(
     sims: &Simulators,
     ex: ExchangeId,
     tag: &str,
@@ -130,7 +130,7 @@ fn ed_key() -> (String, Vec<u8>) {
     (B64.encode(raw), public)
 }
 
-fn store_req(
+pub(crate) fn store_req(
     tenant: &str,
     ex: ExchangeId,
     key: &str,

@@ -6,6 +6,7 @@ mod support;
 
 mod access;
 mod audit;
+mod checks;
 mod clients;
 mod core;
 mod devmode;

@@ -1,0 +1,293 @@
+//! The credential health-check job: every active credential is re-validated
+//! against its exchange once per interval (6 h by default, jittered), through
+//! the same path as ValidateCredentials (`Broker::check`).
+//!
+//! - **One replica at a time**: the job holds a PostgreSQL lease
+//!   (`job_leases`), renewed while it works; when its holder dies the lease
+//!   expires and another replica takes over.
+//! - **Never twice in one round**: a round checks the credentials not
+//!   checked in the last half interval, least recently checked first, and
+//!   each check stamps `health_checked_at`; a replica that takes over
+//!   mid-round continues with the rest.
+//! - **Bounded**: at most `concurrency` checks in flight, and a per-exchange
+//!   budget of the job's own (below the exchange's), so checks never starve
+//!   a tenant's store or rotate and never get the broker's address banned.
+//! - An exchange outage changes nothing but the health detail.
+
+use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
+
+use std::borrow::Cow;
+
+use futures::StreamExt as _;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use crate::{
+    audit::AuditRecord,
+    broker::{
+        Broker, context::RequestContext, error::BrokerError, ports::FleetStore, types::ExchangeId,
+    },
+    telemetry::metrics::{Metrics, ResultLabel},
+};
+
+/// The lease's name in `job_leases`.
+const LEASE: &str = "credential-health-checks";
+/// Credentials fetched per page of a round.
+const PAGE: u32 = 200;
+
+/// When rounds run.
+#[derive(Clone, Copy, Debug)]
+pub enum Schedule {
+    /// Only when a test calls [`HealthChecks::round`].
+    Manual,
+    /// Every `interval`, plus up to `jitter_percent` of it.
+    Every {
+        /// The check interval.
+        interval: Duration,
+        /// Jitter, in percent of the interval.
+        jitter_percent: u8,
+    },
+}
+
+/// The job's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct CheckSettings {
+    /// A credential is re-checked once per interval.
+    pub interval: Duration,
+    /// Checks in flight at most.
+    pub concurrency: usize,
+    /// Checks per minute per exchange at most.
+    pub requests_per_minute: u32,
+    /// The lease's length.
+    pub lease: Duration,
+}
+
+impl Schedule {
+    /// From `[checks]`: `Manual` when the job is disabled.
+    pub fn from_config(c: &crate::config::ChecksConfig) -> Self {
+        if c.enabled {
+            Schedule::Every {
+                interval: Duration::from_secs(c.interval_secs),
+                jitter_percent: c.jitter_percent,
+            }
+        } else {
+            Schedule::Manual
+        }
+    }
+}
+
+impl CheckSettings {
+    /// From `[checks]`.
+    pub fn from_config(c: &crate::config::ChecksConfig) -> Self {
+        Self {
+            interval: Duration::from_secs(c.interval_secs),
+            concurrency: c.concurrency,
+            requests_per_minute: c.requests_per_minute,
+            lease: Duration::from_secs(c.lease_secs),
+        }
+    }
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// False when another replica holds the lease (nothing was checked).
+    pub held_lease: bool,
+    /// Checks made, by finding (`healthy`, `refused`, `expired`, `drift`,
+    /// `unreachable`, `error`).
+    pub checked: Vec<(String, &'static str)>,
+}
+
+impl RoundReport {
+    /// How many checks found `finding`.
+    pub fn count(&self, finding: &str) -> usize {
+        self.checked.iter().filter(|(_, f)| *f == finding).count()
+    }
+}
+
+/// The job. Cheap to share.
+pub struct HealthChecks {
+    broker: Arc<Broker>,
+    fleet: Arc<dyn FleetStore>,
+    metrics: Metrics,
+    settings: CheckSettings,
+    holder: uuid::Uuid,
+    budgets: HashMap<ExchangeId, DefaultDirectRateLimiter>,
+}
+
+impl HealthChecks {
+    /// The job for this replica.
+    pub fn new(
+        broker: Arc<Broker>,
+        fleet: Arc<dyn FleetStore>,
+        metrics: Metrics,
+        settings: CheckSettings,
+    ) -> Arc<Self> {
+        let per_minute = NonZeroU32::new(settings.requests_per_minute).unwrap_or(NonZeroU32::MIN);
+        let budgets = ExchangeId::ALL
+            .into_iter()
+            .map(|e| (e, RateLimiter::direct(Quota::per_minute(per_minute))))
+            .collect();
+        Arc::new(Self {
+            broker,
+            fleet,
+            metrics,
+            settings,
+            holder: uuid::Uuid::new_v4(),
+            budgets,
+        })
+    }
+
+    fn lease_ttl(&self) -> time::Duration {
+        time::Duration::try_from(self.settings.lease).unwrap_or(time::Duration::minutes(1))
+    }
+
+    async fn take_lease(&self) -> Result<bool, BrokerError> {
+        Ok(self
+            .fleet
+            .take_lease(
+                LEASE,
+                self.holder,
+                time::OffsetDateTime::now_utc(),
+                self.lease_ttl(),
+            )
+            .await?)
+    }
+
+    /// One round: takes the lease (or returns at once if another replica
+    /// holds it) and checks every credential that is due.
+    ///
+    /// # Errors
+    /// When PostgreSQL cannot be read; checks already made are kept.
+    pub async fn round(&self) -> Result<RoundReport, BrokerError> {
+        let mut report = RoundReport::default();
+        if !self.take_lease().await? {
+            return Ok(report);
+        }
+        report.held_lease = true;
+        let half = time::Duration::try_from(self.settings.interval / 2)
+            .unwrap_or(time::Duration::hours(3));
+        let since = self.broker.clock().now() - half;
+        let ctx = RequestContext::system("health-check");
+        let mut renewed = tokio::time::Instant::now();
+        loop {
+            let due = self.fleet.due_for_check(since, PAGE).await?;
+            if due.is_empty() {
+                break;
+            }
+            let before = report.checked.len();
+            let mut results = futures::stream::iter(due)
+                .map(|(tenant, exchange)| {
+                    let ctx = &ctx;
+                    async move {
+                        if let Some(budget) = self.budgets.get(&exchange) {
+                            budget.until_ready().await;
+                        }
+                        let (finding, versions) = match self.broker.check(ctx, tenant, exchange).await {
+                            Ok(out) => {
+                                if out.finding.is_failure() {
+                                    self.metrics.health_check_failed(tenant, exchange);
+                                }
+                                (out.finding.as_str(), vec![out.record.current_version])
+                            }
+                            Err(BrokerError::NotFound { .. }) => ("gone", vec![]),
+                            Err(e) => {
+                                tracing::warn!(%tenant, %exchange, "health check could not run: {e}");
+                                ("error", vec![])
+                            }
+                        };
+                        // Every check is an access to the secret, by the
+                        // system actor.
+                        let mut record = AuditRecord::system(
+                            "health-check",
+                            "HealthCheck",
+                            tenant,
+                            exchange,
+                            versions,
+                        );
+                        record.event_type = Cow::Borrowed("secret_access");
+                        if finding != "healthy" {
+                            record.result = Cow::Borrowed("failure");
+                        }
+                        self.broker.audit_system(&record);
+                        self.metrics
+                            .families()
+                            .health_checks
+                            .get_or_create(&ResultLabel { result: finding })
+                            .inc();
+                        (format!("{tenant}/{exchange}"), finding)
+                    }
+                })
+                .buffer_unordered(self.settings.concurrency.max(1));
+            while let Some(r) = results.next().await {
+                report.checked.push(r);
+                if renewed.elapsed() > self.settings.lease / 3 {
+                    renewed = tokio::time::Instant::now();
+                    if !self.take_lease().await? {
+                        tracing::warn!("health checks: lost the lease mid-round; stopping");
+                        return Ok(report);
+                    }
+                }
+            }
+            // A page whose checks all failed to record would come back
+            // again: stop rather than spin.
+            if report.checked[before..].iter().all(|(_, f)| *f == "error") {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs rounds on `schedule` until `cancel` fires.
+    pub async fn task_main(self: Arc<Self>, schedule: Schedule, cancel: CancellationToken) {
+        let Schedule::Every {
+            interval,
+            jitter_percent,
+        } = schedule
+        else {
+            cancel.cancelled().await;
+            return;
+        };
+        // Rounds start often enough that no credential waits much past its
+        // interval (a round only checks what is due), with jitter so
+        // replicas and restarts do not line up.
+        let period = (interval / 12).max(Duration::from_secs(30));
+        loop {
+            let jitter = period.mul_f64(f64::from(jitter_percent) / 100.0 * rand::random::<f64>());
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(period + jitter) => {}
+            }
+            let span = tracing::info_span!("health_check_round");
+            let result = match self.round().instrument(span).await {
+                Ok(r) if r.held_lease => {
+                    if !r.checked.is_empty() {
+                        tracing::info!(
+                            checked = r.checked.len(),
+                            refused = r.count("refused"),
+                            expired = r.count("expired"),
+                            drift = r.count("drift"),
+                            unreachable = r.count("unreachable"),
+                            "health-check round done"
+                        );
+                    }
+                    "done"
+                }
+                Ok(_) => "not_leader",
+                Err(e) => {
+                    tracing::warn!("health-check round failed: {e}");
+                    "error"
+                }
+            };
+            let f = self.metrics.families();
+            f.health_check_rounds
+                .get_or_create(&ResultLabel { result })
+                .inc();
+            if result == "done" {
+                f.health_check_last_round
+                    .set(time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9);
+            }
+        }
+    }
+}

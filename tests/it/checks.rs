@@ -1,0 +1,459 @@
+//! Keys that die quietly: the health-check job against the exchange
+//! simulators on real OpenBao and PostgreSQL, webhooks delivered from the
+//! outbox (signatures checked with the `standardwebhooks` crate as oracle),
+//! and the metrics endpoint parsed with Prometheus' own Python parser.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Router, http::HeaderMap, http::StatusCode, routing::post};
+use credbroker::{
+    api::pb::{self, CredentialStatus},
+    broker::types::ExchangeId,
+    clock::ManualClock,
+    config::{ValidationConfig, ValidationMode},
+    exchange::sim::{Fault, Simulators, native_permissions},
+};
+
+use crate::{
+    exchanges::{endpoints, register, store_req},
+    support::{Env, EnvOptions, new_tenant},
+};
+
+/// A webhook receiver on loopback: records every request, answers the
+/// first `fail_first` with 503.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(HeaderMap, String)>>>,
+    fail_first: Arc<Mutex<usize>>,
+}
+
+impl Receiver {
+    async fn start(fail_first: usize) -> (Receiver, String) {
+        let r = Receiver::default();
+        *r.fail_first.lock().unwrap() = fail_first;
+        let state = r.clone();
+        let app = Router::new().route(
+            "/hook",
+            post(move |headers: HeaderMap, body: String| {
+                let state = state.clone();
+                async move {
+                    state.got.lock().unwrap().push((headers, body));
+                    let mut f = state.fail_first.lock().unwrap();
+                    if *f > 0 {
+                        *f -= 1;
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::NO_CONTENT
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (r, url)
+    }
+
+    fn requests(&self) -> Vec<(HeaderMap, String)> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+/// One parsed sample: name, labels, value.
+type Sample = (String, HashMap<String, String>, f64);
+
+/// Scrapes `/metrics` and parses it with `prometheus_client`'s OpenMetrics
+/// parser (strict: a malformed exposition fails the test).
+async fn scrape(env: &Env) -> (String, Vec<Sample>) {
+    let addr = env.running.as_ref().unwrap().metrics_addr.unwrap();
+    let resp = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text")
+    );
+    let text = resp.text().await.unwrap();
+    let py = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = r#"
+import sys, json
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+out = []
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out.append([s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut child = std::process::Command::new(py)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the scrape: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let samples: Vec<Sample> = serde_json::from_slice(&out.stdout).unwrap();
+    (text, samples)
+}
+
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, v)| *v)
+}
+
+async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
+    let sims = Simulators::start().await.unwrap();
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let env = Env::start_with(EnvOptions {
+        validation: Some(ValidationConfig {
+            mode: ValidationMode::Exchange,
+            exchanges: endpoints(&sims),
+            ..ValidationConfig::default()
+        }),
+        clock: Some(clock.clone()),
+        ..EnvOptions::default()
+    })
+    .await;
+    let running = env.running.as_ref().unwrap();
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+
+    // The tenant's admin sets a webhook; the broker generates the secret.
+    let (receiver, url) = Receiver::start(1).await;
+    let secret = op
+        .set_webhook(pb::SetWebhookRequest {
+            tenant_id: tenant.clone(),
+            url: url.clone(),
+            secret: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    assert!(
+        secret.starts_with("whsec_"),
+        "a generated secret is returned once"
+    );
+    // Bad input is refused, naming the field.
+    let e = op
+        .set_webhook(pb::SetWebhookRequest {
+            tenant_id: tenant.clone(),
+            url: "ftp://example".into(),
+            secret: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("url"), "{}", e.message());
+    // PostgreSQL keeps the URL and a Vault version, never the secret.
+    assert_eq!(
+        env.count(&format!(
+            "SELECT count(*) FROM tenant_webhooks WHERE url = '{url}' AND secret_version = 1"
+        ))
+        .await,
+        1
+    );
+
+    let (bybit_key, bybit_secret, _) = register(&sims, ExchangeId::Bybit, "hc", false);
+    let (bn_key, bn_secret, _) = register(&sims, ExchangeId::Binance, "hc", false);
+    for (ex, k, s) in [
+        (ExchangeId::Bybit, &bybit_key, &bybit_secret),
+        (ExchangeId::Binance, &bn_key, &bn_secret),
+    ] {
+        op.validate_and_store(store_req(&tenant, ex, k, s, None))
+            .await
+            .unwrap();
+    }
+    let checks = &running.checks;
+
+    // Round 1: both healthy. At once again: nothing is due (never twice).
+    let r = checks.round().await.unwrap();
+    assert!(r.held_lease);
+    assert_eq!(r.count("healthy"), 2, "{r:?}");
+    assert!(checks.round().await.unwrap().checked.is_empty());
+
+    // The exchange is down: only the health detail changes.
+    sims.update_key(ExchangeId::Bybit, &bybit_key, |k| {
+        k.fault = Fault::ServerError
+    });
+    clock.advance(time::Duration::hours(4));
+    let r = checks.round().await.unwrap();
+    assert_eq!(
+        (r.count("unreachable"), r.count("healthy")),
+        (1, 1),
+        "{r:?}"
+    );
+    let health = |ex: &str| {
+        let mut op = op.clone();
+        let req = pb::GetCredentialHealthRequest {
+            tenant_id: tenant.clone(),
+            exchange: ex.into(),
+        };
+        async move { op.get_credential_health(req).await.unwrap().into_inner() }
+    };
+    let h = health("bybit").await;
+    assert_eq!(h.credential_status, CredentialStatus::Active as i32);
+    assert!(h.detail.contains("no usable answer"), "{}", h.detail);
+
+    // Revoked at the exchange; Binance lost its IP allow-list.
+    sims.update_key(ExchangeId::Bybit, &bybit_key, |k| {
+        k.fault = Fault::None;
+        k.secret = "rotatedElsewhere000000".into();
+    });
+    sims.update_key(ExchangeId::Binance, &bn_key, |k| {
+        k.permissions = native_permissions(ExchangeId::Binance, false, false);
+    });
+    clock.advance(time::Duration::hours(4));
+    let r = checks.round().await.unwrap();
+    assert_eq!((r.count("refused"), r.count("drift")), (1, 1), "{r:?}");
+    let h = health("bybit").await;
+    assert_eq!(h.credential_status, CredentialStatus::Invalid as i32);
+    let h = health("binance").await;
+    assert_eq!(h.credential_status, CredentialStatus::Active as i32);
+    assert!(h.detail.contains("IP allow-list"), "{}", h.detail);
+    assert_eq!(
+        env.count("SELECT count(*) FROM credential_events WHERE kind = 'invalidated'")
+            .await,
+        1
+    );
+
+    // Two messages; the first attempt was refused (503) and is retried.
+    wait_for("the first attempts", || receiver.requests().len() >= 2).await;
+    assert_eq!(
+        env.count("SELECT count(*) FROM webhook_outbox WHERE last_result = 'HTTP 503' AND attempts = 1 AND delivered_at IS NULL")
+            .await,
+        1
+    );
+    // Skip the backoff instead of sleeping through it.
+    env.db
+        .connect()
+        .await
+        .execute(
+            "UPDATE webhook_outbox SET next_attempt_at = now() WHERE delivered_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for("the retry", || receiver.requests().len() >= 3).await;
+    let oracle = standardwebhooks::Webhook::new(&secret).unwrap();
+    let mut kinds = Vec::new();
+    let mut ids = Vec::new();
+    for (headers, body) in receiver.requests() {
+        oracle
+            .verify(body.as_bytes(), &headers)
+            .expect("a valid Standard Webhooks signature");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["data"]["tenant_id"], tenant.as_str());
+        for s in [&bybit_secret, &bn_secret] {
+            assert!(!body.contains(s.as_str()), "no secret in a webhook");
+        }
+        kinds.push(v["type"].as_str().unwrap().to_owned());
+        ids.push(headers["webhook-id"].to_str().unwrap().to_owned());
+    }
+    kinds.sort();
+    kinds.dedup();
+    assert_eq!(kinds, ["credential.drift", "credential.invalidated"]);
+    // The retried message kept its id.
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 2);
+    // A tampered body fails the oracle (the check can fail).
+    let (headers, body) = &receiver.requests()[0];
+    assert!(
+        oracle
+            .verify(body.replace("tenant", "tenanx").as_bytes(), headers)
+            .is_err()
+    );
+
+    // The metrics, parsed by Prometheus' own parser.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (text, m) = scrape(&env).await;
+    let t = tenant.as_str();
+    assert_eq!(
+        value(
+            &m,
+            "alphapulse_credentials_total",
+            &[
+                ("tenant_id", t),
+                ("exchange", "bybit"),
+                ("status", "invalid")
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "alphapulse_credentials_total",
+            &[
+                ("tenant_id", t),
+                ("exchange", "binance"),
+                ("status", "active")
+            ]
+        ),
+        Some(1.0)
+    );
+    for ex in ["bybit", "binance"] {
+        assert_eq!(
+            value(
+                &m,
+                "alphapulse_credentials_health_check_failures_total",
+                &[("tenant_id", t), ("exchange", ex)]
+            ),
+            Some(1.0),
+            "{ex}"
+        );
+    }
+    // Two stores plus six checks (two rounds of two, one outage, ...).
+    let validations = value(
+        &m,
+        "alphapulse_credentials_validation_duration_seconds_count",
+        &[("exchange", "bybit")],
+    )
+    .unwrap();
+    assert_eq!(validations, 4.0, "store + three checks");
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_validations_total",
+            &[("exchange", "bybit"), ("result", "unavailable")]
+        ),
+        Some(1.0)
+    );
+    assert!(
+        value(
+            &m,
+            "alphapulse_vault_operations_total",
+            &[("operation", "write"), ("status", "success")]
+        )
+        .unwrap()
+            >= 3.0
+    );
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_grpc_server_handled_total",
+            &[("method", "ValidateAndStore"), ("code", "OK")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_grpc_server_handled_total",
+            &[("method", "SetWebhook"), ("code", "INVALID_ARGUMENT")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_webhook_deliveries_total",
+            &[("result", "delivered")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_webhook_deliveries_total",
+            &[("result", "retry")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(value(&m, "credbroker_webhook_outbox_depth", &[]), Some(0.0));
+    assert_eq!(value(&m, "credbroker_vault_up", &[]), Some(1.0));
+    assert_eq!(value(&m, "credbroker_vault_sealed", &[]), Some(0.0));
+    assert_eq!(value(&m, "credbroker_postgres_up", &[]), Some(1.0));
+    assert!(value(&m, "credbroker_audit_spool_max_bytes", &[]).unwrap() > 0.0);
+    // 7 calls, 6 checks and 3 webhook attempts, each audited once.
+    assert_eq!(value(&m, "credbroker_audit_records_total", &[]), Some(16.0));
+    assert!(value(&m, "credbroker_event_lag_seconds_count", &[]).unwrap() >= 3.0);
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_health_checks_total",
+            &[("result", "refused")]
+        ),
+        Some(1.0)
+    );
+    // No label holds a secret.
+    for s in [&bybit_secret, &bn_secret, &secret] {
+        assert!(!text.contains(s.as_str()));
+    }
+}
+
+/// One replica at a time: a second replica's round does nothing while the
+/// first holds the lease, and takes over once it lapses.
+#[tokio::test]
+async fn the_health_check_lease_lets_one_replica_work_and_another_take_over() {
+    let env = Env::start().await;
+    let b = env.replica(None).await;
+    let a = env.running.as_ref().unwrap();
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    op.validate_and_store(crate::support::store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let r = a.checks.round().await.unwrap();
+    assert!(r.held_lease);
+    assert_eq!(r.count("healthy"), 1);
+    let r = b.checks.round().await.unwrap();
+    assert!(!r.held_lease, "the lease is held by the first replica");
+    // The holder dies (its lease is not renewed) and expires.
+    env.db
+        .connect()
+        .await
+        .execute(
+            "UPDATE job_leases SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let r = b.checks.round().await.unwrap();
+    assert!(r.held_lease, "taken over");
+    assert!(
+        r.checked.is_empty(),
+        "the credential was checked this round already"
+    );
+    b.stop().await.unwrap();
+}
