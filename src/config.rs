@@ -83,6 +83,11 @@ pub struct TelemetryConfig {
     /// How often the credential counts (`alphapulse_credentials_total`) are
     /// re-read from PostgreSQL.
     pub credentials_refresh_secs: u64,
+    /// OTLP/gRPC endpoint traces are exported to (e.g.
+    /// `http://otel-collector:4317`); unset: no trace export.
+    pub otlp_endpoint: Option<String>,
+    /// How long spans are batched before export.
+    pub otlp_flush_ms: u64,
 }
 
 impl Default for TelemetryConfig {
@@ -90,6 +95,8 @@ impl Default for TelemetryConfig {
         Self {
             metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
             credentials_refresh_secs: 30,
+            otlp_endpoint: None,
+            otlp_flush_ms: 5000,
         }
     }
 }
@@ -644,6 +651,14 @@ impl Config {
         }
         if self.checks.lease_secs < 3 {
             return bad("checks.lease_secs", "must be at least 3".into());
+        }
+        if let Some(e) = &self.telemetry.otlp_endpoint
+            && !url::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        {
+            return bad(
+                "telemetry.otlp_endpoint",
+                format!("{e:?} is not an http(s) URL"),
+            );
         }
         if self.telemetry.credentials_refresh_secs == 0 {
             return bad(

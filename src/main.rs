@@ -190,17 +190,26 @@ async fn main() -> anyhow::Result<()> {
         // the 404 of a first write; the broker logs what matters itself.
         EnvFilter::new("info,rustify=off,vaultrs=off")
     });
-    if std::env::var("CREDBROKER_LOG_FORMAT").is_ok_and(|v| v == "json") {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
-    match Cli::parse().cmd {
-        Cmd::Server { config } => {
-            let cfg = credbroker::config::Config::load(config.as_deref())?;
+    let json = std::env::var("CREDBROKER_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let cli = Cli::parse();
+    // The server's configuration names where traces go; other commands
+    // only log.
+    let server_cfg = match &cli.cmd {
+        Cmd::Server { config } => Some(credbroker::config::Config::load(config.as_deref())?),
+        _ => None,
+    };
+    let otlp = server_cfg.as_ref().and_then(|c| {
+        c.telemetry.otlp_endpoint.clone().map(|endpoint| {
+            credbroker::telemetry::traces::OtlpSettings {
+                endpoint,
+                flush: std::time::Duration::from_millis(c.telemetry.otlp_flush_ms.max(1)),
+            }
+        })
+    });
+    let _traces = credbroker::telemetry::traces::init(filter, json, otlp.as_ref())?;
+    match cli.cmd {
+        Cmd::Server { .. } => {
+            let cfg = server_cfg.ok_or_else(|| anyhow::anyhow!("server configuration missing"))?;
             let backends = credbroker::app::real_backends(&cfg).await?;
             let settings = credbroker::app::settings(&cfg)?;
             let listener = tokio::net::TcpListener::bind(cfg.server.listen)

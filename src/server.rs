@@ -122,7 +122,8 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // One span per call, named after the method; never the body.
-        .trace_fn(|req| tracing::info_span!("grpc", method = %req.uri().path()))
+        // A child of the caller's trace when it sent `traceparent`.
+        .trace_fn(crate::telemetry::traces::call_span)
         // Shed first: when the replica is saturated, refusing a call must
         // cost nothing (no certificate or token work). Outermost, it also
         // counts and times every call (shed ones included).

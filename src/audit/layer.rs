@@ -191,6 +191,7 @@ where
             .and_then(|p| p.remote)
             .map(|a| a.ip());
         let action = method(req.uri().path());
+        tracing::Span::current().record("request_id", tracing::field::display(call.request_id()));
         req.extensions_mut().insert(call.clone());
         let sink = self.sink.clone();
         Box::pin(async move {

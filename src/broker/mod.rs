@@ -301,7 +301,7 @@ impl Broker {
         let store = self
             .webhooks
             .as_ref()
-            .ok_or_else(|| BrokerError::Unavailable {
+            .ok_or(BrokerError::Unavailable {
                 what: "the webhook store",
             })?;
         let path = crate::webhook::secret_path(&self.settings.path_prefix, tenant);

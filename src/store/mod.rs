@@ -17,6 +17,7 @@ use deadpool_postgres::{
 use secrecy::ExposeSecret;
 use time::OffsetDateTime;
 use tokio_postgres::{NoTls, Row, error::SqlState};
+use tracing::Instrument as _;
 
 use crate::{
     broker::{
@@ -94,12 +95,25 @@ impl PgMetadataStore {
     }
 
     /// Runs `f` in one transaction under `scope`'s role and commits.
-    async fn in_tx<T, F>(&self, scope: Scope, f: F) -> Result<T, MetadataStoreError>
+    async fn in_tx<T, F>(
+        &self,
+        op: &'static str,
+        scope: Scope,
+        f: F,
+    ) -> Result<T, MetadataStoreError>
     where
         F: for<'a> FnOnce(
             &'a Transaction<'a>,
         ) -> futures::future::BoxFuture<'a, Result<T, MetadataStoreError>>,
     {
+        let span = tracing::info_span!(
+            "postgres",
+            otel.name = op,
+            otel.kind = "client",
+            db.system = "postgresql",
+            db.operation = op,
+        );
+        async move {
         let mut client = self
             .pool
             .get()
@@ -120,6 +134,9 @@ impl PgMetadataStore {
         let out = f(&tx).await?;
         tx.commit().await.map_err(pg_err)?;
         Ok(out)
+        }
+        .instrument(span)
+        .await
     }
 }
 
@@ -243,7 +260,7 @@ impl PgMetadataStore {
     /// # Errors
     /// When PostgreSQL cannot be read.
     pub async fn audit_chains(&self) -> Result<Vec<AuditChain>, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("audit_chains", Scope::System, |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -300,7 +317,7 @@ impl PgMetadataStore {
         since: Option<OffsetDateTime>,
         until: Option<OffsetDateTime>,
     ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("audit_export", Scope::System, |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -325,7 +342,7 @@ impl FleetStore for PgMetadataStore {
     async fn credential_counts(
         &self,
     ) -> Result<Vec<(TenantId, ExchangeId, CredentialStatus, u64)>, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("credential_counts", Scope::System, |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -359,7 +376,7 @@ impl FleetStore for PgMetadataStore {
         since: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<(TenantId, ExchangeId)>, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("due_for_check", Scope::System, |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -392,7 +409,7 @@ impl FleetStore for PgMetadataStore {
         ttl: time::Duration,
     ) -> Result<bool, MetadataStoreError> {
         let name = name.to_owned();
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("take_lease", Scope::System, |tx| {
             Box::pin(async move {
                 let until = now + ttl;
                 let n = tx
@@ -418,7 +435,7 @@ impl WebhookStore for PgMetadataStore {
         tenant: TenantId,
         endpoint: Option<WebhookEndpoint>,
     ) -> Result<(), MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("set_webhook", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 match endpoint {
                     Some(e) => tx
@@ -443,7 +460,7 @@ impl WebhookStore for PgMetadataStore {
         &self,
         tenant: TenantId,
     ) -> Result<Option<WebhookEndpoint>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("webhook", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
@@ -468,7 +485,7 @@ impl WebhookStore for PgMetadataStore {
         lease: time::Duration,
         limit: u32,
     ) -> Result<Vec<OutboxMessage>, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("claim_due", Scope::System, |tx| {
             Box::pin(async move {
                 // SKIP LOCKED: replicas claim disjoint messages; the lease
                 // (next_attempt_at moved forward) keeps a claimed message
@@ -520,7 +537,7 @@ impl WebhookStore for PgMetadataStore {
         retry_at: Option<OffsetDateTime>,
     ) -> Result<(), MetadataStoreError> {
         let result = result.to_owned();
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("finish_attempt", Scope::System, |tx| {
             Box::pin(async move {
                 // Given up: kept (for operators) but never due again.
                 tx.execute(
@@ -538,7 +555,7 @@ impl WebhookStore for PgMetadataStore {
     }
 
     async fn outbox_depth(&self) -> Result<u64, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("outbox_depth", Scope::System, |tx| {
             Box::pin(async move {
                 let n: i64 = tx
                     .query_one(
@@ -664,15 +681,17 @@ impl MetadataStore for PgMetadataStore {
     }
 
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| Box::pin(select_all(tx, tenant)))
-            .await
+        self.in_tx("list", Scope::Tenant(tenant), |tx| {
+            Box::pin(select_all(tx, tenant))
+        })
+        .await
     }
 
     async fn snapshot(
         &self,
         tenant: TenantId,
     ) -> Result<(Vec<CredentialRecord>, u64), MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("snapshot", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 // The cursor first: rows read after it can only be newer, so
                 // events above the cursor may repeat what the rows show but
@@ -695,7 +714,7 @@ impl MetadataStore for PgMetadataStore {
         &self,
         new: NewCredential,
     ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
-        self.in_tx(Scope::Tenant(new.tenant), |tx| {
+        self.in_tx("insert", Scope::Tenant(new.tenant), |tx| {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
@@ -730,7 +749,7 @@ impl MetadataStore for PgMetadataStore {
         &self,
         c: RotationCommit,
     ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
-        self.in_tx(Scope::Tenant(c.tenant), |tx| {
+        self.in_tx("rotate", Scope::Tenant(c.tenant), |tx| {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
@@ -775,7 +794,7 @@ impl MetadataStore for PgMetadataStore {
         actor: &str,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
         let actor = actor.to_owned();
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("delete", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
@@ -797,7 +816,7 @@ impl MetadataStore for PgMetadataStore {
         &self,
         u: HealthUpdate,
     ) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
-        self.in_tx(Scope::Tenant(u.tenant), |tx| {
+        self.in_tx("record_health", Scope::Tenant(u.tenant), |tx| {
             Box::pin(async move {
                 let before = select_record(tx, u.tenant, u.exchange, true)
                     .await?
@@ -853,7 +872,7 @@ impl MetadataStore for PgMetadataStore {
         now: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<(String, u64, CredentialEvent)>, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("expire_overlaps", Scope::System, |tx| {
             Box::pin(async move {
                 // SKIP LOCKED: two replicas running the job never retire the
                 // same version twice, and neither waits for the other.
@@ -897,7 +916,7 @@ impl MetadataStore for PgMetadataStore {
         after: u64,
         limit: u32,
     ) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("events_after", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -923,7 +942,7 @@ impl MetadataStore for PgMetadataStore {
         at: OffsetDateTime,
     ) -> Result<(), MetadataStoreError> {
         let subscriber = subscriber.to_owned();
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("acknowledge", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let n = tx
                     .execute(
@@ -950,7 +969,7 @@ impl MetadataStore for PgMetadataStore {
         tenant: TenantId,
         exchange: ExchangeId,
     ) -> Result<Vec<Adoption>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("adoption", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -974,7 +993,7 @@ impl MetadataStore for PgMetadataStore {
     }
 
     async fn prune_events(&self, before: OffsetDateTime) -> Result<u64, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("prune_events", Scope::System, |tx| {
             Box::pin(async move {
                 let row = tx
                     .query_one(
@@ -994,7 +1013,7 @@ impl MetadataStore for PgMetadataStore {
     }
 
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("pruned_through", Scope::System, |tx| {
             Box::pin(async move {
                 let row = tx
                     .query_one("SELECT pruned_through FROM credential_event_retention", &[])
@@ -1033,7 +1052,7 @@ impl MetadataStore for PgMetadataStore {
             hashes.push(r.hash);
             bodies.push(r.body);
         }
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("ship_audit", Scope::System, |tx| {
             Box::pin(async move {
                 // One statement per batch; a record already shipped (a batch
                 // re-sent after a crash) is skipped by its id.
@@ -1059,7 +1078,7 @@ impl MetadataStore for PgMetadataStore {
         hash: &str,
     ) -> Result<(), MetadataStoreError> {
         let hash = hash.to_owned();
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("anchor_audit", Scope::System, |tx| {
             Box::pin(async move {
                 tx.execute(
                     "INSERT INTO audit_anchors (chain_id, seq, hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
@@ -1080,7 +1099,7 @@ impl MetadataStore for PgMetadataStore {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        self.in_tx(Scope::Tenant(tenant), |tx| {
+        self.in_tx("list_audit", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let rows = tx
                     .query(
@@ -1112,7 +1131,7 @@ impl MetadataStore for PgMetadataStore {
         now: OffsetDateTime,
         live_for: time::Duration,
     ) -> Result<u32, MetadataStoreError> {
-        self.in_tx(Scope::System, |tx| {
+        self.in_tx("replica_heartbeat", Scope::System, |tx| {
             Box::pin(async move {
                 let since = now - live_for;
                 tx.execute(

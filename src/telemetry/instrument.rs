@@ -33,7 +33,12 @@ impl MeteredSecretStore {
         F: std::future::Future<Output = Result<T, SecretStoreError>>,
     {
         let started = Instant::now();
-        let span = tracing::debug_span!("vault", operation, otel.kind = "client");
+        let span = tracing::info_span!(
+            "vault",
+            otel.name = operation,
+            otel.kind = "client",
+            operation
+        );
         let r = f.instrument(span).await;
         let m = self.metrics.families();
         m.vault_duration

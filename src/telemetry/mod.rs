@@ -5,6 +5,7 @@
 
 pub mod instrument;
 pub mod metrics;
+pub mod traces;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 

@@ -100,6 +100,9 @@ pub fn message_id(id: uuid::Uuid) -> String {
     format!("msg_{}", id.simple())
 }
 
+/// Signing keys read from the secret store, by (tenant, secret version).
+type KeyCache = HashMap<(TenantId, u64), Arc<Vec<u8>>>;
+
 /// Delivers the outbox.
 pub struct Deliverer {
     audit: Arc<dyn AuditSink>,
@@ -108,7 +111,7 @@ pub struct Deliverer {
     prefix: String,
     http: reqwest::Client,
     metrics: Metrics,
-    keys: Mutex<HashMap<(TenantId, u64), Arc<Vec<u8>>>>,
+    keys: Mutex<KeyCache>,
 }
 
 /// What one pass did.

@@ -139,6 +139,7 @@ pub fn config_for(
         telemetry: TelemetryConfig {
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
             credentials_refresh_secs: 1,
+            ..TelemetryConfig::default()
         },
         webhooks: credbroker::config::WebhookConfig { poll_ms: 100 },
         // Tests run rounds by hand (`Running::checks`).

@@ -18,4 +18,5 @@ mod readpath;
 mod replicas;
 mod rotation;
 mod storage;
+mod traces;
 mod transport;

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 #[path = "../../common/backends.rs"]
 mod backends;
-pub use backends::{Bao, Pki, PrivatePg, TD, TestDb, config_for, init};
+pub use backends::{Bao, Pki, PrivatePg, TD, TestDb, config_for, free_port_pair, init};
 
 /// One broker process-equivalent on real OpenBao and PostgreSQL.
 pub struct Env {

@@ -1,0 +1,140 @@
+//! Logs and traces: one `tracing` subscriber with the log format (text or
+//! JSON, whose lines carry the span fields: method, request id, trace id)
+//! and, when `telemetry.otlp_endpoint` is set, an OpenTelemetry layer that
+//! exports every span over OTLP/gRPC. Incoming W3C `traceparent` headers
+//! make the call's span a child of the caller's.
+
+use std::time::Duration;
+
+use opentelemetry::{
+    propagation::{Extractor, TextMapPropagator as _},
+    trace::TracerProvider as _,
+};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider},
+};
+use tonic::codegen::http;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+use tracing_subscriber::{
+    EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _,
+};
+
+/// Flushes and stops the trace exporter when dropped (the end of `main`).
+pub struct TraceGuard(Option<SdkTracerProvider>);
+
+impl Drop for TraceGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take()
+            && let Err(e) = p.shutdown()
+        {
+            eprintln!("trace exporter shutdown: {e}");
+        }
+    }
+}
+
+/// Where and how traces are exported.
+#[derive(Clone, Debug)]
+pub struct OtlpSettings {
+    /// OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`.
+    pub endpoint: String,
+    /// How long spans are batched before export.
+    pub flush: Duration,
+}
+
+/// Installs the global subscriber: `filter`, text or JSON logs, and the
+/// OTLP layer when `otlp` is given. Must run inside the Tokio runtime (the
+/// gRPC exporter uses it).
+///
+/// # Errors
+/// When the exporter cannot be built (a bad endpoint).
+pub fn init(
+    filter: EnvFilter,
+    json: bool,
+    otlp: Option<&OtlpSettings>,
+) -> anyhow::Result<TraceGuard> {
+    // The log filter governs logs only: spans are exported at info and
+    // above whatever the log level is.
+    let fmt = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_filter(filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer().with_filter(filter).boxed()
+    };
+    let (otel, provider) = match otlp {
+        Some(o) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(&o.endpoint)
+                .build()
+                .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint {}: {e}", o.endpoint))?;
+            let processor = BatchSpanProcessor::builder(exporter)
+                .with_batch_config(
+                    BatchConfigBuilder::default()
+                        .with_scheduled_delay(o.flush)
+                        .build(),
+                )
+                .build();
+            let provider = SdkTracerProvider::builder()
+                .with_span_processor(processor)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name("credbroker")
+                        .build(),
+                )
+                .build();
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("credbroker"))
+                .with_filter(EnvFilter::new(
+                    "info,rustify=off,vaultrs=off,h2=off,hyper=off,tower=off",
+                ));
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
+    Ok(TraceGuard(provider))
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// The span of one gRPC call: named after the method, a child of the
+/// caller's trace when it sent `traceparent`, with the trace and request
+/// ids as fields (so JSON log lines carry them). Never the body.
+pub fn call_span<B>(req: &http::Request<B>) -> tracing::Span {
+    let trace_id = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::audit::trace_id);
+    let span = tracing::info_span!(
+        "grpc",
+        otel.name = %req.uri().path(),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        method = %req.uri().path(),
+        trace_id = trace_id.as_deref().unwrap_or(""),
+        request_id = tracing::field::Empty,
+    );
+    if trace_id.is_some() {
+        let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
+        let _ = span.set_parent(parent);
+    }
+    span
+}
