@@ -298,12 +298,9 @@ impl Broker {
         url: &str,
         secret: Option<SecretString>,
     ) -> Result<Option<SecretString>, BrokerError> {
-        let store = self
-            .webhooks
-            .as_ref()
-            .ok_or(BrokerError::Unavailable {
-                what: "the webhook store",
-            })?;
+        let store = self.webhooks.as_ref().ok_or(BrokerError::Unavailable {
+            what: "the webhook store",
+        })?;
         let path = crate::webhook::secret_path(&self.settings.path_prefix, tenant);
         if url.is_empty() {
             store.set_webhook(tenant, None).await?;
