@@ -217,7 +217,7 @@ where
                             "tenant_credentials"
                         })
                     },
-                    |e| Cow::Owned(format!("{e}_api_key")),
+                    |e| Cow::Borrowed(e.audit_resource()),
                 ),
                 action,
                 result: Cow::Borrowed(result(code)),

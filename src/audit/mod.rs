@@ -91,9 +91,7 @@ impl AuditRecord {
             event_type: Cow::Borrowed("system"),
             user: format!("system:{job}"),
             role: Cow::Borrowed("system"),
-            resource: exchange.map_or(Cow::Borrowed("tenant_credentials"), |e| {
-                Cow::Owned(format!("{e}_api_key"))
-            }),
+            resource: Cow::Borrowed(exchange.map_or("tenant_credentials", |e| e.audit_resource())),
             action: Cow::Owned(action.to_owned()),
             result: Cow::Borrowed("success"),
             ip_address: None,

@@ -146,6 +146,41 @@ fn to_row(l: ChainedRecord) -> anyhow::Result<AuditRow> {
     })
 }
 
+/// Reads a spool line as the spool writes it (`{"body":…,"chain_id":"…",
+/// "seq":…,"prev_hash":"…","hash":"…","id":"…","at_nanos":…[,"tenant_id":
+/// "…"]}`) without scanning the body: the chain fields follow it in a fixed
+/// order, and `,"chain_id":"` cannot occur unescaped inside the body (a
+/// record has no such field, and quotes inside its strings are escaped).
+/// `None` for anything else (the caller falls back to a full JSON parse).
+fn fast_parse(line: &[u8]) -> Option<ChainedRecord> {
+    const HEAD: &[u8] = b"{\"body\":";
+    const CHAIN: &[u8] = b",\"chain_id\":\"";
+    let line = std::str::from_utf8(line).ok()?.trim_end();
+    let rest = line.strip_prefix(std::str::from_utf8(HEAD).ok()?)?;
+    let at = rest.rfind(std::str::from_utf8(CHAIN).ok()?)?;
+    let (body, tail) = rest.split_at(at);
+    let tail = tail.strip_prefix(",\"chain_id\":\"")?.strip_suffix('}')?;
+    let (chain_id, tail) = tail.split_once("\",\"seq\":")?;
+    let (seq, tail) = tail.split_once(",\"prev_hash\":\"")?;
+    let (prev_hash, tail) = tail.split_once("\",\"hash\":\"")?;
+    let (hash, tail) = tail.split_once("\",\"id\":\"")?;
+    let (id, tail) = tail.split_once("\",\"at_nanos\":")?;
+    let (at_nanos, tenant) = match tail.split_once(",\"tenant_id\":\"") {
+        Some((n, t)) => (n, Some(t.strip_suffix('"')?.parse().ok()?)),
+        None => (tail, None),
+    };
+    Some(ChainedRecord {
+        chain_id: chain_id.parse().ok()?,
+        seq: seq.parse().ok()?,
+        prev_hash: prev_hash.to_owned(),
+        hash: hash.to_owned(),
+        body: body.to_owned(),
+        id: Some(id.parse().ok()?),
+        at_nanos: Some(at_nanos.parse().ok()?),
+        tenant_id: tenant,
+    })
+}
+
 /// Complete lines of segment `seg` from `off`, and the bytes they span.
 fn read_lines(dir: &Path, seg: u64, off: u64) -> std::io::Result<(Vec<ChainedRecord>, u64)> {
     let mut f = match std::fs::File::open(segment_path(dir, seg)) {
@@ -162,8 +197,11 @@ fn read_lines(dir: &Path, seg: u64, off: u64) -> std::io::Result<(Vec<ChainedRec
         if !chunk.ends_with(b"\n") || out.len() == BATCH {
             break;
         }
-        let rec: ChainedRecord = serde_json::from_slice(chunk)
-            .map_err(|e| std::io::Error::other(format!("audit spool: unreadable line: {e}")))?;
+        let rec = match fast_parse(chunk) {
+            Some(r) => r,
+            None => serde_json::from_slice(chunk)
+                .map_err(|e| std::io::Error::other(format!("audit spool: unreadable line: {e}")))?,
+        };
         consumed += chunk.len() as u64;
         out.push(rec);
     }
@@ -202,5 +240,43 @@ pub async fn task_main(
         if stop {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        audit::{AuditRecord, AuditSink as _},
+        broker::types::{ExchangeId, TenantId},
+    };
+
+    /// The fast reader reads exactly what a full JSON parse reads, for
+    /// records with and without a tenant and with bodies that try to look
+    /// like the chain fields.
+    #[test]
+    fn the_fast_line_reader_agrees_with_serde() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let mut r = AuditRecord::system(
+            "t",
+            "Test",
+            TenantId::new(uuid::Uuid::new_v4()),
+            ExchangeId::Okx,
+            vec![1, 2],
+        );
+        r.user_agent = Some(r#"evil ","chain_id":"x","seq":1} \" ümlaut"#.into());
+        spool.append(&r).unwrap();
+        r.tenant_id = None;
+        spool.append(&r).unwrap();
+        let text = std::fs::read(segment_path(dir.path(), 1)).unwrap();
+        let mut n = 0;
+        for line in text.split_inclusive(|b| *b == b'\n') {
+            let slow: ChainedRecord = serde_json::from_slice(line).unwrap();
+            assert_eq!(fast_parse(line), Some(slow));
+            n += 1;
+        }
+        assert_eq!(n, 2);
+        assert_eq!(fast_parse(b"{\"body\":{},\"seq\":1}\n"), None);
     }
 }

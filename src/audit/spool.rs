@@ -80,15 +80,41 @@ mod raw_json {
 
 /// The chain hash of a record.
 pub fn link_hash(chain_id: Uuid, seq: u64, prev_hash: &str, body: &str) -> String {
+    let mut buf = Uuid::encode_buffer();
+    link_hash_of(
+        chain_id.as_hyphenated().encode_lower(&mut buf),
+        seq,
+        prev_hash,
+        body,
+    )
+}
+
+/// [`link_hash`] with the chain id already formatted (the writer's hot
+/// path formats it once).
+fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String {
     let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    h.update(chain_id.as_hyphenated().to_string().as_bytes());
+    h.update(chain_id.as_bytes());
     h.update(b":");
-    h.update(seq.to_string().as_bytes());
+    let mut digits = [0u8; 20];
+    h.update(decimal(seq, &mut digits));
     h.update(b":");
     h.update(prev_hash.as_bytes());
     h.update(b":");
     h.update(body.as_bytes());
     hex::encode(h.finish().as_ref())
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
 }
 
 struct Writer {
@@ -103,6 +129,8 @@ struct Writer {
 pub struct Spool {
     dir: PathBuf,
     chain_id: Uuid,
+    /// `chain_id`, formatted once.
+    chain_str: String,
     max_bytes: u64,
     writer: Mutex<Writer>,
     dirty: AtomicBool,
@@ -224,6 +252,7 @@ impl Spool {
         Ok(Arc::new(Self {
             dir: dir.to_owned(),
             chain_id,
+            chain_str: chain_id.to_string(),
             max_bytes,
             writer: Mutex::new(Writer {
                 file,
@@ -328,12 +357,12 @@ impl Spool {
         let seq = w.seq + 1;
         let body =
             std::str::from_utf8(&bytes[start..end]).map_err(|e| AuditError::Io(e.to_string()))?;
-        let hash = link_hash(self.chain_id, seq, &w.prev_hash, body);
+        let hash = link_hash_of(&self.chain_str, seq, &w.prev_hash, body);
         let prev_hash = std::mem::take(&mut w.prev_hash);
         let _ = write!(
             bytes,
             ",\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"id\":\"{}\",\"at_nanos\":{at_nanos}",
-            self.chain_id, record.id
+            self.chain_str, record.id
         );
         match record.tenant_id {
             Some(t) => {

@@ -88,6 +88,18 @@ impl ExchangeId {
         }
     }
 
+    /// The audit trail's name of its key set, e.g. `binance_api_key`.
+    pub fn audit_resource(&self) -> &'static str {
+        match self {
+            ExchangeId::Binance => "binance_api_key",
+            ExchangeId::Bybit => "bybit_api_key",
+            ExchangeId::Okx => "okx_api_key",
+            ExchangeId::Coinbase => "coinbase_api_key",
+            ExchangeId::Kraken => "kraken_api_key",
+            ExchangeId::Kucoin => "kucoin_api_key",
+        }
+    }
+
     /// Whether the exchange's keys come with a passphrase.
     pub fn requires_passphrase(&self) -> bool {
         matches!(self, ExchangeId::Okx | ExchangeId::Kucoin)
@@ -392,6 +404,13 @@ pub struct CredentialEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_resources_name_the_exchange() {
+        for e in ExchangeId::ALL {
+            assert_eq!(e.audit_resource(), format!("{e}_api_key"));
+        }
+    }
 
     #[test]
     fn exchange_parse_is_case_insensitive_and_rejects_unknown() {

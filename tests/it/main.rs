@@ -20,3 +20,4 @@ mod rotation;
 mod storage;
 mod traces;
 mod transport;
+mod vault_policy;

@@ -197,7 +197,12 @@ mode = "format"
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for s in &spans {
-        eprintln!("span {} {} parent {}", s.name, hex::encode(&s.span_id), hex::encode(&s.parent_span_id));
+        eprintln!(
+            "span {} {} parent {}",
+            s.name,
+            hex::encode(&s.span_id),
+            hex::encode(&s.parent_span_id)
+        );
     }
     let by_id: HashMap<Vec<u8>, &Span> = spans.iter().map(|s| (s.span_id.clone(), s)).collect();
     let roots: Vec<&Span> = spans

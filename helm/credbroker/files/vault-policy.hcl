@@ -1,0 +1,33 @@
+# The least-privilege Vault/OpenBao policy credbroker needs (KV v2 mounted at
+# `secret/`, vault.prefix = "tenants"). Tested: tests/it/vault_policy.rs runs
+# every broker flow with a token that has exactly this policy and no other.
+
+# Credential sets and webhook signing secrets: write new versions (check-and-
+# set), read any version.
+path "secret/data/tenants/*" {
+  capabilities = ["create", "read", "update"]
+}
+
+# Versions of a path (latest version for check-and-set, the orphan sweep's
+# view), and DeleteCredentials' purge of a whole path.
+path "secret/metadata/tenants/*" {
+  capabilities = ["read", "list", "delete"]
+}
+
+# The orphan sweep lists the tenants.
+path "secret/metadata/tenants" {
+  capabilities = ["list"]
+}
+
+# Retiring a previous version destroys it for good.
+path "secret/destroy/tenants/*" {
+  capabilities = ["update"]
+}
+
+# The health probe looks up its own token; a periodic token renews itself.
+path "auth/token/lookup-self" {
+  capabilities = ["read"]
+}
+path "auth/token/renew-self" {
+  capabilities = ["update"]
+}
