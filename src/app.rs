@@ -98,6 +98,8 @@ pub struct Settings {
     pub streams: StreamTiming,
     /// Health probe period.
     pub health_probe: Duration,
+    /// Plaintext grpc.health.v1 listener for the kubelet's probes.
+    pub health_listen: Option<SocketAddr>,
     /// When the retire job (overlaps, event pruning, orphan sweep) runs;
     /// tests set `Manual` and run its passes themselves.
     pub retire: retire::Schedule,
@@ -278,6 +280,7 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
                 .then(|| Duration::from_secs(cfg.server.max_stream_age_secs)),
         },
         health_probe: Duration::from_secs(cfg.server.health_probe_secs),
+        health_listen: cfg.server.health_listen,
         retire: retire::Schedule::Every {
             retire: Duration::from_secs(cfg.rotation.retire_interval_secs.max(1)),
             sweep: Duration::from_secs(cfg.rotation.orphan_sweep_interval_secs.max(1)),
@@ -508,6 +511,23 @@ pub async fn start(
         }
         None => None,
     };
+    if let Some(at) = s.health_listen {
+        let listener = TcpListener::bind(at)
+            .await
+            .map_err(|e| anyhow::anyhow!("server.health_listen {at}: cannot bind ({e})"))?;
+        let (health, cancel) = (health.clone(), shutdown.clone());
+        spawn_task(&mut tasks, "health listener", &shutdown, async move {
+            tonic::transport::Server::builder()
+                .add_service(health)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move { cancel.cancelled().await },
+                )
+                .await
+                .map_err(anyhow::Error::from)
+        });
+        tracing::info!(%at, "grpc.health.v1 (plaintext, health only)");
+    }
     let tokens = TokenVerifier::new(&TokenSettings {
         hs256_secret: s.auth.hs256_secret.clone(),
         jwks_file: s.auth.jwks_file.clone(),

@@ -340,6 +340,9 @@ pub struct ServerConfig {
     /// HTTP/2 streams per connection (advertised as
     /// SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_streams_per_connection: u32,
+    /// A plaintext listener serving grpc.health.v1 only (the kubelet's
+    /// native gRPC probes cannot present a client certificate); unset: none.
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -355,6 +358,7 @@ impl Default for ServerConfig {
             handshake_timeout_secs: 10,
             max_concurrent_calls: 2_048,
             max_streams_per_connection: 1_000,
+            health_listen: None,
         }
     }
 }
@@ -443,10 +447,30 @@ pub enum VaultAuthConfig {
         /// Secret ID.
         secret_id: SecretString,
     },
+    /// Kubernetes auth: the pod's service-account token, re-read at every
+    /// login (projected tokens rotate).
+    Kubernetes {
+        /// Auth mount.
+        #[serde(default = "default_kubernetes_mount")]
+        mount: String,
+        /// Vault role bound to the broker's service account.
+        role: String,
+        /// The service-account token file.
+        #[serde(default = "default_sa_token_path")]
+        token_path: PathBuf,
+    },
 }
 
 fn default_approle_mount() -> String {
     "approle".into()
+}
+
+fn default_kubernetes_mount() -> String {
+    "kubernetes".into()
+}
+
+fn default_sa_token_path() -> PathBuf {
+    PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
 
 /// PostgreSQL settings.

@@ -219,6 +219,7 @@ pub async fn run(
             max_age: Some(Duration::from_secs(3600)),
         },
         health_probe: Duration::from_secs(5),
+        health_listen: None,
         retire: crate::rotation::retire::Schedule::Every {
             retire: Duration::from_secs(15),
             sweep: Duration::from_secs(3600),

@@ -42,6 +42,16 @@ pub enum VaultAuth {
         /// Secret ID.
         secret_id: SecretString,
     },
+    /// Kubernetes auth; the broker logs in again before the lease ends,
+    /// with the token file as it is then.
+    Kubernetes {
+        /// Auth mount, usually `kubernetes`.
+        mount: String,
+        /// Vault role.
+        role: String,
+        /// Service-account token file.
+        token_path: std::path::PathBuf,
+    },
 }
 
 impl std::fmt::Debug for VaultAuth {
@@ -53,6 +63,16 @@ impl std::fmt::Debug for VaultAuth {
                 .field("mount", mount)
                 .field("role_id", role_id)
                 .field("secret_id", &"[REDACTED]")
+                .finish(),
+            VaultAuth::Kubernetes {
+                mount,
+                role,
+                token_path,
+            } => f
+                .debug_struct("Kubernetes")
+                .field("mount", mount)
+                .field("role", role)
+                .field("token_path", token_path)
                 .finish(),
         }
     }
@@ -120,10 +140,19 @@ impl VaultSecretStore {
                 role_id: role_id.clone(),
                 secret_id: secret_id.clone(),
             },
+            VaultAuthConfig::Kubernetes {
+                mount,
+                role,
+                token_path,
+            } => VaultAuth::Kubernetes {
+                mount: mount.clone(),
+                role: role.clone(),
+                token_path: token_path.clone(),
+            },
         };
         let initial = match &auth {
             VaultAuth::Token(t) => t.expose_secret().to_owned(),
-            VaultAuth::AppRole { .. } => String::new(),
+            VaultAuth::AppRole { .. } | VaultAuth::Kubernetes { .. } => String::new(),
         };
         let store = Self {
             client: ArcSwap::from_pointee(build_client(cfg, &initial)?),
@@ -135,25 +164,55 @@ impl VaultSecretStore {
         Ok(store)
     }
 
-    /// Logs in again with AppRole (no-op for a static token).
+    /// Logs in again with AppRole or Kubernetes (no-op for a static token).
     async fn login(&self) -> Result<(), SecretStoreError> {
-        let VaultAuth::AppRole {
-            mount,
-            role_id,
-            secret_id,
-        } = &self.auth
-        else {
-            return Ok(());
-        };
         let current = self.client.load_full();
-        let info = vaultrs::auth::approle::login(
-            current.as_ref(),
-            mount,
-            role_id,
-            secret_id.expose_secret(),
-        )
-        .await
-        .map_err(|e| classify("approle login", &e))?;
+        let (info, method) = match &self.auth {
+            VaultAuth::Token(_) => return Ok(()),
+            VaultAuth::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => (
+                vaultrs::auth::approle::login(
+                    current.as_ref(),
+                    mount,
+                    role_id,
+                    secret_id.expose_secret(),
+                )
+                .await
+                .map_err(|e| classify("approle login", &e))?,
+                "AppRole",
+            ),
+            VaultAuth::Kubernetes {
+                mount,
+                role,
+                token_path,
+            } => {
+                let jwt = SecretString::from(
+                    std::fs::read_to_string(token_path)
+                        .map_err(|e| {
+                            SecretStoreError::Denied(format!(
+                                "vault.auth.token_path {}: cannot read the service-account token ({e})",
+                                token_path.display()
+                            ))
+                        })?
+                        .trim()
+                        .to_owned(),
+                );
+                (
+                    vaultrs::auth::kubernetes::login(
+                        current.as_ref(),
+                        mount,
+                        role,
+                        jwt.expose_secret(),
+                    )
+                    .await
+                    .map_err(|e| classify("kubernetes login", &e))?,
+                    "Kubernetes",
+                )
+            }
+        };
         let mut fresh = VaultClient::new(current.settings.clone())
             .map_err(|e| SecretStoreError::Other(format!("vault client: {e}")))?;
         fresh.set_token(&info.client_token);
@@ -162,14 +221,16 @@ impl VaultSecretStore {
             .store(info.lease_duration, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             lease_secs = info.lease_duration,
-            "logged in to Vault with AppRole"
+            method,
+            "logged in to Vault"
         );
         Ok(())
     }
 
-    /// Whether the token must be renewed by logging in again (AppRole).
+    /// Whether the token must be renewed by logging in again (AppRole,
+    /// Kubernetes).
     pub fn needs_relogin(&self) -> bool {
-        matches!(self.auth, VaultAuth::AppRole { .. })
+        !matches!(self.auth, VaultAuth::Token(_))
     }
 
     /// Keeps an AppRole token alive: logs in again at two thirds of each

@@ -111,6 +111,7 @@ impl Memory {
                 max_age: None,
             },
             health_probe: Duration::from_secs(5),
+            health_listen: None,
             retire: Schedule::Manual,
             tls_reload: o.tls_reload,
             front: o.front,

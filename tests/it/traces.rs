@@ -79,11 +79,13 @@ async fn calls_are_traced_below_the_callers_span_with_vault_and_postgres_spans()
     });
 
     let port = free_port_pair();
+    let hport = port + 1;
     let dir = env.pki.dir.path();
     let config = format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
+health_listen = "127.0.0.1:{hport}"
 [tls]
 cert = "{dir}/server.pem"
 key = "{dir}/server.key"
@@ -136,6 +138,33 @@ mode = "format"
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut op = op.expect("credbroker server listening");
+    // The kubelet's view: plaintext grpc.health.v1 on the health port.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{hport}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut serving = false;
+    for _ in 0..50 {
+        let s = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "credbroker.v1.CredentialBroker".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if s == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 {
+            serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        serving,
+        "the plaintext health port says SERVING once the backends answer"
+    );
 
     let tenant = new_tenant();
     let secret = "tracedSecret00000000";

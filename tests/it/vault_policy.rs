@@ -111,3 +111,148 @@ async fn the_broker_works_under_exactly_the_shipped_vault_policy() {
         "{e:?}"
     );
 }
+
+/// A TokenReview endpoint as the Kubernetes API serves it: `token` belongs
+/// to `system:serviceaccount:trading:credbroker`, anything else is not
+/// authenticated.
+async fn token_review_api(token: String) -> String {
+    use axum::{Router, http::header, routing::post};
+    let app = Router::new().route(
+        "/apis/authentication.k8s.io/v1/tokenreviews",
+        post(move |body: String| {
+            let token = token.clone();
+            async move {
+                let review: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+
+                let ok = review["spec"]["token"].as_str() == Some(token.as_str());
+                let answer = serde_json::json!({
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "kind": "TokenReview",
+                    "status": if ok {
+                        serde_json::json!({
+                            "authenticated": true,
+                            // The audiences asked for, as the API server
+                            // answers for a token issued to them.
+                            "audiences": review["spec"]["audiences"],
+                            "user": {
+                                "username": "system:serviceaccount:trading:credbroker",
+                                "uid": "5f0f7c3e-0000-4000-8000-000000000001",
+                                "groups": ["system:serviceaccounts", "system:serviceaccounts:trading"]
+                            }
+                        })
+                    } else {
+                        serde_json::json!({ "authenticated": false })
+                    }
+                });
+                ([(header::CONTENT_TYPE, "application/json")], answer.to_string())
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    url
+}
+
+/// A service-account token as Kubernetes issues it (ES256 JWT with the
+/// service-account claims; OpenBao has no key to check its signature, so it
+/// asks the TokenReview API, as it does in a cluster).
+fn service_account_jwt() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = serde_json::json!({
+        "iss": "https://kubernetes.default.svc.cluster.local",
+        "sub": "system:serviceaccount:trading:credbroker",
+        "aud": ["https://kubernetes.default.svc.cluster.local"],
+        "iat": now, "nbf": now, "exp": now + 3600,
+        "kubernetes.io": {
+            "namespace": "trading",
+            "serviceaccount": { "name": "credbroker", "uid": "5f0f7c3e-0000-4000-8000-000000000001" }
+        },
+        "kubernetes.io/serviceaccount/namespace": "trading",
+        "kubernetes.io/serviceaccount/service-account.name": "credbroker",
+        "kubernetes.io/serviceaccount/service-account.uid": "5f0f7c3e-0000-4000-8000-000000000001"
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_broker_logs_in_with_kubernetes_auth() {
+    let mut env = Env::start().await;
+    let policy = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/credbroker/files/vault-policy.hcl"
+    ))
+    .unwrap();
+    let ca = std::fs::read_to_string(env.pki.path("ca.pem")).unwrap();
+    let jwt = service_account_jwt();
+    let api = token_review_api(jwt.clone()).await;
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/v1/sys/policies/acl/credbroker".to_owned(),
+            serde_json::json!({ "policy": policy }),
+        ),
+        (
+            "POST",
+            "/v1/sys/auth/kubernetes".to_owned(),
+            serde_json::json!({ "type": "kubernetes" }),
+        ),
+        (
+            "POST",
+            "/v1/auth/kubernetes/config".to_owned(),
+            serde_json::json!({
+                "kubernetes_host": api,
+                "disable_local_ca_jwt": true,
+                // Required with disable_local_ca_jwt; unused over http.
+                "kubernetes_ca_cert": ca,
+                "token_reviewer_jwt": "reviewer-token",
+            }),
+        ),
+        (
+            "POST",
+            "/v1/auth/kubernetes/role/credbroker".to_owned(),
+            serde_json::json!({
+                "bound_service_account_names": ["credbroker"],
+                "bound_service_account_namespaces": ["trading"],
+                "token_policies": ["credbroker"],
+                "token_no_default_policy": true,
+                "token_ttl": "1h",
+            }),
+        ),
+    ] {
+        let (code, out) = env
+            .bao
+            .http(method, &path, Some(&body.to_string()))
+            .await
+            .unwrap();
+        assert!((200..300).contains(&code), "{path}: {code} {out}");
+    }
+    let token_path = env.pki.path("sa-token");
+    std::fs::write(&token_path, format!("{jwt}\n")).unwrap();
+    env.stop_broker().await;
+    env.config.vault.auth = VaultAuthConfig::Kubernetes {
+        mount: "kubernetes".into(),
+        role: "credbroker".into(),
+        token_path: token_path.clone(),
+    };
+    env.start_broker(None).await;
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    op.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .expect("store with a Kubernetes-auth token");
+    // A token the cluster does not vouch for: start-up fails, naming Vault.
+    std::fs::write(&token_path, service_account_jwt()).unwrap();
+    let Err(e) = credbroker::app::real_backends(&env.config).await else {
+        panic!("a token the TokenReview API refuses must not log in");
+    };
+    assert!(format!("{e:#}").contains("vault"), "{e:#}");
+}
