@@ -161,6 +161,24 @@ impl HealthChecks {
     /// # Errors
     /// When PostgreSQL cannot be read; checks already made are kept.
     pub async fn round(&self) -> Result<RoundReport, BrokerError> {
+        let out = self.round_inner().await;
+        let result = match &out {
+            Ok(r) if r.held_lease => "done",
+            Ok(_) => "not_leader",
+            Err(_) => "error",
+        };
+        let f = self.metrics.families();
+        f.health_check_rounds
+            .get_or_create(&ResultLabel { result })
+            .inc();
+        if result == "done" {
+            f.health_check_last_round
+                .set(time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9);
+        }
+        out
+    }
+
+    async fn round_inner(&self) -> Result<RoundReport, BrokerError> {
         let mut report = RoundReport::default();
         if !self.take_lease().await? {
             return Ok(report);
@@ -260,33 +278,17 @@ impl HealthChecks {
                 () = tokio::time::sleep(period + jitter) => {}
             }
             let span = tracing::info_span!("health_check_round");
-            let result = match self.round().instrument(span).await {
-                Ok(r) if r.held_lease => {
-                    if !r.checked.is_empty() {
-                        tracing::info!(
-                            checked = r.checked.len(),
-                            refused = r.count("refused"),
-                            expired = r.count("expired"),
-                            drift = r.count("drift"),
-                            unreachable = r.count("unreachable"),
-                            "health-check round done"
-                        );
-                    }
-                    "done"
-                }
-                Ok(_) => "not_leader",
-                Err(e) => {
-                    tracing::warn!("health-check round failed: {e}");
-                    "error"
-                }
-            };
-            let f = self.metrics.families();
-            f.health_check_rounds
-                .get_or_create(&ResultLabel { result })
-                .inc();
-            if result == "done" {
-                f.health_check_last_round
-                    .set(time::OffsetDateTime::now_utc().unix_timestamp_nanos() as f64 / 1e9);
+            match self.round().instrument(span).await {
+                Ok(r) if !r.checked.is_empty() => tracing::info!(
+                    checked = r.checked.len(),
+                    refused = r.count("refused"),
+                    expired = r.count("expired"),
+                    drift = r.count("drift"),
+                    unreachable = r.count("unreachable"),
+                    "health-check round done"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("health-check round failed: {e}"),
             }
         }
     }

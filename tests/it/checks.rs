@@ -420,6 +420,11 @@ async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
     for s in [&bybit_secret, &bn_secret, &secret] {
         assert!(!text.contains(s.as_str()));
     }
+    // Every series the chart's alerts and dashboard use is one this broker
+    // really exports.
+    let scrape = env.pki.path("scrape.txt");
+    std::fs::write(&scrape, &text).unwrap();
+    crate::chart::check_chart(&["--metrics-only", "--scrape", scrape.to_str().unwrap()]);
 }
 
 /// One replica at a time: a second replica's round does nothing while the

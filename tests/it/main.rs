@@ -6,6 +6,7 @@ mod support;
 
 mod access;
 mod audit;
+mod chart;
 mod checks;
 mod clients;
 mod core;
