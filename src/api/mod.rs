@@ -115,6 +115,9 @@ impl BrokerService {
             .limits
             .check(caller, tenant, action)
             .map_err(status::limited)?;
+        // Inside the call's span: with debug logs on, each admitted call
+        // leaves one line carrying its request and trace ids.
+        tracing::debug!(%tenant, action = action.name(), subject = %caller.subject, "call admitted");
         Ok(Admitted {
             caller: caller.clone(),
             peer,

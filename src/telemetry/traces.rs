@@ -55,7 +55,14 @@ pub fn init(
     otlp: Option<&OtlpSettings>,
 ) -> anyhow::Result<TraceGuard> {
     // The log filter governs logs only: spans are exported at info and
-    // above whatever the log level is.
+    // above whatever the log level is. The call span is always on for the
+    // log layer too, so every line logged inside a call carries its
+    // request and trace ids (this module logs nothing else).
+    let filter = filter.add_directive(
+        "credbroker::telemetry::traces=info"
+            .parse()
+            .map_err(|e| anyhow::anyhow!("log filter: {e}"))?,
+    );
     let fmt = if json {
         tracing_subscriber::fmt::layer()
             .json()

@@ -120,8 +120,9 @@ mode = "format"
         std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
             .args(["server", "--config"])
             .arg(&path)
-            .env("CREDBROKER_LOG", "warn")
-            .stdout(std::process::Stdio::null())
+            .env("CREDBROKER_LOG", "warn,credbroker::api=debug")
+            .env("CREDBROKER_LOG_FORMAT", "json")
+            .stdout(std::fs::File::create(dir.join("traced.log")).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -283,6 +284,24 @@ mode = "format"
         .find(|s| s.name == "insert")
         .expect("a PostgreSQL span");
     assert_eq!(attr(pg, "db.system").as_deref(), Some("postgresql"));
+    // JSON log lines written inside a call carry its request and trace ids.
+    let logs = std::fs::read_to_string(dir.join("traced.log")).unwrap();
+    let admitted: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "call admitted")
+        .collect();
+    assert_eq!(admitted.len(), 2, "{logs}");
+    for line in &admitted {
+        let span = &line["span"];
+        assert_eq!(span["trace_id"], trace_id, "{line}");
+        assert_eq!(
+            span["request_id"].as_str().map(str::len),
+            Some(36),
+            "{line}"
+        );
+    }
+    assert!(!logs.contains(secret), "no secret in the logs");
     // No attribute, of any span exported, holds the secret.
     for s in receiver.0.lock().unwrap().iter() {
         for kv in &s.attributes {

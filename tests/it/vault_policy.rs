@@ -10,14 +10,19 @@ use credbroker::{
 
 use crate::support::{Env, get_req, new_tenant, rotate_n, rotate_req, store_n};
 
-#[tokio::test]
-async fn the_broker_works_under_exactly_the_shipped_vault_policy() {
-    let mut env = Env::start().await;
-    let policy = std::fs::read_to_string(concat!(
+/// The policy the chart ships.
+fn shipped_policy() -> String {
+    std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/helm/credbroker/files/vault-policy.hcl"
     ))
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_broker_works_under_exactly_the_shipped_vault_policy() {
+    let mut env = Env::start().await;
+    let policy = shipped_policy();
     let body = serde_json::json!({ "policy": policy }).to_string();
     let (code, out) = env
         .bao
@@ -186,11 +191,7 @@ fn service_account_jwt() -> String {
 #[tokio::test]
 async fn the_broker_logs_in_with_kubernetes_auth() {
     let mut env = Env::start().await;
-    let policy = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/helm/credbroker/files/vault-policy.hcl"
-    ))
-    .unwrap();
+    let policy = shipped_policy();
     let ca = std::fs::read_to_string(env.pki.path("ca.pem")).unwrap();
     let jwt = service_account_jwt();
     let api = token_review_api(jwt.clone()).await;
