@@ -396,8 +396,16 @@ fn default_trust_domain() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VaultConfig {
-    /// Base URL, e.g. `https://vault.internal:8200`.
+    /// Base URL, e.g. `https://vault.internal:8200` (a load-balanced name
+    /// or one node).
     pub addr: String,
+    /// More nodes of the same cluster, tried in turn when the one in use
+    /// does not answer (connection errors, 5xx, sealed or 429).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// How long an operation keeps trying the nodes before UNAVAILABLE.
+    #[serde(default = "default_failover_budget")]
+    pub failover_budget_ms: u64,
     /// KV v2 mount.
     #[serde(default = "default_mount")]
     pub mount: String,
@@ -416,6 +424,10 @@ pub struct VaultConfig {
     pub namespace: Option<String>,
     /// Authentication.
     pub auth: VaultAuthConfig,
+}
+
+fn default_failover_budget() -> u64 {
+    3000
 }
 
 fn default_mount() -> String {
@@ -590,15 +602,16 @@ impl Config {
     /// A `ConfigError` naming the first bad key.
     pub fn check(&self) -> Result<(), ConfigError> {
         let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
-        match url::Url::parse(&self.vault.addr) {
-            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-            Ok(u) => {
-                return bad(
-                    "vault.addr",
-                    format!("scheme {:?} is not http or https", u.scheme()),
-                );
+        for (key, addr) in std::iter::once(("vault.addr", &self.vault.addr))
+            .chain(self.vault.nodes.iter().map(|a| ("vault.nodes", a)))
+        {
+            match url::Url::parse(addr) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => {
+                    return bad(key, format!("scheme {:?} is not http or https", u.scheme()));
+                }
+                Err(e) => return bad(key, format!("not a URL ({e})")),
             }
-            Err(e) => return bad("vault.addr", format!("not a URL ({e})")),
         }
         for (key, p) in [
             ("tls.cert", &self.tls.cert),

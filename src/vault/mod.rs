@@ -78,9 +78,26 @@ impl std::fmt::Debug for VaultAuth {
     }
 }
 
-/// The KV v2 secret store.
-pub struct VaultSecretStore {
+/// One Vault/OpenBao node the broker may talk to.
+struct Node {
+    addr: String,
     client: ArcSwap<VaultClient>,
+}
+
+/// The KV v2 secret store. With several nodes (`vault.addr` plus
+/// `vault.nodes`) every operation goes to the node that last answered and
+/// fails over to the next on an answer that says "not here, not now"
+/// (connection refused or timed out, 5xx, sealed or standby 503, 429): at
+/// passes over the nodes with short, growing pauses for at most
+/// `vault.failover_budget_ms` (3 s: longer than an election). Standbys
+/// forward to the active node, so any unsealed node takes writes. A
+/// check-and-set write is never replayed blindly: before writing again on
+/// another node the store reads whether the first attempt landed (the
+/// version after `cas` holds exactly this set) and, if so, adopts it.
+pub struct VaultSecretStore {
+    nodes: Vec<Node>,
+    failover_budget: Duration,
+    preferred: std::sync::atomic::AtomicUsize,
     mount: String,
     auth: VaultAuth,
     /// Seconds the current AppRole token lives (0: a static token).
@@ -104,11 +121,19 @@ struct StoredSet {
     passphrase: Option<String>,
 }
 
-fn build_client(cfg: &VaultConfig, token: &str) -> Result<VaultClient, SecretStoreError> {
+/// First pause between passes over the nodes (doubling, capped).
+const PASS_PAUSE: Duration = Duration::from_millis(100);
+const PASS_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+fn build_client(
+    cfg: &VaultConfig,
+    addr: &str,
+    token: &str,
+) -> Result<VaultClient, SecretStoreError> {
     let mut b = VaultClientSettingsBuilder::default();
-    // The address was parsed as a URL when the config was loaded, so this
+    // Every address was parsed as a URL when the config was loaded, so this
     // setter cannot panic.
-    b.address(cfg.addr.as_str())
+    b.address(addr)
         .token(token)
         .timeout(Some(Duration::from_millis(cfg.timeout_ms)));
     if let Some(ca) = &cfg.ca_cert {
@@ -154,8 +179,20 @@ impl VaultSecretStore {
             VaultAuth::Token(t) => t.expose_secret().to_owned(),
             VaultAuth::AppRole { .. } | VaultAuth::Kubernetes { .. } => String::new(),
         };
+        let mut nodes = Vec::new();
+        for addr in std::iter::once(&cfg.addr).chain(&cfg.nodes) {
+            if nodes.iter().any(|n: &Node| &n.addr == addr) {
+                continue;
+            }
+            nodes.push(Node {
+                addr: addr.clone(),
+                client: ArcSwap::from_pointee(build_client(cfg, addr, &initial)?),
+            });
+        }
         let store = Self {
-            client: ArcSwap::from_pointee(build_client(cfg, &initial)?),
+            nodes,
+            failover_budget: Duration::from_millis(cfg.failover_budget_ms),
+            preferred: std::sync::atomic::AtomicUsize::new(0),
             mount: cfg.mount.clone(),
             auth,
             lease_secs: std::sync::atomic::AtomicU64::new(0),
@@ -166,7 +203,6 @@ impl VaultSecretStore {
 
     /// Logs in again with AppRole or Kubernetes (no-op for a static token).
     async fn login(&self) -> Result<(), SecretStoreError> {
-        let current = self.client.load_full();
         let (info, method) = match &self.auth {
             VaultAuth::Token(_) => return Ok(()),
             VaultAuth::AppRole {
@@ -174,14 +210,17 @@ impl VaultSecretStore {
                 role_id,
                 secret_id,
             } => (
-                vaultrs::auth::approle::login(
-                    current.as_ref(),
-                    mount,
-                    role_id,
-                    secret_id.expose_secret(),
-                )
-                .await
-                .map_err(|e| classify("approle login", &e))?,
+                self.failover(|c, _| async move {
+                    vaultrs::auth::approle::login(
+                        c.as_ref(),
+                        mount,
+                        role_id,
+                        secret_id.expose_secret(),
+                    )
+                    .await
+                    .map_err(|e| classify("approle login", &e))
+                })
+                .await?,
                 "AppRole",
             ),
             VaultAuth::Kubernetes {
@@ -200,23 +239,31 @@ impl VaultSecretStore {
                         .trim()
                         .to_owned(),
                 );
+                let jwt = &jwt;
                 (
-                    vaultrs::auth::kubernetes::login(
-                        current.as_ref(),
-                        mount,
-                        role,
-                        jwt.expose_secret(),
-                    )
-                    .await
-                    .map_err(|e| classify("kubernetes login", &e))?,
+                    self.failover(|c, _| async move {
+                        vaultrs::auth::kubernetes::login(
+                            c.as_ref(),
+                            mount,
+                            role,
+                            jwt.expose_secret(),
+                        )
+                        .await
+                        .map_err(|e| classify("kubernetes login", &e))
+                    })
+                    .await?,
                     "Kubernetes",
                 )
             }
         };
-        let mut fresh = VaultClient::new(current.settings.clone())
-            .map_err(|e| SecretStoreError::Other(format!("vault client: {e}")))?;
-        fresh.set_token(&info.client_token);
-        self.client.store(Arc::new(fresh));
+        // One token for the cluster: every node gets it.
+        for node in &self.nodes {
+            let current = node.client.load_full();
+            let mut fresh = VaultClient::new(current.settings.clone())
+                .map_err(|e| SecretStoreError::Other(format!("vault client: {e}")))?;
+            fresh.set_token(&info.client_token);
+            node.client.store(Arc::new(fresh));
+        }
         self.lease_secs
             .store(info.lease_duration, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
@@ -225,6 +272,53 @@ impl VaultSecretStore {
             "logged in to Vault"
         );
         Ok(())
+    }
+
+    /// Runs `op` on the preferred node, failing over to the others on an
+    /// unavailable answer (see the type's docs). `op` learns whether this is
+    /// a retry, so a write can check whether its first attempt landed.
+    async fn failover<'a, T, F, Fut>(&'a self, op: F) -> Result<T, SecretStoreError>
+    where
+        F: Fn(Arc<VaultClient>, bool) -> Fut,
+        Fut: std::future::Future<Output = Result<T, SecretStoreError>> + 'a,
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let n = self.nodes.len();
+        let start = self.preferred.load(Relaxed) % n;
+        let started = tokio::time::Instant::now();
+        let mut pause = PASS_PAUSE;
+        let mut last = None;
+        let mut retry = false;
+        for pass in 0.. {
+            if pass > 0 {
+                // Passes continue for the failover budget (an election
+                // takes a second or two), then the caller hears UNAVAILABLE.
+                if started.elapsed() + pause > self.failover_budget {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(PASS_PAUSE_MAX);
+            }
+            for i in 0..n {
+                let idx = (start + i) % n;
+                match op(self.nodes[idx].client.load_full(), retry).await {
+                    Err(SecretStoreError::Unavailable(e)) => {
+                        tracing::debug!(node = %self.nodes[idx].addr, "Vault node unavailable: {e}");
+                        last = Some(e);
+                        retry = true;
+                    }
+                    other => {
+                        if idx != start && self.preferred.swap(idx, Relaxed) != idx {
+                            tracing::info!(node = %self.nodes[idx].addr, "Vault: now using this node");
+                        }
+                        return other;
+                    }
+                }
+            }
+        }
+        Err(SecretStoreError::Unavailable(
+            last.unwrap_or_else(|| "no Vault node could be reached".into()),
+        ))
     }
 
     /// Whether the token must be renewed by logging in again (AppRole,
@@ -301,6 +395,16 @@ impl VaultAnswer {
                     Self::by_status(*code, content.as_deref())
                 }
                 Rest::RequestError { source, .. } => {
+                    if tracing::enabled!(tracing::Level::DEBUG) {
+                        let mut chain = source.to_string();
+                        let mut cur: Option<&dyn std::error::Error> = source.source();
+                        while let Some(c) = cur {
+                            chain.push_str(": ");
+                            chain.push_str(&c.to_string());
+                            cur = c.source();
+                        }
+                        tracing::debug!(error = %chain, "Vault request failed");
+                    }
                     match source.downcast_ref::<reqwest::Error>() {
                         Some(r) if r.is_timeout() => Self::Timeout,
                         _ => Self::Unreachable,
@@ -390,11 +494,8 @@ fn classify(op: &str, e: &ClientError) -> SecretStoreError {
 #[async_trait]
 impl SecretStore for VaultSecretStore {
     async fn latest_version(&self, path: &str) -> Result<Option<u64>, SecretStoreError> {
-        match vaultrs::kv2::read_metadata(self.client.load().as_ref(), &self.mount, path).await {
-            Ok(meta) => Ok(Some(meta.current_version)),
-            Err(e) if VaultAnswer::of(&e) == VaultAnswer::Missing => Ok(None),
-            Err(e) => Err(classify("read metadata", &e)),
-        }
+        self.failover(|c, _| async move { latest_on(&c, &self.mount, path).await })
+            .await
     }
 
     async fn write(
@@ -410,16 +511,33 @@ impl SecretStore for VaultSecretStore {
         };
         let cas =
             u32::try_from(cas).map_err(|_| SecretStoreError::Other("version beyond u32".into()))?;
-        let written = vaultrs::kv2::set_with_options(
-            self.client.load().as_ref(),
-            &self.mount,
-            path,
-            &data,
-            SetSecretRequestOptions { cas },
-        )
-        .await;
+        let data = &data;
+        let written = self
+            .failover(|c, retry| async move {
+                // An earlier attempt may have landed before its answer was
+                // lost: adopt it instead of writing the set twice.
+                if retry && landed(&c, &self.mount, path, set, cas).await? {
+                    return Ok(Ok(u64::from(cas) + 1));
+                }
+                match vaultrs::kv2::set_with_options(
+                    c.as_ref(),
+                    &self.mount,
+                    path,
+                    data,
+                    SetSecretRequestOptions { cas },
+                )
+                .await
+                {
+                    Ok(meta) => Ok(Ok(meta.version)),
+                    Err(e) => match classify("write", &e) {
+                        unavailable @ SecretStoreError::Unavailable(_) => Err(unavailable),
+                        _ => Ok(Err(e)),
+                    },
+                }
+            })
+            .await?;
         match written {
-            Ok(meta) => Ok(meta.version),
+            Ok(version) => Ok(version),
             // Vault answers a lost check-and-set with 400: confirm it by the
             // version that is now latest rather than by the message.
             Err(e) if VaultAnswer::of(&e) == VaultAnswer::BadRequest => {
@@ -440,14 +558,29 @@ impl SecretStore for VaultSecretStore {
     }
 
     async fn read(&self, path: &str, version: u64) -> Result<CredentialSet, SecretStoreError> {
-        match vaultrs::kv2::read_version::<StoredSet>(
-            self.client.load().as_ref(),
-            &self.mount,
-            path,
-            version,
-        )
-        .await
-        {
+        let read = self
+            .failover(|c, _| async move {
+                match vaultrs::kv2::read_version::<StoredSet>(
+                    c.as_ref(),
+                    &self.mount,
+                    path,
+                    version,
+                )
+                .await
+                {
+                    Err(e)
+                        if matches!(
+                            VaultAnswer::of(&e).into_error("read"),
+                            SecretStoreError::Unavailable(_)
+                        ) =>
+                    {
+                        Err(VaultAnswer::of(&e).into_error("read"))
+                    }
+                    other => Ok(other),
+                }
+            })
+            .await?;
+        match read {
             Ok(s) => Ok(CredentialSet {
                 api_key: s.api_key,
                 api_secret: SecretString::from(s.api_secret),
@@ -470,39 +603,48 @@ impl SecretStore for VaultSecretStore {
         if versions.is_empty() {
             return Ok(());
         }
-        vaultrs::kv2::destroy_versions(
-            self.client.load().as_ref(),
-            &self.mount,
-            path,
-            versions.to_vec(),
-        )
+        self.failover(|c, _| async move {
+            vaultrs::kv2::destroy_versions(c.as_ref(), &self.mount, path, versions.to_vec())
+                .await
+                .map_err(|e| classify("destroy versions", &e))
+        })
         .await
-        .map_err(|e| classify("destroy versions", &e))
     }
 
     async fn purge(&self, path: &str) -> Result<(), SecretStoreError> {
-        match vaultrs::kv2::delete_metadata(self.client.load().as_ref(), &self.mount, path).await {
-            Ok(()) => Ok(()),
-            Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(()),
-            Err(e) => Err(classify("delete metadata", &e)),
-        }
+        self.failover(|c, _| async move {
+            match vaultrs::kv2::delete_metadata(c.as_ref(), &self.mount, path).await {
+                Ok(()) => Ok(()),
+                Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(()),
+                Err(e) => Err(classify("delete metadata", &e)),
+            }
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, SecretStoreError> {
-        match vaultrs::kv2::list(self.client.load().as_ref(), &self.mount, prefix).await {
-            Ok(keys) => Ok(keys),
-            Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(Vec::new()),
-            Err(e) => Err(classify("list", &e)),
-        }
+        self.failover(|c, _| async move {
+            match vaultrs::kv2::list(c.as_ref(), &self.mount, prefix).await {
+                Ok(keys) => Ok(keys),
+                Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(Vec::new()),
+                Err(e) => Err(classify("list", &e)),
+            }
+        })
+        .await
     }
 
     async fn versions(&self, path: &str) -> Result<Vec<VersionInfo>, SecretStoreError> {
-        let meta = match vaultrs::kv2::read_metadata(self.client.load().as_ref(), &self.mount, path)
-            .await
-        {
-            Ok(m) => m,
-            Err(e) if VaultAnswer::of(&e).is_not_found() => return Ok(Vec::new()),
-            Err(e) => return Err(classify("read metadata", &e)),
+        let meta = self
+            .failover(|c, _| async move {
+                match vaultrs::kv2::read_metadata(c.as_ref(), &self.mount, path).await {
+                    Ok(m) => Ok(Some(m)),
+                    Err(e) if VaultAnswer::of(&e).is_not_found() => Ok(None),
+                    Err(e) => Err(classify("read metadata", &e)),
+                }
+            })
+            .await?;
+        let Some(meta) = meta else {
+            return Ok(Vec::new());
         };
         let mut out = meta
             .versions
@@ -529,17 +671,63 @@ impl SecretStore for VaultSecretStore {
     }
 
     async fn ping(&self) -> Result<(), SecretStoreError> {
-        vaultrs::token::lookup_self(self.client.load().as_ref())
-            .await
-            .map(|_| ())
-            .map_err(|e| classify("token lookup", &e))
+        // Serving needs one node that answers.
+        self.failover(|c, _| async move {
+            vaultrs::token::lookup_self(c.as_ref())
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("token lookup", &e))
+        })
+        .await
     }
 
+    /// Sealed when a node that answers says so.
     async fn sealed(&self) -> Option<bool> {
-        match vaultrs::sys::status(self.client.load().as_ref()).await {
-            Ok(vaultrs::sys::ServerStatus::SEALED) => Some(true),
-            Ok(_) => Some(false),
-            Err(_) => None,
+        let mut answer = None;
+        for node in &self.nodes {
+            match vaultrs::sys::status(node.client.load().as_ref()).await {
+                Ok(vaultrs::sys::ServerStatus::SEALED) => return Some(true),
+                Ok(_) => answer = Some(false),
+                Err(_) => {}
+            }
         }
+        answer
+    }
+}
+
+/// The latest version at `path` on one node.
+async fn latest_on(
+    c: &VaultClient,
+    mount: &str,
+    path: &str,
+) -> Result<Option<u64>, SecretStoreError> {
+    match vaultrs::kv2::read_metadata(c, mount, path).await {
+        Ok(meta) => Ok(Some(meta.current_version)),
+        Err(e) if VaultAnswer::of(&e) == VaultAnswer::Missing => Ok(None),
+        Err(e) => Err(classify("read metadata", &e)),
+    }
+}
+
+/// Whether a write of `set` with check-and-set `cas` already landed: the
+/// version after `cas` exists and holds exactly this set.
+async fn landed(
+    c: &VaultClient,
+    mount: &str,
+    path: &str,
+    set: &CredentialSet,
+    cas: u32,
+) -> Result<bool, SecretStoreError> {
+    let next = u64::from(cas) + 1;
+    if latest_on(c, mount, path).await? < Some(next) {
+        return Ok(false);
+    }
+    match vaultrs::kv2::read_version::<StoredSet>(c, mount, path, next).await {
+        Ok(s) => Ok(s.api_key == set.api_key
+            && s.api_secret == set.api_secret.expose_secret()
+            && s.passphrase.as_deref() == set.passphrase.as_ref().map(ExposeSecret::expose_secret)),
+        Err(e) => match VaultAnswer::of(&e).into_error("read") {
+            unavailable @ SecretStoreError::Unavailable(_) => Err(unavailable),
+            _ => Ok(false),
+        },
     }
 }

@@ -105,6 +105,9 @@ pub fn config_for(
         },
         vault: VaultConfig {
             addr: bao.addr.clone(),
+            nodes: vec![],
+            // One dev server: an outage is an outage, do not wait it out.
+            failover_budget_ms: 300,
             mount: "secret".into(),
             prefix: "tenants".into(),
             timeout_ms: 2000,

@@ -21,4 +21,5 @@ mod rotation;
 mod storage;
 mod traces;
 mod transport;
+mod vault_ha;
 mod vault_policy;

@@ -1,0 +1,385 @@
+//! Vault high availability with a real 3-node OpenBao raft cluster on
+//! loopback (static-seal auto-unseal, so a restarted node unseals itself):
+//! the leader is killed during a steady load of GetCredentials (cached and
+//! cold) and Rotates. Prints failed calls, recovery time and event counts.
+
+use std::{
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use credbroker::config::{CacheConfig, VaultAuthConfig};
+
+use crate::support::{Env, EnvOptions, TD, free_port_pair, get_req, new_tenant, rotate_n, store_n};
+
+struct Node {
+    api: u16,
+    config: std::path::PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    fn spawn(&mut self, i: usize) {
+        let bin = std::env::var("BAO_BIN").unwrap_or_else(|_| "bao".into());
+        let log = std::fs::File::create(self.dir.path().join(format!("n{i}.log"))).unwrap();
+        let child = Command::new(bin)
+            .args(["server", "-config"])
+            .arg(&self.nodes[i].config)
+            .env("HOME", self.dir.path())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        self.nodes[i].child = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self, i: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.nodes[i].api)
+    }
+
+    async fn get(&self, i: usize, path: &str) -> Option<serde_json::Value> {
+        let r = self
+            .http
+            .get(self.url(i, path))
+            .header("X-Vault-Token", &self.token)
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    async fn start() -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("unseal.key"), rand::random::<[u8; 32]>()).unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port_pair()).collect();
+        let joins: String = ports
+            .iter()
+            .map(|p| format!("  retry_join {{ leader_api_addr = \"http://127.0.0.1:{p}\" }}\n"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let data = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(&data).unwrap();
+            let config = dir.path().join(format!("n{i}.hcl"));
+            std::fs::write(
+                &config,
+                format!(
+                    r#"storage "raft" {{
+  path = "{data}"
+  node_id = "n{i}"
+  # Production raft timing (the default, 5, is for slow development boxes).
+  performance_multiplier = 1
+{joins}}}
+listener "tcp" {{
+  address = "127.0.0.1:{p}"
+  cluster_address = "127.0.0.1:{c}"
+  tls_disable = true
+}}
+seal "static" {{
+  current_key_id = "k1"
+  current_key = "file://{key}"
+}}
+api_addr = "http://127.0.0.1:{p}"
+cluster_addr = "http://127.0.0.1:{c}"
+disable_mlock = true
+"#,
+                    data = data.display(),
+                    c = p + 1,
+                    key = dir.path().join("unseal.key").display(),
+                ),
+            )
+            .unwrap();
+            nodes.push(Node {
+                api: *p,
+                config,
+                child: None,
+            });
+        }
+        let mut cluster = Cluster {
+            dir,
+            nodes,
+            token: String::new(),
+            http: reqwest::Client::new(),
+        };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        // Initialise node 0 (auto-unseal: recovery keys only).
+        let init = loop {
+            let r = cluster
+                .http
+                .post(cluster.url(0, "/v1/sys/init"))
+                .json(&serde_json::json!({"recovery_shares": 1, "recovery_threshold": 1}))
+                .send()
+                .await;
+            if let Ok(r) = r
+                && r.status().is_success()
+            {
+                break r.json::<serde_json::Value>().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        cluster.token = init["root_token"].as_str().unwrap().to_owned();
+        // Promote joined nodes quickly, then wait for three voters.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ok = cluster
+                .http
+                .post(cluster.url(0, "/v1/sys/storage/raft/autopilot/configuration"))
+                .header("X-Vault-Token", &cluster.token)
+                .json(&serde_json::json!({"server_stabilization_time": "1s", "cleanup_dead_servers": false}))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "autopilot not configurable");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        loop {
+            let voters = cluster
+                .get(0, "/v1/sys/storage/raft/configuration")
+                .await
+                .and_then(|v| {
+                    v["data"]["config"]["servers"]
+                        .as_array()
+                        .map(|s| s.iter().filter(|s| s["voter"] == true).count())
+                })
+                .unwrap_or(0);
+            if voters == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "three voters not reached");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let r = cluster
+            .http
+            .post(cluster.url(0, "/v1/sys/mounts/secret"))
+            .header("X-Vault-Token", &cluster.token)
+            .json(&serde_json::json!({"type": "kv", "options": {"version": "2"}}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{:?}", r.text().await);
+        cluster
+    }
+
+    async fn leader(&self) -> usize {
+        for _ in 0..100 {
+            for i in 0..3 {
+                if self.nodes[i].child.is_none() {
+                    continue;
+                }
+                if let Some(v) = self.get(i, "/v1/sys/leader").await
+                    && v["is_self"] == true
+                {
+                    return i;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no leader");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+#[tokio::test]
+async fn killing_the_vault_leader_fails_no_read_and_writes_recover_within_seconds() {
+    let mut cluster = Cluster::start().await;
+    // A small cache: most reads below are cold (PostgreSQL, then Vault).
+    let mut env = Env::start_with(EnvOptions {
+        cache: CacheConfig {
+            capacity: 4,
+            ..CacheConfig::default()
+        },
+        ..EnvOptions::default()
+    })
+    .await;
+    env.stop_broker().await;
+    let leader = cluster.leader().await;
+    env.config.vault.addr = cluster.url(leader, "");
+    env.config.vault.nodes = (0..3)
+        .filter(|i| *i != leader)
+        .map(|i| cluster.url(i, ""))
+        .collect();
+    env.config.vault.failover_budget_ms = 3000;
+    env.config.vault.auth = VaultAuthConfig::Token {
+        token: cluster.token.clone().into(),
+    };
+    env.start_broker(None).await;
+    let mut op = env.operator().await;
+    let tenants: Vec<String> = (0..12).map(|_| new_tenant()).collect();
+    for t in &tenants {
+        op.validate_and_store(store_n(t, "binance")).await.unwrap();
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failed_reads) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let mut pod = env.operator().await;
+        let (stop, reads, failed, tenants) = (
+            stop.clone(),
+            reads.clone(),
+            failed_reads.clone(),
+            tenants.clone(),
+        );
+        readers.push(tokio::spawn(async move {
+            let mut i = r;
+            while !stop.load(Ordering::Relaxed) {
+                // Two hot keys (cached) and ten cold ones.
+                let t = if i % 3 == 0 {
+                    &tenants[i % 2]
+                } else {
+                    &tenants[2 + i % 10]
+                };
+                reads.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = pod.get_credentials(get_req(t, "binance")).await {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("read failed: {:?} {}", e.code(), e.message());
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let writer = {
+        let (stop, mut op, t) = (stop.clone(), env.operator().await, tenants[11].clone());
+        tokio::spawn(async move {
+            let mut log = Vec::new();
+            let mut n = 2;
+            while !stop.load(Ordering::Relaxed) {
+                let at = Instant::now();
+                let ok = op.rotate(rotate_n(&t, "binance", n)).await;
+                if let Err(e) = &ok {
+                    eprintln!(
+                        "rotate failed after {:?}: {:?} {}",
+                        at.elapsed(),
+                        e.code(),
+                        e.message()
+                    );
+                }
+                log.push((
+                    at,
+                    ok.as_ref()
+                        .map(|r| r.get_ref().rotated)
+                        .map_err(|e| e.code()),
+                ));
+                if ok.is_ok() {
+                    n += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            log
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    cluster.kill(leader);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let log = writer.await.unwrap();
+    let failed_writes = log.iter().filter(|(_, r)| r.is_err()).count();
+    let recovered = log
+        .iter()
+        .find(|(at, r)| *at > killed_at && r.is_ok())
+        .map(|(at, _)| at.duration_since(killed_at));
+    let last_failure = log
+        .iter()
+        .filter(|(at, r)| *at > killed_at && r.is_err())
+        .map(|(at, _)| at.duration_since(killed_at))
+        .max();
+    let rotated = log.iter().filter(|(_, r)| matches!(r, Ok(true))).count() as i64;
+    let events = env
+        .count("SELECT count(*) FROM credential_events WHERE kind = 'rotated'")
+        .await;
+    eprintln!(
+        "vault leader killed: {} reads, {} failed; {} rotates, {} failed ({:?}), last failure {:?} and first success {:?} after the kill; {} ROTATED events for {} successful rotates",
+        reads.load(Ordering::Relaxed),
+        failed_reads.load(Ordering::Relaxed),
+        log.len(),
+        failed_writes,
+        log.iter().filter_map(|(_, r)| r.err()).collect::<Vec<_>>(),
+        last_failure,
+        recovered,
+        events,
+        rotated
+    );
+    for i in 0..3 {
+        let log = std::fs::read_to_string(cluster.dir.path().join(format!("n{i}.log")))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("storage.raft") && !l.contains("forward"))
+            .rev()
+            .take(8)
+            .collect();
+        eprintln!(
+            "node {i} (alive: {}): {tail:#?}",
+            cluster.nodes[i].child.is_some()
+        );
+    }
+    assert_eq!(failed_reads.load(Ordering::Relaxed), 0, "no read may fail");
+    assert!(
+        last_failure.is_none_or(|d| d < Duration::from_secs(5)),
+        "writes work again within 5 s of the kill"
+    );
+    assert_eq!(
+        events, rotated,
+        "every committed rotation has exactly one event"
+    );
+
+    // The killed node comes back, unseals itself and rejoins; the broker
+    // does not notice.
+    cluster.spawn(leader);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let healthy = cluster
+            .get(leader, "/v1/sys/health")
+            .await
+            .is_some_and(|v| v["sealed"] == false && v["initialized"] == true);
+        if healthy {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node did not unseal and rejoin"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut pod = env
+        .client_for(&format!("spiffe://{TD}/tenant/{}/pod/p", tenants[5]))
+        .await;
+    pod.get_credentials(get_req(&tenants[5], "binance"))
+        .await
+        .unwrap();
+}
