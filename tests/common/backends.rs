@@ -425,7 +425,13 @@ impl PrivatePg {
     }
 
     pub fn stop(&self) {
-        let out = self.as_owner("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+        self.stop_mode("fast");
+    }
+
+    /// `pg_ctl stop -m {mode}` (`fast`, or `immediate`: no shutdown
+    /// checkpoint, as a crash).
+    pub fn stop_mode(&self, mode: &str) {
+        let out = self.as_owner("pg_ctl", &["-D", &self.data(), "-m", mode, "-w", "stop"]);
         assert!(
             out.status.success(),
             "pg_ctl stop: {}",

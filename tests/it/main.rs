@@ -15,6 +15,7 @@ mod examples;
 mod exchanges;
 mod hygiene;
 mod mtls;
+mod outages;
 mod readpath;
 mod replicas;
 mod rotation;
