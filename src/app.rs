@@ -80,14 +80,11 @@ pub struct Settings {
     pub audit: crate::config::AuditConfig,
     /// Metrics endpoint.
     pub telemetry: crate::config::TelemetryConfig,
-    /// When health-check rounds run (tests: `Manual`).
-    pub checks: crate::checks::Schedule,
-    /// How health checks run.
-    pub check_settings: crate::checks::CheckSettings,
-    /// Expiry warning window of a health check.
-    pub expiry_warning: Duration,
-    /// Webhook outbox poll period.
-    pub webhook_poll: Duration,
+    /// The health-check job (`enabled = false`: rounds only by hand, as
+    /// tests run them).
+    pub checks: crate::config::ChecksConfig,
+    /// Webhook delivery.
+    pub webhooks: crate::config::WebhookConfig,
     /// Cache.
     pub cache: CacheConfig,
     /// Rotation.
@@ -267,10 +264,8 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
         limits: cfg.limits.clone(),
         audit: cfg.audit.clone(),
         telemetry: cfg.telemetry.clone(),
-        checks: crate::checks::Schedule::from_config(&cfg.checks),
-        check_settings: CheckSettings::from_config(&cfg.checks),
-        expiry_warning: Duration::from_secs(u64::from(cfg.checks.expiry_warning_days) * 86_400),
-        webhook_poll: Duration::from_millis(cfg.webhooks.poll_ms.max(10)),
+        checks: cfg.checks.clone(),
+        webhooks: cfg.webhooks.clone(),
         cache: cfg.cache.clone(),
         rotation: cfg.rotation.clone(),
         path_prefix: cfg.vault.prefix.trim_matches('/').to_owned(),
@@ -340,8 +335,7 @@ pub async fn start(
                 default_overlap: secs(s.rotation.default_overlap_secs),
                 max_overlap: secs(s.rotation.max_overlap_secs),
                 publish_on_commit: matches!(backends.events, EventSource::Local),
-                expiry_warning: time::Duration::try_from(s.expiry_warning)
-                    .unwrap_or(time::Duration::days(7)),
+                expiry_warning: time::Duration::days(i64::from(s.checks.expiry_warning_days)),
             },
         )
         .with_audit(sink.clone())
@@ -442,7 +436,8 @@ pub async fn start(
         metrics.clone(),
     )?);
     {
-        let (d, every, cancel) = (webhooks.clone(), s.webhook_poll, shutdown.clone());
+        let every = Duration::from_millis(s.webhooks.poll_ms.max(10));
+        let (d, cancel) = (webhooks.clone(), shutdown.clone());
         spawn_task(&mut tasks, "webhook delivery", &shutdown, async move {
             d.task_main(every, cancel).await;
             Ok(())
@@ -452,10 +447,11 @@ pub async fn start(
         broker.clone(),
         backends.fleet.clone(),
         metrics.clone(),
-        s.check_settings,
+        CheckSettings::from_config(&s.checks),
     );
     {
-        let (checks, schedule, cancel) = (checks.clone(), s.checks, shutdown.clone());
+        let schedule = crate::checks::Schedule::from_config(&s.checks);
+        let (checks, cancel) = (checks.clone(), shutdown.clone());
         spawn_task(
             &mut tasks,
             "credential health checks",

@@ -205,12 +205,8 @@ pub async fn run(
             metrics_listen,
             ..crate::config::TelemetryConfig::default()
         },
-        checks: crate::checks::Schedule::from_config(&crate::config::ChecksConfig::default()),
-        check_settings: crate::checks::CheckSettings::from_config(
-            &crate::config::ChecksConfig::default(),
-        ),
-        expiry_warning: Duration::from_secs(7 * 86_400),
-        webhook_poll: Duration::from_secs(1),
+        checks: crate::config::ChecksConfig::default(),
+        webhooks: crate::config::WebhookConfig::default(),
         cache: CacheConfig::default(),
         rotation: RotationConfig::default(),
         path_prefix: "tenants".into(),

@@ -117,12 +117,10 @@ pub struct Audit<S> {
 /// The RPC name of a path (`/credbroker.v1.CredentialBroker/Rotate`),
 /// without an allocation for the broker's own methods.
 fn method(path: &str) -> Cow<'static, str> {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    crate::auth::Action::ALL
-        .into_iter()
-        .map(crate::auth::Action::name)
-        .find(|n| *n == name)
-        .map_or_else(|| Cow::Owned(name.to_owned()), Cow::Borrowed)
+    crate::auth::Action::from_path(path).map_or_else(
+        || Cow::Owned(path.rsplit('/').next().unwrap_or(path).to_owned()),
+        |a| Cow::Borrowed(a.name()),
+    )
 }
 
 fn event_type(code: Code, action: &str) -> &'static str {
@@ -191,7 +189,12 @@ where
             .and_then(|p| p.remote)
             .map(|a| a.ip());
         let action = method(req.uri().path());
-        tracing::Span::current().record("request_id", tracing::field::display(call.request_id()));
+        // The call span's ids (see `telemetry::traces::call_span`).
+        let span = tracing::Span::current();
+        span.record("request_id", tracing::field::display(call.request_id()));
+        if let Some(t) = call.trace_id() {
+            span.record("trace_id", t);
+        }
         req.extensions_mut().insert(call.clone());
         let sink = self.sink.clone();
         Box::pin(async move {

@@ -139,8 +139,9 @@ pub struct Spool {
     warned: AtomicBool,
     /// The last write failed (cleared by the next one that succeeds).
     broken: AtomicBool,
-    /// Records appended since this process opened the spool.
-    appended: AtomicU64,
+    /// The chain's seq when this process opened the spool (records
+    /// appended since are the head's seq minus this).
+    opened_seq: u64,
 }
 
 /// Segment file name of number `n`.
@@ -265,7 +266,7 @@ impl Spool {
             unshipped: AtomicU64::new(unshipped),
             warned: AtomicBool::new(false),
             broken: AtomicBool::new(false),
-            appended: AtomicU64::new(0),
+            opened_seq: seq,
         }))
     }
 
@@ -300,7 +301,12 @@ impl Spool {
 
     /// Records appended since the spool was opened.
     pub fn appended(&self) -> u64 {
-        self.appended.load(Ordering::Relaxed)
+        let seq = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .seq;
+        seq - self.opened_seq
     }
 
     /// Bytes not yet shipped.
@@ -382,7 +388,6 @@ impl Spool {
         w.len += bytes.len() as u64;
         self.unshipped
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        self.appended.fetch_add(1, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }

@@ -126,6 +126,14 @@ impl Action {
         Action::SetWebhook,
     ];
 
+    /// The broker action a request path names
+    /// (`/credbroker.v1.CredentialBroker/Rotate`); `None` for other
+    /// services (health, reflection) and unknown methods.
+    pub fn from_path(path: &str) -> Option<Action> {
+        let name = path.strip_prefix("/credbroker.")?.rsplit('/').next()?;
+        Action::ALL.into_iter().find(|a| a.name() == name)
+    }
+
     /// The least role that may do it.
     pub fn needs(self) -> Role {
         match self {

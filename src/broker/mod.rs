@@ -147,9 +147,9 @@ pub struct CheckOutcome {
 }
 
 /// What changed between the permissions stored and the ones the exchange
-/// reports now, in words (empty: nothing worth telling). Gained withdraw
-/// rights and lost required permissions never get here: the validator's
-/// policy refuses those keys.
+/// reports now, in words (empty: nothing worth telling). Keys that lost a
+/// required permission, or gained withdraw rights without their tenant
+/// being allowed them, never get here: the validator's policy refuses them.
 fn drift(
     before: Option<&Permissions>,
     now: &Permissions,

@@ -14,7 +14,12 @@
 //!   a tenant's store or rotate and never get the broker's address banned.
 //! - An exchange outage changes nothing but the health detail.
 
-use std::{collections::HashMap, num::NonZeroU32, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    sync::Arc,
+    time::Duration,
+};
 
 use std::borrow::Cow;
 
@@ -26,7 +31,11 @@ use tracing::Instrument as _;
 use crate::{
     audit::AuditRecord,
     broker::{
-        Broker, context::RequestContext, error::BrokerError, ports::FleetStore, types::ExchangeId,
+        Broker,
+        context::RequestContext,
+        error::BrokerError,
+        ports::FleetStore,
+        types::{ExchangeId, TenantId},
     },
     telemetry::metrics::{Metrics, ResultLabel},
 };
@@ -189,12 +198,21 @@ impl HealthChecks {
         let since = self.broker.clock().now() - half;
         let ctx = RequestContext::system("health-check");
         let mut renewed = tokio::time::Instant::now();
+        // Checks that could not run leave their rows due; they are not
+        // tried again this round (each page asks for that many more rows).
+        let mut failed: HashSet<(TenantId, ExchangeId)> = HashSet::new();
         loop {
-            let due = self.fleet.due_for_check(since, PAGE).await?;
+            let limit = PAGE.saturating_add(u32::try_from(failed.len()).unwrap_or(u32::MAX));
+            let due: Vec<_> = self
+                .fleet
+                .due_for_check(since, limit)
+                .await?
+                .into_iter()
+                .filter(|k| !failed.contains(k))
+                .collect();
             if due.is_empty() {
                 break;
             }
-            let before = report.checked.len();
             let mut results = futures::stream::iter(due)
                 .map(|(tenant, exchange)| {
                     let ctx = &ctx;
@@ -234,12 +252,17 @@ impl HealthChecks {
                             .health_checks
                             .get_or_create(&ResultLabel { result: finding })
                             .inc();
-                        (format!("{tenant}/{exchange}"), finding)
+                        ((tenant, exchange), finding)
                     }
                 })
                 .buffer_unordered(self.settings.concurrency.max(1));
-            while let Some(r) = results.next().await {
-                report.checked.push(r);
+            while let Some((key, finding)) = results.next().await {
+                if finding == "error" {
+                    failed.insert(key);
+                }
+                report
+                    .checked
+                    .push((format!("{}/{}", key.0, key.1), finding));
                 if renewed.elapsed() > self.settings.lease / 3 {
                     renewed = tokio::time::Instant::now();
                     if !self.take_lease().await? {
@@ -247,11 +270,6 @@ impl HealthChecks {
                         return Ok(report);
                     }
                 }
-            }
-            // A page whose checks all failed to record would come back
-            // again: stop rather than spin.
-            if report.checked[before..].iter().all(|(_, f)| *f == "error") {
-                break;
             }
         }
         Ok(report)

@@ -203,10 +203,8 @@ impl Metrics {
     /// The method slot of a request path (`/credbroker.v1.CredentialBroker/Rotate`),
     /// for [`Self::grpc_call`]; health and reflection share one slot.
     pub fn grpc_method(path: &str) -> usize {
-        let name = path.rsplit('/').next().unwrap_or(path);
-        Action::ALL
-            .iter()
-            .position(|a| a.name() == name && path.starts_with("/credbroker."))
+        Action::from_path(path)
+            .and_then(|a| Action::ALL.iter().position(|x| *x == a))
             .unwrap_or(Action::ALL.len())
     }
 

@@ -123,23 +123,19 @@ impl Extractor for Headers<'_> {
 
 /// The span of one gRPC call: named after the method, a child of the
 /// caller's trace when it sent `traceparent`, with the trace and request
-/// ids as fields (so JSON log lines carry them). Never the body.
+/// ids as fields (so JSON log lines carry them; the audit layer, which
+/// parses both for its record anyway, fills them in). Never the body.
 pub fn call_span<B>(req: &http::Request<B>) -> tracing::Span {
-    let trace_id = req
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::audit::trace_id);
     let span = tracing::info_span!(
         "grpc",
         otel.name = %req.uri().path(),
         otel.kind = "server",
         rpc.system = "grpc",
         method = %req.uri().path(),
-        trace_id = trace_id.as_deref().unwrap_or(""),
+        trace_id = tracing::field::Empty,
         request_id = tracing::field::Empty,
     );
-    if trace_id.is_some() {
+    if !span.is_disabled() && req.headers().contains_key("traceparent") {
         let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
         let _ = span.set_parent(parent);
     }

@@ -519,21 +519,15 @@ impl SecretStore for VaultSecretStore {
                 if retry && landed(&c, &self.mount, path, set, cas).await? {
                     return Ok(Ok(u64::from(cas) + 1));
                 }
-                match vaultrs::kv2::set_with_options(
+                let r = vaultrs::kv2::set_with_options(
                     c.as_ref(),
                     &self.mount,
                     path,
                     data,
                     SetSecretRequestOptions { cas },
                 )
-                .await
-                {
-                    Ok(meta) => Ok(Ok(meta.version)),
-                    Err(e) => match classify("write", &e) {
-                        unavailable @ SecretStoreError::Unavailable(_) => Err(unavailable),
-                        _ => Ok(Err(e)),
-                    },
-                }
+                .await;
+                or_unavailable("write", r.map(|meta| meta.version))
             })
             .await?;
         match written {
@@ -560,24 +554,11 @@ impl SecretStore for VaultSecretStore {
     async fn read(&self, path: &str, version: u64) -> Result<CredentialSet, SecretStoreError> {
         let read = self
             .failover(|c, _| async move {
-                match vaultrs::kv2::read_version::<StoredSet>(
-                    c.as_ref(),
-                    &self.mount,
-                    path,
-                    version,
+                or_unavailable(
+                    "read",
+                    vaultrs::kv2::read_version::<StoredSet>(c.as_ref(), &self.mount, path, version)
+                        .await,
                 )
-                .await
-                {
-                    Err(e)
-                        if matches!(
-                            VaultAnswer::of(&e).into_error("read"),
-                            SecretStoreError::Unavailable(_)
-                        ) =>
-                    {
-                        Err(VaultAnswer::of(&e).into_error("read"))
-                    }
-                    other => Ok(other),
-                }
             })
             .await?;
         match read {
@@ -721,13 +702,29 @@ async fn landed(
     if latest_on(c, mount, path).await? < Some(next) {
         return Ok(false);
     }
-    match vaultrs::kv2::read_version::<StoredSet>(c, mount, path, next).await {
-        Ok(s) => Ok(s.api_key == set.api_key
+    let read = or_unavailable(
+        "read",
+        vaultrs::kv2::read_version::<StoredSet>(c, mount, path, next).await,
+    )?;
+    Ok(read.is_ok_and(|s| {
+        s.api_key == set.api_key
             && s.api_secret == set.api_secret.expose_secret()
-            && s.passphrase.as_deref() == set.passphrase.as_ref().map(ExposeSecret::expose_secret)),
-        Err(e) => match VaultAnswer::of(&e).into_error("read") {
+            && s.passphrase.as_deref() == set.passphrase.as_ref().map(ExposeSecret::expose_secret)
+    }))
+}
+
+/// Splits a node's answer for [`VaultSecretStore::failover`]: "this node
+/// cannot serve now" is the failover's error (the next node is tried);
+/// every other answer, good or bad, is the operation's to judge.
+fn or_unavailable<T>(
+    op: &str,
+    r: Result<T, ClientError>,
+) -> Result<Result<T, ClientError>, SecretStoreError> {
+    match r {
+        Err(e) => match VaultAnswer::of(&e).into_error(op) {
             unavailable @ SecretStoreError::Unavailable(_) => Err(unavailable),
-            _ => Ok(false),
+            _ => Ok(Err(e)),
         },
+        ok => Ok(ok),
     }
 }

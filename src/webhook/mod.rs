@@ -220,22 +220,23 @@ impl Deliverer {
         for msg in due {
             let outcome = self.attempt(&msg, now).await;
             let attempts = msg.attempts + 1;
-            let (label, delivered, retry_at, result) = match &outcome {
-                Ok(()) => ("delivered", true, None, "delivered".to_owned()),
+            let delivered = outcome.is_ok();
+            let (label, retry_at, result) = match &outcome {
+                Ok(()) => {
+                    pass.delivered += 1;
+                    ("delivered", None, "delivered".to_owned())
+                }
                 Err(e) if msg.endpoint.is_none() || attempts >= MAX_ATTEMPTS => {
-                    ("dropped", false, None, format!("given up: {e}"))
+                    pass.dropped += 1;
+                    ("dropped", None, format!("given up: {e}"))
                 }
                 Err(e) => {
+                    pass.retried += 1;
                     let wait = Backoff::nth(RETRY_MIN, RETRY_MAX, msg.attempts);
                     let at = now + time::Duration::try_from(wait).unwrap_or(CLAIM);
-                    ("retry", false, Some(at), e.clone())
+                    ("retry", Some(at), e.clone())
                 }
             };
-            match label {
-                "delivered" => pass.delivered += 1,
-                "retry" => pass.retried += 1,
-                _ => pass.dropped += 1,
-            }
             if let Err(e) = &outcome {
                 tracing::warn!(tenant = %msg.tenant, id = %message_id(msg.id), attempts, "webhook not delivered: {e}");
             }

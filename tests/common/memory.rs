@@ -97,12 +97,12 @@ impl Memory {
                 metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
                 ..credbroker::config::TelemetryConfig::default()
             },
-            checks: credbroker::checks::Schedule::Manual,
-            check_settings: credbroker::checks::CheckSettings::from_config(
-                &credbroker::config::ChecksConfig::default(),
-            ),
-            expiry_warning: Duration::from_secs(7 * 86_400),
-            webhook_poll: Duration::from_millis(100),
+            // Rounds only by hand.
+            checks: credbroker::config::ChecksConfig {
+                enabled: false,
+                ..credbroker::config::ChecksConfig::default()
+            },
+            webhooks: credbroker::config::WebhookConfig { poll_ms: 100 },
             cache: CacheConfig::default(),
             rotation: RotationConfig::default(),
             path_prefix: "tenants".into(),
