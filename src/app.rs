@@ -511,6 +511,7 @@ pub async fn start(
         let listener = TcpListener::bind(at)
             .await
             .map_err(|e| anyhow::anyhow!("server.health_listen {at}: cannot bind ({e})"))?;
+        let at = listener.local_addr()?;
         let (health, cancel) = (health.clone(), shutdown.clone());
         spawn_task(&mut tasks, "health listener", &shutdown, async move {
             tonic::transport::Server::builder()

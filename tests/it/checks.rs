@@ -3,13 +3,8 @@
 //! outbox (signatures checked with the `standardwebhooks` crate as oracle),
 //! and the metrics endpoint parsed with Prometheus' own Python parser.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use axum::{Router, http::HeaderMap, http::StatusCode, routing::post};
 use credbroker::{
     api::pb::{self, CredentialStatus},
     broker::types::ExchangeId,
@@ -20,50 +15,8 @@ use credbroker::{
 
 use crate::{
     exchanges::{endpoints, register, store_req},
-    support::{Env, EnvOptions, new_tenant},
+    support::{Env, EnvOptions, Receiver, new_tenant},
 };
-
-/// A webhook receiver on loopback: records every request, answers the
-/// first `fail_first` with 503.
-#[derive(Clone, Default)]
-struct Receiver {
-    got: Arc<Mutex<Vec<(HeaderMap, String)>>>,
-    fail_first: Arc<Mutex<usize>>,
-}
-
-impl Receiver {
-    async fn start(fail_first: usize) -> (Receiver, String) {
-        let r = Receiver::default();
-        *r.fail_first.lock().unwrap() = fail_first;
-        let state = r.clone();
-        let app = Router::new().route(
-            "/hook",
-            post(move |headers: HeaderMap, body: String| {
-                let state = state.clone();
-                async move {
-                    state.got.lock().unwrap().push((headers, body));
-                    let mut f = state.fail_first.lock().unwrap();
-                    if *f > 0 {
-                        *f -= 1;
-                        StatusCode::SERVICE_UNAVAILABLE
-                    } else {
-                        StatusCode::NO_CONTENT
-                    }
-                }
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        (r, url)
-    }
-
-    fn requests(&self) -> Vec<(HeaderMap, String)> {
-        self.got.lock().unwrap().clone()
-    }
-}
 
 /// One parsed sample: name, labels, value.
 type Sample = (String, HashMap<String, String>, f64);

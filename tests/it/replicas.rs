@@ -278,32 +278,93 @@ async fn streams_per_tenant_are_limited() {
     drop(s2);
 }
 
+/// SIGKILL of a `credbroker server` process under load (pods reading from
+/// it and from the in-process replica, a Rotate every 50 ms): the pod's
+/// stream resumes on the other replica with `after_seq` and misses nothing;
+/// the other replica's readers never fail. Restarted while Vault cannot be
+/// reached, the process answers as soon as it listens (UNAVAILABLE naming
+/// Vault for what it has not cached) and reports NOT_SERVING on its health
+/// port, SERVING only once Vault answers again.
 #[tokio::test]
-async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
+async fn a_replica_killed_under_load_loses_no_event_and_serves_again_only_with_its_backends() {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    };
     let env = Env::start().await;
     let mut proc_a = env.spawn_server_process().await;
     let tenant = new_tenant();
-    // Writes through the in-process replica; the pod watches the process.
     let mut admin = env.operator().await;
-    admin
-        .validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
-    let mut on_a = env
-        .client_at(proc_a.addr, &format!("spiffe://{TD}/tenant/{tenant}/pod/a"))
-        .await;
-    let mut stream = watch_past_state(&mut on_a, &tenant).await;
-    let mut seqs = Vec::new();
-    for n in 1..=3 {
-        admin.rotate(rotate_n(&tenant, "binance", n)).await.unwrap();
+    for ex in ["binance", "bybit"] {
+        admin
+            .validate_and_store(store_n(&tenant, ex))
+            .await
+            .unwrap();
     }
-    while seqs.len() < 3 {
-        let Message::Event(e) = next_non_heartbeat(&mut stream).await else {
-            panic!()
-        };
-        seqs.push(e.seq);
+    let pod = format!("spiffe://{TD}/tenant/{tenant}/pod/a");
+    let mut on_a = env.client_at(proc_a.addr, &pod).await;
+    let on_b = env.tenant_client(&tenant).await;
+    let mut stream = watch_past_state(&mut on_a, &tenant).await;
+
+    // Load: readers on both replicas, a Rotate every 50 ms through B.
+    let stop = Arc::new(AtomicBool::new(false));
+    let killed = Arc::new(AtomicBool::new(false));
+    let [a_ok, a_failed, b_ok] = [(); 3].map(|()| Arc::new(AtomicU64::new(0)));
+    let b_failed = Arc::new(Mutex::new(Vec::new()));
+    let mut load = Vec::new();
+    for (i, ex) in ["binance", "bybit", "binance", "bybit"]
+        .into_iter()
+        .enumerate()
+    {
+        let (stop, killed, t) = (stop.clone(), killed.clone(), tenant.clone());
+        let (a_ok, a_failed, b_ok, b_failed) = (
+            a_ok.clone(),
+            a_failed.clone(),
+            b_ok.clone(),
+            b_failed.clone(),
+        );
+        let (mut a, mut b) = (on_a.clone(), on_b.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if i % 2 == 0 {
+                    match b.get_credentials(get_req(&t, ex)).await {
+                        Ok(_) => b_ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            b_failed.lock().unwrap().push(e.code());
+                            0
+                        }
+                    };
+                } else if !killed.load(Ordering::Relaxed) {
+                    match a.get_credentials(get_req(&t, ex)).await {
+                        Ok(_) => a_ok.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => a_failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let writer = {
+        let (stop, t, mut admin) = (stop.clone(), tenant.clone(), admin.clone());
+        tokio::spawn(async move {
+            let mut n = 1;
+            while !stop.load(Ordering::Relaxed) {
+                admin.rotate(rotate_n(&t, "binance", n)).await.unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            n - 1
+        })
+    };
+
+    let mut seqs = Vec::new();
+    while seqs.len() < 5 {
+        if let Message::Event(e) = next_non_heartbeat(&mut stream).await {
+            seqs.push(e.seq);
+        }
     }
     // SIGKILL: no graceful goodbye, the stream just breaks.
+    killed.store(true, Ordering::Relaxed);
     proc_a.child.start_kill().unwrap();
     proc_a.child.wait().await.unwrap();
     let broken = loop {
@@ -311,16 +372,18 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
             .await
             .unwrap()
         {
-            Ok(Some(_)) => continue,
+            Ok(Some(m)) => {
+                if let Some(Message::Event(e)) = m.message {
+                    seqs.push(e.seq);
+                }
+            }
             other => break other,
         }
     };
     assert!(!matches!(broken, Ok(Some(_))));
-    for n in 4..=6 {
-        admin.rotate(rotate_n(&tenant, "binance", n)).await.unwrap();
-    }
-    let mut on_b = env.tenant_client(&tenant).await;
-    let mut resumed = on_b
+    // The pod resumes on B from the last seq it saw.
+    let mut on_b_watch = on_b.clone();
+    let mut resumed = on_b_watch
         .watch_rotations(watch_req(&tenant, *seqs.last().unwrap()))
         .await
         .unwrap()
@@ -329,14 +392,71 @@ async fn a_killed_server_process_loses_no_event_for_a_resuming_client() {
         next_non_heartbeat(&mut resumed).await,
         Message::State(_)
     ));
-    while seqs.len() < 6 {
-        let Message::Event(e) = next_non_heartbeat(&mut resumed).await else {
-            panic!()
-        };
-        seqs.push(e.seq);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Restarted while Vault cannot be reached.
+    let gate = crate::support::Gate::before(&env.bao.addr, false).await;
+    let started = std::time::Instant::now();
+    let restarted = env.spawn_server_process_on(&gate.url()).await;
+    let listening = started.elapsed();
+    let mut on_restarted = env.client_at(restarted.addr, &pod).await;
+    let e = on_restarted
+        .get_credentials(get_req(&tenant, "bybit"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("Vault"), "{e:?}");
+    // NOT_SERVING (2) over several probe periods (1 s each).
+    for _ in 0..6 {
+        assert_eq!(
+            restarted.health_status().await.unwrap(),
+            2,
+            "NOT_SERVING while Vault cannot be reached"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    gate.open();
+    let opened = std::time::Instant::now();
+    while restarted.health_status().await.unwrap() != 1 {
+        assert!(opened.elapsed() < Duration::from_secs(5), "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let serving_after = opened.elapsed();
+    on_restarted
+        .get_credentials(get_req(&tenant, "bybit"))
+        .await
+        .unwrap();
+
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    let rotations = writer.await.unwrap();
     let committed = env.rotated_seqs().await;
+    while seqs.len() < committed.len() {
+        if let Message::Event(e) = next_non_heartbeat(&mut resumed).await {
+            seqs.push(e.seq);
+        }
+    }
+    eprintln!(
+        "replica SIGKILL: {} reads answered by it before the kill ({} failed in flight); \
+         other replica {} reads, failed {:?}; {rotations} rotations, {} events seen once each \
+         across the resume; restarted process listening {listening:?} after spawn, \
+         NOT_SERVING while Vault was unreachable, SERVING {serving_after:?} after it returned",
+        a_ok.load(Ordering::Relaxed),
+        a_failed.load(Ordering::Relaxed),
+        b_ok.load(Ordering::Relaxed),
+        b_failed.lock().unwrap(),
+        seqs.len(),
+    );
     assert_eq!(seqs, committed, "every rotation exactly once, in order");
+    assert_eq!(committed.len() as u32, rotations);
+    assert!(
+        b_failed.lock().unwrap().is_empty(),
+        "the surviving replica's readers never fail"
+    );
+    assert!(a_ok.load(Ordering::Relaxed) > 0);
+    assert!(serving_after < Duration::from_secs(3), "{serving_after:?}");
 }
 
 #[tokio::test]

@@ -195,7 +195,7 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
     env.stop_broker().await;
 }
 
-async fn health_client(
+pub(crate) async fn health_client(
     env: &Env,
 ) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
     let pair = env
@@ -217,7 +217,7 @@ async fn health_client(
     tonic_health::pb::health_client::HealthClient::new(ch)
 }
 
-async fn health_status(
+pub(crate) async fn health_status(
     h: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
 ) -> i32 {
     h.check(tonic_health::pb::HealthCheckRequest {

@@ -210,18 +210,45 @@ pub use dev_broker::DevBroker;
 pub struct ServerProcess {
     pub child: tokio::process::Child,
     pub addr: std::net::SocketAddr,
+    /// The plaintext grpc.health.v1 port (`server.health_listen`).
+    pub health: std::net::SocketAddr,
     _dir: tempfile::TempDir,
 }
 
+impl ServerProcess {
+    /// grpc.health.v1's overall status on the plaintext health port (what
+    /// the kubelet's probe asks), or the error that stood in for it.
+    pub async fn health_status(&self) -> Result<i32, tonic::Status> {
+        let channel = Channel::from_shared(format!("http://{}", self.health))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .map(|r| r.into_inner().status)
+    }
+}
+
 impl Env {
+    /// The `credbroker server` binary on this env's Vault and database.
     pub async fn spawn_server_process(&self) -> ServerProcess {
+        self.spawn_server_process_on(&self.bao.addr).await
+    }
+
+    /// The `credbroker server` binary with Vault at `vault` (a [`Gate`] in
+    /// front of this env's OpenBao, say).
+    pub async fn spawn_server_process_on(&self, vault: &str) -> ServerProcess {
         use tokio::io::AsyncBufReadExt as _;
         let dir = tempfile::tempdir().unwrap();
         let toml = format!(
             r#"
 [server]
 listen = "127.0.0.1:0"
+health_listen = "127.0.0.1:0"
 heartbeat_secs = 1
+health_probe_secs = 1
 
 [tls]
 cert = "{cert}"
@@ -231,6 +258,7 @@ trust_domain = "{TD}"
 
 [vault]
 addr = "{vault}"
+failover_budget_ms = 300
 [vault.auth]
 method = "token"
 
@@ -247,7 +275,6 @@ ship_ms = 50
             cert = self.pki.path("server.pem").display(),
             key = self.pki.path("server.key").display(),
             ca = self.pki.path("ca.pem").display(),
-            vault = self.bao.addr,
             pg = self.db.url(),
             spool = self.pki.path("audit-process").display(),
         );
@@ -266,11 +293,17 @@ ship_ms = 50
             .spawn()
             .unwrap();
         let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        let (addr, health) = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut health = None;
             while let Some(line) = lines.next_line().await.unwrap() {
                 let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                if v["fields"]["message"] == "credbroker listening (mTLS)" {
-                    return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                let at = |k: &str| v["fields"][k].as_str().unwrap().parse().unwrap();
+                match v["fields"]["message"].as_str() {
+                    Some("grpc.health.v1 (plaintext, health only)") => health = Some(at("at")),
+                    Some("credbroker listening (mTLS)") => {
+                        return (at("addr"), health.expect("health port logged first"));
+                    }
+                    _ => {}
                 }
             }
             panic!("credbroker server exited before listening");
@@ -281,8 +314,114 @@ ship_ms = 50
         ServerProcess {
             child,
             addr,
+            health,
             _dir: dir,
         }
+    }
+}
+
+/// A TCP gate on loopback in front of `target`, to take a backend away and
+/// give it back: while shut, every connection is accepted and closed at
+/// once and the ones open are cut (a backend that is down); while open,
+/// bytes flow both ways.
+pub struct Gate {
+    pub addr: std::net::SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    pub async fn new(target: std::net::SocketAddr, open: bool) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(open);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                if !*rx.borrow_and_update() {
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut out) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        _ = rx.wait_for(|open| !open) => {}
+                    }
+                });
+            }
+        });
+        Gate {
+            addr,
+            open: tx,
+            task,
+        }
+    }
+
+    /// A gate in front of an `http://host:port` address.
+    pub async fn before(url: &str, open: bool) -> Gate {
+        Self::new(url.trim_start_matches("http://").parse().unwrap(), open).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    pub fn shut(&self) {
+        self.open.send_replace(false);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A webhook receiver on loopback: records every request, answers the
+/// first `fail_first` with 503.
+#[derive(Clone, Default)]
+pub struct Receiver {
+    got: Arc<std::sync::Mutex<Vec<(axum::http::HeaderMap, String)>>>,
+    fail_first: Arc<std::sync::Mutex<usize>>,
+}
+
+impl Receiver {
+    pub async fn start(fail_first: usize) -> (Receiver, String) {
+        let r = Receiver::default();
+        *r.fail_first.lock().unwrap() = fail_first;
+        let state = r.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let state = state.clone();
+                async move {
+                    state.got.lock().unwrap().push((headers, body));
+                    let mut f = state.fail_first.lock().unwrap();
+                    if *f > 0 {
+                        *f -= 1;
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        (r, url)
+    }
+
+    pub fn requests(&self) -> Vec<(axum::http::HeaderMap, String)> {
+        self.got.lock().unwrap().clone()
     }
 }
 
@@ -379,11 +518,17 @@ pub struct PrivateEnv {
 
 impl PrivateEnv {
     pub async fn start() -> PrivateEnv {
+        Self::start_with(|_| {}).await
+    }
+
+    /// With the configuration changed by `f` first.
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> PrivateEnv {
         init();
         let pg = PrivatePg::start();
         let bao = Bao::start().await;
         let pki = Pki::new();
-        let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
+        let mut config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
+        f(&mut config);
         let backends = app::real_backends(&config).await.unwrap();
         let mut settings = app::settings(&config).unwrap();
         settings.retire = credbroker::rotation::retire::Schedule::Manual;
