@@ -238,6 +238,36 @@ async fn killing_the_vault_leader_fails_no_read_and_writes_recover_within_second
     for t in &tenants {
         op.validate_and_store(store_n(t, "binance")).await.unwrap();
     }
+    // Read-after-write through a standby: a replica on one standby reads
+    // (cold) what the first one has just written through the leader.
+    let standby = (0..3).find(|i| *i != leader).unwrap();
+    let mut on_standby = env.config.clone();
+    on_standby.vault.addr = cluster.url(standby, "");
+    on_standby.vault.nodes = vec![];
+    let b = env
+        .replica_with(
+            credbroker::app::real_backends(&on_standby).await.unwrap(),
+            None,
+        )
+        .await;
+    let mut op_b = env
+        .client_at(b.addr, &format!("spiffe://{TD}/operator/b"))
+        .await;
+    let mut raw_failed = Vec::new();
+    for t in &tenants {
+        op.validate_and_store(store_n(t, "bybit")).await.unwrap();
+        let got = op_b.get_credentials(get_req(t, "bybit")).await;
+        if let Err(e) = got {
+            raw_failed.push(e.code());
+        }
+    }
+    eprintln!(
+        "read right after write through a standby: {} of {} failed {raw_failed:?}",
+        raw_failed.len(),
+        tenants.len()
+    );
+    assert!(raw_failed.is_empty(), "{raw_failed:?}");
+    b.stop().await.unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let (reads, failed_reads) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
