@@ -208,7 +208,7 @@ fn read_lines(dir: &Path, seg: u64, off: u64) -> std::io::Result<(Vec<ChainedRec
     Ok((out, consumed))
 }
 
-/// Ships every `every` (with backoff up to 30 s while PostgreSQL is away)
+/// Ships every `every` (with backoff up to 2 s while PostgreSQL is away)
 /// until cancelled, then one last time.
 pub async fn task_main(
     spool: Arc<Spool>,
@@ -216,7 +216,8 @@ pub async fn task_main(
     every: Duration,
     cancel: CancellationToken,
 ) {
-    let mut backoff = crate::backoff::Backoff::new(every, Duration::from_secs(30));
+    // Capped low: a PostgreSQL that returns is drained within seconds.
+    let mut backoff = crate::backoff::Backoff::new(every, Duration::from_secs(2));
     let mut wait = every;
     loop {
         let stop = tokio::select! {
@@ -266,9 +267,9 @@ mod tests {
             vec![1, 2],
         );
         r.user_agent = Some(r#"evil ","chain_id":"x","seq":1} \" ümlaut"#.into());
-        spool.append(&r).unwrap();
+        crate::audit::spool::tests::written(spool.append(&r).unwrap());
         r.tenant_id = None;
-        spool.append(&r).unwrap();
+        crate::audit::spool::tests::written(spool.append(&r).unwrap());
         let text = std::fs::read(segment_path(dir.path(), 1)).unwrap();
         let mut n = 0;
         for line in text.split_inclusive(|b| *b == b'\n') {

@@ -260,6 +260,7 @@ async fn postgres_restarts_keep_cached_reads_refuse_writes_and_lose_no_event_rec
     };
     let appended = scrape().await;
     let mut shipped = 0;
+    let draining = Instant::now();
     for _ in 0..100 {
         shipped = client
             .query_one("SELECT count(*) FROM audit_log", &[])
@@ -271,6 +272,7 @@ async fn postgres_restarts_keep_cached_reads_refuse_writes_and_lose_no_event_rec
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let drained = draining.elapsed();
     // The webhook arrived once PostgreSQL was back, with the same id.
     let waited = Instant::now();
     while receiver.requests().len() < 2 {
@@ -294,7 +296,7 @@ async fn postgres_restarts_keep_cached_reads_refuse_writes_and_lose_no_event_rec
         .unwrap()
         .get(0);
     eprintln!(
-        "postgres restarts ({PG_DOWN:?} down each): {} cached reads, {} failed; {}; {} events delivered once each; {shipped} of {appended} audit records shipped; webhook: {} attempts, delivered after the outages",
+        "postgres restarts ({PG_DOWN:?} down each): {} cached reads, {} failed; {}; {} events delivered once each; {shipped} of {appended} audit records shipped ({drained:?} after the last check of the load); webhook: {} attempts, delivered after the outages",
         reads.load(Ordering::Relaxed),
         failed_reads.load(Ordering::Relaxed),
         report.join("; "),
