@@ -235,11 +235,7 @@ where
                 duration_ms: started.elapsed().as_secs_f64() * 1e3,
                 key_hint: note.key_hint,
             };
-            let kept = match sink.append(&record) {
-                Ok(queued) => queued.written().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = kept {
+            if let Err(e) = sink.append(&record) {
                 // Checked before the call, failed after it: the caller
                 // learns nothing it could rely on, and the log says so.
                 tracing::error!(request_id = %record.request_id, action = %record.action,

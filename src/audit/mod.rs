@@ -150,16 +150,12 @@ pub enum AuditError {
 /// Where records go. The spool implements it; [`Discard`] keeps nothing
 /// (unit tests of other parts).
 pub trait AuditSink: Send + Sync + 'static {
-    /// Queues `record` (serialized at once) for the spool's writer; await
-    /// [`Appended::written`] before answering the call it records: once
-    /// that resolves the OS has the record, so a crash of this process
-    /// loses it never. Background actions may leave it unawaited (a write
-    /// failure is logged by the writer).
+    /// Appends `record` durably enough that a crash of this process loses
+    /// it never (the OS has it before this returns).
     ///
     /// # Errors
-    /// When the record cannot be kept (the spool is full or broken): the
-    /// caller must fail.
-    fn append(&self, record: &AuditRecord) -> Result<Appended, AuditError>;
+    /// When the record cannot be kept: the caller must fail.
+    fn append(&self, record: &AuditRecord) -> Result<(), AuditError>;
 
     /// Whether a record could be appended now; checked before a call runs,
     /// so a call that could not be audited changes nothing.
@@ -175,29 +171,8 @@ pub trait AuditSink: Send + Sync + 'static {
 pub struct Discard;
 
 impl AuditSink for Discard {
-    fn append(&self, _: &AuditRecord) -> Result<Appended, AuditError> {
-        Ok(Appended(None))
-    }
-}
-
-/// A queued record: resolves once the spool's writer has written it.
-#[must_use = "await `written` before answering the call the record describes"]
-pub struct Appended(Option<(tokio::sync::watch::Receiver<spool::Progress>, u64)>);
-
-impl Appended {
-    /// Resolves once the record is in the OS (or its write failed).
-    ///
-    /// # Errors
-    /// When the write failed: the call it records must fail.
-    pub async fn written(self) -> Result<(), AuditError> {
-        let Some((mut rx, ticket)) = self.0 else {
-            return Ok(());
-        };
-        let progress = rx
-            .wait_for(|p| p.done >= ticket)
-            .await
-            .map_err(|_| AuditError::Io("the audit writer stopped".into()))?;
-        progress.outcome(ticket)
+    fn append(&self, _: &AuditRecord) -> Result<(), AuditError> {
+        Ok(())
     }
 }
 

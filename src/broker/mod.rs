@@ -364,9 +364,7 @@ impl Broker {
     /// Records a background action as the system actor; a failure is
     /// logged loudly (the action already happened in the stores).
     pub fn audit_system(&self, record: &crate::audit::AuditRecord) {
-        // Not awaited: the action already happened; a failed write is
-        // logged by the spool's writer.
-        if let Err(e) = self.audit.append(record).map(drop) {
+        if let Err(e) = self.audit.append(record) {
             tracing::error!(action = %record.action, "a system action could not be audited: {e}");
         }
     }

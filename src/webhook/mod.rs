@@ -246,7 +246,7 @@ impl Deliverer {
             record.resource = Cow::Borrowed("webhook");
             record.result = Cow::Borrowed(if delivered { "success" } else { "failure" });
             record.request_id = msg.id;
-            if let Err(e) = self.audit.append(&record).map(drop) {
+            if let Err(e) = self.audit.append(&record) {
                 tracing::error!("a webhook delivery could not be audited: {e}");
             }
             self.metrics
