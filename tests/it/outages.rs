@@ -129,10 +129,15 @@ async fn postgres_restarts_keep_cached_reads_refuse_writes_and_lose_no_event_rec
             pod.clone(),
         );
         tokio::spawn(async move {
+            let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
                 reads.fetch_add(1, Ordering::Relaxed);
-                // bybit is never rotated: always a cache hit.
-                if pod.get_credentials(get_req(&t, "bybit")).await.is_err() {
+                // bybit is never rotated: always a cache hit; binance is
+                // rotated every 100 ms right up to each outage, by this
+                // replica, which holds each set it commits.
+                let ex = ["bybit", "binance"][i % 2];
+                i += 1;
+                if pod.get_credentials(get_req(&t, ex)).await.is_err() {
                     failed.fetch_add(1, Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -369,6 +374,20 @@ async fn a_total_vault_outage_serves_cached_sets_stale_refuses_the_rest_and_reco
             .unwrap();
     }
     let mut health = crate::storage::health_client(&env).await;
+    // A pod on the other replica holds the hot sets too.
+    let mut pod_other = env
+        .client_at(
+            other.addr,
+            &format!("spiffe://{TD}/tenant/{tenant}/pod/other"),
+        )
+        .await;
+    for ex in HOT {
+        pod_other
+            .get_credentials(get_req(&tenant, ex))
+            .await
+            .unwrap();
+    }
+    let mut events_on_other = watch_past_state(&mut pod_other.clone(), &tenant).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let down = Arc::new(AtomicBool::new(false));
@@ -432,13 +451,41 @@ async fn a_total_vault_outage_serves_cached_sets_stale_refuses_the_rest_and_reco
     };
 
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Rotated just before the outage: this replica committed the new sets
+    // and holds them; the other one applied the events and keeps the
+    // replaced sets, still valid for the overlap, as its outage fallback.
+    for ex in HOT {
+        op.rotate(rotate_n(&tenant, ex, 1)).await.unwrap();
+    }
+    let mut applied = 0;
+    while applied < HOT.len() {
+        // (past the state of each credential)
+        if let Message::Event(_) = next_non_heartbeat(&mut events_on_other).await {
+            applied += 1;
+        }
+    }
     let shut = Instant::now();
     down.store(true, Ordering::Relaxed);
     gate.shut();
     let mut not_serving_after = None;
+    let mut on_other = Vec::new();
     while shut.elapsed() < Duration::from_secs(5) {
         if not_serving_after.is_none() && crate::storage::health_status(&mut health).await == 2 {
             not_serving_after = Some(shut.elapsed());
+        }
+        if shut.elapsed() > Duration::from_secs(2) && on_other.len() < 10 {
+            for ex in HOT {
+                on_other.push(
+                    pod_other
+                        .get_credentials(get_req(&tenant, ex))
+                        .await
+                        .map(|r| {
+                            let r = r.into_inner();
+                            (r.stale, r.version)
+                        })
+                        .map_err(|e| e.code()),
+                );
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -518,6 +565,13 @@ async fn a_total_vault_outage_serves_cached_sets_stale_refuses_the_rest_and_reco
         .lines()
         .find_map(|l| l.strip_prefix("credbroker_cache_stale_serves_total "))
         .map_or(0.0, |v| v.parse::<f64>().unwrap());
+    eprintln!(
+        "vault outage (5 s): rotated just before it and read on another replica: {on_other:?}"
+    );
+    assert!(
+        on_other.iter().all(|r| *r == Ok((true, 1))),
+        "the replaced set (valid for the overlap) is served, marked stale: {on_other:?}"
+    );
     eprintln!(
         "vault outage (5 s): {tally:?}; hot reads failed overall: {hot_failed}; \
          NOT_SERVING after {not_serving_after:?}; after Vault returned: cold reads back {cold_back:?}, \
