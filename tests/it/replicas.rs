@@ -312,7 +312,8 @@ async fn a_replica_killed_under_load_loses_no_event_and_serves_again_only_with_i
     let [a_ok, a_failed, b_ok] = [(); 3].map(|()| Arc::new(AtomicU64::new(0)));
     let b_failed = Arc::new(Mutex::new(Vec::new()));
     let mut load = Vec::new();
-    for (i, ex) in ["binance", "bybit", "binance", "bybit"]
+    // Even readers on B, odd ones on A: each replica reads both keys.
+    for (i, ex) in ["binance", "binance", "bybit", "bybit"]
         .into_iter()
         .enumerate()
     {
