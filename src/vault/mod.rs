@@ -90,7 +90,11 @@ struct Node {
 /// (connection refused or timed out, 5xx, sealed or standby 503, 429): at
 /// passes over the nodes with short, growing pauses for at most
 /// `vault.failover_budget_ms` (3 s: longer than an election). Standbys
-/// forward to the active node, so any unsealed node takes writes. A
+/// forward writes to the active node, so any unsealed node takes them; since
+/// OpenBao 2.5 they serve reads from their own copy, which can trail a write
+/// by a replication round, so a read that a node answers "no such version"
+/// is asked of the other nodes before it is reported missing (and the
+/// broker's loader, which knows the version exists, retries it). A
 /// check-and-set write is never replayed blindly: before writing again on
 /// another node the store reads whether the first attempt landed (the
 /// version after `cas` holds exactly this set) and, if so, adopts it.
@@ -368,6 +372,13 @@ pub enum VaultAnswer {
     /// 400: the request was refused (on a write with `cas`, a lost
     /// check-and-set; the caller confirms by reading the metadata).
     BadRequest,
+    /// 400 from a KV v2 mount that is not ready on this node yet: the active
+    /// node is upgrading it ("Upgrading from non-versioned to versioned
+    /// data"), or a standby has not seen that upgrade finish ("Waiting for
+    /// the primary to upgrade"), as after a mount is created or a standby
+    /// joins. Vault calls it "unavailable for a brief period": another node,
+    /// or the same one a moment later, serves.
+    Upgrading,
     /// 403: the token or its policy does not allow the operation.
     Denied,
     /// 503: sealed, or a standby that cannot serve.
@@ -389,6 +400,11 @@ impl VaultAnswer {
     pub fn of(e: &ClientError) -> Self {
         use rustify::errors::ClientError as Rest;
         match e {
+            ClientError::APIError { code: 400, errors }
+                if errors.iter().any(|e| is_upgrading(e)) =>
+            {
+                Self::Upgrading
+            }
             ClientError::APIError { code, .. } => Self::by_status(*code, None),
             ClientError::RestClientError { source } => match source {
                 Rest::ServerResponseError { code, content } => {
@@ -462,6 +478,9 @@ impl VaultAnswer {
             Self::Sealed => {
                 SecretStoreError::Unavailable(format!("{op}: Vault is sealed or not active (503)"))
             }
+            Self::Upgrading => SecretStoreError::Unavailable(format!(
+                "{op}: the KV v2 mount is still upgrading on this Vault node (400)"
+            )),
             Self::RateLimited => {
                 SecretStoreError::Unavailable(format!("{op}: Vault rate-limited the broker (429)"))
             }
@@ -483,6 +502,14 @@ impl VaultAnswer {
             }
         }
     }
+}
+
+/// Whether a 400's message is the KV v2 backend's "not ready on this node
+/// yet" (see [`VaultAnswer::Upgrading`]). Vault gives no code for it, only
+/// these two messages.
+fn is_upgrading(message: &str) -> bool {
+    message.contains("upgrade from non-versioned to versioned data")
+        || message.starts_with("Upgrading from non-versioned to versioned data")
 }
 
 /// Maps a vaultrs error to the store taxonomy without forwarding response
@@ -561,23 +588,29 @@ impl SecretStore for VaultSecretStore {
                 )
             })
             .await?;
-        match read {
-            Ok(s) => Ok(CredentialSet {
-                api_key: s.api_key,
-                api_secret: SecretString::from(s.api_secret),
-                passphrase: s.passphrase.map(SecretString::from),
-            }),
-            Err(e) => match VaultAnswer::of(&e) {
-                answer if answer.is_not_found() => {
-                    tracing::debug!(path, version, ?answer, "Vault has no such version");
-                    Err(SecretStoreError::NotFound {
-                        path: path.to_owned(),
-                        version,
-                    })
-                }
-                answer => Err(answer.into_error("read")),
-            },
+        let e = match read {
+            Ok(s) => return Ok(s.into()),
+            Err(e) => e,
+        };
+        let answer = VaultAnswer::of(&e);
+        // A standby serves reads from its own copy of the data, which trails
+        // the active node by a write's replication (50–150 ms measured on
+        // loopback). The caller read this version's number from PostgreSQL,
+        // so before calling it missing ask the other nodes: the active one
+        // has it.
+        if answer == VaultAnswer::Missing
+            && let Some(s) = self.read_elsewhere(path, version).await
+        {
+            return Ok(s.into());
         }
+        if answer.is_not_found() {
+            tracing::debug!(path, version, ?answer, "Vault has no such version");
+            return Err(SecretStoreError::NotFound {
+                path: path.to_owned(),
+                version,
+            });
+        }
+        Err(answer.into_error("read"))
     }
 
     async fn destroy_versions(&self, path: &str, versions: &[u64]) -> Result<(), SecretStoreError> {
@@ -676,6 +709,36 @@ impl SecretStore for VaultSecretStore {
     }
 }
 
+impl From<StoredSet> for CredentialSet {
+    fn from(s: StoredSet) -> Self {
+        CredentialSet {
+            api_key: s.api_key,
+            api_secret: SecretString::from(s.api_secret),
+            passphrase: s.passphrase.map(SecretString::from),
+        }
+    }
+}
+
+impl VaultSecretStore {
+    /// `version` at `path` from a node other than the preferred one, if one
+    /// of them has it (any error counts as "not here").
+    async fn read_elsewhere(&self, path: &str, version: u64) -> Option<StoredSet> {
+        let n = self.nodes.len();
+        let answered = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % n;
+        for i in (1..n).map(|i| (answered + i) % n) {
+            let c = self.nodes[i].client.load_full();
+            if let Ok(s) =
+                vaultrs::kv2::read_version::<StoredSet>(c.as_ref(), &self.mount, path, version)
+                    .await
+            {
+                tracing::debug!(path, version, node = %self.nodes[i].addr, "read a version the preferred node lacked");
+                return Some(s);
+            }
+        }
+        None
+    }
+}
+
 /// The latest version at `path` on one node.
 async fn latest_on(
     c: &VaultClient,
@@ -726,5 +789,41 @@ fn or_unavailable<T>(
             _ => Ok(Err(e)),
         },
         ok => Ok(ok),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: u16, errors: &[&str]) -> ClientError {
+        ClientError::APIError {
+            code,
+            errors: errors.iter().map(|e| (*e).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_kv_mount_not_ready_on_a_node_is_that_node_being_unavailable() {
+        // OpenBao 2.7's answers: a standby right after the mount was created,
+        // and the active node while it upgrades the mount.
+        for message in [
+            "Waiting for the primary to upgrade from non-versioned to versioned data. This backend will be unavailable for a brief period and will resume service when the primary is finished.",
+            "Upgrading from non-versioned to versioned data. This backend will be unavailable for a brief period and will resume service shortly.",
+        ] {
+            let answer = VaultAnswer::of(&api(400, &[message]));
+            assert_eq!(answer, VaultAnswer::Upgrading);
+            assert!(matches!(
+                answer.into_error("read"),
+                SecretStoreError::Unavailable(_)
+            ));
+        }
+        // Any other 400 (a lost check-and-set among them) stays a refusal.
+        let cas = api(
+            400,
+            &["check-and-set parameter did not match the current version"],
+        );
+        assert_eq!(VaultAnswer::of(&cas), VaultAnswer::BadRequest);
+        assert_eq!(VaultAnswer::of(&api(404, &[])), VaultAnswer::Missing);
     }
 }

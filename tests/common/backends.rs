@@ -188,9 +188,15 @@ pub struct Bao {
 
 impl Bao {
     pub async fn start() -> Bao {
+        Self::start_as(&format!("root-{}", Uuid::new_v4())).await
+    }
+
+    /// A dev server whose root token is `token` (to stand beside another as
+    /// a second node the same token opens).
+    pub async fn start_as(token: &str) -> Bao {
         let bin = std::env::var("BAO_BIN").unwrap_or_else(|_| "bao".into());
         let port = free_port_pair();
-        let token = format!("root-{}", Uuid::new_v4());
+        let token = token.to_owned();
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
         let child = Command::new(&bin)

@@ -74,6 +74,37 @@ async fn a_crash_between_vault_and_postgres_converges_on_retry() {
     assert_eq!(g.current.unwrap().api_secret, "binanceSecret1");
 }
 
+/// A standby serves reads from its own copy, which trails a write: a
+/// version the preferred node lacks is read from another node instead of
+/// being reported missing. Two dev servers stand in for a lagging standby
+/// (which never has the version) and the active node (which has it).
+#[tokio::test]
+async fn a_version_the_preferred_node_lacks_is_read_from_another_node() {
+    let env = Env::start().await;
+    let lagging = crate::support::Bao::start_as(&env.bao.token).await;
+    let mut cfg = env.config.vault.clone();
+    cfg.addr = lagging.addr.clone();
+    cfg.nodes = vec![env.bao.addr.clone()];
+    let store = credbroker::vault::VaultSecretStore::connect(&cfg)
+        .await
+        .unwrap();
+    let path = format!("tenants/{}/binance", new_tenant());
+    let written = env
+        .broker()
+        .secrets()
+        .write(&path, &domain_set("laggingKey01", "laggingSecret1"), 0)
+        .await
+        .unwrap();
+    use credbroker::broker::ports::SecretStore as _;
+    let got = store.read(&path, written).await.unwrap();
+    assert_eq!(got.api_key, "laggingKey01");
+    // A version no node has is missing, not an error of another kind.
+    match store.read(&path, written + 1).await {
+        Err(SecretStoreError::NotFound { version, .. }) => assert_eq!(version, written + 1),
+        other => panic!("expected NotFound, got {:?}", other.map(|s| s.api_key)),
+    }
+}
+
 #[tokio::test]
 async fn check_and_set_guards_both_stores() {
     let env = Env::start().await;
