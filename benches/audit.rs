@@ -1,0 +1,98 @@
+//! What one audit record costs, piece by piece, on one thread: building
+//! its line (JSON body, SHA-256 link) and appending it to the spool, the
+//! group fsync, and shipping it (reading it back, parsing, handing it to
+//! the memory store). CPU time of this process per record (user + system),
+//! so the file system's work on our behalf is counted.
+//!
+//! `cargo bench --bench audit` (`AUDIT_RECORDS`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::{borrow::Cow, time::Instant};
+
+use credbroker::{
+    audit::{AuditRecord, AuditSink as _, ship, spool::Spool},
+    broker::types::{ExchangeId, TenantId},
+    memstore::MemoryMetadataStore,
+};
+
+/// CPU seconds of this process so far (USER_HZ = 100).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// A GetCredentials record as the layer writes it.
+fn record() -> AuditRecord {
+    let id = uuid::Uuid::now_v7();
+    AuditRecord {
+        id,
+        timestamp: time::OffsetDateTime::now_utc(),
+        event_type: Cow::Borrowed("secret_access"),
+        user: "spiffe://prod.example/tenant/7f1c2a9e-52a4-4c1b-9d0e-0b6f4a1d2c3e/pod/bench".into(),
+        role: Cow::Borrowed("trader"),
+        resource: Cow::Borrowed("binance_api_key"),
+        action: Cow::Borrowed("GetCredentials"),
+        result: Cow::Borrowed("success"),
+        ip_address: Some("127.0.0.1".into()),
+        user_agent: Some("grpc-rust/0.14 tonic/0.14".into()),
+        tenant_id: Some(TenantId::new(uuid::Uuid::new_v4())),
+        exchange: Some(ExchangeId::Binance),
+        versions: vec![3],
+        request_id: id,
+        trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+        grpc_code: Cow::Borrowed("OK"),
+        duration_ms: 0.042,
+        key_hint: None,
+    }
+}
+
+fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let n: usize = std::env::var("AUDIT_RECORDS")
+        .ok()
+        .map_or(if quick { 2_000 } else { 200_000 }, |v| v.parse().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 40).unwrap();
+    let records: Vec<AuditRecord> = (0..n).map(|_| record()).collect();
+    let per = |secs: f64| secs / n as f64 * 1e6;
+
+    let (wall, cpu) = (Instant::now(), cpu_secs());
+    for r in &records {
+        spool.append(r).unwrap();
+    }
+    let append = (per(wall.elapsed().as_secs_f64()), per(cpu_secs() - cpu));
+    let (wall, cpu) = (Instant::now(), cpu_secs());
+    spool.sync().unwrap();
+    let sync = (per(wall.elapsed().as_secs_f64()), per(cpu_secs() - cpu));
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let meta = MemoryMetadataStore::default();
+    let (wall, cpu) = (Instant::now(), cpu_secs());
+    let shipped = rt.block_on(ship::ship_once(&spool, &meta)).unwrap();
+    let shipping = (per(wall.elapsed().as_secs_f64()), per(cpu_secs() - cpu));
+    assert_eq!(shipped.records, n);
+
+    let bytes = spool.dir().read_dir().unwrap().count();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    println!("audit record costs ({n} records, one thread, {profile} build, files left: {bytes})");
+    for (name, (w, c)) in [
+        ("append (line, hash, write)", append),
+        ("fsync (once, at the end)", sync),
+        ("ship (read, parse, store)", shipping),
+    ] {
+        println!("{name:<28} {w:>6.2} µs wall  {c:>6.2} µs CPU per record");
+    }
+}
