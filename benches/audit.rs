@@ -11,21 +11,18 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::{borrow::Cow, time::Instant};
+
+use cpu::cpu_secs;
 
 use credbroker::{
     audit::{AuditRecord, AuditSink as _, ship, spool::Spool},
     broker::types::{ExchangeId, TenantId},
     memstore::MemoryMetadataStore,
 };
-
-/// CPU seconds of this process so far (USER_HZ = 100).
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
-}
 
 /// A GetCredentials record as the layer writes it.
 fn record() -> AuditRecord {
@@ -81,13 +78,13 @@ fn main() {
     let shipping = (per(wall.elapsed().as_secs_f64()), per(cpu_secs() - cpu));
     assert_eq!(shipped.records, n);
 
-    let bytes = spool.dir().read_dir().unwrap().count();
+    let files = spool.dir().read_dir().unwrap().count();
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
         "release"
     };
-    println!("audit record costs ({n} records, one thread, {profile} build, files left: {bytes})");
+    println!("audit record costs ({n} records, one thread, {profile} build, files left: {files})");
     for (name, (w, c)) in [
         ("append (line, hash, write)", append),
         ("fsync (once, at the end)", sync),

@@ -18,12 +18,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../tests/common/backends.rs"]
 mod backends;
+#[path = "common/cpu.rs"]
+mod cpu;
 #[path = "../tests/common/memory.rs"]
 mod memory;
 
 use std::time::{Duration, Instant};
 
 use backends::TD;
+use cpu::cpu_secs;
 use credbroker::{
     api::pb::{self, credential_broker_client::CredentialBrokerClient},
     auth::TokenMode,
@@ -58,16 +61,6 @@ impl Target {
         }
         r
     }
-}
-
-/// CPU seconds this process has used so far (user + system, all threads;
-/// `/proc/self/stat` counts in USER_HZ = 100 ticks per second).
-fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // Fields after the command name: state is field 3, utime 14, stime 15.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
 }
 
 /// Closed loop: `concurrency` callers, `calls` in all; calls per second.
