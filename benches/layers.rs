@@ -8,7 +8,8 @@
 //!   fsync every 50 ms, shipping to the memory store); targets: at most 15 %
 //!   less throughput, at most 0.5 ms more p99.
 //!
-//! `cargo bench --bench layers` (`LAYERS_CALLS`, `LAYERS_CONCURRENCY`).
+//! `cargo bench --bench layers` (`LAYERS_CALLS`, `LAYERS_CONCURRENCY`;
+//! `LAYERS_PROFILE=base|layers|audit` runs one broker alone, for `perf`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -211,6 +212,24 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async move {
+        if let Ok(which) = std::env::var("LAYERS_PROFILE") {
+            // One broker alone, saturated for a while: run under `perf`.
+            let (on, audit) = match which.as_str() {
+                "base" => (false, false),
+                "layers" => (true, false),
+                "audit" => (false, true),
+                other => panic!("LAYERS_PROFILE is base, layers or audit, not {other}"),
+            };
+            let (m, t) = target(on, audit).await;
+            saturate(&t, calls / 10, concurrency).await;
+            let (rate, per_call) = saturate_cpu(&t, calls * 3, concurrency).await;
+            println!(
+                "{which} alone: {rate:.0} calls/s, CPU {:.1} µs/call",
+                per_call.as_secs_f64() * 1e6
+            );
+            m.running.stop().await.unwrap();
+            return;
+        }
         let (m_base, base) = target(false, false).await;
         let (m_layers, layers) = target(true, false).await;
         let (m_audit, audit) = target(false, true).await;

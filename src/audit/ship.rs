@@ -6,6 +6,7 @@
 //! Each pass that shipped anything also anchors the chain's head.
 
 use std::{
+    collections::VecDeque,
     io::{Read as _, Seek as _, SeekFrom},
     path::Path,
     sync::Arc,
@@ -14,7 +15,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{ChainedRecord, Spool, segment_path, segments, write_head};
+use super::spool::{ChainedRecord, Fresh, Spool, segment_path, segments, write_head};
 use crate::broker::ports::{AuditRow, MetadataStore};
 
 /// Lines shipped per batch at most.
@@ -65,15 +66,40 @@ pub struct Shipped {
 /// that was not inserted.
 pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Result<Shipped> {
     let dir = spool.dir().to_owned();
+    let from = read_offset(&dir)?;
+    let mut at = from;
+    let result = ship_from(spool, meta, &mut at).await;
+    // The position is recorded once per pass (and when a segment is left
+    // behind), not per batch, also when the pass failed part way: a crash
+    // before this re-sends the pass, which adds nothing twice.
+    if at != from {
+        tokio::task::spawn_blocking(move || write_offset(&dir, at.0, at.1)).await??;
+    }
+    result
+}
+
+/// [`ship_once`] from `at` (segment, offset), which it moves along.
+async fn ship_from(
+    spool: &Spool,
+    meta: &dyn MetadataStore,
+    at: &mut (u64, u64),
+) -> anyhow::Result<Shipped> {
+    let dir = spool.dir().to_owned();
     let mut total = Shipped::default();
     // The newest shipped (seq, hash): anchored once per pass.
     let mut last_head: Option<(u64, String)> = None;
+    // Lines the spool kept in memory as it appended them.
+    let mut fresh = VecDeque::new();
     loop {
-        let (seg, off) = read_offset(&dir)?;
+        let (seg, off) = *at;
         let current = spool.current_segment();
-        // Reading and parsing off the async workers: a big batch must not
-        // delay the calls queued behind it.
-        let (rows, consumed) = {
+        fresh.extend(spool.take_fresh());
+        let (rows, consumed) = if let Some(run) = from_memory(&mut fresh, (seg, off)) {
+            run
+        } else {
+            // Not in memory (a restart, a gap, a batch that failed): read
+            // and parse off the async workers, so a big batch does not
+            // delay the calls queued behind it.
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<AuditRow>, u64)> {
                 let (lines, consumed) = read_lines(&dir, seg, off)?;
@@ -91,7 +117,7 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
             if seg < current {
                 let dir = dir.clone();
                 let (seq, hash) = spool.head();
-                tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+                *at = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
                     write_head(&dir, seq, &hash)?;
                     let next = segments(&dir)?
                         .into_iter()
@@ -99,7 +125,7 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
                         .unwrap_or(current);
                     write_offset(&dir, next, 0)?;
                     let _ = std::fs::remove_file(segment_path(&dir, seg));
-                    Ok(())
+                    Ok((next, 0))
                 })
                 .await??;
                 continue;
@@ -114,13 +140,33 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
         }
         let shipped = rows.len();
         meta.ship_audit(rows).await?;
-        {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || write_offset(&dir, seg, off + consumed)).await??;
-        }
+        *at = (seg, off + consumed);
         spool.shipped(consumed);
         total.records += shipped;
     }
+}
+
+/// The next batch from memory, when the records kept in memory continue
+/// exactly where shipping stands (`at`: segment, offset): up to [`BATCH`]
+/// contiguous lines of that segment, and the bytes they span. Records
+/// already shipped (read from the file meanwhile) are dropped first.
+fn from_memory(fresh: &mut VecDeque<Fresh>, at: (u64, u64)) -> Option<(Vec<AuditRow>, u64)> {
+    while fresh.front().is_some_and(|f| (f.segment, f.offset) < at) {
+        fresh.pop_front();
+    }
+    let (seg, off) = at;
+    let mut rows = Vec::new();
+    let mut consumed = 0;
+    while rows.len() < BATCH
+        && fresh
+            .front()
+            .is_some_and(|f| f.segment == seg && f.offset == off + consumed)
+    {
+        let Some(f) = fresh.pop_front() else { break };
+        consumed += f.len;
+        rows.push(f.row);
+    }
+    (!rows.is_empty()).then_some((rows, consumed))
 }
 
 fn to_row(l: ChainedRecord) -> anyhow::Result<AuditRow> {
@@ -250,6 +296,7 @@ mod tests {
     use crate::{
         audit::{AuditRecord, AuditSink as _},
         broker::types::{ExchangeId, TenantId},
+        memstore::MemoryMetadataStore,
     };
 
     /// The fast reader reads exactly what a full JSON parse reads, for
@@ -279,5 +326,105 @@ mod tests {
         }
         assert_eq!(n, 2);
         assert_eq!(fast_parse(b"{\"body\":{},\"seq\":1}\n"), None);
+    }
+
+    fn records(tenant: Option<TenantId>, n: usize) -> Vec<AuditRecord> {
+        (0..n)
+            .map(|i| {
+                let mut r = AuditRecord::system(
+                    "t",
+                    "Test",
+                    TenantId::new(uuid::Uuid::new_v4()),
+                    ExchangeId::Bybit,
+                    vec![i as u64],
+                );
+                r.tenant_id = tenant;
+                r.user_agent = Some(format!(r#"ua {i} ","chain_id":"x" \" ü"#));
+                r
+            })
+            .collect()
+    }
+
+    /// What the spool keeps in memory for the shipper is exactly what
+    /// reading its lines back gives, and says where each line lies.
+    #[test]
+    fn rows_kept_in_memory_are_the_rows_in_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let tenant = Some(TenantId::new(uuid::Uuid::new_v4()));
+        for r in records(tenant, 3).iter().chain(&records(None, 2)) {
+            spool.append(r).unwrap();
+        }
+        let fresh = spool.take_fresh();
+        let (lines, consumed) = read_lines(dir.path(), 1, 0).unwrap();
+        let from_file: Vec<AuditRow> = lines.into_iter().map(|l| to_row(l).unwrap()).collect();
+        let mut at = 0;
+        for f in &fresh {
+            assert_eq!((f.segment, f.offset), (1, at));
+            at += f.len;
+        }
+        assert_eq!(at, consumed);
+        assert_eq!(
+            fresh.into_iter().map(|f| f.row).collect::<Vec<_>>(),
+            from_file
+        );
+        assert!(spool.take_fresh().is_empty(), "taken once");
+    }
+
+    async fn shipped_seqs(meta: &MemoryMetadataStore, tenant: TenantId) -> Vec<u64> {
+        let mut seqs: Vec<u64> = meta
+            .list_audit(tenant, None, None, 1_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.seq)
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    }
+
+    /// Shipping takes records from memory when they continue where it
+    /// stands (the file is not read: here it could not be parsed), and
+    /// reads the file for what memory lacks (records taken by a pass that
+    /// failed, a restart) without shipping anything twice or skipping it.
+    #[tokio::test]
+    async fn ships_from_memory_and_reads_the_file_for_what_memory_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let t = TenantId::new(uuid::Uuid::new_v4());
+        let meta = MemoryMetadataStore::default();
+        for r in &records(Some(t), 3) {
+            spool.append(r).unwrap();
+        }
+        // Garble the file in place (same length): only memory can serve.
+        let seg = segment_path(dir.path(), 1);
+        let good = std::fs::read(&seg).unwrap();
+        std::fs::write(&seg, vec![b'x'; good.len()]).unwrap();
+        assert_eq!(ship_once(&spool, &meta).await.unwrap().records, 3);
+        assert_eq!(shipped_seqs(&meta, t).await, vec![1, 2, 3]);
+        std::fs::write(&seg, &good).unwrap();
+
+        // Two records taken by a pass that then failed, two kept: the
+        // first two come from the file, the last two from memory.
+        for r in &records(Some(t), 2) {
+            spool.append(r).unwrap();
+        }
+        drop(spool.take_fresh());
+        for r in &records(Some(t), 2) {
+            spool.append(r).unwrap();
+        }
+        assert_eq!(ship_once(&spool, &meta).await.unwrap().records, 4);
+        assert_eq!(shipped_seqs(&meta, t).await, (1..=7).collect::<Vec<_>>());
+
+        // A restart: nothing in memory, the file has it all.
+        for r in &records(Some(t), 2) {
+            spool.append(r).unwrap();
+        }
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        spool.append(&records(Some(t), 1)[0]).unwrap();
+        assert_eq!(ship_once(&spool, &meta).await.unwrap().records, 3);
+        assert_eq!(shipped_seqs(&meta, t).await, (1..=10).collect::<Vec<_>>());
+        assert_eq!(spool.unshipped(), 0);
     }
 }

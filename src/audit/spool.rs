@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::{AuditError, AuditRecord, AuditSink};
+use crate::broker::ports::AuditRow;
 
 /// A segment is closed and a new one started beyond this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
@@ -101,7 +102,10 @@ fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String
     h.update(prev_hash.as_bytes());
     h.update(b":");
     h.update(body.as_bytes());
-    hex::encode(h.finish().as_ref())
+    let mut hex = [0u8; 64];
+    // 32 bytes always fit 64 hex digits, which are ASCII.
+    let _ = hex::encode_to_slice(h.finish().as_ref(), &mut hex);
+    String::from_utf8_lossy(&hex).into_owned()
 }
 
 /// `n` in decimal, in `buf`.
@@ -117,12 +121,34 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
+/// Records kept in memory for the shipper at most (about 1 KiB each); past
+/// this, appends stop keeping them and the shipper reads the gap back from
+/// the file (as it does after a restart).
+const FRESH_MAX: usize = 20_000;
+
+/// A record appended and not yet taken by the shipper, with where its line
+/// lies in the spool, so the shipper can ship it without reading it back
+/// (and knows whether it follows what was shipped last).
+#[derive(Debug)]
+pub struct Fresh {
+    /// Segment of the line.
+    pub segment: u64,
+    /// Byte offset of the line in it.
+    pub offset: u64,
+    /// Length of the line, newline included.
+    pub len: u64,
+    /// The row, exactly as parsing the line gives it.
+    pub row: AuditRow,
+}
+
 struct Writer {
     file: File,
     segment: u64,
     len: u64,
     seq: u64,
     prev_hash: String,
+    /// Appended since the shipper last took them, in file order.
+    fresh: Vec<Fresh>,
 }
 
 /// The spool of one replica.
@@ -261,6 +287,7 @@ impl Spool {
                 len,
                 seq,
                 prev_hash,
+                fresh: Vec::new(),
             }),
             dirty: AtomicBool::new(false),
             unshipped: AtomicU64::new(unshipped),
@@ -292,6 +319,18 @@ impl Spool {
     pub fn head(&self) -> (u64, String) {
         let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         (w.seq, w.prev_hash.clone())
+    }
+
+    /// The records appended since the last call, in file order (the
+    /// shipper's in-memory feed; anything it misses it reads from the file).
+    pub fn take_fresh(&self) -> Vec<Fresh> {
+        std::mem::take(
+            &mut self
+                .writer
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .fresh,
+        )
     }
 
     /// The bound on unshipped bytes.
@@ -364,30 +403,77 @@ impl Spool {
         let body =
             std::str::from_utf8(&bytes[start..end]).map_err(|e| AuditError::Io(e.to_string()))?;
         let hash = link_hash_of(&self.chain_str, seq, &w.prev_hash, body);
+        let body = body.to_owned();
         let prev_hash = std::mem::take(&mut w.prev_hash);
-        let _ = write!(
-            bytes,
-            ",\"chain_id\":\"{}\",\"seq\":{seq},\"prev_hash\":\"{prev_hash}\",\"hash\":\"{hash}\",\"id\":\"{}\",\"at_nanos\":{at_nanos}",
-            self.chain_str, record.id
-        );
+        // The chain fields without the formatting machinery (this runs
+        // once per call, under the lock).
+        let (mut digits, mut id) = ([0u8; 20], Uuid::encode_buffer());
+        for part in [
+            &b",\"chain_id\":\""[..],
+            self.chain_str.as_bytes(),
+            b"\",\"seq\":",
+            decimal(seq, &mut digits),
+            b",\"prev_hash\":\"",
+            prev_hash.as_bytes(),
+            b"\",\"hash\":\"",
+            hash.as_bytes(),
+            b"\",\"id\":\"",
+            record.id.as_hyphenated().encode_lower(&mut id).as_bytes(),
+            b"\",\"at_nanos\":",
+        ] {
+            bytes.extend_from_slice(part);
+        }
+        match u64::try_from(at_nanos) {
+            Ok(n) => bytes.extend_from_slice(decimal(n, &mut digits)),
+            Err(_) => {
+                let _ = write!(bytes, "{at_nanos}");
+            }
+        }
         match record.tenant_id {
             Some(t) => {
-                let _ = writeln!(bytes, ",\"tenant_id\":\"{t}\"}}");
+                bytes.extend_from_slice(b",\"tenant_id\":\"");
+                bytes.extend_from_slice(
+                    t.as_uuid().as_hyphenated().encode_lower(&mut id).as_bytes(),
+                );
+                bytes.extend_from_slice(b"\"}\n");
             }
             None => bytes.extend_from_slice(b"}\n"),
         }
         // One write of the whole line: the OS has it when this returns.
         if let Err(e) = w.file.write_all(&bytes) {
+            // A part written (a full disk) is cut off again, so the next
+            // line starts where the chain and the offsets expect it.
+            let len = w.len;
+            let _ = w.file.set_len(len);
             w.prev_hash = prev_hash;
             self.broken.store(true, Ordering::Relaxed);
             return Err(AuditError::Io(e.to_string()));
         }
         self.broken.store(false, Ordering::Relaxed);
+        let line = bytes.len() as u64;
+        if w.fresh.len() < FRESH_MAX {
+            let row = AuditRow {
+                id: record.id,
+                at: record.timestamp,
+                tenant: record.tenant_id,
+                chain_id: self.chain_id,
+                seq,
+                prev_hash,
+                hash: hash.clone(),
+                body,
+            };
+            let (segment, offset) = (w.segment, w.len);
+            w.fresh.push(Fresh {
+                segment,
+                offset,
+                len: line,
+                row,
+            });
+        }
         w.seq = seq;
         w.prev_hash = hash;
-        w.len += bytes.len() as u64;
-        self.unshipped
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        w.len += line;
+        self.unshipped.fetch_add(line, Ordering::Relaxed);
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
@@ -416,6 +502,13 @@ impl Spool {
                 () = cancel.cancelled() => true,
                 () = tokio::time::sleep(every) => false,
             };
+            if !self.dirty.load(Ordering::Acquire) {
+                // Nothing appended: no thread to wake.
+                if stop {
+                    return;
+                }
+                continue;
+            }
             let me = self.clone();
             match tokio::task::spawn_blocking(move || me.sync()).await {
                 Ok(Ok(())) => {}
