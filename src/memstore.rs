@@ -328,7 +328,7 @@ impl WebhookStore for MemoryMetadataStore {
 }
 
 /// Audit records kept in memory at most (the oldest go first).
-const MAX_AUDIT_ROWS: usize = 100_000;
+pub const MAX_AUDIT_ROWS: usize = 100_000;
 
 /// Metadata and events in memory.
 #[derive(Default)]

@@ -20,6 +20,11 @@ use crate::broker::ports::{AuditRow, MetadataStore};
 
 /// Lines shipped per batch at most.
 const BATCH: usize = 2_000;
+/// Records shipped per batch at most when they come from memory (the
+/// steady state): handing a batch to the store runs on an async worker, so
+/// batches stay small enough (well under a millisecond) not to hold up the
+/// calls queued behind them, and the pass yields between batches.
+const MEMORY_BATCH: usize = 500;
 /// Bytes read from a segment per batch at most.
 const READ_BYTES: usize = 1024 * 1024;
 
@@ -143,12 +148,13 @@ async fn ship_from(
         *at = (seg, off + consumed);
         spool.shipped(consumed);
         total.records += shipped;
+        tokio::task::yield_now().await;
     }
 }
 
 /// The next batch from memory, when the records kept in memory continue
-/// exactly where shipping stands (`at`: segment, offset): up to [`BATCH`]
-/// contiguous lines of that segment, and the bytes they span. Records
+/// exactly where shipping stands (`at`: segment, offset): up to
+/// [`MEMORY_BATCH`] contiguous lines of that segment, and the bytes they span. Records
 /// already shipped (read from the file meanwhile) are dropped first.
 fn from_memory(fresh: &mut VecDeque<Fresh>, at: (u64, u64)) -> Option<(Vec<AuditRow>, u64)> {
     while fresh.front().is_some_and(|f| (f.segment, f.offset) < at) {
@@ -157,7 +163,7 @@ fn from_memory(fresh: &mut VecDeque<Fresh>, at: (u64, u64)) -> Option<(Vec<Audit
     let (seg, off) = at;
     let mut rows = Vec::new();
     let mut consumed = 0;
-    while rows.len() < BATCH
+    while rows.len() < MEMORY_BATCH
         && fresh
             .front()
             .is_some_and(|f| f.segment == seg && f.offset == off + consumed)

@@ -96,8 +96,7 @@ fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String
     let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     h.update(chain_id.as_bytes());
     h.update(b":");
-    let mut digits = [0u8; 20];
-    h.update(decimal(seq, &mut digits));
+    h.update(itoa::Buffer::new().format(seq).as_bytes());
     h.update(b":");
     h.update(prev_hash.as_bytes());
     h.update(b":");
@@ -105,20 +104,7 @@ fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String
     let mut hex = [0u8; 64];
     // 32 bytes always fit 64 hex digits, which are ASCII.
     let _ = hex::encode_to_slice(h.finish().as_ref(), &mut hex);
-    String::from_utf8_lossy(&hex).into_owned()
-}
-
-/// `n` in decimal, in `buf`.
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
+    String::from_utf8(hex.to_vec()).unwrap_or_default()
 }
 
 /// Records kept in memory for the shipper at most (about 1 KiB each); past
@@ -407,12 +393,12 @@ impl Spool {
         let prev_hash = std::mem::take(&mut w.prev_hash);
         // The chain fields without the formatting machinery (this runs
         // once per call, under the lock).
-        let (mut digits, mut id) = ([0u8; 20], Uuid::encode_buffer());
+        let (mut digits, mut id) = (itoa::Buffer::new(), Uuid::encode_buffer());
         for part in [
             &b",\"chain_id\":\""[..],
             self.chain_str.as_bytes(),
             b"\",\"seq\":",
-            decimal(seq, &mut digits),
+            digits.format(seq).as_bytes(),
             b",\"prev_hash\":\"",
             prev_hash.as_bytes(),
             b"\",\"hash\":\"",
@@ -423,12 +409,7 @@ impl Spool {
         ] {
             bytes.extend_from_slice(part);
         }
-        match u64::try_from(at_nanos) {
-            Ok(n) => bytes.extend_from_slice(decimal(n, &mut digits)),
-            Err(_) => {
-                let _ = write!(bytes, "{at_nanos}");
-            }
-        }
+        bytes.extend_from_slice(digits.format(at_nanos).as_bytes());
         match record.tenant_id {
             Some(t) => {
                 bytes.extend_from_slice(b",\"tenant_id\":\"");
