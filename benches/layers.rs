@@ -99,6 +99,18 @@ async fn saturate_wall(t: &Target, calls: usize, concurrency: usize) -> f64 {
     calls as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Warms connections, caches and the token cache; with `audited`, also
+/// until the memory store holds as many audit records as it keeps, so the
+/// audited broker is measured in steady state, where old rows' memory is
+/// reused (as with PostgreSQL, where rows leave the process), not while the
+/// store grows into fresh pages the kernel must zero.
+async fn warm(t: &Target, calls: usize, concurrency: usize, audited: bool) {
+    saturate(t, calls / 10, concurrency).await;
+    if audited {
+        saturate(t, credbroker::memstore::MAX_AUDIT_ROWS, concurrency).await;
+    }
+}
+
 /// Open loop at `rate` calls per second for `calls` calls; sorted latencies.
 async fn paced(t: &Target, calls: usize, rate: f64, concurrency: usize) -> Vec<Duration> {
     let interval = Duration::from_secs_f64(concurrency as f64 / rate);
@@ -221,10 +233,7 @@ fn main() {
                 other => panic!("LAYERS_PROFILE is base, layers or audit, not {other}"),
             };
             let (m, t) = target(on, audit).await;
-            saturate(&t, calls / 10, concurrency).await;
-            if audit {
-                saturate(&t, credbroker::memstore::MAX_AUDIT_ROWS, concurrency).await;
-            }
+            warm(&t, calls, concurrency, audit).await;
             let (rate, per_call) = saturate_cpu(&t, calls * 3, concurrency).await;
             println!(
                 "{which} alone: {rate:.0} calls/s, CPU {:.1} µs/call",
@@ -236,16 +245,9 @@ fn main() {
         let (m_base, base) = target(false, false).await;
         let (m_layers, layers) = target(true, false).await;
         let (m_audit, audit) = target(false, true).await;
-        // Warm all (connections, caches, token cache).
-        for t in [&base, &layers, &audit] {
-            saturate(t, calls / 10, concurrency).await;
-        }
-        // The audited broker until its memory store holds as many records
-        // as it keeps: measured in steady state, where old rows' memory is
-        // reused (as it is with PostgreSQL, where rows leave the process),
-        // not while the store grows into fresh pages the kernel must zero.
-        if !quick {
-            saturate(&audit, credbroker::memstore::MAX_AUDIT_ROWS, concurrency).await;
+        // Warm all (the audited broker into its steady state).
+        for (t, audited) in [(&base, false), (&layers, false), (&audit, !quick)] {
+            warm(t, calls, concurrency, audited).await;
         }
         // Interleaved, best of three each: the machine's noise hits all.
         let mut best = [0f64; 3];

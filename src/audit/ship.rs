@@ -73,7 +73,7 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
     let dir = spool.dir().to_owned();
     let from = read_offset(&dir)?;
     let mut at = from;
-    let result = ship_from(spool, meta, &mut at).await;
+    let result = ship_from(spool, meta, &dir, &mut at).await;
     // The position is recorded once per pass (and when a segment is left
     // behind), not per batch, also when the pass failed part way: a crash
     // before this re-sends the pass, which adds nothing twice.
@@ -87,9 +87,9 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
 async fn ship_from(
     spool: &Spool,
     meta: &dyn MetadataStore,
+    dir: &Path,
     at: &mut (u64, u64),
 ) -> anyhow::Result<Shipped> {
-    let dir = spool.dir().to_owned();
     let mut total = Shipped::default();
     // The newest shipped (seq, hash): anchored once per pass.
     let mut last_head: Option<(u64, String)> = None;
@@ -105,7 +105,7 @@ async fn ship_from(
             // Not in memory (a restart, a gap, a batch that failed): read
             // and parse off the async workers, so a big batch does not
             // delay the calls queued behind it.
-            let dir = dir.clone();
+            let dir = dir.to_owned();
             tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<AuditRow>, u64)> {
                 let (lines, consumed) = read_lines(&dir, seg, off)?;
                 let rows = lines
@@ -120,7 +120,7 @@ async fn ship_from(
             // Nothing more here: move past a finished segment (keeping the
             // chain head first, in case no segment is left to read it from).
             if seg < current {
-                let dir = dir.clone();
+                let dir = dir.to_owned();
                 let (seq, hash) = spool.head();
                 *at = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
                     write_head(&dir, seq, &hash)?;

@@ -389,7 +389,8 @@ impl Spool {
         let body =
             std::str::from_utf8(&bytes[start..end]).map_err(|e| AuditError::Io(e.to_string()))?;
         let hash = link_hash_of(&self.chain_str, seq, &w.prev_hash, body);
-        let body = body.to_owned();
+        // The shipper's copy of the body, only while it is being kept.
+        let body = (w.fresh.len() < FRESH_MAX).then(|| body.to_owned());
         let prev_hash = std::mem::take(&mut w.prev_hash);
         // The chain fields without the formatting machinery (this runs
         // once per call, under the lock).
@@ -432,7 +433,7 @@ impl Spool {
         }
         self.broken.store(false, Ordering::Relaxed);
         let line = bytes.len() as u64;
-        if w.fresh.len() < FRESH_MAX {
+        if let Some(body) = body {
             let row = AuditRow {
                 id: record.id,
                 at: record.timestamp,
@@ -483,18 +484,14 @@ impl Spool {
                 () = cancel.cancelled() => true,
                 () = tokio::time::sleep(every) => false,
             };
-            if !self.dirty.load(Ordering::Acquire) {
-                // Nothing appended: no thread to wake.
-                if stop {
-                    return;
+            // Nothing appended: no thread to wake.
+            if self.dirty.load(Ordering::Acquire) {
+                let me = self.clone();
+                match tokio::task::spawn_blocking(move || me.sync()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!("audit spool fsync failed: {e}"),
+                    Err(e) => tracing::error!("audit spool fsync task failed: {e}"),
                 }
-                continue;
-            }
-            let me = self.clone();
-            match tokio::task::spawn_blocking(move || me.sync()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!("audit spool fsync failed: {e}"),
-                Err(e) => tracing::error!("audit spool fsync task failed: {e}"),
             }
             if stop {
                 return;
