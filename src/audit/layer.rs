@@ -235,7 +235,16 @@ where
                 duration_ms: started.elapsed().as_secs_f64() * 1e3,
                 key_hint: note.key_hint,
             };
-            if let Err(e) = sink.append(&record) {
+            // Never blocks the worker thread on another call's append: a
+            // busy spool is tried again after the worker's other tasks ran.
+            let mut scratch = Vec::new();
+            let appended = loop {
+                match sink.try_append(&record, &mut scratch) {
+                    Some(done) => break done,
+                    None => tokio::task::yield_now().await,
+                }
+            };
+            if let Err(e) = appended {
                 // Checked before the call, failed after it: the caller
                 // learns nothing it could rely on, and the log says so.
                 tracing::error!(request_id = %record.request_id, action = %record.action,

@@ -90,16 +90,34 @@ async fn ship_from(
     dir: &Path,
     at: &mut (u64, u64),
 ) -> anyhow::Result<Shipped> {
+    // Lines the spool kept in memory as it appended them.
+    let mut fresh = VecDeque::new();
+    let result = ship_batches(spool, meta, dir, at, &mut fresh).await;
+    spool.recycle(fresh.into());
+    result
+}
+
+/// [`ship_from`]'s loop, with the records taken from memory in `fresh`.
+async fn ship_batches(
+    spool: &Spool,
+    meta: &dyn MetadataStore,
+    dir: &Path,
+    at: &mut (u64, u64),
+    fresh: &mut VecDeque<Fresh>,
+) -> anyhow::Result<Shipped> {
     let mut total = Shipped::default();
     // The newest shipped (seq, hash): anchored once per pass.
     let mut last_head: Option<(u64, String)> = None;
-    // Lines the spool kept in memory as it appended them.
-    let mut fresh = VecDeque::new();
     loop {
         let (seg, off) = *at;
         let current = spool.current_segment();
-        fresh.extend(spool.take_fresh());
-        let (rows, consumed) = if let Some(run) = from_memory(&mut fresh, (seg, off)) {
+        if fresh.is_empty() {
+            // Swapped, not copied: the empty buffer goes back to the spool.
+            let empty = std::mem::take(fresh);
+            *fresh = spool.take_fresh().into();
+            spool.recycle(empty.into());
+        }
+        let (rows, consumed) = if let Some(run) = from_memory(fresh, (seg, off)) {
             run
         } else {
             // Not in memory (a restart, a gap, a batch that failed): read

@@ -13,7 +13,7 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, PoisonError,
+        Arc, Mutex, PoisonError, TryLockError,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
@@ -28,6 +28,9 @@ use crate::broker::ports::AuditRow;
 
 /// A segment is closed and a new one started beyond this size.
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+
+/// How a spool line starts: the body comes first.
+const BODY_KEY: &[u8] = b"{\"body\":";
 
 /// The first record's `prev_hash`.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -145,6 +148,8 @@ pub struct Spool {
     chain_str: String,
     max_bytes: u64,
     writer: Mutex<Writer>,
+    /// An empty buffer for [`Writer::fresh`], kept from the shipper.
+    spare: Mutex<Vec<Fresh>>,
     dirty: AtomicBool,
     /// Bytes appended and not yet shipped.
     unshipped: AtomicU64,
@@ -275,6 +280,7 @@ impl Spool {
                 prev_hash,
                 fresh: Vec::new(),
             }),
+            spare: Mutex::default(),
             dirty: AtomicBool::new(false),
             unshipped: AtomicU64::new(unshipped),
             warned: AtomicBool::new(false),
@@ -309,14 +315,29 @@ impl Spool {
 
     /// The records appended since the last call, in file order (the
     /// shipper's in-memory feed; anything it misses it reads from the file).
+    /// The spool keeps appending into the buffer last handed back with
+    /// [`Spool::recycle`], so in the steady state no append grows (and
+    /// copies) a buffer while it holds the writer's lock.
     pub fn take_fresh(&self) -> Vec<Fresh> {
-        std::mem::take(
+        let spare = std::mem::take(&mut *self.spare.lock().unwrap_or_else(PoisonError::into_inner));
+        std::mem::replace(
             &mut self
                 .writer
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .fresh,
+            spare,
         )
+    }
+
+    /// Hands a buffer from [`Spool::take_fresh`] back (what is left in it
+    /// is dropped), to be appended into again.
+    pub fn recycle(&self, mut taken: Vec<Fresh>) {
+        taken.clear();
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if taken.capacity() > spare.capacity() {
+            *spare = taken;
+        }
     }
 
     /// The bound on unshipped bytes.
@@ -351,7 +372,9 @@ impl Spool {
         }
     }
 
-    fn append_line(&self, record: &AuditRecord) -> Result<(), AuditError> {
+    /// The line's start, `{"body":` and the record's JSON, built outside
+    /// the writer's lock; refused when the spool is full.
+    fn start_line(&self, record: &AuditRecord, bytes: &mut Vec<u8>) -> Result<(), AuditError> {
         let unshipped = self.unshipped();
         if unshipped >= self.max_bytes {
             return Err(AuditError::Full(unshipped));
@@ -366,13 +389,22 @@ impl Spool {
         // The line by hand, the body first and serialized straight into it
         // (canonical JSON, embedded verbatim, exactly as `ChainedRecord`
         // reads it back); the chain fields follow once the hash is known.
-        let mut bytes = Vec::with_capacity(1024);
-        bytes.extend_from_slice(b"{\"body\":");
-        let start = bytes.len();
-        serde_json::to_writer(&mut bytes, record).map_err(|e| AuditError::Io(e.to_string()))?;
-        let end = bytes.len();
+        bytes.clear();
+        bytes.reserve(1024);
+        bytes.extend_from_slice(BODY_KEY);
+        record.write_json(bytes)
+    }
+
+    /// Chains and writes the line `start_line` began in `bytes`, under the
+    /// writer's lock.
+    fn finish_line(
+        &self,
+        w: &mut Writer,
+        record: &AuditRecord,
+        bytes: &mut Vec<u8>,
+    ) -> Result<(), AuditError> {
+        let (start, end) = (BODY_KEY.len(), bytes.len());
         let at_nanos = i64::try_from(record.timestamp.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if w.len >= SEGMENT_BYTES {
             let next = w.segment + 1;
             let file = OpenOptions::new()
@@ -422,7 +454,7 @@ impl Spool {
             None => bytes.extend_from_slice(b"}\n"),
         }
         // One write of the whole line: the OS has it when this returns.
-        if let Err(e) = w.file.write_all(&bytes) {
+        if let Err(e) = w.file.write_all(bytes) {
             // A part written (a full disk) is cut off again, so the next
             // line starts where the chain and the offsets expect it.
             let len = w.len;
@@ -502,7 +534,28 @@ impl Spool {
 
 impl AuditSink for Spool {
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        self.append_line(record)
+        let mut bytes = Vec::new();
+        self.start_line(record, &mut bytes)?;
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        self.finish_line(&mut w, record, &mut bytes)
+    }
+
+    fn try_append(
+        &self,
+        record: &AuditRecord,
+        scratch: &mut Vec<u8>,
+    ) -> Option<Result<(), AuditError>> {
+        if scratch.is_empty()
+            && let Err(e) = self.start_line(record, scratch)
+        {
+            return Some(Err(e));
+        }
+        let mut w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(self.finish_line(&mut w, record, scratch))
     }
 
     fn check(&self) -> Result<(), AuditError> {
@@ -614,6 +667,39 @@ mod tests {
             assert_eq!(r.hash, link_hash(r.chain_id, r.seq, &r.prev_hash, &r.body));
         }
         assert_eq!(super::super::chain::first_break(&all, None), None);
+    }
+
+    #[test]
+    fn a_busy_spool_is_tried_again_and_the_record_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open(dir.path(), 1 << 30).unwrap();
+        s.append(&record(0)).unwrap();
+        let (r, mut scratch) = (record(1), Vec::new());
+        {
+            // Another call's append holds the writer.
+            let _busy = s.writer.lock().unwrap();
+            assert!(s.try_append(&r, &mut scratch).is_none());
+            assert!(s.try_append(&r, &mut scratch).is_none());
+        }
+        // The body was prepared once, while waiting, and is what is written.
+        assert!(scratch.starts_with(BODY_KEY));
+        s.try_append(&r, &mut scratch).unwrap().unwrap();
+        let all = lines(dir.path());
+        assert_eq!(all.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(
+            serde_json::from_str::<AuditRecord>(&all[1].body).unwrap(),
+            r
+        );
+        assert_eq!(super::super::chain::first_break(&all, None), None);
+        // A full spool refuses on the first try, before waiting for anything.
+        let small = tempfile::tempdir().unwrap();
+        let s = Spool::open(small.path(), 10).unwrap();
+        s.append(&record(0)).unwrap();
+        let _busy = s.writer.lock().unwrap();
+        assert!(matches!(
+            s.try_append(&r, &mut Vec::new()),
+            Some(Err(AuditError::Full(_)))
+        ));
     }
 
     #[test]
