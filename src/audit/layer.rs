@@ -21,6 +21,10 @@ use uuid::Uuid;
 use super::{AuditRecord, AuditSink, trace_id};
 use crate::broker::types::{ExchangeId, TenantId};
 
+/// Tries of a busy spool before waiting on its lock (each a yield to the
+/// worker's other tasks; another append holds the lock for a few µs).
+const MAX_TRIES: u32 = 64;
+
 /// What the inner layers learned about the call.
 #[derive(Clone, Debug, Default)]
 pub struct AuditNote {
@@ -235,14 +239,22 @@ where
                 duration_ms: started.elapsed().as_secs_f64() * 1e3,
                 key_hint: note.key_hint,
             };
-            // Never blocks the worker thread on another call's append: a
-            // busy spool is tried again after the worker's other tasks ran.
+            // A busy spool is tried again after the worker's other tasks
+            // ran, instead of blocking the worker thread on another call's
+            // append (on two cores, a worker asleep on a futex is half the
+            // machine idle). Bounded: should the other append's thread be
+            // descheduled, this one waits on the lock after all.
             let mut scratch = Vec::new();
+            let mut tries = 0;
             let appended = loop {
-                match sink.try_append(&record, &mut scratch) {
-                    Some(done) => break done,
-                    None => tokio::task::yield_now().await,
+                if let Some(done) = sink.try_append(&record, &mut scratch) {
+                    break done;
                 }
+                tries += 1;
+                if tries == MAX_TRIES {
+                    break sink.append(&record);
+                }
+                tokio::task::yield_now().await;
             };
             if let Err(e) = appended {
                 // Checked before the call, failed after it: the caller
