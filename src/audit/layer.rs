@@ -274,6 +274,50 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::AuditError;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A sink that is always busy to `try_append`, and records what
+    /// `append` (the wait on the lock) gets.
+    #[derive(Default)]
+    struct Busy {
+        tries: AtomicU32,
+        appended: Mutex<Vec<AuditRecord>>,
+    }
+
+    impl AuditSink for Busy {
+        fn append(&self, record: &AuditRecord) -> Result<(), AuditError> {
+            self.appended.lock().unwrap().push(record.clone());
+            Ok(())
+        }
+
+        fn try_append(&self, _: &AuditRecord, _: &mut Vec<u8>) -> Option<Result<(), AuditError>> {
+            self.tries.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+
+    #[tokio::test]
+    async fn a_spool_that_stays_busy_is_waited_on_after_a_bounded_number_of_tries() {
+        let sink = Arc::new(Busy::default());
+        let inner = tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let mut svc = AuditLayer::new(sink.clone()).layer(inner);
+        let req = http::Request::builder()
+            .uri("/credbroker.v1.CredentialBroker/GetCredentials")
+            .body(())
+            .unwrap();
+        let resp = svc.call(req).await.unwrap();
+        assert_eq!(sink.tries.load(Ordering::Relaxed), MAX_TRIES);
+        let appended = sink.appended.lock().unwrap();
+        assert_eq!(appended.len(), 1, "recorded once, by waiting");
+        assert_eq!(appended[0].action, "GetCredentials");
+        assert_eq!(
+            resp.headers()["x-request-id"].to_str().unwrap(),
+            appended[0].request_id.to_string()
+        );
+    }
 
     #[test]
     fn names_and_kinds() {
