@@ -252,7 +252,7 @@ where
                 }
                 tries += 1;
                 if tries == MAX_TRIES {
-                    break sink.append(&record);
+                    break sink.append_prepared(&record, &mut scratch);
                 }
                 tokio::task::yield_now().await;
             };

@@ -265,6 +265,20 @@ pub trait AuditSink: Send + Sync + 'static {
         Some(self.append(record))
     }
 
+    /// [`AuditSink::append`] of a record [`AuditSink::try_append`] already
+    /// prepared in `scratch`, waiting for the append in progress.
+    ///
+    /// # Errors
+    /// As [`AuditSink::append`].
+    fn append_prepared(
+        &self,
+        record: &AuditRecord,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), AuditError> {
+        let _ = scratch;
+        self.append(record)
+    }
+
     /// Whether a record could be appended now; checked before a call runs,
     /// so a call that could not be audited changes nothing.
     ///

@@ -73,7 +73,11 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
     let dir = spool.dir().to_owned();
     let from = read_offset(&dir)?;
     let mut at = from;
-    let result = ship_from(spool, meta, &dir, &mut at).await;
+    // Lines the spool kept in memory as it appended them; their buffer
+    // goes back to the spool at the end of the pass.
+    let mut fresh = VecDeque::new();
+    let result = ship_from(spool, meta, &dir, &mut at, &mut fresh).await;
+    spool.recycle(fresh.into());
     // The position is recorded once per pass (and when a segment is left
     // behind), not per batch, also when the pass failed part way: a crash
     // before this re-sends the pass, which adds nothing twice.
@@ -83,22 +87,9 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
     result
 }
 
-/// [`ship_once`] from `at` (segment, offset), which it moves along.
+/// [`ship_once`] from `at` (segment, offset), which it moves along, with
+/// the records taken from memory in `fresh`.
 async fn ship_from(
-    spool: &Spool,
-    meta: &dyn MetadataStore,
-    dir: &Path,
-    at: &mut (u64, u64),
-) -> anyhow::Result<Shipped> {
-    // Lines the spool kept in memory as it appended them.
-    let mut fresh = VecDeque::new();
-    let result = ship_batches(spool, meta, dir, at, &mut fresh).await;
-    spool.recycle(fresh.into());
-    result
-}
-
-/// [`ship_from`]'s loop, with the records taken from memory in `fresh`.
-async fn ship_batches(
     spool: &Spool,
     meta: &dyn MetadataStore,
     dir: &Path,
@@ -113,9 +104,8 @@ async fn ship_batches(
         let current = spool.current_segment();
         if fresh.is_empty() {
             // Swapped, not copied: the empty buffer goes back to the spool.
-            let empty = std::mem::take(fresh);
+            spool.recycle(std::mem::take(fresh).into());
             *fresh = spool.take_fresh().into();
-            spool.recycle(empty.into());
         }
         let (rows, consumed) = if let Some(run) = from_memory(fresh, (seg, off)) {
             run

@@ -104,10 +104,7 @@ fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String
     h.update(prev_hash.as_bytes());
     h.update(b":");
     h.update(body.as_bytes());
-    let mut hex = [0u8; 64];
-    // 32 bytes always fit 64 hex digits, which are ASCII.
-    let _ = hex::encode_to_slice(h.finish().as_ref(), &mut hex);
-    String::from_utf8(hex.to_vec()).unwrap_or_default()
+    hex::encode(h.finish().as_ref())
 }
 
 /// Records kept in memory for the shipper at most (about 1 KiB each); past
@@ -534,10 +531,7 @@ impl Spool {
 
 impl AuditSink for Spool {
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        let mut bytes = Vec::new();
-        self.start_line(record, &mut bytes)?;
-        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        self.finish_line(&mut w, record, &mut bytes)
+        self.append_prepared(record, &mut Vec::new())
     }
 
     fn try_append(
@@ -556,6 +550,18 @@ impl AuditSink for Spool {
             Err(TryLockError::WouldBlock) => return None,
         };
         Some(self.finish_line(&mut w, record, scratch))
+    }
+
+    fn append_prepared(
+        &self,
+        record: &AuditRecord,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), AuditError> {
+        if scratch.is_empty() {
+            self.start_line(record, scratch)?;
+        }
+        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        self.finish_line(&mut w, record, scratch)
     }
 
     fn check(&self) -> Result<(), AuditError> {
