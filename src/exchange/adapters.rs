@@ -90,12 +90,11 @@ pub fn check_exchange_format(ex: ExchangeId, set: &CredentialSet) -> Result<(), 
 /// `Rejected` or `Unavailable` as the exchange answers.
 pub async fn probe(
     v: &ExchangeValidator,
-    tenant: crate::broker::types::TenantId,
     ex: ExchangeId,
     set: &CredentialSet,
 ) -> Result<Permissions, ValidationError> {
     match ex {
-        ExchangeId::Binance => binance(v, tenant, set).await,
+        ExchangeId::Binance => binance(v, set).await,
         ExchangeId::Bybit => bybit(v, set).await,
         ExchangeId::Okx => okx(v, set).await,
         ExchangeId::Coinbase => coinbase(v, set).await,
@@ -151,11 +150,7 @@ const NO_PERMISSION: &str =
 
 // ---------------------------------------------------------------- Binance
 
-async fn binance(
-    v: &ExchangeValidator,
-    tenant: crate::broker::types::TenantId,
-    set: &CredentialSet,
-) -> Result<Permissions, ValidationError> {
+async fn binance(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions, ValidationError> {
     let ex = ExchangeId::Binance;
     let mut last = Value::Null;
     for path in ["/api/v3/account", "/sapi/v1/account/apiRestrictions"] {
@@ -203,11 +198,9 @@ async fn binance(
         if !shaped {
             return Err(not_exchange(ex, "an answer of the wrong shape"));
         }
-        // The account answer already says whether the key can withdraw:
-        // refuse it before spending a second request.
-        if json["canWithdraw"].as_bool() == Some(true) && !v.policy.may_withdraw(tenant) {
-            return Err(super::withdraw_refused(ex));
-        }
+        // `/api/v3/account`'s canTrade / canWithdraw / canDeposit are the
+        // *account's* flags (true for a read-only key on an account that may
+        // withdraw); only apiRestrictions says what this key may do.
         last = json;
     }
     let b = |k: &str| last[k].as_bool().unwrap_or(false);

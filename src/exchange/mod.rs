@@ -133,7 +133,7 @@ impl WithdrawPolicy {
 }
 
 /// The refusal of a withdrawal-enabled key.
-pub(crate) fn withdraw_refused(ex: ExchangeId) -> ValidationError {
+fn withdraw_refused(ex: ExchangeId) -> ValidationError {
     ValidationError::Rejected {
         exchange: ex.as_str(),
         code: Some("withdraw_enabled".into()),
@@ -368,7 +368,7 @@ impl CredentialValidator for ExchangeValidator {
         check_format(exchange, set)?;
         adapters::check_exchange_format(exchange, set)?;
         let started = std::time::Instant::now();
-        let permissions = adapters::probe(self, tenant, exchange, set).await?;
+        let permissions = adapters::probe(self, exchange, set).await?;
         tracing::debug!(exchange = %exchange, elapsed_ms = started.elapsed().as_millis() as u64, "key validated against the exchange");
         self.apply_policy(tenant, exchange, &permissions)?;
         Ok(permissions)

@@ -238,14 +238,22 @@ async fn handle(State(sim): State<Sim>, req: Request) -> Response {
 fn answer(ex: ExchangeId, path: &str, key: &SimKey) -> Response {
     let perms = key.permissions.clone();
     let (status, body) = match (ex, path) {
+        // The account's own flags, as Binance reports them: they say what the
+        // *account* may do, whatever the key's restrictions (a read-only key
+        // on an ordinary account sees all three true).
         (ExchangeId::Binance, "/api/v3/account") => (
             200,
             json!({
-                "canTrade": perms["enableSpotAndMarginTrading"],
-                "canWithdraw": perms["enableWithdrawals"],
+                "makerCommission": 10, "takerCommission": 10,
+                "canTrade": true,
+                "canWithdraw": true,
                 "canDeposit": true,
+                "brokered": false,
+                "requireSelfTradePrevention": false,
+                "updateTime": 0,
                 "accountType": "SPOT",
-                "balances": []
+                "balances": [],
+                "permissions": ["SPOT"]
             }),
         ),
         (ExchangeId::Binance, "/sapi/v1/account/apiRestrictions") => (200, perms),

@@ -93,8 +93,9 @@ struct Node {
 /// forward writes to the active node, so any unsealed node takes them; since
 /// OpenBao 2.5 they serve reads from their own copy, which can trail a write
 /// by a replication round, so a read that a node answers "no such version"
-/// is asked of the other nodes before it is reported missing (and the
-/// broker's loader, which knows the version exists, retries it). A
+/// is reported missing only when the active node says so too (or a node
+/// shows the version's destroyed metadata); while no node can settle it,
+/// as in an election, the read is `Unavailable`, never "missing". A
 /// check-and-set write is never replayed blindly: before writing again on
 /// another node the store reads whether the first attempt landed (the
 /// version after `cas` holds exactly this set) and, if so, adopts it.
@@ -593,16 +594,18 @@ impl SecretStore for VaultSecretStore {
             Err(e) => e,
         };
         let answer = VaultAnswer::of(&e);
-        // A standby serves reads from its own copy of the data, which trails
-        // the active node by a write's replication (50–150 ms measured on
-        // loopback). The caller read this version's number from PostgreSQL,
-        // so before calling it missing ask the other nodes: the active one
-        // has it.
-        if answer == VaultAnswer::Missing
-            && let Some(s) = self.read_elsewhere(path, version).await
-        {
-            return Ok(s.into());
-        }
+        // "No such version" from a node proves nothing by itself: a standby
+        // serves reads from its own copy, which trails the write, and during
+        // an election no node is active. PostgreSQL named this version, so
+        // only the active node's not-found settles it.
+        let answer = if answer == VaultAnswer::Missing {
+            match self.confirm_missing(path, version).await? {
+                Ok(s) => return Ok(s.into()),
+                Err(confirmed) => confirmed,
+            }
+        } else {
+            answer
+        };
         if answer.is_not_found() {
             tracing::debug!(path, version, ?answer, "Vault has no such version");
             return Err(SecretStoreError::NotFound {
@@ -720,22 +723,61 @@ impl From<StoredSet> for CredentialSet {
 }
 
 impl VaultSecretStore {
-    /// `version` at `path` from a node other than the preferred one, if one
-    /// of them has it (any error counts as "not here").
-    async fn read_elsewhere(&self, path: &str, version: u64) -> Option<StoredSet> {
-        let n = self.nodes.len();
-        let answered = self.preferred.load(std::sync::atomic::Ordering::Relaxed) % n;
-        for i in (1..n).map(|i| (answered + i) % n) {
-            let c = self.nodes[i].client.load_full();
-            if let Ok(s) =
-                vaultrs::kv2::read_version::<StoredSet>(c.as_ref(), &self.mount, path, version)
-                    .await
-            {
-                tracing::debug!(path, version, node = %self.nodes[i].addr, "read a version the preferred node lacked");
-                return Some(s);
+    /// Settles a "no such version" answer: asks every node, in passes with
+    /// growing pauses for up to the failover budget. The first node that
+    /// holds the version serves it; a destroyed or deleted version's
+    /// metadata (which only a node that saw the version can show) or the
+    /// *active* node's not-found is the answer; anything else (standbys
+    /// behind the write, an election with no active node) ends
+    /// `Unavailable`, never "missing".
+    ///
+    /// # Errors
+    /// `Unavailable` when no node could settle it within the budget.
+    async fn confirm_missing(
+        &self,
+        path: &str,
+        version: u64,
+    ) -> Result<Result<StoredSet, VaultAnswer>, SecretStoreError> {
+        let started = tokio::time::Instant::now();
+        let mut pause = PASS_PAUSE;
+        loop {
+            for node in &self.nodes {
+                let c = node.client.load_full();
+                // Asked before the read: a node that was active before it
+                // answered holds every write acknowledged until then.
+                let active = matches!(
+                    vaultrs::sys::status(c.as_ref()).await,
+                    Ok(vaultrs::sys::ServerStatus::OK)
+                );
+                match vaultrs::kv2::read_version::<StoredSet>(
+                    c.as_ref(),
+                    &self.mount,
+                    path,
+                    version,
+                )
+                .await
+                {
+                    Ok(s) => return Ok(Ok(s)),
+                    Err(e) => match VaultAnswer::of(&e) {
+                        a @ (VaultAnswer::Destroyed | VaultAnswer::Deleted) => return Ok(Err(a)),
+                        VaultAnswer::Missing if active => {
+                            return Ok(Err(VaultAnswer::Missing));
+                        }
+                        a => {
+                            tracing::debug!(path, version, node = %node.addr, active, answer = ?a, "version not settled by this node");
+                        }
+                    },
+                }
             }
+            if started.elapsed() + pause > self.failover_budget {
+                return Err(SecretStoreError::Unavailable(format!(
+                    "read: no active Vault node confirmed version {version} within {} ms (a failover in progress?)",
+                    self.failover_budget.as_millis()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(PASS_PAUSE_MAX);
         }
-        None
     }
 }
 

@@ -729,11 +729,9 @@ async fn base_url_paths_are_kept_and_bad_base_urls_refused() {
 }
 
 /// Per-tenant required permissions: a read-only key is refused where
-/// trading is required, naming the missing permission; a withdrawal key on
-/// Binance is refused after the first request (the account answer already
-/// shows it), before a second one is spent.
+/// trading is required, naming the missing permission.
 #[tokio::test]
-async fn required_permissions_and_early_withdraw_refusal() {
+async fn required_permissions_are_enforced_per_tenant() {
     let sims = Simulators::start().await.unwrap();
     let trading: TenantId = new_tenant().parse().unwrap();
     let other: TenantId = new_tenant().parse().unwrap();
@@ -778,22 +776,81 @@ async fn required_permissions_and_early_withdraw_refusal() {
         v.validate(other, ExchangeId::Coinbase, &set).await.is_ok(),
         "read is enough elsewhere"
     );
+}
 
-    // One request a minute for Binance: a second request would be refused
-    // by the budget (UNAVAILABLE), so a withdraw refusal proves it was not made.
-    let one = ExchangeValidator::new(
-        &sims.endpoints(1000, 1),
+/// Binance's `/api/v3/account` reports the *account's* flags: `canWithdraw`
+/// is true for a read-only key on any account that may withdraw. Only
+/// `/sapi/v1/account/apiRestrictions` says what the key itself may do.
+#[tokio::test]
+async fn binance_keys_are_judged_by_their_restrictions_not_the_accounts_flags() {
+    let sims = Simulators::start().await.unwrap();
+    let v = ExchangeValidator::new(
+        &endpoints(&sims),
         WithdrawPolicy::default(),
         Arc::new(credbroker::clock::SystemClock),
     )
     .unwrap();
-    let (key, secret, _) = register(&sims, ExchangeId::Binance, "withdraw", true);
-    let set = CredentialSet {
+    let tenant: TenantId = new_tenant().parse().unwrap();
+    let restrict = |key: &str, trade: bool, withdraw: bool| {
+        sims.update_key(ExchangeId::Binance, key, |k| {
+            k.permissions["enableSpotAndMarginTrading"] = serde_json::json!(trade);
+            k.permissions["enableWithdrawals"] = serde_json::json!(withdraw);
+        });
+    };
+    let set = |key: String, secret: String| CredentialSet {
         api_key: key,
         api_secret: SecretString::from(secret),
         passphrase: None,
     };
-    match one.validate(other, ExchangeId::Binance, &set).await {
+
+    // The premise, asked of the simulator the way a client would: the
+    // account's flags are all true whatever the key may do.
+    let (ro_key, ro_secret, _) = register(&sims, ExchangeId::Binance, "readonly", false);
+    restrict(&ro_key, false, false);
+    let query = format!(
+        "timestamp={}&recvWindow=5000",
+        time::OffsetDateTime::now_utc().unix_timestamp() * 1000
+    );
+    let sig = credbroker::exchange::signing::binance(&ro_secret, &query, "");
+    let account: serde_json::Value = reqwest::Client::new()
+        .get(format!(
+            "{}/api/v3/account?{query}&signature={sig}",
+            sims.urls[&ExchangeId::Binance]
+        ))
+        .header("X-MBX-APIKEY", &ro_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for flag in ["canTrade", "canWithdraw", "canDeposit"] {
+        assert_eq!(account[flag], serde_json::json!(true), "{flag}: {account}");
+    }
+
+    // A read-only key on that account is accepted, and reported read-only.
+    let p = v
+        .validate(tenant, ExchangeId::Binance, &set(ro_key, ro_secret))
+        .await
+        .expect("a read-only key is accepted");
+    assert!(p.read && !p.trade && !p.withdraw, "{p:?}");
+
+    // A trade-only key is accepted, and reported able to trade.
+    let (tr_key, tr_secret, _) = register(&sims, ExchangeId::Binance, "tradeonly", false);
+    restrict(&tr_key, true, false);
+    let p = v
+        .validate(tenant, ExchangeId::Binance, &set(tr_key, tr_secret))
+        .await
+        .expect("a trade-only key is accepted");
+    assert!(p.read && p.trade && !p.withdraw, "{p:?}");
+
+    // A key whose own restrictions enable withdrawals is still refused.
+    let (wd_key, wd_secret, _) = register(&sims, ExchangeId::Binance, "withdrawer", false);
+    restrict(&wd_key, true, true);
+    match v
+        .validate(tenant, ExchangeId::Binance, &set(wd_key, wd_secret))
+        .await
+    {
         Err(ValidationError::Rejected { code, .. }) => {
             assert_eq!(code.as_deref(), Some("withdraw_enabled"))
         }
