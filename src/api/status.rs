@@ -108,9 +108,16 @@ impl From<BrokerError> for Status {
             BrokerError::AlreadyExists { .. } => Status::already_exists(msg),
             BrokerError::Conflict => Status::aborted(msg),
             BrokerError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            BrokerError::Unavailable { .. }
-            | BrokerError::ShuttingDown { .. }
-            | BrokerError::StreamAged { .. } => Status::unavailable(msg),
+            // A backend that cannot answer now (an election, a restart):
+            // the caller retries, and RetryInfo says how soon.
+            BrokerError::Unavailable { .. } => Status::with_error_details(
+                Code::Unavailable,
+                msg,
+                ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
+            ),
+            BrokerError::ShuttingDown { .. } | BrokerError::StreamAged { .. } => {
+                Status::unavailable(msg)
+            }
             BrokerError::ResumeTooOld { .. } | BrokerError::ResumeAhead { .. } => {
                 Status::out_of_range(msg)
             }

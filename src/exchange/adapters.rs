@@ -150,7 +150,10 @@ const NO_PERMISSION: &str =
 
 // ---------------------------------------------------------------- Binance
 
-async fn binance(v: &ExchangeValidator, set: &CredentialSet) -> Result<Permissions, ValidationError> {
+async fn binance(
+    v: &ExchangeValidator,
+    set: &CredentialSet,
+) -> Result<Permissions, ValidationError> {
     let ex = ExchangeId::Binance;
     let mut last = Value::Null;
     for path in ["/api/v3/account", "/sapi/v1/account/apiRestrictions"] {
@@ -597,15 +600,20 @@ async fn kraken(
                     })
                 })
                 .ok_or_else(|| not_exchange(ex, "an error that is not Kraken's"))?;
+            // The code the client sees is ours (Kraken's documented error
+            // names, from this table): Kraken's text, which may quote the
+            // request, never leaves the broker.
             return Err(match err {
-                "EAPI:Invalid key" => rejected(ex, err, BAD_KEY),
-                "EAPI:Invalid signature" => rejected(ex, err, BAD_SECRET),
+                "EAPI:Invalid key" => rejected(ex, "EAPI:Invalid key", BAD_KEY),
+                "EAPI:Invalid signature" => rejected(ex, "EAPI:Invalid signature", BAD_SECRET),
                 "EAPI:Invalid nonce" => rejected(
                     ex,
-                    err,
+                    "EAPI:Invalid nonce",
                     "nonce refused: another client uses this key with larger nonces, or the clock is off; give the broker its own key",
                 ),
-                "EGeneral:Permission denied" => rejected(ex, err, NO_PERMISSION),
+                "EGeneral:Permission denied" => {
+                    rejected(ex, "EGeneral:Permission denied", NO_PERMISSION)
+                }
                 "EAPI:Rate limit exceeded"
                 | "EGeneral:Temporary lockout"
                 | "EService:Unavailable"
@@ -613,8 +621,8 @@ async fn kraken(
                     ex,
                     "Kraken is rate limiting or unavailable; retry in a minute",
                 ),
-                e if e.contains("IP") => rejected(ex, err, IP),
-                _ => rejected(ex, err, "Kraken refused the key"),
+                e if e.contains("IP") => rejected(ex, "ip_not_allowed", IP),
+                _ => rejected(ex, "unrecognised_refusal", "Kraken refused the key"),
             });
         }
         if !json["result"].is_object() {

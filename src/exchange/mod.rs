@@ -296,11 +296,14 @@ impl ExchangeValidator {
             },
         })?;
         let status = resp.status().as_u16();
-        let retry_after = resp
+        // Our own number, never the header's text: delta-seconds, bounded
+        // (an HTTP date or anything else reads as a minute).
+        let retry_after_secs = resp
             .headers()
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(60, |s| s.clamp(1, 3600));
         let body = resp
             .text()
             .await
@@ -312,8 +315,7 @@ impl ExchangeValidator {
             return Err(ValidationError::Unavailable {
                 exchange: ex.as_str(),
                 reason: format!(
-                    "rate limited by the exchange (HTTP {status}); retry after {}",
-                    retry_after.map_or_else(|| "a minute".to_owned(), |s| format!("{s} s"))
+                    "rate limited by the exchange (HTTP {status}); retry in {retry_after_secs} s"
                 ),
             });
         }

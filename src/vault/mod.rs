@@ -741,14 +741,14 @@ impl VaultSecretStore {
         let started = tokio::time::Instant::now();
         let mut pause = PASS_PAUSE;
         loop {
+            // Any node holding the version serves it; absence counts only
+            // once no node had it.
+            let mut settled = None;
             for node in &self.nodes {
                 let c = node.client.load_full();
                 // Asked before the read: a node that was active before it
                 // answered holds every write acknowledged until then.
-                let active = matches!(
-                    vaultrs::sys::status(c.as_ref()).await,
-                    Ok(vaultrs::sys::ServerStatus::OK)
-                );
+                let active = is_active(&c).await;
                 match vaultrs::kv2::read_version::<StoredSet>(
                     c.as_ref(),
                     &self.mount,
@@ -759,15 +759,18 @@ impl VaultSecretStore {
                 {
                     Ok(s) => return Ok(Ok(s)),
                     Err(e) => match VaultAnswer::of(&e) {
-                        a @ (VaultAnswer::Destroyed | VaultAnswer::Deleted) => return Ok(Err(a)),
+                        a @ (VaultAnswer::Destroyed | VaultAnswer::Deleted) => settled = Some(a),
                         VaultAnswer::Missing if active => {
-                            return Ok(Err(VaultAnswer::Missing));
+                            settled = settled.or(Some(VaultAnswer::Missing));
                         }
                         a => {
                             tracing::debug!(path, version, node = %node.addr, active, answer = ?a, "version not settled by this node");
                         }
                     },
                 }
+            }
+            if let Some(a) = settled {
+                return Ok(Err(a));
             }
             if started.elapsed() + pause > self.failover_budget {
                 return Err(SecretStoreError::Unavailable(format!(
@@ -779,6 +782,40 @@ impl VaultSecretStore {
             pause = (pause * 2).min(PASS_PAUSE_MAX);
         }
     }
+}
+
+/// `GET /v1/sys/leader` (vaultrs has no call for it; its `sys::status`
+/// cannot read OpenBao's health answer).
+struct LeaderRequest;
+
+#[derive(Deserialize)]
+struct LeaderResponse {
+    ha_enabled: bool,
+    /// Absent when HA is off.
+    #[serde(default)]
+    is_self: bool,
+}
+
+#[async_trait]
+impl rustify::Endpoint for LeaderRequest {
+    type Response = LeaderResponse;
+    const REQUEST_BODY_TYPE: rustify::enums::RequestType = rustify::enums::RequestType::JSON;
+    const RESPONSE_BODY_TYPE: rustify::enums::ResponseType = rustify::enums::ResponseType::JSON;
+
+    fn path(&self) -> String {
+        "sys/leader".into()
+    }
+
+    fn method(&self) -> rustify::enums::RequestMethod {
+        rustify::enums::RequestMethod::GET
+    }
+}
+
+/// Whether the node is the cluster's active node (or alone: no HA).
+async fn is_active(c: &VaultClient) -> bool {
+    vaultrs::api::exec_with_no_result(c, LeaderRequest)
+        .await
+        .is_ok_and(|l| l.is_self || !l.ha_enabled)
 }
 
 /// The latest version at `path` on one node.

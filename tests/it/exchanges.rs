@@ -857,3 +857,69 @@ async fn binance_keys_are_judged_by_their_restrictions_not_the_accounts_flags() 
         other => panic!("{other:?}"),
     }
 }
+
+/// Nothing of the exchange's text reaches the client: Kraken's error string
+/// is mapped to our own code, and a `Retry-After` header becomes our own
+/// bounded number of seconds, whatever the header says.
+#[tokio::test]
+async fn the_exchanges_text_never_reaches_the_client() {
+    let sims = Simulators::start().await.unwrap();
+    let tenant: TenantId = new_tenant().parse().unwrap();
+    let (key, secret, _) = register(&sims, ExchangeId::Kraken, "texts", false);
+    let set = CredentialSet {
+        api_key: key,
+        api_secret: SecretString::from(secret),
+        passphrase: None,
+    };
+    let validator = |base: &str, ex: ExchangeId| {
+        let mut endpoints = endpoints(&sims);
+        let ep = endpoints.get_mut(&ex).unwrap();
+        ep.base_url = base.to_owned();
+        ExchangeValidator::new(
+            &endpoints,
+            WithdrawPolicy::default(),
+            Arc::new(credbroker::clock::SystemClock),
+        )
+        .unwrap()
+    };
+    // A Kraken-shaped refusal whose text quotes something of the request.
+    const KRAKEN: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 54\r\nconnection: close\r\n\r\n{\"error\":[\"EGeneral:Invalid arguments:ECHOED-TEXT-1\"]}";
+    let (base, _) = impostor(KRAKEN).await;
+    match validator(&base, ExchangeId::Kraken)
+        .validate(tenant, ExchangeId::Kraken, &set)
+        .await
+    {
+        Err(e @ ValidationError::Rejected { .. }) => {
+            let ValidationError::Rejected { code, .. } = &e else {
+                unreachable!()
+            };
+            assert_eq!(code.as_deref(), Some("unrecognised_refusal"));
+            assert!(!format!("{e}").contains("ECHOED"), "{e}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A rate limit whose Retry-After is not a number, then one that is.
+    for (header, expect) in [
+        ("soon ECHOED-TEXT-2", "retry in 60 s"),
+        ("7", "retry in 7 s"),
+    ] {
+        let response: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 429 Too Many Requests\r\nretry-after: {header}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            )
+            .into_boxed_str(),
+        );
+        let (base, _) = impostor(response).await;
+        match validator(&base, ExchangeId::Kraken)
+            .validate(tenant, ExchangeId::Kraken, &set)
+            .await
+        {
+            Err(e @ ValidationError::Unavailable { .. }) => {
+                let text = e.to_string();
+                assert!(text.contains(expect), "{text}");
+                assert!(!text.contains("ECHOED"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

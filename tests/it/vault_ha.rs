@@ -432,3 +432,88 @@ async fn killing_the_vault_leader_fails_no_read_and_writes_recover_within_second
         .await
         .unwrap();
 }
+
+/// A node's "no such version" is proof only from the active node. With two
+/// of three nodes gone the survivor is a standby with no leader to elect:
+/// whatever it answers for a version PostgreSQL names (here, one Vault never
+/// had, as a standby behind the write would answer), the store says
+/// UNAVAILABLE, never "missing". Once a leader is back, the active node's
+/// not-found is the answer again.
+#[tokio::test]
+async fn only_the_active_vault_node_can_call_a_version_missing() {
+    use credbroker::{
+        broker::{error::SecretStoreError, ports::SecretStore, types::CredentialSet},
+        config::VaultConfig,
+        vault::VaultSecretStore,
+    };
+    use secrecy::SecretString;
+
+    let mut cluster = Cluster::start().await;
+    let leader = cluster.leader().await;
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    let third = (0..3).find(|i| *i != leader && *i != survivor).unwrap();
+    let cfg = |addr: String, nodes: Vec<String>| VaultConfig {
+        addr,
+        nodes,
+        failover_budget_ms: 1500,
+        mount: "secret".into(),
+        prefix: "tenants".into(),
+        timeout_ms: 2000,
+        ca_cert: None,
+        namespace: None,
+        auth: VaultAuthConfig::Token {
+            token: cluster.token.clone().into(),
+        },
+    };
+    let all = VaultSecretStore::connect(&cfg(
+        cluster.url(leader, ""),
+        vec![cluster.url(survivor, ""), cluster.url(third, "")],
+    ))
+    .await
+    .unwrap();
+    let path = "ha-confirm/credentials";
+    let set = CredentialSet {
+        api_key: "k".into(),
+        api_secret: SecretString::from("s".to_owned()),
+        passphrase: None,
+    };
+    assert_eq!(all.write(path, &set, 0).await.unwrap(), 1);
+    // The survivor has replicated version 1 before the cut.
+    let on_survivor = VaultSecretStore::connect(&cfg(cluster.url(survivor, ""), vec![]))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_survivor.read(path, 1).await.is_err() {
+        assert!(Instant::now() < deadline, "the standby never saw version 1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    cluster.kill(leader);
+    cluster.kill(third);
+    // No quorum: no node is active. Ask for a version no node holds.
+    for _ in 0..3 {
+        match on_survivor.read(path, 2).await {
+            Err(SecretStoreError::Unavailable(why)) => {
+                assert!(why.contains("no active Vault node"), "{why}")
+            }
+            other => panic!(
+                "a standby's not-found taken as proof: {:?}",
+                other.map(|_| ())
+            ),
+        }
+    }
+
+    // A leader again: the active node (whichever it is) settles it.
+    cluster.spawn(third);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match all.read(path, 2).await {
+            Err(SecretStoreError::NotFound { version: 2, .. }) => break,
+            Err(SecretStoreError::Unavailable(_)) => {}
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(Instant::now() < deadline, "no leader elected again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(all.read(path, 1).await.is_ok());
+}
