@@ -334,7 +334,6 @@ pub async fn start(
                 path_prefix: s.path_prefix,
                 default_overlap: secs(s.rotation.default_overlap_secs),
                 max_overlap: secs(s.rotation.max_overlap_secs),
-                publish_on_commit: matches!(backends.events, EventSource::Local),
                 expiry_warning: time::Duration::days(i64::from(s.checks.expiry_warning_days)),
             },
         )
@@ -531,6 +530,7 @@ pub async fn start(
         audience: s.auth.audience.clone(),
         issuer: s.auth.issuer.clone(),
         leeway: Duration::from_secs(s.auth.leeway_secs),
+        max_lifetime: Duration::from_secs(s.auth.max_token_lifetime_secs),
     })
     .map_err(anyhow::Error::msg)?;
     let mode = s.auth.mode();

@@ -184,6 +184,10 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// Tolerated clock skew on `exp` / `nbf`.
     pub leeway_secs: u64,
+    /// Longest lifetime a token may claim (`exp` from now, and `exp - iat`
+    /// when it has `iat`): a leaked long-lived token is refused rather than
+    /// trusted for years. Default 4 hours.
+    pub max_token_lifetime_secs: u64,
     /// Role of a workload certificate that sends no token.
     pub workload_role: crate::auth::Role,
     /// Networks each tenant's callers must come from (unset: anywhere).
@@ -199,6 +203,7 @@ impl Default for AuthConfig {
             audience: None,
             issuer: None,
             leeway_secs: 30,
+            max_token_lifetime_secs: 4 * 3600,
             workload_role: crate::auth::Role::Trader,
             tenant_networks: std::collections::BTreeMap::new(),
         }

@@ -334,10 +334,33 @@ pub const MAX_AUDIT_ROWS: usize = 100_000;
 #[derive(Default)]
 pub struct MemoryMetadataStore {
     state: Mutex<MetaState>,
+    /// Set for tests that share one store between brokers standing in for
+    /// replicas and deliver events by hand, as a listener would.
+    by_listener: bool,
+}
+
+impl MemoryMetadataStore {
+    /// A store shared by several brokers standing in for replicas: none
+    /// publishes on commit; events are delivered as a listener would
+    /// (`Broker::deliver`).
+    pub fn shared_by_replicas() -> Self {
+        Self {
+            by_listener: true,
+            ..Self::default()
+        }
+    }
 }
 
 #[async_trait]
 impl MetadataStore for MemoryMetadataStore {
+    fn event_delivery(&self) -> crate::broker::ports::EventDelivery {
+        if self.by_listener {
+            crate::broker::ports::EventDelivery::Listener
+        } else {
+            crate::broker::ports::EventDelivery::OnCommit
+        }
+    }
+
     async fn get(
         &self,
         tenant: TenantId,

@@ -95,10 +95,19 @@ pub fn write_credentials(dir: &Path, c: &Credentials) -> std::io::Result<PathBuf
     let target = file_for(dir, c.exchange);
     let tmp = dir.join(format!(".{}.json.tmp", c.exchange));
     let result = (|| {
+        // A temporary file left behind (a crash, or planted by someone who
+        // can write the directory) is never reused: it may be readable by
+        // others or owned by another user, and an open would keep its mode
+        // and owner. Remove it, then create ours exclusively (O_EXCL, no
+        // symlink followed) with the mode set at creation.
+        match std::fs::remove_file(&tmp) {
+            Ok(()) => tracing::warn!(file = %tmp.display(), "removed a stale temporary file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(&json)?;
@@ -190,4 +199,67 @@ async fn run_hook(cfg: &AgentConfig, exchange: ExchangeId, version: u64, path: &
 /// On I/O or JSON failure.
 pub fn read_file(path: &Path) -> anyhow::Result<serde_json::Value> {
     Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+
+    use secrecy::SecretString;
+
+    use super::*;
+    use crate::broker::types::CredentialSet;
+
+    fn creds() -> Credentials {
+        Credentials {
+            exchange: ExchangeId::Binance,
+            version: 3,
+            current: CredentialSet {
+                api_key: "agentKey0001".into(),
+                api_secret: SecretString::from("agentSecret01".to_owned()),
+                passphrase: None,
+            },
+            previous: None,
+        }
+    }
+
+    /// A stale temporary file, world-readable (and, when the test can
+    /// arrange it, another user's), under a umask that would let a new file
+    /// be world-readable: the keys still land in a file of mode 0600 owned
+    /// by the agent, and the stale file's contents are gone.
+    #[test]
+    fn a_stale_temporary_file_is_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".binance.json.tmp");
+        std::fs::write(&stale, "stale contents that must not survive").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let me = rustix::process::geteuid();
+        if me.is_root() {
+            rustix::fs::chown(&stale, Some(rustix::process::Uid::from_raw(65534)), None).unwrap();
+        }
+        let old = rustix::process::umask(rustix::fs::Mode::empty());
+        let written = write_credentials(dir.path(), &creds());
+        rustix::process::umask(old);
+        let target = written.unwrap();
+        let meta = std::fs::metadata(&target).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "mode {:o}", meta.mode());
+        assert_eq!(meta.uid(), me.as_raw(), "owned by the agent");
+        let text = std::fs::read_to_string(&target).unwrap();
+        assert!(
+            text.contains("agentKey0001") && !text.contains("stale"),
+            "{text}"
+        );
+        assert!(!stale.exists(), "no temporary file left");
+    }
+
+    /// A symlink planted at the temporary name is not followed.
+    #[test]
+    fn a_planted_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::write(&elsewhere, "untouched").unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(".binance.json.tmp")).unwrap();
+        write_credentials(dir.path(), &creds()).unwrap();
+        assert_eq!(std::fs::read_to_string(&elsewhere).unwrap(), "untouched");
+    }
 }

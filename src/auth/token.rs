@@ -43,6 +43,8 @@ struct RawClaims {
     tenant_id: Option<String>,
     role: String,
     exp: i64,
+    #[serde(default)]
+    iat: Option<i64>,
 }
 
 /// How tokens are checked.
@@ -58,6 +60,8 @@ pub struct TokenSettings {
     pub issuer: Option<String>,
     /// Clock skew tolerated on `exp` and `nbf`.
     pub leeway: Duration,
+    /// Longest lifetime a token may claim.
+    pub max_lifetime: Duration,
 }
 
 /// A JWKS file, re-read at most once a second when its modification time
@@ -131,6 +135,7 @@ pub struct TokenVerifier {
     audience: Option<String>,
     issuer: Option<String>,
     leeway: Duration,
+    max_lifetime: i64,
     hasher: std::hash::RandomState,
     verified: Cache<u64, Arc<Verified>>,
 }
@@ -150,6 +155,7 @@ impl TokenVerifier {
             audience: s.audience.clone(),
             issuer: s.issuer.clone(),
             leeway: s.leeway,
+            max_lifetime: i64::try_from(s.max_lifetime.as_secs()).unwrap_or(i64::MAX),
             hasher: std::hash::RandomState::new(),
             verified: Cache::new(16_384),
         })
@@ -178,7 +184,7 @@ impl TokenVerifier {
             }
             self.verified.remove(&key);
         }
-        let claims = Arc::new(self.verify_uncached(token)?);
+        let claims = Arc::new(self.verify_uncached(token, now)?);
         // `now` is authoritative (jsonwebtoken checked against the wall clock).
         if now > claims.expires_at + leeway {
             return Err(AuthError::BadToken("expired".into()));
@@ -193,7 +199,7 @@ impl TokenVerifier {
         Ok(claims)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<TokenClaims, AuthError> {
+    fn verify_uncached(&self, token: &str, now: i64) -> Result<TokenClaims, AuthError> {
         let bad = |why: &str| AuthError::BadToken(why.to_owned());
         let header = decode_header(token).map_err(|_| bad("malformed (not a JWT)"))?;
         let key = match header.alg {
@@ -253,6 +259,16 @@ impl TokenVerifier {
                 })
             })?
             .claims;
+        // A token that claims to live longer than the cap is refused, not
+        // trimmed: whoever minted it should mint shorter ones.
+        let leeway = i64::try_from(self.leeway.as_secs()).unwrap_or(0);
+        let lifetime = (raw.exp - now - leeway).max(raw.iat.map_or(0, |iat| raw.exp - iat));
+        if lifetime > self.max_lifetime {
+            return Err(AuthError::BadToken(format!(
+                "lives longer than the {} s this broker accepts (auth.max_token_lifetime_secs); issue shorter-lived tokens",
+                self.max_lifetime
+            )));
+        }
         let role = Role::parse(&raw.role)
             .ok_or_else(|| bad("role must be admin, trader, viewer or operator"))?;
         let tenant = raw
@@ -311,6 +327,7 @@ mod tests {
             audience: Some("credbroker".into()),
             issuer: None,
             leeway: Duration::from_secs(5),
+            max_lifetime: Duration::from_secs(4 * 3600),
         })
         .unwrap()
     }
@@ -321,6 +338,9 @@ mod tests {
         let good =
             json!({"sub":"alice","tenant_id":T,"role":"admin","exp":now()+60,"aud":"credbroker"});
         let c = v.verify(&hs(&good), now()).unwrap();
+        // Exactly at the cap is accepted.
+        let at_cap = json!({"sub":"b","tenant_id":T,"role":"viewer","iat":now(),"exp":now()+4*3600,"aud":"credbroker"});
+        assert!(v.verify(&hs(&at_cap), now()).is_ok());
         assert_eq!((c.role, c.tenant), (Role::Admin, Some(T.parse().unwrap())));
         let cases = [
             (
@@ -350,6 +370,16 @@ mod tests {
             (
                 json!({"tenant_id":T,"role":"admin","exp":now()+60,"aud":"credbroker"}),
                 "missing or malformed",
+            ),
+            // Valid for ten years: refused, however well signed.
+            (
+                json!({"sub":"a","tenant_id":T,"role":"admin","exp":now()+10*365*86400,"aud":"credbroker"}),
+                "lives longer than the 14400 s",
+            ),
+            // Issued long ago for a long life, though little of it is left.
+            (
+                json!({"sub":"a","tenant_id":T,"role":"admin","iat":now()-30*86400,"exp":now()+60,"aud":"credbroker"}),
+                "lives longer",
             ),
         ];
         for (claims, want) in cases {
@@ -405,6 +435,7 @@ mod tests {
             audience: None,
             issuer: Some("https://idp.test".into()),
             leeway: Duration::from_secs(5),
+            max_lifetime: Duration::from_secs(4 * 3600),
         })
         .unwrap();
         let sign = |kid: &str, key: &rcgen::KeyPair, iss: &str| {

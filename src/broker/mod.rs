@@ -44,10 +44,6 @@ pub struct BrokerSettings {
     pub default_overlap: Duration,
     /// Longest overlap a Rotate may ask for.
     pub max_overlap: Duration,
-    /// Publish committed events to the hub directly (single-process stores).
-    /// With PostgreSQL this is off: the event listener publishes every event,
-    /// from every replica, in `seq` order.
-    pub publish_on_commit: bool,
     /// An expiry the exchange reports closer than this is reported by a
     /// health check.
     pub expiry_warning: Duration,
@@ -59,7 +55,6 @@ impl Default for BrokerSettings {
             path_prefix: "tenants".into(),
             default_overlap: Duration::hours(1),
             max_overlap: Duration::days(7),
-            publish_on_commit: true,
             expiry_warning: Duration::days(7),
         }
     }
@@ -406,7 +401,7 @@ impl Broker {
     /// (our next read is fresh), and the event is published here unless the
     /// event listener does it.
     pub fn apply_event(&self, event: CredentialEvent) {
-        if self.settings.publish_on_commit {
+        if self.meta.event_delivery() == ports::EventDelivery::OnCommit {
             self.deliver(event);
         } else {
             self.cache.apply(&event);

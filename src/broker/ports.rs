@@ -210,10 +210,25 @@ pub struct Notice {
     pub at: OffsetDateTime,
 }
 
+/// Who hands a committed event to the replica's cache and hub.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventDelivery {
+    /// The committing broker itself, at once (one process owns the store).
+    OnCommit,
+    /// A listener on the store, for every replica and in `seq` order; the
+    /// committer must not publish too, or subscribers see it twice.
+    Listener,
+}
+
 /// Metadata and event storage (PostgreSQL semantics: every write is one
 /// transaction that also appends its event).
 #[async_trait]
 pub trait MetadataStore: Send + Sync + 'static {
+    /// How this store's committed events reach the hub. The store decides,
+    /// not a setting, so a store with a listener can never be paired with
+    /// publishing on commit.
+    fn event_delivery(&self) -> EventDelivery;
+
     /// One record.
     ///
     /// # Errors

@@ -653,6 +653,10 @@ async fn select_all(
 
 #[async_trait]
 impl MetadataStore for PgMetadataStore {
+    fn event_delivery(&self) -> crate::broker::ports::EventDelivery {
+        crate::broker::ports::EventDelivery::Listener
+    }
+
     async fn get(
         &self,
         tenant: TenantId,

@@ -45,11 +45,7 @@ fn set(n: u32) -> CredentialSet {
     }
 }
 
-fn mem_broker(
-    secrets: Arc<dyn SecretStore>,
-    meta: Arc<dyn MetadataStore>,
-    publish_on_commit: bool,
-) -> Broker {
+fn mem_broker(secrets: Arc<dyn SecretStore>, meta: Arc<dyn MetadataStore>) -> Broker {
     Broker::new(
         secrets,
         meta,
@@ -57,10 +53,7 @@ fn mem_broker(
         CredentialCache::new(64, time::Duration::minutes(5), time::Duration::hours(1)),
         Hub::new(64),
         Arc::new(SystemClock),
-        BrokerSettings {
-            publish_on_commit,
-            ..BrokerSettings::default()
-        },
+        BrokerSettings::default(),
     )
 }
 
@@ -75,12 +68,18 @@ struct Pair {
 }
 
 impl Pair {
-    async fn new(publish_on_commit: bool) -> Pair {
-        let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
+    /// `replicas`: the two brokers stand for two replicas (events reach
+    /// `b` only as the listener would deliver them); else one process.
+    async fn new(replicas: bool) -> Pair {
+        let meta: Arc<dyn MetadataStore> = Arc::new(if replicas {
+            MemoryMetadataStore::shared_by_replicas()
+        } else {
+            MemoryMetadataStore::default()
+        });
         let inner: Arc<dyn SecretStore> = Arc::new(MemorySecretStore::default());
         let probe = ProbeSecrets::new(inner.clone());
-        let a = mem_broker(inner, meta.clone(), publish_on_commit);
-        let b = Arc::new(mem_broker(probe.clone(), meta.clone(), publish_on_commit));
+        let a = mem_broker(inner, meta.clone());
+        let b = Arc::new(mem_broker(probe.clone(), meta.clone()));
         let tenant = TenantId::new(uuid::Uuid::new_v4());
         a.validate_and_store(
             &RequestContext::system("test"),
@@ -154,7 +153,7 @@ impl Pair {
 /// rotation and must not be cached.
 #[tokio::test]
 async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
-    let p = Pair::new(true).await;
+    let p = Pair::new(false).await;
     let (release, early) = p.held_get().await;
     Pair::rotate_to_v2(&p.b, p.tenant, None).await;
     release.send(()).unwrap();
@@ -179,7 +178,7 @@ async fn a_load_that_raced_a_rotation_is_not_cached_in_memory() {
 /// floor keeps the held load out of the cache.
 #[tokio::test]
 async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
-    let p = Pair::new(false).await;
+    let p = Pair::new(true).await;
     let (release, early) = p.held_get().await;
     Pair::rotate_to_v2(&p.a, p.tenant, None).await;
     p.b.deliver(p.last_event().await);
@@ -194,7 +193,7 @@ async fn a_load_older_than_a_delivered_event_is_not_cached_in_memory() {
 /// reads the row again rather than fail.
 #[tokio::test]
 async fn a_caller_after_an_event_starts_its_own_load_in_memory() {
-    let p = Pair::new(false).await;
+    let p = Pair::new(true).await;
     let (release, early) = p.held_get().await;
     Pair::rotate_to_v2(&p.a, p.tenant, Some(time::Duration::ZERO)).await;
     let event = p.last_event().await;
@@ -216,6 +215,12 @@ async fn a_caller_after_an_event_starts_its_own_load_in_memory() {
 async fn a_load_that_raced_a_rotation_is_not_cached_on_real_stores() {
     let env = Env::start().await;
     let mut backends = app::real_backends(&env.config).await.unwrap();
+    // PostgreSQL's events reach every replica through its listener: no
+    // broker on it may publish on commit too (which would deliver twice).
+    assert_eq!(
+        backends.meta.event_delivery(),
+        credbroker::broker::ports::EventDelivery::Listener
+    );
     let probe = ProbeSecrets::new(backends.secrets.clone());
     backends.secrets = probe.clone();
     let b = env.replica_with(backends, None).await;
@@ -707,11 +712,7 @@ async fn bursts_of_rotations_leave_no_reader_behind() {
 #[tokio::test]
 async fn a_missing_credential_is_not_found_for_every_waiter() {
     let meta: Arc<dyn MetadataStore> = Arc::new(MemoryMetadataStore::default());
-    let b = Arc::new(mem_broker(
-        Arc::new(MemorySecretStore::default()),
-        meta,
-        true,
-    ));
+    let b = Arc::new(mem_broker(Arc::new(MemorySecretStore::default()), meta));
     let tenant = TenantId::new(uuid::Uuid::new_v4());
     let mut tasks = Vec::new();
     for _ in 0..20 {

@@ -125,6 +125,10 @@ impl ProbeMeta {
 
 #[async_trait]
 impl MetadataStore for ProbeMeta {
+    fn event_delivery(&self) -> credbroker::broker::ports::EventDelivery {
+        self.inner.event_delivery()
+    }
+
     async fn get(
         &self,
         t: TenantId,
