@@ -59,7 +59,13 @@ pub enum EventSource {
     Local,
     /// PostgreSQL LISTEN/NOTIFY plus the events table, so every replica
     /// sees every replica's events.
-    Postgres(Box<tokio_postgres::Config>),
+    Postgres {
+        /// The listener's own connection.
+        config: Box<tokio_postgres::Config>,
+        /// Migrations still to run, when PostgreSQL did not answer at
+        /// start-up: run before the listener starts.
+        migrate: Option<deadpool_postgres::Pool>,
+    },
 }
 
 /// Server-side settings independent of the backends.
@@ -200,12 +206,28 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     let pg = store::connect_config(&cfg.postgres).map_err(anyhow::Error::msg)?;
     let pool = store::pool(pg.clone(), cfg.postgres.pool_size).map_err(anyhow::Error::msg)?;
     let meta = Arc::new(PgMetadataStore::new(pool.clone()));
-    if cfg.postgres.migrate_on_start {
-        let n = store::migrate::run(&pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("postgres migrations: {e:#}"))?;
-        tracing::info!(applied = n, "database schema up to date");
-    }
+    // A replica restarted during a PostgreSQL outage starts anyway (NOT
+    // SERVING) and migrates once PostgreSQL answers; a migration that fails
+    // on a reachable database stops start-up.
+    let migrate = if cfg.postgres.migrate_on_start {
+        match pool.get().await {
+            Ok(_) => {
+                let n = store::migrate::run(&pool)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("postgres migrations: {e:#}"))?;
+                tracing::info!(applied = n, "database schema up to date");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "PostgreSQL does not answer at start-up ({e}); migrations run once it does, NOT_SERVING until then"
+                );
+                Some(pool.clone())
+            }
+        }
+    } else {
+        None
+    };
     Ok(Backends {
         secrets: vault.clone(),
         meta: meta.clone(),
@@ -213,7 +235,10 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
         webhooks: meta,
         validator: validator(&cfg.validation, Arc::new(SystemClock))?,
         vault: Some(vault),
-        events: EventSource::Postgres(Box::new(pg)),
+        events: EventSource::Postgres {
+            config: Box::new(pg),
+            migrate,
+        },
     })
 }
 
@@ -359,21 +384,6 @@ pub async fn start(
         });
     }
 
-    let (reporter, health) = tonic_health::server::health_reporter();
-    server::set_serving(&reporter, false).await;
-    {
-        let (secrets, meta, cancel, every, metrics) = (
-            secrets.clone(),
-            backends.meta.clone(),
-            shutdown.clone(),
-            s.health_probe,
-            metrics.clone(),
-        );
-        spawn_task(&mut tasks, "health probe", &shutdown, async move {
-            health_probe(secrets, meta, reporter, every, metrics, cancel).await;
-            Ok(())
-        });
-    }
     {
         let (b, cancel) = (broker.clone(), shutdown.clone());
         let retention = secs(s.rotation.event_retention_secs);
@@ -384,26 +394,52 @@ pub async fn start(
             Ok(())
         });
     }
-    if let EventSource::Postgres(pg) = backends.events {
+    // Nothing is served before this replica hears every committed event:
+    // a call answered before would cache or stream what an event it missed
+    // has superseded. With PostgreSQL down at start-up the server still
+    // comes up, NOT_SERVING and refusing calls with UNAVAILABLE, and opens
+    // as soon as the listener connects.
+    let ready = if let EventSource::Postgres { config, migrate } = backends.events {
         let every = Duration::from_secs(s.rotation.event_poll_secs.max(1));
-        let listener = EventListener::new(*pg, broker.clone(), every)
+        let listener = EventListener::new(*config, broker.clone(), every)
             .with_lag(metrics.families().event_lag.clone());
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        spawn_task(
-            &mut tasks,
-            "event listener",
-            &shutdown,
-            listener.task_main(ready_tx, shutdown.clone()),
-        );
-        // Serve only once the listener runs: a stream opened before would
-        // miss events committed in between.
-        let after = tokio::time::timeout(Duration::from_secs(30), ready_rx)
+        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+        let cancel = shutdown.clone();
+        spawn_task(&mut tasks, "event listener", &shutdown, async move {
+            if let Some(pool) = migrate {
+                migrate_when_reachable(&pool, &cancel).await?;
+            }
+            listener.task_main(ready_tx, cancel).await
+        });
+        // PostgreSQL that answers makes the listener ready in milliseconds;
+        // one that does not is not waited for.
+        if tokio::time::timeout(STARTUP_WAIT, ready_rx.wait_for(|r| *r))
             .await
-            .map_err(|_| {
-                anyhow::anyhow!("event listener could not connect to PostgreSQL within 30 s")
-            })?
-            .map_err(|_| anyhow::anyhow!("event listener stopped before it started"))?;
-        tracing::debug!(after_seq = after, "event listener ready");
+            .is_err()
+        {
+            tracing::warn!(
+                "the event listener is not connected yet (PostgreSQL unreachable?): serving NOT_SERVING, calls refused until it is"
+            );
+        }
+        ready_rx
+    } else {
+        tokio::sync::watch::channel(true).1
+    };
+    let (reporter, health) = tonic_health::server::health_reporter();
+    server::set_serving(&reporter, false).await;
+    {
+        let (secrets, meta, cancel, every, metrics, ready) = (
+            secrets.clone(),
+            backends.meta.clone(),
+            shutdown.clone(),
+            s.health_probe,
+            metrics.clone(),
+            ready.clone(),
+        );
+        spawn_task(&mut tasks, "health probe", &shutdown, async move {
+            health_probe(secrets, meta, ready, reporter, every, metrics, cancel).await;
+            Ok(())
+        });
     }
     if let Some(vault) = backends.vault.filter(|v| v.needs_relogin()) {
         let cancel = shutdown.clone();
@@ -474,6 +510,7 @@ pub async fn start(
         s.streams,
         s.max_streams_per_tenant,
         Gate {
+            ready: ready.clone(),
             limits: limits.clone(),
             networks: s
                 .auth
@@ -611,6 +648,7 @@ async fn replica_registry(
 async fn health_probe(
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
+    mut ready: tokio::sync::watch::Receiver<bool>,
     reporter: tonic_health::server::HealthReporter,
     every: Duration,
     metrics: Metrics,
@@ -619,7 +657,8 @@ async fn health_probe(
     let mut last = None;
     loop {
         let (v, p) = tokio::join!(secrets.ping(), meta.ping());
-        let serving = v.is_ok() && p.is_ok();
+        let listening = *ready.borrow_and_update();
+        let serving = v.is_ok() && p.is_ok() && listening;
         let f = metrics.families();
         f.vault_up.set(i64::from(v.is_ok()));
         f.postgres_up.set(i64::from(p.is_ok()));
@@ -636,6 +675,9 @@ async fn health_probe(
             if let Err(e) = &p {
                 tracing::warn!("health: PostgreSQL unreachable: {e}");
             }
+            if !listening {
+                tracing::warn!("health: the event listener is not connected yet");
+            }
             server::set_serving(&reporter, serving).await;
             last = Some(serving);
         }
@@ -645,6 +687,41 @@ async fn health_probe(
                 return;
             }
             () = tokio::time::sleep(every) => {}
+            // The listener connecting is news at once, not at the next probe.
+            Ok(()) = ready.changed(), if !listening => {}
+        }
+    }
+}
+
+/// How long start-up waits for the event listener before it serves
+/// NOT_SERVING instead (PostgreSQL that answers takes milliseconds).
+const STARTUP_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs the pending migrations once PostgreSQL answers, retrying the
+/// connection with backoff (logged once per outage, not per try).
+///
+/// # Errors
+/// When a migration fails on a reachable database.
+async fn migrate_when_reachable(
+    pool: &deadpool_postgres::Pool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+    loop {
+        if pool.get().await.is_ok() {
+            let n = store::migrate::run(pool)
+                .await
+                .map_err(|e| anyhow::anyhow!("postgres migrations: {e:#}"))?;
+            tracing::info!(
+                applied = n,
+                "PostgreSQL answers: database schema up to date"
+            );
+            return Ok(());
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
     }
 }

@@ -41,6 +41,9 @@ pub struct BrokerService {
 /// What every call passes before its handler does anything: authorization,
 /// the tenant's allowed networks, the tenant's rate limit.
 pub struct Gate {
+    /// False until this replica hears every committed event (its event
+    /// listener connected): calls are refused with UNAVAILABLE until then.
+    pub ready: tokio::sync::watch::Receiver<bool>,
     /// Rate limits.
     pub limits: Arc<Limits>,
     /// Networks each tenant's callers must come from (operators exempt).
@@ -85,6 +88,9 @@ impl BrokerService {
         exchange: Option<ExchangeId>,
         action: Action,
     ) -> Result<Admitted, Status> {
+        if !*self.gate.ready.borrow() {
+            return Err(status::starting());
+        }
         let audit = req.extensions().get::<CallAudit>().cloned();
         if let Some(a) = &audit {
             a.note(|n| {

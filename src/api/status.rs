@@ -71,6 +71,16 @@ pub fn overloaded(max: usize, retry_after: std::time::Duration) -> Status {
     )
 }
 
+/// UNAVAILABLE while the replica starts and cannot yet hear every committed
+/// event (PostgreSQL unreachable), with a `google.rpc.RetryInfo`.
+pub fn starting() -> Status {
+    Status::with_error_details(
+        Code::Unavailable,
+        "this replica is starting and PostgreSQL does not answer yet; nothing was done, retry (another replica may serve)",
+        ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
+    )
+}
+
 /// RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` saying when to retry.
 pub fn limited(l: Limited) -> Status {
     let secs = l.retry_after.as_secs_f64();

@@ -11,7 +11,7 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::StreamExt as _;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
@@ -49,15 +49,16 @@ impl EventListener {
     }
 
     /// Runs until cancelled, reconnecting with jittered exponential backoff.
-    /// `ready` fires once the first session listens, with the seq it starts
-    /// after (events up to it are history, served from the table).
+    /// `ready` turns true once the first session listens (events up to the
+    /// seq it starts after are history, served from the table); until then
+    /// the replica serves nothing.
     ///
     /// # Errors
     /// Never returns an error: connection failures are retried forever and
     /// logged.
     pub async fn task_main(
         self,
-        ready: oneshot::Sender<u64>,
+        ready: watch::Sender<bool>,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut last: Option<u64> = None;
@@ -89,7 +90,7 @@ impl EventListener {
     async fn session(
         &self,
         last: &mut Option<u64>,
-        ready: &mut Option<oneshot::Sender<u64>>,
+        ready: &mut Option<watch::Sender<bool>>,
         cancel: &CancellationToken,
     ) -> anyhow::Result<()> {
         let (client, mut conn) = self.pg.connect(NoTls).await?;
@@ -122,7 +123,7 @@ impl EventListener {
             *last = Some(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0));
         }
         if let Some(r) = ready.take() {
-            let _ = r.send(last.unwrap_or(0));
+            r.send_replace(true);
         }
         tracing::info!(after_seq = last.unwrap_or(0), "event listener connected");
         loop {

@@ -605,3 +605,84 @@ async fn a_total_vault_outage_serves_cached_sets_stale_refuses_the_rest_and_reco
     other.stop().await.unwrap();
     env.stop_broker().await;
 }
+
+/// A replica started while PostgreSQL is down (migrations still to run)
+/// comes up at once instead of exiting or hanging: NOT_SERVING, every call
+/// refused with UNAVAILABLE saying why, nothing stored; once PostgreSQL
+/// answers it migrates, turns SERVING and serves, with no restart.
+#[tokio::test]
+async fn a_replica_started_during_a_postgresql_outage_serves_once_it_returns() {
+    use credbroker::app;
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    use crate::support::{Bao, Pki, PrivatePg, config_for, init};
+
+    init();
+    let pg = PrivatePg::start();
+    pg.stop();
+    let bao = Bao::start().await;
+    let pki = Pki::new();
+    let config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
+    assert!(config.postgres.migrate_on_start);
+    let backends = app::real_backends(&config)
+        .await
+        .expect("start-up does not need PostgreSQL");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let running = app::start(backends, app::settings(&config).unwrap(), listener)
+        .await
+        .expect("the server comes up without PostgreSQL");
+    let channel = pki
+        .channel(running.addr, &[&format!("spiffe://{TD}/operator/ops")])
+        .await;
+    let mut op = pb::credential_broker_client::CredentialBrokerClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let status = |health: &mut HealthClient<tonic::transport::Channel>| {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(HealthCheckRequest {
+                    service: "credbroker.v1.CredentialBroker".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        }
+    };
+    let tenant = new_tenant();
+    assert_eq!(status(&mut health).await, ServingStatus::NotServing as i32);
+    let refused = op
+        .validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("PostgreSQL"),
+        "{}",
+        refused.message()
+    );
+
+    pg.pg_ctl_start();
+    let back = Instant::now();
+    let mut served = None;
+    while back.elapsed() < Duration::from_secs(30) {
+        if status(&mut health).await == ServingStatus::Serving as i32
+            && op
+                .validate_and_store(store_n(&tenant, "binance"))
+                .await
+                .is_ok()
+        {
+            served = Some(back.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let served = served.expect("serving within 30 s of PostgreSQL's return");
+    eprintln!("started during a PostgreSQL outage: serving {served:?} after it returned");
+    op.get_credentials(get_req(&tenant, "binance"))
+        .await
+        .unwrap();
+    running.stop().await.unwrap();
+}
