@@ -51,6 +51,8 @@ pub struct Backends {
     pub vault: Option<Arc<VaultSecretStore>>,
     /// Where committed events come from.
     pub events: EventSource,
+    /// How webhooks resolve names and dial (tests record instead).
+    pub webhook_net: crate::webhook::WebhookNet,
 }
 
 /// How a replica learns of committed events.
@@ -235,6 +237,7 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
         webhooks: meta,
         validator: validator(&cfg.validation, Arc::new(SystemClock))?,
         vault: Some(vault),
+        webhook_net: crate::webhook::WebhookNet::default(),
         events: EventSource::Postgres {
             config: Box::new(pg),
             migrate,
@@ -343,6 +346,11 @@ pub async fn start(
     // Vault and the exchanges are measured where the broker meets them.
     let metrics = Metrics::new();
     let secrets = MeteredSecretStore::wrap(backends.secrets, metrics.clone());
+    // One policy for SetWebhook and every delivery.
+    let targets = Arc::new(crate::webhook::Targets {
+        policy: s.webhooks.policy(),
+        resolver: backends.webhook_net.resolver.clone(),
+    });
     let broker = Arc::new(
         Broker::new(
             secrets.clone(),
@@ -363,7 +371,7 @@ pub async fn start(
             },
         )
         .with_audit(sink.clone())
-        .with_webhooks(backends.webhooks.clone()),
+        .with_webhooks(backends.webhooks.clone(), targets.clone()),
     );
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
@@ -463,13 +471,22 @@ pub async fn start(
             Ok(())
         });
     }
-    let webhooks = Arc::new(crate::webhook::Deliverer::new(
-        sink.clone(),
-        backends.webhooks.clone(),
-        secrets.clone(),
-        broker.vault_path_prefix(),
-        metrics.clone(),
-    )?);
+    let webhooks = Arc::new(
+        crate::webhook::Deliverer::new(
+            sink.clone(),
+            backends.webhooks.clone(),
+            secrets.clone(),
+            broker.vault_path_prefix(),
+            metrics.clone(),
+            targets,
+            backends.webhook_net.connect.clone(),
+            crate::webhook::DeliveryLimits {
+                tenants: s.webhooks.concurrent_tenants,
+                per_host: s.webhooks.per_host,
+            },
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
     {
         let every = Duration::from_millis(s.webhooks.poll_ms.max(10));
         let (d, cancel) = (webhooks.clone(), shutdown.clone());

@@ -65,11 +65,45 @@ pub struct Config {
 pub struct WebhookConfig {
     /// How often the outbox is polled for due messages.
     pub poll_ms: u64,
+    /// Allow plain `http://` receivers (default: https only).
+    pub allow_http: bool,
+    /// Internal networks receivers may be in (CIDRs; default none: loopback,
+    /// link-local, private, CGNAT, multicast and unspecified addresses are
+    /// refused).
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// Host names allowed whatever they resolve to (exact match).
+    pub allow_hosts: Vec<String>,
+    /// Tenants delivered to at once.
+    pub concurrent_tenants: usize,
+    /// Requests in flight to one receiver host.
+    pub per_host: usize,
 }
 
 impl Default for WebhookConfig {
     fn default() -> Self {
-        Self { poll_ms: 1000 }
+        Self {
+            poll_ms: 1000,
+            allow_http: false,
+            allow_networks: Vec::new(),
+            allow_hosts: Vec::new(),
+            concurrent_tenants: 32,
+            per_host: 4,
+        }
+    }
+}
+
+impl WebhookConfig {
+    /// The target policy these settings describe.
+    pub fn policy(&self) -> crate::webhook::TargetPolicy {
+        crate::webhook::TargetPolicy {
+            allow_http: self.allow_http,
+            allow_networks: self.allow_networks.clone(),
+            allow_hosts: self
+                .allow_hosts
+                .iter()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+        }
     }
 }
 

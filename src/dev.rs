@@ -191,6 +191,7 @@ pub async fn run(
         validator,
         vault: None,
         events: EventSource::Local,
+        webhook_net: crate::webhook::WebhookNet::default(),
     };
     let settings = Settings {
         tls,

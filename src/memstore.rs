@@ -318,12 +318,16 @@ impl WebhookStore for MemoryMetadataStore {
         Ok(())
     }
 
-    async fn outbox_depth(&self) -> Result<u64, MetadataStoreError> {
-        Ok(lock(&self.state)
+    async fn outbox_backlog(&self) -> Result<Vec<(TenantId, u64)>, MetadataStoreError> {
+        let mut by_tenant = BTreeMap::<TenantId, u64>::new();
+        for r in lock(&self.state)
             .outbox
             .iter()
             .filter(|r| r.next_attempt_at.is_some())
-            .count() as u64)
+        {
+            *by_tenant.entry(r.msg.tenant).or_default() += 1;
+        }
+        Ok(by_tenant.into_iter().collect())
     }
 }
 

@@ -462,12 +462,12 @@ impl CredentialBroker for BrokerService {
         let tenant = convert::tenant(tenant_id)?;
         let adm = self.admit(&req, tenant, None, Action::SetWebhook)?;
         let secret = (!secret.is_empty()).then(|| secrecy::SecretString::from(secret.clone()));
-        let generated = self
+        let (shown, generated) = self
             .broker
             .set_webhook(&adm.ctx(), tenant, url, secret)
             .await?;
         Ok(Response::new(pb::SetWebhookResponse {
-            url: url.clone(),
+            url: shown,
             secret: generated
                 .map(|s| secrecy::ExposeSecret::expose_secret(&s).to_owned())
                 .unwrap_or_default(),

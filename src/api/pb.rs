@@ -11,7 +11,13 @@ impl std::fmt::Debug for SetWebhookRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SetWebhookRequest")
             .field("tenant_id", &self.tenant_id)
-            .field("url", &self.url)
+            // A receiver's URL may carry its secret: the host only.
+            .field(
+                "url",
+                &url::Url::parse(&self.url)
+                    .map(|u| crate::webhook::target::masked(&u))
+                    .unwrap_or_else(|_| "[REDACTED]".into()),
+            )
             .field("secret", &"[REDACTED]")
             .finish()
     }

@@ -237,7 +237,7 @@ pub struct RotateOutcome {
 /// The broker core. Cheap to share behind an `Arc`.
 pub struct Broker {
     audit: Arc<dyn crate::audit::AuditSink>,
-    webhooks: Option<Arc<dyn WebhookStore>>,
+    webhooks: Option<(Arc<dyn WebhookStore>, Arc<crate::webhook::Targets>)>,
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
     validator: Arc<dyn CredentialValidator>,
@@ -271,29 +271,37 @@ impl Broker {
         }
     }
 
-    /// Keeps webhook endpoints in `store` (without one, SetWebhook is
-    /// UNAVAILABLE).
+    /// Keeps webhook endpoints in `store`, allowing the URLs `targets`
+    /// allows (without a store, SetWebhook is UNAVAILABLE).
     #[must_use]
-    pub fn with_webhooks(mut self, store: Arc<dyn WebhookStore>) -> Self {
-        self.webhooks = Some(store);
+    pub fn with_webhooks(
+        mut self,
+        store: Arc<dyn WebhookStore>,
+        targets: Arc<crate::webhook::Targets>,
+    ) -> Self {
+        self.webhooks = Some((store, targets));
         self
     }
 
     /// Sets (or, with an empty `url`, removes) a tenant's webhook endpoint.
-    /// The signing secret goes to the secret store (a new version at
-    /// `{prefix}/{tenant}/webhook`); PostgreSQL keeps the URL and that
-    /// version. Returns the secret when it was generated here.
+    /// The URL is checked as every delivery will check it (https, a public
+    /// address after resolution, or one the operator allowed); it goes to
+    /// the secret store with the signing secret (a new version at
+    /// `{prefix}/{tenant}/webhook`), since a receiver's URL may carry its
+    /// own secret; PostgreSQL keeps the host and that version. Returns the
+    /// URL as it may be shown (`scheme://host/…`) and the secret when it was
+    /// generated here.
     ///
     /// # Errors
-    /// `InvalidArgument` for a bad URL or secret, `Unavailable`.
+    /// `InvalidArgument` for a refused URL or a bad secret, `Unavailable`.
     pub async fn set_webhook(
         &self,
         ctx: &RequestContext,
         tenant: TenantId,
         url: &str,
         secret: Option<SecretString>,
-    ) -> Result<Option<SecretString>, BrokerError> {
-        let store = self.webhooks.as_ref().ok_or(BrokerError::Unavailable {
+    ) -> Result<(String, Option<SecretString>), BrokerError> {
+        let (store, targets) = self.webhooks.as_ref().ok_or(BrokerError::Unavailable {
             what: "the webhook store",
         })?;
         let path = crate::webhook::secret_path(&self.settings.path_prefix, tenant);
@@ -301,21 +309,16 @@ impl Broker {
             store.set_webhook(tenant, None).await?;
             self.secrets.purge(&path).await?;
             tracing::info!(%tenant, actor = %ctx.actor_label(), "webhook removed");
-            return Ok(None);
+            return Ok((String::new(), None));
         }
-        let bad = |reason: &str| BrokerError::InvalidArgument {
-            field: "url",
-            reason: reason.into(),
-        };
-        let parsed = url::Url::parse(url).map_err(|_| bad("not a URL"))?;
-        if !matches!(parsed.scheme(), "https" | "http") || parsed.host_str().is_none() {
-            return Err(bad("must be an http(s) URL with a host"));
-        }
-        if !parsed.username().is_empty() || parsed.password().is_some() || url.len() > 2048 {
-            return Err(bad(
-                "must not carry credentials and must be at most 2048 bytes",
-            ));
-        }
+        let target = targets
+            .check(url)
+            .await
+            .map_err(|r| BrokerError::InvalidArgument {
+                field: "url",
+                reason: r.0,
+            })?;
+        let host = target.url.host_str().unwrap_or("").to_owned();
         let (secret, generated) = match secret {
             Some(s) => {
                 crate::webhook::secret_key(s.expose_secret()).map_err(|e| {
@@ -329,24 +332,23 @@ impl Broker {
             None => (crate::webhook::generate_secret(), true),
         };
         let cas = self.secrets.latest_version(&path).await?.unwrap_or(0);
-        let set = CredentialSet {
-            api_key: "webhook-signing-secret".into(),
-            api_secret: secret.clone(),
-            passphrase: None,
-        };
+        let set = crate::webhook::stored_endpoint(secret.clone(), url);
         let version = self.secrets.write(&path, &set, cas).await?;
         store
             .set_webhook(
                 tenant,
                 Some(crate::broker::ports::WebhookEndpoint {
                     tenant,
-                    url: url.to_owned(),
+                    host: host.clone(),
                     secret_version: version,
                 }),
             )
             .await?;
-        tracing::info!(%tenant, actor = %ctx.actor_label(), "webhook set");
-        Ok(generated.then_some(secret))
+        tracing::info!(%tenant, %host, actor = %ctx.actor_label(), "webhook set");
+        Ok((
+            crate::webhook::target::masked(&target.url),
+            generated.then_some(secret),
+        ))
     }
 
     /// Records background actions into `sink` (default: nowhere).

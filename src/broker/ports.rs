@@ -444,14 +444,15 @@ pub trait FleetStore: Send + Sync + 'static {
     ) -> Result<bool, MetadataStoreError>;
 }
 
-/// A tenant's webhook endpoint. The signing secret itself is in the secret
-/// store, at `secret_path`, version `secret_version`.
+/// A tenant's webhook endpoint. The URL (which may carry the receiver's
+/// secret) and the signing secret are in the secret store, at
+/// `secret_path`, version `secret_version`; only the host is kept here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WebhookEndpoint {
     /// Owner.
     pub tenant: TenantId,
-    /// Where messages are POSTed.
-    pub url: String,
+    /// The URL's host, for display and logs.
+    pub host: String,
     /// Secret-store version of the signing secret.
     pub secret_version: u64,
 }
@@ -522,11 +523,12 @@ pub trait WebhookStore: Send + Sync + 'static {
         retry_at: Option<OffsetDateTime>,
     ) -> Result<(), MetadataStoreError>;
 
-    /// Messages neither delivered nor given up.
+    /// Messages not yet delivered nor given up, per tenant (tenants with
+    /// none are left out).
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn outbox_depth(&self) -> Result<u64, MetadataStoreError>;
+    async fn outbox_backlog(&self) -> Result<Vec<(TenantId, u64)>, MetadataStoreError>;
 }
 
 /// Decides whether a credential set works on its exchange and what it may do.

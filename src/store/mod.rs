@@ -440,9 +440,9 @@ impl WebhookStore for PgMetadataStore {
                 match endpoint {
                     Some(e) => tx
                         .execute(
-                            "INSERT INTO tenant_webhooks (tenant_id, url, secret_version, updated_at) VALUES ($1, $2, $3, now()) \
-                             ON CONFLICT (tenant_id) DO UPDATE SET url = EXCLUDED.url, secret_version = EXCLUDED.secret_version, updated_at = now()",
-                            &[&tenant.as_uuid(), &e.url, &to_i64(e.secret_version)],
+                            "INSERT INTO tenant_webhooks (tenant_id, host, secret_version, updated_at) VALUES ($1, $2, $3, now()) \
+                             ON CONFLICT (tenant_id) DO UPDATE SET host = EXCLUDED.host, secret_version = EXCLUDED.secret_version, updated_at = now()",
+                            &[&tenant.as_uuid(), &e.host, &to_i64(e.secret_version)],
                         )
                         .await,
                     None => tx
@@ -464,14 +464,14 @@ impl WebhookStore for PgMetadataStore {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
-                        "SELECT url, secret_version FROM tenant_webhooks WHERE tenant_id = $1",
+                        "SELECT host, secret_version FROM tenant_webhooks WHERE tenant_id = $1",
                         &[&tenant.as_uuid()],
                     )
                     .await
                     .map_err(pg_err)?;
                 Ok(row.map(|r| WebhookEndpoint {
                     tenant,
-                    url: r.get("url"),
+                    host: r.get("host"),
                     secret_version: to_u64(r.get("secret_version")),
                 }))
             })
@@ -497,7 +497,7 @@ impl WebhookStore for PgMetadataStore {
                                ORDER BY next_attempt_at LIMIT $3 FOR UPDATE SKIP LOCKED) due \
                          WHERE o.id = due.id \
                          RETURNING o.id, o.tenant_id, o.event_type, o.payload, o.attempts, \
-                           (SELECT url FROM tenant_webhooks w WHERE w.tenant_id = o.tenant_id) AS url, \
+                           (SELECT host FROM tenant_webhooks w WHERE w.tenant_id = o.tenant_id) AS host, \
                            (SELECT secret_version FROM tenant_webhooks w WHERE w.tenant_id = o.tenant_id) AS secret_version",
                         &[&now, &(now + lease), &i64::from(limit)],
                     )
@@ -507,7 +507,7 @@ impl WebhookStore for PgMetadataStore {
                     .iter()
                     .map(|r| {
                         let tenant = TenantId::new(r.get("tenant_id"));
-                        let url: Option<String> = r.get("url");
+                        let host: Option<String> = r.get("host");
                         let version: Option<i64> = r.get("secret_version");
                         OutboxMessage {
                             id: r.get("id"),
@@ -515,9 +515,9 @@ impl WebhookStore for PgMetadataStore {
                             event_type: r.get("event_type"),
                             payload: r.get("payload"),
                             attempts: u32::try_from(r.get::<_, i32>("attempts")).unwrap_or(0),
-                            endpoint: url.zip(version).map(|(url, v)| WebhookEndpoint {
+                            endpoint: host.zip(version).map(|(host, v)| WebhookEndpoint {
                                 tenant,
-                                url,
+                                host,
                                 secret_version: to_u64(v),
                             }),
                         }
@@ -554,18 +554,21 @@ impl WebhookStore for PgMetadataStore {
         .await
     }
 
-    async fn outbox_depth(&self) -> Result<u64, MetadataStoreError> {
-        self.in_tx("outbox_depth", Scope::System, |tx| {
+    async fn outbox_backlog(&self) -> Result<Vec<(TenantId, u64)>, MetadataStoreError> {
+        self.in_tx("outbox_backlog", Scope::System, |tx| {
             Box::pin(async move {
-                let n: i64 = tx
-                    .query_one(
-                        "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND next_attempt_at < 'infinity'",
+                let rows = tx
+                    .query(
+                        "SELECT tenant_id, count(*) FROM webhook_outbox \
+                         WHERE delivered_at IS NULL AND next_attempt_at < 'infinity' GROUP BY tenant_id",
                         &[],
                     )
                     .await
-                    .map_err(pg_err)?
-                    .get(0);
-                Ok(to_u64(n))
+                    .map_err(pg_err)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| (TenantId::new(r.get(0)), to_u64(r.get(1))))
+                    .collect())
             })
         })
         .await

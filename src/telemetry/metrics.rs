@@ -53,6 +53,13 @@ pub struct TenantExchange {
     pub exchange: &'static str,
 }
 
+/// `tenant_id`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabel {
+    /// Tenant UUID.
+    pub tenant_id: String,
+}
+
 /// `exchange`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExchangeLabel {
@@ -162,6 +169,9 @@ pub struct Families {
     pub webhook_deliveries: Family<ResultLabel, Counter>,
     /// `credbroker_webhook_outbox_depth`: deliveries not yet done.
     pub webhook_outbox: Gauge,
+    /// `credbroker_webhook_backlog{tenant_id}`: the same, per tenant (a
+    /// receiver that is down shows as its own tenant's backlog).
+    pub webhook_backlog: Family<TenantLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -192,6 +202,7 @@ impl Metrics {
             event_lag: slow(),
             webhook_deliveries: Family::default(),
             webhook_outbox: Gauge::default(),
+            webhook_backlog: Family::default(),
         }))
     }
 
@@ -341,6 +352,11 @@ impl Metrics {
             "credbroker_webhook_outbox_depth",
             "Webhook deliveries waiting in the outbox",
             f.webhook_outbox.clone(),
+        );
+        r.register(
+            "credbroker_webhook_backlog",
+            "Webhook deliveries waiting in the outbox, per tenant",
+            f.webhook_backlog.clone(),
         );
         r.register_collector(Box::new(sources));
         r

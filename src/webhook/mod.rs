@@ -10,16 +10,29 @@
 //! 1 h) for up to [`MAX_ATTEMPTS`] attempts (about a day): at least once,
 //! with a stable id receivers deduplicate on.
 //!
-//! The signing secret (`whsec_` + base64 of 32 random bytes) is kept in the
-//! secret store at `{prefix}/{tenant}/webhook`; PostgreSQL holds only its
-//! version, and it is never logged.
+//! The signing secret (`whsec_` + base64 of 32 random bytes) and the URL
+//! (which may carry the receiver's own secret) are kept together in the
+//! secret store at `{prefix}/{tenant}/webhook`; PostgreSQL holds only the
+//! URL's host and the secret's version, and logs name the host only.
+//! Where a webhook may go is [`target`]'s business.
 
-use std::{borrow::Cow, collections::HashMap, sync::Arc, sync::Mutex, time::Duration};
+pub mod target;
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit as _, Mac as _};
 use secrecy::{ExposeSecret as _, SecretString};
 use sha2::Sha256;
+use target::Sender;
+pub use target::{
+    Connect, DirectConnect, Resolve, SystemResolver, TargetPolicy, Targets, WebhookNet,
+};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -27,10 +40,11 @@ use crate::{
     audit::{AuditRecord, AuditSink},
     backoff::Backoff,
     broker::{
+        error::MetadataStoreError,
         ports::{OutboxMessage, SecretStore, WebhookStore},
         types::TenantId,
     },
-    telemetry::metrics::{Metrics, ResultLabel},
+    telemetry::metrics::{Metrics, ResultLabel, TenantLabel},
 };
 
 /// Attempts before a message is given up (kept in the outbox, marked).
@@ -100,8 +114,34 @@ pub fn message_id(id: uuid::Uuid) -> String {
     format!("msg_{}", id.simple())
 }
 
-/// Signing keys read from the secret store, by (tenant, secret version).
-type KeyCache = HashMap<(TenantId, u64), Arc<Vec<u8>>>;
+/// What delivery needs of an endpoint, read from the secret store once per
+/// secret version: the signing key (zeroized on drop) and the URL.
+struct Endpoint {
+    key: zeroize::Zeroizing<Vec<u8>>,
+    url: SecretString,
+}
+
+/// Endpoints read from the secret store, by (tenant, secret version).
+type EndpointCache = HashMap<(TenantId, u64), Arc<Endpoint>>;
+
+/// How many deliveries run at once.
+#[derive(Clone, Copy, Debug)]
+pub struct DeliveryLimits {
+    /// Tenants delivered to at once (each tenant's messages go one at a
+    /// time, in order, so a receiver that hangs holds up only its tenant).
+    pub tenants: usize,
+    /// Requests in flight to one host, across tenants.
+    pub per_host: usize,
+}
+
+impl Default for DeliveryLimits {
+    fn default() -> Self {
+        Self {
+            tenants: 32,
+            per_host: 4,
+        }
+    }
+}
 
 /// Delivers the outbox.
 pub struct Deliverer {
@@ -109,12 +149,17 @@ pub struct Deliverer {
     store: Arc<dyn WebhookStore>,
     secrets: Arc<dyn SecretStore>,
     prefix: String,
-    http: reqwest::Client,
+    targets: Arc<Targets>,
+    sender: Sender,
     metrics: Metrics,
-    keys: Mutex<KeyCache>,
+    limits: DeliveryLimits,
+    endpoints: Mutex<EndpointCache>,
+    hosts: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Tenants whose backlog gauge was set, so a drained one is set to 0.
+    reported: Mutex<BTreeSet<TenantId>>,
 }
 
-/// What one pass did.
+/// What one tenant's turn did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pass {
     /// Delivered (2xx).
@@ -125,169 +170,262 @@ pub struct Pass {
     pub dropped: usize,
 }
 
+/// The secret-store entry of a webhook endpoint: its signing secret and
+/// its URL (which may carry the receiver's own secret, so it is kept with
+/// the signing secret, never in PostgreSQL or a log).
+pub fn stored_endpoint(secret: SecretString, url: &str) -> crate::broker::types::CredentialSet {
+    crate::broker::types::CredentialSet {
+        api_key: "webhook-signing-secret".into(),
+        api_secret: secret,
+        passphrase: Some(SecretString::from(url.to_owned())),
+    }
+}
+
 impl Deliverer {
-    /// A deliverer with a 10 s per-request timeout.
+    /// A deliverer: 10 s per attempt, targets checked by `targets`,
+    /// connections opened by `connect`.
     ///
     /// # Errors
-    /// When the HTTP client cannot be built.
+    /// When the TLS trust roots cannot be loaded.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         audit: Arc<dyn AuditSink>,
         store: Arc<dyn WebhookStore>,
         secrets: Arc<dyn SecretStore>,
         prefix: &str,
         metrics: Metrics,
-    ) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("credbroker-webhooks/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        targets: Arc<Targets>,
+        connect: Arc<dyn Connect>,
+        limits: DeliveryLimits,
+    ) -> Result<Self, String> {
         Ok(Self {
             audit,
             store,
             secrets,
             prefix: prefix.to_owned(),
-            http,
+            targets,
+            sender: Sender::new(connect, Duration::from_secs(10))?,
             metrics,
-            keys: Mutex::new(HashMap::new()),
+            limits,
+            endpoints: Mutex::new(HashMap::new()),
+            hosts: Mutex::new(HashMap::new()),
+            reported: Mutex::new(BTreeSet::new()),
         })
     }
 
-    async fn key(&self, tenant: TenantId, version: u64) -> Result<Arc<Vec<u8>>, String> {
-        if let Some(k) = self
-            .keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(tenant, version))
-        {
-            return Ok(k.clone());
+    async fn endpoint(&self, tenant: TenantId, version: u64) -> Result<Arc<Endpoint>, String> {
+        if let Some(e) = lock(&self.endpoints).get(&(tenant, version)) {
+            return Ok(e.clone());
         }
         let set = self
             .secrets
             .read(&secret_path(&self.prefix, tenant), version)
             .await
             .map_err(|e| format!("signing secret unreadable: {e}"))?;
-        let key = Arc::new(secret_key(set.api_secret.expose_secret()).map_err(|e| e.to_string())?);
-        self.keys
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert((tenant, version), key.clone());
-        Ok(key)
+        let key = secret_key(set.api_secret.expose_secret()).map_err(|e| e.to_string())?;
+        let url = set.passphrase.ok_or(
+            "the endpoint's URL is not in Vault (set before URLs moved there): set the webhook again",
+        )?;
+        let e = Arc::new(Endpoint {
+            key: zeroize::Zeroizing::new(key),
+            url,
+        });
+        lock(&self.endpoints).insert((tenant, version), e.clone());
+        Ok(e)
+    }
+
+    fn host_slot(&self, host: &str) -> Arc<tokio::sync::Semaphore> {
+        lock(&self.hosts)
+            .entry(host.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.limits.per_host.max(1))))
+            .clone()
     }
 
     /// One attempt at `msg`: Ok on a 2xx, else what went wrong (safe to
-    /// store: a status or an error kind, never a body).
+    /// store: a status, an error kind or a refusal naming the host, never a
+    /// body or the URL's path).
     async fn attempt(&self, msg: &OutboxMessage, now: OffsetDateTime) -> Result<(), String> {
         let endpoint = msg.endpoint.as_ref().ok_or("no endpoint")?;
-        let key = self.key(msg.tenant, endpoint.secret_version).await?;
+        let ep = self.endpoint(msg.tenant, endpoint.secret_version).await?;
+        // Checked again at every delivery, after resolving the name now:
+        // the policy or the DNS answer may have changed since SetWebhook.
+        let target = self
+            .targets
+            .check(ep.url.expose_secret())
+            .await
+            .map_err(|r| format!("refused: {r}"))?;
         let id = message_id(msg.id);
         let ts = now.unix_timestamp();
-        let resp = self
-            .http
-            .post(&endpoint.url)
-            .header("content-type", "application/json")
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", sign(&key, &id, ts, &msg.payload))
-            .body(msg.payload.clone())
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    "timeout".to_owned()
-                } else if e.is_connect() {
-                    "connection refused or unreachable".to_owned()
-                } else {
-                    "request failed".to_owned()
-                }
-            })?;
-        let status = resp.status();
-        if status.is_success() {
+        let headers = [
+            ("content-type", "application/json".to_owned()),
+            (
+                "user-agent",
+                concat!("credbroker-webhooks/", env!("CARGO_PKG_VERSION")).to_owned(),
+            ),
+            ("webhook-id", id.clone()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sign(&ep.key, &id, ts, &msg.payload)),
+        ];
+        let slot = self.host_slot(target.url.host_str().unwrap_or(""));
+        let _permit = slot.acquire().await.map_err(|_| "shutting down")?;
+        let status = self
+            .sender
+            .post(&target, &headers, msg.payload.clone())
+            .await?;
+        if (200..300).contains(&status) {
             Ok(())
         } else {
-            Err(format!("HTTP {}", status.as_u16()))
+            Err(format!("HTTP {status}"))
         }
     }
 
-    /// Delivers what is due now.
-    ///
-    /// # Errors
-    /// When the outbox cannot be read or updated.
-    pub async fn deliver_due(&self) -> anyhow::Result<Pass> {
-        let now = OffsetDateTime::now_utc();
-        let due = self.store.claim_due(now, CLAIM, BATCH).await?;
-        let mut pass = Pass::default();
-        for msg in due {
-            let outcome = self.attempt(&msg, now).await;
-            let attempts = msg.attempts + 1;
-            let delivered = outcome.is_ok();
-            let (label, retry_at, result) = match &outcome {
-                Ok(()) => {
-                    pass.delivered += 1;
-                    ("delivered", None, "delivered".to_owned())
-                }
-                Err(e) if msg.endpoint.is_none() || attempts >= MAX_ATTEMPTS => {
-                    pass.dropped += 1;
-                    ("dropped", None, format!("given up: {e}"))
-                }
-                Err(e) => {
-                    pass.retried += 1;
-                    let wait = Backoff::nth(RETRY_MIN, RETRY_MAX, msg.attempts);
-                    let at = now + time::Duration::try_from(wait).unwrap_or(CLAIM);
-                    ("retry", Some(at), e.clone())
-                }
-            };
-            if let Err(e) = &outcome {
-                tracing::warn!(tenant = %msg.tenant, id = %message_id(msg.id), attempts, "webhook not delivered: {e}");
+    /// Attempts one message and records the outcome.
+    async fn deliver(
+        &self,
+        msg: OutboxMessage,
+        now: OffsetDateTime,
+        pass: &mut Pass,
+    ) -> Result<(), MetadataStoreError> {
+        let outcome = self.attempt(&msg, now).await;
+        let attempts = msg.attempts + 1;
+        let delivered = outcome.is_ok();
+        let (label, retry_at, result) = match &outcome {
+            Ok(()) => {
+                pass.delivered += 1;
+                ("delivered", None, "delivered".to_owned())
             }
-            // Each attempt is a background action of the system actor.
-            let mut record =
-                AuditRecord::system("webhook", "WebhookDelivery", msg.tenant, None, vec![]);
-            record.resource = Cow::Borrowed("webhook");
-            record.result = Cow::Borrowed(if delivered { "success" } else { "failure" });
-            record.request_id = msg.id;
-            if let Err(e) = self.audit.append(&record) {
-                tracing::error!("a webhook delivery could not be audited: {e}");
+            Err(e) if msg.endpoint.is_none() || attempts >= MAX_ATTEMPTS => {
+                pass.dropped += 1;
+                ("dropped", None, format!("given up: {e}"))
             }
-            self.metrics
-                .families()
-                .webhook_deliveries
-                .get_or_create(&ResultLabel { result: label })
-                .inc();
-            self.store
-                .finish_attempt(msg.id, delivered, &result, now, retry_at)
-                .await?;
+            Err(e) => {
+                pass.retried += 1;
+                let wait = Backoff::nth(RETRY_MIN, RETRY_MAX, msg.attempts);
+                let at = now + time::Duration::try_from(wait).unwrap_or(CLAIM);
+                ("retry", Some(at), e.clone())
+            }
+        };
+        if let Err(e) = &outcome {
+            let host = msg.endpoint.as_ref().map_or("", |e| e.host.as_str());
+            tracing::warn!(tenant = %msg.tenant, host, id = %message_id(msg.id), attempts, "webhook not delivered: {e}");
         }
-        if let Ok(depth) = self.store.outbox_depth().await {
-            self.metrics
-                .families()
-                .webhook_outbox
-                .set(i64::try_from(depth).unwrap_or(i64::MAX));
+        // Each attempt is a background action of the system actor.
+        let mut record =
+            AuditRecord::system("webhook", "WebhookDelivery", msg.tenant, None, vec![]);
+        record.resource = Cow::Borrowed("webhook");
+        record.result = Cow::Borrowed(if delivered { "success" } else { "failure" });
+        record.request_id = msg.id;
+        if let Err(e) = self.audit.append(&record) {
+            tracing::error!("a webhook delivery could not be audited: {e}");
+        }
+        self.metrics
+            .families()
+            .webhook_deliveries
+            .get_or_create(&ResultLabel { result: label })
+            .inc();
+        self.store
+            .finish_attempt(msg.id, delivered, &result, now, retry_at)
+            .await
+    }
+
+    /// One tenant's claimed messages, one at a time, in order.
+    async fn deliver_tenant(&self, msgs: Vec<OutboxMessage>) -> Result<Pass, MetadataStoreError> {
+        let mut pass = Pass::default();
+        for msg in msgs {
+            self.deliver(msg, OffsetDateTime::now_utc(), &mut pass)
+                .await?;
         }
         Ok(pass)
     }
 
-    /// Delivers every `every` until cancelled; an unreachable PostgreSQL is
-    /// logged and retried on the next pass.
+    /// Sets the outbox gauges: the total and each tenant's backlog.
+    async fn report_backlog(&self) {
+        let Ok(backlog) = self.store.outbox_backlog().await else {
+            return;
+        };
+        let f = self.metrics.families();
+        let total: u64 = backlog.iter().map(|(_, n)| n).sum();
+        f.webhook_outbox
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+        let mut reported = lock(&self.reported);
+        let now: BTreeSet<TenantId> = backlog.iter().map(|(t, _)| *t).collect();
+        for gone in reported.difference(&now) {
+            f.webhook_backlog
+                .get_or_create(&TenantLabel {
+                    tenant_id: gone.to_string(),
+                })
+                .set(0);
+        }
+        for (t, n) in &backlog {
+            f.webhook_backlog
+                .get_or_create(&TenantLabel {
+                    tenant_id: t.to_string(),
+                })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        *reported = now;
+    }
+
+    /// Delivers until cancelled: every `every` it claims what is due and
+    /// hands each tenant's messages to a task of their own (at most
+    /// `limits.tenants` at once, one per tenant), so a receiver that hangs
+    /// delays only its own tenant. Messages of a tenant still busy wait for
+    /// their claim to lapse. An unreachable PostgreSQL is logged and
+    /// retried on the next pass.
     pub async fn task_main(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
+        let mut running: tokio::task::JoinSet<(TenantId, Result<Pass, MetadataStoreError>)> =
+            tokio::task::JoinSet::new();
+        let mut busy = BTreeSet::<TenantId>::new();
         loop {
             tokio::select! {
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => {
+                    running.abort_all();
+                    return;
+                }
                 () = tokio::time::sleep(every) => {}
             }
-            loop {
-                match self.deliver_due().await {
-                    // A full batch: more may be due at once.
-                    Ok(p) if p.delivered + p.retried + p.dropped >= BATCH as usize => {}
-                    Ok(_) => break,
+            while let Some(done) = running.try_join_next() {
+                match done {
+                    Ok((tenant, result)) => {
+                        busy.remove(&tenant);
+                        if let Err(e) = result {
+                            tracing::warn!(%tenant, "webhook delivery failed to record an attempt (retried next pass): {e}");
+                        }
+                    }
+                    Err(e) => tracing::error!("a webhook delivery task failed: {e}"),
+                }
+            }
+            if running.len() < self.limits.tenants.max(1) {
+                match self
+                    .store
+                    .claim_due(OffsetDateTime::now_utc(), CLAIM, BATCH)
+                    .await
+                {
+                    Ok(due) => {
+                        let mut by_tenant = BTreeMap::<TenantId, Vec<OutboxMessage>>::new();
+                        for msg in due {
+                            by_tenant.entry(msg.tenant).or_default().push(msg);
+                        }
+                        for (tenant, msgs) in by_tenant {
+                            if !busy.insert(tenant) {
+                                continue;
+                            }
+                            let me = self.clone();
+                            running.spawn(async move { (tenant, me.deliver_tenant(msgs).await) });
+                        }
+                    }
                     Err(e) => {
-                        tracing::warn!("webhook delivery pass failed (retried next pass): {e:#}");
-                        break;
+                        tracing::warn!("webhook delivery pass failed (retried next pass): {e}");
                     }
                 }
             }
+            self.report_backlog().await;
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]

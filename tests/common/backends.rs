@@ -144,7 +144,13 @@ pub fn config_for(
             credentials_refresh_secs: 1,
             ..TelemetryConfig::default()
         },
-        webhooks: credbroker::config::WebhookConfig { poll_ms: 100 },
+        webhooks: credbroker::config::WebhookConfig {
+            poll_ms: 100,
+            // The tests' receivers listen on loopback over plain HTTP.
+            allow_http: true,
+            allow_networks: vec!["127.0.0.0/8".parse().unwrap()],
+            ..credbroker::config::WebhookConfig::default()
+        },
         // Tests run rounds by hand (`Running::checks`).
         checks: ChecksConfig {
             enabled: false,

@@ -102,7 +102,13 @@ impl Memory {
                 enabled: false,
                 ..credbroker::config::ChecksConfig::default()
             },
-            webhooks: credbroker::config::WebhookConfig { poll_ms: 100 },
+            webhooks: credbroker::config::WebhookConfig {
+                poll_ms: 100,
+                // The tests' receivers listen on loopback over plain HTTP.
+                allow_http: true,
+                allow_networks: vec!["127.0.0.0/8".parse().unwrap()],
+                ..credbroker::config::WebhookConfig::default()
+            },
             cache: CacheConfig::default(),
             rotation: RotationConfig::default(),
             path_prefix: "tenants".into(),
@@ -130,6 +136,7 @@ impl Memory {
             validator: Arc::new(FormatCheckValidator),
             vault: None,
             events: EventSource::Local,
+            webhook_net: credbroker::webhook::WebhookNet::default(),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = app::start(backends, settings, listener).await.unwrap();

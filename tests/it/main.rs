@@ -24,3 +24,4 @@ mod traces;
 mod transport;
 mod vault_ha;
 mod vault_policy;
+mod webhooks;

@@ -87,7 +87,8 @@ impl Env {
     /// retire job runs only when a test calls its passes (no timer races an
     /// assertion).
     pub async fn replica(&self, clock: Option<Arc<dyn Clock>>) -> Running {
-        let backends = app::real_backends(&self.config).await.unwrap();
+        let mut backends = app::real_backends(&self.config).await.unwrap();
+        backends.webhook_net = loopback_net();
         self.replica_with(backends, clock).await
     }
 
@@ -529,7 +530,8 @@ impl PrivateEnv {
         let pki = Pki::new();
         let mut config = config_for(&bao, &pg.url(), pki.dir.path(), TD);
         f(&mut config);
-        let backends = app::real_backends(&config).await.unwrap();
+        let mut backends = app::real_backends(&config).await.unwrap();
+        backends.webhook_net = loopback_net();
         let mut settings = app::settings(&config).unwrap();
         settings.retire = credbroker::rotation::retire::Schedule::Manual;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -564,4 +566,23 @@ pub async fn watch_past_state(
         credbroker::api::pb::watch_rotations_response::Message::State(_)
     ));
     s
+}
+
+/// Webhook name resolution for tests: every name is 127.0.0.1, so no test
+/// sends a DNS query or a packet off loopback (the receivers are there).
+pub struct LoopbackResolver;
+
+#[async_trait::async_trait]
+impl credbroker::webhook::Resolve for LoopbackResolver {
+    async fn resolve(&self, _host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+    }
+}
+
+/// The tests' webhook network: names resolve to loopback, dials are direct.
+pub fn loopback_net() -> credbroker::webhook::WebhookNet {
+    credbroker::webhook::WebhookNet {
+        resolver: Arc::new(LoopbackResolver),
+        connect: Arc::new(credbroker::webhook::DirectConnect),
+    }
 }
