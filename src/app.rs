@@ -375,6 +375,28 @@ pub async fn start(
     );
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    {
+        // A file-size limit (RLIMIT_FSIZE) must fail the audit spool's write
+        // (EFBIG: calls refused, recovered by itself once lifted), not kill
+        // the process with SIGXFSZ's default action.
+        let cancel = shutdown.clone();
+        let kind =
+            tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+        let mut xfsz = tokio::signal::unix::signal(kind)?;
+        spawn_task(&mut tasks, "SIGXFSZ watch", &shutdown, async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    got = xfsz.recv() => {
+                        if got.is_none() {
+                            return Ok(());
+                        }
+                        tracing::debug!("SIGXFSZ: a write went past the file-size limit");
+                    }
+                }
+            }
+        });
+    }
     if let Some(spool) = &spool {
         let (spool, cancel) = (spool.clone(), shutdown.clone());
         let every = Duration::from_millis(s.audit.fsync_ms);
@@ -436,16 +458,18 @@ pub async fn start(
     let (reporter, health) = tonic_health::server::health_reporter();
     server::set_serving(&reporter, false).await;
     {
-        let (secrets, meta, cancel, every, metrics, ready) = (
-            secrets.clone(),
-            backends.meta.clone(),
-            shutdown.clone(),
-            s.health_probe,
-            metrics.clone(),
-            ready.clone(),
-        );
+        let probe = HealthProbe {
+            secrets: secrets.clone(),
+            meta: backends.meta.clone(),
+            audit: sink.clone(),
+            ready: ready.clone(),
+            reporter,
+            every: s.health_probe,
+            metrics: metrics.clone(),
+        };
+        let cancel = shutdown.clone();
         spawn_task(&mut tasks, "health probe", &shutdown, async move {
-            health_probe(secrets, meta, ready, reporter, every, metrics, cancel).await;
+            probe.task_main(cancel).await;
             Ok(())
         });
     }
@@ -659,53 +683,63 @@ async fn replica_registry(
     }
 }
 
-/// Keeps grpc.health.v1 true: SERVING only while both stores answer; and
-/// the reachability gauges (`credbroker_vault_up`, `credbroker_vault_sealed`,
-/// `credbroker_postgres_up`).
-async fn health_probe(
+/// What `grpc.health.v1` reports: SERVING while Vault and PostgreSQL
+/// answer, the event listener is connected and the audit spool takes
+/// records.
+struct HealthProbe {
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
-    mut ready: tokio::sync::watch::Receiver<bool>,
+    audit: Arc<dyn crate::audit::AuditSink>,
+    ready: tokio::sync::watch::Receiver<bool>,
     reporter: tonic_health::server::HealthReporter,
     every: Duration,
     metrics: Metrics,
-    cancel: CancellationToken,
-) {
-    let mut last = None;
-    loop {
-        let (v, p) = tokio::join!(secrets.ping(), meta.ping());
-        let listening = *ready.borrow_and_update();
-        let serving = v.is_ok() && p.is_ok() && listening;
-        let f = metrics.families();
-        f.vault_up.set(i64::from(v.is_ok()));
-        f.postgres_up.set(i64::from(p.is_ok()));
-        let sealed = if v.is_ok() {
-            false
-        } else {
-            secrets.sealed().await.unwrap_or(false)
-        };
-        f.vault_sealed.set(i64::from(sealed));
-        if last != Some(serving) {
-            if let Err(e) = &v {
-                tracing::warn!("health: Vault unreachable: {e}");
+}
+
+impl HealthProbe {
+    async fn task_main(mut self, cancel: CancellationToken) {
+        let mut last = None;
+        loop {
+            let (v, p) = tokio::join!(self.secrets.ping(), self.meta.ping());
+            let listening = *self.ready.borrow_and_update();
+            let audit = self.audit.check();
+            let serving = v.is_ok() && p.is_ok() && listening && audit.is_ok();
+            let f = self.metrics.families();
+            f.vault_up.set(i64::from(v.is_ok()));
+            f.postgres_up.set(i64::from(p.is_ok()));
+            let sealed = if v.is_ok() {
+                false
+            } else {
+                self.secrets.sealed().await.unwrap_or(false)
+            };
+            f.vault_sealed.set(i64::from(sealed));
+            if last != Some(serving) {
+                if let Err(e) = &v {
+                    tracing::warn!("health: Vault unreachable: {e}");
+                }
+                if let Err(e) = &p {
+                    tracing::warn!("health: PostgreSQL unreachable: {e}");
+                }
+                if !listening {
+                    tracing::warn!("health: the event listener is not connected yet");
+                }
+                if let Err(e) = &audit {
+                    tracing::warn!("health: {e}");
+                }
+                server::set_serving(&self.reporter, serving).await;
+                last = Some(serving);
             }
-            if let Err(e) = &p {
-                tracing::warn!("health: PostgreSQL unreachable: {e}");
+            tokio::select! {
+                () = cancel.cancelled() => {
+                    server::set_serving(&self.reporter, false).await;
+                    return;
+                }
+                // While the spool refuses, look again soon: its recovery
+                // probe lets calls through within half a second.
+                () = tokio::time::sleep(if audit.is_ok() { self.every } else { self.every.min(Duration::from_millis(100)) }) => {}
+                // The listener connecting is news at once, not at the next probe.
+                Ok(()) = self.ready.changed(), if !listening => {}
             }
-            if !listening {
-                tracing::warn!("health: the event listener is not connected yet");
-            }
-            server::set_serving(&reporter, serving).await;
-            last = Some(serving);
-        }
-        tokio::select! {
-            () = cancel.cancelled() => {
-                server::set_serving(&reporter, false).await;
-                return;
-            }
-            () = tokio::time::sleep(every) => {}
-            // The listener connecting is news at once, not at the next probe.
-            Ok(()) = ready.changed(), if !listening => {}
         }
     }
 }

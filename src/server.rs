@@ -111,6 +111,9 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
     // and TCP keepalive.
     let incoming = acceptor::incoming(p.listener, p.tls, p.front.conns, p.shutdown.clone());
     let shutdown = p.shutdown.clone();
+    // State-changing calls run as tasks of their own (see audit::layer):
+    // shutdown waits for them, within the grace period.
+    let calls = tokio_util::task::TaskTracker::new();
     let server = Server::builder()
         // Unary deadline; streams are bounded by their own heartbeat logic.
         .timeout(p.request_timeout)
@@ -130,8 +133,10 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         .layer(AdmissionLayer::new(p.front.max_concurrent_calls, p.metrics))
         // Audit next: every call that is not shed is recorded, including
         // the ones the auth layer refuses, with its outcome and duration;
-        // no answer leaves without its record in the spool.
-        .layer(AuditLayer::new(p.audit))
+        // no answer leaves without its record in the spool. Inside tonic's
+        // deadline, so a state-changing call it gives up on still runs to
+        // its end and records its true outcome (the call is its own task).
+        .layer(AuditLayer::new(p.audit, calls.clone()))
         // Identity next: every later layer and handler knows the caller.
         // (Authorization and rate limits need the tenant named in the
         // request body, so they run in one place at the top of each
@@ -144,20 +149,33 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await });
 
     tokio::pin!(server);
-    tokio::select! {
-        r = &mut server => return r.map_err(Into::into),
-        () = p.shutdown.cancelled() => {}
-    }
-    match tokio::time::timeout(p.grace, server).await {
-        Ok(r) => r.map_err(Into::into),
-        Err(_) => {
-            tracing::warn!(
-                grace_secs = p.grace.as_secs(),
-                "in-flight calls did not finish within the grace period"
-            );
-            Ok(())
+    let served = tokio::select! {
+        r = &mut server => r.map_err(Into::into),
+        () = p.shutdown.cancelled() => {
+            match tokio::time::timeout(p.grace, server).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => {
+                    tracing::warn!(
+                        grace_secs = p.grace.as_secs(),
+                        "in-flight calls did not finish within the grace period"
+                    );
+                    Ok(())
+                }
+            }
         }
+    };
+    // Calls whose caller left still finish and record their outcome.
+    calls.close();
+    if tokio::time::timeout(p.grace.max(Duration::from_secs(1)), calls.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            open = calls.len(),
+            "state-changing calls still running at shutdown; their request records show them"
+        );
     }
+    served
 }
 
 /// Marks the broker (and the whole server) serving or not.

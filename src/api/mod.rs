@@ -121,6 +121,14 @@ impl BrokerService {
             .limits
             .check(caller, tenant, action)
             .map_err(status::limited)?;
+        // Vault's rule: a call that can change state is on record before it
+        // has any effect, or it does not run.
+        if action.changes_state()
+            && let Some(a) = &audit
+        {
+            a.record_request()
+                .map_err(|e| status::audit_unavailable(&e))?;
+        }
         // Inside the call's span: with debug logs on, each admitted call
         // leaves one line carrying its request and trace ids.
         tracing::debug!(%tenant, action = action.name(), subject = %caller.subject, "call admitted");

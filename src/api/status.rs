@@ -57,8 +57,14 @@ pub fn auth(e: AuthError) -> Status {
 
 /// UNAVAILABLE for a call whose audit record cannot be written (fail closed).
 pub fn audit_unavailable(e: &crate::audit::AuditError) -> Status {
+    Status::unavailable(format!("{e}; nothing was done, retry later"))
+}
+
+/// UNAVAILABLE for a read whose answer could not be recorded: the answer
+/// (a secret, say) is withheld; a read changes nothing.
+pub fn audit_withheld(e: &crate::audit::AuditError) -> Status {
     Status::unavailable(format!(
-        "{e}; nothing was done for this call's answer to be trusted, retry later"
+        "{e}; the answer was withheld (a read changes nothing), retry later"
     ))
 }
 

@@ -1,9 +1,23 @@
 //! The tower layer that records every broker call. It puts an
 //! [`AuditNote`] in the request's extensions (the auth layer writes who
 //! called, the handler what was touched), lets the call run, then appends
-//! one record with the outcome, before the response leaves. If the record
-//! cannot be written the caller gets UNAVAILABLE instead (fail closed, as
-//! Vault's audit devices do). Every response carries `x-request-id`.
+//! one record with the outcome, before the response leaves. Every response
+//! carries `x-request-id`.
+//!
+//! Vault's rule, for calls that can change state
+//! ([`Action::changes_state`](crate::auth::Action::changes_state)): a
+//! *request* record is written once the call is admitted and before it has
+//! any effect (`CallAudit::record_request`, from `Gate::admit`); if it
+//! cannot be, nothing runs and the caller hears so. The call then runs in a
+//! task of its own, so a deadline, a client's cancel or a dropped
+//! connection cannot drop it halfway or lose its *outcome* record (the true
+//! one: what the broker did, whatever the caller saw); the tasks are
+//! tracked and waited for at shutdown. Should the outcome record fail after
+//! an effect, the caller still gets the true answer (the request record
+//! already shows the call) and the outcome is kept for the spool's recovery
+//! probe to write. A read whose record cannot be written is answered
+//! UNAVAILABLE instead, its answer withheld (fail closed, as Vault's audit
+//! devices do).
 
 use std::{
     borrow::Cow,
@@ -12,13 +26,14 @@ use std::{
     time::Instant,
 };
 
-use futures::future::BoxFuture;
+use futures::{FutureExt as _, future::BoxFuture};
 use time::OffsetDateTime;
 use tonic::{Code, codegen::http};
 use tower::{Layer, Service};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{AuditRecord, AuditSink, trace_id};
+use super::{AuditError, AuditRecord, AuditSink, trace_id};
 use crate::broker::types::{ExchangeId, TenantId};
 
 /// Tries of a busy spool before waiting on its lock (each a yield to the
@@ -45,12 +60,25 @@ pub struct AuditNote {
 #[derive(Clone, Debug)]
 pub struct CallAudit(Arc<Call>);
 
-#[derive(Debug)]
 struct Call {
     request_id: Uuid,
     trace_id: Option<String>,
     user_agent: Option<String>,
     note: Mutex<AuditNote>,
+    sink: Arc<dyn AuditSink>,
+    peer: Option<std::net::IpAddr>,
+    action: Cow<'static, str>,
+    timestamp: OffsetDateTime,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("request_id", &self.request_id)
+            .field("action", &self.action)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CallAudit {
@@ -77,6 +105,74 @@ impl CallAudit {
     fn take_note(&self) -> AuditNote {
         std::mem::take(&mut *self.0.note.lock().unwrap_or_else(PoisonError::into_inner))
     }
+
+    /// The call's record from `note`: the outcome's when `code` is known
+    /// (its id is the request id), else the request record (result
+    /// `requested`, an id of its own, the same request id).
+    fn record(&self, note: AuditNote, code: Option<Code>) -> AuditRecord {
+        let c = &self.0;
+        let (user, role) = note.user.map_or_else(
+            || ("unauthenticated".to_owned(), "none"),
+            |(user, role)| (user.to_string(), role),
+        );
+        let action = c.action.clone();
+        AuditRecord {
+            id: if code.is_some() {
+                c.request_id
+            } else {
+                fast_v7()
+            },
+            timestamp: if code.is_some() {
+                c.timestamp
+            } else {
+                OffsetDateTime::now_utc()
+            },
+            event_type: Cow::Borrowed(event_type(code.unwrap_or(Code::Ok), &action)),
+            user,
+            role: Cow::Borrowed(role),
+            resource: note.exchange.map_or_else(
+                || {
+                    Cow::Borrowed(if action == "ListAuditEvents" {
+                        "audit_log"
+                    } else {
+                        "tenant_credentials"
+                    })
+                },
+                |e| Cow::Borrowed(e.audit_resource()),
+            ),
+            action,
+            result: Cow::Borrowed(code.map_or("requested", result)),
+            ip_address: c.peer.map(|ip| ip.to_string()),
+            user_agent: c.user_agent.clone(),
+            tenant_id: note.tenant,
+            exchange: note.exchange,
+            versions: note.versions,
+            request_id: c.request_id,
+            trace_id: c.trace_id.clone(),
+            grpc_code: Cow::Borrowed(code.map_or("PENDING", crate::api::status::code_name)),
+            duration_ms: if code.is_some() {
+                c.started.elapsed().as_secs_f64() * 1e3
+            } else {
+                0.0
+            },
+            key_hint: note.key_hint,
+        }
+    }
+
+    /// Writes the request record of an admitted call that can change state,
+    /// before it has any effect: who, what, on which tenant and exchange.
+    ///
+    /// # Errors
+    /// When it cannot be written: the call must not run.
+    pub fn record_request(&self) -> Result<(), AuditError> {
+        let note = self
+            .0
+            .note
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        self.0.sink.append(&self.record(note, None))
+    }
 }
 
 /// A time-ordered (v7) id from the thread-local generator (no system call
@@ -91,12 +187,14 @@ fn fast_v7() -> Uuid {
 #[derive(Clone)]
 pub struct AuditLayer {
     sink: Arc<dyn AuditSink>,
+    calls: tokio_util::task::TaskTracker,
 }
 
 impl AuditLayer {
-    /// Records into `sink`.
-    pub fn new(sink: Arc<dyn AuditSink>) -> Self {
-        Self { sink }
+    /// Records into `sink`; state-changing calls run as tasks of `calls`
+    /// (wait for it at shutdown).
+    pub fn new(sink: Arc<dyn AuditSink>, calls: tokio_util::task::TaskTracker) -> Self {
+        Self { sink, calls }
     }
 }
 
@@ -107,6 +205,7 @@ impl<S> Layer<S> for AuditLayer {
         Audit {
             inner,
             sink: self.sink.clone(),
+            calls: self.calls.clone(),
         }
     }
 }
@@ -116,6 +215,7 @@ impl<S> Layer<S> for AuditLayer {
 pub struct Audit<S> {
     inner: S,
     sink: Arc<dyn AuditSink>,
+    calls: tokio_util::task::TaskTracker,
 }
 
 /// The RPC name of a path (`/credbroker.v1.CredentialBroker/Rotate`),
@@ -155,6 +255,7 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     B: Send + 'static,
 {
     type Response = S::Response;
@@ -172,27 +273,40 @@ where
         }
         // Fail closed before anything runs: a call that could not be
         // audited must change nothing.
+        // (The spool logs its failure once; no line per refused call.) The
+        // refusal itself is kept for the trail, written once the spool
+        // takes records again.
         if let Err(e) = self.sink.check() {
-            tracing::error!("refusing a call that cannot be audited: {e}");
+            self.sink.defer(AuditRecord::refused_at_entry(
+                fast_v7(),
+                method(req.uri().path()),
+                req.extensions()
+                    .get::<crate::tls::acceptor::PeerInfo>()
+                    .and_then(|p| p.remote)
+                    .map(|a| a.ip().to_string()),
+            ));
             let resp = crate::api::status::audit_unavailable(&e).into_http();
             return Box::pin(async move { Ok(resp) });
         }
-        let started = Instant::now();
-        let timestamp = OffsetDateTime::now_utc();
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let path = req.uri().path();
+        let changes = crate::auth::Action::from_path(path).is_some_and(|a| a.changes_state());
         let call = CallAudit(Arc::new(Call {
             request_id: fast_v7(),
             trace_id: header("traceparent").and_then(trace_id),
             // Bounded: a user agent is shown, never trusted.
             user_agent: header("user-agent").map(|u| u.chars().take(256).collect()),
             note: Mutex::default(),
+            sink: self.sink.clone(),
+            peer: req
+                .extensions()
+                .get::<crate::tls::acceptor::PeerInfo>()
+                .and_then(|p| p.remote)
+                .map(|a| a.ip()),
+            action: method(path),
+            timestamp: OffsetDateTime::now_utc(),
+            started: Instant::now(),
         }));
-        let peer = req
-            .extensions()
-            .get::<crate::tls::acceptor::PeerInfo>()
-            .and_then(|p| p.remote)
-            .map(|a| a.ip());
-        let action = method(req.uri().path());
         // The call span's ids (see `telemetry::traces::call_span`).
         let span = tracing::Span::current();
         span.record("request_id", tracing::field::display(call.request_id()));
@@ -201,74 +315,96 @@ where
         }
         req.extensions_mut().insert(call.clone());
         let sink = self.sink.clone();
+        let work = async move {
+            let resp = if changes {
+                // A panic is an outcome too: recorded as INTERNAL.
+                match std::panic::AssertUnwindSafe(inner.call(req))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        tracing::error!(request_id = %call.request_id(), "a call panicked");
+                        tonic::Status::internal("internal error; the broker logged the cause")
+                            .into_http()
+                    }
+                }
+            } else {
+                inner.call(req).await?
+            };
+            Ok(finish(&sink, &call, resp, changes).await)
+        };
+        if !changes {
+            return Box::pin(work);
+        }
+        // Run to the end whatever happens to the caller (see module docs).
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.calls.spawn(
+            async move {
+                let _ = tx.send(work.await);
+            }
+            .in_current_span(),
+        );
         Box::pin(async move {
-            let mut resp = inner.call(req).await?;
-            let code = crate::api::status::response_code(&resp);
-            let note = call.take_note();
-            let (user, role) = note.user.map_or_else(
-                || ("unauthenticated".to_owned(), "none"),
-                |(user, role)| (user.to_string(), role),
-            );
-            let record = AuditRecord {
-                // One record per call: the request id is the record's id.
-                id: call.request_id(),
-                timestamp,
-                event_type: Cow::Borrowed(event_type(code, &action)),
-                user,
-                role: Cow::Borrowed(role),
-                resource: note.exchange.map_or_else(
-                    || {
-                        Cow::Borrowed(if action == "ListAuditEvents" {
-                            "audit_log"
-                        } else {
-                            "tenant_credentials"
-                        })
-                    },
-                    |e| Cow::Borrowed(e.audit_resource()),
-                ),
-                action,
-                result: Cow::Borrowed(result(code)),
-                ip_address: peer.map(|ip| ip.to_string()),
-                user_agent: call.user_agent().map(str::to_owned),
-                tenant_id: note.tenant,
-                exchange: note.exchange,
-                versions: note.versions,
-                request_id: call.request_id(),
-                trace_id: call.trace_id().map(str::to_owned),
-                grpc_code: Cow::Borrowed(crate::api::status::code_name(code)),
-                duration_ms: started.elapsed().as_secs_f64() * 1e3,
-                key_hint: note.key_hint,
-            };
-            // A busy spool is tried again after the worker's other tasks
-            // ran, instead of blocking the worker thread on another call's
-            // append (on two cores, a worker asleep on a futex is half the
-            // machine idle). Bounded: should the other append's thread be
-            // descheduled, this one waits on the lock after all.
-            let mut scratch = Vec::new();
-            let mut tries = 0;
-            let appended = loop {
-                if let Some(done) = sink.try_append(&record, &mut scratch) {
-                    break done;
-                }
-                tries += 1;
-                if tries == MAX_TRIES {
-                    break sink.append_prepared(&record, &mut scratch);
-                }
-                tokio::task::yield_now().await;
-            };
-            if let Err(e) = appended {
-                // Checked before the call, failed after it: the caller
-                // learns nothing it could rely on, and the log says so.
-                tracing::error!(request_id = %record.request_id, action = %record.action,
-                    "the call ran but its audit record could not be written: {e}");
-                resp = crate::api::status::audit_unavailable(&e).into_http();
-            }
-            if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
-                resp.headers_mut().insert("x-request-id", v);
-            }
-            Ok(resp)
+            rx.await.unwrap_or_else(|_| {
+                Ok(
+                    tonic::Status::internal("internal error; the broker logged the cause")
+                        .into_http(),
+                )
+            })
         })
     }
+}
+
+/// Records the outcome of a call that answered `resp`, and returns the
+/// answer to send (with `x-request-id`).
+async fn finish(
+    sink: &Arc<dyn AuditSink>,
+    call: &CallAudit,
+    mut resp: http::Response<tonic::body::Body>,
+    changes: bool,
+) -> http::Response<tonic::body::Body> {
+    let code = crate::api::status::response_code(&resp);
+    let record = call.record(call.take_note(), Some(code));
+    // A busy spool is tried again after the worker's other tasks
+    // ran, instead of blocking the worker thread on another call's
+    // append (on two cores, a worker asleep on a futex is half the
+    // machine idle). Bounded: should the other append's thread be
+    // descheduled, this one waits on the lock after all.
+    let mut scratch = Vec::new();
+    let mut tries = 0;
+    let appended = loop {
+        if let Some(done) = sink.try_append(&record, &mut scratch) {
+            break done;
+        }
+        tries += 1;
+        if tries == MAX_TRIES {
+            break sink.append_prepared(&record, &mut scratch);
+        }
+        tokio::task::yield_now().await;
+    };
+    if let Err(e) = appended {
+        // Kept for the spool's recovery probe to write.
+        if changes {
+            // It ran (its request record says so): the caller hears the
+            // truth.
+            tracing::error!(request_id = %record.request_id, action = %record.action,
+                "a call's outcome record could not be written; kept for the spool's recovery: {e}");
+        } else {
+            // A read changes nothing: its answer (a secret) is withheld.
+            resp = crate::api::status::audit_withheld(&e).into_http();
+        }
+        let mut record = record;
+        if !changes {
+            record.result = Cow::Borrowed("failure");
+            record.grpc_code = Cow::Borrowed("UNAVAILABLE");
+        }
+        sink.defer(record);
+    }
+    if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
 }
 
 #[cfg(test)]
@@ -303,7 +439,8 @@ mod tests {
         let inner = tower::service_fn(|_: http::Request<()>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
         });
-        let mut svc = AuditLayer::new(sink.clone()).layer(inner);
+        let mut svc =
+            AuditLayer::new(sink.clone(), tokio_util::task::TaskTracker::new()).layer(inner);
         let req = http::Request::builder()
             .uri("/credbroker.v1.CredentialBroker/GetCredentials")
             .body(())

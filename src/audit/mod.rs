@@ -108,6 +108,56 @@ impl AuditRecord {
         }
     }
 
+    /// A call refused before anything ran because the spool could not take
+    /// records (kept, and written once it can): who called is not known yet.
+    pub fn refused_at_entry(id: Uuid, action: Cow<'static, str>, ip: Option<String>) -> Self {
+        Self {
+            result: Cow::Borrowed("failure"),
+            event_type: Cow::Borrowed("audit_unavailable"),
+            user: "unauthenticated".into(),
+            role: Cow::Borrowed("none"),
+            resource: Cow::Borrowed("tenant_credentials"),
+            action,
+            ip_address: ip,
+            grpc_code: Cow::Borrowed("UNAVAILABLE"),
+            ..Self::audit_probe_with(id)
+        }
+    }
+
+    fn audit_probe_with(id: Uuid) -> Self {
+        Self {
+            id,
+            request_id: id,
+            ..Self::audit_probe()
+        }
+    }
+
+    /// The record a spool that could not be written appends to prove it can
+    /// again (the trail shows where the refusals ended).
+    pub fn audit_probe() -> Self {
+        let id = Uuid::now_v7();
+        Self {
+            id,
+            timestamp: OffsetDateTime::now_utc(),
+            event_type: Cow::Borrowed("system"),
+            user: "system:audit".into(),
+            role: Cow::Borrowed("system"),
+            resource: Cow::Borrowed("audit_log"),
+            action: Cow::Borrowed("AuditSpoolRecovered"),
+            result: Cow::Borrowed("success"),
+            ip_address: None,
+            user_agent: None,
+            tenant_id: None,
+            exchange: None,
+            versions: Vec::new(),
+            request_id: id,
+            trace_id: None,
+            grpc_code: Cow::Borrowed("OK"),
+            duration_ms: 0.0,
+            key_hint: None,
+        }
+    }
+
     /// The seed's log format (for SIEM export): its eight fields first, then
     /// ours.
     pub fn to_export_json(&self) -> serde_json::Value {
@@ -277,6 +327,13 @@ pub trait AuditSink: Send + Sync + 'static {
     ) -> Result<(), AuditError> {
         let _ = scratch;
         self.append(record)
+    }
+
+    /// Keeps `record`, which could not be appended after its call had an
+    /// effect, to append once the sink can again. The default keeps nothing
+    /// (and says so).
+    fn defer(&self, record: AuditRecord) {
+        tracing::error!(request_id = %record.request_id, "an audit record was lost");
     }
 
     /// Whether a record could be appended now; checked before a call runs,

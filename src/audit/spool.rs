@@ -107,6 +107,15 @@ fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String
     hex::encode(h.finish().as_ref())
 }
 
+/// Outcome records kept in memory while the spool fails, at most.
+const MAX_DEFERRED: usize = 10_000;
+
+/// First pause between recovery probes of a spool that cannot be written.
+pub const PROBE_MIN: Duration = Duration::from_millis(50);
+/// Longest pause between them: calls flow again within this (plus the
+/// flusher's period) of the cause going away.
+pub const PROBE_MAX: Duration = Duration::from_millis(500);
+
 /// Records kept in memory for the shipper at most (about 1 KiB each); past
 /// this, appends stop keeping them and the shipper reads the gap back from
 /// the file (as it does after a restart).
@@ -151,8 +160,16 @@ pub struct Spool {
     /// Bytes appended and not yet shipped.
     unshipped: AtomicU64,
     warned: AtomicBool,
-    /// The last write failed (cleared by the next one that succeeds).
+    /// The last write failed (cleared by the next one that succeeds: the
+    /// flusher's recovery probe, since calls are refused meanwhile).
     broken: AtomicBool,
+    /// When the next recovery probe is due, and the backoff between them.
+    probe: Mutex<(std::time::Instant, crate::backoff::Backoff)>,
+    /// Outcome records of calls that ran but could not be recorded when
+    /// they ended; appended once the spool takes records again.
+    deferred: Mutex<Vec<AuditRecord>>,
+    /// Records dropped since the deferred list was last written out.
+    dropped: AtomicU64,
     /// The chain's seq when this process opened the spool (records
     /// appended since are the head's seq minus this).
     opened_seq: u64,
@@ -282,6 +299,12 @@ impl Spool {
             unshipped: AtomicU64::new(unshipped),
             warned: AtomicBool::new(false),
             broken: AtomicBool::new(false),
+            probe: Mutex::new((
+                std::time::Instant::now(),
+                crate::backoff::Backoff::new(PROBE_MIN, PROBE_MAX),
+            )),
+            deferred: Mutex::default(),
+            dropped: AtomicU64::new(0),
             opened_seq: seq,
         }))
     }
@@ -457,10 +480,17 @@ impl Spool {
             let len = w.len;
             let _ = w.file.set_len(len);
             w.prev_hash = prev_hash;
-            self.broken.store(true, Ordering::Relaxed);
+            // Said once per outage, not once per refused call.
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    "the audit spool cannot be written ({e}): calls are refused (health NOT_SERVING) until a probe write succeeds"
+                );
+            }
             return Err(AuditError::Io(e.to_string()));
         }
-        self.broken.store(false, Ordering::Relaxed);
+        if self.broken.swap(false, Ordering::Relaxed) {
+            tracing::warn!("the audit spool can be written again: calls are served");
+        }
         let line = bytes.len() as u64;
         if let Some(body) = body {
             let row = AuditRow {
@@ -506,13 +536,82 @@ impl Spool {
         Ok(())
     }
 
-    /// Group fsync every `every` until cancelled (then once more).
+    fn has_deferred(&self) -> bool {
+        !self
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Whether the last write failed (calls are refused until a write
+    /// succeeds again).
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// While writes fail, tries one: a record saying the spool recovered
+    /// (so the trail itself shows the gap's end), at most every
+    /// [`PROBE_MIN`]…[`PROBE_MAX`] (backoff). Its success is what lets calls
+    /// through again; nothing else writes meanwhile.
+    pub fn probe(&self) {
+        if !self.is_broken() {
+            self.append_deferred();
+            return;
+        }
+        let mut p = self.probe.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if now < p.0 {
+            return;
+        }
+        let record = AuditRecord::audit_probe();
+        match self.append_prepared(&record, &mut Vec::new()) {
+            Ok(()) => {
+                p.1.reset();
+                drop(p);
+                self.append_deferred();
+            }
+            Err(_) => p.0 = now + p.1.next_delay(),
+        }
+    }
+
+    /// Appends the outcome records kept while the spool failed, in order;
+    /// stops at the first that fails (kept for the next try).
+    fn append_deferred(&self) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        if deferred.is_empty() || self.check().is_err() {
+            return;
+        }
+        let mut written = 0;
+        for r in deferred.iter() {
+            if self.append(r).is_err() {
+                break;
+            }
+            written += 1;
+        }
+        deferred.drain(..written);
+        if written > 0 {
+            let dropped = self.dropped.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                written,
+                dropped,
+                "audit records kept during the spool's failure written"
+            );
+        }
+    }
+
+    /// Group fsync every `every` until cancelled (then once more); while
+    /// the spool cannot be written, the recovery probe on the same tick.
     pub async fn flusher(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
         loop {
             let stop = tokio::select! {
                 () = cancel.cancelled() => true,
                 () = tokio::time::sleep(every) => false,
             };
+            if self.is_broken() || self.has_deferred() {
+                let me = self.clone();
+                let _ = tokio::task::spawn_blocking(move || me.probe()).await;
+            }
             // Nothing appended: no thread to wake.
             if self.dirty.load(Ordering::Acquire) {
                 let me = self.clone();
@@ -562,6 +661,18 @@ impl AuditSink for Spool {
         }
         let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         self.finish_line(&mut w, record, scratch)
+    }
+
+    fn defer(&self, record: AuditRecord) {
+        let mut deferred = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        // Bounded: the request records already show these calls.
+        if deferred.len() < MAX_DEFERRED {
+            deferred.push(record);
+        } else if self.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::error!(
+                "audit records kept during the spool's failure reached {MAX_DEFERRED}: later ones are dropped (state-changing calls still have their request records)"
+            );
+        }
     }
 
     fn check(&self) -> Result<(), AuditError> {

@@ -126,6 +126,22 @@ impl Action {
         Action::SetWebhook,
     ];
 
+    /// Whether the action can change state (a store, a rotation, a delete,
+    /// a health status, a webhook, an adoption record): such a call is
+    /// recorded before it runs (and refused if it cannot be), and its
+    /// outcome is recorded whatever happens to the caller.
+    pub fn changes_state(self) -> bool {
+        matches!(
+            self,
+            Action::ValidateAndStore
+                | Action::Rotate
+                | Action::DeleteCredentials
+                | Action::ValidateCredentials
+                | Action::SetWebhook
+                | Action::AcknowledgeVersion
+        )
+    }
+
     /// The broker action a request path names
     /// (`/credbroker.v1.CredentialBroker/Rotate`); `None` for other
     /// services (health, reflection) and unknown methods.

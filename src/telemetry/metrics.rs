@@ -452,6 +452,19 @@ impl Collector for Sources {
                 "The audit spool's bound; calls are refused when it is reached",
                 i64::try_from(s.max_bytes()).unwrap_or(i64::MAX),
             )?;
+            // Why calls are refused, if they are: 1 while it holds.
+            gauge(
+                &mut enc,
+                "credbroker_audit_spool_write_failing",
+                "1 while the audit spool cannot be written (calls refused until a probe write succeeds)",
+                i64::from(s.is_broken()),
+            )?;
+            gauge(
+                &mut enc,
+                "credbroker_audit_spool_full",
+                "1 while the audit spool is full (calls refused until the shipper drains it)",
+                i64::from(s.unshipped() >= s.max_bytes()),
+            )?;
             counter(
                 &mut enc,
                 "credbroker_audit_records",

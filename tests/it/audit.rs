@@ -19,17 +19,26 @@ use crate::support::{
     new_tenant, rotate_n, store_n,
 };
 
-/// Audit records of the database, by request id.
-async fn records(env: &Env) -> BTreeMap<String, AuditRecord> {
+/// Every audit record of the database.
+async fn all_records(env: &Env) -> Vec<AuditRecord> {
     let c = env.db.connect().await;
     c.query("SELECT body FROM audit_log", &[])
         .await
         .unwrap()
         .iter()
-        .map(|r| {
-            let rec: AuditRecord = serde_json::from_str(r.get::<_, &str>(0)).unwrap();
-            (rec.request_id.to_string(), rec)
-        })
+        .map(|r| serde_json::from_str(r.get::<_, &str>(0)).unwrap())
+        .collect()
+}
+
+/// The outcome record of each call, by request id (a state-changing call
+/// also has a request record, `result: requested`, with the same request
+/// id).
+async fn records(env: &Env) -> BTreeMap<String, AuditRecord> {
+    all_records(env)
+        .await
+        .into_iter()
+        .filter(|r| r.result != "requested")
+        .map(|r| (r.request_id.to_string(), r))
         .collect()
 }
 
@@ -142,6 +151,39 @@ async fn every_call_is_recorded_once_with_its_fields() {
     let rot = rec("rotate");
     assert_eq!(rot.versions, vec![2, 1], "new version and the previous one");
 
+    // The two writes were on record before they ran: a request record
+    // each, same request id, written before the outcome, naming who and
+    // what but no result yet.
+    let every = all_records(&env).await;
+    for (k, action) in [("store", "ValidateAndStore"), ("rotate", "Rotate")] {
+        let both: Vec<&AuditRecord> = every
+            .iter()
+            .filter(|r| r.request_id.to_string() == ids[k])
+            .collect();
+        assert_eq!(both.len(), 2, "{k}: a request and an outcome record");
+        let req = both.iter().find(|r| r.result == "requested").expect(k);
+        let out = both.iter().find(|r| r.result == "success").expect(k);
+        assert_eq!(
+            (req.action.as_ref(), req.grpc_code.as_ref()),
+            (action, "PENDING")
+        );
+        assert_eq!(req.user, out.user);
+        assert_eq!(req.tenant_id, out.tenant_id);
+        assert_ne!(req.id, out.id);
+        assert!(
+            req.timestamp >= out.timestamp,
+            "the request record follows admission"
+        );
+    }
+    // Reads have one record each.
+    assert_eq!(
+        every
+            .iter()
+            .filter(|r| r.request_id.to_string() == ids["get1"])
+            .count(),
+        1
+    );
+
     let denied = rec("denied");
     assert_eq!(
         (
@@ -197,8 +239,9 @@ async fn every_call_is_recorded_once_with_its_fields() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    // The unauthenticated call named no tenant the broker could trust.
-    assert_eq!(exported.len(), wanted.len() - 1);
+    // The unauthenticated call named no tenant the broker could trust; the
+    // two writes have a request record each besides their outcome.
+    assert_eq!(exported.len(), wanted.len() - 1 + 2);
     for e in &exported {
         for field in [
             "timestamp",
@@ -520,4 +563,182 @@ async fn a_postgres_outage_blocks_no_read_and_loses_no_record() {
     .await
     .expect("every record answered during the outage reached PostgreSQL");
     running.stop().await.unwrap();
+}
+
+/// The spool's file cannot be written (a file-size limit put on the running
+/// `credbroker server` with prlimit, as a full or failing disk would): a
+/// Rotate is refused before it runs and changes nothing, a read returns no
+/// secret, health turns NOT_SERVING; once the limit is lifted the broker
+/// serves again by itself (no restart), within a second, and both refused
+/// calls are in the trail, after the spool's own recovery record.
+#[tokio::test]
+async fn a_spool_that_cannot_be_written_refuses_recovers_by_itself_and_records_the_refusals() {
+    let env = Env::start().await;
+    let server = env.spawn_server_process().await;
+    let pid = server.child.id().unwrap().to_string();
+    let mut op = env
+        .client_at(server.addr, &format!("spiffe://{TD}/operator/ops"))
+        .await;
+    let tenant = new_tenant();
+    op.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let count_sql = format!("SELECT count(*) FROM credential_events WHERE tenant_id = '{tenant}'");
+    let events = || env.count(&count_sql);
+    let before = events().await;
+    let spool = env.pki.path("audit-process");
+    let segment = credbroker::audit::spool::segments(&spool)
+        .unwrap()
+        .last()
+        .copied()
+        .unwrap();
+    let size = std::fs::metadata(credbroker::audit::spool::segment_path(&spool, segment))
+        .unwrap()
+        .len();
+    let prlimit = |limit: &str| {
+        let out = std::process::Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--fsize={limit}")])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The soft limit only: lifting it again needs no privilege.
+    prlimit(&format!("{size}:unlimited"));
+
+    let read = op.get_credentials(get_req(&tenant, "binance")).await;
+    let read_id = request_id(&read);
+    let e = read.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("withheld"), "{}", e.message());
+    let rotate = op.rotate(rotate_n(&tenant, "binance", 1)).await;
+    let e = rotate.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("nothing was done"), "{}", e.message());
+    assert_eq!(events().await, before, "the refused Rotate changed nothing");
+    // The health probe notices on its next round (every second here).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while server.health_status().await.unwrap()
+        != tonic_health::pb::health_check_response::ServingStatus::NotServing as i32
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health stayed SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    prlimit("unlimited:unlimited");
+    let lifted = std::time::Instant::now();
+    let served = loop {
+        match op.rotate(rotate_n(&tenant, "binance", 2)).await {
+            Ok(_) => break lifted.elapsed(),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(
+                    lifted.elapsed() < Duration::from_secs(20),
+                    "never recovered"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    eprintln!("audit spool unwritable, then writable again: serving {served:?} later");
+    assert_eq!(
+        events().await,
+        before + 1,
+        "only the Rotate after recovery ran"
+    );
+
+    // The trail: the recovery record, the withheld read (by its request
+    // id) and the Rotate refused at the door.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let all = all_records(&env).await;
+        let recovered = all.iter().any(|r| r.action == "AuditSpoolRecovered");
+        let withheld = all.iter().any(|r| {
+            r.request_id.to_string() == read_id
+                && r.grpc_code == "UNAVAILABLE"
+                && r.result == "failure"
+        });
+        let refused = all
+            .iter()
+            .any(|r| r.action == "Rotate" && r.event_type == "audit_unavailable");
+        if recovered && withheld && refused {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "recovered {recovered}, withheld read {withheld}, refused rotate {refused}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A Rotate that commits, then outlasts its client's deadline (a slow step
+/// after the commit): the client gives up, and the trail
+/// still has the call's request record and its true outcome, the committed
+/// version included. Before, the deadline dropped the audit layer's
+/// future and with it the record.
+#[tokio::test]
+async fn a_deadline_after_the_commit_loses_no_record() {
+    use crate::support::probe::ProbeMeta;
+
+    let env = Env::start().await;
+    let mut backends = credbroker::app::real_backends(&env.config).await.unwrap();
+    let meta = ProbeMeta::new(backends.meta.clone());
+    backends.meta = meta.clone();
+    let b = env.replica_with(backends, None).await;
+    let mut op = env
+        .client_at(b.addr, &format!("spiffe://{TD}/operator/ops"))
+        .await;
+    let tenant = new_tenant();
+    op.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    meta.hold_after_rotate(Duration::from_millis(1500));
+    let mut req = Request::new(rotate_n(&tenant, "binance", 1));
+    req.set_timeout(Duration::from_millis(300));
+    let e = op.rotate(req).await.unwrap_err();
+    // tonic's client gives up on its own clock (CANCELLED) or hears the
+    // server's DEADLINE_EXCEEDED, whichever comes first.
+    assert!(
+        matches!(e.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{e:?}"
+    );
+    // The commit happened.
+    let committed = env
+        .count(&format!(
+            "SELECT count(*) FROM credential_events WHERE tenant_id = '{tenant}' AND kind = 'rotated' AND version = 2"
+        ))
+        .await;
+    assert_eq!(committed, 1);
+    // Its records: the request, and the outcome with version 2, once the
+    // held step ends.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rotates: Vec<AuditRecord> = all_records(&env)
+            .await
+            .into_iter()
+            .filter(|r| {
+                r.action == "Rotate" && r.tenant_id.is_some_and(|t| t.to_string() == tenant)
+            })
+            .collect();
+        let requested = rotates.iter().any(|r| r.result == "requested");
+        let outcome = rotates
+            .iter()
+            .find(|r| r.result == "success" && r.versions.first() == Some(&2));
+        if requested && outcome.is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "records of the Rotate: {rotates:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.stop().await.unwrap();
 }

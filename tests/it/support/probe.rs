@@ -103,10 +103,13 @@ impl SecretStore for ProbeSecrets {
     }
 }
 
-/// A [`MetadataStore`] that counts single-row reads (the cache's loads).
+/// A [`MetadataStore`] that counts single-row reads (the cache's loads),
+/// and can hold a rotation's answer after it committed (a slow step after
+/// the commit).
 pub struct ProbeMeta {
     inner: Arc<dyn MetadataStore>,
     gets: AtomicUsize,
+    after_rotate: std::sync::Mutex<std::time::Duration>,
 }
 
 impl ProbeMeta {
@@ -114,7 +117,13 @@ impl ProbeMeta {
         Arc::new(Self {
             inner,
             gets: AtomicUsize::new(0),
+            after_rotate: std::sync::Mutex::new(std::time::Duration::ZERO),
         })
+    }
+
+    /// Holds every rotation's answer this long after its commit.
+    pub fn hold_after_rotate(&self, d: std::time::Duration) {
+        *self.after_rotate.lock().unwrap() = d;
     }
 
     /// Row reads so far.
@@ -156,7 +165,10 @@ impl MetadataStore for ProbeMeta {
         &self,
         c: RotationCommit,
     ) -> Result<(CredentialRecord, CredentialEvent), MetadataStoreError> {
-        self.inner.rotate(c).await
+        let done = self.inner.rotate(c).await;
+        let hold = *self.after_rotate.lock().unwrap();
+        tokio::time::sleep(hold).await;
+        done
     }
     async fn delete(
         &self,
