@@ -368,10 +368,23 @@ async fn audit(cmd: AuditCmd) -> anyhow::Result<()> {
                 .audit_export(tenant, time("since", since)?, time("until", until)?)
                 .await?;
             let mut out = std::io::stdout().lock();
+            let mut skipped = 0;
             for row in rows {
+                // Only what the chain covers is exported: a row whose stored
+                // tenant or time disagrees with its hashed body is skipped
+                // (and counted; `audit verify` names it).
+                if credbroker::audit::chain::column_mismatch(&row).is_some() {
+                    skipped += 1;
+                    continue;
+                }
                 let rec: credbroker::audit::AuditRecord = serde_json::from_str(&row.body)?;
                 use std::io::Write as _;
                 writeln!(out, "{}", rec.to_export_json())?;
+            }
+            if skipped > 0 {
+                eprintln!(
+                    "{skipped} record(s) skipped: their stored tenant or time disagrees with their hashed body; run `credbroker audit verify`"
+                );
             }
             Ok(())
         }

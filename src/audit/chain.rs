@@ -39,6 +39,15 @@ pub enum Break {
         /// The anchored seq.
         seq: u64,
     },
+    /// A stored column the hash does not cover directly (id, time, tenant)
+    /// disagrees with the hashed body: the row was edited outside the chain
+    /// (moved to another tenant, or out of a time window).
+    Column {
+        /// Its seq.
+        seq: u64,
+        /// The column that disagrees.
+        column: &'static str,
+    },
 }
 
 impl fmt::Display for Break {
@@ -64,6 +73,10 @@ impl fmt::Display for Break {
             Break::Anchor { seq } => write!(
                 f,
                 "the anchor at seq {seq} no longer matches the chain (records rewritten or the tail cut)"
+            ),
+            Break::Column { seq, column } => write!(
+                f,
+                "record seq {seq}'s stored `{column}` disagrees with its hashed body (the row was edited)"
             ),
         }
     }
@@ -148,6 +161,26 @@ pub fn first_break<L: Link>(records: &[L], anchors: Option<&[(u64, String)]>) ->
     None
 }
 
+/// The first stored column of `row` that disagrees with its hashed body
+/// (`chain_id` and `seq` are inputs of the hash itself; `id`, `at` and
+/// `tenant_id` are checked here), or `None` when they all agree.
+pub fn column_mismatch(row: &crate::broker::ports::AuditRow) -> Option<&'static str> {
+    let Ok(body) = serde_json::from_str::<super::AuditRecord>(&row.body) else {
+        return Some("body");
+    };
+    if body.id != row.id {
+        return Some("id");
+    }
+    if body.tenant_id != row.tenant {
+        return Some("tenant_id");
+    }
+    // PostgreSQL keeps microseconds.
+    if (body.timestamp - row.at).abs() >= time::Duration::microseconds(1) {
+        return Some("at");
+    }
+    None
+}
+
 /// What `credbroker audit verify` found.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -172,17 +205,22 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
         let found = if rows.is_empty() {
             anchors.first().map(|(seq, _)| Break::Anchor { seq: *seq })
         } else {
-            first_break(rows, Some(anchors))
+            first_break(rows, Some(anchors)).or_else(|| {
+                rows.iter().find_map(|r| {
+                    column_mismatch(r).map(|column| Break::Column { seq: r.seq, column })
+                })
+            })
         };
         match found {
             Some(b) => {
                 report.broken += 1;
                 let id = match &b {
-                    Break::Edited { seq } | Break::Relinked { seq } => rows
-                        .iter()
-                        .find(|r| r.seq == *seq)
-                        .map(|r| format!(" (record id {})", r.id))
-                        .unwrap_or_default(),
+                    Break::Edited { seq } | Break::Relinked { seq } | Break::Column { seq, .. } => {
+                        rows.iter()
+                            .find(|r| r.seq == *seq)
+                            .map(|r| format!(" (record id {})", r.id))
+                            .unwrap_or_default()
+                    }
                     _ => String::new(),
                 };
                 report

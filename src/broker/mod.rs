@@ -736,7 +736,18 @@ impl Broker {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<ports::AuditRow>, BrokerError> {
-        Ok(self.meta.list_audit(tenant, before, since, limit).await?)
+        let rows = self.meta.list_audit(tenant, before, since, limit).await?;
+        // Only what the chain covers is believed: a row whose stored tenant
+        // or time disagrees with its hashed body (edited outside the chain;
+        // `audit verify` names it) is not shown as this tenant's.
+        let (shown, hidden): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| {
+            crate::audit::chain::column_mismatch(r).is_none() && r.tenant == Some(tenant)
+        });
+        if let Some(r) = hidden.first() {
+            tracing::error!(%tenant, chain = %r.chain_id, seq = r.seq, hidden = hidden.len(),
+                "audit rows whose columns disagree with their hashed body were not listed (run `credbroker audit verify`)");
+        }
+        Ok(shown)
     }
 
     /// Metadata of every credential of a tenant.

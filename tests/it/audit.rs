@@ -319,6 +319,62 @@ async fn every_call_is_recorded_once_with_its_fields() {
     );
     exec("INSERT INTO audit_log SELECT * FROM stash".into()).await;
     assert!(verify().await.0, "restored");
+    // A row moved to another tenant, or out of a time window, by its
+    // columns alone: named, with the record's id; never exported as the
+    // other tenant's.
+    for (column, edit, undo) in [
+        (
+            "tenant_id",
+            format!(
+                "UPDATE audit_log SET tenant_id = '{other}' WHERE id = '{}'",
+                row.0
+            ),
+            format!(
+                "UPDATE audit_log SET tenant_id = '{tenant}' WHERE id = '{}'",
+                row.0
+            ),
+        ),
+        (
+            "at",
+            format!(
+                "UPDATE audit_log SET at = at - interval '1 day' WHERE id = '{}'",
+                row.0
+            ),
+            format!(
+                "UPDATE audit_log SET at = at + interval '1 day' WHERE id = '{}'",
+                row.0
+            ),
+        ),
+    ] {
+        exec(edit).await;
+        let (ok, out) = verify().await;
+        assert!(
+            !ok && out.contains(&format!("record seq {}'s stored `{column}`", row.2))
+                && out.contains(&row.0.to_string()),
+            "{column}: {out}"
+        );
+        if column == "tenant_id" {
+            let moved = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+                .args([
+                    "audit",
+                    "export",
+                    "--database-url",
+                    &env.db.url(),
+                    "--tenant",
+                    &other,
+                ])
+                .output()
+                .await
+                .unwrap();
+            assert!(moved.status.success());
+            assert!(
+                !String::from_utf8_lossy(&moved.stdout).contains(target.as_str()),
+                "a moved row is not exported as the other tenant's"
+            );
+        }
+        exec(undo).await;
+        assert!(verify().await.0, "restored");
+    }
     // Swap two records' places.
     exec(format!(
         "UPDATE audit_log SET seq = seq + 1000000 WHERE chain_id = '{c}' AND seq IN ({a}, {b}); \
