@@ -138,6 +138,9 @@ pub struct Fresh {
 
 struct Writer {
     file: File,
+    /// Segments rolled away from and not yet synced (the flusher syncs
+    /// them, outside this lock).
+    retired: Vec<File>,
     segment: u64,
     len: u64,
     seq: u64,
@@ -173,6 +176,14 @@ pub struct Spool {
     /// The chain's seq when this process opened the spool (records
     /// appended since are the head's seq minus this).
     opened_seq: u64,
+    /// A segment was created: the directory must be synced before its
+    /// records count as durable.
+    dir_dirty: AtomicBool,
+    /// Bytes a segment grows to before the next one starts.
+    segment_bytes: u64,
+    /// The durability operations in order (tests).
+    #[cfg(test)]
+    ops: Mutex<Vec<String>>,
 }
 
 /// Segment file name of number `n`.
@@ -238,6 +249,10 @@ impl Spool {
     /// # Errors
     /// When the directory or its files cannot be used.
     pub fn open(dir: &Path, max_bytes: u64) -> std::io::Result<Arc<Self>> {
+        Self::open_sized(dir, max_bytes, SEGMENT_BYTES)
+    }
+
+    fn open_sized(dir: &Path, max_bytes: u64, segment_bytes: u64) -> std::io::Result<Arc<Self>> {
         std::fs::create_dir_all(dir)?;
         let id_path = dir.join("chain_id");
         let chain_id = match std::fs::read_to_string(&id_path) {
@@ -270,6 +285,11 @@ impl Spool {
         let segment = segs.last().copied().unwrap_or(1);
         let path = segment_path(dir, segment);
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        if segs.is_empty() {
+            // The new segment's directory entry is durable before any
+            // record in it is.
+            sync_dir(dir)?;
+        }
         let len = file.metadata()?.len();
         let shipped = super::ship::read_offset(dir)?;
         let mut unshipped = 0;
@@ -288,6 +308,7 @@ impl Spool {
             max_bytes,
             writer: Mutex::new(Writer {
                 file,
+                retired: Vec::new(),
                 segment,
                 len,
                 seq,
@@ -306,6 +327,10 @@ impl Spool {
             deferred: Mutex::default(),
             dropped: AtomicU64::new(0),
             opened_seq: seq,
+            dir_dirty: AtomicBool::new(false),
+            segment_bytes,
+            #[cfg(test)]
+            ops: Mutex::default(),
         }))
     }
 
@@ -425,17 +450,22 @@ impl Spool {
     ) -> Result<(), AuditError> {
         let (start, end) = (BODY_KEY.len(), bytes.len());
         let at_nanos = i64::try_from(record.timestamp.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        if w.len >= SEGMENT_BYTES {
+        if w.len >= self.segment_bytes {
             let next = w.segment + 1;
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(segment_path(&self.dir, next))
                 .map_err(|e| AuditError::Io(e.to_string()))?;
-            let _ = w.file.sync_data();
-            w.file = file;
+            // No fsync under this lock (every call would wait behind it):
+            // the flusher syncs the old segment, then the directory, then
+            // the new segment, in that order (see `sync`).
+            let old = std::mem::replace(&mut w.file, file);
+            w.retired.push(old);
             w.segment = next;
             w.len = 0;
+            self.dir_dirty.store(true, Ordering::Release);
+            self.dirty.store(true, Ordering::Release);
         }
         let seq = w.seq + 1;
         let body =
@@ -524,17 +554,55 @@ impl Spool {
     /// # Errors
     /// When fsync fails.
     pub fn sync(&self) -> std::io::Result<()> {
-        if self.dirty.swap(false, Ordering::AcqRel) {
-            let file = self
-                .writer
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        // Only the handles are taken under the writer's lock; the syncs run
+        // outside it. Order: segments rolled away from, then the directory
+        // (the new segment's entry), then the segment being written.
+        let (mut retired, file) = {
+            let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            (std::mem::take(&mut w.retired), w.file.try_clone())
+        };
+        let done = (|| {
+            while let Some(f) = retired.first() {
+                f.sync_data()?;
+                self.note("sync a rolled segment");
+                retired.remove(0);
+            }
+            if self.dir_dirty.swap(false, Ordering::AcqRel) {
+                if let Err(e) = sync_dir(&self.dir) {
+                    self.dir_dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
+                self.note("sync the directory");
+            }
+            file?.sync_data()?;
+            self.note("sync the current segment");
+            Ok(())
+        })();
+        if done.is_err() {
+            // Tried again next time, nothing forgotten.
+            self.writer
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .file
-                .try_clone()?;
-            file.sync_data()?;
+                .retired
+                .splice(0..0, retired);
+            self.dirty.store(true, Ordering::Release);
         }
-        Ok(())
+        done
     }
+
+    #[cfg(test)]
+    fn note(&self, op: &str) {
+        self.ops
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(op.to_owned());
+    }
+
+    #[cfg(not(test))]
+    fn note(&self, _: &str) {}
 
     fn has_deferred(&self) -> bool {
         !self
@@ -698,7 +766,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename itself is durable only once the directory is.
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// fsync of a directory: what makes a file's creation, rename or removal
+/// in it survive a power cut.
+///
+/// # Errors
+/// On I/O failure.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 /// The chain head (seq, hash) the shipper recorded when it removed the last
@@ -834,5 +913,41 @@ mod tests {
         assert!(refused);
         s.shipped(s.unshipped());
         s.append(&record(99)).unwrap();
+    }
+
+    /// A roll creates the next segment without an fsync under the writer's
+    /// lock; the flusher then syncs, in order, the segment rolled away
+    /// from, the directory (the new segment's entry) and the new segment.
+    #[test]
+    fn a_roll_syncs_outside_the_lock_old_segment_then_directory_then_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Spool::open_sized(dir.path(), 1 << 30, 2048).unwrap();
+        s.sync().unwrap();
+        s.ops.lock().unwrap().clear();
+        let mut n = 0;
+        while s.current_segment() == 1 {
+            n += 1;
+            s.append(&record(n)).unwrap();
+        }
+        assert!(
+            s.ops.lock().unwrap().is_empty(),
+            "no sync while appending (under the lock)"
+        );
+        s.sync().unwrap();
+        assert_eq!(
+            *s.ops.lock().unwrap(),
+            [
+                "sync a rolled segment",
+                "sync the directory",
+                "sync the current segment"
+            ]
+        );
+        // Nothing new: nothing synced again.
+        s.sync().unwrap();
+        assert_eq!(s.ops.lock().unwrap().len(), 3);
+        // The chain continues across the roll.
+        let lines = lines(dir.path());
+        assert_eq!(lines.len() as u64, n);
+        assert!(crate::audit::chain::first_break(&lines, None).is_none());
     }
 }
