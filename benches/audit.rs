@@ -46,6 +46,7 @@ fn record() -> AuditRecord {
         grpc_code: Cow::Borrowed("OK"),
         duration_ms: 0.042,
         key_hint: None,
+        count: None,
     }
 }
 

@@ -602,6 +602,14 @@ pub async fn start(
         });
         tracing::info!(%at, "grpc.health.v1 (plaintext, health only)");
     }
+    let refusals = crate::audit::refusals::Refusals::new(sink.clone());
+    {
+        let (r, cancel) = (refusals.clone(), shutdown.clone());
+        spawn_task(&mut tasks, "refused-call tallies", &shutdown, async move {
+            r.task_main(crate::audit::refusals::INTERVAL, cancel).await;
+            Ok(())
+        });
+    }
     let tokens = TokenVerifier::new(&TokenSettings {
         hs256_secret: s.auth.hs256_secret.clone(),
         jwks_file: s.auth.jwks_file.clone(),
@@ -629,6 +637,7 @@ pub async fn start(
             front: s.front,
             auth,
             audit: sink,
+            refusals,
             metrics: metrics.clone(),
             service,
             health,

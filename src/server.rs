@@ -68,6 +68,8 @@ pub struct ServeParams<H> {
     pub auth: AuthLayer,
     /// Where every call's audit record goes.
     pub audit: Arc<dyn crate::audit::AuditSink>,
+    /// The tallies of refused calls (one record per caller and interval).
+    pub refusals: Arc<crate::audit::refusals::Refusals>,
     /// gRPC call metrics.
     pub metrics: crate::telemetry::metrics::Metrics,
     /// The broker service.
@@ -130,13 +132,17 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         // Shed first: when the replica is saturated, refusing a call must
         // cost nothing (no certificate or token work). Outermost, it also
         // counts and times every call (shed ones included).
-        .layer(AdmissionLayer::new(p.front.max_concurrent_calls, p.metrics))
+        .layer(AdmissionLayer::new(
+            p.front.max_concurrent_calls,
+            p.metrics,
+            p.refusals.clone(),
+        ))
         // Audit next: every call that is not shed is recorded, including
         // the ones the auth layer refuses, with its outcome and duration;
         // no answer leaves without its record in the spool. Inside tonic's
         // deadline, so a state-changing call it gives up on still runs to
         // its end and records its true outcome (the call is its own task).
-        .layer(AuditLayer::new(p.audit, calls.clone()))
+        .layer(AuditLayer::new(p.audit, p.refusals, calls.clone()))
         // Identity next: every later layer and handler knows the caller.
         // (Authorization and rate limits need the tenant named in the
         // request body, so they run in one place at the top of each

@@ -156,6 +156,7 @@ impl CallAudit {
                 0.0
             },
             key_hint: note.key_hint,
+            count: None,
         }
     }
 
@@ -187,14 +188,24 @@ fn fast_v7() -> Uuid {
 #[derive(Clone)]
 pub struct AuditLayer {
     sink: Arc<dyn AuditSink>,
+    refusals: Arc<super::refusals::Refusals>,
     calls: tokio_util::task::TaskTracker,
 }
 
 impl AuditLayer {
-    /// Records into `sink`; state-changing calls run as tasks of `calls`
-    /// (wait for it at shutdown).
-    pub fn new(sink: Arc<dyn AuditSink>, calls: tokio_util::task::TaskTracker) -> Self {
-        Self { sink, calls }
+    /// Records into `sink`, rate-limited calls tallied in `refusals`;
+    /// state-changing calls run as tasks of `calls` (wait for it at
+    /// shutdown).
+    pub fn new(
+        sink: Arc<dyn AuditSink>,
+        refusals: Arc<super::refusals::Refusals>,
+        calls: tokio_util::task::TaskTracker,
+    ) -> Self {
+        Self {
+            sink,
+            refusals,
+            calls,
+        }
     }
 }
 
@@ -205,6 +216,7 @@ impl<S> Layer<S> for AuditLayer {
         Audit {
             inner,
             sink: self.sink.clone(),
+            refusals: self.refusals.clone(),
             calls: self.calls.clone(),
         }
     }
@@ -215,6 +227,7 @@ impl<S> Layer<S> for AuditLayer {
 pub struct Audit<S> {
     inner: S,
     sink: Arc<dyn AuditSink>,
+    refusals: Arc<super::refusals::Refusals>,
     calls: tokio_util::task::TaskTracker,
 }
 
@@ -315,6 +328,7 @@ where
         }
         req.extensions_mut().insert(call.clone());
         let sink = self.sink.clone();
+        let refusals = self.refusals.clone();
         let work = async move {
             let resp = if changes {
                 // A panic is an outcome too: recorded as INTERNAL.
@@ -332,7 +346,7 @@ where
             } else {
                 inner.call(req).await?
             };
-            Ok(finish(&sink, &call, resp, changes).await)
+            Ok(finish(&sink, &refusals, &call, resp, changes).await)
         };
         if !changes {
             return Box::pin(work);
@@ -360,12 +374,32 @@ where
 /// answer to send (with `x-request-id`).
 async fn finish(
     sink: &Arc<dyn AuditSink>,
+    refusals: &super::refusals::Refusals,
     call: &CallAudit,
     mut resp: http::Response<tonic::body::Body>,
     changes: bool,
 ) -> http::Response<tonic::body::Body> {
     let code = crate::api::status::response_code(&resp);
-    let record = call.record(call.take_note(), Some(code));
+    let note = call.take_note();
+    // A refusal for a rate limit is tallied, not recorded one by one: a
+    // flood stays visible without the trail amplifying it.
+    if code == Code::ResourceExhausted {
+        refusals.note(
+            note.user
+                .map_or(super::refusals::Who::Connection(None), |(s, r)| {
+                    super::refusals::Who::Known(s, r)
+                }),
+            call.0.peer,
+            call.0.action.clone(),
+            "RESOURCE_EXHAUSTED",
+            note.tenant,
+        );
+        if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+        return resp;
+    }
+    let record = call.record(note, Some(code));
     // A busy spool is tried again after the worker's other tasks
     // ran, instead of blocking the worker thread on another call's
     // append (on two cores, a worker asleep on a futex is half the
@@ -439,8 +473,12 @@ mod tests {
         let inner = tower::service_fn(|_: http::Request<()>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
         });
-        let mut svc =
-            AuditLayer::new(sink.clone(), tokio_util::task::TaskTracker::new()).layer(inner);
+        let mut svc = AuditLayer::new(
+            sink.clone(),
+            crate::audit::refusals::Refusals::new(sink.clone()),
+            tokio_util::task::TaskTracker::new(),
+        )
+        .layer(inner);
         let req = http::Request::builder()
             .uri("/credbroker.v1.CredentialBroker/GetCredentials")
             .body(())

@@ -15,6 +15,7 @@
 
 pub mod chain;
 pub mod layer;
+pub mod refusals;
 pub mod ship;
 pub mod spool;
 
@@ -71,6 +72,10 @@ pub struct AuditRecord {
     pub duration_ms: f64,
     /// Masked key of the set written, if any.
     pub key_hint: Option<String>,
+    /// For a record standing for many refused calls (overload, rate
+    /// limits: see [`refusals`]), how many; absent for a single call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 impl AuditRecord {
@@ -105,6 +110,7 @@ impl AuditRecord {
             grpc_code: Cow::Borrowed("OK"),
             duration_ms: 0.0,
             key_hint: None,
+            count: None,
         }
     }
 
@@ -155,6 +161,7 @@ impl AuditRecord {
             grpc_code: Cow::Borrowed("OK"),
             duration_ms: 0.0,
             key_hint: None,
+            count: None,
         }
     }
 
@@ -248,6 +255,10 @@ impl AuditRecord {
             .map_err(|e| AuditError::Io(e.to_string()))?;
         out.extend_from_slice(b",\"key_hint\":");
         json_opt_str(out, self.key_hint.as_deref());
+        if let Some(n) = self.count {
+            out.extend_from_slice(b",\"count\":");
+            out.extend_from_slice(digits.format(n).as_bytes());
+        }
         out.push(b'}');
         Ok(())
     }
@@ -388,6 +399,7 @@ mod tests {
         r.tenant_id = r.tenant_id.filter(|_| some);
         r.exchange = r.exchange.filter(|_| some);
         r.duration_ms = nanos as f64 / 7e9;
+        r.count = some.then_some(nanos as u64);
         r
     }
 

@@ -387,6 +387,46 @@ impl LayerState {
         result
     }
 
+    /// Who a refused call claimed to be, and for which tenant: the
+    /// certificate's workload tenant if it names one, else the bearer
+    /// token's `sub` and `tenant_id` read *without* verification (bounded,
+    /// and only a canonical UUID counts). For the audit trail only, marked
+    /// unverified there; never for a decision.
+    fn claimed<B>(&self, req: &http::Request<B>) -> Option<(Arc<str>, TenantId)> {
+        let chain = req
+            .extensions()
+            .get::<crate::tls::acceptor::PeerInfo>()
+            .and_then(|p| p.certs.clone());
+        if let Some(chain) = chain
+            && let Ok((id, CertSubject::Workload(tenant))) = self.cert_identity(chain)
+        {
+            return Some((id, tenant));
+        }
+        let token = bearer(req).ok().flatten()?;
+        let payload = token.split('.').nth(1).filter(|p| p.len() <= 8192)?;
+        let json = base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            payload.trim_end_matches('='),
+        )
+        .ok()?;
+        let claims: serde_json::Value = serde_json::from_slice(&json).ok()?;
+        let tenant = claims["tenant_id"]
+            .as_str()
+            .and_then(|t| {
+                uuid::Uuid::try_parse(t)
+                    .ok()
+                    .filter(|u| u.hyphenated().to_string() == t)
+            })
+            .map(TenantId::new)?;
+        let sub: String = claims["sub"]
+            .as_str()
+            .unwrap_or("")
+            .chars()
+            .take(256)
+            .collect();
+        Some((Arc::from(format!("token sub {sub:?}").as_str()), tenant))
+    }
+
     fn caller_of<B>(&self, req: &http::Request<B>) -> Result<Caller, AuthError> {
         let chain = req
             .extensions()
@@ -498,6 +538,16 @@ where
                 }
                 Err(e) => {
                     tracing::info!(method = %req.uri().path(), "unauthenticated call refused: {e}");
+                    // Recorded under the tenant the caller claimed, marked
+                    // unverified, so that tenant's admin sees attempts on it.
+                    if let Some(audit) = req.extensions().get::<crate::audit::layer::CallAudit>()
+                        && let Some((subject, tenant)) = self.state.claimed(&req)
+                    {
+                        audit.note(|n| {
+                            n.user = Some((subject, "unverified"));
+                            n.tenant = Some(tenant);
+                        });
+                    }
                     let resp = crate::api::status::auth(e).into_http();
                     return Box::pin(async move { Ok(resp) });
                 }

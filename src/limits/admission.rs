@@ -30,15 +30,23 @@ pub struct AdmissionLayer {
     slots: Arc<Semaphore>,
     max: usize,
     metrics: Metrics,
+    refusals: Arc<crate::audit::refusals::Refusals>,
 }
 
 impl AdmissionLayer {
-    /// At most `max` calls in flight; every call recorded in `metrics`.
-    pub fn new(max: usize, metrics: Metrics) -> Self {
+    /// At most `max` calls in flight; every call recorded in `metrics`, and
+    /// every shed one tallied in `refusals` (the audit trail's count of
+    /// refused calls).
+    pub fn new(
+        max: usize,
+        metrics: Metrics,
+        refusals: Arc<crate::audit::refusals::Refusals>,
+    ) -> Self {
         Self {
             slots: Arc::new(Semaphore::new(max.max(1))),
             max,
             metrics,
+            refusals,
         }
     }
 }
@@ -86,6 +94,17 @@ where
             match self.layer.slots.clone().try_acquire_owned() {
                 Ok(p) => Some(p),
                 Err(_) => {
+                    let peer = req.extensions().get::<crate::tls::acceptor::PeerInfo>();
+                    self.layer.refusals.note(
+                        crate::audit::refusals::Who::Connection(peer.and_then(|p| p.certs.clone())),
+                        peer.and_then(|p| p.remote).map(|a| a.ip()),
+                        std::borrow::Cow::Borrowed(
+                            crate::auth::Action::from_path(req.uri().path())
+                                .map_or("other", |a| a.name()),
+                        ),
+                        "RESOURCE_EXHAUSTED",
+                        None,
+                    );
                     let resp =
                         crate::api::status::overloaded(self.layer.max, RETRY_AFTER).into_http();
                     metrics.grpc_call(method, tonic::Code::ResourceExhausted, started.elapsed());

@@ -798,3 +798,158 @@ async fn a_deadline_after_the_commit_loses_no_record() {
     }
     b.stop().await.unwrap();
 }
+
+/// Refused calls are counted, not recorded one by one: a burst beyond
+/// `max_concurrent_calls` and a tenant's flood past its rate limit each
+/// leave one record per caller, method and interval, whose `count` is
+/// exactly the number of calls the clients saw refused.
+#[tokio::test]
+async fn refusals_are_aggregated_per_caller_with_exact_counts() {
+    use credbroker::{config::TenantLimits, server::FrontDoor};
+
+    let limited = uuid::Uuid::new_v4();
+    let mut limits = LimitsConfig::unlimited();
+    limits.tenants.insert(
+        limited,
+        TenantLimits {
+            reads_per_minute: Some(5),
+            ..TenantLimits::default()
+        },
+    );
+    let m = Memory::start_with(MemoryOptions {
+        limits,
+        front: FrontDoor {
+            max_concurrent_calls: 2,
+            ..FrontDoor::default()
+        },
+        ..MemoryOptions::default()
+    })
+    .await;
+    let (a, b) = (limited.to_string(), uuid::Uuid::new_v4().to_string());
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    op.validate_and_store(store_n(&a, "binance")).await.unwrap();
+    op.validate_and_store(store_n(&b, "binance")).await.unwrap();
+
+    // Tenant A's pod, one call at a time, past its limit.
+    let mut pod = m
+        .client(&[&format!("spiffe://{TD}/tenant/{a}/pod/p")])
+        .await;
+    let mut rate_refused = 0;
+    for _ in 0..40 {
+        match pod.get_credentials(get_req(&a, "binance")).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Code::ResourceExhausted => rate_refused += 1,
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert!(rate_refused >= 30, "{rate_refused}");
+
+    // A burst on tenant B from another pod: most shed for overload.
+    let pod_b = m
+        .client(&[&format!("spiffe://{TD}/tenant/{b}/pod/q")])
+        .await;
+    let calls = (0..160).map(|_| {
+        let mut c = pod_b.clone();
+        let b = b.clone();
+        async move { c.get_credentials(get_req(&b, "binance")).await }
+    });
+    let shed = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.as_ref()
+                .err()
+                .is_some_and(|e| e.code() == Code::ResourceExhausted)
+        })
+        .count() as u64;
+    assert!(shed > 0, "the burst must exceed two calls in flight");
+
+    // Stopping flushes the tallies; read the spool.
+    let spool = m.pki.path("audit");
+    m.running.stop().await.unwrap();
+    let records = spool_records(&spool);
+    let rate: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.event_type == "rate_limited")
+        .collect();
+    assert_eq!(rate.len(), 1, "one record for the flood: {rate:?}");
+    assert_eq!(rate[0].count, Some(rate_refused));
+    assert_eq!(rate[0].tenant_id.map(|t| t.to_string()), Some(a.clone()));
+    assert_eq!(rate[0].user, format!("spiffe://{TD}/tenant/{a}/pod/p"));
+    let overload: Vec<&AuditRecord> = records
+        .iter()
+        .filter(|r| r.event_type == "overloaded")
+        .collect();
+    assert_eq!(overload.len(), 1, "one record for the burst: {overload:?}");
+    assert_eq!(overload[0].count, Some(shed));
+    assert_eq!(overload[0].user, format!("spiffe://{TD}/tenant/{b}/pod/q"));
+    // No refused call left a record of its own.
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.grpc_code == "RESOURCE_EXHAUSTED")
+            .all(|r| r.count.is_some())
+    );
+}
+
+/// Every record in a spool directory, in chain order.
+fn spool_records(spool: &std::path::Path) -> Vec<AuditRecord> {
+    use credbroker::audit::spool::{ChainedRecord, segment_path, segments};
+    segments(spool)
+        .unwrap()
+        .into_iter()
+        .flat_map(|n| {
+            std::fs::read_to_string(segment_path(spool, n))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let c: ChainedRecord = serde_json::from_str(l).unwrap();
+                    serde_json::from_str(&c.body).unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// A call whose token is wrongly signed (or expired) but names tenant A is
+/// recorded under A, marked unverified, so A's admin sees attempts on A.
+#[tokio::test]
+async fn authentication_failures_are_recorded_under_the_claimed_tenant() {
+    let m = Memory::start_with(MemoryOptions {
+        auth: AuthConfig {
+            token: Some(TokenMode::Required),
+            hs256_secret: Some("the-right-secret-at-least-32-bytes-long".into()),
+            ..AuthConfig::default()
+        },
+        limits: LimitsConfig::unlimited(),
+        ..MemoryOptions::default()
+    })
+    .await;
+    let a = uuid::Uuid::new_v4().to_string();
+    let forged = {
+        let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 600;
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &serde_json::json!({"sub":"mallory","tenant_id":a,"role":"admin","exp":exp}),
+            &jsonwebtoken::EncodingKey::from_secret(b"a-wrong-secret-also-at-least-32-bytes"),
+        )
+        .unwrap()
+    };
+    let mut op = m.client(&[&format!("spiffe://{TD}/operator/ops")]).await;
+    let mut req = Request::new(get_req(&a, "binance"));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {forged}").parse().unwrap());
+    let r = op.get_credentials(req).await;
+    let id = request_id(&r);
+    assert_eq!(r.unwrap_err().code(), Code::Unauthenticated);
+    let spool = m.pki.path("audit");
+    m.running.stop().await.unwrap();
+    let rec = spool_records(&spool)
+        .into_iter()
+        .find(|r| r.request_id.to_string() == id)
+        .expect("the refused call's record");
+    assert_eq!(rec.event_type, "auth_failure");
+    assert_eq!(rec.role, "unverified");
+    assert_eq!(rec.tenant_id.map(|t| t.to_string()), Some(a));
+    assert!(rec.user.contains("mallory"), "{}", rec.user);
+}
