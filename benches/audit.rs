@@ -4,6 +4,11 @@
 //! broker's shipper makes them (`AUDIT_CHUNK` records each). CPU time of this process per record (user + system),
 //! so the file system's work on our behalf is counted.
 //!
+//! Then the sink: the same records shipped into a real PostgreSQL (a
+//! throw-away database on `CREDBROKER_TEST_PG`, schema migrated), and what
+//! that costs PostgreSQL: the CPU time of every `postgres` process on the
+//! machine (backends, WAL writer, checkpointer) over the records shipped.
+//!
 //! `cargo bench --bench audit` (`AUDIT_RECORDS`, `AUDIT_CHUNK`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,6 +16,9 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+#[path = "../tests/common/backends.rs"]
+#[allow(dead_code)]
+mod backends;
 #[path = "common/cpu.rs"]
 mod cpu;
 
@@ -88,6 +96,42 @@ fn main() {
     }
     assert_eq!(shipped, n);
 
+    // The sink: the same records into PostgreSQL.
+    let (pg_wall, pg_cpu, ours) = rt.block_on(async {
+        let db = backends::TestDb::create().await;
+        let cfg = credbroker::config::PostgresConfig {
+            url: secrecy::SecretString::from(db.url()),
+            pool_size: 4,
+            migrate_on_start: true,
+        };
+        let pool = credbroker::store::pool(
+            credbroker::store::connect_config(&cfg).unwrap(),
+            cfg.pool_size,
+        )
+        .unwrap();
+        credbroker::store::migrate::run(&pool).await.unwrap();
+        let store = credbroker::store::PgMetadataStore::new(pool);
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 40).unwrap();
+        for r in &records {
+            spool.append(r).unwrap();
+        }
+        spool.sync().unwrap();
+        let (wall, pg, ours) = (Instant::now(), cpu::postgres_cpu_secs(), cpu_secs());
+        let mut shipped = 0;
+        while shipped < n {
+            shipped += ship::ship_once(&spool, &store).await.unwrap().records;
+        }
+        let out = (
+            wall.elapsed().as_secs_f64(),
+            cpu::postgres_cpu_secs() - pg,
+            cpu_secs() - ours,
+        );
+        drop(store);
+        drop(db);
+        out
+    });
+
     let files = spool.dir().read_dir().unwrap().count();
     let profile = if cfg!(debug_assertions) {
         "debug"
@@ -112,4 +156,15 @@ fn main() {
             per(c)
         );
     }
+    println!(
+        "{:<28} {:>6.2} µs wall  {:>6.2} µs CPU per record (the broker's side)",
+        "ship (to PostgreSQL)",
+        per(pg_wall),
+        per(ours)
+    );
+    println!(
+        "{:<28} {:>6.2} µs CPU of PostgreSQL per record shipped",
+        "PostgreSQL (all processes)",
+        per(pg_cpu)
+    );
 }

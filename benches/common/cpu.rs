@@ -9,3 +9,26 @@ pub fn cpu_secs() -> f64 {
     let f: Vec<&str> = rest.split(' ').collect();
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
 }
+
+/// CPU seconds used so far by every `postgres` process on the machine
+/// (backends, WAL writer, checkpointer...): what shipping costs the
+/// database, read from `/proc/<pid>/stat` (the same user-HZ ticks).
+#[allow(dead_code)]
+pub fn postgres_cpu_secs() -> f64 {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with("postgres") {
+            continue;
+        }
+        let f: Vec<&str> = stat[close + 2..].split(' ').collect();
+        total +=
+            (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0;
+    }
+    total
+}

@@ -1,5 +1,5 @@
 //! Ships the spool to PostgreSQL: reads complete lines from the shipped
-//! offset on, inserts them in batches (`ON CONFLICT (id) DO NOTHING`, so a
+//! offset on, inserts them in batches (`ON CONFLICT (chain_id, seq) DO NOTHING`, so a
 //! batch re-sent after a crash adds nothing twice), then records the new
 //! offset. Fully shipped segments are removed. While PostgreSQL is away the
 //! spool grows (bounded: see [`super::spool`]) and drains when it returns.

@@ -1067,7 +1067,7 @@ impl MetadataStore for PgMetadataStore {
                     "INSERT INTO audit_log (id, chain_id, seq, prev_hash, hash, at, tenant_id, body) \
                      SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], \
                                           $6::timestamptz[], $7::uuid[], $8::text[]) \
-                     ON CONFLICT (id) DO NOTHING",
+                     ON CONFLICT (chain_id, seq) DO NOTHING",
                     &[&ids, &chains, &seqs, &prevs, &hashes, &ats, &tenants, &bodies],
                 )
                 .await
