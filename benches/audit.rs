@@ -17,7 +17,6 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[path = "../tests/common/backends.rs"]
-#[allow(dead_code)]
 mod backends;
 #[path = "common/cpu.rs"]
 mod cpu;
