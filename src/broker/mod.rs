@@ -359,11 +359,42 @@ impl Broker {
     }
 
     /// Records a background action as the system actor; a failure is
-    /// logged loudly (the action already happened in the stores).
+    /// logged loudly and the record kept for the audit spool's recovery
+    /// (the action already happened in the stores; its request record, see
+    /// [`Self::audit_before`], shows it meanwhile).
     pub fn audit_system(&self, record: &crate::audit::AuditRecord) {
         if let Err(e) = self.audit.append(record) {
-            tracing::error!(action = %record.action, "a system action could not be audited: {e}");
+            tracing::error!(action = %record.action, "a system action's outcome could not be audited yet (kept): {e}");
+            self.audit.defer(record.clone());
         }
+    }
+
+    /// Vault's rule for background jobs: the request record of an action
+    /// about to change state (`record`, with `result: requested`), written
+    /// before it; when it cannot be written the job must not act.
+    ///
+    /// # Errors
+    /// `Unavailable` naming the audit spool.
+    pub fn audit_before(&self, mut record: crate::audit::AuditRecord) -> Result<(), BrokerError> {
+        record.result = std::borrow::Cow::Borrowed("requested");
+        record.grpc_code = std::borrow::Cow::Borrowed("PENDING");
+        self.audit.append(&record).map_err(|e| {
+            tracing::warn!(action = %record.action, "a background action was skipped: its request record cannot be written ({e})");
+            BrokerError::Unavailable {
+                what: "the audit spool",
+            }
+        })
+    }
+
+    /// Whether the audit trail takes records now (a batch job checks before
+    /// a pass whose subjects it learns only as it acts).
+    ///
+    /// # Errors
+    /// `Unavailable` naming the audit spool.
+    pub fn audit_ready(&self) -> Result<(), BrokerError> {
+        self.audit.check().map_err(|_| BrokerError::Unavailable {
+            what: "the audit spool",
+        })
     }
 
     /// The metadata store (watch streams read events from it).

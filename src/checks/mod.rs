@@ -220,6 +220,17 @@ impl HealthChecks {
                         if let Some(budget) = self.budgets.get(&exchange) {
                             budget.until_ready().await;
                         }
+                        // On record before the check can change a status.
+                        if let Err(e) = self.broker.audit_before(AuditRecord::system(
+                            "health-check",
+                            "HealthCheck",
+                            tenant,
+                            exchange,
+                            vec![],
+                        )) {
+                            tracing::warn!(%tenant, %exchange, "health check skipped: {e}");
+                            return ((tenant, exchange), "error");
+                        }
                         let (finding, versions) = match self.broker.check(ctx, tenant, exchange).await {
                             Ok(out) => {
                                 if out.finding.is_failure() {

@@ -46,6 +46,10 @@ pub enum Schedule {
 /// # Errors
 /// When the metadata store is unavailable.
 pub async fn retire_once(broker: &Broker) -> Result<usize, BrokerError> {
+    // Which overlaps end is learned only as they are ended (one statement):
+    // the pass runs only while the trail takes records, and each retirement
+    // is recorded as it happens.
+    broker.audit_ready()?;
     let now = broker.clock().now();
     let retired = broker.metadata().expire_overlaps(now, BATCH).await?;
     let n = retired.len();
@@ -123,6 +127,13 @@ async fn sweep_one(
         .map(|v| v.version)
         .collect();
     if !due.is_empty() {
+        broker.audit_before(AuditRecord::system(
+            "orphan-sweep",
+            "DestroyUnreferencedVersions",
+            tenant,
+            exchange,
+            due.clone(),
+        ))?;
         broker.secrets().destroy_versions(&path, &due).await?;
         tracing::info!(%tenant, %exchange, versions = ?due, "destroyed Vault versions no credential references");
         broker.audit_system(&AuditRecord::system(

@@ -953,3 +953,108 @@ async fn authentication_failures_are_recorded_under_the_claimed_tenant() {
     assert_eq!(rec.tenant_id.map(|t| t.to_string()), Some(a));
     assert!(rec.user.contains("mallory"), "{}", rec.user);
 }
+
+/// Background jobs follow the same rule: while the trail takes no records,
+/// the retire job ends no overlap and the orphan sweep destroys nothing.
+#[tokio::test]
+async fn background_jobs_do_nothing_the_trail_cannot_show() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+
+    use credbroker::{
+        audit::{AuditError, AuditSink},
+        broker::{
+            Broker, BrokerSettings,
+            context::RequestContext,
+            ports::{MetadataStore, SecretStore},
+            types::{CredentialSet, ExchangeId, TenantId},
+            validate::FormatCheckValidator,
+        },
+        cache::CredentialCache,
+        clock::ManualClock,
+        memstore::{MemoryMetadataStore, MemorySecretStore},
+        rotation::{
+            hub::Hub,
+            retire::{retire_once, sweep_orphans},
+        },
+    };
+    use secrecy::SecretString;
+
+    /// A trail that can be switched off.
+    #[derive(Default)]
+    struct Switch(AtomicBool);
+    impl AuditSink for Switch {
+        fn append(&self, _: &AuditRecord) -> Result<(), AuditError> {
+            self.check()
+        }
+        fn check(&self) -> Result<(), AuditError> {
+            if self.0.load(Ordering::SeqCst) {
+                Err(AuditError::Io("switched off".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    let meta = Arc::new(MemoryMetadataStore::default());
+    let secrets = Arc::new(MemorySecretStore::default());
+    let trail = Arc::new(Switch::default());
+    let broker = Broker::new(
+        secrets.clone(),
+        meta.clone(),
+        Arc::new(FormatCheckValidator),
+        CredentialCache::new(16, time::Duration::minutes(5), time::Duration::hours(1)),
+        Hub::new(16),
+        clock.clone(),
+        BrokerSettings::default(),
+    )
+    .with_audit(trail.clone());
+    let t = TenantId::new(uuid::Uuid::new_v4());
+    let set = |n: u32| CredentialSet {
+        api_key: format!("jobKey{n:06}"),
+        api_secret: SecretString::from(format!("jobSecret{n:06}")),
+        passphrase: None,
+    };
+    let ctx = RequestContext::system("test");
+    broker
+        .validate_and_store(&ctx, t, ExchangeId::Binance, set(1))
+        .await
+        .unwrap();
+    broker
+        .rotate(
+            &ctx,
+            t,
+            ExchangeId::Binance,
+            set(2),
+            Some(time::Duration::minutes(1)),
+        )
+        .await
+        .unwrap();
+    // An orphan: a version no row references.
+    let path = broker.vault_path(t, ExchangeId::Binance);
+    secrets.write(&path, &set(3), 2).await.unwrap();
+    clock.advance(time::Duration::hours(2));
+
+    trail.0.store(true, Ordering::SeqCst);
+    assert!(retire_once(&broker).await.is_err());
+    assert!(sweep_orphans(&broker, time::Duration::ZERO).await.is_err());
+    let row = meta.get(t, ExchangeId::Binance).await.unwrap().unwrap();
+    assert_eq!(row.previous_version, Some(1), "the overlap was not ended");
+    assert!(
+        secrets
+            .versions(&path)
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| !v.destroyed),
+        "nothing destroyed"
+    );
+
+    // The trail is back: both jobs act.
+    trail.0.store(false, Ordering::SeqCst);
+    assert_eq!(retire_once(&broker).await.unwrap(), 1);
+    assert!(sweep_orphans(&broker, time::Duration::ZERO).await.unwrap() >= 1);
+}

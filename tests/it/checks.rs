@@ -364,8 +364,13 @@ async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
     assert_eq!(value(&m, "credbroker_vault_sealed", &[]), Some(0.0));
     assert_eq!(value(&m, "credbroker_postgres_up", &[]), Some(1.0));
     assert!(value(&m, "credbroker_audit_spool_max_bytes", &[]).unwrap() > 0.0);
-    // 7 calls, 6 checks and 3 webhook attempts, each audited once.
-    assert_eq!(value(&m, "credbroker_audit_records_total", &[]), Some(16.0));
+    // 7 calls, 6 checks and 3 webhook attempts, each audited once; and a
+    // request record before each of the 4 state-changing calls (two
+    // SetWebhook, two ValidateAndStore) and each of the 6 checks.
+    assert_eq!(
+        value(&m, "credbroker_audit_records_total", &[]),
+        Some(16.0 + 4.0 + 6.0)
+    );
     assert!(value(&m, "credbroker_event_lag_seconds_count", &[]).unwrap() >= 3.0);
     assert_eq!(
         value(
