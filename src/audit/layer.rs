@@ -232,12 +232,14 @@ pub struct Audit<S> {
 }
 
 /// The RPC name of a path (`/credbroker.v1.CredentialBroker/Rotate`),
-/// without an allocation for the broker's own methods.
-fn method(path: &str) -> Cow<'static, str> {
-    crate::auth::Action::from_path(path).map_or_else(
+/// without an allocation for the broker's own methods, and its action.
+fn method(path: &str) -> (Cow<'static, str>, Option<crate::auth::Action>) {
+    let action = crate::auth::Action::from_path(path);
+    let name = action.map_or_else(
         || Cow::Owned(path.rsplit('/').next().unwrap_or(path).to_owned()),
         |a| Cow::Borrowed(a.name()),
-    )
+    );
+    (name, action)
 }
 
 fn event_type(code: Code, action: &str) -> &'static str {
@@ -292,7 +294,7 @@ where
         if let Err(e) = self.sink.check() {
             self.sink.defer(AuditRecord::refused_at_entry(
                 fast_v7(),
-                method(req.uri().path()),
+                method(req.uri().path()).0,
                 req.extensions()
                     .get::<crate::tls::acceptor::PeerInfo>()
                     .and_then(|p| p.remote)
@@ -303,7 +305,8 @@ where
         }
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let path = req.uri().path();
-        let changes = crate::auth::Action::from_path(path).is_some_and(|a| a.changes_state());
+        let (name, action) = method(path);
+        let changes = action.is_some_and(crate::auth::Action::changes_state);
         let call = CallAudit(Arc::new(Call {
             request_id: fast_v7(),
             trace_id: header("traceparent").and_then(trace_id),
@@ -316,7 +319,7 @@ where
                 .get::<crate::tls::acceptor::PeerInfo>()
                 .and_then(|p| p.remote)
                 .map(|a| a.ip()),
-            action: method(path),
+            action: name,
             timestamp: OffsetDateTime::now_utc(),
             started: Instant::now(),
         }));
@@ -503,7 +506,7 @@ mod tests {
         assert_eq!(event_type(Code::Ok, "GetCredentials"), "secret_access");
         assert_eq!(event_type(Code::Ok, "Rotate"), "secret_write");
         assert_eq!(event_type(Code::Unauthenticated, "Rotate"), "auth_failure");
-        assert_eq!(method("/credbroker.v1.CredentialBroker/Rotate"), "Rotate");
+        assert_eq!(method("/credbroker.v1.CredentialBroker/Rotate").0, "Rotate");
         assert_eq!(
             trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
