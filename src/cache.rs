@@ -45,9 +45,10 @@ use futures::{
 use quick_cache::sync::Cache;
 use time::{Duration, OffsetDateTime};
 
-use crate::broker::{
-    error::BrokerError,
-    types::{CredentialEvent, CredentialRecord, CredentialSet, EventKind, ExchangeId, TenantId},
+use crate::broker::error::BrokerError;
+
+use crate::broker::types::{
+    CredentialEvent, CredentialRecord, CredentialSet, EventKind, ExchangeId, TenantId,
 };
 
 /// A fetched credential: its metadata and the secret sets it references.

@@ -8,16 +8,16 @@ use std::{collections::BTreeMap, sync::Mutex};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use crate::broker::{
-    error::{MetadataStoreError, SecretStoreError},
-    ports::{
-        AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice, OutboxMessage,
-        RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
-    },
-    types::{
-        Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
-        ExchangeId, HealthStatus, TenantId,
-    },
+use crate::broker::error::{MetadataStoreError, SecretStoreError};
+
+use crate::broker::ports::{
+    AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice, OutboxMessage,
+    RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
+};
+
+use crate::broker::types::{
+    Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
+    ExchangeId, HealthStatus, TenantId,
 };
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -15,7 +15,9 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{ChainedRecord, Fresh, Spool, segment_path, segments, write_head};
+use super::spool::{
+    ChainedRecord, Fresh, Spool, read_offset, segment_path, segments, write_head, write_offset,
+};
 use crate::broker::ports::{AuditRow, MetadataStore};
 
 /// Lines shipped per batch at most.
@@ -27,35 +29,6 @@ const BATCH: usize = 2_000;
 const MEMORY_BATCH: usize = 500;
 /// Bytes read from a segment per batch at most.
 const READ_BYTES: usize = 1024 * 1024;
-
-/// The shipped position: (segment, byte offset in it).
-///
-/// # Errors
-/// When the offset file cannot be read.
-pub fn read_offset(dir: &Path) -> std::io::Result<(u64, u64)> {
-    match std::fs::read_to_string(dir.join("shipped")) {
-        Ok(s) => {
-            let mut it = s.split_whitespace().map(str::parse::<u64>);
-            match (it.next(), it.next()) {
-                (Some(Ok(seg)), Some(Ok(off))) => Ok((seg, off)),
-                _ => Err(std::io::Error::other(
-                    "audit spool: the shipped offset file is corrupt",
-                )),
-            }
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((1, 0)),
-        Err(e) => Err(e),
-    }
-}
-
-/// Records the shipped position. Not fsynced: shipping is idempotent, so a
-/// position lost to a power cut only means a batch is sent again.
-fn write_offset(dir: &Path, seg: u64, off: u64) -> std::io::Result<()> {
-    let path = dir.join("shipped");
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{seg} {off}\n"))?;
-    std::fs::rename(&tmp, &path)
-}
 
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -17,11 +17,11 @@ use tokio::{
 };
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::broker::{
-    Broker,
-    error::BrokerError,
-    types::{CredentialEvent, CredentialRecord, ExchangeId, TenantId},
-};
+use crate::broker::Broker;
+
+use crate::broker::error::BrokerError;
+
+use crate::broker::types::{CredentialEvent, CredentialRecord, ExchangeId, TenantId};
 
 /// Events read from the table per catch-up query.
 const CATCH_UP_PAGE: u32 = 500;

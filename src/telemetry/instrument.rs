@@ -10,11 +10,9 @@ use tracing::Instrument as _;
 use super::metrics::{
     ExchangeLabel, ExchangeResult, Metrics, OperationLabel, VaultOp, vault_status,
 };
-use crate::broker::{
-    error::{SecretStoreError, ValidationError},
-    ports::{CredentialValidator, SecretStore, VersionInfo},
-    types::{CredentialSet, ExchangeId, Permissions, TenantId},
-};
+use crate::broker::error::{SecretStoreError, ValidationError};
+use crate::broker::ports::{CredentialValidator, SecretStore, VersionInfo};
+use crate::broker::types::{CredentialSet, ExchangeId, Permissions, TenantId};
 
 /// A [`SecretStore`] that counts and times every call of the one it wraps.
 pub struct MeteredSecretStore {
