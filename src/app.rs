@@ -6,34 +6,53 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{net::TcpListener, task::JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    api::{BrokerService, Gate},
-    audit::spool::Spool,
-    auth::{
-        AuthLayer, AuthSettings,
-        token::{TokenSettings, TokenVerifier},
-    },
-    broker::types::TenantId,
-    broker::{
-        Broker, BrokerSettings,
-        ports::{CredentialValidator, FleetStore, MetadataStore, SecretStore, WebhookStore},
-        validate::FormatCheckValidator,
-    },
-    cache::CredentialCache,
-    checks::{CheckSettings, HealthChecks},
-    clock::{Clock, SystemClock},
-    config::{CacheConfig, Config, RotationConfig, ValidationConfig, ValidationMode},
-    exchange::{ExchangeValidator, WithdrawPolicy},
-    limits::Limits,
-    rotation::{hub::Hub, listener::EventListener, retire, watch::StreamTiming},
-    server::{self, ServeParams},
-    store::{self, PgMetadataStore},
-    telemetry::{
-        instrument::{MeteredSecretStore, MeteredValidator},
-        metrics::{Metrics, Sources},
-    },
-    vault::VaultSecretStore,
+use crate::api::{BrokerService, Gate};
+
+use crate::audit::spool::Spool;
+
+use crate::auth::{AuthLayer, AuthSettings};
+
+use crate::auth::token::{TokenSettings, TokenVerifier};
+
+use crate::broker::types::TenantId;
+
+use crate::broker::{Broker, BrokerSettings};
+
+use crate::broker::ports::{
+    CredentialValidator, FleetStore, MetadataStore, SecretStore, WebhookStore,
 };
+
+use crate::broker::validate::FormatCheckValidator;
+
+use crate::cache::CredentialCache;
+
+use crate::checks::{CheckSettings, HealthChecks};
+
+use crate::clock::{Clock, SystemClock};
+
+use crate::config::{CacheConfig, Config, RotationConfig, ValidationConfig, ValidationMode};
+
+use crate::exchange::{ExchangeValidator, WithdrawPolicy};
+
+use crate::limits::Limits;
+
+use crate::rotation::retire;
+
+use crate::rotation::hub::Hub;
+
+use crate::rotation::listener::EventListener;
+
+use crate::rotation::watch::StreamTiming;
+
+use crate::server::{self, ServeParams};
+
+use crate::store::{self, PgMetadataStore};
+
+use crate::telemetry::instrument::{MeteredSecretStore, MeteredValidator};
+
+use crate::telemetry::metrics::{Metrics, Sources};
+
+use crate::vault::VaultSecretStore;
 
 /// The storage and validation ports a broker runs on.
 pub struct Backends {
@@ -348,7 +367,7 @@ pub async fn start(
     let secrets = MeteredSecretStore::wrap(backends.secrets, metrics.clone());
     // One policy for SetWebhook and every delivery.
     let targets = Arc::new(crate::webhook::Targets {
-        policy: s.webhooks.policy(),
+        policy: crate::webhook::TargetPolicy::from_config(&s.webhooks),
         resolver: backends.webhook_net.resolver.clone(),
     });
     let broker = Arc::new(

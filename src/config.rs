@@ -92,21 +92,6 @@ impl Default for WebhookConfig {
     }
 }
 
-impl WebhookConfig {
-    /// The target policy these settings describe.
-    pub fn policy(&self) -> crate::webhook::TargetPolicy {
-        crate::webhook::TargetPolicy {
-            allow_http: self.allow_http,
-            allow_networks: self.allow_networks.clone(),
-            allow_hosts: self
-                .allow_hosts
-                .iter()
-                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
-                .collect(),
-        }
-    }
-}
-
 /// Metrics endpoint and trace export.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -207,7 +192,7 @@ impl Default for AuditConfig {
 pub struct AuthConfig {
     /// `required`, `optional` or `ignored`; default: `optional` when a key
     /// is configured, else `ignored`.
-    pub token: Option<crate::auth::TokenMode>,
+    pub token: Option<crate::auth::model::TokenMode>,
     /// HS256 secret (at least 32 bytes).
     pub hs256_secret: Option<SecretString>,
     /// JWKS file with RS256 / ES256 / EdDSA public keys, re-read on change.
@@ -223,7 +208,7 @@ pub struct AuthConfig {
     /// trusted for years. Default 4 hours.
     pub max_token_lifetime_secs: u64,
     /// Role of a workload certificate that sends no token.
-    pub workload_role: crate::auth::Role,
+    pub workload_role: crate::auth::model::Role,
     /// Networks each tenant's callers must come from (unset: anywhere).
     pub tenant_networks: std::collections::BTreeMap<uuid::Uuid, Vec<ipnet::IpNet>>,
 }
@@ -238,7 +223,7 @@ impl Default for AuthConfig {
             issuer: None,
             leeway_secs: 30,
             max_token_lifetime_secs: 4 * 3600,
-            workload_role: crate::auth::Role::Trader,
+            workload_role: crate::auth::model::Role::Trader,
             tenant_networks: std::collections::BTreeMap::new(),
         }
     }
@@ -246,8 +231,8 @@ impl Default for AuthConfig {
 
 impl AuthConfig {
     /// The token policy in force.
-    pub fn mode(&self) -> crate::auth::TokenMode {
-        use crate::auth::TokenMode;
+    pub fn mode(&self) -> crate::auth::model::TokenMode {
+        use crate::auth::model::TokenMode;
         self.token
             .unwrap_or(if self.hs256_secret.is_some() || self.jwks_file.is_some() {
                 TokenMode::Optional
@@ -701,7 +686,7 @@ impl Config {
                 format!("{} is not a readable file", p.display()),
             );
         }
-        if self.auth.mode() != crate::auth::TokenMode::Ignored
+        if self.auth.mode() != crate::auth::model::TokenMode::Ignored
             && self.auth.hs256_secret.is_none()
             && self.auth.jwks_file.is_none()
         {
@@ -710,7 +695,7 @@ impl Config {
                 "tokens cannot be verified: set auth.hs256_secret or auth.jwks_file, or token = \"ignored\"".into(),
             );
         }
-        if self.auth.workload_role == crate::auth::Role::Operator {
+        if self.auth.workload_role == crate::auth::model::Role::Operator {
             return bad(
                 "auth.workload_role",
                 "a workload certificate cannot be an operator".into(),

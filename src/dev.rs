@@ -7,18 +7,25 @@ use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 
-use crate::{
-    app::{self, Backends, EventSource, Settings},
-    broker::{ports::CredentialValidator, types::ExchangeId, validate::FormatCheckValidator},
-    clock::SystemClock,
-    config::{CacheConfig, RotationConfig, ValidationConfig},
-    exchange::{
-        ExchangeValidator, WithdrawPolicy,
-        sim::{SimKey, Simulators, native_permissions},
-    },
-    memstore::{MemoryMetadataStore, MemorySecretStore},
-    tls::pki::{DevPki, write_private},
-};
+use crate::app::{self, Backends, EventSource, Settings};
+
+use crate::broker::ports::CredentialValidator;
+
+use crate::broker::types::ExchangeId;
+
+use crate::broker::validate::FormatCheckValidator;
+
+use crate::clock::SystemClock;
+
+use crate::config::{CacheConfig, RotationConfig, ValidationConfig};
+
+use crate::exchange::{ExchangeValidator, WithdrawPolicy};
+
+use crate::exchange::sim::{SimKey, Simulators, native_permissions};
+
+use crate::memstore::{MemoryMetadataStore, MemorySecretStore};
+
+use crate::tls::pki::{DevPki, write_private};
 
 /// Trust domain of the dev PKI.
 pub const DEV_TRUST_DOMAIN: &str = "credbroker.local";

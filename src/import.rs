@@ -20,10 +20,9 @@ use std::{
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::{
-    api::pb,
-    broker::types::{ExchangeId, TenantId, key_hint},
-};
+use crate::api::pb;
+
+use crate::broker::types::{ExchangeId, TenantId, key_hint};
 
 /// One credential found in a legacy file.
 pub struct Found {

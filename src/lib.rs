@@ -24,6 +24,7 @@ pub mod exchange;
 pub mod import;
 pub mod limits;
 pub mod memstore;
+pub mod ready;
 pub mod rotation;
 pub mod server;
 pub mod store;

@@ -10,14 +10,19 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::server::HealthReporter;
 
-use crate::{
-    api::{BrokerService, pb, pb::credential_broker_server::CredentialBrokerServer},
-    audit::layer::AuditLayer,
-    auth::AuthLayer,
-    config::ServerConfig,
-    limits::admission::AdmissionLayer,
-    tls::acceptor::{self, ConnLimits, ReloadingTls},
-};
+use crate::api::{BrokerService, pb};
+
+use crate::api::pb::credential_broker_server::CredentialBrokerServer;
+
+use crate::audit::layer::AuditLayer;
+
+use crate::auth::AuthLayer;
+
+use crate::config::ServerConfig;
+
+use crate::limits::admission::AdmissionLayer;
+
+use crate::tls::acceptor::{self, ConnLimits, ReloadingTls};
 
 /// Largest accepted request; credential sets are a few KiB at most.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -193,12 +198,4 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
     };
     reporter.set_service_status(SERVICE_NAME, status).await;
     reporter.set_service_status("", status).await;
-}
-
-/// The service that `poll_ready` readied, leaving a clone in its place: a
-/// tower layer calls the readied one (tower's usual pattern for services
-/// whose future must be `'static`).
-pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
-    let clone = inner.clone();
-    std::mem::replace(inner, clone)
 }

@@ -19,10 +19,9 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    broker::types::ExchangeId,
-    client::{ClientConfig, CredentialHandle, Credentials},
-};
+use crate::broker::types::ExchangeId;
+
+use crate::client::{ClientConfig, CredentialHandle, Credentials};
 
 /// Agent settings.
 #[derive(Clone)]

@@ -16,17 +16,19 @@ use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::{
-    audit::layer::CallAudit,
-    auth::{self, Action, Caller, Role},
-    broker::{
-        Broker,
-        context::{Actor, RequestContext},
-        types::{ExchangeId, TenantId},
-    },
-    limits::Limits,
-    rotation::watch::{StreamSlots, StreamTiming, Subscription, Watch, WatchItem},
-};
+use crate::audit::layer::CallAudit;
+
+use crate::auth::{self, Action, Caller, Role};
+
+use crate::broker::Broker;
+
+use crate::broker::context::{Actor, RequestContext};
+
+use crate::broker::types::{ExchangeId, TenantId};
+
+use crate::limits::Limits;
+
+use crate::rotation::watch::{StreamSlots, StreamTiming, Subscription, Watch, WatchItem};
 use pb::credential_broker_server::CredentialBroker;
 
 /// The `credbroker.v1.CredentialBroker` service.

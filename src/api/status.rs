@@ -4,11 +4,11 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::{
-    auth::AuthError,
-    broker::error::{BrokerError, ValidationError},
-    limits::Limited,
-};
+use crate::auth::model::AuthError;
+
+use crate::broker::error::{BrokerError, ValidationError};
+
+use crate::limits::Limited;
 
 /// The status code's name as grpcurl prints it (audit records, metric
 /// labels).

@@ -5,7 +5,7 @@
 //! carries `x-request-id`.
 //!
 //! Vault's rule, for calls that can change state
-//! ([`Action::changes_state`](crate::auth::Action::changes_state)): a
+//! ([`Action::changes_state`](crate::auth::model::Action::changes_state)): a
 //! *request* record is written once the call is admitted and before it has
 //! any effect (`CallAudit::record_request`, from `Gate::admit`); if it
 //! cannot be, nothing runs and the caller hears so. The call then runs in a
@@ -233,8 +233,8 @@ pub struct Audit<S> {
 
 /// The RPC name of a path (`/credbroker.v1.CredentialBroker/Rotate`),
 /// without an allocation for the broker's own methods, and its action.
-fn method(path: &str) -> (Cow<'static, str>, Option<crate::auth::Action>) {
-    let action = crate::auth::Action::from_path(path);
+fn method(path: &str) -> (Cow<'static, str>, Option<crate::auth::model::Action>) {
+    let action = crate::auth::model::Action::from_path(path);
     let name = action.map_or_else(
         || Cow::Owned(path.rsplit('/').next().unwrap_or(path).to_owned()),
         |a| Cow::Borrowed(a.name()),
@@ -282,7 +282,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let mut inner = crate::server::take_ready(&mut self.inner);
+        let mut inner = crate::ready::take_ready(&mut self.inner);
         if !req.uri().path().starts_with("/credbroker.") {
             return Box::pin(inner.call(req));
         }
@@ -306,7 +306,7 @@ where
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let path = req.uri().path();
         let (name, action) = method(path);
-        let changes = action.is_some_and(crate::auth::Action::changes_state);
+        let changes = action.is_some_and(crate::auth::model::Action::changes_state);
         let call = CallAudit(Arc::new(Call {
             request_id: fast_v7(),
             trace_id: header("traceparent").and_then(trace_id),

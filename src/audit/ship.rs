@@ -280,11 +280,9 @@ pub async fn task_main(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        audit::{AuditRecord, AuditSink as _},
-        broker::types::{ExchangeId, TenantId},
-        memstore::MemoryMetadataStore,
-    };
+    use crate::audit::{AuditRecord, AuditSink as _};
+    use crate::broker::types::{ExchangeId, TenantId};
+    use crate::memstore::MemoryMetadataStore;
 
     /// The fast reader reads exactly what a full JSON parse reads, for
     /// records with and without a tenant and with bodies that try to look

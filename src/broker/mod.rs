@@ -19,11 +19,11 @@ use secrecy::{ExposeSecret as _, SecretString};
 
 use time::{Duration, OffsetDateTime};
 
-use crate::{
-    cache::{CacheStats, CachedCredential, CredentialCache},
-    clock::Clock,
-    rotation::hub::Hub,
-};
+use crate::cache::{CacheStats, CachedCredential, CredentialCache};
+
+use crate::clock::Clock;
+
+use crate::rotation::hub::Hub;
 use context::RequestContext;
 use error::{BrokerError, SecretStoreError, ValidationError};
 use ports::{

@@ -28,17 +28,19 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use crate::{
-    audit::AuditRecord,
-    broker::{
-        Broker,
-        context::RequestContext,
-        error::BrokerError,
-        ports::FleetStore,
-        types::{ExchangeId, TenantId},
-    },
-    telemetry::metrics::{Metrics, ResultLabel},
-};
+use crate::audit::AuditRecord;
+
+use crate::broker::Broker;
+
+use crate::broker::context::RequestContext;
+
+use crate::broker::error::BrokerError;
+
+use crate::broker::ports::FleetStore;
+
+use crate::broker::types::{ExchangeId, TenantId};
+
+use crate::telemetry::metrics::{Metrics, ResultLabel};
 
 /// The lease's name in `job_leases`.
 const LEASE: &str = "credential-health-checks";

@@ -28,10 +28,11 @@ use tonic::{
 
 pub mod token;
 
-use crate::{
-    api::pb::{self, EventKind, watch_rotations_response::Message},
-    broker::types::{CredentialSet, ExchangeId, TenantId},
-};
+use crate::api::pb::{self, EventKind};
+
+use crate::api::pb::watch_rotations_response::Message;
+
+use crate::broker::types::{CredentialSet, ExchangeId, TenantId};
 
 /// How to reach the broker and what to watch.
 #[derive(Clone)]

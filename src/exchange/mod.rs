@@ -30,15 +30,15 @@ use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 
-use crate::{
-    broker::{
-        error::ValidationError,
-        ports::CredentialValidator,
-        types::{CredentialSet, ExchangeId, Permissions, TenantId},
-        validate::check_format,
-    },
-    clock::Clock,
-};
+use crate::broker::error::ValidationError;
+
+use crate::broker::ports::CredentialValidator;
+
+use crate::broker::types::{CredentialSet, ExchangeId, Permissions, TenantId};
+
+use crate::broker::validate::check_format;
+
+use crate::clock::Clock;
 
 /// Where and how to reach one exchange.
 #[derive(Clone, Debug, Deserialize)]

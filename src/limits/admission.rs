@@ -99,7 +99,7 @@ where
                         crate::audit::refusals::Who::Connection(peer.and_then(|p| p.certs.clone())),
                         peer.and_then(|p| p.remote).map(|a| a.ip()),
                         std::borrow::Cow::Borrowed(
-                            crate::auth::Action::from_path(req.uri().path())
+                            crate::auth::model::Action::from_path(req.uri().path())
                                 .map_or("other", |a| a.name()),
                         ),
                         "RESOURCE_EXHAUSTED",
@@ -114,7 +114,7 @@ where
         } else {
             None
         };
-        let mut inner = crate::server::take_ready(&mut self.inner);
+        let mut inner = crate::ready::take_ready(&mut self.inner);
         Box::pin(async move {
             let out = inner.call(req).await;
             drop(permit);

@@ -25,11 +25,11 @@ use governor::{
     clock::{Clock as _, DefaultClock},
 };
 
-use crate::{
-    auth::{Action, Caller, Role},
-    broker::types::TenantId,
-    config::LimitsConfig,
-};
+use crate::auth::model::{Action, Caller, Role};
+
+use crate::broker::types::TenantId;
+
+use crate::config::LimitsConfig;
 
 /// Which budget a call spends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

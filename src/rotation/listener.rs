@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use crate::{broker::Broker, store::row_to_event};
+use crate::broker::Broker;
+
+use crate::store::row_to_event;
 
 /// Events read per query.
 const PAGE: i64 = 1000;

@@ -13,14 +13,13 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    audit::AuditRecord,
-    broker::{
-        Broker,
-        error::BrokerError,
-        types::{ExchangeId, TenantId},
-    },
-};
+use crate::audit::AuditRecord;
+
+use crate::broker::Broker;
+
+use crate::broker::error::BrokerError;
+
+use crate::broker::types::{ExchangeId, TenantId};
 
 /// Rows retired per pass.
 const BATCH: u32 = 100;

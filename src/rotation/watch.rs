@@ -357,16 +357,14 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::{
-        broker::{
-            BrokerSettings, context::RequestContext, types::CredentialSet,
-            validate::FormatCheckValidator,
-        },
-        cache::CredentialCache,
-        clock::SystemClock,
-        memstore::{MemoryMetadataStore, MemorySecretStore},
-        rotation::hub::Hub,
-    };
+    use crate::broker::BrokerSettings;
+    use crate::broker::context::RequestContext;
+    use crate::broker::types::CredentialSet;
+    use crate::broker::validate::FormatCheckValidator;
+    use crate::cache::CredentialCache;
+    use crate::clock::SystemClock;
+    use crate::memstore::{MemoryMetadataStore, MemorySecretStore};
+    use crate::rotation::hub::Hub;
 
     fn set(n: u32) -> CredentialSet {
         CredentialSet {

@@ -19,20 +19,19 @@ use time::OffsetDateTime;
 use tokio_postgres::{NoTls, Row, error::SqlState};
 use tracing::Instrument as _;
 
-use crate::{
-    broker::{
-        error::MetadataStoreError,
-        ports::{
-            AuditChain, AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential,
-            OutboxMessage, RotationCommit, WebhookEndpoint, WebhookStore,
-        },
-        types::{
-            Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
-            HealthStatus, Permissions, TenantId,
-        },
-    },
-    config::PostgresConfig,
+use crate::broker::error::MetadataStoreError;
+
+use crate::broker::ports::{
+    AuditChain, AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, OutboxMessage,
+    RotationCommit, WebhookEndpoint, WebhookStore,
 };
+
+use crate::broker::types::{
+    Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
+    HealthStatus, Permissions, TenantId,
+};
+
+use crate::config::PostgresConfig;
 
 const RECORD_COLS: &str = "tenant_id, exchange, vault_path, current_version, previous_version, \
     previous_valid_until, status, permissions, api_key_hint, last_validated_at, health_check_status, \

@@ -26,12 +26,13 @@ use prometheus_client::{
 };
 use tonic::Code;
 
-use crate::{
-    audit::spool::Spool,
-    auth::Action,
-    broker::types::{CredentialStatus, ExchangeId, TenantId},
-    cache::CacheStats,
-};
+use crate::audit::spool::Spool;
+
+use crate::auth::model::Action;
+
+use crate::broker::types::{CredentialStatus, ExchangeId, TenantId};
+
+use crate::cache::CacheStats;
 
 /// `tenant_id`, `exchange`, `status`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

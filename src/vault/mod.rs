@@ -19,14 +19,13 @@ use vaultrs::{
     error::ClientError,
 };
 
-use crate::{
-    broker::{
-        error::SecretStoreError,
-        ports::{SecretStore, VersionInfo},
-        types::CredentialSet,
-    },
-    config::{VaultAuthConfig, VaultConfig},
-};
+use crate::broker::error::SecretStoreError;
+
+use crate::broker::ports::{SecretStore, VersionInfo};
+
+use crate::broker::types::CredentialSet;
+
+use crate::config::{VaultAuthConfig, VaultConfig};
 
 /// How the broker authenticates to Vault.
 #[derive(Clone)]

@@ -36,16 +36,17 @@ pub use target::{
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    audit::{AuditRecord, AuditSink},
-    backoff::Backoff,
-    broker::{
-        error::MetadataStoreError,
-        ports::{OutboxMessage, SecretStore, WebhookStore},
-        types::TenantId,
-    },
-    telemetry::metrics::{Metrics, ResultLabel, TenantLabel},
-};
+use crate::audit::{AuditRecord, AuditSink};
+
+use crate::backoff::Backoff;
+
+use crate::broker::error::MetadataStoreError;
+
+use crate::broker::ports::{OutboxMessage, SecretStore, WebhookStore};
+
+use crate::broker::types::TenantId;
+
+use crate::telemetry::metrics::{Metrics, ResultLabel, TenantLabel};
 
 /// Attempts before a message is given up (kept in the outbox, marked).
 pub const MAX_ATTEMPTS: u32 = 30;

@@ -207,6 +207,19 @@ pub fn masked(url: &url::Url) -> String {
 }
 
 impl TargetPolicy {
+    /// The policy `webhooks.*` describes.
+    pub fn from_config(c: &crate::config::WebhookConfig) -> Self {
+        Self {
+            allow_http: c.allow_http,
+            allow_networks: c.allow_networks.clone(),
+            allow_hosts: c
+                .allow_hosts
+                .iter()
+                .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
     /// Checks one address (the allow-list first).
     ///
     /// # Errors
