@@ -19,11 +19,11 @@ use std::{
     time::Duration,
 };
 
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{AuditError, AuditRecord, AuditSink};
+pub use super::chain::{ChainedRecord, GENESIS};
+use super::{AuditError, AuditRecord, AuditSink, chain::link_hash_of};
 use crate::broker::ports::AuditRow;
 
 /// A segment is closed and a new one started beyond this size.
@@ -31,81 +31,6 @@ const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// How a spool line starts: the body comes first.
 const BODY_KEY: &[u8] = b"{\"body\":";
-
-/// The first record's `prev_hash`.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// One spool line: a record's canonical JSON and its chain link. The body
-/// is embedded as raw JSON (not an escaped string), and read back byte for
-/// byte, so what is hashed is exactly what is stored.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChainedRecord {
-    /// The replica's chain.
-    pub chain_id: Uuid,
-    /// Place in the chain, from 1, without gaps.
-    pub seq: u64,
-    /// Hash of the record before (GENESIS for the first).
-    pub prev_hash: String,
-    /// `sha256(chain_id:seq:prev_hash:body)`, hex.
-    pub hash: String,
-    /// The record's canonical JSON (exactly the bytes hashed).
-    #[serde(with = "raw_json")]
-    pub body: String,
-    /// The record's id, repeated outside the body so shipping need not
-    /// parse the body (not covered by the hash: the body is).
-    #[serde(default)]
-    pub id: Option<Uuid>,
-    /// The record's time in Unix nanoseconds, likewise.
-    #[serde(default)]
-    pub at_nanos: Option<i64>,
-    /// The record's tenant, likewise.
-    #[serde(default)]
-    pub tenant_id: Option<crate::broker::types::TenantId>,
-}
-
-/// (De)serializes a string holding JSON as that JSON, verbatim.
-mod raw_json {
-    use serde::{
-        Deserialize as _, Deserializer, Serialize as _, Serializer, de::Error as _, ser::Error as _,
-    };
-    use serde_json::value::RawValue;
-
-    pub fn serialize<S: Serializer>(body: &str, s: S) -> Result<S::Ok, S::Error> {
-        RawValue::from_string(body.to_owned())
-            .map_err(S::Error::custom)?
-            .serialize(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-        let raw = Box::<RawValue>::deserialize(d).map_err(D::Error::custom)?;
-        Ok(raw.get().to_owned())
-    }
-}
-
-/// The chain hash of a record.
-pub fn link_hash(chain_id: Uuid, seq: u64, prev_hash: &str, body: &str) -> String {
-    let mut buf = Uuid::encode_buffer();
-    link_hash_of(
-        chain_id.as_hyphenated().encode_lower(&mut buf),
-        seq,
-        prev_hash,
-        body,
-    )
-}
-
-/// [`link_hash`] with the chain id already formatted (the writer's hot
-/// path formats it once).
-fn link_hash_of(chain_id: &str, seq: u64, prev_hash: &str, body: &str) -> String {
-    let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
-    h.update(chain_id.as_bytes());
-    h.update(b":");
-    h.update(itoa::Buffer::new().format(seq).as_bytes());
-    h.update(b":");
-    h.update(prev_hash.as_bytes());
-    h.update(b":");
-    h.update(body.as_bytes());
-    hex::encode(h.finish().as_ref())
-}
 
 /// Outcome records kept in memory while the spool fails, at most.
 const MAX_DEFERRED: usize = 10_000;
@@ -836,6 +761,7 @@ pub fn write_head(dir: &Path, seq: u64, hash: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audit::chain::link_hash;
     use crate::broker::types::{ExchangeId, TenantId};
 
     fn record(n: u64) -> AuditRecord {

@@ -12,6 +12,7 @@ pub mod error;
 pub mod ports;
 pub mod types;
 pub mod validate;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -237,7 +238,7 @@ pub struct RotateOutcome {
 /// The broker core. Cheap to share behind an `Arc`.
 pub struct Broker {
     audit: Arc<dyn crate::audit::AuditSink>,
-    webhooks: Option<(Arc<dyn WebhookStore>, Arc<crate::webhook::Targets>)>,
+    webhooks: Option<(Arc<dyn WebhookStore>, Arc<dyn ports::WebhookTargets>)>,
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
     validator: Arc<dyn CredentialValidator>,
@@ -277,7 +278,7 @@ impl Broker {
     pub fn with_webhooks(
         mut self,
         store: Arc<dyn WebhookStore>,
-        targets: Arc<crate::webhook::Targets>,
+        targets: Arc<dyn ports::WebhookTargets>,
     ) -> Self {
         self.webhooks = Some((store, targets));
         self
@@ -304,24 +305,24 @@ impl Broker {
         let (store, targets) = self.webhooks.as_ref().ok_or(BrokerError::Unavailable {
             what: "the webhook store",
         })?;
-        let path = crate::webhook::secret_path(&self.settings.path_prefix, tenant);
+        let path = webhook::secret_path(&self.settings.path_prefix, tenant);
         if url.is_empty() {
             store.set_webhook(tenant, None).await?;
             self.secrets.purge(&path).await?;
             tracing::info!(%tenant, actor = %ctx.actor_label(), "webhook removed");
             return Ok((String::new(), None));
         }
-        let target = targets
+        let checked = targets
             .check(url)
             .await
-            .map_err(|r| BrokerError::InvalidArgument {
+            .map_err(|reason| BrokerError::InvalidArgument {
                 field: "url",
-                reason: r.0,
+                reason,
             })?;
-        let host = target.url.host_str().unwrap_or("").to_owned();
+        let host = checked.host.clone();
         let (secret, generated) = match secret {
             Some(s) => {
-                crate::webhook::secret_key(s.expose_secret()).map_err(|e| {
+                webhook::secret_key(s.expose_secret()).map_err(|e| {
                     BrokerError::InvalidArgument {
                         field: "secret",
                         reason: e.to_string(),
@@ -329,10 +330,10 @@ impl Broker {
                 })?;
                 (s, false)
             }
-            None => (crate::webhook::generate_secret(), true),
+            None => (webhook::generate_secret(), true),
         };
         let cas = self.secrets.latest_version(&path).await?.unwrap_or(0);
-        let set = crate::webhook::stored_endpoint(secret.clone(), url);
+        let set = webhook::stored_endpoint(secret.clone(), url);
         let version = self.secrets.write(&path, &set, cas).await?;
         store
             .set_webhook(
@@ -345,10 +346,7 @@ impl Broker {
             )
             .await?;
         tracing::info!(%tenant, %host, actor = %ctx.actor_label(), "webhook set");
-        Ok((
-            crate::webhook::target::masked(&target.url),
-            generated.then_some(secret),
-        ))
+        Ok((checked.shown, generated.then_some(secret)))
     }
 
     /// Records background actions into `sink` (default: nowhere).

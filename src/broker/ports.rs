@@ -546,3 +546,24 @@ pub trait CredentialValidator: Send + Sync + 'static {
         set: &CredentialSet,
     ) -> Result<Permissions, ValidationError>;
 }
+
+/// A webhook URL as the target policy accepted it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedUrl {
+    /// Its host (kept in PostgreSQL, logged).
+    pub host: String,
+    /// What may be shown of it (`scheme://host/…`).
+    pub shown: String,
+}
+
+/// Where a tenant's webhook may go: checks a URL as every delivery will
+/// (scheme, resolved addresses, the operators' allow-list).
+#[async_trait]
+pub trait WebhookTargets: Send + Sync + 'static {
+    /// The accepted URL, or why it is refused (safe to show: the host at
+    /// most, never the path).
+    ///
+    /// # Errors
+    /// The refusal.
+    async fn check(&self, url: &str) -> Result<CheckedUrl, String>;
+}

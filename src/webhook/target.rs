@@ -84,6 +84,17 @@ impl Default for WebhookNet {
     }
 }
 
+#[async_trait]
+impl crate::broker::ports::WebhookTargets for Targets {
+    async fn check(&self, url: &str) -> Result<crate::broker::ports::CheckedUrl, String> {
+        let target = Targets::check(self, url).await.map_err(|r| r.0)?;
+        Ok(crate::broker::ports::CheckedUrl {
+            host: target.url.host_str().unwrap_or("").to_owned(),
+            shown: masked(&target.url),
+        })
+    }
+}
+
 /// A checked destination: the URL and the addresses to dial.
 #[derive(Clone, Debug)]
 pub struct Target {
