@@ -32,4 +32,4 @@ fi
 # The benchmarks first, as quick smoke runs (tiny sizes), so the unit and
 # integration tests' summary is what the run ends with.
 cargo test --benches "$@"
-exec cargo test --lib --bins --tests "$@"
+exec cargo test --workspace --lib --bins --tests "$@"

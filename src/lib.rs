@@ -7,23 +7,20 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub use credbroker_core::{backoff, broker, cache, clock, memstore};
+
 pub mod agent;
 pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
-pub mod backoff;
-pub mod broker;
-pub mod cache;
 pub mod checks;
 pub mod client;
-pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod exchange;
 pub mod import;
 pub mod limits;
-pub mod memstore;
 pub mod ready;
 pub mod rotation;
 pub mod server;

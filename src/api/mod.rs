@@ -208,7 +208,8 @@ impl CredentialBroker for BrokerService {
         let view = self
             .broker
             .get_credentials(tenant, exchange, *min_version)
-            .await?;
+            .await
+            .map_err(status::broker)?;
         adm.touched(
             std::iter::once(view.record().current_version)
                 .chain(view.previous().map(|(_, v, _)| v))
@@ -250,7 +251,8 @@ impl CredentialBroker for BrokerService {
         let record = self
             .broker
             .validate_and_store(&adm.ctx(), tenant, exchange, set)
-            .await?;
+            .await
+            .map_err(status::broker)?;
         adm.touched(
             vec![record.current_version],
             Some(record.api_key_hint.clone()),
@@ -278,7 +280,8 @@ impl CredentialBroker for BrokerService {
         let out = self
             .broker
             .rotate(&adm.ctx(), tenant, exchange, set, overlap)
-            .await?;
+            .await
+            .map_err(status::broker)?;
         adm.touched(
             std::iter::once(out.record.current_version)
                 .chain(out.record.previous_version)
@@ -341,7 +344,7 @@ impl CredentialBroker for BrokerService {
                     head_seq: head,
                     sent_at: Some(convert::ts(time::OffsetDateTime::now_utc())),
                 }),
-                WatchItem::End(e) => return Err(Status::from(*e)),
+                WatchItem::End(e) => return Err(status::broker(*e)),
             };
             Ok(pb::WatchRotationsResponse {
                 message: Some(message),
@@ -357,7 +360,7 @@ impl CredentialBroker for BrokerService {
         let pb::ListCredentialsRequest { tenant_id } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
         self.admit(&req, tenant, None, Action::ListCredentials)?;
-        let records = self.broker.list(tenant).await?;
+        let records = self.broker.list(tenant).await.map_err(status::broker)?;
         Ok(Response::new(pb::ListCredentialsResponse {
             credentials: records.iter().map(convert::metadata).collect(),
         }))
@@ -373,7 +376,11 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         self.admit(&req, tenant, Some(exchange), Action::DescribeCredential)?;
-        let (record, adoption) = self.broker.describe_with_adoption(tenant, exchange).await?;
+        let (record, adoption) = self
+            .broker
+            .describe_with_adoption(tenant, exchange)
+            .await
+            .map_err(status::broker)?;
         let mut meta = convert::metadata(&record);
         meta.adoption = convert::adoption(&record, &adoption);
         Ok(Response::new(meta))
@@ -411,7 +418,8 @@ impl CredentialBroker for BrokerService {
         adm.touched(vec![*version], None);
         self.broker
             .acknowledge(&adm.ctx(), tenant, exchange, &subscriber, *version)
-            .await?;
+            .await
+            .map_err(status::broker)?;
         Ok(Response::new(pb::AcknowledgeVersionResponse {}))
     }
 
@@ -425,7 +433,11 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         let adm = self.admit(&req, tenant, Some(exchange), Action::DeleteCredentials)?;
-        let deleted = self.broker.delete(&adm.ctx(), tenant, exchange).await?;
+        let deleted = self
+            .broker
+            .delete(&adm.ctx(), tenant, exchange)
+            .await
+            .map_err(status::broker)?;
         Ok(Response::new(pb::DeleteCredentialsResponse { deleted }))
     }
 
@@ -439,7 +451,11 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         let adm = self.admit(&req, tenant, Some(exchange), Action::ValidateCredentials)?;
-        let record = self.broker.revalidate(&adm.ctx(), tenant, exchange).await?;
+        let record = self
+            .broker
+            .revalidate(&adm.ctx(), tenant, exchange)
+            .await
+            .map_err(status::broker)?;
         adm.touched(vec![record.current_version], None);
         Ok(Response::new(pb::ValidateCredentialsResponse {
             health: Some(convert::health(&record)),
@@ -456,7 +472,11 @@ impl CredentialBroker for BrokerService {
         } = req.get_ref();
         let (tenant, exchange) = convert::target(tenant_id, exchange)?;
         self.admit(&req, tenant, Some(exchange), Action::GetCredentialHealth)?;
-        let record = self.broker.describe(tenant, exchange).await?;
+        let record = self
+            .broker
+            .describe(tenant, exchange)
+            .await
+            .map_err(status::broker)?;
         Ok(Response::new(convert::health(&record)))
     }
 
@@ -475,7 +495,8 @@ impl CredentialBroker for BrokerService {
         let (shown, generated) = self
             .broker
             .set_webhook(&adm.ctx(), tenant, url, secret)
-            .await?;
+            .await
+            .map_err(status::broker)?;
         Ok(Response::new(pb::SetWebhookResponse {
             url: shown,
             secret: generated
@@ -502,7 +523,11 @@ impl CredentialBroker for BrokerService {
         };
         let before = convert::audit_page_token(page_token)?;
         let since = since.as_ref().map(convert::from_ts).transpose()?;
-        let rows = self.broker.audit_page(tenant, before, since, limit).await?;
+        let rows = self
+            .broker
+            .audit_page(tenant, before, since, limit)
+            .await
+            .map_err(status::broker)?;
         let next_page_token = if rows.len() == limit as usize {
             rows.last()
                 .map(convert::audit_page_token_of)

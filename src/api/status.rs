@@ -106,41 +106,39 @@ pub fn bad_field(field: &str, reason: &str) -> Status {
     )
 }
 
-impl From<BrokerError> for Status {
-    fn from(e: BrokerError) -> Self {
-        let msg = e.to_string();
-        match e {
-            BrokerError::InvalidArgument { field, reason } => bad_field(field, &reason),
-            BrokerError::Validation(ValidationError::InvalidField { field, reason }) => {
-                bad_field(field, &reason)
-            }
-            BrokerError::Validation(ValidationError::Rejected { .. }) => {
-                Status::failed_precondition(msg)
-            }
-            BrokerError::Validation(ValidationError::Unavailable { .. }) => {
-                Status::unavailable(format!("{msg}; nothing was stored, retry later"))
-            }
-            BrokerError::NotFound { .. } => Status::not_found(msg),
-            BrokerError::AlreadyExists { .. } => Status::already_exists(msg),
-            BrokerError::Conflict => Status::aborted(msg),
-            BrokerError::FailedPrecondition(_) => Status::failed_precondition(msg),
-            // A backend that cannot answer now (an election, a restart):
-            // the caller retries, and RetryInfo says how soon.
-            BrokerError::Unavailable { .. } => Status::with_error_details(
-                Code::Unavailable,
-                msg,
-                ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
-            ),
-            BrokerError::ShuttingDown { .. } | BrokerError::StreamAged { .. } => {
-                Status::unavailable(msg)
-            }
-            BrokerError::ResumeTooOld { .. } | BrokerError::ResumeAhead { .. } => {
-                Status::out_of_range(msg)
-            }
-            BrokerError::SecretMissing { .. } => Status::data_loss(msg),
-            BrokerError::Internal => {
-                Status::internal("internal error; the broker logged the cause")
-            }
+/// The gRPC status of a broker error (the one place domain errors become
+/// statuses).
+pub fn broker(e: BrokerError) -> Status {
+    let msg = e.to_string();
+    match e {
+        BrokerError::InvalidArgument { field, reason } => bad_field(field, &reason),
+        BrokerError::Validation(ValidationError::InvalidField { field, reason }) => {
+            bad_field(field, &reason)
         }
+        BrokerError::Validation(ValidationError::Rejected { .. }) => {
+            Status::failed_precondition(msg)
+        }
+        BrokerError::Validation(ValidationError::Unavailable { .. }) => {
+            Status::unavailable(format!("{msg}; nothing was stored, retry later"))
+        }
+        BrokerError::NotFound { .. } => Status::not_found(msg),
+        BrokerError::AlreadyExists { .. } => Status::already_exists(msg),
+        BrokerError::Conflict => Status::aborted(msg),
+        BrokerError::FailedPrecondition(_) => Status::failed_precondition(msg),
+        // A backend that cannot answer now (an election, a restart):
+        // the caller retries, and RetryInfo says how soon.
+        BrokerError::Unavailable { .. } => Status::with_error_details(
+            Code::Unavailable,
+            msg,
+            ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
+        ),
+        BrokerError::ShuttingDown { .. } | BrokerError::StreamAged { .. } => {
+            Status::unavailable(msg)
+        }
+        BrokerError::ResumeTooOld { .. } | BrokerError::ResumeAhead { .. } => {
+            Status::out_of_range(msg)
+        }
+        BrokerError::SecretMissing { .. } => Status::data_loss(msg),
+        BrokerError::Internal => Status::internal("internal error; the broker logged the cause"),
     }
 }

@@ -1,7 +1,7 @@
 //! Everything that moves credential changes: the subscription hub, the watch
-//! stream's state machine and the overlap retire job.
+//! stream's state machine and the overlap retire job (the core's,
+//! re-exported), and the PostgreSQL event listener.
 
-pub mod hub;
+pub use credbroker_core::rotation::{hub, retire, watch};
+
 pub mod listener;
-pub mod retire;
-pub mod watch;

@@ -130,7 +130,7 @@ impl FromStr for ExchangeId {
 }
 
 /// Cuts user input echoed back in an error message to a safe length.
-pub(crate) fn truncate_for_message(s: &str) -> String {
+pub fn truncate_for_message(s: &str) -> String {
     s.chars().take(32).collect()
 }
 

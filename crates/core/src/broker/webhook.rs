@@ -53,4 +53,3 @@ pub fn stored_endpoint(secret: SecretString, url: &str) -> CredentialSet {
         passphrase: Some(SecretString::from(url.to_owned())),
     }
 }
-
