@@ -63,6 +63,11 @@ fn the_dockerfile_lints_clean_and_runs_as_non_root_without_a_shell() {
         String::from_utf8_lossy(&out.stderr)
     );
     let dockerfile = std::fs::read_to_string(format!("{root}/Dockerfile")).unwrap();
+    // The build stage has every workspace member.
+    assert!(
+        dockerfile.contains("\nCOPY crates ./crates\n"),
+        "{dockerfile}"
+    );
     let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
     assert!(runtime.starts_with("gcr.io/distroless/"), "{runtime}");
     assert!(runtime.contains("USER 65532:65532"));
