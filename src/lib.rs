@@ -9,6 +9,13 @@
 
 pub use credbroker_core::{backoff, broker, cache, clock, memstore};
 
+/// The exchange adapter (its own crate), with the simulators (`sim`, their
+/// own crate, for dev mode and tests).
+pub mod exchange {
+    pub use credbroker_exchange::*;
+    pub use credbroker_sim as sim;
+}
+
 pub mod agent;
 pub mod api;
 pub mod app;
@@ -18,7 +25,6 @@ pub mod checks;
 pub mod client;
 pub mod config;
 pub mod dev;
-pub mod exchange;
 pub mod import;
 pub mod limits;
 pub mod ready;

@@ -5,6 +5,8 @@
 //! `credbroker dev` can too. They are simulators: they hold no real keys and
 //! reach no exchange.
 
+#![forbid(unsafe_code)]
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -22,8 +24,8 @@ use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD as B64URL};
 use serde_json::{Value, json};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::{adapters::RECV_WINDOW_MS, signing};
-use crate::broker::types::ExchangeId;
+use credbroker_core::broker::types::ExchangeId;
+use credbroker_exchange::{adapters::RECV_WINDOW_MS, signing};
 
 /// A failure the simulator plays instead of answering.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -135,11 +137,11 @@ impl Simulators {
         &self,
         timeout_ms: u64,
         requests_per_minute: u32,
-    ) -> BTreeMap<ExchangeId, super::ExchangeEndpoint> {
+    ) -> BTreeMap<ExchangeId, credbroker_exchange::ExchangeEndpoint> {
         self.urls
             .iter()
             .map(|(ex, url)| {
-                let endpoint = super::ExchangeEndpoint {
+                let endpoint = credbroker_exchange::ExchangeEndpoint {
                     base_url: url.clone(),
                     timeout_ms,
                     requests_per_minute,

@@ -7,9 +7,9 @@ use secrecy::ExposeSecret as _;
 use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use super::{ExchangeValidator, signing};
-use crate::broker::error::ValidationError;
-use crate::broker::types::{CredentialSet, ExchangeId, Permissions};
+use crate::{ExchangeValidator, signing};
+use credbroker_core::broker::error::ValidationError;
+use credbroker_core::broker::types::{CredentialSet, ExchangeId, Permissions};
 
 /// Milliseconds the exchange accepts between our timestamp and its clock.
 pub const RECV_WINDOW_MS: u64 = 5000;

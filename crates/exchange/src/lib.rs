@@ -12,9 +12,11 @@
 //! unless allowed. A client-side budget per exchange keeps health checks from
 //! getting the broker's IP banned.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod adapters;
 pub mod signing;
-pub mod sim;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,15 +32,15 @@ use async_trait::async_trait;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Deserialize;
 
-use crate::broker::error::ValidationError;
+use credbroker_core::broker::error::ValidationError;
 
-use crate::broker::ports::CredentialValidator;
+use credbroker_core::broker::ports::CredentialValidator;
 
-use crate::broker::types::{CredentialSet, ExchangeId, Permissions, TenantId};
+use credbroker_core::broker::types::{CredentialSet, ExchangeId, Permissions, TenantId};
 
-use crate::broker::validate::check_format;
+use credbroker_core::broker::validate::check_format;
 
-use crate::clock::Clock;
+use credbroker_core::clock::Clock;
 
 /// Where and how to reach one exchange.
 #[derive(Clone, Debug, Deserialize)]
