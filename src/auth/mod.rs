@@ -323,6 +323,19 @@ mod tests {
         }
     }
 
+    /// The role table of docs/identity.md, written out (not computed from
+    /// `Action::needs`, the code under test).
+    fn documented(role: Role, action: Action) -> bool {
+        use Action::*;
+        let viewer = [ListCredentials, DescribeCredential, GetCredentialHealth];
+        let trader = [GetCredentials, WatchRotations, AcknowledgeVersion];
+        match role {
+            Role::Viewer => viewer.contains(&action),
+            Role::Trader => viewer.contains(&action) || trader.contains(&action),
+            Role::Admin | Role::Operator => true,
+        }
+    }
+
     #[test]
     fn the_role_table() {
         let a: TenantId = A.parse().unwrap();
@@ -332,7 +345,7 @@ mod tests {
             assert!(authorize(&op, a, action).is_ok());
             for role in [Role::Viewer, Role::Trader, Role::Admin] {
                 let c = caller(role, Some(A));
-                let allowed = role.rank() >= action.needs().rank();
+                let allowed = documented(role, action);
                 assert_eq!(
                     authorize(&c, a, action).is_ok(),
                     allowed,
@@ -342,10 +355,7 @@ mod tests {
                 assert!(e.is_denial() && e.to_string().contains("may not access tenant"));
                 if !allowed {
                     let e = authorize(&c, a, action).unwrap_err().to_string();
-                    assert!(
-                        e.contains(&format!("needs role {}", action.needs().as_str())),
-                        "{e}"
-                    );
+                    assert!(e.contains("needs role "), "{e}");
                 }
             }
         }
