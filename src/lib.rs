@@ -8,6 +8,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use credbroker_core::{backoff, broker, cache, clock, memstore};
+/// The Vault / OpenBao secret store (its own crate).
+pub use credbroker_vault as vault;
 
 /// The exchange adapter (its own crate), with the simulators (`sim`, their
 /// own crate, for dev mode and tests).
@@ -33,5 +35,4 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
-pub mod vault;
 pub mod webhook;

@@ -5,6 +5,9 @@
 //! panics on a malformed address, so the address is parsed at config time
 //! and both are always set explicitly here.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
@@ -19,13 +22,11 @@ use vaultrs::{
     error::ClientError,
 };
 
-use crate::broker::error::SecretStoreError;
+use credbroker_core::broker::error::SecretStoreError;
 
-use crate::broker::ports::{SecretStore, VersionInfo};
+use credbroker_core::broker::ports::{SecretStore, VersionInfo};
 
-use crate::broker::types::CredentialSet;
-
-use crate::config::{VaultAuthConfig, VaultConfig};
+use credbroker_core::broker::types::CredentialSet;
 
 /// How the broker authenticates to Vault.
 #[derive(Clone)]
@@ -904,4 +905,97 @@ mod tests {
         assert_eq!(VaultAnswer::of(&cas), VaultAnswer::BadRequest);
         assert_eq!(VaultAnswer::of(&api(404, &[])), VaultAnswer::Missing);
     }
+}
+
+/// Vault / OpenBao settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VaultConfig {
+    /// Base URL, e.g. `https://vault.internal:8200` (a load-balanced name
+    /// or one node).
+    pub addr: String,
+    /// More nodes of the same cluster, tried in turn when the one in use
+    /// does not answer (connection errors, 5xx, sealed or 429).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// How long an operation keeps trying the nodes before UNAVAILABLE.
+    #[serde(default = "default_failover_budget")]
+    pub failover_budget_ms: u64,
+    /// KV v2 mount.
+    #[serde(default = "default_mount")]
+    pub mount: String,
+    /// Path prefix under the mount; credentials live at
+    /// `{prefix}/{tenant}/exchanges/{exchange}/credentials`.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// Per-request timeout.
+    #[serde(default = "default_vault_timeout")]
+    pub timeout_ms: u64,
+    /// CA bundle for Vault's TLS certificate.
+    #[serde(default)]
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Vault Enterprise / OpenBao namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Authentication.
+    pub auth: VaultAuthConfig,
+}
+
+fn default_failover_budget() -> u64 {
+    3000
+}
+
+fn default_mount() -> String {
+    "secret".into()
+}
+fn default_prefix() -> String {
+    "tenants".into()
+}
+fn default_vault_timeout() -> u64 {
+    5000
+}
+
+/// How to log in to Vault.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "method", rename_all = "lowercase", deny_unknown_fields)]
+pub enum VaultAuthConfig {
+    /// A static token.
+    Token {
+        /// The token.
+        token: SecretString,
+    },
+    /// AppRole login.
+    Approle {
+        /// Auth mount.
+        #[serde(default = "default_approle_mount")]
+        mount: String,
+        /// Role ID.
+        role_id: String,
+        /// Secret ID.
+        secret_id: SecretString,
+    },
+    /// Kubernetes auth: the pod's service-account token, re-read at every
+    /// login (projected tokens rotate).
+    Kubernetes {
+        /// Auth mount.
+        #[serde(default = "default_kubernetes_mount")]
+        mount: String,
+        /// Vault role bound to the broker's service account.
+        role: String,
+        /// The service-account token file.
+        #[serde(default = "default_sa_token_path")]
+        token_path: std::path::PathBuf,
+    },
+}
+
+fn default_approle_mount() -> String {
+    "approle".into()
+}
+
+fn default_kubernetes_mount() -> String {
+    "kubernetes".into()
+}
+
+fn default_sa_token_path() -> std::path::PathBuf {
+    std::path::PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
