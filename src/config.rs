@@ -419,27 +419,8 @@ fn default_trust_domain() -> String {
 // The Vault section is the Vault adapter's own.
 pub use credbroker_vault::{VaultAuthConfig, VaultConfig};
 
-/// PostgreSQL settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PostgresConfig {
-    /// Connection string (`postgres://user:pass@host/db` or key=value); may
-    /// hold a password, so it is a secret.
-    pub url: SecretString,
-    /// Pool size.
-    #[serde(default = "default_pool")]
-    pub pool_size: usize,
-    /// Apply pending migrations at start-up.
-    #[serde(default = "default_true")]
-    pub migrate_on_start: bool,
-}
-
-fn default_pool() -> usize {
-    16
-}
-fn default_true() -> bool {
-    true
-}
+// The PostgreSQL section is the PostgreSQL adapter's own.
+pub use credbroker_store::PostgresConfig;
 
 /// L1 cache settings.
 #[derive(Debug, Clone, Deserialize)]

@@ -8,6 +8,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub use credbroker_core::{backoff, broker, cache, clock, memstore};
+/// The PostgreSQL metadata store and its migrations (its own crate).
+pub use credbroker_store as store;
 /// The Vault / OpenBao secret store (its own crate).
 pub use credbroker_vault as vault;
 
@@ -32,7 +34,6 @@ pub mod limits;
 pub mod ready;
 pub mod rotation;
 pub mod server;
-pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod webhook;

@@ -4,7 +4,8 @@
 use deadpool_postgres::Pool;
 
 mod embedded {
-    refinery::embed_migrations!("migrations");
+    // The schema lives at the repository's top level (`migrations/`).
+    refinery::embed_migrations!("../../migrations");
 }
 
 /// Applies pending migrations; returns how many ran.

@@ -6,6 +6,9 @@
 //! `credbroker_system` for cross-tenant jobs) so RLS holds even when the
 //! login role owns the tables.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod migrate;
 
 use std::str::FromStr;
@@ -19,19 +22,17 @@ use time::OffsetDateTime;
 use tokio_postgres::{NoTls, Row, error::SqlState};
 use tracing::Instrument as _;
 
-use crate::broker::error::MetadataStoreError;
+use credbroker_core::broker::error::MetadataStoreError;
 
-use crate::broker::ports::{
+use credbroker_core::broker::ports::{
     AuditChain, AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, OutboxMessage,
     RotationCommit, WebhookEndpoint, WebhookStore,
 };
 
-use crate::broker::types::{
+use credbroker_core::broker::types::{
     Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
     HealthStatus, Permissions, TenantId,
 };
-
-use crate::config::PostgresConfig;
 
 const RECORD_COLS: &str = "tenant_id, exchange, vault_path, current_version, previous_version, \
     previous_valid_until, status, permissions, api_key_hint, last_validated_at, health_check_status, \
@@ -655,8 +656,8 @@ async fn select_all(
 
 #[async_trait]
 impl MetadataStore for PgMetadataStore {
-    fn event_delivery(&self) -> crate::broker::ports::EventDelivery {
-        crate::broker::ports::EventDelivery::Listener
+    fn event_delivery(&self) -> credbroker_core::broker::ports::EventDelivery {
+        credbroker_core::broker::ports::EventDelivery::Listener
     }
 
     async fn get(
@@ -1176,4 +1177,26 @@ impl MetadataStore for PgMetadataStore {
         client.simple_query("SELECT 1").await.map_err(pg_err)?;
         Ok(())
     }
+}
+
+/// PostgreSQL settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection string (`postgres://user:pass@host/db` or key=value); may
+    /// hold a password, so it is a secret.
+    pub url: secrecy::SecretString,
+    /// Pool size.
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+    /// Apply pending migrations at start-up.
+    #[serde(default = "default_true")]
+    pub migrate_on_start: bool,
+}
+
+fn default_pool() -> usize {
+    16
+}
+fn default_true() -> bool {
+    true
 }
