@@ -1,0 +1,282 @@
+//! Health checks: re-validating a stored key against its exchange, the one
+//! path (`Broker::check`) the job, ValidateCredentials and
+//! GetCredentialHealth share, and what a finding tells the tenant.
+
+use super::*;
+
+/// What a health check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Finding {
+    /// The exchange accepted the key and nothing drifted.
+    Healthy,
+    /// The exchange (or the policy, on what the exchange reported) refused
+    /// the key: marked invalid.
+    Refused(String),
+    /// The exchange reports the key expired: marked expired.
+    Expired,
+    /// The key works but changed in a way the tenant should know (lost its
+    /// IP restriction, lost a permission, expires soon); still active.
+    Drift(String),
+    /// No usable answer from the exchange: only the health detail changed.
+    Unreachable(String),
+}
+
+impl Finding {
+    /// The metric and webhook name of the finding.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Finding::Healthy => "healthy",
+            Finding::Refused(_) => "refused",
+            Finding::Expired => "expired",
+            Finding::Drift(_) => "drift",
+            Finding::Unreachable(_) => "unreachable",
+        }
+    }
+
+    /// A finding the tenant must hear of (counted as a health-check failure).
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Finding::Refused(_) | Finding::Expired | Finding::Drift(_)
+        )
+    }
+}
+
+impl Notice {
+    /// The webhook for `finding`, recorded by `update` on `version`. Its
+    /// payload follows the Standard Webhooks shape (`type`, `timestamp`,
+    /// `data`) and holds no secret: tenant, exchange, version, status and
+    /// the safe-to-show reason.
+    fn new(finding: &Finding, update: &HealthUpdate, version: u64) -> Self {
+        let event_type = match finding {
+            Finding::Refused(_) => "credential.invalidated",
+            Finding::Expired => "credential.expired",
+            _ => "credential.drift",
+        };
+        let id = uuid::Uuid::now_v7();
+        let payload = serde_json::json!({
+            "type": event_type,
+            "timestamp": update.checked_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+            "data": {
+                "tenant_id": update.tenant.to_string(),
+                "exchange": update.exchange.as_str(),
+                "version": version,
+                "status": update.status.as_str(),
+                "health": update.health.as_str(),
+                "reason": update.detail,
+                "actor": update.actor,
+            },
+        });
+        Self {
+            id,
+            event_type,
+            payload: payload.to_string(),
+            at: update.checked_at,
+        }
+    }
+}
+
+/// One health check's result.
+#[derive(Clone, Debug)]
+pub struct CheckOutcome {
+    /// Metadata after the check.
+    pub record: CredentialRecord,
+    /// What it found.
+    pub finding: Finding,
+}
+
+/// What changed between the permissions stored and the ones the exchange
+/// reports now, in words (empty: nothing worth telling). Keys that lost a
+/// required permission, or gained withdraw rights without their tenant
+/// being allowed them, never get here: the validator's policy refuses them.
+fn drift(
+    before: Option<&Permissions>,
+    now: &Permissions,
+    at: OffsetDateTime,
+    warn: Duration,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(b) = before {
+        for (name, was, is) in [
+            ("read", b.read, now.read),
+            ("trade", b.trade, now.trade),
+            ("transfer", b.transfer, now.transfer),
+        ] {
+            if was && !is {
+                out.push(format!("lost the {name} permission"));
+            }
+        }
+        if !b.withdraw && now.withdraw {
+            out.push("gained the withdraw permission".into());
+        }
+        if b.ip_restricted && !now.ip_restricted {
+            out.push("lost its IP allow-list".into());
+        }
+    }
+    if let Some(exp) = now.expires_at
+        && exp > at
+        && exp - at < warn
+    {
+        let days = (exp - at).whole_hours() as f64 / 24.0;
+        out.push(format!("expires in {days:.1} days"));
+    }
+    out
+}
+
+impl Broker {
+    /// Re-validates the current set against the exchange now and records the
+    /// outcome (ValidateCredentials): [`Self::check`], with an exchange
+    /// outage returned as `Validation` (`Unavailable` kind) after its
+    /// detail was recorded.
+    ///
+    /// # Errors
+    /// `NotFound`, `Validation(Unavailable)`, `Unavailable`.
+    pub async fn revalidate(
+        &self,
+        ctx: &RequestContext,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<CredentialRecord, BrokerError> {
+        let out = self.check(ctx, tenant, exchange).await?;
+        match out.finding {
+            Finding::Unreachable(reason) => Err(ValidationError::Unavailable {
+                exchange: exchange.as_str(),
+                reason,
+            }
+            .into()),
+            _ => Ok(out.record),
+        }
+    }
+
+    /// The one health-check path (the background job and
+    /// ValidateCredentials): validates the current set against the
+    /// exchange and records what it found. A refusal marks the credential
+    /// invalid (expired when the exchange reports it expired) with an
+    /// INVALIDATED event; drift (a lost permission or IP allow-list, an
+    /// expiry within the warning window) is recorded in the health detail;
+    /// an exchange outage changes nothing but the health detail. Every
+    /// finding the tenant must hear of goes, in the same commit, to the
+    /// tenant's webhook outbox.
+    ///
+    /// # Errors
+    /// `NotFound`, `Unavailable` (Vault or PostgreSQL).
+    pub async fn check(
+        &self,
+        ctx: &RequestContext,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<CheckOutcome, BrokerError> {
+        let record = self.describe(tenant, exchange).await?;
+        let set = self
+            .secrets
+            .read(&record.vault_path, record.current_version)
+            .await?;
+        let now = self.clock.now();
+        let base = HealthUpdate {
+            tenant,
+            exchange,
+            health: record.health,
+            status: record.status,
+            detail: None,
+            permissions: None,
+            checked_at: now,
+            actor: ctx.actor_label(),
+            notice: None,
+        };
+        let (mut update, finding, notify) =
+            match self.validator.validate(tenant, exchange, &set).await {
+                Ok(permissions) => {
+                    let expired = permissions.expires_at.is_some_and(|t| t <= now);
+                    let drifted = drift(
+                        record.permissions.as_ref(),
+                        &permissions,
+                        now,
+                        self.settings.expiry_warning,
+                    );
+                    let (status, health, detail, finding) = if expired {
+                        let why =
+                            "the exchange reports the key expired; rotate in a new one".to_owned();
+                        (
+                            CredentialStatus::Expired,
+                            HealthStatus::Unhealthy,
+                            Some(why),
+                            Finding::Expired,
+                        )
+                    } else if drifted.is_empty() {
+                        let status = if matches!(
+                            record.status,
+                            CredentialStatus::Invalid | CredentialStatus::Expired
+                        ) {
+                            CredentialStatus::Active
+                        } else {
+                            record.status
+                        };
+                        (status, HealthStatus::Healthy, None, Finding::Healthy)
+                    } else {
+                        let what = format!("the key works but {}", drifted.join(", "));
+                        (
+                            record.status,
+                            HealthStatus::Healthy,
+                            Some(what.clone()),
+                            Finding::Drift(what),
+                        )
+                    };
+                    // Tell the tenant once per change, not every round.
+                    let notify = finding.is_failure() && detail != record.health_detail;
+                    (
+                        HealthUpdate {
+                            health,
+                            status,
+                            detail,
+                            permissions: Some(permissions),
+                            ..base
+                        },
+                        finding,
+                        notify,
+                    )
+                }
+                Err(ValidationError::Unavailable { reason, .. }) => {
+                    let detail =
+                        format!("no usable answer from {exchange} at the last check: {reason}");
+                    (
+                        HealthUpdate {
+                            detail: Some(detail),
+                            ..base
+                        },
+                        Finding::Unreachable(reason),
+                        false,
+                    )
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    (
+                        HealthUpdate {
+                            health: HealthStatus::Unhealthy,
+                            status: CredentialStatus::Invalid,
+                            detail: Some(why.clone()),
+                            ..base
+                        },
+                        Finding::Refused(why),
+                        record.status != CredentialStatus::Invalid,
+                    )
+                }
+            };
+        if notify {
+            update.notice = Some(Notice::new(&finding, &update, record.current_version));
+        }
+        let (updated, event) = self.meta.record_health(update).await.map_err(|e| match e {
+            error::MetadataStoreError::NotFound => not_found(tenant, exchange),
+            other => other.into(),
+        })?;
+        if let Some(event) = event {
+            tracing::warn!(%tenant, %exchange, finding = finding.as_str(), "credential invalidated by a health check");
+            self.apply_event(event);
+        } else {
+            self.cache.forget(&(tenant, exchange));
+        }
+        Ok(CheckOutcome {
+            record: updated,
+            finding,
+        })
+    }
+}
