@@ -57,6 +57,22 @@ async fn shipped(env: &Env, ids: &[String]) -> BTreeMap<String, AuditRecord> {
     .expect("every answered call's record reached PostgreSQL")
 }
 
+/// `credbroker audit export --tenant` on the env's database.
+async fn export(env: &Env, tenant: &str) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
+        .args([
+            "audit",
+            "export",
+            "--database-url",
+            &env.db.url(),
+            "--tenant",
+            tenant,
+        ])
+        .output()
+        .await
+        .unwrap()
+}
+
 fn request_id<T>(r: &Result<tonic::Response<T>, tonic::Status>) -> String {
     let md = match r {
         Ok(resp) => resp.metadata(),
@@ -218,18 +234,7 @@ async fn every_call_is_recorded_once_with_its_fields() {
     }
 
     // Export in the seed's format, filtered by tenant.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args([
-            "audit",
-            "export",
-            "--database-url",
-            &env.db.url(),
-            "--tenant",
-            &tenant,
-        ])
-        .output()
-        .await
-        .unwrap();
+    let out = export(&env, &tenant).await;
     assert!(
         out.status.success(),
         "{}",
@@ -354,18 +359,7 @@ async fn every_call_is_recorded_once_with_its_fields() {
             "{column}: {out}"
         );
         if column == "tenant_id" {
-            let moved = tokio::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
-                .args([
-                    "audit",
-                    "export",
-                    "--database-url",
-                    &env.db.url(),
-                    "--tenant",
-                    &other,
-                ])
-                .output()
-                .await
-                .unwrap();
+            let moved = export(&env, &other).await;
             assert!(moved.status.success());
             assert!(
                 !String::from_utf8_lossy(&moved.stdout).contains(target.as_str()),
