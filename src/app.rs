@@ -345,23 +345,7 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let secs = |n: u64| time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX));
     // The spool first: no call is answered that could not be audited.
-    let spool = if s.audit.enabled {
-        let spool = Spool::open(&s.audit.spool_dir, s.audit.max_spool_bytes).map_err(|e| {
-            anyhow::anyhow!(
-                "audit.spool_dir {}: cannot open the audit spool ({e})",
-                s.audit.spool_dir.display()
-            )
-        })?;
-        tracing::info!(dir = %s.audit.spool_dir.display(), chain = %spool.chain_id(), "audit spool open");
-        Some(spool)
-    } else {
-        tracing::warn!("audit.enabled = false: calls are NOT audited (not SOC 2 compliant)");
-        None
-    };
-    let sink: Arc<dyn crate::audit::AuditSink> = match &spool {
-        Some(s) => s.clone(),
-        None => Arc::new(crate::audit::Discard),
-    };
+    let (spool, sink) = open_audit(&s.audit)?;
     // Vault and the exchanges are measured where the broker meets them.
     let metrics = Metrics::new();
     let secrets = MeteredSecretStore::wrap(backends.secrets, metrics.clone());
@@ -394,45 +378,10 @@ pub async fn start(
     );
     let shutdown = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    {
-        // A file-size limit (RLIMIT_FSIZE) must fail the audit spool's write
-        // (EFBIG: calls refused, recovered by itself once lifted), not kill
-        // the process with SIGXFSZ's default action.
-        let cancel = shutdown.clone();
-        let kind =
-            tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
-        let mut xfsz = tokio::signal::unix::signal(kind)?;
-        spawn_task(&mut tasks, "SIGXFSZ watch", &shutdown, async move {
-            loop {
-                tokio::select! {
-                    () = cancel.cancelled() => return Ok(()),
-                    got = xfsz.recv() => {
-                        if got.is_none() {
-                            return Ok(());
-                        }
-                        tracing::debug!("SIGXFSZ: a write went past the file-size limit");
-                    }
-                }
-            }
-        });
-    }
+    watch_sigxfsz(&mut tasks, &shutdown)?;
     if let Some(spool) = &spool {
-        let (spool, cancel) = (spool.clone(), shutdown.clone());
-        let every = Duration::from_millis(s.audit.fsync_ms);
-        spawn_task(&mut tasks, "audit fsync", &shutdown, async move {
-            spool.flusher(every, cancel).await;
-            Ok(())
-        });
+        spawn_audit(&mut tasks, &shutdown, spool, &backends.meta, &s.audit);
     }
-    if let Some(spool) = &spool {
-        let (spool, meta, cancel) = (spool.clone(), backends.meta.clone(), shutdown.clone());
-        let every = Duration::from_millis(s.audit.ship_ms);
-        spawn_task(&mut tasks, "audit shipper", &shutdown, async move {
-            crate::audit::ship::task_main(spool, meta, every, cancel).await;
-            Ok(())
-        });
-    }
-
     {
         let (b, cancel) = (broker.clone(), shutdown.clone());
         let retention = secs(s.rotation.event_retention_secs);
@@ -443,37 +392,17 @@ pub async fn start(
             Ok(())
         });
     }
-    // Nothing is served before this replica hears every committed event:
-    // a call answered before would cache or stream what an event it missed
-    // has superseded. With PostgreSQL down at start-up the server still
-    // comes up, NOT_SERVING and refusing calls with UNAVAILABLE, and opens
-    // as soon as the listener connects.
-    let ready = if let EventSource::Postgres { config, migrate } = backends.events {
-        let every = Duration::from_secs(s.rotation.event_poll_secs.max(1));
-        let listener = EventListener::new(*config, broker.clone(), every)
-            .with_lag(metrics.families().event_lag.clone());
-        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
-        let cancel = shutdown.clone();
-        spawn_task(&mut tasks, "event listener", &shutdown, async move {
-            if let Some(pool) = migrate {
-                migrate_when_reachable(&pool, &cancel).await?;
-            }
-            listener.task_main(ready_tx, cancel).await
-        });
-        // PostgreSQL that answers makes the listener ready in milliseconds;
-        // one that does not is not waited for.
-        if tokio::time::timeout(STARTUP_WAIT, ready_rx.wait_for(|r| *r))
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "the event listener is not connected yet (PostgreSQL unreachable?): serving NOT_SERVING, calls refused until it is"
-            );
-        }
-        ready_rx
-    } else {
-        tokio::sync::watch::channel(true).1
-    };
+    // Nothing is served before this replica hears every committed event
+    // (see `start_event_listener`).
+    let ready = start_event_listener(
+        &mut tasks,
+        &shutdown,
+        backends.events,
+        &broker,
+        &metrics,
+        Duration::from_secs(s.rotation.event_poll_secs.max(1)),
+    )
+    .await;
     let (reporter, health) = tonic_health::server::health_reporter();
     server::set_serving(&reporter, false).await;
     {
@@ -821,5 +750,131 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = term => tracing::info!("SIGTERM: shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}
+
+/// Where every audit record goes.
+type Sink = Arc<dyn crate::audit::AuditSink>;
+
+/// Opens the audit spool (or, with auditing off, a sink that keeps
+/// nothing): the spool and the sink every record goes to.
+///
+/// # Errors
+/// When the spool directory cannot be used.
+fn open_audit(audit: &crate::config::AuditConfig) -> anyhow::Result<(Option<Arc<Spool>>, Sink)> {
+    let spool = if audit.enabled {
+        let spool = Spool::open(&audit.spool_dir, audit.max_spool_bytes).map_err(|e| {
+            anyhow::anyhow!(
+                "audit.spool_dir {}: cannot open the audit spool ({e})",
+                audit.spool_dir.display()
+            )
+        })?;
+        tracing::info!(dir = %audit.spool_dir.display(), chain = %spool.chain_id(), "audit spool open");
+        Some(spool)
+    } else {
+        tracing::warn!("audit.enabled = false: calls are NOT audited (not SOC 2 compliant)");
+        None
+    };
+    let sink: Sink = match &spool {
+        Some(s) => s.clone(),
+        None => Arc::new(crate::audit::Discard),
+    };
+    Ok((spool, sink))
+}
+
+/// A file-size limit (RLIMIT_FSIZE) must fail the audit spool's write
+/// (EFBIG: calls refused, recovered by itself once lifted), not kill the
+/// process with SIGXFSZ's default action: the signal is taken and logged.
+///
+/// # Errors
+/// When the signal cannot be listened for.
+fn watch_sigxfsz(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let cancel = shutdown.clone();
+    let kind = tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+    let mut xfsz = tokio::signal::unix::signal(kind)?;
+    spawn_task(tasks, "SIGXFSZ watch", shutdown, async move {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                got = xfsz.recv() => {
+                    if got.is_none() {
+                        return Ok(());
+                    }
+                    tracing::debug!("SIGXFSZ: a write went past the file-size limit");
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// The audit spool's group fsync (with its recovery probe) and its shipper
+/// to PostgreSQL.
+fn spawn_audit(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown: &CancellationToken,
+    spool: &Arc<Spool>,
+    meta: &Arc<dyn MetadataStore>,
+    audit: &crate::config::AuditConfig,
+) {
+    {
+        let (spool, cancel) = (spool.clone(), shutdown.clone());
+        let every = Duration::from_millis(audit.fsync_ms);
+        spawn_task(tasks, "audit fsync", shutdown, async move {
+            spool.flusher(every, cancel).await;
+            Ok(())
+        });
+    }
+    {
+        let (spool, meta, cancel) = (spool.clone(), meta.clone(), shutdown.clone());
+        let every = Duration::from_millis(audit.ship_ms);
+        spawn_task(tasks, "audit shipper", shutdown, async move {
+            crate::audit::ship::task_main(spool, meta, every, cancel).await;
+            Ok(())
+        });
+    }
+}
+
+/// Starts this replica's event listener (after the migrations PostgreSQL
+/// could not take at start-up) and returns whether it listens. Nothing is
+/// served before this replica hears every committed event: a call answered
+/// before would cache or stream what an event it missed has superseded.
+/// With PostgreSQL down the server still comes up, NOT_SERVING and refusing
+/// calls with UNAVAILABLE, and opens as soon as the listener connects.
+async fn start_event_listener(
+    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown: &CancellationToken,
+    events: EventSource,
+    broker: &Arc<Broker>,
+    metrics: &Metrics,
+    poll_every: Duration,
+) -> tokio::sync::watch::Receiver<bool> {
+    if let EventSource::Postgres { config, migrate } = events {
+        let listener = EventListener::new(*config, broker.clone(), poll_every)
+            .with_lag(metrics.families().event_lag.clone());
+        let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
+        let cancel = shutdown.clone();
+        spawn_task(tasks, "event listener", shutdown, async move {
+            if let Some(pool) = migrate {
+                migrate_when_reachable(&pool, &cancel).await?;
+            }
+            listener.task_main(ready_tx, cancel).await
+        });
+        // PostgreSQL that answers makes the listener ready in milliseconds;
+        // one that does not is not waited for.
+        if tokio::time::timeout(STARTUP_WAIT, ready_rx.wait_for(|r| *r))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the event listener is not connected yet (PostgreSQL unreachable?): serving NOT_SERVING, calls refused until it is"
+            );
+        }
+        ready_rx
+    } else {
+        tokio::sync::watch::channel(true).1
     }
 }
