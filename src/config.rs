@@ -516,63 +516,40 @@ impl Config {
     /// # Errors
     /// A `ConfigError` naming the first bad key.
     pub fn check(&self) -> Result<(), ConfigError> {
-        let bad = |key: &str, why: String| Err(ConfigError(format!("{key}: {why}")));
-        for (key, addr) in std::iter::once(("vault.addr", &self.vault.addr))
-            .chain(self.vault.nodes.iter().map(|a| ("vault.nodes", a)))
-        {
-            match url::Url::parse(addr) {
-                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-                Ok(u) => {
-                    return bad(key, format!("scheme {:?} is not http or https", u.scheme()));
-                }
-                Err(e) => return bad(key, format!("not a URL ({e})")),
-            }
-        }
+        // Every problem at once, each naming its key: a sections's own
+        // checks live with the section.
+        let mut errs = Vec::new();
+        self.vault.check(&mut errs);
+        self.postgres.check(&mut errs);
+        let mut bad = |key: &str, why: String| errs.push(format!("{key}: {why}"));
         for (key, p) in [
             ("tls.cert", &self.tls.cert),
             ("tls.key", &self.tls.key),
             ("tls.client_ca", &self.tls.client_ca),
         ] {
             if !p.is_file() {
-                return bad(key, format!("{} is not a readable file", p.display()));
+                bad(key, format!("{} is not a readable file", p.display()));
             }
         }
-        if let Some(ca) = &self.vault.ca_cert
-            && !ca.is_file()
-        {
-            return bad(
-                "vault.ca_cert",
-                format!("{} is not a readable file", ca.display()),
-            );
-        }
-        if self.vault.mount.is_empty() || self.vault.mount.contains(char::is_whitespace) {
-            return bad("vault.mount", "must be a non-empty mount name".into());
-        }
-        if self.vault.prefix.trim_matches('/').is_empty() {
-            return bad("vault.prefix", "must not be empty".into());
-        }
         if self.tls.trust_domain.is_empty() || self.tls.trust_domain.contains('/') {
-            return bad(
+            bad(
                 "tls.trust_domain",
                 "must be a bare trust domain such as credbroker.local".into(),
             );
         }
-        if self.postgres.pool_size == 0 {
-            return bad("postgres.pool_size", "must be at least 1".into());
-        }
         if self.cache.ttl_secs == 0 {
-            return bad("cache.ttl_secs", "must be at least 1".into());
+            bad("cache.ttl_secs", "must be at least 1".into());
         }
         if let Some(secret) = &self.auth.hs256_secret {
             use secrecy::ExposeSecret as _;
             if secret.expose_secret().len() < 32 {
-                return bad("auth.hs256_secret", "must be at least 32 bytes".into());
+                bad("auth.hs256_secret", "must be at least 32 bytes".into());
             }
         }
         if let Some(p) = &self.auth.jwks_file
             && !p.is_file()
         {
-            return bad(
+            bad(
                 "auth.jwks_file",
                 format!("{} is not a readable file", p.display()),
             );
@@ -581,71 +558,75 @@ impl Config {
             && self.auth.hs256_secret.is_none()
             && self.auth.jwks_file.is_none()
         {
-            return bad(
+            bad(
                 "auth.token",
                 "tokens cannot be verified: set auth.hs256_secret or auth.jwks_file, or token = \"ignored\"".into(),
             );
         }
         if self.auth.workload_role == crate::auth::model::Role::Operator {
-            return bad(
+            bad(
                 "auth.workload_role",
                 "a workload certificate cannot be an operator".into(),
             );
         }
         if self.checks.interval_secs < 60 {
-            return bad("checks.interval_secs", "must be at least 60".into());
+            bad("checks.interval_secs", "must be at least 60".into());
         }
         if self.checks.concurrency == 0 || self.checks.requests_per_minute == 0 {
-            return bad(
+            bad(
                 "checks.concurrency",
                 "concurrency and requests_per_minute must be at least 1".into(),
             );
         }
         if self.checks.lease_secs < 3 {
-            return bad("checks.lease_secs", "must be at least 3".into());
+            bad("checks.lease_secs", "must be at least 3".into());
         }
         if let Some(e) = &self.telemetry.otlp_endpoint
             && !url::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
         {
-            return bad(
+            bad(
                 "telemetry.otlp_endpoint",
                 format!("{e:?} is not an http(s) URL"),
             );
         }
         if self.telemetry.credentials_refresh_secs == 0 {
-            return bad(
+            bad(
                 "telemetry.credentials_refresh_secs",
                 "must be at least 1".into(),
             );
         }
         if self.audit.fsync_ms == 0 || self.audit.ship_ms == 0 {
-            return bad(
+            bad(
                 "audit.fsync_ms",
                 "fsync and ship periods must be at least 1 ms".into(),
             );
         }
         if self.audit.max_spool_bytes < 1024 * 1024 {
-            return bad("audit.max_spool_bytes", "must be at least 1 MiB".into());
+            bad("audit.max_spool_bytes", "must be at least 1 MiB".into());
         }
         if self.rotation.orphan_grace_secs < 300 {
-            return bad(
+            bad(
                 "rotation.orphan_grace_secs",
                 "must be at least 300: a Rotate writes its Vault version before it commits its row, and a younger unreferenced version may still be committed".into(),
             );
         }
         if self.rotation.default_overlap_secs > self.rotation.max_overlap_secs {
-            return bad(
+            bad(
                 "rotation.default_overlap_secs",
                 "must not exceed rotation.max_overlap_secs".into(),
             );
         }
         if self.server.heartbeat_secs == 0 || self.server.health_probe_secs == 0 {
-            return bad(
+            bad(
                 "server.heartbeat_secs",
                 "heartbeat and health probe periods must be at least 1".into(),
             );
         }
-        Ok(())
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(errs.join("; ")))
+        }
     }
 }
 
@@ -692,6 +673,25 @@ url = "host=db user=credbroker password=pg-secret-password"
             !dbg.contains("very-secret-token") && !dbg.contains("pg-secret-password"),
             "{dbg}"
         );
+    }
+
+    /// Every problem of a file is reported at once, each naming its key,
+    /// the adapters' own sections included.
+    #[test]
+    fn every_bad_value_is_reported_at_once() {
+        let toml = GOOD
+            .replace("http://127.0.0.1:8200", "ftp://vault")
+            .replace("[postgres]", "[postgres]\npool_size = 0")
+            + "\n[cache]\nttl_secs = 0\n[checks]\ninterval_secs = 5\n";
+        let err = load(&toml, true).unwrap_err().to_string();
+        for key in [
+            "vault.addr",
+            "postgres.pool_size",
+            "cache.ttl_secs",
+            "checks.interval_secs",
+        ] {
+            assert!(err.contains(key), "expected {key} in: {err}");
+        }
     }
 
     #[test]

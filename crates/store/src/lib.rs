@@ -1200,3 +1200,13 @@ fn default_pool() -> usize {
 fn default_true() -> bool {
     true
 }
+
+impl PostgresConfig {
+    /// Adds what is wrong with this section to `errs` (each naming its key).
+    pub fn check(&self, errs: &mut Vec<String>) {
+        let mut bad = |key: &str, why: String| errs.push(format!("{key}: {why}"));
+        if self.pool_size == 0 {
+            bad("postgres.pool_size", "must be at least 1".into());
+        }
+    }
+}

@@ -999,3 +999,36 @@ fn default_kubernetes_mount() -> String {
 fn default_sa_token_path() -> std::path::PathBuf {
     std::path::PathBuf::from("/var/run/secrets/kubernetes.io/serviceaccount/token")
 }
+
+impl VaultConfig {
+    /// Adds what is wrong with this section to `errs` (each naming its
+    /// key): URLs, files, names.
+    pub fn check(&self, errs: &mut Vec<String>) {
+        let mut bad = |key: &str, why: String| errs.push(format!("{key}: {why}"));
+        for (key, addr) in std::iter::once(("vault.addr", &self.addr))
+            .chain(self.nodes.iter().map(|a| ("vault.nodes", a)))
+        {
+            match url::Url::parse(addr) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+                Ok(u) => {
+                    bad(key, format!("scheme {:?} is not http or https", u.scheme()));
+                }
+                Err(e) => bad(key, format!("not a URL ({e})")),
+            }
+        }
+        if let Some(ca) = &self.ca_cert
+            && !ca.is_file()
+        {
+            bad(
+                "vault.ca_cert",
+                format!("{} is not a readable file", ca.display()),
+            );
+        }
+        if self.mount.is_empty() || self.mount.contains(char::is_whitespace) {
+            bad("vault.mount", "must be a non-empty mount name".into());
+        }
+        if self.prefix.trim_matches('/').is_empty() {
+            bad("vault.prefix", "must not be empty".into());
+        }
+    }
+}
