@@ -59,133 +59,6 @@ pub struct Config {
     pub webhooks: WebhookConfig,
 }
 
-/// Webhook delivery from the outbox.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WebhookConfig {
-    /// How often the outbox is polled for due messages.
-    pub poll_ms: u64,
-    /// Allow plain `http://` receivers (default: https only).
-    pub allow_http: bool,
-    /// Internal networks receivers may be in (CIDRs; default none: loopback,
-    /// link-local, private, CGNAT, multicast and unspecified addresses are
-    /// refused).
-    pub allow_networks: Vec<ipnet::IpNet>,
-    /// Host names allowed whatever they resolve to (exact match).
-    pub allow_hosts: Vec<String>,
-    /// Tenants delivered to at once.
-    pub concurrent_tenants: usize,
-    /// Requests in flight to one receiver host.
-    pub per_host: usize,
-}
-
-impl Default for WebhookConfig {
-    fn default() -> Self {
-        Self {
-            poll_ms: 1000,
-            allow_http: false,
-            allow_networks: Vec::new(),
-            allow_hosts: Vec::new(),
-            concurrent_tenants: 32,
-            per_host: 4,
-        }
-    }
-}
-
-/// Metrics endpoint and trace export.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TelemetryConfig {
-    /// Where `GET /metrics` is served (plain HTTP, its own port); unset: no
-    /// metrics endpoint.
-    pub metrics_listen: Option<SocketAddr>,
-    /// How often the credential counts (`alphapulse_credentials_total`) are
-    /// re-read from PostgreSQL.
-    pub credentials_refresh_secs: u64,
-    /// OTLP/gRPC endpoint traces are exported to (e.g.
-    /// `http://otel-collector:4317`); unset: no trace export.
-    pub otlp_endpoint: Option<String>,
-    /// How long spans are batched before export.
-    pub otlp_flush_ms: u64,
-}
-
-impl Default for TelemetryConfig {
-    fn default() -> Self {
-        Self {
-            metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9464))),
-            credentials_refresh_secs: 30,
-            otlp_endpoint: None,
-            otlp_flush_ms: 5000,
-        }
-    }
-}
-
-/// The background job that re-validates every active credential.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ChecksConfig {
-    /// Run the job (one replica at a time holds its lease).
-    pub enabled: bool,
-    /// A credential is re-checked once per interval (6 h, the seed's).
-    pub interval_secs: u64,
-    /// Each round starts after the interval's share plus up to this many
-    /// percent of jitter, so replicas and restarts do not line up.
-    pub jitter_percent: u8,
-    /// Checks in flight at most.
-    pub concurrency: usize,
-    /// Checks per minute per exchange at most: the job's own budget, below
-    /// the exchange's, so checks never starve a tenant's store or rotate.
-    pub requests_per_minute: u32,
-    /// An expiry the exchange reports closer than this is reported.
-    pub expiry_warning_days: u32,
-    /// The lease's length; the holder renews it at a third of that.
-    pub lease_secs: u64,
-}
-
-impl Default for ChecksConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            interval_secs: 6 * 3600,
-            jitter_percent: 10,
-            concurrency: 4,
-            requests_per_minute: 20,
-            expiry_warning_days: 7,
-            lease_secs: 60,
-        }
-    }
-}
-
-/// The audit spool and its shipping to PostgreSQL.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuditConfig {
-    /// Record every call (on by default; off is not SOC 2 compliant and
-    /// exists for benchmarks and throw-away setups).
-    pub enabled: bool,
-    /// This replica's own directory (one chain per directory: never share
-    /// it between replicas; keep it on a persistent volume).
-    pub spool_dir: PathBuf,
-    /// Bytes not yet shipped at most; beyond, calls are refused.
-    pub max_spool_bytes: u64,
-    /// Group fsync period: what a power cut can lose at most.
-    pub fsync_ms: u64,
-    /// Shipping period.
-    pub ship_ms: u64,
-}
-
-impl Default for AuditConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            spool_dir: PathBuf::from("/var/lib/credbroker/audit"),
-            max_spool_bytes: 1024 * 1024 * 1024,
-            fsync_ms: 50,
-            ship_ms: 200,
-        }
-    }
-}
-
 /// Bearer tokens and the role of a certificate without one.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -240,59 +113,6 @@ impl AuthConfig {
                 TokenMode::Ignored
             })
     }
-}
-
-/// Per-tenant rate limits (calls per minute; 0: unlimited).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// ValidateAndStore, Rotate, DeleteCredentials, ValidateCredentials.
-    pub writes_per_minute: u32,
-    /// GetCredentials, metadata, AcknowledgeVersion.
-    pub reads_per_minute: u32,
-    /// WatchRotations opens.
-    pub watches_per_minute: u32,
-    /// Each operator's own budget, on top of the tenant's.
-    pub operator_per_minute: u32,
-    /// Overrides by tenant UUID.
-    pub tenants: std::collections::BTreeMap<uuid::Uuid, TenantLimits>,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            writes_per_minute: 100,
-            reads_per_minute: 60_000,
-            watches_per_minute: 1_200,
-            operator_per_minute: 6_000,
-            tenants: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
-impl LimitsConfig {
-    /// No limit at all (tests, benchmarks).
-    pub fn unlimited() -> Self {
-        Self {
-            writes_per_minute: 0,
-            reads_per_minute: 0,
-            watches_per_minute: 0,
-            operator_per_minute: 0,
-            tenants: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
-/// One tenant's overrides (unset: the default; 0: unlimited).
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TenantLimits {
-    /// Writes per minute.
-    pub writes_per_minute: Option<u32>,
-    /// Reads per minute.
-    pub reads_per_minute: Option<u32>,
-    /// Watch opens per minute.
-    pub watches_per_minute: Option<u32>,
 }
 
 /// How keys are validated.
@@ -387,34 +207,17 @@ impl Default for ServerConfig {
     }
 }
 
-/// Server certificate and the CA that signs client certificates.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// Server certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Server private key (PEM).
-    pub key: PathBuf,
-    /// CA bundle client certificates must chain to (PEM).
-    pub client_ca: PathBuf,
-    /// SPIFFE trust domain accepted in client URI SANs.
-    #[serde(default = "default_trust_domain")]
-    pub trust_domain: String,
-    /// Accept TLS 1.2 as well as 1.3 (off: TLS 1.3 only).
-    #[serde(default)]
-    pub allow_tls12: bool,
-    /// How often the three files are checked for changes (0: never).
-    #[serde(default = "default_tls_reload")]
-    pub reload_secs: u64,
-}
+pub use crate::audit::AuditConfig;
 
-fn default_tls_reload() -> u64 {
-    10
-}
+pub use crate::webhook::WebhookConfig;
 
-fn default_trust_domain() -> String {
-    "credbroker.local".into()
-}
+pub use crate::checks::ChecksConfig;
+
+pub use crate::limits::{LimitsConfig, TenantLimits};
+
+pub use crate::tls::TlsConfig;
+
+pub use crate::telemetry::TelemetryConfig;
 
 // The Vault section is the Vault adapter's own.
 pub use credbroker_vault::{VaultAuthConfig, VaultConfig};

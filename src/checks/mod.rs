@@ -76,7 +76,7 @@ pub struct CheckSettings {
 
 impl Schedule {
     /// From `[checks]`: `Manual` when the job is disabled.
-    pub fn from_config(c: &crate::config::ChecksConfig) -> Self {
+    pub fn from_config(c: &ChecksConfig) -> Self {
         if c.enabled {
             Schedule::Every {
                 interval: Duration::from_secs(c.interval_secs),
@@ -90,7 +90,7 @@ impl Schedule {
 
 impl CheckSettings {
     /// From `[checks]`.
-    pub fn from_config(c: &crate::config::ChecksConfig) -> Self {
+    pub fn from_config(c: &ChecksConfig) -> Self {
         Self {
             interval: Duration::from_secs(c.interval_secs),
             concurrency: c.concurrency,
@@ -321,6 +321,44 @@ impl HealthChecks {
                 Ok(_) => {}
                 Err(e) => tracing::warn!("health-check round failed: {e}"),
             }
+        }
+    }
+}
+
+// ---- configuration: the [checks] section, owned here (`config` re-exports it).
+
+/// The background job that re-validates every active credential.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    /// Run the job (one replica at a time holds its lease).
+    pub enabled: bool,
+    /// A credential is re-checked once per interval (6 h, the seed's).
+    pub interval_secs: u64,
+    /// Each round starts after the interval's share plus up to this many
+    /// percent of jitter, so replicas and restarts do not line up.
+    pub jitter_percent: u8,
+    /// Checks in flight at most.
+    pub concurrency: usize,
+    /// Checks per minute per exchange at most: the job's own budget, below
+    /// the exchange's, so checks never starve a tenant's store or rotate.
+    pub requests_per_minute: u32,
+    /// An expiry the exchange reports closer than this is reported.
+    pub expiry_warning_days: u32,
+    /// The lease's length; the holder renews it at a third of that.
+    pub lease_secs: u64,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            interval_secs: 6 * 3600,
+            jitter_percent: 10,
+            concurrency: 4,
+            requests_per_minute: 20,
+            expiry_warning_days: 7,
+            lease_secs: 60,
         }
     }
 }

@@ -29,8 +29,6 @@ use crate::auth::model::{Action, Caller, Role};
 
 use crate::broker::types::TenantId;
 
-use crate::config::LimitsConfig;
-
 /// Which budget a call spends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Class {
@@ -217,8 +215,8 @@ impl LimiterSet {
 mod tests {
     use std::collections::BTreeMap;
 
+    use super::TenantLimits;
     use super::*;
-    use crate::config::TenantLimits;
 
     fn caller(tenant: TenantId, role: Role) -> Caller {
         Caller {
@@ -300,5 +298,60 @@ mod tests {
             e.what.contains("5 write calls per minute"),
             "the message names the deployment's limit: {e:?}"
         );
+    }
+}
+
+// ---- configuration: the [limits] section, owned here (`config` re-exports it).
+
+/// One tenant's overrides (unset: the default; 0: unlimited).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Writes per minute.
+    pub writes_per_minute: Option<u32>,
+    /// Reads per minute.
+    pub reads_per_minute: Option<u32>,
+    /// Watch opens per minute.
+    pub watches_per_minute: Option<u32>,
+}
+
+/// Per-tenant rate limits (calls per minute; 0: unlimited).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// ValidateAndStore, Rotate, DeleteCredentials, ValidateCredentials.
+    pub writes_per_minute: u32,
+    /// GetCredentials, metadata, AcknowledgeVersion.
+    pub reads_per_minute: u32,
+    /// WatchRotations opens.
+    pub watches_per_minute: u32,
+    /// Each operator's own budget, on top of the tenant's.
+    pub operator_per_minute: u32,
+    /// Overrides by tenant UUID.
+    pub tenants: std::collections::BTreeMap<uuid::Uuid, TenantLimits>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            writes_per_minute: 100,
+            reads_per_minute: 60_000,
+            watches_per_minute: 1_200,
+            operator_per_minute: 6_000,
+            tenants: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// No limit at all (tests, benchmarks).
+    pub fn unlimited() -> Self {
+        Self {
+            writes_per_minute: 0,
+            reads_per_minute: 0,
+            watches_per_minute: 0,
+            operator_per_minute: 0,
+            tenants: std::collections::BTreeMap::new(),
+        }
     }
 }

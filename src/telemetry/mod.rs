@@ -76,3 +76,33 @@ pub async fn credentials_task(
         }
     }
 }
+
+// ---- configuration: the [telemetry] section, owned here (`config` re-exports it).
+
+/// Metrics endpoint and trace export.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Where `GET /metrics` is served (plain HTTP, its own port); unset: no
+    /// metrics endpoint.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often the credential counts (`alphapulse_credentials_total`) are
+    /// re-read from PostgreSQL.
+    pub credentials_refresh_secs: u64,
+    /// OTLP/gRPC endpoint traces are exported to (e.g.
+    /// `http://otel-collector:4317`); unset: no trace export.
+    pub otlp_endpoint: Option<String>,
+    /// How long spans are batched before export.
+    pub otlp_flush_ms: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            metrics_listen: Some(std::net::SocketAddr::from(([0, 0, 0, 0], 9464))),
+            credentials_refresh_secs: 30,
+            otlp_endpoint: None,
+            otlp_flush_ms: 5000,
+        }
+    }
+}

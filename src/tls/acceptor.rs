@@ -36,7 +36,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
 
-use crate::config::TlsConfig;
+use super::TlsConfig;
 
 /// What a handler can learn about the connection (a request extension).
 #[derive(Clone, Debug)]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use x509_parser::{extensions::GeneralName, prelude::FromDer as _};
 
-use crate::config::TlsConfig;
 use acceptor::ReloadingTls;
 
 /// The server side of mutual TLS, re-read when its files change: our
@@ -39,4 +38,35 @@ pub fn uri_sans(cert_der: &[u8]) -> Vec<String> {
             _ => None,
         })
         .collect()
+}
+
+// ---- configuration: the [tls] section, owned here (`config` re-exports it).
+
+/// Server certificate and the CA that signs client certificates.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: std::path::PathBuf,
+    /// Server private key (PEM).
+    pub key: std::path::PathBuf,
+    /// CA bundle client certificates must chain to (PEM).
+    pub client_ca: std::path::PathBuf,
+    /// SPIFFE trust domain accepted in client URI SANs.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Accept TLS 1.2 as well as 1.3 (off: TLS 1.3 only).
+    #[serde(default)]
+    pub allow_tls12: bool,
+    /// How often the three files are checked for changes (0: never).
+    #[serde(default = "default_tls_reload")]
+    pub reload_secs: u64,
+}
+
+fn default_tls_reload() -> u64 {
+    10
+}
+
+fn default_trust_domain() -> String {
+    "credbroker.local".into()
 }

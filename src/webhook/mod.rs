@@ -406,3 +406,38 @@ mod tests {
         assert!(secret_key(generate_secret().expose_secret()).is_ok());
     }
 }
+
+// ---- configuration: the [webhooks] section, owned here (`config` re-exports it).
+
+/// Webhook delivery from the outbox.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// How often the outbox is polled for due messages.
+    pub poll_ms: u64,
+    /// Allow plain `http://` receivers (default: https only).
+    pub allow_http: bool,
+    /// Internal networks receivers may be in (CIDRs; default none: loopback,
+    /// link-local, private, CGNAT, multicast and unspecified addresses are
+    /// refused).
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// Host names allowed whatever they resolve to (exact match).
+    pub allow_hosts: Vec<String>,
+    /// Tenants delivered to at once.
+    pub concurrent_tenants: usize,
+    /// Requests in flight to one receiver host.
+    pub per_host: usize,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            poll_ms: 1000,
+            allow_http: false,
+            allow_networks: Vec::new(),
+            allow_hosts: Vec::new(),
+            concurrent_tenants: 32,
+            per_host: 4,
+        }
+    }
+}

@@ -219,7 +219,7 @@ pub fn masked(url: &url::Url) -> String {
 
 impl TargetPolicy {
     /// The policy `webhooks.*` describes.
-    pub fn from_config(c: &crate::config::WebhookConfig) -> Self {
+    pub fn from_config(c: &crate::webhook::WebhookConfig) -> Self {
         Self {
             allow_http: c.allow_http,
             allow_networks: c.allow_networks.clone(),
