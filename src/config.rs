@@ -207,23 +207,16 @@ impl Default for ServerConfig {
     }
 }
 
+// Sections owned by the module (or crate) they configure; this file only
+// aggregates them and checks the whole.
 pub use crate::audit::AuditConfig;
-
-pub use crate::webhook::WebhookConfig;
-
 pub use crate::checks::ChecksConfig;
-
 pub use crate::limits::{LimitsConfig, TenantLimits};
-
-pub use crate::tls::TlsConfig;
-
 pub use crate::telemetry::TelemetryConfig;
-
-// The Vault section is the Vault adapter's own.
-pub use credbroker_vault::{VaultAuthConfig, VaultConfig};
-
-// The PostgreSQL section is the PostgreSQL adapter's own.
+pub use crate::tls::TlsConfig;
+pub use crate::webhook::WebhookConfig;
 pub use credbroker_store::PostgresConfig;
+pub use credbroker_vault::{VaultAuthConfig, VaultConfig};
 
 /// L1 cache settings.
 #[derive(Debug, Clone, Deserialize)]
