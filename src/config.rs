@@ -3,12 +3,8 @@
 //! `vault.auth.token`), checked completely at start-up. Every error names the
 //! key; secret values are `SecretString`s and never printed.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-};
+use std::path::Path;
 
-use secrecy::SecretString;
 use serde::Deserialize;
 use thiserror::Error;
 
@@ -59,62 +55,6 @@ pub struct Config {
     pub webhooks: WebhookConfig,
 }
 
-/// Bearer tokens and the role of a certificate without one.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// `required`, `optional` or `ignored`; default: `optional` when a key
-    /// is configured, else `ignored`.
-    pub token: Option<crate::auth::model::TokenMode>,
-    /// HS256 secret (at least 32 bytes).
-    pub hs256_secret: Option<SecretString>,
-    /// JWKS file with RS256 / ES256 / EdDSA public keys, re-read on change.
-    pub jwks_file: Option<PathBuf>,
-    /// Required `aud`.
-    pub audience: Option<String>,
-    /// Required `iss`.
-    pub issuer: Option<String>,
-    /// Tolerated clock skew on `exp` / `nbf`.
-    pub leeway_secs: u64,
-    /// Longest lifetime a token may claim (`exp` from now, and `exp - iat`
-    /// when it has `iat`): a leaked long-lived token is refused rather than
-    /// trusted for years. Default 4 hours.
-    pub max_token_lifetime_secs: u64,
-    /// Role of a workload certificate that sends no token.
-    pub workload_role: crate::auth::model::Role,
-    /// Networks each tenant's callers must come from (unset: anywhere).
-    pub tenant_networks: std::collections::BTreeMap<uuid::Uuid, Vec<ipnet::IpNet>>,
-}
-
-impl Default for AuthConfig {
-    fn default() -> Self {
-        Self {
-            token: None,
-            hs256_secret: None,
-            jwks_file: None,
-            audience: None,
-            issuer: None,
-            leeway_secs: 30,
-            max_token_lifetime_secs: 4 * 3600,
-            workload_role: crate::auth::model::Role::Trader,
-            tenant_networks: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
-impl AuthConfig {
-    /// The token policy in force.
-    pub fn mode(&self) -> crate::auth::model::TokenMode {
-        use crate::auth::model::TokenMode;
-        self.token
-            .unwrap_or(if self.hs256_secret.is_some() || self.jwks_file.is_some() {
-                TokenMode::Optional
-            } else {
-                TokenMode::Ignored
-            })
-    }
-}
-
 /// How keys are validated.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -158,60 +98,13 @@ pub enum ValidationMode {
     Format,
 }
 
-/// gRPC server settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerConfig {
-    /// Listen address.
-    pub listen: SocketAddr,
-    /// How long in-flight calls may run after SIGTERM.
-    pub shutdown_grace_secs: u64,
-    /// Heartbeat period of idle WatchRotations streams.
-    pub heartbeat_secs: u64,
-    /// Period of the Vault/PostgreSQL reachability probe behind grpc.health.v1.
-    pub health_probe_secs: u64,
-    /// Concurrent WatchRotations streams one tenant may hold on a replica.
-    pub max_streams_per_tenant: usize,
-    /// Streams end (resumably) after 75–100 % of this, spreading clients
-    /// across replicas again; 0 disables.
-    pub max_stream_age_secs: u64,
-    /// Open connections at most; beyond, new ones are closed at once.
-    pub max_connections: usize,
-    /// Time a client has to finish the TLS handshake.
-    pub handshake_timeout_secs: u64,
-    /// Broker calls in flight at most; beyond, RESOURCE_EXHAUSTED at once.
-    pub max_concurrent_calls: usize,
-    /// HTTP/2 streams per connection (advertised as
-    /// SETTINGS_MAX_CONCURRENT_STREAMS).
-    pub max_streams_per_connection: u32,
-    /// A plaintext listener serving grpc.health.v1 only (the kubelet's
-    /// native gRPC probes cannot present a client certificate); unset: none.
-    pub health_listen: Option<SocketAddr>,
-}
-
-impl Default for ServerConfig {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
-            shutdown_grace_secs: 30,
-            heartbeat_secs: 5,
-            health_probe_secs: 5,
-            max_streams_per_tenant: 256,
-            max_stream_age_secs: 3600,
-            max_connections: 20_000,
-            handshake_timeout_secs: 10,
-            max_concurrent_calls: 2_048,
-            max_streams_per_connection: 1_000,
-            health_listen: None,
-        }
-    }
-}
-
 // Sections owned by the module (or crate) they configure; this file only
 // aggregates them and checks the whole.
 pub use crate::audit::AuditConfig;
+pub use crate::auth::AuthConfig;
 pub use crate::checks::ChecksConfig;
 pub use crate::limits::{LimitsConfig, TenantLimits};
+pub use crate::server::ServerConfig;
 pub use crate::telemetry::TelemetryConfig;
 pub use crate::tls::TlsConfig;
 pub use crate::webhook::WebhookConfig;

@@ -18,8 +18,6 @@ use crate::audit::layer::AuditLayer;
 
 use crate::auth::AuthLayer;
 
-use crate::config::ServerConfig;
-
 use crate::limits::admission::AdmissionLayer;
 
 use crate::tls::acceptor::{self, ConnLimits, ReloadingTls};
@@ -198,4 +196,55 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
     };
     reporter.set_service_status(SERVICE_NAME, status).await;
     reporter.set_service_status("", status).await;
+}
+
+// ---- configuration: the [server] section, owned here (`config` re-exports it).
+
+/// gRPC server settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address.
+    pub listen: std::net::SocketAddr,
+    /// How long in-flight calls may run after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Heartbeat period of idle WatchRotations streams.
+    pub heartbeat_secs: u64,
+    /// Period of the Vault/PostgreSQL reachability probe behind grpc.health.v1.
+    pub health_probe_secs: u64,
+    /// Concurrent WatchRotations streams one tenant may hold on a replica.
+    pub max_streams_per_tenant: usize,
+    /// Streams end (resumably) after 75–100 % of this, spreading clients
+    /// across replicas again; 0 disables.
+    pub max_stream_age_secs: u64,
+    /// Open connections at most; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Time a client has to finish the TLS handshake.
+    pub handshake_timeout_secs: u64,
+    /// Broker calls in flight at most; beyond, RESOURCE_EXHAUSTED at once.
+    pub max_concurrent_calls: usize,
+    /// HTTP/2 streams per connection (advertised as
+    /// SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// A plaintext listener serving grpc.health.v1 only (the kubelet's
+    /// native gRPC probes cannot present a client certificate); unset: none.
+    pub health_listen: Option<std::net::SocketAddr>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([0, 0, 0, 0], 50051)),
+            shutdown_grace_secs: 30,
+            heartbeat_secs: 5,
+            health_probe_secs: 5,
+            max_streams_per_tenant: 256,
+            max_stream_age_secs: 3600,
+            max_connections: 20_000,
+            handshake_timeout_secs: 10,
+            max_concurrent_calls: 2_048,
+            max_streams_per_connection: 1_000,
+            health_listen: None,
+        }
+    }
 }

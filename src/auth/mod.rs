@@ -361,3 +361,61 @@ mod tests {
         }
     }
 }
+
+// ---- configuration: the [auth] section, owned here (`config` re-exports it).
+
+/// Bearer tokens and the role of a certificate without one.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `required`, `optional` or `ignored`; default: `optional` when a key
+    /// is configured, else `ignored`.
+    pub token: Option<crate::auth::model::TokenMode>,
+    /// HS256 secret (at least 32 bytes).
+    pub hs256_secret: Option<secrecy::SecretString>,
+    /// JWKS file with RS256 / ES256 / EdDSA public keys, re-read on change.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// Required `aud`.
+    pub audience: Option<String>,
+    /// Required `iss`.
+    pub issuer: Option<String>,
+    /// Tolerated clock skew on `exp` / `nbf`.
+    pub leeway_secs: u64,
+    /// Longest lifetime a token may claim (`exp` from now, and `exp - iat`
+    /// when it has `iat`): a leaked long-lived token is refused rather than
+    /// trusted for years. Default 4 hours.
+    pub max_token_lifetime_secs: u64,
+    /// Role of a workload certificate that sends no token.
+    pub workload_role: crate::auth::model::Role,
+    /// Networks each tenant's callers must come from (unset: anywhere).
+    pub tenant_networks: std::collections::BTreeMap<uuid::Uuid, Vec<ipnet::IpNet>>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token: None,
+            hs256_secret: None,
+            jwks_file: None,
+            audience: None,
+            issuer: None,
+            leeway_secs: 30,
+            max_token_lifetime_secs: 4 * 3600,
+            workload_role: crate::auth::model::Role::Trader,
+            tenant_networks: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The token policy in force.
+    pub fn mode(&self) -> crate::auth::model::TokenMode {
+        use crate::auth::model::TokenMode;
+        self.token
+            .unwrap_or(if self.hs256_secret.is_some() || self.jwks_file.is_some() {
+                TokenMode::Optional
+            } else {
+                TokenMode::Ignored
+            })
+    }
+}
