@@ -108,66 +108,9 @@ pub use crate::server::ServerConfig;
 pub use crate::telemetry::TelemetryConfig;
 pub use crate::tls::TlsConfig;
 pub use crate::webhook::WebhookConfig;
+pub use credbroker_core::{cache::CacheConfig, rotation::RotationConfig};
 pub use credbroker_store::PostgresConfig;
 pub use credbroker_vault::{VaultAuthConfig, VaultConfig};
-
-/// L1 cache settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct CacheConfig {
-    /// Freshness of a cached set.
-    pub ttl_secs: u64,
-    /// How long past `ttl_secs` a cached set is served while Vault or
-    /// PostgreSQL is down.
-    pub outage_grace_secs: u64,
-    /// Maximum cached credentials.
-    pub capacity: usize,
-}
-
-impl Default for CacheConfig {
-    fn default() -> Self {
-        Self {
-            ttl_secs: 300,
-            outage_grace_secs: 3600,
-            capacity: 100_000,
-        }
-    }
-}
-
-/// Rotation settings.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RotationConfig {
-    /// Overlap when a Rotate names none.
-    pub default_overlap_secs: u64,
-    /// Longest overlap a Rotate may ask for.
-    pub max_overlap_secs: u64,
-    /// How often the retire job looks for ended overlaps.
-    pub retire_interval_secs: u64,
-    /// How often Vault is swept for versions no credential references.
-    pub orphan_sweep_interval_secs: u64,
-    /// An unreferenced version younger than this is left alone (a Rotate
-    /// may have written it and not committed yet).
-    pub orphan_grace_secs: u64,
-    /// How long events are kept for resuming streams.
-    pub event_retention_secs: u64,
-    /// Backstop poll of the events table when no notification arrives.
-    pub event_poll_secs: u64,
-}
-
-impl Default for RotationConfig {
-    fn default() -> Self {
-        Self {
-            default_overlap_secs: 3600,
-            max_overlap_secs: 7 * 24 * 3600,
-            retire_interval_secs: 15,
-            orphan_sweep_interval_secs: 3600,
-            orphan_grace_secs: 900,
-            event_retention_secs: 7 * 24 * 3600,
-            event_poll_secs: 5,
-        }
-    }
-}
 
 impl Config {
     /// Loads `path` (if given) overlaid with `CREDBROKER__*` variables, then

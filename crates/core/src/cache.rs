@@ -571,3 +571,28 @@ mod tests {
         assert_eq!(c.fresh(&KEY, t0, 0).unwrap().record.current_version, 2);
     }
 }
+
+// ---- configuration: the [cache] section, owned here (the broker's `config` re-exports it).
+
+/// L1 cache settings.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Freshness of a cached set.
+    pub ttl_secs: u64,
+    /// How long past `ttl_secs` a cached set is served while Vault or
+    /// PostgreSQL is down.
+    pub outage_grace_secs: u64,
+    /// Maximum cached credentials.
+    pub capacity: usize,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            ttl_secs: 300,
+            outage_grace_secs: 3600,
+            capacity: 100_000,
+        }
+    }
+}
