@@ -106,10 +106,9 @@ impl CallAudit {
         std::mem::take(&mut *self.0.note.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The call's record from `note`: the outcome's when `code` is known
-    /// (its id is the request id), else the request record (result
-    /// `requested`, an id of its own, the same request id).
-    fn record(&self, note: AuditNote, code: Option<Code>) -> AuditRecord {
+    /// The call's outcome record from `note`, answered `code` (its id is the
+    /// request id).
+    fn record(&self, note: AuditNote, code: Code) -> AuditRecord {
         let c = &self.0;
         let (user, role) = note.user.map_or_else(
             || ("unauthenticated".to_owned(), "none"),
@@ -117,17 +116,9 @@ impl CallAudit {
         );
         let action = c.action.clone();
         AuditRecord {
-            id: if code.is_some() {
-                c.request_id
-            } else {
-                fast_v7()
-            },
-            timestamp: if code.is_some() {
-                c.timestamp
-            } else {
-                OffsetDateTime::now_utc()
-            },
-            event_type: Cow::Borrowed(event_type(code.unwrap_or(Code::Ok), &action)),
+            id: c.request_id,
+            timestamp: c.timestamp,
+            event_type: Cow::Borrowed(event_type(code, &action)),
             user,
             role: Cow::Borrowed(role),
             resource: note.exchange.map_or_else(
@@ -141,7 +132,7 @@ impl CallAudit {
                 |e| Cow::Borrowed(e.audit_resource()),
             ),
             action,
-            result: Cow::Borrowed(code.map_or("requested", result)),
+            result: Cow::Borrowed(result(code)),
             ip_address: c.peer.map(|ip| ip.to_string()),
             user_agent: c.user_agent.clone(),
             tenant_id: note.tenant,
@@ -149,12 +140,8 @@ impl CallAudit {
             versions: note.versions,
             request_id: c.request_id,
             trace_id: c.trace_id.clone(),
-            grpc_code: Cow::Borrowed(code.map_or("PENDING", crate::api::status::code_name)),
-            duration_ms: if code.is_some() {
-                c.started.elapsed().as_secs_f64() * 1e3
-            } else {
-                0.0
-            },
+            grpc_code: Cow::Borrowed(crate::api::status::code_name(code)),
+            duration_ms: c.started.elapsed().as_secs_f64() * 1e3,
             key_hint: note.key_hint,
             count: None,
         }
@@ -172,7 +159,13 @@ impl CallAudit {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        self.0.sink.append(&self.record(note, None))
+        // An id and a time of its own; the request id links it to the outcome.
+        let record = AuditRecord {
+            id: fast_v7(),
+            timestamp: OffsetDateTime::now_utc(),
+            ..self.record(note, Code::Ok)
+        };
+        self.0.sink.append(&record.into_request())
     }
 }
 
@@ -289,17 +282,17 @@ where
         // Fail closed before anything runs: a call that could not be
         // audited must change nothing.
         // (The spool logs its failure once; no line per refused call.) The
-        // refusal itself is kept for the trail, written once the spool
-        // takes records again.
+        // refusals are tallied like any other, and the tally is written
+        // once the spool takes records again.
         if let Err(e) = self.sink.check() {
-            self.sink.defer(AuditRecord::refused_at_entry(
-                fast_v7(),
+            let peer = req.extensions().get::<crate::tls::acceptor::PeerInfo>();
+            self.refusals.note(
+                super::refusals::Who::Connection(peer.and_then(|p| p.certs.clone())),
+                peer.and_then(|p| p.remote).map(|a| a.ip()),
                 method(req.uri().path()).0,
-                req.extensions()
-                    .get::<crate::tls::acceptor::PeerInfo>()
-                    .and_then(|p| p.remote)
-                    .map(|a| a.ip().to_string()),
-            ));
+                super::refusals::Refusal::AuditUnavailable,
+                None,
+            );
             let resp = crate::api::status::audit_unavailable(&e).into_http();
             return Box::pin(async move { Ok(resp) });
         }
@@ -394,15 +387,12 @@ async fn finish(
                 }),
             call.0.peer,
             call.0.action.clone(),
-            "RESOURCE_EXHAUSTED",
+            super::refusals::Refusal::RateLimited,
             note.tenant,
         );
-        if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
-            resp.headers_mut().insert("x-request-id", v);
-        }
-        return resp;
+        return with_request_id(resp, call);
     }
-    let record = call.record(note, Some(code));
+    let record = call.record(note, code);
     // A busy spool is tried again after the worker's other tasks
     // ran, instead of blocking the worker thread on another call's
     // append (on two cores, a worker asleep on a futex is half the
@@ -438,6 +428,14 @@ async fn finish(
         }
         sink.defer(record);
     }
+    with_request_id(resp, call)
+}
+
+/// Every answer names its call.
+fn with_request_id(
+    mut resp: http::Response<tonic::body::Body>,
+    call: &CallAudit,
+) -> http::Response<tonic::body::Body> {
     if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
         resp.headers_mut().insert("x-request-id", v);
     }

@@ -1,6 +1,6 @@
 //! Refused calls, counted rather than recorded one by one: a call refused
-//! for overload (before anything about it is known) or for a rate limit is
-//! tallied per caller, method, code and tenant, and every [`INTERVAL`] each
+//! for overload (before anything about it is known), for a rate limit, or
+//! because the audit spool could not take records, is tallied per caller, method, code and tenant, and every [`INTERVAL`] each
 //! tally becomes one record with its `count`, first time and span. A flood
 //! of refusals is visible in the trail without the trail amplifying it (one
 //! record per caller and ten seconds, not one per call; the refusal itself
@@ -31,6 +31,35 @@ pub const INTERVAL: Duration = Duration::from_secs(10);
 /// Distinct tallies kept per interval; beyond, refusals are tallied under
 /// one "many callers" entry per method and code.
 const MAX_KEYS: usize = 10_000;
+
+/// Why a call was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Refusal {
+    /// Shed at the door: too many calls in flight.
+    Overloaded,
+    /// Over its tenant's (or operator's) rate limit.
+    RateLimited,
+    /// The audit spool could not take records (the tally is written once
+    /// it can again).
+    AuditUnavailable,
+}
+
+impl Refusal {
+    fn event_type(self) -> &'static str {
+        match self {
+            Refusal::Overloaded => "overloaded",
+            Refusal::RateLimited => "rate_limited",
+            Refusal::AuditUnavailable => "audit_unavailable",
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Refusal::Overloaded | Refusal::RateLimited => "RESOURCE_EXHAUSTED",
+            Refusal::AuditUnavailable => "UNAVAILABLE",
+        }
+    }
+}
 
 /// Who a refused call came from.
 #[derive(Clone, Debug)]
@@ -76,7 +105,7 @@ struct Key {
     who: Who,
     ip: Option<IpAddr>,
     action: Cow<'static, str>,
-    code: &'static str,
+    why: Refusal,
     tenant: Option<TenantId>,
 }
 
@@ -108,7 +137,7 @@ impl Refusals {
         who: Who,
         ip: Option<IpAddr>,
         action: Cow<'static, str>,
-        code: &'static str,
+        why: Refusal,
         tenant: Option<TenantId>,
     ) {
         let now = OffsetDateTime::now_utc();
@@ -117,7 +146,7 @@ impl Refusals {
             who,
             ip,
             action,
-            code,
+            why,
             tenant,
         };
         if t.len() >= MAX_KEYS && !t.contains_key(&key) {
@@ -206,13 +235,7 @@ fn record_of(key: &Key, tally: &Tally) -> AuditRecord {
     AuditRecord {
         id,
         timestamp: tally.first,
-        event_type: Cow::Borrowed(
-            if key.code == "RESOURCE_EXHAUSTED" && matches!(key.who, Who::Known(..)) {
-                "rate_limited"
-            } else {
-                "overloaded"
-            },
-        ),
+        event_type: Cow::Borrowed(key.why.event_type()),
         user,
         role: Cow::Borrowed(role),
         resource: Cow::Borrowed("tenant_credentials"),
@@ -225,7 +248,7 @@ fn record_of(key: &Key, tally: &Tally) -> AuditRecord {
         versions: Vec::new(),
         request_id: id,
         trace_id: None,
-        grpc_code: Cow::Borrowed(key.code),
+        grpc_code: Cow::Borrowed(key.why.code()),
         duration_ms: (tally.last - tally.first).as_seconds_f64() * 1e3,
         key_hint: None,
         count: Some(tally.count),
@@ -257,7 +280,7 @@ mod tests {
                 Who::Known(alice.clone(), "trader"),
                 None,
                 Cow::Borrowed("GetCredentials"),
-                "RESOURCE_EXHAUSTED",
+                Refusal::RateLimited,
                 Some(t),
             );
         }
@@ -266,7 +289,7 @@ mod tests {
                 Who::Connection(None),
                 Some("127.0.0.1".parse().unwrap()),
                 Cow::Borrowed("Rotate"),
-                "RESOURCE_EXHAUSTED",
+                Refusal::Overloaded,
                 None,
             );
         }

@@ -102,7 +102,7 @@ where
                             crate::auth::model::Action::from_path(req.uri().path())
                                 .map_or("other", |a| a.name()),
                         ),
-                        "RESOURCE_EXHAUSTED",
+                        crate::audit::refusals::Refusal::Overloaded,
                         None,
                     );
                     let resp =

@@ -272,6 +272,11 @@ mode = "format"
 [audit]
 spool_dir = "{spool}"
 ship_ms = 50
+
+# A free loopback port: several server processes may run at once (the
+# default, 0.0.0.0:9464, is one per machine).
+[telemetry]
+metrics_listen = "127.0.0.1:0"
 "#,
             cert = self.pki.path("server.pem").display(),
             key = self.pki.path("server.key").display(),

@@ -110,27 +110,16 @@ impl AuditRecord {
         }
     }
 
-    /// A call refused before anything ran because the spool could not take
-    /// records (kept, and written once it can): who called is not known yet.
-    pub fn refused_at_entry(id: Uuid, action: Cow<'static, str>, ip: Option<String>) -> Self {
+    /// This record as the *request* record of an action about to change
+    /// state: written before it has any effect, no result yet (`requested`,
+    /// `PENDING`), linked to its outcome by `request_id`.
+    #[must_use]
+    pub fn into_request(self) -> Self {
         Self {
-            result: Cow::Borrowed("failure"),
-            event_type: Cow::Borrowed("audit_unavailable"),
-            user: "unauthenticated".into(),
-            role: Cow::Borrowed("none"),
-            resource: Cow::Borrowed("tenant_credentials"),
-            action,
-            ip_address: ip,
-            grpc_code: Cow::Borrowed("UNAVAILABLE"),
-            ..Self::audit_probe_with(id)
-        }
-    }
-
-    fn audit_probe_with(id: Uuid) -> Self {
-        Self {
-            id,
-            request_id: id,
-            ..Self::audit_probe()
+            result: Cow::Borrowed("requested"),
+            grpc_code: Cow::Borrowed("PENDING"),
+            duration_ms: 0.0,
+            ..self
         }
     }
 

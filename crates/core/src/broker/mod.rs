@@ -142,9 +142,8 @@ impl Broker {
     ///
     /// # Errors
     /// `Unavailable` naming the audit spool.
-    pub fn audit_before(&self, mut record: crate::audit::AuditRecord) -> Result<(), BrokerError> {
-        record.result = std::borrow::Cow::Borrowed("requested");
-        record.grpc_code = std::borrow::Cow::Borrowed("PENDING");
+    pub fn audit_before(&self, record: crate::audit::AuditRecord) -> Result<(), BrokerError> {
+        let record = record.into_request();
         self.audit.append(&record).map_err(|e| {
             tracing::warn!(action = %record.action, "a background action was skipped: its request record cannot be written ({e})");
             BrokerError::Unavailable {
