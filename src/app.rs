@@ -72,6 +72,9 @@ pub struct Backends {
     pub events: EventSource,
     /// How webhooks resolve names and dial (tests record instead).
     pub webhook_net: crate::webhook::WebhookNet,
+    /// The audit log's day partitions and retention, when it lives in
+    /// PostgreSQL.
+    pub audit_log: Option<Arc<PgMetadataStore>>,
 }
 
 /// How a replica learns of committed events.
@@ -253,7 +256,8 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
         secrets: vault.clone(),
         meta: meta.clone(),
         fleet: meta.clone(),
-        webhooks: meta,
+        webhooks: meta.clone(),
+        audit_log: Some(meta),
         validator: validator(&cfg.validation, Arc::new(SystemClock))?,
         vault: Some(vault),
         webhook_net: crate::webhook::WebhookNet::default(),
@@ -354,6 +358,7 @@ pub async fn start(
         policy: crate::webhook::TargetPolicy::from_config(&s.webhooks),
         resolver: backends.webhook_net.resolver.clone(),
     });
+    let clock = s.clock.clone();
     let broker = Arc::new(
         Broker::new(
             secrets.clone(),
@@ -380,7 +385,25 @@ pub async fn start(
     let mut tasks = JoinSet::new();
     watch_sigxfsz(&mut tasks, &shutdown)?;
     if let Some(spool) = &spool {
-        spawn_audit(&mut tasks, &shutdown, spool, &backends.meta, &s.audit);
+        let reconciler = backends
+            .audit_log
+            .clone()
+            .map(|store| crate::audit::reconcile::Reconciler::new(store, clock.clone()));
+        spawn_audit(
+            &mut tasks,
+            &shutdown,
+            spool,
+            &backends.meta,
+            reconciler,
+            &s.audit,
+        );
+        if let Some(store) = backends.audit_log.clone() {
+            let (keep, clock, cancel) = (s.audit.retention_days, clock.clone(), shutdown.clone());
+            spawn_task(&mut tasks, "audit retention", &shutdown, async move {
+                crate::audit::retention::task_main(store, keep, clock, cancel).await;
+                Ok(())
+            });
+        }
     }
     {
         let (b, cancel) = (broker.clone(), shutdown.clone());
@@ -818,6 +841,7 @@ fn spawn_audit(
     shutdown: &CancellationToken,
     spool: &Arc<Spool>,
     meta: &Arc<dyn MetadataStore>,
+    reconciler: Option<crate::audit::reconcile::Reconciler>,
     audit: &crate::config::AuditConfig,
 ) {
     {
@@ -832,7 +856,7 @@ fn spawn_audit(
         let (spool, meta, cancel) = (spool.clone(), meta.clone(), shutdown.clone());
         let every = Duration::from_millis(audit.ship_ms);
         spawn_task(tasks, "audit shipper", shutdown, async move {
-            crate::audit::ship::task_main(spool, meta, every, cancel).await;
+            crate::audit::ship::task_main(spool, meta, every, reconciler, cancel).await;
             Ok(())
         });
     }

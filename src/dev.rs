@@ -199,6 +199,7 @@ pub async fn run(
         vault: None,
         events: EventSource::Local,
         webhook_net: crate::webhook::WebhookNet::default(),
+        audit_log: None,
     };
     let settings = Settings {
         tls,

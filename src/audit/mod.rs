@@ -1,13 +1,16 @@
 //! The audit trail's machinery at the edge: [`layer`] records every call,
 //! [`refusals`] counts refused ones, [`spool`] keeps the local hash-chained
-//! segments and [`ship`] takes them to PostgreSQL. The record, the sink
+//! segments, [`ship`] takes them to PostgreSQL, [`reconcile`] writes the
+//! outcomes a crash lost and [`retention`] keeps the day partitions. The record, the sink
 //! port and the chain's verification are the core's
 //! ([`credbroker_core::audit`], re-exported here).
 
 pub use credbroker_core::audit::*;
 
 pub mod layer;
+pub mod reconcile;
 pub mod refusals;
+pub mod retention;
 pub mod ship;
 pub mod spool;
 
@@ -29,6 +32,9 @@ pub struct AuditConfig {
     pub fsync_ms: u64,
     /// Shipping period.
     pub ship_ms: u64,
+    /// Days of records PostgreSQL keeps (whole UTC days are dropped once
+    /// older); 0 keeps every record.
+    pub retention_days: u32,
 }
 
 impl Default for AuditConfig {
@@ -39,6 +45,7 @@ impl Default for AuditConfig {
             max_spool_bytes: 1024 * 1024 * 1024,
             fsync_ms: 50,
             ship_ms: 200,
+            retention_days: 0,
         }
     }
 }

@@ -247,6 +247,7 @@ pub async fn task_main(
     spool: Arc<Spool>,
     meta: Arc<dyn MetadataStore>,
     every: Duration,
+    mut reconciler: Option<super::reconcile::Reconciler>,
     cancel: CancellationToken,
 ) {
     // Capped low: a PostgreSQL that returns is drained within seconds.
@@ -261,6 +262,10 @@ pub async fn task_main(
             Ok(_) => {
                 backoff.reset();
                 wait = every;
+                // Everything appended before the pass is shipped now.
+                if let Some(r) = reconciler.as_mut() {
+                    r.after_pass(&spool).await;
+                }
             }
             Err(e) => {
                 wait = backoff.next_delay();

@@ -529,7 +529,8 @@ impl Spool {
     #[cfg(not(test))]
     fn note(&self, _: &str) {}
 
-    fn has_deferred(&self) -> bool {
+    /// Whether records wait in memory for the spool to take them.
+    pub fn has_deferred(&self) -> bool {
         !self
             .deferred
             .lock()

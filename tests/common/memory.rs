@@ -92,6 +92,7 @@ impl Memory {
                     200
                 },
                 max_spool_bytes: o.audit_max_bytes.unwrap_or(1 << 30),
+                retention_days: 0,
             },
             telemetry: credbroker::config::TelemetryConfig {
                 metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -137,6 +138,7 @@ impl Memory {
             vault: None,
             events: EventSource::Local,
             webhook_net: credbroker::webhook::WebhookNet::default(),
+            audit_log: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = app::start(backends, settings, listener).await.unwrap();

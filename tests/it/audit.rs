@@ -341,12 +341,13 @@ async fn every_call_is_recorded_once_with_its_fields() {
         ),
         (
             "at",
+            // A day later: the partitions of the days ahead exist.
             format!(
-                "UPDATE audit_log SET at = at - interval '1 day' WHERE id = '{}'",
+                "UPDATE audit_log SET at = at + interval '1 day' WHERE id = '{}'",
                 row.0
             ),
             format!(
-                "UPDATE audit_log SET at = at + interval '1 day' WHERE id = '{}'",
+                "UPDATE audit_log SET at = at - interval '1 day' WHERE id = '{}'",
                 row.0
             ),
         ),
@@ -1051,4 +1052,299 @@ async fn background_jobs_do_nothing_the_trail_cannot_show() {
     trail.0.store(false, Ordering::SeqCst);
     assert_eq!(retire_once(&broker).await.unwrap(), 1);
     assert!(sweep_orphans(&broker, time::Duration::ZERO).await.unwrap() >= 1);
+}
+
+/// A throw-away database with the schema, and the store on it.
+async fn migrated_store() -> (crate::support::TestDb, credbroker::store::PgMetadataStore) {
+    crate::support::init();
+    let db = crate::support::TestDb::create().await;
+    let cfg = credbroker::config::PostgresConfig {
+        url: secrecy::SecretString::from(db.url()),
+        pool_size: 2,
+        migrate_on_start: true,
+    };
+    let pool = credbroker::store::pool(
+        credbroker::store::connect_config(&cfg).unwrap(),
+        cfg.pool_size,
+    )
+    .unwrap();
+    credbroker::store::migrate::run(&pool).await.unwrap();
+    (db, credbroker::store::PgMetadataStore::new(pool))
+}
+
+/// A record as the layer writes it, at `at`, for `tenant`.
+fn record_at(at: time::OffsetDateTime, tenant: credbroker::broker::types::TenantId) -> AuditRecord {
+    let id = uuid::Uuid::now_v7();
+    AuditRecord {
+        id,
+        timestamp: at,
+        event_type: "secret_access".into(),
+        user: "spiffe://test/pod".into(),
+        role: "trader".into(),
+        resource: "binance_api_key".into(),
+        action: "GetCredentials".into(),
+        result: "success".into(),
+        ip_address: None,
+        user_agent: None,
+        tenant_id: Some(tenant),
+        exchange: None,
+        versions: vec![1],
+        request_id: id,
+        trace_id: None,
+        grpc_code: "OK".into(),
+        duration_ms: 0.1,
+        key_hint: None,
+        count: None,
+    }
+}
+
+/// The sink: batches go in by binary COPY into day partitions (a batch
+/// re-sent after a crash adds nothing twice); retention drops whole days
+/// older than `audit.retention_days` and `verify` then checks the chain
+/// from its oldest retained record, which must link to the recorded cut;
+/// a record removed past the cut is still caught. A tenant reads only its
+/// own records, through its view, and nothing of the table itself.
+#[tokio::test]
+async fn the_sink_copies_into_days_and_retention_drops_whole_days() {
+    use credbroker::{
+        audit::{AuditSink as _, retention, ship, spool::Spool},
+        broker::{ports::MetadataStore as _, types::TenantId},
+        store::PgMetadataStore,
+    };
+    let (db, store) = migrated_store().await;
+    let (a, b) = (
+        TenantId::new(uuid::Uuid::new_v4()),
+        TenantId::new(uuid::Uuid::new_v4()),
+    );
+    // Five days of records, 20 a day, ending today.
+    let now = time::OffsetDateTime::now_utc();
+    let today = now.date().midnight().assume_utc();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    for day in (0..5).rev() {
+        for i in 0..20 {
+            let at = today - time::Duration::days(day) + time::Duration::minutes(i);
+            spool
+                .append(&record_at(at, if i % 2 == 0 { a } else { b }))
+                .unwrap();
+        }
+    }
+    spool.sync().unwrap();
+    let shipped = ship::ship_once(&spool, &store).await.unwrap();
+    assert_eq!(shipped.records, 100);
+    let c = db.connect().await;
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM audit_log").await, 100);
+    // Five day partitions hold them (and the days ahead exist, empty).
+    assert_eq!(
+        count("SELECT count(DISTINCT tableoid) FROM audit_log").await,
+        5
+    );
+    // The same batch again (a crash before the shipped offset was saved):
+    // nothing twice.
+    let mut rows = store.audit_chains().await.unwrap().remove(0).rows;
+    rows.truncate(30);
+    store.ship_audit(rows).await.unwrap();
+    assert_eq!(count("SELECT count(*) FROM audit_log").await, 100);
+
+    let verify = |store: &PgMetadataStore| {
+        let store = store.clone();
+        async move { credbroker::audit::chain::verify_all(&store.audit_chains().await.unwrap()) }
+    };
+    assert_eq!(verify(&store).await.broken, 0);
+
+    // Keep two days: a day goes once all of it is older than that, so the
+    // two oldest go whole, the day that ended less than two days ago stays.
+    let pruned = retention::run_once(&store, 2, now).await.unwrap();
+    assert_eq!(pruned.days, 2);
+    assert_eq!(pruned.chains, 1);
+    assert_eq!(count("SELECT count(*) FROM audit_log").await, 60);
+    assert_eq!(
+        count("SELECT min(seq) FROM audit_log").await,
+        41,
+        "the chain now starts after the last removed record"
+    );
+    let report = verify(&store).await;
+    assert_eq!(report.broken, 0, "{:?}", report.lines);
+    assert!(
+        report.lines[0].contains("from seq 41"),
+        "{:?}",
+        report.lines
+    );
+    // Idempotent: nothing more to drop.
+    assert_eq!(retention::run_once(&store, 2, now).await.unwrap().days, 0);
+    // A record removed past the cut is a deletion, not retention.
+    c.batch_execute("DELETE FROM audit_log WHERE seq = 41")
+        .await
+        .unwrap();
+    let report = verify(&store).await;
+    assert_eq!(report.broken, 1, "{:?}", report.lines);
+    assert!(report.lines[0].contains("BROKEN"), "{:?}", report.lines);
+
+    // The tenant role: no privilege on the table, its own rows in the view.
+    c.batch_execute(&format!(
+        "BEGIN; SET LOCAL ROLE credbroker_tenant; SET LOCAL credbroker.tenant_id = '{a}'"
+    ))
+    .await
+    .unwrap();
+    let denied = c
+        .query("SELECT count(*) FROM audit_log", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        denied.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+    );
+    c.batch_execute("ROLLBACK; BEGIN; SET LOCAL ROLE credbroker_tenant")
+        .await
+        .unwrap();
+    c.batch_execute(&format!("SET LOCAL credbroker.tenant_id = '{a}'"))
+        .await
+        .unwrap();
+    let seen: Vec<Option<uuid::Uuid>> = c
+        .query("SELECT tenant_id FROM tenant_audit_log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        seen.len(),
+        29,
+        "a's records of the three days kept, less the one deleted"
+    );
+    assert!(seen.iter().all(|t| *t == Some(a.as_uuid())));
+    let listed = store.list_audit(b, None, None, 100).await.unwrap();
+    assert_eq!(listed.len(), 30);
+    assert!(listed.iter().all(|r| r.tenant == Some(b)));
+}
+
+/// A change committed by a call whose outcome record a crash lost (it
+/// waited in memory for a spool that could not be written): the replica
+/// whose chain holds the call's request record writes the outcome from the
+/// event log (the event names the request id), once; a call with both
+/// records, and a call of another replica's chain, are left alone.
+#[tokio::test]
+async fn an_outcome_a_crash_lost_is_written_from_the_event_log() {
+    use credbroker::{
+        audit::{AuditSink as _, reconcile, ship, spool::Spool},
+        broker::{
+            ports::{ChangedBy, MetadataStore as _, NewCredential},
+            types::{ExchangeId, Permissions, TenantId},
+        },
+    };
+    let (_db, store) = migrated_store().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mine, other) = (
+        Spool::open(dir_a.path(), 1 << 30).unwrap(),
+        Spool::open(dir_b.path(), 1 << 30).unwrap(),
+    );
+    let now = time::OffsetDateTime::now_utc();
+    // A call: its request record in `spool`, its change committed, and its
+    // outcome record only when `outcome`.
+    let call = |spool: std::sync::Arc<Spool>, outcome: bool| {
+        let store = store.clone();
+        async move {
+            let tenant = TenantId::new(uuid::Uuid::new_v4());
+            let mut r = record_at(time::OffsetDateTime::now_utc(), tenant);
+            r.action = "ValidateAndStore".into();
+            r.user = "spiffe://test/operator/ops".into();
+            r.role = "operator".into();
+            let request_id = r.request_id;
+            spool.append(&r.clone().into_request()).unwrap();
+            store
+                .insert(NewCredential {
+                    tenant,
+                    exchange: ExchangeId::Okx,
+                    vault_path: format!("t/{tenant}/okx"),
+                    version: 1,
+                    permissions: Permissions::default(),
+                    api_key_hint: "****".into(),
+                    validated_at: time::OffsetDateTime::now_utc(),
+                    by: ChangedBy {
+                        actor: "spiffe://test/operator/ops (operator)".into(),
+                        request_id: Some(request_id),
+                    },
+                })
+                .await
+                .unwrap();
+            if outcome {
+                spool.append(&r).unwrap();
+            }
+            request_id
+        }
+    };
+    let lost = call(mine.clone(), false).await;
+    let whole = call(mine.clone(), true).await;
+    let elsewhere = call(other.clone(), false).await;
+    for s in [&mine, &other] {
+        s.sync().unwrap();
+        ship::ship_once(s, &store).await.unwrap();
+    }
+    // The chain has looked before, an hour ago.
+    reconcile::write_horizon(dir_a.path(), now - time::Duration::hours(1)).unwrap();
+    // Nothing younger than the window is looked at: the calls may still run.
+    assert_eq!(
+        reconcile::reconcile_once(&mine, &store, now).await.unwrap(),
+        0
+    );
+    let later = now + reconcile::WINDOW + time::Duration::minutes(1);
+    assert_eq!(
+        reconcile::reconcile_once(&mine, &store, later)
+            .await
+            .unwrap(),
+        1
+    );
+    ship::ship_once(&mine, &store).await.unwrap();
+    let outcomes = |id: uuid::Uuid| {
+        let store = store.clone();
+        async move {
+            store
+                .audit_export(None, None, None)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| serde_json::from_str::<AuditRecord>(&r.body).unwrap())
+                .filter(|r| r.request_id == id && r.result != "requested")
+                .collect::<Vec<_>>()
+        }
+    };
+    let written = outcomes(lost).await;
+    assert_eq!(written.len(), 1, "{written:?}");
+    let w = &written[0];
+    assert_eq!(
+        (w.action.as_ref(), w.result.as_ref(), w.grpc_code.as_ref()),
+        ("ValidateAndStore", "success", "UNKNOWN")
+    );
+    assert_eq!(w.versions, vec![1]);
+    assert_eq!(
+        (w.user.as_str(), w.role.as_ref()),
+        ("spiffe://test/operator/ops", "operator")
+    );
+    assert_eq!(w.exchange, Some(ExchangeId::Okx));
+    assert_eq!(
+        outcomes(whole).await.len(),
+        1,
+        "the whole call is left alone"
+    );
+    assert!(
+        outcomes(elsewhere).await.is_empty(),
+        "another chain's call is its own"
+    );
+    // Looked once: the next look starts where this one ended.
+    let again = later + time::Duration::minutes(2);
+    assert_eq!(
+        reconcile::reconcile_once(&mine, &store, again)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(outcomes(lost).await.len(), 1);
+    // The chains still verify.
+    let report = credbroker::audit::chain::verify_all(&store.audit_chains().await.unwrap());
+    assert_eq!(report.broken, 0, "{:?}", report.lines);
 }

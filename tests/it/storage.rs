@@ -146,7 +146,10 @@ async fn check_and_set_guards_both_stores() {
         permissions: Permissions::default(),
         api_key_hint: "****".into(),
         validated_at: OffsetDateTime::now_utc(),
-        actor: "test".into(),
+        by: credbroker::broker::ports::ChangedBy {
+            actor: "test".into(),
+            request_id: Some(uuid::Uuid::now_v7()),
+        },
     };
     let stale = broker.metadata().rotate(commit(5)).await.unwrap_err();
     assert!(matches!(stale, MetadataStoreError::Conflict), "{stale:?}");

@@ -298,7 +298,10 @@ async fn queue_message(w: &World, tenant: TenantId) {
             detail: None,
             permissions: None,
             checked_at: now,
-            actor: "test".into(),
+            by: credbroker::broker::ports::ChangedBy {
+                actor: "test".into(),
+                request_id: Some(uuid::Uuid::now_v7()),
+            },
             notice: Some(Notice {
                 id: uuid::Uuid::new_v4(),
                 event_type: "credential.invalidated",

@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 use crate::broker::error::{MetadataStoreError, SecretStoreError};
 
 use crate::broker::ports::{
-    AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice, OutboxMessage,
-    RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
+    AuditRow, ChangedBy, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice,
+    OutboxMessage, RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
 };
 
 use crate::broker::types::{
@@ -460,7 +460,7 @@ impl MetadataStore for MemoryMetadataStore {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
-        _actor: &str,
+        _by: &ChangedBy,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
         let mut st = lock(&self.state);
         let Some(mut record) = st.records.remove(&(tenant, exchange)) else {

@@ -9,7 +9,10 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod audit;
 pub mod migrate;
+
+pub use audit::{LostOutcome, Pruned};
 
 use std::str::FromStr;
 
@@ -25,7 +28,7 @@ use tracing::Instrument as _;
 use credbroker_core::broker::error::MetadataStoreError;
 
 use credbroker_core::broker::ports::{
-    AuditChain, AuditRow, FleetStore, HealthUpdate, MetadataStore, NewCredential, OutboxMessage,
+    AuditRow, ChangedBy, FleetStore, HealthUpdate, MetadataStore, NewCredential, OutboxMessage,
     RotationCommit, WebhookEndpoint, WebhookStore,
 };
 
@@ -79,6 +82,7 @@ pub fn pool(pg: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
 #[derive(Clone)]
 pub struct PgMetadataStore {
     pool: Pool,
+    partitions: audit::KnownDays,
 }
 
 /// Whose rows a transaction may see.
@@ -86,12 +90,18 @@ pub struct PgMetadataStore {
 enum Scope {
     Tenant(TenantId),
     System,
+    /// The login role itself, which owns the schema: DDL (the audit log's
+    /// partitions) and retention only.
+    Owner,
 }
 
 impl PgMetadataStore {
     /// Wraps a pool.
     pub fn new(pool: Pool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            partitions: audit::KnownDays::default(),
+        }
     }
 
     /// Runs `f` in one transaction under `scope`'s role and commits.
@@ -129,6 +139,7 @@ impl PgMetadataStore {
                 .await
             }
             Scope::System => tx.execute("SELECT set_config('role', 'credbroker_system', true)", &[]).await,
+            Scope::Owner => Ok(0),
         }
         .map_err(pg_err)?;
         let out = f(&tx).await?;
@@ -234,107 +245,6 @@ pub fn row_to_event(row: &Row) -> Result<CredentialEvent, MetadataStoreError> {
         previous_valid_until: row.get("previous_valid_until"),
         occurred_at: row.get("occurred_at"),
     })
-}
-
-const AUDIT_COLS: &str = "id, chain_id, seq, prev_hash, hash, at, tenant_id, body";
-
-fn row_to_audit(row: &Row) -> AuditRow {
-    AuditRow {
-        id: row.get("id"),
-        chain_id: row.get("chain_id"),
-        seq: to_u64(row.get("seq")),
-        prev_hash: row.get("prev_hash"),
-        hash: row.get("hash"),
-        at: row.get("at"),
-        tenant: row
-            .get::<_, Option<uuid::Uuid>>("tenant_id")
-            .map(TenantId::new),
-        body: row.get("body"),
-    }
-}
-
-impl PgMetadataStore {
-    /// Every audit chain with its records in seq order and its anchors, for
-    /// `credbroker audit verify` (system role: all tenants).
-    ///
-    /// # Errors
-    /// When PostgreSQL cannot be read.
-    pub async fn audit_chains(&self) -> Result<Vec<AuditChain>, MetadataStoreError> {
-        self.in_tx("audit_chains", Scope::System, |tx| {
-            Box::pin(async move {
-                let rows = tx
-                    .query(
-                        &format!("SELECT {AUDIT_COLS} FROM audit_log ORDER BY chain_id, seq"),
-                        &[],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                let anchors = tx
-                    .query(
-                        "SELECT chain_id, seq, hash FROM audit_anchors ORDER BY chain_id, seq",
-                        &[],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                let mut out: Vec<AuditChain> = Vec::new();
-                for r in rows.iter().map(row_to_audit) {
-                    match out.last_mut() {
-                        Some(c) if c.chain_id == r.chain_id => c.rows.push(r),
-                        _ => out.push(AuditChain {
-                            chain_id: r.chain_id,
-                            rows: vec![r],
-                            anchors: Vec::new(),
-                        }),
-                    }
-                }
-                for a in &anchors {
-                    let chain: uuid::Uuid = a.get(0);
-                    let entry = (to_u64(a.get(1)), a.get::<_, String>(2));
-                    match out.iter_mut().find(|c| c.chain_id == chain) {
-                        Some(c) => c.anchors.push(entry),
-                        // An anchor of a chain whose records are all gone.
-                        None => out.push(AuditChain {
-                            chain_id: chain,
-                            rows: Vec::new(),
-                            anchors: vec![entry],
-                        }),
-                    }
-                }
-                Ok(out)
-            })
-        })
-        .await
-    }
-
-    /// Audit records for export, oldest first, optionally of one tenant and
-    /// within [since, until).
-    ///
-    /// # Errors
-    /// When PostgreSQL cannot be read.
-    pub async fn audit_export(
-        &self,
-        tenant: Option<TenantId>,
-        since: Option<OffsetDateTime>,
-        until: Option<OffsetDateTime>,
-    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        self.in_tx("audit_export", Scope::System, |tx| {
-            Box::pin(async move {
-                let rows = tx
-                    .query(
-                        &format!(
-                            "SELECT {AUDIT_COLS} FROM audit_log WHERE ($1::uuid IS NULL OR tenant_id = $1) \
-                             AND ($2::timestamptz IS NULL OR at >= $2) AND ($3::timestamptz IS NULL OR at < $3) \
-                             ORDER BY at, id"
-                        ),
-                        &[&tenant.map(|t| t.as_uuid()), &since, &until],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                Ok(rows.iter().map(row_to_audit).collect())
-            })
-        })
-        .await
-    }
 }
 
 #[async_trait]
@@ -579,6 +489,15 @@ fn permissions_json(p: &Permissions) -> Result<serde_json::Value, MetadataStoreE
     serde_json::to_value(p).map_err(|e| MetadataStoreError::Other(e.to_string()))
 }
 
+/// The retire job's pass, as its PREVIOUS_EXPIRED events name it (each
+/// retirement's audit record carries its own request id).
+fn retire_job() -> ChangedBy {
+    ChangedBy {
+        actor: "system:retire (system)".into(),
+        request_id: None,
+    }
+}
+
 /// Appends the event describing `record`'s new state and stamps its seq on
 /// the row (`event_seq`, what the cache orders loads by); returns the event
 /// and sets `record.event_seq`.
@@ -586,7 +505,7 @@ async fn append_event(
     tx: &Transaction<'_>,
     record: &mut CredentialRecord,
     kind: EventKind,
-    actor: &str,
+    by: &ChangedBy,
 ) -> Result<CredentialEvent, MetadataStoreError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&EVENT_ORDER_LOCK])
         .await
@@ -599,8 +518,8 @@ async fn append_event(
     let row = tx
         .query_one(
             &format!(
-                "WITH ev AS (INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until, actor) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {EVENT_COLS}), \
+                "WITH ev AS (INSERT INTO credential_events (tenant_id, exchange, kind, version, previous_version, previous_valid_until, actor, request_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {EVENT_COLS}), \
                  stamped AS (UPDATE tenant_credentials SET event_seq = (SELECT seq FROM ev) \
                  WHERE tenant_id = $1 AND exchange = $2) \
                  SELECT * FROM ev"
@@ -612,7 +531,8 @@ async fn append_event(
                 &version,
                 &record.previous_version.map(to_i64),
                 &record.previous_valid_until,
-                &actor,
+                &by.actor,
+                &by.request_id,
             ],
         )
         .await
@@ -745,7 +665,7 @@ impl MetadataStore for PgMetadataStore {
                     .map_err(pg_err)?
                     .ok_or(MetadataStoreError::AlreadyExists)?;
                 let mut record = row_to_record(&row)?;
-                let event = append_event(tx, &mut record, EventKind::Stored, &new.actor).await?;
+                let event = append_event(tx, &mut record, EventKind::Stored, &new.by).await?;
                 Ok((record, event))
             })
         })
@@ -787,7 +707,7 @@ impl MetadataStore for PgMetadataStore {
                     });
                 };
                 let mut record = row_to_record(&row)?;
-                let event = append_event(tx, &mut record, EventKind::Rotated, &c.actor).await?;
+                let event = append_event(tx, &mut record, EventKind::Rotated, &c.by).await?;
                 Ok((record, event))
             })
         })
@@ -798,9 +718,9 @@ impl MetadataStore for PgMetadataStore {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
-        actor: &str,
+        by: &ChangedBy,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
-        let actor = actor.to_owned();
+        let by = by.clone();
         self.in_tx("delete", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
                 let row = tx
@@ -811,7 +731,7 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 match row {
-                    Some(row) => Ok(Some(append_event(tx, &mut row_to_record(&row)?, EventKind::Deleted, &actor).await?)),
+                    Some(row) => Ok(Some(append_event(tx, &mut row_to_record(&row)?, EventKind::Deleted, &by).await?)),
                     None => Ok(None),
                 }
             })
@@ -852,7 +772,7 @@ impl MetadataStore for PgMetadataStore {
                     .map_err(pg_err)?;
                 let mut record = row_to_record(&row)?;
                 let event = if record.status.is_invalidated() && before.status != record.status {
-                    Some(append_event(tx, &mut record, EventKind::Invalidated, &u.actor).await?)
+                    Some(append_event(tx, &mut record, EventKind::Invalidated, &u.by).await?)
                 } else {
                     None
                 };
@@ -908,7 +828,7 @@ impl MetadataStore for PgMetadataStore {
                         .await
                         .map_err(pg_err)?;
                     let mut record = row_to_record(&row)?;
-                    let event = append_event(tx, &mut record, EventKind::PreviousExpired, "system:retire (system)").await?;
+                    let event = append_event(tx, &mut record, EventKind::PreviousExpired, &retire_job()).await?;
                     out.push((record.vault_path, version, event));
                 }
                 Ok(out)
@@ -1033,49 +953,7 @@ impl MetadataStore for PgMetadataStore {
     }
 
     async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let n = rows.len();
-        let (mut ids, mut chains, mut seqs, mut ats, mut tenants) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut prevs, mut hashes, mut bodies) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for r in rows {
-            ids.push(r.id);
-            chains.push(r.chain_id);
-            seqs.push(to_i64(r.seq));
-            ats.push(r.at);
-            tenants.push(r.tenant.map(|t| t.as_uuid()));
-            prevs.push(r.prev_hash);
-            hashes.push(r.hash);
-            bodies.push(r.body);
-        }
-        self.in_tx("ship_audit", Scope::System, |tx| {
-            Box::pin(async move {
-                // One statement per batch; a record already shipped (a batch
-                // re-sent after a crash) is skipped by its id.
-                tx.execute(
-                    "INSERT INTO audit_log (id, chain_id, seq, prev_hash, hash, at, tenant_id, body) \
-                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], \
-                                          $6::timestamptz[], $7::uuid[], $8::text[]) \
-                     ON CONFLICT (chain_id, seq) DO NOTHING",
-                    &[&ids, &chains, &seqs, &prevs, &hashes, &ats, &tenants, &bodies],
-                )
-                .await
-                .map_err(pg_err)?;
-                Ok(())
-            })
-        })
-        .await
+        self.ship_audit_rows(rows).await
     }
 
     async fn anchor_audit(
@@ -1084,19 +962,7 @@ impl MetadataStore for PgMetadataStore {
         seq: u64,
         hash: &str,
     ) -> Result<(), MetadataStoreError> {
-        let hash = hash.to_owned();
-        self.in_tx("anchor_audit", Scope::System, |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO audit_anchors (chain_id, seq, hash) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&chain_id, &to_i64(seq), &hash],
-                )
-                .await
-                .map_err(pg_err)?;
-                Ok(())
-            })
-        })
-        .await
+        self.anchor_audit_head(chain_id, seq, hash).await
     }
 
     async fn list_audit(
@@ -1106,30 +972,7 @@ impl MetadataStore for PgMetadataStore {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        self.in_tx("list_audit", Scope::Tenant(tenant), |tx| {
-            Box::pin(async move {
-                let rows = tx
-                    .query(
-                        &format!(
-                            "SELECT {AUDIT_COLS} FROM audit_log WHERE tenant_id = $1 \
-                             AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3)) \
-                             AND ($4::timestamptz IS NULL OR at >= $4) \
-                             ORDER BY at DESC, id DESC LIMIT $5"
-                        ),
-                        &[
-                            &tenant.as_uuid(),
-                            &before.map(|b| b.0),
-                            &before.map_or(uuid::Uuid::nil(), |b| b.1),
-                            &since,
-                            &i64::from(limit),
-                        ],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                Ok(rows.iter().map(row_to_audit).collect())
-            })
-        })
-        .await
+        self.list_tenant_audit(tenant, before, since, limit).await
     }
 
     async fn replica_heartbeat(

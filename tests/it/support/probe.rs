@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use credbroker::broker::{
     error::{MetadataStoreError, SecretStoreError},
     ports::{
-        AuditRow, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
-        VersionInfo,
+        AuditRow, ChangedBy, HealthUpdate, MetadataStore, NewCredential, RotationCommit,
+        SecretStore, VersionInfo,
     },
     types::{Adoption, CredentialEvent, CredentialRecord, CredentialSet, ExchangeId, TenantId},
 };
@@ -174,9 +174,9 @@ impl MetadataStore for ProbeMeta {
         &self,
         t: TenantId,
         e: ExchangeId,
-        actor: &str,
+        by: &ChangedBy,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError> {
-        self.inner.delete(t, e, actor).await
+        self.inner.delete(t, e, by).await
     }
     async fn record_health(
         &self,

@@ -201,8 +201,24 @@ impl Link for crate::broker::ports::AuditRow {
 /// The first broken link of one chain (`records` sorted by seq), checking
 /// `anchors` (seq, hash) too when given.
 pub fn first_break<L: Link>(records: &[L], anchors: Option<&[(u64, String)]>) -> Option<Break> {
-    let first = records.first()?;
-    if first.link().seq != 1 {
+    first_break_after(records, None, anchors.unwrap_or_default())
+}
+
+/// [`first_break`] of a chain whose start retention removed: `cut` is the
+/// last removed record (seq, hash), which the oldest retained record must
+/// follow; anchors at or before it name removed records and are skipped.
+pub fn first_break_after<L: Link>(
+    records: &[L],
+    cut: Option<&(u64, String)>,
+    anchors: &[(u64, String)],
+) -> Option<Break> {
+    let (start, genesis) = cut.map_or((1, GENESIS), |(seq, hash)| (seq + 1, hash.as_str()));
+    let anchors = anchors.iter().filter(|(seq, _)| *seq >= start);
+    let Some(first) = records.first() else {
+        // Every record gone: only anchors past the cut are wrong.
+        return anchors.map(|(seq, _)| Break::Anchor { seq: *seq }).next();
+    };
+    if first.link().seq != start {
         return Some(Break::MissingStart {
             first: first.link().seq,
         });
@@ -213,7 +229,7 @@ pub fn first_break<L: Link>(records: &[L], anchors: Option<&[(u64, String)]>) ->
             return Some(Break::Edited { seq: r.seq });
         }
         match prev {
-            None if r.prev_hash != GENESIS => return Some(Break::Relinked { seq: r.seq }),
+            None if r.prev_hash != genesis => return Some(Break::Relinked { seq: r.seq }),
             Some(p) if r.seq != p.seq + 1 => {
                 return Some(Break::Gap {
                     after: p.seq,
@@ -225,10 +241,9 @@ pub fn first_break<L: Link>(records: &[L], anchors: Option<&[(u64, String)]>) ->
         }
         prev = Some(r);
     }
-    for (seq, hash) in anchors.unwrap_or_default() {
-        let found = usize::try_from(*seq)
+    for (seq, hash) in anchors {
+        let found = usize::try_from(seq - start)
             .ok()
-            .and_then(|s| s.checked_sub(1))
             .and_then(|i| records.get(i));
         if found.is_none_or(|r| r.link().hash != hash) {
             return Some(Break::Anchor { seq: *seq });
@@ -275,18 +290,14 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
         chain_id,
         rows,
         anchors,
+        cut,
     } in chains
     {
         report.chains += 1;
-        let found = if rows.is_empty() {
-            anchors.first().map(|(seq, _)| Break::Anchor { seq: *seq })
-        } else {
-            first_break(rows, Some(anchors)).or_else(|| {
-                rows.iter().find_map(|r| {
-                    column_mismatch(r).map(|column| Break::Column { seq: r.seq, column })
-                })
-            })
-        };
+        let found = first_break_after(rows, cut.as_ref(), anchors).or_else(|| {
+            rows.iter()
+                .find_map(|r| column_mismatch(r).map(|column| Break::Column { seq: r.seq, column }))
+        });
         match found {
             Some(b) => {
                 report.broken += 1;
@@ -304,9 +315,15 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
                     .push(format!("chain {chain_id}: BROKEN: {b}{id}"));
             }
             None => report.lines.push(format!(
-                "chain {chain_id}: ok, {} records, {} anchors",
+                "chain {chain_id}: ok, {} records, {} anchors{}",
                 rows.len(),
-                anchors.len()
+                anchors.len(),
+                cut.as_ref()
+                    .map(|(seq, _)| format!(
+                        ", from seq {} (retention removed the ones before)",
+                        seq + 1
+                    ))
+                    .unwrap_or_default()
             )),
         }
     }
@@ -392,6 +409,39 @@ mod tests {
         assert_eq!(
             first_break(&rehashed, None),
             Some(Break::Relinked { seq: 4 })
+        );
+    }
+
+    #[test]
+    fn a_chain_cut_by_retention_starts_after_its_cut() {
+        let c = chain(6);
+        let cut = (2, c[1].hash.clone());
+        let anchors = vec![(2, c[1].hash.clone()), (6, c[5].hash.clone())];
+        let kept = &c[2..];
+        assert_eq!(first_break_after(kept, Some(&cut), &anchors), None);
+        // Without the cut the same records are a deleted start.
+        assert_eq!(
+            first_break_after(kept, None, &[]),
+            Some(Break::MissingStart { first: 3 })
+        );
+        // Records removed past the cut are still a deleted start.
+        assert_eq!(
+            first_break_after(&c[3..], Some(&cut), &[]),
+            Some(Break::MissingStart { first: 4 })
+        );
+        // A cut that names another hash than the oldest record links to.
+        let forged = (2, c[0].hash.clone());
+        assert_eq!(
+            first_break_after(kept, Some(&forged), &[]),
+            Some(Break::Relinked { seq: 3 })
+        );
+        // Everything removed: anchors before the cut are fine, after it not.
+        let none: &[ChainedRecord] = &[];
+        let all = (6, c[5].hash.clone());
+        assert_eq!(first_break_after(none, Some(&all), &anchors), None);
+        assert_eq!(
+            first_break_after(none, Some(&cut), &anchors),
+            Some(Break::Anchor { seq: 6 })
         );
     }
 }

@@ -57,4 +57,12 @@ impl RequestContext {
     pub fn actor_label(&self) -> String {
         format!("{} ({})", self.actor.subject, self.actor.role)
     }
+
+    /// Who changes something in this call, as its event records it.
+    pub fn changed_by(&self) -> super::ports::ChangedBy {
+        super::ports::ChangedBy {
+            actor: self.actor_label(),
+            request_id: Some(self.request_id),
+        }
+    }
 }

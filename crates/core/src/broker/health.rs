@@ -64,7 +64,7 @@ impl Notice {
                 "status": update.status.as_str(),
                 "health": update.health.as_str(),
                 "reason": update.detail,
-                "actor": update.actor,
+                "actor": update.by.actor,
             },
         });
         Self {
@@ -180,7 +180,7 @@ impl Broker {
             detail: None,
             permissions: None,
             checked_at: now,
-            actor: ctx.actor_label(),
+            by: ctx.changed_by(),
             notice: None,
         };
         let (mut update, finding, notify) =

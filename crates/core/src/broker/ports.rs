@@ -103,8 +103,8 @@ pub struct AuditRow {
     pub body: String,
 }
 
-/// One replica's audit chain as stored: its records in seq order and its
-/// anchors (seq, hash).
+/// One replica's audit chain as stored: its records in seq order, its
+/// anchors (seq, hash), and where retention cut it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AuditChain {
     /// The chain.
@@ -113,6 +113,9 @@ pub struct AuditChain {
     pub rows: Vec<AuditRow>,
     /// Its anchors, by seq.
     pub anchors: Vec<(u64, String)>,
+    /// The last record retention removed (seq, hash): the oldest retained
+    /// record must follow it. `None` while the chain is whole.
+    pub cut: Option<(u64, String)>,
 }
 
 /// One version kept at a secret path.
@@ -143,8 +146,20 @@ pub struct NewCredential {
     pub api_key_hint: String,
     /// Validation time.
     pub validated_at: OffsetDateTime,
-    /// Who stored it (recorded with the event).
+    /// Who stored it, in which call (recorded with the event).
+    pub by: ChangedBy,
+}
+
+/// Who made a change and in which call: written with its event, so the
+/// event log names the call whose audit records show it (and the audit
+/// reconciler can write a lost outcome from the event).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangedBy {
+    /// `subject (role)`.
     pub actor: String,
+    /// The call's request id (the audit records' `request_id`); `None`
+    /// for a background pass whose records each carry their own.
+    pub request_id: Option<uuid::Uuid>,
 }
 
 /// A rotation to commit, guarded by the version it replaces.
@@ -169,8 +184,8 @@ pub struct RotationCommit {
     pub api_key_hint: String,
     /// Validation time.
     pub validated_at: OffsetDateTime,
-    /// Who rotated (recorded with the event).
-    pub actor: String,
+    /// Who rotated, in which call (recorded with the event).
+    pub by: ChangedBy,
 }
 
 /// Result of a health check to record.
@@ -190,8 +205,8 @@ pub struct HealthUpdate {
     pub permissions: Option<Permissions>,
     /// Check time.
     pub checked_at: OffsetDateTime,
-    /// Who checked (recorded with an INVALIDATED event).
-    pub actor: String,
+    /// Who checked, in which call (recorded with an INVALIDATED event).
+    pub by: ChangedBy,
     /// A webhook to queue in the same commit (when the tenant has one).
     pub notice: Option<Notice>,
 }
@@ -282,7 +297,7 @@ pub trait MetadataStore: Send + Sync + 'static {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
-        actor: &str,
+        by: &ChangedBy,
     ) -> Result<Option<CredentialEvent>, MetadataStoreError>;
 
     /// Records a health check; returns the INVALIDATED event when the status

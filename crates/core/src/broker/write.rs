@@ -111,7 +111,7 @@ impl Broker {
             permissions,
             api_key_hint: set.key_hint(),
             validated_at: self.clock.now(),
-            actor: ctx.actor_label(),
+            by: ctx.changed_by(),
         };
         let (record, event) = self.meta.insert(new).await.map_err(|e| match e {
             error::MetadataStoreError::AlreadyExists => already_exists(tenant, exchange),
@@ -210,7 +210,7 @@ impl Broker {
             permissions,
             api_key_hint: set.key_hint(),
             validated_at: now,
-            actor: ctx.actor_label(),
+            by: ctx.changed_by(),
         };
         let (updated, event) = self.meta.rotate(commit).await.map_err(|e| match e {
             error::MetadataStoreError::NotFound => not_found(tenant, exchange),
@@ -263,7 +263,7 @@ impl Broker {
     ) -> Result<bool, BrokerError> {
         let event = self
             .meta
-            .delete(tenant, exchange, &ctx.actor_label())
+            .delete(tenant, exchange, &ctx.changed_by())
             .await?;
         let deleted = event.is_some();
         if let Some(event) = event {
