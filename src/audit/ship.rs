@@ -23,10 +23,11 @@ use crate::broker::ports::{AuditRow, MetadataStore};
 /// Lines shipped per batch at most.
 const BATCH: usize = 2_000;
 /// Records shipped per batch at most when they come from memory (the
-/// steady state): handing a batch to the store runs on an async worker, so
-/// batches stay small enough (well under a millisecond) not to hold up the
-/// calls queued behind them, and the pass yields between batches.
-const MEMORY_BATCH: usize = 500;
+/// steady state). PostgreSQL's cost per record falls with the batch (one
+/// page per tenant per batch: measured 5.7 µs per record at 500, 3.75 µs
+/// at 2,000); the store builds the pages off the async workers, and the
+/// pass yields between batches.
+const MEMORY_BATCH: usize = 2_000;
 /// Bytes read from a segment per batch at most.
 const READ_BYTES: usize = 1024 * 1024;
 

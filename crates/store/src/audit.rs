@@ -1,9 +1,18 @@
-//! The audit log's tables: shipping (binary COPY into day partitions),
-//! anchors, the tenant's view, export, `verify`'s read, and retention
-//! (whole days dropped, the cut remembered per chain).
+//! The audit log's tables: shipping (each batch one page per tenant, by
+//! binary COPY into day partitions), anchors, the tenant's view, export,
+//! `verify`'s read, retention (whole days dropped, the cut remembered per
+//! chain) and the lost-outcome query.
+//!
+//! A page is one row holding the records of one chain, one tenant, one
+//! batch and one UTC day, one per line: `<seq> <hash> <body>` (the body
+//! holds the record's id and time; a record's `prev_hash` is the hash of
+//! the one before it in its chain). Its columns (chain, first and last
+//! seq, count, time span, tenant) serve the indexes and partitions;
+//! `verify` checks each against the records it holds.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt::Write as _,
     sync::{Arc, Mutex},
 };
 
@@ -20,12 +29,14 @@ use credbroker_core::broker::{
 
 use super::{EVENT_COLS, PgMetadataStore, Scope, pg_err, row_to_event, to_i64, to_u64};
 
-const AUDIT_COLS: &str = "id, chain_id, seq, prev_hash, hash, at, tenant_id, body";
+const PAGE_COLS: &str = "chain_id, first_seq, last_seq, records, at_min, at_max, tenant_id, lines";
 /// Taken (per transaction) by whoever creates or drops partitions, so two
 /// replicas never race on the same DDL.
 const PARTITION_LOCK: i64 = 0x6372_6564_6175_6474; // "credaudt"
 /// Days ahead whose partitions exist before their first record.
 const DAYS_AHEAD: i64 = 2;
+/// Pages read per round trip when paging a tenant's records.
+const PAGES_PER_READ: i64 = 32;
 
 /// The UTC days the store knows have a partition (so a batch checks the
 /// catalog only on a day it has not shipped to yet).
@@ -62,7 +73,7 @@ fn day_of(at: OffsetDateTime) -> Date {
 
 fn partition_name(day: Date) -> String {
     format!(
-        "audit_log_p{:04}{:02}{:02}",
+        "audit_pages_p{:04}{:02}{:02}",
         day.year(),
         u8::from(day.month()),
         day.day()
@@ -73,18 +84,186 @@ fn start_of(day: Date) -> OffsetDateTime {
     day.with_time(Time::MIDNIGHT).assume_utc()
 }
 
-pub(crate) fn row_to_audit(row: &Row) -> AuditRow {
-    AuditRow {
-        id: row.get("id"),
-        chain_id: row.get("chain_id"),
-        seq: to_u64(row.get("seq")),
-        prev_hash: row.get("prev_hash"),
-        hash: row.get("hash"),
-        at: row.get("at"),
-        tenant: row
-            .get::<_, Option<uuid::Uuid>>("tenant_id")
-            .map(TenantId::new),
-        body: row.get("body"),
+/// The highest seq of each chain already in PostgreSQL, as this store
+/// last saw it (so a batch re-sent after a crash adds nothing twice: its
+/// records up to there are skipped).
+#[derive(Clone, Default)]
+pub(crate) struct ShippedThrough(Arc<Mutex<HashMap<uuid::Uuid, u64>>>);
+
+impl ShippedThrough {
+    fn get(&self, chain: uuid::Uuid) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&chain)
+            .copied()
+    }
+
+    fn set(&self, chain: uuid::Uuid, seq: Option<u64>) {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match seq {
+            Some(s) => {
+                map.insert(chain, s);
+            }
+            None => {
+                map.remove(&chain);
+            }
+        }
+    }
+}
+
+/// One page: the records of one chain, one tenant, one batch, one day.
+struct Page {
+    chain_id: uuid::Uuid,
+    first_seq: u64,
+    last_seq: u64,
+    records: i32,
+    at_min: OffsetDateTime,
+    at_max: OffsetDateTime,
+    tenant: Option<uuid::Uuid>,
+    lines: String,
+}
+
+impl Page {
+    fn new(r: &AuditRow) -> Self {
+        Self {
+            chain_id: r.chain_id,
+            first_seq: r.seq,
+            last_seq: r.seq,
+            records: 0,
+            at_min: r.at,
+            at_max: r.at,
+            tenant: r.tenant.map(|t| t.as_uuid()),
+            lines: String::with_capacity(64 * 1024),
+        }
+    }
+
+    fn push(&mut self, r: &AuditRow) {
+        self.first_seq = self.first_seq.min(r.seq);
+        self.last_seq = self.last_seq.max(r.seq);
+        self.at_min = self.at_min.min(r.at);
+        self.at_max = self.at_max.max(r.at);
+        self.records += 1;
+        if !self.lines.is_empty() {
+            self.lines.push('\n');
+        }
+        let _ = write!(self.lines, "{} {} ", r.seq, r.hash);
+        self.lines.push_str(&r.body);
+    }
+}
+
+/// A batch as pages: one per tenant and UTC day (a page never straddles
+/// a partition), records in seq order.
+fn pages_of(rows: &[AuditRow]) -> Vec<Page> {
+    let mut pages: BTreeMap<(uuid::Uuid, Option<uuid::Uuid>, Date), Page> = BTreeMap::new();
+    for r in rows {
+        pages
+            .entry((r.chain_id, r.tenant.map(|t| t.as_uuid()), day_of(r.at)))
+            .or_insert_with(|| Page::new(r))
+            .push(r);
+    }
+    pages.into_values().collect()
+}
+
+/// The records of a stored page, and the first of its columns that
+/// disagrees with them (`None` when all agree). Each record's tenant is the
+/// page's `tenant_id` column, so a page moved to another tenant shows as
+/// records whose tenant disagrees with their hashed body.
+fn unpack(row: &Row) -> (Vec<AuditRow>, Option<&'static str>) {
+    let chain_id: uuid::Uuid = row.get("chain_id");
+    let tenant = row
+        .get::<_, Option<uuid::Uuid>>("tenant_id")
+        .map(TenantId::new);
+    let lines: &str = row.get("lines");
+    let mut out = Vec::new();
+    let mut unreadable = false;
+    for line in lines.split('\n') {
+        match parse_line(chain_id, tenant, line) {
+            Some(r) => out.push(r),
+            None => unreadable = true,
+        }
+    }
+    let fault = if unreadable {
+        Some("lines")
+    } else {
+        page_fault(row, &out)
+    };
+    (out, fault)
+}
+
+/// Whether a record's time (nanoseconds) is what PostgreSQL stored of it
+/// (microseconds).
+fn same_micro(record: Option<OffsetDateTime>, stored: OffsetDateTime) -> bool {
+    record.is_some_and(|r| (r - stored).abs() < time::Duration::microseconds(1))
+}
+
+fn page_fault(row: &Row, records: &[AuditRow]) -> Option<&'static str> {
+    let seqs = records.iter().map(|r| r.seq);
+    let ats = records.iter().map(|r| r.at);
+    let checks: [(&'static str, bool); 5] = [
+        (
+            "first_seq",
+            seqs.clone().min() == Some(to_u64(row.get("first_seq"))),
+        ),
+        ("last_seq", seqs.max() == Some(to_u64(row.get("last_seq")))),
+        (
+            "records",
+            usize::try_from(row.get::<_, i32>("records")).ok() == Some(records.len()),
+        ),
+        ("at_min", same_micro(ats.clone().min(), row.get("at_min"))),
+        ("at_max", same_micro(ats.max(), row.get("at_max"))),
+    ];
+    checks.into_iter().find(|(_, ok)| !ok).map(|(c, _)| c)
+}
+
+/// A page's line as a record: its id and time read from its body, its
+/// `prev_hash` left empty (the chain's reader fills it in, from the record
+/// before).
+fn parse_line(chain_id: uuid::Uuid, tenant: Option<TenantId>, line: &str) -> Option<AuditRow> {
+    /// The two fields of a body a reader needs.
+    #[derive(serde::Deserialize)]
+    struct Head {
+        id: uuid::Uuid,
+        #[serde(with = "time::serde::rfc3339")]
+        timestamp: OffsetDateTime,
+    }
+    let mut f = line.splitn(3, ' ');
+    let seq = f.next()?.parse().ok()?;
+    let hash = f.next()?.to_owned();
+    let body = f.next()?.to_owned();
+    let head: Head = serde_json::from_str(&body).ok()?;
+    Some(AuditRow {
+        id: head.id,
+        at: head.timestamp,
+        tenant,
+        chain_id,
+        seq,
+        prev_hash: String::new(),
+        hash,
+        body,
+    })
+}
+
+/// Fills in each record's `prev_hash` (records in seq order): the hash of
+/// the record before it in the chain, the cut's for the first after a
+/// retention cut, the genesis for the chain's first. Where a record is
+/// missing, the next names none (the gap is what `verify` reports).
+fn link(rows: &mut [AuditRow], cut: Option<&(u64, String)>) {
+    let (mut prev_seq, mut prev_hash) = cut.map_or_else(
+        || (0, credbroker_core::audit::chain::GENESIS.to_owned()),
+        |(s, h)| (*s, h.clone()),
+    );
+    for r in rows {
+        r.prev_hash = if r.seq == prev_seq + 1 {
+            std::mem::take(&mut prev_hash)
+        } else {
+            String::new()
+        };
+        prev_seq = r.seq;
+        prev_hash.clone_from(&r.hash);
     }
 }
 
@@ -126,27 +305,46 @@ pub struct Pruned {
 }
 
 impl PgMetadataStore {
-    /// Ships a batch: one binary `COPY` into the day partitions. A batch
-    /// re-sent after a crash collides on the key; it is then inserted with
-    /// `ON CONFLICT DO NOTHING`, which adds only what is missing.
+    /// Ships a batch: one page per tenant, by one binary `COPY`. Records a
+    /// crash made this store send twice (at or below what PostgreSQL
+    /// already holds of the chain) are skipped.
     pub(crate) async fn ship_audit_rows(
         &self,
-        rows: Vec<AuditRow>,
+        mut rows: Vec<AuditRow>,
     ) -> Result<(), MetadataStoreError> {
-        if rows.is_empty() {
+        let Some(chain) = rows.first().map(|r| r.chain_id) else {
             return Ok(());
-        }
+        };
+        let through = match self.shipped.get(chain) {
+            Some(s) => s,
+            None => self.chain_head(chain).await?,
+        };
+        rows.retain(|r| r.chain_id != chain || r.seq > through);
+        let Some(last) = rows
+            .iter()
+            .filter(|r| r.chain_id == chain)
+            .map(|r| r.seq)
+            .max()
+        else {
+            return Ok(());
+        };
         let days: BTreeSet<Date> = rows.iter().map(|r| day_of(r.at)).collect();
         self.ensure_partitions(&days).await?;
+        // Building the pages copies every body once: off the async workers.
+        let records = rows.len();
+        let pages = tokio::task::spawn_blocking(move || pages_of(&rows))
+            .await
+            .map_err(|e| MetadataStoreError::Other(format!("building audit pages: {e}")))?;
         let span = tracing::info_span!(
             "postgres",
             otel.name = "ship_audit",
             otel.kind = "client",
             db.system = "postgresql",
             db.operation = "ship_audit",
-            records = rows.len(),
+            records,
+            pages = pages.len(),
         );
-        let mut copied = self.copy_audit(&rows).instrument(span.clone()).await;
+        let mut copied = self.copy_pages(&pages).instrument(span.clone()).await;
         if copied
             .as_ref()
             .is_err_and(|e| e.is(&SqlState::CHECK_VIOLATION))
@@ -155,19 +353,42 @@ impl PgMetadataStore {
             // this store saw it. Look again and retry once.
             self.partitions.forget();
             self.ensure_partitions(&days).await?;
-            copied = self.copy_audit(&rows).instrument(span.clone()).await;
+            copied = self.copy_pages(&pages).instrument(span).await;
         }
         match copied {
-            Ok(()) => Ok(()),
-            Err(e) if e.is(&SqlState::UNIQUE_VIOLATION) => {
-                self.insert_audit_missing(rows).instrument(span).await
+            Ok(()) => {
+                self.shipped.set(chain, Some(last));
+                Ok(())
             }
-            Err(CopyError::Pool(e)) => Err(e),
-            Err(CopyError::Pg(e)) => Err(pg_err(e)),
+            Err(e) => {
+                // Whether it committed is not known: ask next time.
+                self.shipped.set(chain, None);
+                Err(match e {
+                    CopyError::Pool(e) => e,
+                    CopyError::Pg(e) => pg_err(e),
+                })
+            }
         }
     }
 
-    async fn copy_audit(&self, rows: &[AuditRow]) -> Result<(), CopyError> {
+    /// The highest seq PostgreSQL holds of `chain` (0: none).
+    async fn chain_head(&self, chain: uuid::Uuid) -> Result<u64, MetadataStoreError> {
+        self.in_tx("audit_chain_head", Scope::System, |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_one(
+                        "SELECT coalesce(max(last_seq), 0) FROM audit_pages WHERE chain_id = $1",
+                        &[&chain],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(to_u64(row.get(0)))
+            })
+        })
+        .await
+    }
+
+    async fn copy_pages(&self, pages: &[Page]) -> Result<(), CopyError> {
         let mut client = self
             .pool
             .get()
@@ -177,75 +398,40 @@ impl PgMetadataStore {
         tx.execute("SELECT set_config('role', 'credbroker_system', true)", &[])
             .await?;
         let sink = tx
-            .copy_in(&format!("COPY audit_log ({AUDIT_COLS}) FROM STDIN BINARY"))
+            .copy_in(&format!("COPY audit_pages ({PAGE_COLS}) FROM STDIN BINARY"))
             .await?;
         let writer = BinaryCopyInWriter::new(
             sink,
             &[
                 Type::UUID,
-                Type::UUID,
                 Type::INT8,
-                Type::TEXT,
-                Type::TEXT,
+                Type::INT8,
+                Type::INT4,
+                Type::TIMESTAMPTZ,
                 Type::TIMESTAMPTZ,
                 Type::UUID,
                 Type::TEXT,
             ],
         );
         futures::pin_mut!(writer);
-        for r in rows {
-            let tenant = r.tenant.map(|t| t.as_uuid());
+        for p in pages {
             writer
                 .as_mut()
                 .write(&[
-                    &r.id,
-                    &r.chain_id,
-                    &to_i64(r.seq),
-                    &r.prev_hash,
-                    &r.hash,
-                    &r.at,
-                    &tenant,
-                    &r.body,
+                    &p.chain_id,
+                    &to_i64(p.first_seq),
+                    &to_i64(p.last_seq),
+                    &p.records,
+                    &p.at_min,
+                    &p.at_max,
+                    &p.tenant,
+                    &p.lines,
                 ])
                 .await?;
         }
         writer.finish().await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    /// The slow path for a re-sent batch: only the records not yet there.
-    async fn insert_audit_missing(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
-        let n = rows.len();
-        let mut cols = AuditColumns::with_capacity(n);
-        for r in rows {
-            cols.push(r);
-        }
-        let AuditColumns {
-            ids,
-            chains,
-            seqs,
-            prevs,
-            hashes,
-            ats,
-            tenants,
-            bodies,
-        } = cols;
-        self.in_tx("ship_audit_resent", Scope::System, |tx| {
-            Box::pin(async move {
-                tx.execute(
-                    "INSERT INTO audit_log (id, chain_id, seq, prev_hash, hash, at, tenant_id, body) \
-                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[], \
-                                          $6::timestamptz[], $7::uuid[], $8::text[]) \
-                     ON CONFLICT (chain_id, seq, at) DO NOTHING",
-                    &[&ids, &chains, &seqs, &prevs, &hashes, &ats, &tenants, &bodies],
-                )
-                .await
-                .map_err(pg_err)?;
-                Ok(())
-            })
-        })
-        .await
     }
 
     /// Creates the partitions of `days` that do not exist yet (and of the
@@ -272,12 +458,15 @@ impl PgMetadataStore {
                     let (from, to) = (start_of(day), start_of(day.next_day().unwrap_or(day)));
                     // DDL takes no bind parameters: the bounds are formatted
                     // from dates, never from input.
+                    // ANALYZE skips the pages' text (a partition does not
+                    // take that from its parent).
                     tx.batch_execute(&format!(
-                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF audit_log \
-                         FOR VALUES FROM ('{}') TO ('{}')",
-                        partition_name(day),
+                        "CREATE TABLE IF NOT EXISTS {p} PARTITION OF audit_pages \
+                         FOR VALUES FROM ('{}') TO ('{}'); \
+                         ALTER TABLE {p} ALTER COLUMN lines SET STATISTICS 0",
                         iso(from),
                         iso(to),
+                        p = partition_name(day),
                     ))
                     .await
                     .map_err(pg_err)?;
@@ -293,10 +482,10 @@ impl PgMetadataStore {
     /// Retention: drops every day partition that ends at or before
     /// `before`, after recording, for each chain that loses records, the
     /// last record removed (`audit_retention`), so `verify` checks the
-    /// chain from the oldest retained record on. A chain's records straddle
-    /// a midnight by a few microseconds (a record's time is taken before
-    /// its place in the chain), so retained records at or below a cut are
-    /// removed with it: every chain stays contiguous.
+    /// chain from the record after it. A page holds one tenant's records of
+    /// one batch, so records of a chain at or below its cut can remain in
+    /// a later day's pages (another tenant's page of the same batch, around
+    /// midnight); readers skip them like the removed ones.
     ///
     /// # Errors
     /// When PostgreSQL cannot be reached or refuses the DDL.
@@ -311,7 +500,7 @@ impl PgMetadataStore {
                         .query(
                             "SELECT c.relname FROM pg_inherits i \
                              JOIN pg_class c ON c.oid = i.inhrelid \
-                             WHERE i.inhparent = 'audit_log'::regclass ORDER BY c.relname",
+                             WHERE i.inhparent = 'audit_pages'::regclass ORDER BY c.relname",
                             &[],
                         )
                         .await
@@ -328,34 +517,32 @@ impl PgMetadataStore {
                     if old.is_empty() {
                         return Ok(Pruned::default());
                     }
+                    // Each chain's newest page among the days dropped holds
+                    // its last removed record.
                     let union = old
                         .iter()
-                        .map(|p| format!("SELECT chain_id, seq, hash FROM {p}"))
+                        .map(|p| format!("SELECT {PAGE_COLS} FROM {p}"))
                         .collect::<Vec<_>>()
                         .join(" UNION ALL ");
-                    let cuts = tx
+                    let newest = tx
                         .query(
                             &format!(
-                                "SELECT DISTINCT ON (chain_id) chain_id, seq, hash FROM ({union}) d \
-                                 ORDER BY chain_id, seq DESC"
+                                "SELECT DISTINCT ON (chain_id) * FROM ({union}) d \
+                                 ORDER BY chain_id, last_seq DESC"
                             ),
                             &[],
                         )
                         .await
                         .map_err(pg_err)?;
-                    for cut in &cuts {
-                        let (chain, seq, hash): (uuid::Uuid, i64, String) =
-                            (cut.get(0), cut.get(1), cut.get(2));
+                    for page in &newest {
+                        let (records, _) = unpack(page);
+                        let Some(last) = records.iter().max_by_key(|r| r.seq) else {
+                            continue;
+                        };
                         tx.execute(
                             "INSERT INTO audit_retention (chain_id, seq, hash) VALUES ($1, $2, $3) \
                              ON CONFLICT DO NOTHING",
-                            &[&chain, &seq, &hash],
-                        )
-                        .await
-                        .map_err(pg_err)?;
-                        tx.execute(
-                            "DELETE FROM audit_log WHERE chain_id = $1 AND seq <= $2",
-                            &[&chain, &seq],
+                            &[&last.chain_id, &to_i64(last.seq), &last.hash],
                         )
                         .await
                         .map_err(pg_err)?;
@@ -367,7 +554,7 @@ impl PgMetadataStore {
                     }
                     Ok(Pruned {
                         days: old.len(),
-                        chains: cuts.len(),
+                        chains: newest.len(),
                     })
                 })
             })
@@ -378,17 +565,21 @@ impl PgMetadataStore {
         Ok(pruned)
     }
 
-    /// Every audit chain with its records in seq order, its anchors and its
-    /// retention cut, for `credbroker audit verify` (all tenants).
+    /// Every audit chain with its records in seq order (those at or below
+    /// its retention cut left out), its anchors, its cut, and the pages
+    /// whose columns disagree with their records, for `credbroker audit
+    /// verify` (all tenants).
     ///
     /// # Errors
     /// When PostgreSQL cannot be read.
     pub async fn audit_chains(&self) -> Result<Vec<AuditChain>, MetadataStoreError> {
         self.in_tx("audit_chains", Scope::System, |tx| {
             Box::pin(async move {
-                let rows = tx
+                let pages = tx
                     .query(
-                        &format!("SELECT {AUDIT_COLS} FROM audit_log ORDER BY chain_id, seq"),
+                        &format!(
+                            "SELECT {PAGE_COLS} FROM audit_pages ORDER BY chain_id, first_seq"
+                        ),
                         &[],
                     )
                     .await
@@ -409,24 +600,29 @@ impl PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 let mut out: Vec<AuditChain> = Vec::new();
-                for r in rows.iter().map(row_to_audit) {
-                    match out.last_mut() {
-                        Some(c) if c.chain_id == r.chain_id => c.rows.push(r),
-                        _ => out.push(AuditChain {
-                            chain_id: r.chain_id,
-                            rows: vec![r],
-                            ..AuditChain::default()
-                        }),
+                for c in &cuts {
+                    chain_of(&mut out, c.get(0)).cut =
+                        Some((to_u64(c.get(1)), c.get::<_, String>(2)));
+                }
+                for page in &pages {
+                    let (records, fault) = unpack(page);
+                    let chain = chain_of(&mut out, page.get("chain_id"));
+                    if let Some(column) = fault {
+                        chain.misfiled.push((to_u64(page.get("first_seq")), column));
                     }
+                    let after = chain.cut.as_ref().map_or(0, |c| c.0);
+                    chain
+                        .rows
+                        .extend(records.into_iter().filter(|r| r.seq > after));
                 }
                 for a in &anchors {
                     chain_of(&mut out, a.get(0))
                         .anchors
                         .push((to_u64(a.get(1)), a.get::<_, String>(2)));
                 }
-                for c in &cuts {
-                    chain_of(&mut out, c.get(0)).cut =
-                        Some((to_u64(c.get(1)), c.get::<_, String>(2)));
+                for c in &mut out {
+                    c.rows.sort_by_key(|r| r.seq);
+                    link(&mut c.rows, c.cut.as_ref());
                 }
                 Ok(out)
             })
@@ -447,18 +643,23 @@ impl PgMetadataStore {
     ) -> Result<Vec<AuditRow>, MetadataStoreError> {
         self.in_tx("audit_export", Scope::System, |tx| {
             Box::pin(async move {
-                let rows = tx
+                let pages = tx
                     .query(
                         &format!(
-                            "SELECT {AUDIT_COLS} FROM audit_log WHERE ($1::uuid IS NULL OR tenant_id = $1) \
-                             AND ($2::timestamptz IS NULL OR at >= $2) AND ($3::timestamptz IS NULL OR at < $3) \
-                             ORDER BY at, id"
+                            "SELECT {PAGE_COLS} FROM audit_pages WHERE ($1::uuid IS NULL OR tenant_id = $1) \
+                             AND ($2::timestamptz IS NULL OR at_max >= $2) AND ($3::timestamptz IS NULL OR at_min < $3)"
                         ),
                         &[&tenant.map(|t| t.as_uuid()), &since, &until],
                     )
                     .await
                     .map_err(pg_err)?;
-                Ok(rows.iter().map(row_to_audit).collect())
+                let mut rows: Vec<AuditRow> = pages
+                    .iter()
+                    .flat_map(|p| unpack(p).0)
+                    .filter(|r| since.is_none_or(|s| r.at >= s) && until.is_none_or(|u| r.at < u))
+                    .collect();
+                rows.sort_by_key(|r| (r.at, r.id));
+                Ok(rows)
             })
         })
         .await
@@ -481,39 +682,67 @@ impl PgMetadataStore {
     ) -> Result<Vec<LostOutcome>, MetadataStoreError> {
         self.in_tx("audit_lost_outcomes", Scope::System, |tx| {
             Box::pin(async move {
-                // A call's records are the tenant's, from `window` before its
-                // event to the event, and name the request id in their body
-                // (the body is what the chain covers; no column repeats it).
-                let rows = tx
+                let events = tx
                     .query(
                         &format!(
-                            "SELECT {EVENT_COLS}, actor, request_id FROM credential_events e \
-                             WHERE e.request_id IS NOT NULL AND e.occurred_at >= $2 AND e.occurred_at < $3 \
-                             AND EXISTS (SELECT 1 FROM audit_log q WHERE q.tenant_id = e.tenant_id \
-                                 AND q.at >= e.occurred_at - make_interval(secs => $4) AND q.at <= e.occurred_at AND q.chain_id = $1 \
-                                 AND q.body LIKE '%\"request_id\":\"' || e.request_id || '\"%' \
-                                 AND q.body LIKE '%\"result\":\"requested\"%') \
-                             AND NOT EXISTS (SELECT 1 FROM audit_log o WHERE o.tenant_id = e.tenant_id \
-                                 AND o.at >= e.occurred_at - make_interval(secs => $4) AND o.at <= e.occurred_at \
-                                 AND o.body LIKE '%\"request_id\":\"' || e.request_id || '\"%' \
-                                 AND o.body NOT LIKE '%\"result\":\"requested\"%') \
-                             ORDER BY e.seq"
+                            "SELECT {EVENT_COLS}, actor, request_id FROM credential_events \
+                             WHERE request_id IS NOT NULL AND occurred_at >= $1 AND occurred_at < $2 \
+                             ORDER BY seq"
                         ),
-                        &[&chain_id, &from, &to, &window.as_seconds_f64()],
+                        &[&from, &to],
                     )
                     .await
                     .map_err(pg_err)?;
-                rows.iter()
-                    .map(|r| {
-                        Ok(LostOutcome {
-                            event: row_to_event(r)?,
+                let mut lost = Vec::new();
+                for e in &events {
+                    let (request_id, at): (uuid::Uuid, OffsetDateTime) =
+                        (e.get("request_id"), e.get("occurred_at"));
+                    // The call's records: its tenant's, from `window` before
+                    // its event to the event, naming its request id.
+                    let pages = tx
+                        .query(
+                            &format!(
+                                "SELECT {PAGE_COLS} FROM audit_pages WHERE tenant_id = $1 \
+                                 AND at_max >= $2 AND at_min <= $3 AND strpos(lines, $4) > 0"
+                            ),
+                            &[
+                                &e.get::<_, uuid::Uuid>("tenant_id"),
+                                &(at - window),
+                                &at,
+                                &format!("\"request_id\":\"{request_id}\""),
+                            ],
+                        )
+                        .await
+                        .map_err(pg_err)?;
+                    let (mut requested_here, mut outcome) = (false, false);
+                    for p in &pages {
+                        for r in unpack(p).0 {
+                            let Ok(rec) =
+                                serde_json::from_str::<credbroker_core::audit::AuditRecord>(&r.body)
+                            else {
+                                continue;
+                            };
+                            if rec.request_id != request_id {
+                                continue;
+                            }
+                            if rec.result == "requested" {
+                                requested_here |= r.chain_id == chain_id;
+                            } else {
+                                outcome = true;
+                            }
+                        }
+                    }
+                    if requested_here && !outcome {
+                        lost.push(LostOutcome {
+                            event: row_to_event(e)?,
                             by: ChangedBy {
-                                actor: r.get::<_, Option<String>>("actor").unwrap_or_default(),
-                                request_id: r.get("request_id"),
+                                actor: e.get::<_, Option<String>>("actor").unwrap_or_default(),
+                                request_id: Some(request_id),
                             },
-                        })
-                    })
-                    .collect()
+                        });
+                    }
+                }
+                Ok(lost)
             })
         })
         .await
@@ -540,7 +769,9 @@ impl PgMetadataStore {
         .await
     }
 
-    /// A tenant's records, newest first, through the tenant's view.
+    /// A tenant's records, newest first, through the tenant's view: pages
+    /// are read newest first until no page left can hold a record newer
+    /// than the `limit`-th found.
     pub(crate) async fn list_tenant_audit(
         &self,
         tenant: TenantId,
@@ -548,27 +779,49 @@ impl PgMetadataStore {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
         self.in_tx("list_audit", Scope::Tenant(tenant), |tx| {
             Box::pin(async move {
-                let rows = tx
-                    .query(
-                        &format!(
-                            "SELECT {AUDIT_COLS} FROM tenant_audit_log WHERE tenant_id = $1 \
-                             AND ($2::timestamptz IS NULL OR (at, id) < ($2, $3)) \
-                             AND ($4::timestamptz IS NULL OR at >= $4) \
-                             ORDER BY at DESC, id DESC LIMIT $5"
-                        ),
-                        &[
-                            &tenant.as_uuid(),
-                            &before.map(|b| b.0),
-                            &before.map_or(uuid::Uuid::nil(), |b| b.1),
-                            &since,
-                            &i64::from(limit),
-                        ],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                Ok(rows.iter().map(row_to_audit).collect())
+                let mut found: Vec<AuditRow> = Vec::new();
+                let mut offset = 0i64;
+                loop {
+                    let pages = tx
+                        .query(
+                            &format!(
+                                "SELECT {PAGE_COLS} FROM tenant_audit_pages WHERE tenant_id = $1 \
+                                 AND ($2::timestamptz IS NULL OR at_min <= $2) \
+                                 AND ($3::timestamptz IS NULL OR at_max >= $3) \
+                                 ORDER BY at_max DESC, chain_id, last_seq LIMIT $4 OFFSET $5"
+                            ),
+                            &[
+                                &tenant.as_uuid(),
+                                &before.map(|b| b.0),
+                                &since,
+                                &PAGES_PER_READ,
+                                &offset,
+                            ],
+                        )
+                        .await
+                        .map_err(pg_err)?;
+                    offset += PAGES_PER_READ;
+                    let last = pages.len() < usize::try_from(PAGES_PER_READ).unwrap_or(0);
+                    // Pages not read yet hold nothing newer than this.
+                    let bound: Option<OffsetDateTime> = pages.last().map(|p| p.get("at_max"));
+                    found.extend(pages.iter().flat_map(|p| unpack(p).0).filter(|r| {
+                        since.is_none_or(|s| r.at >= s) && before.is_none_or(|b| (r.at, r.id) < b)
+                    }));
+                    found.sort_by_key(|r| std::cmp::Reverse((r.at, r.id)));
+                    let settled =
+                        found.len() >= limit && bound.is_some_and(|b| found[limit - 1].at > b);
+                    if last || settled {
+                        break;
+                    }
+                }
+                found.truncate(limit);
+                Ok(found)
             })
         })
         .await
@@ -590,52 +843,14 @@ fn chain_of(chains: &mut Vec<AuditChain>, id: uuid::Uuid) -> &mut AuditChain {
     &mut chains[i]
 }
 
-/// A batch as one array per column (the `unnest` insert).
-struct AuditColumns {
-    ids: Vec<uuid::Uuid>,
-    chains: Vec<uuid::Uuid>,
-    seqs: Vec<i64>,
-    prevs: Vec<String>,
-    hashes: Vec<String>,
-    ats: Vec<OffsetDateTime>,
-    tenants: Vec<Option<uuid::Uuid>>,
-    bodies: Vec<String>,
-}
-
-impl AuditColumns {
-    fn with_capacity(n: usize) -> Self {
-        Self {
-            ids: Vec::with_capacity(n),
-            chains: Vec::with_capacity(n),
-            seqs: Vec::with_capacity(n),
-            prevs: Vec::with_capacity(n),
-            hashes: Vec::with_capacity(n),
-            ats: Vec::with_capacity(n),
-            tenants: Vec::with_capacity(n),
-            bodies: Vec::with_capacity(n),
-        }
-    }
-
-    fn push(&mut self, r: AuditRow) {
-        self.ids.push(r.id);
-        self.chains.push(r.chain_id);
-        self.seqs.push(to_i64(r.seq));
-        self.prevs.push(r.prev_hash);
-        self.hashes.push(r.hash);
-        self.ats.push(r.at);
-        self.tenants.push(r.tenant.map(|t| t.as_uuid()));
-        self.bodies.push(r.body);
-    }
-}
-
 fn iso(at: OffsetDateTime) -> String {
     at.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
 
-/// The day of a partition's name (`audit_log_pYYYYMMDD`).
+/// The day of a partition's name (`audit_pages_pYYYYMMDD`).
 fn parse_partition(name: &str) -> Option<Date> {
-    let digits = name.strip_prefix("audit_log_p")?;
+    let digits = name.strip_prefix("audit_pages_p")?;
     if digits.len() != 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -654,11 +869,82 @@ mod tests {
     #[test]
     fn partition_names_round_trip() {
         let day = time::macros::date!(2026 - 03 - 09);
-        assert_eq!(partition_name(day), "audit_log_p20260309");
+        assert_eq!(partition_name(day), "audit_pages_p20260309");
         assert_eq!(parse_partition(&partition_name(day)), Some(day));
-        assert_eq!(parse_partition("audit_log_p2026030"), None);
+        assert_eq!(parse_partition("audit_pages_p2026030"), None);
         assert_eq!(parse_partition("audit_log_v8"), None);
-        assert_eq!(parse_partition("audit_log_p20261399"), None);
+        assert_eq!(parse_partition("audit_pages_p20261399"), None);
+    }
+
+    fn row(seq: u64, tenant: Option<TenantId>, at: OffsetDateTime) -> AuditRow {
+        let id = uuid::Uuid::now_v7();
+        AuditRow {
+            id,
+            at,
+            tenant,
+            chain_id: uuid::Uuid::nil(),
+            seq,
+            prev_hash: String::new(),
+            hash: format!("h{seq}"),
+            body: format!(
+                "{{\"id\":\"{id}\",\"timestamp\":\"{}\",\"n\":{seq}}}",
+                iso(at)
+            ),
+        }
+    }
+
+    /// A batch becomes one page per tenant and day, and reads back as the
+    /// same records, linked in seq order.
+    #[test]
+    fn pages_hold_one_tenant_and_day_and_read_back() {
+        let (a, b) = (
+            Some(TenantId::new(uuid::Uuid::new_v4())),
+            Some(TenantId::new(uuid::Uuid::new_v4())),
+        );
+        let day1 = time::macros::datetime!(2026-12-04 23:59:59 UTC);
+        let day2 = time::macros::datetime!(2026-12-05 00:00:01 UTC);
+        let rows = vec![
+            row(1, a, day1),
+            row(2, b, day1),
+            row(3, a, day1),
+            row(4, a, day2),
+            row(5, None, day2),
+        ];
+        let pages = pages_of(&rows);
+        let shape: Vec<(u64, u64, i32)> = pages
+            .iter()
+            .map(|p| (p.first_seq, p.last_seq, p.records))
+            .collect();
+        assert_eq!(pages.len(), 4, "{shape:?}");
+        let mut back: Vec<AuditRow> = pages
+            .iter()
+            .flat_map(|p| {
+                p.lines
+                    .split('\n')
+                    .map(|l| parse_line(p.chain_id, p.tenant.map(TenantId::new), l).unwrap())
+            })
+            .collect();
+        back.sort_by_key(|r| r.seq);
+        link(&mut back, None);
+        assert_eq!(back[0].prev_hash, credbroker_core::audit::chain::GENESIS);
+        assert_eq!(back[3].prev_hash, "h3");
+        for (got, want) in back.iter().zip(&rows) {
+            assert_eq!(
+                (got.id, got.at, got.tenant, got.seq, &got.hash, &got.body),
+                (
+                    want.id,
+                    want.at,
+                    want.tenant,
+                    want.seq,
+                    &want.hash,
+                    &want.body
+                )
+            );
+        }
+        // A missing record leaves the next unlinked (the gap shows).
+        back.remove(1);
+        link(&mut back, None);
+        assert_eq!(back[1].prev_hash, "");
     }
 
     #[test]

@@ -83,6 +83,7 @@ pub fn pool(pg: tokio_postgres::Config, size: usize) -> Result<Pool, String> {
 pub struct PgMetadataStore {
     pool: Pool,
     partitions: audit::KnownDays,
+    shipped: audit::ShippedThrough,
 }
 
 /// Whose rows a transaction may see.
@@ -101,6 +102,7 @@ impl PgMetadataStore {
         Self {
             pool,
             partitions: audit::KnownDays::default(),
+            shipped: audit::ShippedThrough::default(),
         }
     }
 

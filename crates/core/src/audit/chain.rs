@@ -124,6 +124,15 @@ pub enum Break {
         /// The column that disagrees.
         column: &'static str,
     },
+    /// A stored page's column (its seq range, count or time span) disagrees
+    /// with the records it holds: the page was edited outside the chain
+    /// (to hide it from a time window, say).
+    Page {
+        /// The seq of the page's first record.
+        seq: u64,
+        /// The column that disagrees.
+        column: &'static str,
+    },
 }
 
 impl fmt::Display for Break {
@@ -153,6 +162,10 @@ impl fmt::Display for Break {
             Break::Column { seq, column } => write!(
                 f,
                 "record seq {seq}'s stored `{column}` disagrees with its hashed body (the row was edited)"
+            ),
+            Break::Page { seq, column } => write!(
+                f,
+                "the page from record seq {seq}: its stored `{column}` disagrees with its records (the page was edited)"
             ),
         }
     }
@@ -225,17 +238,19 @@ pub fn first_break_after<L: Link>(
     }
     let mut prev: Option<LinkRef<'_>> = None;
     for r in records.iter().map(Link::link) {
+        // A gap first: where the store derives each `prev_hash` from the
+        // record before, the record after a deletion has none.
+        if let Some(p) = prev.filter(|p| r.seq != p.seq + 1) {
+            return Some(Break::Gap {
+                after: p.seq,
+                next: r.seq,
+            });
+        }
         if r.hash != link_hash(r.chain_id, r.seq, r.prev_hash, r.body) {
             return Some(Break::Edited { seq: r.seq });
         }
         match prev {
             None if r.prev_hash != genesis => return Some(Break::Relinked { seq: r.seq }),
-            Some(p) if r.seq != p.seq + 1 => {
-                return Some(Break::Gap {
-                    after: p.seq,
-                    next: r.seq,
-                });
-            }
             Some(p) if r.prev_hash != p.hash => return Some(Break::Relinked { seq: r.seq }),
             _ => {}
         }
@@ -291,23 +306,33 @@ pub fn verify_all(chains: &[crate::broker::ports::AuditChain]) -> Report {
         rows,
         anchors,
         cut,
+        misfiled,
     } in chains
     {
         report.chains += 1;
-        let found = first_break_after(rows, cut.as_ref(), anchors).or_else(|| {
-            rows.iter()
-                .find_map(|r| column_mismatch(r).map(|column| Break::Column { seq: r.seq, column }))
-        });
+        let found = first_break_after(rows, cut.as_ref(), anchors)
+            .or_else(|| {
+                rows.iter().find_map(|r| {
+                    column_mismatch(r).map(|column| Break::Column { seq: r.seq, column })
+                })
+            })
+            .or_else(|| {
+                misfiled
+                    .first()
+                    .map(|(seq, column)| Break::Page { seq: *seq, column })
+            });
         match found {
             Some(b) => {
                 report.broken += 1;
                 let id = match &b {
-                    Break::Edited { seq } | Break::Relinked { seq } | Break::Column { seq, .. } => {
-                        rows.iter()
-                            .find(|r| r.seq == *seq)
-                            .map(|r| format!(" (record id {})", r.id))
-                            .unwrap_or_default()
-                    }
+                    Break::Edited { seq }
+                    | Break::Relinked { seq }
+                    | Break::Column { seq, .. }
+                    | Break::Page { seq, .. } => rows
+                        .iter()
+                        .find(|r| r.seq == *seq)
+                        .map(|r| format!(" (record id {})", r.id))
+                        .unwrap_or_default(),
                     _ => String::new(),
                 };
                 report

@@ -116,6 +116,9 @@ pub struct AuditChain {
     /// The last record retention removed (seq, hash): the oldest retained
     /// record must follow it. `None` while the chain is whole.
     pub cut: Option<(u64, String)>,
+    /// Stored pages whose columns disagree with the records they hold: the
+    /// first record's seq and the column.
+    pub misfiled: Vec<(u64, &'static str)>,
 }
 
 /// One version kept at a secret path.
