@@ -27,7 +27,11 @@ use credbroker_core::broker::{
     types::{CredentialEvent, TenantId},
 };
 
-use super::{EVENT_COLS, PgMetadataStore, Scope, pg_err, row_to_event, to_i64, to_u64};
+use super::{
+    PgMetadataStore, Scope,
+    events::{EVENT_COLS, row_to_event},
+    pg_err, to_i64, to_u64,
+};
 
 const PAGE_COLS: &str = "chain_id, first_seq, last_seq, records, at_min, at_max, tenant_id, lines";
 /// Taken (per transaction) by whoever creates or drops partitions, so two
