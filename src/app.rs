@@ -154,36 +154,58 @@ pub struct Running {
     pub checks: Arc<HealthChecks>,
     /// The webhook deliverer (tests may run passes by hand).
     pub webhooks: Arc<crate::webhook::Deliverer>,
-    shutdown: CancellationToken,
-    tasks: JoinSet<(&'static str, anyhow::Result<()>)>,
+    tasks: Tasks,
 }
 
-/// Spawns a long-running task under `name`. A task that returns before
-/// shutdown was requested counts as a failure: every job here is meant to
-/// run for the life of the process.
-fn spawn_task<F>(
-    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
-    name: &'static str,
-    shutdown: &CancellationToken,
-    fut: F,
-) where
-    F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-{
-    let shutdown = shutdown.clone();
-    tasks.spawn(async move {
-        let res = fut.await;
-        let res = match res {
-            Ok(()) if !shutdown.is_cancelled() => Err(anyhow::anyhow!("stopped unexpectedly")),
-            other => other,
-        };
-        (name, res)
-    });
+/// Every long-running task of a replica, stopped together by one token.
+struct Tasks {
+    set: JoinSet<(&'static str, anyhow::Result<()>)>,
+    shutdown: CancellationToken,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self {
+            set: JoinSet::new(),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// Spawns a task under `name`. A task that returns before shutdown was
+    /// requested counts as a failure: every job here is meant to run for
+    /// the life of the process.
+    fn spawn<F>(&mut self, name: &'static str, fut: F)
+    where
+        F: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let shutdown = self.shutdown.clone();
+        self.set.spawn(async move {
+            let res = match fut.await {
+                Ok(()) if !shutdown.is_cancelled() => Err(anyhow::anyhow!("stopped unexpectedly")),
+                other => other,
+            };
+            (name, res)
+        });
+    }
+
+    /// Spawns a job's `task_main`, handed the shutdown token.
+    fn spawn_job<F, Fut>(&mut self, name: &'static str, job: F)
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let run = job(self.shutdown.clone());
+        self.spawn(name, async move {
+            run.await;
+            Ok(())
+        });
+    }
 }
 
 impl Running {
     /// A token that stops the server when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
+        self.tasks.shutdown.clone()
     }
 
     /// Waits until the server stops (shutdown or failure); a task that fails
@@ -193,14 +215,14 @@ impl Running {
     /// The first task failure.
     pub async fn wait(mut self) -> anyhow::Result<()> {
         let mut first_err = None;
-        while let Some(done) = self.tasks.join_next().await {
+        while let Some(done) = self.tasks.set.join_next().await {
             let (name, res) = match done {
                 Ok((name, res)) => (name, res),
                 Err(e) => ("a task", Err(anyhow::Error::from(e))),
             };
             if let Err(e) = res {
                 tracing::error!(task = name, "task failed, shutting down: {e:#}");
-                self.shutdown.cancel();
+                self.tasks.shutdown.cancel();
                 first_err.get_or_insert(e.context(name));
             }
         }
@@ -212,7 +234,7 @@ impl Running {
     /// # Errors
     /// The first task failure.
     pub async fn stop(self) -> anyhow::Result<()> {
-        self.shutdown.cancel();
+        self.tasks.shutdown.cancel();
         self.wait().await
     }
 }
@@ -347,79 +369,27 @@ pub async fn start(
     listener: TcpListener,
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
-    let secs = |n: u64| time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX));
+    let mut tasks = Tasks::new();
+    watch_sigxfsz(&mut tasks)?;
     // The spool first: no call is answered that could not be audited.
     let (spool, sink) = open_audit(&s.audit)?;
     // Vault and the exchanges are measured where the broker meets them.
     let metrics = Metrics::new();
-    let secrets = MeteredSecretStore::wrap(backends.secrets, metrics.clone());
+    let secrets = MeteredSecretStore::wrap(backends.secrets.clone(), metrics.clone());
     // One policy for SetWebhook and every delivery.
     let targets = Arc::new(crate::webhook::Targets {
         policy: crate::webhook::TargetPolicy::from_config(&s.webhooks),
         resolver: backends.webhook_net.resolver.clone(),
     });
-    let clock = s.clock.clone();
-    let broker = Arc::new(
-        Broker::new(
-            secrets.clone(),
-            backends.meta.clone(),
-            MeteredValidator::wrap(backends.validator, metrics.clone()),
-            CredentialCache::new(
-                s.cache.capacity,
-                secs(s.cache.ttl_secs),
-                secs(s.cache.outage_grace_secs),
-            ),
-            Hub::new(4096),
-            s.clock,
-            BrokerSettings {
-                path_prefix: s.path_prefix,
-                default_overlap: secs(s.rotation.default_overlap_secs),
-                max_overlap: secs(s.rotation.max_overlap_secs),
-                expiry_warning: time::Duration::days(i64::from(s.checks.expiry_warning_days)),
-            },
-        )
-        .with_audit(sink.clone())
-        .with_webhooks(backends.webhooks.clone(), targets.clone()),
-    );
-    let shutdown = CancellationToken::new();
-    let mut tasks = JoinSet::new();
-    watch_sigxfsz(&mut tasks, &shutdown)?;
+    let broker = build_broker(&backends, &s, &secrets, &metrics, &sink, &targets);
     if let Some(spool) = &spool {
-        let reconciler = backends
-            .audit_log
-            .clone()
-            .map(|store| crate::audit::reconcile::Reconciler::new(store, clock.clone()));
-        spawn_audit(
-            &mut tasks,
-            &shutdown,
-            spool,
-            &backends.meta,
-            reconciler,
-            &s.audit,
-        );
-        if let Some(store) = backends.audit_log.clone() {
-            let (keep, clock, cancel) = (s.audit.retention_days, clock.clone(), shutdown.clone());
-            spawn_task(&mut tasks, "audit retention", &shutdown, async move {
-                crate::audit::retention::task_main(store, keep, clock, cancel).await;
-                Ok(())
-            });
-        }
+        spawn_audit(&mut tasks, spool, &backends, &s);
     }
-    {
-        let (b, cancel) = (broker.clone(), shutdown.clone());
-        let retention = secs(s.rotation.event_retention_secs);
-        let grace = secs(s.rotation.orphan_grace_secs);
-        let schedule = s.retire;
-        spawn_task(&mut tasks, "overlap retire job", &shutdown, async move {
-            retire::task_main(b, schedule, retention, grace, cancel).await;
-            Ok(())
-        });
-    }
+    spawn_retire(&mut tasks, &broker, &s);
     // Nothing is served before this replica hears every committed event
     // (see `start_event_listener`).
     let ready = start_event_listener(
         &mut tasks,
-        &shutdown,
         backends.events,
         &broker,
         &metrics,
@@ -428,101 +398,49 @@ pub async fn start(
     .await;
     let (reporter, health) = tonic_health::server::health_reporter();
     server::set_serving(&reporter, false).await;
-    {
-        let probe = HealthProbe {
-            secrets: secrets.clone(),
-            meta: backends.meta.clone(),
-            audit: sink.clone(),
-            ready: ready.clone(),
-            reporter,
-            every: s.health_probe,
-            metrics: metrics.clone(),
-        };
-        let cancel = shutdown.clone();
-        spawn_task(&mut tasks, "health probe", &shutdown, async move {
-            probe.task_main(cancel).await;
-            Ok(())
-        });
-    }
-    if let Some(vault) = backends.vault.filter(|v| v.needs_relogin()) {
-        let cancel = shutdown.clone();
-        spawn_task(&mut tasks, "Vault re-login", &shutdown, async move {
-            vault.task_main(cancel).await;
-            Ok(())
-        });
+    let probe = HealthProbe {
+        secrets: secrets.clone(),
+        meta: backends.meta.clone(),
+        audit: sink.clone(),
+        ready: ready.clone(),
+        reporter,
+        every: s.health_probe,
+        metrics: metrics.clone(),
+    };
+    tasks.spawn_job("health probe", |cancel| probe.task_main(cancel));
+    if let Some(vault) = backends.vault.clone().filter(|v| v.needs_relogin()) {
+        tasks.spawn_job("Vault re-login", |cancel| vault.task_main(cancel));
     }
     if let Some(every) = s.tls_reload {
-        let (tls, cancel) = (s.tls.clone(), shutdown.clone());
-        spawn_task(&mut tasks, "TLS file watcher", &shutdown, async move {
+        let tls = s.tls.clone();
+        tasks.spawn_job("TLS file watcher", move |cancel| async move {
             tls.task_main(every, cancel).await;
-            Ok(())
         });
     }
     let limits = Arc::new(Limits::new(&s.limits));
     {
-        let (meta, limits, cancel) = (backends.meta.clone(), limits.clone(), shutdown.clone());
-        spawn_task(&mut tasks, "replica registry", &shutdown, async move {
-            replica_registry(meta, limits, cancel).await;
-            Ok(())
+        let (meta, limits) = (backends.meta.clone(), limits.clone());
+        tasks.spawn_job("replica registry", |cancel| {
+            replica_registry(meta, limits, cancel)
         });
     }
-    let webhooks = Arc::new(
-        crate::webhook::Deliverer::new(
-            sink.clone(),
-            backends.webhooks.clone(),
-            secrets.clone(),
-            broker.vault_path_prefix(),
-            metrics.clone(),
-            targets,
-            backends.webhook_net.connect.clone(),
-            crate::webhook::DeliveryLimits {
-                tenants: s.webhooks.concurrent_tenants,
-                per_host: s.webhooks.per_host,
-            },
-        )
-        .map_err(anyhow::Error::msg)?,
-    );
-    {
-        let every = Duration::from_millis(s.webhooks.poll_ms.max(10));
-        let (d, cancel) = (webhooks.clone(), shutdown.clone());
-        spawn_task(&mut tasks, "webhook delivery", &shutdown, async move {
-            d.task_main(every, cancel).await;
-            Ok(())
-        });
-    }
-    let checks = HealthChecks::new(
-        broker.clone(),
-        backends.fleet.clone(),
-        metrics.clone(),
-        CheckSettings::from_config(&s.checks),
-    );
-    {
-        let schedule = crate::checks::Schedule::from_config(&s.checks);
-        let (checks, cancel) = (checks.clone(), shutdown.clone());
-        spawn_task(
-            &mut tasks,
-            "credential health checks",
-            &shutdown,
-            async move {
-                checks.task_main(schedule, cancel).await;
-                Ok(())
-            },
-        );
-    }
-    {
-        let (fleet, metrics, cancel) = (backends.fleet.clone(), metrics.clone(), shutdown.clone());
-        let every = Duration::from_secs(s.telemetry.credentials_refresh_secs.max(1));
-        spawn_task(&mut tasks, "credential counts", &shutdown, async move {
-            crate::telemetry::credentials_task(fleet, metrics, every, cancel).await;
-            Ok(())
-        });
-    }
+    let webhooks = start_webhooks(
+        &mut tasks,
+        &s,
+        (&backends.webhooks, &backends.webhook_net),
+        &sink,
+        &secrets,
+        &broker,
+        &metrics,
+        targets,
+    )?;
+    let checks = start_checks(&mut tasks, &s, &backends.fleet, &broker, &metrics);
     let service = BrokerService::new(
         broker.clone(),
         s.streams,
         s.max_streams_per_tenant,
         Gate {
-            ready: ready.clone(),
+            ready,
             limits: limits.clone(),
             networks: s
                 .auth
@@ -531,56 +449,226 @@ pub async fn start(
                 .map(|(t, n)| (TenantId::new(*t), n.clone()))
                 .collect(),
         },
-        shutdown.clone(),
+        tasks.shutdown.clone(),
     );
-    let metrics_addr = match s.telemetry.metrics_listen {
-        Some(at) => {
-            let listener = crate::telemetry::bind(at).await?;
-            let addr = listener.local_addr()?;
-            let (b, slots) = (broker.clone(), service.stream_slots());
-            let registry = metrics.registry(Sources {
-                cache: Arc::new(move || b.cache_stats()),
-                streams: Arc::new(move || slots.open_total()),
-                spool: spool.clone(),
-            });
-            let cancel = shutdown.clone();
-            spawn_task(
-                &mut tasks,
-                "metrics endpoint",
-                &shutdown,
-                crate::telemetry::serve(listener, registry, cancel),
-            );
-            tracing::info!(%addr, "metrics on http://{addr}/metrics");
-            Some(addr)
-        }
-        None => None,
+    let metrics_addr = serve_metrics(&mut tasks, &s, &metrics, &broker, &service, spool).await?;
+    serve_health(&mut tasks, &s, health.clone()).await?;
+    serve_grpc(&mut tasks, listener, &s, sink, &metrics, service, health)?;
+    tracing::info!(%addr, "credbroker listening (mTLS)");
+    Ok(Running {
+        addr,
+        broker,
+        limits,
+        metrics,
+        metrics_addr,
+        checks,
+        webhooks,
+        tasks,
+    })
+}
+
+fn secs(n: u64) -> time::Duration {
+    time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// The broker core: the metered stores and validator, the cache, the hub,
+/// the audit sink and the webhook endpoints.
+fn build_broker(
+    backends: &Backends,
+    s: &Settings,
+    secrets: &Arc<dyn SecretStore>,
+    metrics: &Metrics,
+    sink: &Sink,
+    targets: &Arc<crate::webhook::Targets>,
+) -> Arc<Broker> {
+    Arc::new(
+        Broker::new(
+            secrets.clone(),
+            backends.meta.clone(),
+            MeteredValidator::wrap(backends.validator.clone(), metrics.clone()),
+            CredentialCache::new(
+                s.cache.capacity,
+                secs(s.cache.ttl_secs),
+                secs(s.cache.outage_grace_secs),
+            ),
+            Hub::new(4096),
+            s.clock.clone(),
+            BrokerSettings {
+                path_prefix: s.path_prefix.clone(),
+                default_overlap: secs(s.rotation.default_overlap_secs),
+                max_overlap: secs(s.rotation.max_overlap_secs),
+                expiry_warning: time::Duration::days(i64::from(s.checks.expiry_warning_days)),
+            },
+        )
+        .with_audit(sink.clone())
+        .with_webhooks(backends.webhooks.clone(), targets.clone()),
+    )
+}
+
+/// The overlap retire job (with event pruning and the orphan sweep).
+fn spawn_retire(tasks: &mut Tasks, broker: &Arc<Broker>, s: &Settings) {
+    let b = broker.clone();
+    let retention = secs(s.rotation.event_retention_secs);
+    let grace = secs(s.rotation.orphan_grace_secs);
+    let schedule = s.retire;
+    tasks.spawn_job("overlap retire job", move |cancel| {
+        retire::task_main(b, schedule, retention, grace, cancel)
+    });
+}
+
+/// Webhook delivery from the outbox.
+///
+/// # Errors
+/// When the deliverer cannot be built (its HTTP client).
+#[allow(clippy::too_many_arguments)]
+fn start_webhooks(
+    tasks: &mut Tasks,
+    s: &Settings,
+    (store, net): (&Arc<dyn WebhookStore>, &crate::webhook::WebhookNet),
+    sink: &Sink,
+    secrets: &Arc<dyn SecretStore>,
+    broker: &Arc<Broker>,
+    metrics: &Metrics,
+    targets: Arc<crate::webhook::Targets>,
+) -> anyhow::Result<Arc<crate::webhook::Deliverer>> {
+    let webhooks = Arc::new(
+        crate::webhook::Deliverer::new(
+            sink.clone(),
+            store.clone(),
+            secrets.clone(),
+            broker.vault_path_prefix(),
+            metrics.clone(),
+            targets,
+            net.connect.clone(),
+            crate::webhook::DeliveryLimits {
+                tenants: s.webhooks.concurrent_tenants,
+                per_host: s.webhooks.per_host,
+            },
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
+    let every = Duration::from_millis(s.webhooks.poll_ms.max(10));
+    let d = webhooks.clone();
+    tasks.spawn_job("webhook delivery", move |cancel| async move {
+        d.task_main(every, cancel).await;
+    });
+    Ok(webhooks)
+}
+
+/// The credential health checks, and the credential counts for metrics.
+fn start_checks(
+    tasks: &mut Tasks,
+    s: &Settings,
+    fleet: &Arc<dyn FleetStore>,
+    broker: &Arc<Broker>,
+    metrics: &Metrics,
+) -> Arc<HealthChecks> {
+    let checks = HealthChecks::new(
+        broker.clone(),
+        fleet.clone(),
+        metrics.clone(),
+        CheckSettings::from_config(&s.checks),
+    );
+    let schedule = crate::checks::Schedule::from_config(&s.checks);
+    let c = checks.clone();
+    tasks.spawn_job("credential health checks", move |cancel| async move {
+        c.task_main(schedule, cancel).await;
+    });
+    let (fleet, metrics) = (fleet.clone(), metrics.clone());
+    let every = Duration::from_secs(s.telemetry.credentials_refresh_secs.max(1));
+    tasks.spawn_job("credential counts", move |cancel| {
+        crate::telemetry::credentials_task(fleet, metrics, every, cancel)
+    });
+    checks
+}
+
+/// `/metrics`, when `telemetry.metrics_listen` is set; returns its address.
+///
+/// # Errors
+/// When the address cannot be bound.
+async fn serve_metrics(
+    tasks: &mut Tasks,
+    s: &Settings,
+    metrics: &Metrics,
+    broker: &Arc<Broker>,
+    service: &BrokerService,
+    spool: Option<Arc<Spool>>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(at) = s.telemetry.metrics_listen else {
+        return Ok(None);
     };
-    if let Some(at) = s.health_listen {
-        let listener = TcpListener::bind(at)
+    let listener = crate::telemetry::bind(at).await?;
+    let addr = listener.local_addr()?;
+    let (b, slots) = (broker.clone(), service.stream_slots());
+    let registry = metrics.registry(Sources {
+        cache: Arc::new(move || b.cache_stats()),
+        streams: Arc::new(move || slots.open_total()),
+        spool,
+    });
+    let cancel = tasks.shutdown.clone();
+    tasks.spawn(
+        "metrics endpoint",
+        crate::telemetry::serve(listener, registry, cancel),
+    );
+    tracing::info!(%addr, "metrics on http://{addr}/metrics");
+    Ok(Some(addr))
+}
+
+/// Plaintext `grpc.health.v1` for the kubelet, when `server.health_listen`
+/// is set.
+///
+/// # Errors
+/// When the address cannot be bound.
+async fn serve_health(
+    tasks: &mut Tasks,
+    s: &Settings,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<()> {
+    let Some(at) = s.health_listen else {
+        return Ok(());
+    };
+    let listener = TcpListener::bind(at)
+        .await
+        .map_err(|e| anyhow::anyhow!("server.health_listen {at}: cannot bind ({e})"))?;
+    let at = listener.local_addr()?;
+    let cancel = tasks.shutdown.clone();
+    tasks.spawn("health listener", async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async move { cancel.cancelled().await },
+            )
             .await
-            .map_err(|e| anyhow::anyhow!("server.health_listen {at}: cannot bind ({e})"))?;
-        let at = listener.local_addr()?;
-        let (health, cancel) = (health.clone(), shutdown.clone());
-        spawn_task(&mut tasks, "health listener", &shutdown, async move {
-            tonic::transport::Server::builder()
-                .add_service(health)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move { cancel.cancelled().await },
-                )
-                .await
-                .map_err(anyhow::Error::from)
-        });
-        tracing::info!(%at, "grpc.health.v1 (plaintext, health only)");
-    }
+            .map_err(anyhow::Error::from)
+    });
+    tracing::info!(%at, "grpc.health.v1 (plaintext, health only)");
+    Ok(())
+}
+
+/// The edge: who calls (certificate and token), the refused-call tallies,
+/// and the gRPC server with its stack (see `server::serve`).
+///
+/// # Errors
+/// When the token verifier cannot be built (a bad key file).
+fn serve_grpc(
+    tasks: &mut Tasks,
+    listener: TcpListener,
+    s: &Settings,
+    sink: Sink,
+    metrics: &Metrics,
+    service: BrokerService,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<()> {
     let refusals = crate::audit::refusals::Refusals::new(sink.clone());
-    {
-        let (r, cancel) = (refusals.clone(), shutdown.clone());
-        spawn_task(&mut tasks, "refused-call tallies", &shutdown, async move {
-            r.task_main(crate::audit::refusals::INTERVAL, cancel).await;
-            Ok(())
-        });
-    }
+    let r = refusals.clone();
+    tasks.spawn_job("refused-call tallies", move |cancel| async move {
+        r.task_main(crate::audit::refusals::INTERVAL, cancel).await;
+    });
     let tokens = TokenVerifier::new(&TokenSettings {
         hs256_secret: s.auth.hs256_secret.clone(),
         jwks_file: s.auth.jwks_file.clone(),
@@ -598,10 +686,9 @@ pub async fn start(
         tokens,
         workload_role: s.auth.workload_role,
     });
-    spawn_task(
-        &mut tasks,
+    let shutdown = tasks.shutdown.clone();
+    tasks.spawn(
         "gRPC server",
-        &shutdown,
         server::serve(ServeParams {
             listener,
             tls: s.tls.clone(),
@@ -612,23 +699,12 @@ pub async fn start(
             metrics: metrics.clone(),
             service,
             health,
-            shutdown: shutdown.clone(),
+            shutdown,
             grace: s.grace,
             request_timeout: Duration::from_secs(30),
         }),
     );
-    tracing::info!(%addr, "credbroker listening (mTLS)");
-    Ok(Running {
-        addr,
-        broker,
-        limits,
-        metrics,
-        metrics_addr,
-        checks,
-        webhooks,
-        shutdown,
-        tasks,
-    })
+    Ok(())
 }
 
 /// How often a replica says it is alive, and how long that counts.
@@ -811,20 +887,16 @@ fn open_audit(audit: &crate::config::AuditConfig) -> anyhow::Result<(Option<Arc<
 ///
 /// # Errors
 /// When the signal cannot be listened for.
-fn watch_sigxfsz(
-    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
-    let cancel = shutdown.clone();
+fn watch_sigxfsz(tasks: &mut Tasks) -> anyhow::Result<()> {
     let kind = tokio::signal::unix::SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
     let mut xfsz = tokio::signal::unix::signal(kind)?;
-    spawn_task(tasks, "SIGXFSZ watch", shutdown, async move {
+    tasks.spawn_job("SIGXFSZ watch", |cancel| async move {
         loop {
             tokio::select! {
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => return,
                 got = xfsz.recv() => {
                     if got.is_none() {
-                        return Ok(());
+                        return;
                     }
                     tracing::debug!("SIGXFSZ: a write went past the file-size limit");
                 }
@@ -834,30 +906,31 @@ fn watch_sigxfsz(
     Ok(())
 }
 
-/// The audit spool's group fsync (with its recovery probe) and its shipper
-/// to PostgreSQL.
-fn spawn_audit(
-    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
-    shutdown: &CancellationToken,
-    spool: &Arc<Spool>,
-    meta: &Arc<dyn MetadataStore>,
-    reconciler: Option<crate::audit::reconcile::Reconciler>,
-    audit: &crate::config::AuditConfig,
-) {
-    {
-        let (spool, cancel) = (spool.clone(), shutdown.clone());
-        let every = Duration::from_millis(audit.fsync_ms);
-        spawn_task(tasks, "audit fsync", shutdown, async move {
-            spool.flusher(every, cancel).await;
-            Ok(())
-        });
-    }
-    {
-        let (spool, meta, cancel) = (spool.clone(), meta.clone(), shutdown.clone());
-        let every = Duration::from_millis(audit.ship_ms);
-        spawn_task(tasks, "audit shipper", shutdown, async move {
-            crate::audit::ship::task_main(spool, meta, every, reconciler, cancel).await;
-            Ok(())
+/// The audit spool's group fsync (with its recovery probe), its shipper to
+/// PostgreSQL (which reconciles lost outcomes after its passes), and the
+/// audit log's day partitions and retention.
+fn spawn_audit(tasks: &mut Tasks, spool: &Arc<Spool>, backends: &Backends, s: &Settings) {
+    let audit = &s.audit;
+    let (fsync, every) = (spool.clone(), Duration::from_millis(audit.fsync_ms));
+    tasks.spawn_job("audit fsync", move |cancel| async move {
+        fsync.flusher(every, cancel).await;
+    });
+    let reconciler = backends
+        .audit_log
+        .clone()
+        .map(|store| crate::audit::reconcile::Reconciler::new(store, s.clock.clone()));
+    let (ship, meta, every) = (
+        spool.clone(),
+        backends.meta.clone(),
+        Duration::from_millis(audit.ship_ms),
+    );
+    tasks.spawn_job("audit shipper", move |cancel| {
+        crate::audit::ship::task_main(ship, meta, every, reconciler, cancel)
+    });
+    if let Some(store) = backends.audit_log.clone() {
+        let (keep, clock) = (audit.retention_days, s.clock.clone());
+        tasks.spawn_job("audit retention", move |cancel| {
+            crate::audit::retention::task_main(store, keep, clock, cancel)
         });
     }
 }
@@ -869,8 +942,7 @@ fn spawn_audit(
 /// With PostgreSQL down the server still comes up, NOT_SERVING and refusing
 /// calls with UNAVAILABLE, and opens as soon as the listener connects.
 async fn start_event_listener(
-    tasks: &mut JoinSet<(&'static str, anyhow::Result<()>)>,
-    shutdown: &CancellationToken,
+    tasks: &mut Tasks,
     events: EventSource,
     broker: &Arc<Broker>,
     metrics: &Metrics,
@@ -880,8 +952,8 @@ async fn start_event_listener(
         let listener = EventListener::new(*config, broker.clone(), poll_every)
             .with_lag(metrics.families().event_lag.clone());
         let (ready_tx, mut ready_rx) = tokio::sync::watch::channel(false);
-        let cancel = shutdown.clone();
-        spawn_task(tasks, "event listener", shutdown, async move {
+        let cancel = tasks.shutdown.clone();
+        tasks.spawn("event listener", async move {
             if let Some(pool) = migrate {
                 migrate_when_reachable(&pool, &cancel).await?;
             }

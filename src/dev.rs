@@ -57,20 +57,23 @@ pub fn write_dev_pki(dir: &Path) -> anyhow::Result<crate::config::TlsConfig> {
 
 /// The grpcurl commands printed at start-up.
 pub fn grpcurl_examples(dir: &Path, addr: SocketAddr, validation: &str) -> String {
-    let d = dir.display();
-    let target = format!("localhost:{}", addr.port());
-    let g = format!("grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client.key");
-    let t = "00000000-0000-0000-0000-000000000001";
-    format!(
-        "credbroker dev is listening on {addr} (mTLS; certificates in {d})\n\
-         Secrets and metadata are in memory; keys are validated against {validation}.\n\n\
-         List the services:\n  {g} {target} list\n\n\
-         Store a key:\n  {g} -d '{{\"tenant_id\":\"{t}\",\"exchange\":\"binance\",\"credentials\":{{\"api_key\":\"demoKey0123456789\",\"api_secret\":\"demoSecret0123456789\"}}}}' {target} credbroker.v1.CredentialBroker/ValidateAndStore\n\n\
-         Fetch it:\n  {g} -d '{{\"tenant_id\":\"{t}\",\"exchange\":\"binance\"}}' {target} credbroker.v1.CredentialBroker/GetCredentials\n\n\
-         Rotate it (previous set served for 1 hour):\n  {g} -d '{{\"tenant_id\":\"{t}\",\"exchange\":\"binance\",\"credentials\":{{\"api_key\":\"demoKey9876543210\",\"api_secret\":\"demoSecret9876543210\"}}}}' {target} credbroker.v1.CredentialBroker/Rotate\n\n\
-         Watch changes:\n  {g} -d '{{\"tenant_id\":\"{t}\"}}' {target} credbroker.v1.CredentialBroker/WatchRotations\n"
-    )
+    let d = dir.display().to_string();
+    EXAMPLES
+        .replace(
+            "{G}",
+            &format!("grpcurl -cacert {d}/ca.pem -cert {d}/client.pem -key {d}/client.key"),
+        )
+        .replace("{TARGET}", &format!("localhost:{}", addr.port()))
+        .replace("{TENANT}", "00000000-0000-0000-0000-000000000001")
+        .replace("{ADDR}", &addr.to_string())
+        .replace("{DIR}", &d)
+        .replace("{VALIDATION}", validation)
 }
+
+/// The commands `credbroker dev` prints, with `{G}` (grpcurl and the
+/// certificates), `{TARGET}`, `{TENANT}`, `{ADDR}`, `{DIR}` and
+/// `{VALIDATION}` to fill in.
+const EXAMPLES: &str = include_str!("dev_examples.txt");
 
 /// How `credbroker dev` validates keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
