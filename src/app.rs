@@ -19,7 +19,7 @@ use crate::broker::types::TenantId;
 use crate::broker::{Broker, BrokerSettings};
 
 use crate::broker::ports::{
-    CredentialValidator, FleetStore, MetadataStore, SecretStore, WebhookStore,
+    AuditLog, CredentialValidator, FleetStore, MetadataStore, SecretStore, WebhookStore,
 };
 
 use crate::broker::validate::FormatCheckValidator;
@@ -72,9 +72,11 @@ pub struct Backends {
     pub events: EventSource,
     /// How webhooks resolve names and dial (tests record instead).
     pub webhook_net: crate::webhook::WebhookNet,
-    /// The audit log's day partitions and retention, when it lives in
-    /// PostgreSQL.
-    pub audit_log: Option<Arc<PgMetadataStore>>,
+    /// Where the audit trail is shipped and read.
+    pub audit_log: Arc<dyn AuditLog>,
+    /// The audit log's day partitions, retention and lost-outcome
+    /// reconciliation, when it lives in PostgreSQL.
+    pub audit_days: Option<Arc<PgMetadataStore>>,
 }
 
 /// How a replica learns of committed events.
@@ -279,7 +281,8 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
         meta: meta.clone(),
         fleet: meta.clone(),
         webhooks: meta.clone(),
-        audit_log: Some(meta),
+        audit_log: meta.clone(),
+        audit_days: Some(meta),
         validator: validator(&cfg.validation, Arc::new(SystemClock))?,
         vault: Some(vault),
         webhook_net: crate::webhook::WebhookNet::default(),
@@ -419,7 +422,7 @@ pub async fn start(
     }
     let limits = Arc::new(Limits::new(&s.limits));
     {
-        let (meta, limits) = (backends.meta.clone(), limits.clone());
+        let (meta, limits) = (backends.fleet.clone(), limits.clone());
         tasks.spawn_job("replica registry", |cancel| {
             replica_registry(meta, limits, cancel)
         });
@@ -501,6 +504,7 @@ fn build_broker(
             },
         )
         .with_audit(sink.clone())
+        .with_audit_log(backends.audit_log.clone())
         .with_webhooks(backends.webhooks.clone(), targets.clone()),
     )
 }
@@ -715,7 +719,7 @@ const REPLICA_LIVE_FOR: time::Duration = time::Duration::seconds(15);
 /// the live ones. Liveness is wall-clock time, not the broker's (injectable)
 /// domain clock. While PostgreSQL is down the last count stays in force.
 async fn replica_registry(
-    meta: Arc<dyn MetadataStore>,
+    meta: Arc<dyn FleetStore>,
     limits: Arc<Limits>,
     cancel: CancellationToken,
 ) {
@@ -916,18 +920,18 @@ fn spawn_audit(tasks: &mut Tasks, spool: &Arc<Spool>, backends: &Backends, s: &S
         fsync.flusher(every, cancel).await;
     });
     let reconciler = backends
-        .audit_log
+        .audit_days
         .clone()
         .map(|store| crate::audit::reconcile::Reconciler::new(store, s.clock.clone()));
     let (ship, meta, every) = (
         spool.clone(),
-        backends.meta.clone(),
+        backends.audit_log.clone(),
         Duration::from_millis(audit.ship_ms),
     );
     tasks.spawn_job("audit shipper", move |cancel| {
         crate::audit::ship::task_main(ship, meta, every, reconciler, cancel)
     });
-    if let Some(store) = backends.audit_log.clone() {
+    if let Some(store) = backends.audit_days.clone() {
         let (keep, clock) = (audit.retention_days, s.clock.clone());
         tasks.spawn_job("audit retention", move |cancel| {
             crate::audit::retention::task_main(store, keep, clock, cancel)

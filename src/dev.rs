@@ -197,12 +197,13 @@ pub async fn run(
         secrets: Arc::new(MemorySecretStore::default()),
         meta: meta.clone(),
         fleet: meta.clone(),
-        webhooks: meta,
+        webhooks: meta.clone(),
+        audit_log: meta,
         validator,
         vault: None,
         events: EventSource::Local,
         webhook_net: crate::webhook::WebhookNet::default(),
-        audit_log: None,
+        audit_days: None,
     };
     let settings = Settings {
         tls,

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::spool::{
     ChainedRecord, Fresh, Spool, read_offset, segment_path, segments, write_head, write_offset,
 };
-use crate::broker::ports::{AuditRow, MetadataStore};
+use crate::broker::ports::{AuditLog, AuditRow};
 
 /// Lines shipped per batch at most.
 const BATCH: usize = 2_000;
@@ -43,7 +43,7 @@ pub struct Shipped {
 /// # Errors
 /// When PostgreSQL or the spool cannot be used; nothing is marked shipped
 /// that was not inserted.
-pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Result<Shipped> {
+pub async fn ship_once(spool: &Spool, meta: &dyn AuditLog) -> anyhow::Result<Shipped> {
     let dir = spool.dir().to_owned();
     let from = read_offset(&dir)?;
     let mut at = from;
@@ -65,7 +65,7 @@ pub async fn ship_once(spool: &Spool, meta: &dyn MetadataStore) -> anyhow::Resul
 /// the records taken from memory in `fresh`.
 async fn ship_from(
     spool: &Spool,
-    meta: &dyn MetadataStore,
+    meta: &dyn AuditLog,
     dir: &Path,
     at: &mut (u64, u64),
     fresh: &mut VecDeque<Fresh>,
@@ -246,7 +246,7 @@ fn read_lines(dir: &Path, seg: u64, off: u64) -> std::io::Result<(Vec<ChainedRec
 /// until cancelled, then one last time.
 pub async fn task_main(
     spool: Arc<Spool>,
-    meta: Arc<dyn MetadataStore>,
+    meta: Arc<dyn AuditLog>,
     every: Duration,
     mut reconciler: Option<super::reconcile::Reconciler>,
     cancel: CancellationToken,

@@ -133,12 +133,13 @@ impl Memory {
                 .unwrap_or_else(|| Arc::new(MemorySecretStore::default())),
             meta: meta.clone(),
             fleet: meta.clone(),
-            webhooks: meta,
+            webhooks: meta.clone(),
+            audit_log: meta,
             validator: Arc::new(FormatCheckValidator),
             vault: None,
             events: EventSource::Local,
             webhook_net: credbroker::webhook::WebhookNet::default(),
-            audit_log: None,
+            audit_days: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = app::start(backends, settings, listener).await.unwrap();

@@ -1211,7 +1211,7 @@ fn record_at(at: time::OffsetDateTime, tenant: credbroker::broker::types::Tenant
 async fn the_sink_copies_into_days_and_retention_drops_whole_days() {
     use credbroker::{
         audit::{AuditSink as _, retention, ship, spool::Spool},
-        broker::{ports::MetadataStore as _, types::TenantId},
+        broker::{ports::AuditLog as _, types::TenantId},
         store::PgMetadataStore,
     };
     let (db, store) = migrated_store().await;

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use crate::broker::error::{MetadataStoreError, SecretStoreError};
 
 use crate::broker::ports::{
-    AuditRow, ChangedBy, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice,
+    AuditLog, AuditRow, ChangedBy, FleetStore, HealthUpdate, MetadataStore, NewCredential, Notice,
     OutboxMessage, RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
 };
 
@@ -196,7 +196,67 @@ impl MetaState {
 }
 
 #[async_trait]
+impl AuditLog for MemoryMetadataStore {
+    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        for r in rows {
+            st.audit.entry(r.id).or_insert(r);
+        }
+        // Dev mode keeps the newest records only (ids are time-ordered).
+        while st.audit.len() > MAX_AUDIT_ROWS {
+            st.audit.pop_first();
+        }
+        Ok(())
+    }
+
+    async fn anchor_audit(
+        &self,
+        chain_id: uuid::Uuid,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), MetadataStoreError> {
+        lock(&self.state)
+            .anchors
+            .insert((chain_id, seq), hash.to_owned());
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        let st = lock(&self.state);
+        let mut rows: Vec<AuditRow> = st
+            .audit
+            .values()
+            .filter(|r| r.tenant == Some(tenant))
+            .filter(|r| since.is_none_or(|s| r.at >= s))
+            .filter(|r| before.is_none_or(|b| (r.at, r.id) < b))
+            .cloned()
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse((r.at, r.id)));
+        rows.truncate(limit as usize);
+        Ok(rows)
+    }
+}
+
+#[async_trait]
 impl FleetStore for MemoryMetadataStore {
+    async fn replica_heartbeat(
+        &self,
+        id: uuid::Uuid,
+        now: OffsetDateTime,
+        live_for: time::Duration,
+    ) -> Result<u32, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        st.replicas.insert(id, now);
+        st.replicas.retain(|_, at| *at > now - live_for);
+        Ok(u32::try_from(st.replicas.len()).unwrap_or(u32::MAX))
+    }
+
     async fn credential_counts(
         &self,
     ) -> Result<Vec<(TenantId, ExchangeId, CredentialStatus, u64)>, MetadataStoreError> {
@@ -606,63 +666,6 @@ impl MetadataStore for MemoryMetadataStore {
 
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         Ok(lock(&self.state).pruned_through)
-    }
-
-    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
-        let mut st = lock(&self.state);
-        for r in rows {
-            st.audit.entry(r.id).or_insert(r);
-        }
-        // Dev mode keeps the newest records only (ids are time-ordered).
-        while st.audit.len() > MAX_AUDIT_ROWS {
-            st.audit.pop_first();
-        }
-        Ok(())
-    }
-
-    async fn anchor_audit(
-        &self,
-        chain_id: uuid::Uuid,
-        seq: u64,
-        hash: &str,
-    ) -> Result<(), MetadataStoreError> {
-        lock(&self.state)
-            .anchors
-            .insert((chain_id, seq), hash.to_owned());
-        Ok(())
-    }
-
-    async fn list_audit(
-        &self,
-        tenant: TenantId,
-        before: Option<(OffsetDateTime, uuid::Uuid)>,
-        since: Option<OffsetDateTime>,
-        limit: u32,
-    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        let st = lock(&self.state);
-        let mut rows: Vec<AuditRow> = st
-            .audit
-            .values()
-            .filter(|r| r.tenant == Some(tenant))
-            .filter(|r| since.is_none_or(|s| r.at >= s))
-            .filter(|r| before.is_none_or(|b| (r.at, r.id) < b))
-            .cloned()
-            .collect();
-        rows.sort_by_key(|r| std::cmp::Reverse((r.at, r.id)));
-        rows.truncate(limit as usize);
-        Ok(rows)
-    }
-
-    async fn replica_heartbeat(
-        &self,
-        id: uuid::Uuid,
-        now: OffsetDateTime,
-        live_for: time::Duration,
-    ) -> Result<u32, MetadataStoreError> {
-        let mut st = lock(&self.state);
-        st.replicas.insert(id, now);
-        st.replicas.retain(|_, at| *at > now - live_for);
-        Ok(u32::try_from(st.replicas.len()).unwrap_or(u32::MAX))
     }
 
     async fn ping(&self) -> Result<(), MetadataStoreError> {

@@ -23,7 +23,7 @@ use tracing::Instrument as _;
 
 use credbroker_core::broker::{
     error::MetadataStoreError,
-    ports::{AuditChain, AuditRow, ChangedBy},
+    ports::{AuditChain, AuditLog, AuditRow, ChangedBy},
     types::{CredentialEvent, TenantId},
 };
 
@@ -829,6 +829,32 @@ impl PgMetadataStore {
             })
         })
         .await
+    }
+}
+
+#[async_trait::async_trait]
+impl AuditLog for PgMetadataStore {
+    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
+        self.ship_audit_rows(rows).await
+    }
+
+    async fn anchor_audit(
+        &self,
+        chain_id: uuid::Uuid,
+        seq: u64,
+        hash: &str,
+    ) -> Result<(), MetadataStoreError> {
+        self.anchor_audit_head(chain_id, seq, hash).await
+    }
+
+    async fn list_audit(
+        &self,
+        tenant: TenantId,
+        before: Option<(OffsetDateTime, uuid::Uuid)>,
+        since: Option<OffsetDateTime>,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
+        self.list_tenant_audit(tenant, before, since, limit).await
     }
 }
 

@@ -13,7 +13,7 @@ use tokio_postgres::Row;
 
 use credbroker_core::broker::{
     error::MetadataStoreError,
-    ports::{AuditRow, ChangedBy, HealthUpdate, MetadataStore, NewCredential, RotationCommit},
+    ports::{ChangedBy, HealthUpdate, MetadataStore, NewCredential, RotationCommit},
     types::{
         Adoption, CredentialEvent, CredentialRecord, CredentialStatus, EventKind, ExchangeId,
         HealthStatus, Permissions, TenantId,
@@ -467,65 +467,6 @@ impl MetadataStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 Ok(to_u64(row.get(0)))
-            })
-        })
-        .await
-    }
-
-    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
-        self.ship_audit_rows(rows).await
-    }
-
-    async fn anchor_audit(
-        &self,
-        chain_id: uuid::Uuid,
-        seq: u64,
-        hash: &str,
-    ) -> Result<(), MetadataStoreError> {
-        self.anchor_audit_head(chain_id, seq, hash).await
-    }
-
-    async fn list_audit(
-        &self,
-        tenant: TenantId,
-        before: Option<(OffsetDateTime, uuid::Uuid)>,
-        since: Option<OffsetDateTime>,
-        limit: u32,
-    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        self.list_tenant_audit(tenant, before, since, limit).await
-    }
-
-    async fn replica_heartbeat(
-        &self,
-        id: uuid::Uuid,
-        now: OffsetDateTime,
-        live_for: time::Duration,
-    ) -> Result<u32, MetadataStoreError> {
-        self.in_tx("replica_heartbeat", Scope::System, |tx| {
-            Box::pin(async move {
-                let since = now - live_for;
-                tx.execute(
-                    "INSERT INTO broker_replicas (replica_id, heartbeat_at) VALUES ($1, $2) \
-                     ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
-                    &[&id, &now],
-                )
-                .await
-                .map_err(pg_err)?;
-                tx.execute(
-                    "DELETE FROM broker_replicas WHERE heartbeat_at < $1",
-                    &[&(since - live_for)],
-                )
-                .await
-                .map_err(pg_err)?;
-                let n: i64 = tx
-                    .query_one(
-                        "SELECT count(*) FROM broker_replicas WHERE heartbeat_at > $1",
-                        &[&since],
-                    )
-                    .await
-                    .map_err(pg_err)?
-                    .get(0);
-                Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
             })
         })
         .await

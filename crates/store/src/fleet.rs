@@ -16,6 +16,42 @@ use super::{PgMetadataStore, Scope, pg_err, to_u64};
 
 #[async_trait]
 impl FleetStore for PgMetadataStore {
+    async fn replica_heartbeat(
+        &self,
+        id: uuid::Uuid,
+        now: OffsetDateTime,
+        live_for: time::Duration,
+    ) -> Result<u32, MetadataStoreError> {
+        self.in_tx("replica_heartbeat", Scope::System, |tx| {
+            Box::pin(async move {
+                let since = now - live_for;
+                tx.execute(
+                    "INSERT INTO broker_replicas (replica_id, heartbeat_at) VALUES ($1, $2) \
+                     ON CONFLICT (replica_id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at",
+                    &[&id, &now],
+                )
+                .await
+                .map_err(pg_err)?;
+                tx.execute(
+                    "DELETE FROM broker_replicas WHERE heartbeat_at < $1",
+                    &[&(since - live_for)],
+                )
+                .await
+                .map_err(pg_err)?;
+                let n: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM broker_replicas WHERE heartbeat_at > $1",
+                        &[&since],
+                    )
+                    .await
+                    .map_err(pg_err)?
+                    .get(0);
+                Ok(u32::try_from(n).unwrap_or(u32::MAX).max(1))
+            })
+        })
+        .await
+    }
+
     async fn credential_counts(
         &self,
     ) -> Result<Vec<(TenantId, ExchangeId, CredentialStatus, u64)>, MetadataStoreError> {

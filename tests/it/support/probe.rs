@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use credbroker::broker::{
     error::{MetadataStoreError, SecretStoreError},
     ports::{
-        AuditRow, ChangedBy, HealthUpdate, MetadataStore, NewCredential, RotationCommit,
-        SecretStore, VersionInfo,
+        ChangedBy, HealthUpdate, MetadataStore, NewCredential, RotationCommit, SecretStore,
+        VersionInfo,
     },
     types::{Adoption, CredentialEvent, CredentialRecord, CredentialSet, ExchangeId, TenantId},
 };
@@ -221,34 +221,6 @@ impl MetadataStore for ProbeMeta {
     }
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
         self.inner.pruned_through().await
-    }
-    async fn ship_audit(&self, rows: Vec<AuditRow>) -> Result<(), MetadataStoreError> {
-        self.inner.ship_audit(rows).await
-    }
-    async fn anchor_audit(
-        &self,
-        c: uuid::Uuid,
-        seq: u64,
-        hash: &str,
-    ) -> Result<(), MetadataStoreError> {
-        self.inner.anchor_audit(c, seq, hash).await
-    }
-    async fn list_audit(
-        &self,
-        t: TenantId,
-        before: Option<(OffsetDateTime, uuid::Uuid)>,
-        since: Option<OffsetDateTime>,
-        limit: u32,
-    ) -> Result<Vec<AuditRow>, MetadataStoreError> {
-        self.inner.list_audit(t, before, since, limit).await
-    }
-    async fn replica_heartbeat(
-        &self,
-        id: uuid::Uuid,
-        now: OffsetDateTime,
-        live_for: time::Duration,
-    ) -> Result<u32, MetadataStoreError> {
-        self.inner.replica_heartbeat(id, now, live_for).await
     }
     async fn ping(&self) -> Result<(), MetadataStoreError> {
         self.inner.ping().await

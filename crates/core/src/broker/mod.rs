@@ -72,6 +72,7 @@ impl Default for BrokerSettings {
 /// The broker core. Cheap to share behind an `Arc`.
 pub struct Broker {
     audit: Arc<dyn crate::audit::AuditSink>,
+    audit_log: Option<Arc<dyn ports::AuditLog>>,
     webhooks: Option<(Arc<dyn WebhookStore>, Arc<dyn ports::WebhookTargets>)>,
     secrets: Arc<dyn SecretStore>,
     meta: Arc<dyn MetadataStore>,
@@ -95,6 +96,7 @@ impl Broker {
     ) -> Self {
         Self {
             audit: Arc::new(crate::audit::Discard),
+            audit_log: None,
             webhooks: None,
             secrets,
             meta,
@@ -115,6 +117,14 @@ impl Broker {
         targets: Arc<dyn ports::WebhookTargets>,
     ) -> Self {
         self.webhooks = Some((store, targets));
+        self
+    }
+
+    /// Reads tenants' audit records (ListAuditEvents) from `log` (without
+    /// one, ListAuditEvents is FAILED_PRECONDITION).
+    #[must_use]
+    pub fn with_audit_log(mut self, log: Arc<dyn ports::AuditLog>) -> Self {
+        self.audit_log = Some(log);
         self
     }
 

@@ -373,8 +373,20 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Unavailable when the store cannot be reached.
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError>;
 
-    /// Inserts shipped audit records; a record already there (same id) is
-    /// skipped, so a batch may be sent again.
+    /// Checks that the store is reachable.
+    ///
+    /// # Errors
+    /// Unavailable otherwise.
+    async fn ping(&self) -> Result<(), MetadataStoreError>;
+}
+
+/// Where the audit trail is kept: the shipper's batches and anchors in,
+/// a tenant's records (ListAuditEvents) out. Kept apart from
+/// [`MetadataStore`]: it is the audit machinery's port, not the broker's.
+#[async_trait]
+pub trait AuditLog: Send + Sync + 'static {
+    /// Inserts shipped audit records (one chain's, in seq order); records
+    /// already there are skipped, so a batch may be sent again.
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
@@ -403,29 +415,11 @@ pub trait MetadataStore: Send + Sync + 'static {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<AuditRow>, MetadataStoreError>;
-
-    /// Records that replica `id` is alive at `now` and returns how many
-    /// replicas are (heartbeats within `live_for`), itself included.
-    ///
-    /// # Errors
-    /// Unavailable when the store cannot be reached.
-    async fn replica_heartbeat(
-        &self,
-        id: uuid::Uuid,
-        now: OffsetDateTime,
-        live_for: time::Duration,
-    ) -> Result<u32, MetadataStoreError>;
-
-    /// Checks that the store is reachable.
-    ///
-    /// # Errors
-    /// Unavailable otherwise.
-    async fn ping(&self) -> Result<(), MetadataStoreError>;
 }
 
 /// Cross-tenant queries of the background jobs (system role): what the
-/// metrics count, what the health-check job checks, and the leases that
-/// let one replica at a time run a job. Kept apart from [`MetadataStore`]
+/// metrics count, what the health-check job checks, the leases that let
+/// one replica at a time run a job, and the live replicas. Kept apart from [`MetadataStore`]
 /// so the per-tenant port does not grow with every job.
 #[async_trait]
 pub trait FleetStore: Send + Sync + 'static {
@@ -460,6 +454,18 @@ pub trait FleetStore: Send + Sync + 'static {
         now: OffsetDateTime,
         ttl: time::Duration,
     ) -> Result<bool, MetadataStoreError>;
+
+    /// Records that replica `id` is alive at `now` and returns how many
+    /// replicas are (heartbeats within `live_for`), itself included.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn replica_heartbeat(
+        &self,
+        id: uuid::Uuid,
+        now: OffsetDateTime,
+        live_for: time::Duration,
+    ) -> Result<u32, MetadataStoreError>;
 }
 
 /// A tenant's webhook endpoint. The URL (which may carry the receiver's

@@ -130,7 +130,12 @@ impl Broker {
         since: Option<OffsetDateTime>,
         limit: u32,
     ) -> Result<Vec<ports::AuditRow>, BrokerError> {
-        let rows = self.meta.list_audit(tenant, before, since, limit).await?;
+        let Some(log) = &self.audit_log else {
+            return Err(BrokerError::FailedPrecondition(
+                "this broker keeps no audit trail (audit.enabled = false)".into(),
+            ));
+        };
+        let rows = log.list_audit(tenant, before, since, limit).await?;
         // Only what the chain covers is believed: a row whose stored tenant
         // or time disagrees with its hashed body (edited outside the chain;
         // `audit verify` names it) is not shown as this tenant's.
