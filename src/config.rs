@@ -55,54 +55,12 @@ pub struct Config {
     pub webhooks: WebhookConfig,
 }
 
-/// How keys are validated.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ValidationConfig {
-    /// `exchange`: a signed request and the permission endpoint on the
-    /// exchange (the default); `format`: format checks only, no network.
-    pub mode: ValidationMode,
-    /// Tenants allowed to store keys that can withdraw funds.
-    pub allow_withdraw_tenants: Vec<uuid::Uuid>,
-    /// Permissions every key must have (`read`, `trade`, `transfer`).
-    pub required_permissions: Vec<crate::exchange::RequiredPermission>,
-    /// Per-tenant requirements (a trading tenant: `["read", "trade"]`).
-    pub tenant_required_permissions:
-        std::collections::BTreeMap<uuid::Uuid, Vec<crate::exchange::RequiredPermission>>,
-    /// Per-exchange endpoints (mainnet unless set: testnets, demo, proxies).
-    pub exchanges: std::collections::BTreeMap<
-        crate::broker::types::ExchangeId,
-        crate::exchange::ExchangeEndpoint,
-    >,
-}
-
-impl Default for ValidationConfig {
-    fn default() -> Self {
-        Self {
-            mode: ValidationMode::Exchange,
-            allow_withdraw_tenants: Vec::new(),
-            required_permissions: vec![crate::exchange::RequiredPermission::Read],
-            tenant_required_permissions: std::collections::BTreeMap::new(),
-            exchanges: std::collections::BTreeMap::new(),
-        }
-    }
-}
-
-/// See [`ValidationConfig::mode`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ValidationMode {
-    /// Ask the exchange.
-    Exchange,
-    /// Format checks only.
-    Format,
-}
-
 // Sections owned by the module (or crate) they configure; this file only
 // aggregates them and checks the whole.
 pub use crate::audit::AuditConfig;
 pub use crate::auth::AuthConfig;
 pub use crate::checks::ChecksConfig;
+pub use crate::exchange::{ValidationConfig, ValidationMode};
 pub use crate::limits::{LimitsConfig, TenantLimits};
 pub use crate::server::ServerConfig;
 pub use crate::telemetry::TelemetryConfig;

@@ -16,7 +16,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod adapters;
+mod config;
 pub mod signing;
+
+pub use config::{ValidationConfig, ValidationMode};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
