@@ -20,13 +20,13 @@ pub mod exchange {
     pub use credbroker_sim as sim;
 }
 
-pub mod agent;
+pub use credbroker_client::agent;
 pub mod api;
 pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod checks;
-pub mod client;
+pub use credbroker_client as client;
 pub mod config;
 pub mod dev;
 pub mod import;

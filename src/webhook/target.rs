@@ -208,14 +208,7 @@ fn v4_range(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// `scheme://host[:port]/…`: what may be shown or logged of a webhook URL.
-pub fn masked(url: &url::Url) -> String {
-    let host = url.host_str().unwrap_or("");
-    match url.port() {
-        Some(p) => format!("{}://{host}:{p}/…", url.scheme()),
-        None => format!("{}://{host}/…", url.scheme()),
-    }
-}
+pub use credbroker_proto::masked;
 
 impl TargetPolicy {
     /// The policy `webhooks.*` describes.

@@ -19,9 +19,9 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::types::ExchangeId;
+use credbroker_core::broker::types::ExchangeId;
 
-use crate::client::{ClientConfig, CredentialHandle, Credentials};
+use crate::{ClientConfig, CredentialHandle, Credentials};
 
 /// Agent settings.
 #[derive(Clone)]
@@ -61,7 +61,7 @@ struct FileBody<'a> {
     previous: Option<FilePrevious<'a>>,
 }
 
-fn file_set(s: &crate::broker::types::CredentialSet) -> FileSet<'_> {
+fn file_set(s: &credbroker_core::broker::types::CredentialSet) -> FileSet<'_> {
     FileSet {
         api_key: &s.api_key,
         api_secret: s.api_secret.expose_secret(),
@@ -207,7 +207,7 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
-    use crate::broker::types::CredentialSet;
+    use credbroker_core::broker::types::CredentialSet;
 
     fn creds() -> Credentials {
         Credentials {

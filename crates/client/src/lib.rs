@@ -1,5 +1,8 @@
-//! The Rust client: a [`CredentialHandle`] that always holds the latest
-//! credential sets of a tenant, read lock-free.
+//! The Rust client (`credbroker-client`): a [`CredentialHandle`] that
+//! always holds the latest credential sets of a tenant, read lock-free;
+//! [`token`] (bearer token file, re-read on change) and [`agent`] (the
+//! sidecar writing `{exchange}.json` files). It depends on the contract
+//! (`credbroker-proto`) and the core's types, never on the server.
 //!
 //! A supervisor task keeps one WatchRotations stream open, rotating through
 //! the configured endpoints; it reconnects with jittered exponential backoff
@@ -9,9 +12,12 @@
 //! is unreachable. Every full-state snapshot on (re)connect is authoritative:
 //! an exchange it leaves out was deleted.
 
+#![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use crate::backoff::Backoff;
+use credbroker_core::backoff::Backoff;
 
 use tokio::time::Instant;
 
@@ -26,13 +32,14 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
+pub mod agent;
 pub mod token;
 
-use crate::api::pb::{self, EventKind};
+use credbroker_proto::pb::{self, EventKind};
 
-use crate::api::pb::watch_rotations_response::Message;
+use credbroker_proto::pb::watch_rotations_response::Message;
 
-use crate::broker::types::{CredentialSet, ExchangeId, TenantId};
+use credbroker_core::broker::types::{CredentialSet, ExchangeId, TenantId};
 
 /// How to reach the broker and what to watch.
 #[derive(Clone)]

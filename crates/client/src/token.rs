@@ -15,7 +15,7 @@ use tonic::{
     transport::Channel,
 };
 
-use crate::api::pb::credential_broker_client::CredentialBrokerClient;
+use credbroker_proto::pb::credential_broker_client::CredentialBrokerClient;
 
 /// A broker client that sends the token (if any) on every call.
 pub type BrokerClient = CredentialBrokerClient<InterceptedService<Channel, Bearer>>;
