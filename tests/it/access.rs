@@ -703,7 +703,10 @@ async fn one_tenants_flood_does_not_slow_another() {
             (sent, refused)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Measured once A's flood is under way (and past its budget).
+    while flooded.load(std::sync::atomic::Ordering::Relaxed) < 100 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let mut during = Vec::new();
     for _ in 0..20 {
         let t = std::time::Instant::now();

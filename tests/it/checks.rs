@@ -263,9 +263,27 @@ async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
     );
 
     // The metrics, parsed by Prometheus' own parser.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    let (text, m) = scrape(&env).await;
+    // Counts and the outbox depth are refreshed every second: scraped once
+    // a refresh after the check and the deliveries shows them.
     let t = tenant.as_str();
+    let invalid = [
+        ("tenant_id", t),
+        ("exchange", "bybit"),
+        ("status", "invalid"),
+    ];
+    let (text, m) = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (text, m) = scrape(&env).await;
+            if value(&m, "alphapulse_credentials_total", &invalid).is_some()
+                && value(&m, "credbroker_webhook_outbox_depth", &[]) == Some(0.0)
+            {
+                return (text, m);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the credential counts show the checked credential, the outbox is drained");
     assert_eq!(
         value(
             &m,
