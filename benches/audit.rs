@@ -106,18 +106,7 @@ fn main() {
     // in batches of 500, into a table shaped as the v8 schema's).
     let ((pg_wall, pg_cpu, ours), (ins_wall, ins_cpu, ins_ours)) = rt.block_on(async {
         let db = backends::TestDb::create().await;
-        let cfg = credbroker::config::PostgresConfig {
-            url: secrecy::SecretString::from(db.url()),
-            pool_size: 4,
-            migrate_on_start: true,
-        };
-        let pool = credbroker::store::pool(
-            credbroker::store::connect_config(&cfg).unwrap(),
-            cfg.pool_size,
-        )
-        .unwrap();
-        credbroker::store::migrate::run(&pool).await.unwrap();
-        let store = credbroker::store::PgMetadataStore::new(pool);
+        let store = db.migrated_store(4).await;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 40).unwrap();
         for r in &records {

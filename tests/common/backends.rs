@@ -324,6 +324,22 @@ impl TestDb {
         format!("{} dbname={}", base.join(" "), self.name)
     }
 
+    /// The metadata store on this database, schema migrated.
+    pub async fn migrated_store(&self, pool_size: usize) -> credbroker::store::PgMetadataStore {
+        let cfg = credbroker::config::PostgresConfig {
+            url: secrecy::SecretString::from(self.url()),
+            pool_size,
+            migrate_on_start: true,
+        };
+        let pool = credbroker::store::pool(
+            credbroker::store::connect_config(&cfg).unwrap(),
+            cfg.pool_size,
+        )
+        .unwrap();
+        credbroker::store::migrate::run(&pool).await.unwrap();
+        credbroker::store::PgMetadataStore::new(pool)
+    }
+
     pub async fn connect(&self) -> tokio_postgres::Client {
         let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
             .await

@@ -329,16 +329,7 @@ async fn every_call_is_recorded_once_with_its_fields() {
     assert!(verify().await.0, "restored");
     // Its page moved to another tenant: named (the page's first record),
     // and never exported as the other tenant's.
-    c.execute(
-        "UPDATE audit_pages SET tenant_id = $3 WHERE chain_id = $1 AND last_seq = $2",
-        &[
-            &page.chain_id,
-            &page.last_seq,
-            &uuid::Uuid::parse_str(&other).unwrap(),
-        ],
-    )
-    .await
-    .unwrap();
+    page.set_tenant(&c, &other).await;
     let (ok, out) = verify().await;
     assert!(
         !ok && out.contains(&format!("record seq {}'s stored `tenant_id`", first.0))
@@ -351,16 +342,7 @@ async fn every_call_is_recorded_once_with_its_fields() {
         !String::from_utf8_lossy(&moved.stdout).contains(target.as_str()),
         "a moved page is not exported as the other tenant's"
     );
-    c.execute(
-        "UPDATE audit_pages SET tenant_id = $3 WHERE chain_id = $1 AND last_seq = $2",
-        &[
-            &page.chain_id,
-            &page.last_seq,
-            &uuid::Uuid::parse_str(&tenant).unwrap(),
-        ],
-    )
-    .await
-    .unwrap();
+    page.set_tenant(&c, &tenant).await;
     assert!(verify().await.0, "restored");
     // The page's time span moved (to hide it from an export window): named.
     c.execute(
@@ -1087,28 +1069,22 @@ struct Page {
 impl Page {
     /// The page holding the record whose body contains `needle`.
     async fn holding(c: &tokio_postgres::Client, needle: &str) -> Page {
-        let row = c
-            .query_one(
-                "SELECT chain_id, first_seq, last_seq, lines FROM audit_pages WHERE strpos(lines, $1) > 0",
-                &[&needle],
-            )
-            .await
-            .unwrap();
-        Page {
-            chain_id: row.get(0),
-            first_seq: row.get(1),
-            last_seq: row.get(2),
-            lines: row.get(3),
-        }
+        Self::one(c, "strpos(lines, $1) > 0", needle).await
     }
 
     /// The page holding the record of seq `seq` (of the only chain).
     async fn holding_seq(c: &tokio_postgres::Client, seq: i64) -> Page {
+        Self::one(c, "lines ~ ('(^|\n)' || $1 || ' ')", &seq.to_string()).await
+    }
+
+    /// The one page matching `condition` on `$1`.
+    async fn one(c: &tokio_postgres::Client, condition: &str, arg: &str) -> Page {
         let row = c
             .query_one(
-                "SELECT chain_id, first_seq, last_seq, lines FROM audit_pages \
-                 WHERE lines ~ ('(^|\n)' || $1 || ' ')",
-                &[&seq.to_string()],
+                &format!(
+                    "SELECT chain_id, first_seq, last_seq, lines FROM audit_pages WHERE {condition}"
+                ),
+                &[&arg],
             )
             .await
             .unwrap();
@@ -1151,6 +1127,20 @@ impl Page {
         .await;
     }
 
+    /// Moves it to `tenant` (its column only).
+    async fn set_tenant(&self, c: &tokio_postgres::Client, tenant: &str) {
+        c.execute(
+            "UPDATE audit_pages SET tenant_id = $3 WHERE chain_id = $1 AND last_seq = $2",
+            &[
+                &self.chain_id,
+                &self.last_seq,
+                &uuid::Uuid::parse_str(tenant).unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+    }
+
     /// Puts its lines back as they were.
     async fn restore(&self, c: &tokio_postgres::Client) {
         self.set(c, &self.lines).await;
@@ -1161,18 +1151,8 @@ impl Page {
 async fn migrated_store() -> (crate::support::TestDb, credbroker::store::PgMetadataStore) {
     crate::support::init();
     let db = crate::support::TestDb::create().await;
-    let cfg = credbroker::config::PostgresConfig {
-        url: secrecy::SecretString::from(db.url()),
-        pool_size: 2,
-        migrate_on_start: true,
-    };
-    let pool = credbroker::store::pool(
-        credbroker::store::connect_config(&cfg).unwrap(),
-        cfg.pool_size,
-    )
-    .unwrap();
-    credbroker::store::migrate::run(&pool).await.unwrap();
-    (db, credbroker::store::PgMetadataStore::new(pool))
+    let store = db.migrated_store(2).await;
+    (db, store)
 }
 
 /// A record as the layer writes it, at `at`, for `tenant`.
