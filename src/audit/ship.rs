@@ -1,7 +1,7 @@
-//! Ships the spool to PostgreSQL: reads complete lines from the shipped
-//! offset on, inserts them in batches (`ON CONFLICT (chain_id, seq) DO NOTHING`, so a
-//! batch re-sent after a crash adds nothing twice), then records the new
-//! offset. Fully shipped segments are removed. While PostgreSQL is away the
+//! Ships the spool to the audit log ([`AuditLog`]): reads complete lines
+//! from the shipped offset on, hands them over in batches (the store skips
+//! what it already holds, so a batch re-sent after a crash adds nothing
+//! twice), then records the new offset. Fully shipped segments are removed. While PostgreSQL is away the
 //! spool grows (bounded: see [`super::spool`]) and drains when it returns.
 //! Each pass that shipped anything also anchors the chain's head.
 
