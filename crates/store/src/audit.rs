@@ -42,34 +42,33 @@ const DAYS_AHEAD: i64 = 2;
 /// Pages read per round trip when paging a tenant's records.
 const PAGES_PER_READ: i64 = 32;
 
-/// The UTC days the store knows have a partition (so a batch checks the
-/// catalog only on a day it has not shipped to yet).
-#[derive(Clone, Default)]
-pub(crate) struct KnownDays(Arc<Mutex<BTreeSet<Date>>>);
+/// State the store's clones share (behind one lock, taken briefly).
+#[derive(Default)]
+pub(crate) struct Shared<T>(Arc<Mutex<T>>);
 
-impl KnownDays {
-    fn missing(&self, days: &BTreeSet<Date>) -> BTreeSet<Date> {
-        let known = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        days.difference(&known).copied().collect()
-    }
-
-    fn add(&self, days: &BTreeSet<Date>) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend(days);
-    }
-
-    fn forget(&self) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
     }
 }
+
+impl<T> Shared<T> {
+    fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        f(&mut self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+/// The UTC days the store knows have a partition (so a batch checks the
+/// catalog only on a day it has not shipped to yet).
+pub(crate) type KnownDays = Shared<BTreeSet<Date>>;
+
+/// The highest seq of each chain already in PostgreSQL, as this store
+/// last saw it (so a batch re-sent after a crash adds nothing twice: its
+/// records up to there are skipped).
+pub(crate) type ShippedThrough = Shared<HashMap<uuid::Uuid, u64>>;
 
 fn day_of(at: OffsetDateTime) -> Date {
     at.to_offset(time::UtcOffset::UTC).date()
@@ -86,37 +85,6 @@ fn partition_name(day: Date) -> String {
 
 fn start_of(day: Date) -> OffsetDateTime {
     day.with_time(Time::MIDNIGHT).assume_utc()
-}
-
-/// The highest seq of each chain already in PostgreSQL, as this store
-/// last saw it (so a batch re-sent after a crash adds nothing twice: its
-/// records up to there are skipped).
-#[derive(Clone, Default)]
-pub(crate) struct ShippedThrough(Arc<Mutex<HashMap<uuid::Uuid, u64>>>);
-
-impl ShippedThrough {
-    fn get(&self, chain: uuid::Uuid) -> Option<u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&chain)
-            .copied()
-    }
-
-    fn set(&self, chain: uuid::Uuid, seq: Option<u64>) {
-        let mut map = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match seq {
-            Some(s) => {
-                map.insert(chain, s);
-            }
-            None => {
-                map.remove(&chain);
-            }
-        }
-    }
 }
 
 /// One page: the records of one chain, one tenant, one batch, one day.
@@ -319,7 +287,7 @@ impl PgMetadataStore {
         let Some(chain) = rows.first().map(|r| r.chain_id) else {
             return Ok(());
         };
-        let through = match self.shipped.get(chain) {
+        let through = match self.shipped.with(|m| m.get(&chain).copied()) {
             Some(s) => s,
             None => self.chain_head(chain).await?,
         };
@@ -355,18 +323,18 @@ impl PgMetadataStore {
         {
             // No partition for a day: one was dropped (retention) after
             // this store saw it. Look again and retry once.
-            self.partitions.forget();
+            self.partitions.with(BTreeSet::clear);
             self.ensure_partitions(&days).await?;
             copied = self.copy_pages(&pages).instrument(span).await;
         }
         match copied {
             Ok(()) => {
-                self.shipped.set(chain, Some(last));
+                self.shipped.with(|m| m.insert(chain, last));
                 Ok(())
             }
             Err(e) => {
                 // Whether it committed is not known: ask next time.
-                self.shipped.set(chain, None);
+                self.shipped.with(|m| m.remove(&chain));
                 Err(match e {
                     CopyError::Pool(e) => e,
                     CopyError::Pg(e) => pg_err(e),
@@ -444,7 +412,9 @@ impl PgMetadataStore {
     /// # Errors
     /// When PostgreSQL cannot be reached or refuses the DDL.
     pub async fn ensure_partitions(&self, days: &BTreeSet<Date>) -> Result<(), MetadataStoreError> {
-        let mut missing = self.partitions.missing(days);
+        let mut missing: BTreeSet<Date> = self
+            .partitions
+            .with(|known| days.difference(known).copied().collect());
         if missing.is_empty() {
             return Ok(());
         }
@@ -479,7 +449,7 @@ impl PgMetadataStore {
             })
         })
         .await?;
-        self.partitions.add(&missing);
+        self.partitions.with(|known| known.extend(&missing));
         Ok(())
     }
 
@@ -564,7 +534,7 @@ impl PgMetadataStore {
             })
             .await?;
         if pruned.days > 0 {
-            self.partitions.forget();
+            self.partitions.with(BTreeSet::clear);
         }
         Ok(pruned)
     }

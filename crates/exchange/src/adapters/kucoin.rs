@@ -8,11 +8,7 @@ pub(super) async fn kucoin(
 ) -> Result<Permissions, ValidationError> {
     let ex = ExchangeId::Kucoin;
     let secret = set.api_secret.expose_secret();
-    let pass = set
-        .passphrase
-        .as_ref()
-        .map(|p| p.expose_secret().to_owned())
-        .unwrap_or_default();
+    let pass = passphrase(set);
     let mut last = Value::Null;
     for path in ["/api/v1/accounts", "/api/v1/user/api-key"] {
         let ts = v.now_ms();

@@ -48,6 +48,15 @@ fn get(path_and_query: String, headers: Vec<(&'static str, String)>) -> Request 
     }
 }
 
+/// The key's passphrase (OKX, KuCoin), empty when none was given (the
+/// format check has already required it).
+fn passphrase(set: &CredentialSet) -> String {
+    set.passphrase
+        .as_ref()
+        .map(|p| p.expose_secret().to_owned())
+        .unwrap_or_default()
+}
+
 fn invalid(field: &'static str, reason: &str) -> ValidationError {
     ValidationError::InvalidField {
         field,

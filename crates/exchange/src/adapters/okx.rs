@@ -23,11 +23,7 @@ pub(super) async fn okx(
     set: &CredentialSet,
 ) -> Result<Permissions, ValidationError> {
     let ex = ExchangeId::Okx;
-    let pass = set
-        .passphrase
-        .as_ref()
-        .map(|p| p.expose_secret().to_owned())
-        .unwrap_or_default();
+    let pass = passphrase(set);
     let mut last = Value::Null;
     for path in ["/api/v5/account/balance", "/api/v5/account/config"] {
         let ts = okx_timestamp(v.now_ms());
