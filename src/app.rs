@@ -919,10 +919,12 @@ fn spawn_audit(tasks: &mut Tasks, spool: &Arc<Spool>, backends: &Backends, s: &S
     tasks.spawn_job("audit fsync", move |cancel| async move {
         fsync.flusher(every, cancel).await;
     });
-    let reconciler = backends
-        .audit_days
-        .clone()
-        .map(|store| crate::audit::reconcile::Reconciler::new(store, s.clock.clone()));
+    let reconciler = backends.audit_days.clone().map(|store| {
+        Box::new(crate::audit::reconcile::Reconciler::new(
+            store,
+            s.clock.clone(),
+        )) as Box<dyn crate::audit::ship::AfterPass>
+    });
     let (ship, meta, every) = (
         spool.clone(),
         backends.audit_log.clone(),

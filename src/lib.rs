@@ -20,20 +20,18 @@ pub mod exchange {
     pub use credbroker_sim as sim;
 }
 
+pub use credbroker_client as client;
 pub use credbroker_client::agent;
-pub mod api;
+
+/// The network edge (its own crate): the TLS front door, identity, limits
+/// and admission, the gRPC service and its stack, metrics and traces.
+pub use credbroker_edge::{api, auth, limits, ready, server, telemetry, tls};
+
 pub mod app;
 pub mod audit;
-pub mod auth;
 pub mod checks;
-pub use credbroker_client as client;
 pub mod config;
 pub mod dev;
 pub mod import;
-pub mod limits;
-pub mod ready;
 pub mod rotation;
-pub mod server;
-pub mod telemetry;
-pub mod tls;
 pub mod webhook;

@@ -53,9 +53,12 @@ impl Reconciler {
             last: None,
         }
     }
+}
 
+#[async_trait::async_trait]
+impl super::ship::AfterPass for Reconciler {
     /// After a shipping pass that shipped everything: looks when due.
-    pub async fn after_pass(&mut self, spool: &Spool) {
+    async fn after_pass(&mut self, spool: &Spool) {
         if self.last.is_some_and(|t| t.elapsed() < EVERY) {
             return;
         }

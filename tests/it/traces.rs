@@ -120,7 +120,7 @@ mode = "format"
         std::process::Command::new(env!("CARGO_BIN_EXE_credbroker"))
             .args(["server", "--config"])
             .arg(&path)
-            .env("CREDBROKER_LOG", "warn,credbroker::api=debug")
+            .env("CREDBROKER_LOG", "warn,credbroker_edge::api=debug")
             .env("CREDBROKER_LOG_FORMAT", "json")
             .stdout(std::fs::File::create(dir.join("traced.log")).unwrap())
             .spawn()

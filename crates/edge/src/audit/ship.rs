@@ -242,13 +242,21 @@ fn read_lines(dir: &Path, seg: u64, off: u64) -> std::io::Result<(Vec<ChainedRec
     Ok((out, consumed))
 }
 
+/// Work that follows a successful shipping pass (the binary's reconciler,
+/// which looks for outcomes a crash lost once their requests are shipped).
+#[async_trait::async_trait]
+pub trait AfterPass: Send {
+    /// Runs after a pass that shipped everything appended before it.
+    async fn after_pass(&mut self, spool: &Spool);
+}
+
 /// Ships every `every` (with backoff up to 2 s while PostgreSQL is away)
 /// until cancelled, then one last time.
 pub async fn task_main(
     spool: Arc<Spool>,
     meta: Arc<dyn AuditLog>,
     every: Duration,
-    mut reconciler: Option<super::reconcile::Reconciler>,
+    mut after: Option<Box<dyn AfterPass>>,
     cancel: CancellationToken,
 ) {
     // Capped low: a PostgreSQL that returns is drained within seconds.
@@ -264,8 +272,8 @@ pub async fn task_main(
                 backoff.reset();
                 wait = every;
                 // Everything appended before the pass is shipped now.
-                if let Some(r) = reconciler.as_mut() {
-                    r.after_pass(&spool).await;
+                if let Some(a) = after.as_mut() {
+                    a.after_pass(&spool).await;
                 }
             }
             Err(e) => {

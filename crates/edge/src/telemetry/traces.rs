@@ -59,7 +59,7 @@ pub fn init(
     // log layer too, so every line logged inside a call carries its
     // request and trace ids (this module logs nothing else).
     let filter = filter.add_directive(
-        "credbroker::telemetry::traces=info"
+        "credbroker_edge::telemetry::traces=info"
             .parse()
             .map_err(|e| anyhow::anyhow!("log filter: {e}"))?,
     );
