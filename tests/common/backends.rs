@@ -184,13 +184,18 @@ pub fn free_port_pair() -> u16 {
     }
 }
 
-/// An OpenBao dev server, killed on drop.
+/// An OpenBao dev server, killed on drop (or, for the shared one, when
+/// the test process exits).
 pub struct Bao {
     child: Child,
     pub addr: String,
     pub token: String,
     _dir: tempfile::TempDir,
 }
+
+/// The one OpenBao a test binary's environments share (each under its own
+/// path prefix); tests that seal, kill or reconfigure Vault start their own.
+static SHARED: tokio::sync::OnceCell<std::sync::Arc<Bao>> = tokio::sync::OnceCell::const_new();
 
 impl Bao {
     pub async fn start() -> Bao {
@@ -200,19 +205,50 @@ impl Bao {
     /// A dev server whose root token is `token` (to stand beside another as
     /// a second node the same token opens).
     pub async fn start_as(token: &str) -> Bao {
+        Self::spawn(token, false).await
+    }
+
+    /// The test binary's shared dev server, started by the first caller. A
+    /// static is never dropped, so the server runs under a shell that
+    /// kills it when its stdin closes, which happens when this process
+    /// exits, however it exits.
+    pub async fn shared() -> std::sync::Arc<Bao> {
+        SHARED
+            .get_or_init(|| async {
+                std::sync::Arc::new(Self::spawn(&format!("root-{}", Uuid::new_v4()), true).await)
+            })
+            .await
+            .clone()
+    }
+
+    async fn spawn(token: &str, until_exit: bool) -> Bao {
         let bin = std::env::var("BAO_BIN").unwrap_or_else(|_| "bao".into());
         let port = free_port_pair();
         let token = token.to_owned();
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
-        let child = Command::new(&bin)
-            .args([
-                "server",
-                "-dev",
-                &format!("-dev-root-token-id={token}"),
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-                "-dev-no-store-token",
-            ])
+        let args = [
+            "server".to_owned(),
+            "-dev".to_owned(),
+            format!("-dev-root-token-id={token}"),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+            "-dev-no-store-token".to_owned(),
+        ];
+        let mut cmd = if until_exit {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(r#""$@" & b=$!; read -r _; kill "$b"; wait "$b""#)
+                .arg("bao")
+                .arg(&bin)
+                .args(&args)
+                .stdin(Stdio::piped());
+            c
+        } else {
+            let mut c = Command::new(&bin);
+            c.args(&args);
+            c
+        };
+        let child = cmd
             .env("HOME", dir.path())
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))

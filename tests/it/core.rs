@@ -27,7 +27,7 @@ async fn store_then_get_round_trips_through_vault_and_postgres() {
     assert_eq!(stored.version, 1);
     assert_eq!(stored.status, CredentialStatus::Active as i32);
     assert_eq!(stored.api_key_hint, "****abcd");
-    let path = format!("tenants/{tenant}/exchanges/binance/credentials");
+    let path = env.credential_path(&tenant, "binance");
     assert_eq!(stored.vault_path, path);
 
     let got = c
@@ -143,7 +143,7 @@ async fn delete_removes_metadata_and_every_vault_version() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let (code, _) = env
-        .kv_metadata(&format!("tenants/{tenant}/exchanges/kraken/credentials"))
+        .kv_metadata(&env.credential_path(&tenant, "kraken"))
         .await;
     assert_eq!(code, 404, "every Vault version is gone");
     assert_eq!(
@@ -247,7 +247,11 @@ async fn malformed_input_is_invalid_argument_and_stores_nothing() {
     assert_eq!(env.count("SELECT count(*) FROM credential_events").await, 0);
     let (code, body) = env
         .bao
-        .http("LIST", "/v1/secret/metadata/tenants", None)
+        .http(
+            "LIST",
+            &format!("/v1/secret/metadata/{}", env.config.vault.prefix),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(code, 404, "nothing written to Vault: {body}");

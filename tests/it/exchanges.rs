@@ -162,7 +162,7 @@ async fn assert_nothing_stored(env: &Env, tenant: &str, ex: ExchangeId) {
         .get::<_, i64>(0);
     assert_eq!(rows, 0, "{ex}: a row was stored");
     let (code, _) = env
-        .kv_metadata(&format!("tenants/{tenant}/exchanges/{ex}/credentials"))
+        .kv_metadata(&env.credential_path(tenant, ex.as_str()))
         .await;
     assert_eq!(code, 404, "{ex}: a secret reached Vault");
 }

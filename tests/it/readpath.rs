@@ -332,7 +332,7 @@ async fn destroyed_versions_are_not_reported_as_an_outage() {
         .await
         .unwrap();
     op.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
-    let path = format!("tenants/{tenant}/exchanges/binance/credentials");
+    let path = env.credential_path(&tenant, "binance");
     let destroy = |v: u32| {
         let (bao, path) = (&env.bao, path.clone());
         async move {
@@ -395,7 +395,8 @@ async fn vault_answers_are_classified_by_status_and_shape() {
     use credbroker::{
         broker::error::SecretStoreError as E, config::VaultAuthConfig, vault::VaultSecretStore,
     };
-    let env = Env::start().await;
+    // It seals its OpenBao.
+    let env = Env::start_own_vault().await;
     let store = VaultSecretStore::connect(&env.config.vault).await.unwrap();
     let path = "tenants/classify/exchanges/binance/credentials";
     assert_eq!(store.write(path, &set(1), 0).await.unwrap(), 1);
@@ -515,14 +516,14 @@ async fn the_sweep_destroys_orphaned_versions_only() {
         .unwrap();
     // Two orphans, as the loser of a concurrent Rotate leaves them: written
     // in Vault, never committed.
-    let path = format!("tenants/{tenant}/exchanges/binance/credentials");
+    let path = env.credential_path(&tenant, "binance");
     let secrets = env.broker().secrets().clone();
     secrets.write(&path, &set(7), 1).await.unwrap();
     secrets.write(&path, &set(8), 2).await.unwrap();
     // Then a committed rotation (v4, previous v1).
     op.rotate(rotate_n(&tenant, "binance", 4)).await.unwrap();
     // A path no row references (a first store that crashed before its row).
-    let stray = format!("tenants/{}/exchanges/kraken/credentials", new_tenant());
+    let stray = env.credential_path(&new_tenant(), "kraken");
     secrets.write(&stray, &set(9), 0).await.unwrap();
 
     // Younger than the grace: untouched.

@@ -97,7 +97,7 @@ async fn rotate_serves_previous_until_the_overlap_ends_then_retires_it() {
     let n = retire::retire_once(env.broker()).await.unwrap();
     assert_eq!(n, 1);
     let (_, meta) = env
-        .kv_metadata(&format!("tenants/{tenant}/exchanges/binance/credentials"))
+        .kv_metadata(&env.credential_path(&tenant, "binance"))
         .await;
     assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true, "{meta}");
     assert_eq!(meta["data"]["versions"]["2"]["destroyed"], false, "{meta}");
@@ -154,7 +154,7 @@ async fn overlap_deadline_survives_a_broker_restart() {
         "the new process finds the due deadline"
     );
     let (_, meta) = env
-        .kv_metadata(&format!("tenants/{tenant}/exchanges/bybit/credentials"))
+        .kv_metadata(&env.credential_path(&tenant, "bybit"))
         .await;
     assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true, "{meta}");
 }
@@ -192,7 +192,7 @@ async fn zero_overlap_revokes_the_old_key_at_once() {
     assert!(g.previous.is_none());
     assert_eq!(g.current.unwrap().api_secret, "krakenSecretFresh");
     let (_, meta) = env
-        .kv_metadata(&format!("tenants/{tenant}/exchanges/kraken/credentials"))
+        .kv_metadata(&env.credential_path(&tenant, "kraken"))
         .await;
     assert_eq!(
         meta["data"]["versions"]["1"]["destroyed"], true,
@@ -464,7 +464,7 @@ async fn rotating_inside_an_overlap_retires_the_oldest_version_at_once() {
         .into_inner();
     assert_eq!(g.previous.unwrap().api_secret, "bybitSecretV2");
     let (_, meta) = env
-        .kv_metadata(&format!("tenants/{tenant}/exchanges/bybit/credentials"))
+        .kv_metadata(&env.credential_path(&tenant, "bybit"))
         .await;
     assert_eq!(meta["data"]["versions"]["1"]["destroyed"], true, "{meta}");
     assert_eq!(meta["data"]["versions"]["2"]["destroyed"], false, "{meta}");

@@ -165,6 +165,8 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
     let clock = ManualClock::new(OffsetDateTime::now_utc());
     let mut env = Env::start_with(EnvOptions {
         clock: Some(Arc::new(clock.clone())),
+        // It kills its OpenBao.
+        own_vault: true,
         ..EnvOptions::default()
     })
     .await;
@@ -187,7 +189,7 @@ async fn vault_outage_refuses_writes_serves_cached_reads_and_flips_health() {
         "SERVING while both stores answer"
     );
 
-    env.bao.kill();
+    Arc::get_mut(&mut env.bao).expect("its own OpenBao").kill();
 
     // Writes are refused with UNAVAILABLE and nothing reaches PostgreSQL.
     let e = c
@@ -265,7 +267,8 @@ pub(crate) async fn health_status(
 
 #[tokio::test]
 async fn approle_login_works_end_to_end() {
-    let mut env = Env::start().await;
+    // It enables an auth method and writes a policy.
+    let mut env = Env::start_own_vault().await;
     let b = &env.bao;
     let ok = |r: (u16, String)| assert!((200..300).contains(&r.0), "{r:?}");
     ok(b.http(

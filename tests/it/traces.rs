@@ -93,6 +93,7 @@ client_ca = "{dir}/ca.pem"
 trust_domain = "{TD}"
 [vault]
 addr = "{vault}"
+prefix = "{prefix}"
 [vault.auth]
 method = "token"
 token = "{token}"
@@ -112,6 +113,7 @@ mode = "format"
         dir = dir.display(),
         vault = env.bao.addr,
         token = env.bao.token,
+        prefix = env.config.vault.prefix,
         pg = env.db.url(),
     );
     let path = dir.join("traced.toml");

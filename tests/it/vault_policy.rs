@@ -21,7 +21,8 @@ fn shipped_policy() -> String {
 
 #[tokio::test]
 async fn the_broker_works_under_exactly_the_shipped_vault_policy() {
-    let mut env = Env::start().await;
+    // It writes the policy and the auth methods of its own OpenBao.
+    let mut env = Env::start_own_vault().await;
     let policy = shipped_policy();
     let body = serde_json::json!({ "policy": policy }).to_string();
     let (code, out) = env
@@ -190,7 +191,8 @@ fn service_account_jwt() -> String {
 
 #[tokio::test]
 async fn the_broker_logs_in_with_kubernetes_auth() {
-    let mut env = Env::start().await;
+    // It writes the policy and the auth methods of its own OpenBao.
+    let mut env = Env::start_own_vault().await;
     let policy = shipped_policy();
     let ca = std::fs::read_to_string(env.pki.path("ca.pem")).unwrap();
     let jwt = service_account_jwt();

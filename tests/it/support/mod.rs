@@ -24,9 +24,11 @@ use uuid::Uuid;
 mod backends;
 pub use backends::{Bao, Pki, PrivatePg, TD, TestDb, config_for, free_port_pair, init};
 
-/// One broker process-equivalent on real OpenBao and PostgreSQL.
+/// One broker process-equivalent on real OpenBao and PostgreSQL: a fresh
+/// database, and the test binary's shared OpenBao under a path prefix of
+/// its own (or an OpenBao of its own: `EnvOptions::own_vault`).
 pub struct Env {
-    pub bao: Bao,
+    pub bao: Arc<Bao>,
     pub db: TestDb,
     pub pki: Pki,
     pub config: Config,
@@ -43,6 +45,9 @@ pub struct EnvOptions {
     pub cache: CacheConfig,
     /// Rate limits; default: none (tests call far faster than a tenant).
     pub limits: Option<credbroker::config::LimitsConfig>,
+    /// An OpenBao of its own, for a test that seals, kills or reconfigures
+    /// Vault (policies, auth methods); default: the shared one.
+    pub own_vault: bool,
 }
 
 impl Env {
@@ -50,11 +55,33 @@ impl Env {
         Self::start_with(EnvOptions::default()).await
     }
 
+    /// An environment whose OpenBao is its own.
+    pub async fn start_own_vault() -> Env {
+        Self::start_with(EnvOptions {
+            own_vault: true,
+            ..EnvOptions::default()
+        })
+        .await
+    }
+
     pub async fn start_with(opts: EnvOptions) -> Env {
         init();
-        let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
+        let bao = async {
+            if opts.own_vault {
+                Arc::new(Bao::start().await)
+            } else {
+                Bao::shared().await
+            }
+        };
+        let (bao, db) = tokio::join!(bao, TestDb::create());
         let pki = Pki::new();
         let mut config = backends::config_for(&bao, &db.url(), pki.dir.path(), TD);
+        if !opts.own_vault {
+            // Every path this environment writes is under its prefix: the
+            // retire job's orphan sweep lists the prefix, and must never
+            // see another test's secrets.
+            config.vault.prefix = format!("t-{}", Uuid::new_v4().simple());
+        }
         config.cache = opts.cache;
         config.rotation = opts.rotation;
         if let Some(v) = opts.validation {
@@ -168,6 +195,15 @@ impl Env {
         .collect()
     }
 
+    /// Where a credential's versions live in Vault (under this
+    /// environment's prefix).
+    pub fn credential_path(&self, tenant: &str, exchange: &str) -> String {
+        format!(
+            "{}/{tenant}/exchanges/{exchange}/credentials",
+            self.config.vault.prefix
+        )
+    }
+
     /// KV v2 metadata of a path, as OpenBao reports it.
     pub async fn kv_metadata(&self, path: &str) -> (u16, serde_json::Value) {
         let (code, body) = self
@@ -259,6 +295,7 @@ trust_domain = "{TD}"
 
 [vault]
 addr = "{vault}"
+prefix = "{prefix}"
 failover_budget_ms = 300
 [vault.auth]
 method = "token"
@@ -282,6 +319,7 @@ metrics_listen = "127.0.0.1:0"
             key = self.pki.path("server.key").display(),
             ca = self.pki.path("ca.pem").display(),
             pg = self.db.url(),
+            prefix = self.config.vault.prefix,
             spool = self.pki.path("audit-process").display(),
         );
         let cfg = dir.path().join("credbroker.toml");
