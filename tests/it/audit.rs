@@ -422,7 +422,14 @@ async fn sigkill_loses_no_answered_record() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Killed mid-load: once the clients have had a few hundred answers.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while answered.lock().unwrap().len() < 300 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the load got answers");
     server.child.start_kill().unwrap();
     server.child.wait().await.unwrap();
     for l in load {
