@@ -2,9 +2,17 @@
 
 /// CPU seconds this process has used so far (user + system, all threads;
 /// `/proc/self/stat` counts in USER_HZ = 100 ticks per second).
+#[allow(dead_code)]
 pub fn cpu_secs() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    // Fields after the command name: state is field 3, utime 14, stime 15.
+    pid_cpu_secs(std::process::id())
+}
+
+/// CPU seconds process `pid` has used so far (user + system, all threads;
+/// `/proc/<pid>/stat` counts in USER_HZ = 100 ticks per second; the fields
+/// after the command name: state is field 3, utime 14, stime 15).
+#[allow(dead_code)]
+pub fn pid_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split(' ').collect();
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0

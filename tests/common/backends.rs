@@ -312,6 +312,11 @@ impl Bao {
         Ok((code, body))
     }
 
+    /// The server's process id (the shared one's is its shell's).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
