@@ -721,7 +721,10 @@ mod echo {
                 .tls_config(tls)
                 .unwrap()
                 .add_service(Echo(answer))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .serve_with_incoming(
+                    // As the broker's acceptor does: no Nagle delay.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                )
                 .await
                 .unwrap();
         });

@@ -303,6 +303,42 @@ mode = "format"
             "{line}"
         );
     }
+    // A cache miss (a version floor above the cached set) shows both of its
+    // backend round trips: the PostgreSQL read and the Vault read.
+    let miss_trace = "5cf92f3577b34da6a3ce929d0e0e4737";
+    op.get_credentials(traced(
+        pb::GetCredentialsRequest {
+            tenant_id: tenant.clone(),
+            exchange: "binance".into(),
+            min_version: 2,
+        },
+        miss_trace,
+        caller_span,
+    ))
+    .await
+    .unwrap();
+    let want = hex::decode(miss_trace).unwrap();
+    let mut seen = Vec::new();
+    let both = |seen: &[(String, Option<String>)]| {
+        seen.iter()
+            .any(|(n, db)| n == "get" && db.as_deref() == Some("postgresql"))
+            && seen.iter().any(|(n, _)| n == "read")
+    };
+    for _ in 0..100 {
+        seen = receiver
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.trace_id == want)
+            .map(|s| (s.name.clone(), attr(s, "db.system")))
+            .collect();
+        if both(&seen) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(both(&seen), "a miss's PostgreSQL and Vault spans: {seen:?}");
     assert!(!logs.contains(secret), "no secret in the logs");
     // No attribute, of any span exported, holds the secret.
     for s in receiver.0.lock().unwrap().iter() {

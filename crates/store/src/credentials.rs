@@ -4,6 +4,7 @@
 //! methods of the port are [`super::audit`]'s; the replica registry's are
 //! [`super::fleet`]'s.
 
+use tracing::Instrument as _;
 use std::str::FromStr;
 
 use async_trait::async_trait;
@@ -107,24 +108,28 @@ impl MetadataStore for PgMetadataStore {
     ) -> Result<Option<CredentialRecord>, MetadataStoreError> {
         // The hot miss: one prepared statement, one round trip (the
         // function switches role and tenant itself; see migration V3).
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT {RECORD_COLS} FROM credbroker_read_credential($1, $2)"
-            ))
-            .await
-            .map_err(pg_err)?;
-        client
-            .query_opt(&stmt, &[&tenant.as_uuid(), &exchange.as_str()])
-            .await
-            .map_err(pg_err)?
-            .as_ref()
-            .map(row_to_record)
-            .transpose()
+        async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {RECORD_COLS} FROM credbroker_read_credential($1, $2)"
+                ))
+                .await
+                .map_err(pg_err)?;
+            client
+                .query_opt(&stmt, &[&tenant.as_uuid(), &exchange.as_str()])
+                .await
+                .map_err(pg_err)?
+                .as_ref()
+                .map(row_to_record)
+                .transpose()
+        }
+        .instrument(crate::pg_span("get"))
+        .await
     }
 
     async fn list(&self, tenant: TenantId) -> Result<Vec<CredentialRecord>, MetadataStoreError> {

@@ -90,7 +90,8 @@ impl PgMetadataStore {
         }
     }
 
-    /// Runs `f` in one transaction under `scope`'s role and commits.
+    /// Runs `f` in one transaction under `scope`'s role and commits, in a
+    /// [`pg_span`].
     async fn in_tx<T, F>(
         &self,
         op: &'static str,
@@ -102,13 +103,7 @@ impl PgMetadataStore {
             &'a Transaction<'a>,
         ) -> futures::future::BoxFuture<'a, Result<T, MetadataStoreError>>,
     {
-        let span = tracing::info_span!(
-            "postgres",
-            otel.name = op,
-            otel.kind = "client",
-            db.system = "postgresql",
-            db.operation = op,
-        );
+        let span = pg_span(op);
         async move {
         let mut client = self
             .pool
@@ -215,4 +210,17 @@ impl PostgresConfig {
             bad("postgres.pool_size", "must be at least 1".into());
         }
     }
+}
+
+/// The client span of one PostgreSQL operation (every round trip the
+/// broker makes is in one: the transactions, and the read path's
+/// one-statement miss).
+pub(crate) fn pg_span(op: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "postgres",
+        otel.name = op,
+        otel.kind = "client",
+        db.system = "postgresql",
+        db.operation = op,
+    )
 }
