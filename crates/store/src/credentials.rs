@@ -4,8 +4,8 @@
 //! methods of the port are [`super::audit`]'s; the replica registry's are
 //! [`super::fleet`]'s.
 
-use tracing::Instrument as _;
 use std::str::FromStr;
+use tracing::Instrument as _;
 
 use async_trait::async_trait;
 use deadpool_postgres::{GenericClient, Transaction};
