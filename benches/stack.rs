@@ -67,6 +67,22 @@ fn main() {
     }
 }
 
+/// A child process's runtime (the load client's or the echo server's),
+/// with the TLS provider the broker uses.
+fn child_runtime() -> tokio::runtime::Runtime {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A PEM file of the test PKI the orchestrator shares with its children.
+fn tls_file(name: &str) -> String {
+    let dir = PathBuf::from(env_or("STACK_TLS_DIR", String::new()));
+    std::fs::read_to_string(dir.join(name)).unwrap()
+}
+
 // ---------------------------------------------------------------- results
 
 /// One measured window, as the load client reports it.
@@ -211,6 +227,9 @@ fn orchestrate() {
     });
     std::fs::write(&json, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
     println!("JSON: {}", json.display());
+    // A target that refused or mis-answered calls measured something else.
+    let failed: Vec<_> = rows.iter().filter(|r| r.errors > 0).collect();
+    assert!(failed.is_empty(), "calls failed: {failed:?}");
     drop(setup);
 }
 
@@ -527,8 +546,7 @@ mod load {
                 token: env_or("STACK_VAULT_TOKEN", String::new()),
             };
         }
-        let dir = PathBuf::from(env_or("STACK_TLS_DIR", String::new()));
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let read = tls_file;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca.pem")))
             .identity(Identity::from_pem(read("client.pem"), read("client.key")))
@@ -618,11 +636,7 @@ mod load {
         let secs: f64 = env_or("STACK_SECS", 10.0);
         let warm: f64 = env_or("STACK_WARM", 2.0);
         let rate: Option<f64> = std::env::var("STACK_RATE").ok().map(|r| r.parse().unwrap());
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = child_runtime();
         rt.block_on(async {
             let c = caller().await;
             closed(&c, conc, warm).await;
@@ -694,13 +708,8 @@ mod echo {
     }
 
     pub fn main() {
-        let dir = PathBuf::from(env_or("STACK_TLS_DIR", String::new()));
-        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let read = tls_file;
+        let rt = child_runtime();
         rt.block_on(async {
             let tls = tonic::transport::ServerTlsConfig::new()
                 .identity(Identity::from_pem(read("server.pem"), read("server.key")))
