@@ -129,12 +129,12 @@ pub async fn serve<H: tonic_health::pb::health_server::Health>(
         // connection) so their streams and slots are released.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // One span per call, named after the method; never the body.
-        // A child of the caller's trace when it sent `traceparent`.
-        .trace_fn(crate::telemetry::traces::call_span)
         // Shed first: when the replica is saturated, refusing a call must
         // cost nothing (no certificate or token work). Outermost, it also
-        // counts and times every call (shed ones included).
+        // counts and times every call (shed ones included), and gives each
+        // admitted call its ids and its span (named after the method, a
+        // child of the caller's trace when it sent `traceparent`; never the
+        // body).
         .layer(AdmissionLayer::new(
             p.front.max_concurrent_calls,
             p.metrics,

@@ -33,8 +33,9 @@ use tower::{Layer, Service};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use super::{AuditError, AuditRecord, AuditSink, trace_id};
+use super::{AuditError, AuditRecord, AuditSink};
 use crate::broker::types::{ExchangeId, TenantId};
+use crate::telemetry::traces::{CallIds, fast_v7};
 
 /// Tries of a busy spool before waiting on its lock (each a yield to the
 /// worker's other tasks; another append holds the lock for a few µs).
@@ -169,14 +170,6 @@ impl CallAudit {
     }
 }
 
-/// A time-ordered (v7) id from the thread-local generator (no system call
-/// per call, unlike `Uuid::now_v7`).
-fn fast_v7() -> Uuid {
-    let ms =
-        u64::try_from(OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
-    uuid::Builder::from_unix_timestamp_millis(ms, &rand::random::<[u8; 10]>()).into_uuid()
-}
-
 /// See the module docs.
 #[derive(Clone)]
 pub struct AuditLayer {
@@ -300,9 +293,15 @@ where
         let path = req.uri().path();
         let (name, action) = method(path);
         let changes = action.is_some_and(crate::auth::model::Action::changes_state);
+        // The ids the outermost layer gave the call (and its span).
+        let ids = req
+            .extensions()
+            .get::<CallIds>()
+            .cloned()
+            .unwrap_or_else(|| CallIds::of(&req));
         let call = CallAudit(Arc::new(Call {
-            request_id: fast_v7(),
-            trace_id: header("traceparent").and_then(trace_id),
+            request_id: ids.request_id,
+            trace_id: ids.trace_id,
             // Bounded: a user agent is shown, never trusted.
             user_agent: header("user-agent").map(|u| u.chars().take(256).collect()),
             note: Mutex::default(),
@@ -316,12 +315,6 @@ where
             timestamp: OffsetDateTime::now_utc(),
             started: Instant::now(),
         }));
-        // The call span's ids (see `telemetry::traces::call_span`).
-        let span = tracing::Span::current();
-        span.record("request_id", tracing::field::display(call.request_id()));
-        if let Some(t) = call.trace_id() {
-            span.record("trace_id", t);
-        }
         req.extensions_mut().insert(call.clone());
         let sink = self.sink.clone();
         let refusals = self.refusals.clone();
@@ -436,7 +429,10 @@ fn with_request_id(
     mut resp: http::Response<tonic::body::Body>,
     call: &CallAudit,
 ) -> http::Response<tonic::body::Body> {
-    if let Ok(v) = http::HeaderValue::from_str(&call.request_id().to_string()) {
+    let mut id = Uuid::encode_buffer();
+    if let Ok(v) =
+        http::HeaderValue::from_str(call.request_id().as_hyphenated().encode_lower(&mut id))
+    {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
@@ -506,9 +502,10 @@ mod tests {
         assert_eq!(event_type(Code::Unauthenticated, "Rotate"), "auth_failure");
         assert_eq!(method("/credbroker.v1.CredentialBroker/Rotate").0, "Rotate");
         assert_eq!(
-            trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").as_deref(),
+            crate::audit::trace_id("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+                .as_deref(),
             Some("4bf92f3577b34da6a3ce929d0e0e4736")
         );
-        assert_eq!(trace_id("garbage"), None);
+        assert_eq!(crate::audit::trace_id("garbage"), None);
     }
 }

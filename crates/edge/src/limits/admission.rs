@@ -4,7 +4,8 @@
 //! call counts until its stream is set up (the stream itself is bounded by
 //! the per-tenant stream slots). Health and reflection are never shed.
 //!
-//! Being the outermost layer, it also feeds the gRPC call metrics
+//! Being the outermost layer, it makes each admitted call's ids
+//! ([`CallIds`]) and its span, and feeds the gRPC call metrics
 //! (`credbroker_grpc_server_*{method,code}`): every call is counted with its
 //! code and its time to the response headers, shed calls included.
 
@@ -20,6 +21,8 @@ use tonic::codegen::http;
 use tower::{Layer, Service};
 
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::traces::{CallIds, call_span};
+use tracing::Instrument as _;
 
 /// How long a shed caller is asked to wait.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
@@ -86,7 +89,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let started = Instant::now();
         let metrics = self.layer.metrics.clone();
         let method = Metrics::grpc_method(req.uri().path());
@@ -114,18 +117,27 @@ where
         } else {
             None
         };
+        // The call's ids and span, made once here with every field set:
+        // the inner layers and the handler run in it.
+        let ids = CallIds::of(&req);
+        let span = call_span(&req, &ids);
+        req.extensions_mut().insert(ids);
         let mut inner = crate::ready::take_ready(&mut self.inner);
-        Box::pin(async move {
-            let out = inner.call(req).await;
-            drop(permit);
-            if let Ok(resp) = &out {
-                metrics.grpc_call(
-                    method,
-                    crate::api::status::response_code(resp),
-                    started.elapsed(),
-                );
+        let call = span.in_scope(|| inner.call(req));
+        Box::pin(
+            async move {
+                let out = call.await;
+                drop(permit);
+                if let Ok(resp) = &out {
+                    metrics.grpc_call(
+                        method,
+                        crate::api::status::response_code(resp),
+                        started.elapsed(),
+                    );
+                }
+                out
             }
-            out
-        })
+            .instrument(span),
+        )
     }
 }

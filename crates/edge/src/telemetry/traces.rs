@@ -121,21 +121,58 @@ impl Extractor for Headers<'_> {
     }
 }
 
+/// The ids of one call: its request id (returned as `x-request-id`, the
+/// audit records' id) and the caller's W3C trace id, made once by the
+/// outermost layer and kept in the request's extensions.
+#[derive(Clone, Debug)]
+pub struct CallIds {
+    /// A time-ordered (v7) id.
+    pub request_id: uuid::Uuid,
+    /// From `traceparent`, when the caller sent a valid one.
+    pub trace_id: Option<String>,
+}
+
+impl CallIds {
+    /// The ids of `req`'s call (a fresh request id).
+    pub fn of<B>(req: &http::Request<B>) -> Self {
+        Self {
+            request_id: fast_v7(),
+            trace_id: req
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(credbroker_core::audit::trace_id),
+        }
+    }
+}
+
+/// A time-ordered (v7) id from the thread-local generator (no system call
+/// per call, unlike `Uuid::now_v7`).
+pub fn fast_v7() -> uuid::Uuid {
+    let ms = u64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(0);
+    uuid::Builder::from_unix_timestamp_millis(ms, &rand::random::<[u8; 10]>()).into_uuid()
+}
+
 /// The span of one gRPC call: named after the method, a child of the
 /// caller's trace when it sent `traceparent`, with the trace and request
-/// ids as fields (so JSON log lines carry them; the audit layer, which
-/// parses both for its record anyway, fills them in). Never the body.
-pub fn call_span<B>(req: &http::Request<B>) -> tracing::Span {
+/// ids as fields (so JSON log lines carry them). Every field is set here,
+/// as a string: recording one later makes the JSON log layer parse and
+/// write its fields again. Never the body.
+pub fn call_span<B>(req: &http::Request<B>, ids: &CallIds) -> tracing::Span {
+    let path = req.uri().path();
+    let mut id = uuid::Uuid::encode_buffer();
+    let request_id: &str = ids.request_id.as_hyphenated().encode_lower(&mut id);
     let span = tracing::info_span!(
         "grpc",
-        otel.name = %req.uri().path(),
+        otel.name = path,
         otel.kind = "server",
         rpc.system = "grpc",
-        method = %req.uri().path(),
-        trace_id = tracing::field::Empty,
-        request_id = tracing::field::Empty,
+        method = path,
+        trace_id = ids.trace_id.as_deref(),
+        request_id,
     );
-    if !span.is_disabled() && req.headers().contains_key("traceparent") {
+    if !span.is_disabled() && ids.trace_id.is_some() {
         let parent = TraceContextPropagator::new().extract(&Headers(req.headers()));
         let _ = span.set_parent(parent);
     }
