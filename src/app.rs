@@ -132,8 +132,8 @@ pub struct Settings {
     /// When the retire job (overlaps, event pruning, orphan sweep) runs;
     /// tests set `Manual` and run its passes themselves.
     pub retire: retire::Schedule,
-    /// Stream limit per tenant.
-    pub max_streams_per_tenant: usize,
+    /// WatchRotations streams this replica admits, in all and per tenant.
+    pub streams_admitted: crate::rotation::watch::StreamLimits,
     /// Shutdown grace.
     pub grace: Duration,
     /// Clock (tests inject a manual one).
@@ -356,7 +356,10 @@ pub fn settings(cfg: &Config) -> anyhow::Result<Settings> {
             retire: Duration::from_secs(cfg.rotation.retire_interval_secs.max(1)),
             sweep: Duration::from_secs(cfg.rotation.orphan_sweep_interval_secs.max(1)),
         },
-        max_streams_per_tenant: cfg.server.max_streams_per_tenant,
+        streams_admitted: crate::rotation::watch::StreamLimits {
+            max: cfg.server.max_streams,
+            per_tenant: cfg.server.max_streams_per_tenant,
+        },
         grace: Duration::from_secs(cfg.server.shutdown_grace_secs),
         clock: Arc::new(SystemClock),
     })
@@ -441,7 +444,7 @@ pub async fn start(
     let service = BrokerService::new(
         broker.clone(),
         s.streams,
-        s.max_streams_per_tenant,
+        s.streams_admitted,
         Gate {
             ready,
             limits: limits.clone(),

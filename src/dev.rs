@@ -233,7 +233,12 @@ pub async fn run(
             retire: Duration::from_secs(15),
             sweep: Duration::from_secs(3600),
         },
-        max_streams_per_tenant: max_streams_per_tenant.max(1),
+        streams_admitted: crate::rotation::watch::StreamLimits {
+            max: crate::server::ServerConfig::default()
+                .max_streams
+                .max(max_streams_per_tenant),
+            per_tenant: max_streams_per_tenant.max(1),
+        },
         front: crate::server::FrontDoor::default(),
         tls_reload: None,
         grace: Duration::from_secs(5),

@@ -79,7 +79,7 @@ enum Cmd {
         #[arg(long, default_value = "./.credbroker-dev")]
         dir: PathBuf,
         /// Concurrent WatchRotations streams per tenant.
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 10_000)]
         max_streams_per_tenant: usize,
         /// Serve Prometheus metrics here (`/metrics`); off unless given.
         #[arg(long)]

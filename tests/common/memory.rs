@@ -33,6 +33,8 @@ pub struct MemoryOptions {
     pub audit_max_bytes: Option<u64>,
     /// Auditing on (the default).
     pub audit: bool,
+    /// WatchRotations streams admitted.
+    pub streams: credbroker::rotation::watch::StreamLimits,
 }
 
 impl Default for MemoryOptions {
@@ -46,6 +48,10 @@ impl Default for MemoryOptions {
             secrets: None,
             audit_max_bytes: None,
             audit: true,
+            streams: credbroker::rotation::watch::StreamLimits {
+                max: 16,
+                per_tenant: 8,
+            },
         }
     }
 }
@@ -122,7 +128,7 @@ impl Memory {
             retire: Schedule::Manual,
             tls_reload: o.tls_reload,
             front: o.front,
-            max_streams_per_tenant: 8,
+            streams_admitted: o.streams,
             grace: Duration::from_secs(1),
             clock: Arc::new(SystemClock),
         };

@@ -24,7 +24,7 @@ use crate::support::{
     memory::{Memory, MemoryOptions},
     next_non_heartbeat,
     probe::ProbeSecrets,
-    rotate_n, store_n, watch_past_state,
+    rotate_n, store_n, watch_past_state, watch_req,
 };
 
 fn op_id() -> String {
@@ -330,4 +330,77 @@ async fn tenant_networks_are_enforced_for_its_callers() {
     })
     .await
     .unwrap();
+}
+
+/// Streams are admitted by a budget of their own, per replica and per
+/// tenant, each refusal RESOURCE_EXHAUSTED with a RetryInfo; a listening
+/// stream holds no unary call slot.
+#[tokio::test]
+async fn streams_have_a_budget_of_their_own() {
+    let m = Memory::start_with(MemoryOptions {
+        front: FrontDoor {
+            max_concurrent_calls: 2,
+            ..FrontDoor::default()
+        },
+        streams: credbroker::rotation::watch::StreamLimits {
+            max: 3,
+            per_tenant: 2,
+        },
+        ..MemoryOptions::default()
+    })
+    .await;
+    let (a, b, c) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    let mut op = m.client(&[&op_id()]).await;
+    let pod = |t: &str| format!("spiffe://{TD}/tenant/{t}/pod/p");
+    let mut on_a = m.client(&[&pod(&a)]).await;
+    let mut on_b = m.client(&[&pod(&b)]).await;
+    let mut on_c = m.client(&[&pod(&c)]).await;
+    let _a1 = on_a.watch_rotations(watch_req(&a, 0)).await.unwrap();
+    let _a2 = on_a.watch_rotations(watch_req(&a, 0)).await.unwrap();
+    let e = on_a.watch_rotations(watch_req(&a, 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains(&format!("tenant {a}")),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        e.get_details_retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(5))
+    );
+    let b1 = on_b.watch_rotations(watch_req(&b, 0)).await.unwrap();
+    let e = on_c.watch_rotations(watch_req(&c, 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("this replica"), "{}", e.message());
+    assert_eq!(
+        e.get_details_retry_info().and_then(|r| r.retry_delay),
+        Some(Duration::from_secs(1))
+    );
+    // Three streams listening, two unary calls allowed in flight: unary
+    // calls are still served, two at a time.
+    op.validate_and_store(store_n(&a, "binance")).await.unwrap();
+    let (mut g1, mut g2) = (on_a.clone(), on_a.clone());
+    let (r1, r2) = tokio::join!(
+        g1.get_credentials(get_req(&a, "binance")),
+        g2.get_credentials(get_req(&a, "binance")),
+    );
+    r1.unwrap();
+    r2.unwrap();
+    // A closed stream frees its slot in the replica's budget.
+    drop(b1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match on_c.watch_rotations(watch_req(&c, 0)).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+                assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }

@@ -212,7 +212,11 @@ pub struct ServerConfig {
     pub heartbeat_secs: u64,
     /// Period of the Vault/PostgreSQL reachability probe behind grpc.health.v1.
     pub health_probe_secs: u64,
-    /// Concurrent WatchRotations streams one tenant may hold on a replica.
+    /// Concurrent WatchRotations streams this replica holds at most, every
+    /// tenant's and the operators' (size it by memory: see docs/streams.md).
+    pub max_streams: usize,
+    /// Concurrent WatchRotations streams one tenant's workloads may hold on
+    /// a replica.
     pub max_streams_per_tenant: usize,
     /// Streams end (resumably) after 75–100 % of this, spreading clients
     /// across replicas again; 0 disables.
@@ -238,7 +242,8 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             heartbeat_secs: 5,
             health_probe_secs: 5,
-            max_streams_per_tenant: 256,
+            max_streams: 20_000,
+            max_streams_per_tenant: 10_000,
             max_stream_age_secs: 3600,
             max_connections: 20_000,
             handshake_timeout_secs: 10,

@@ -26,54 +26,105 @@ use crate::broker::types::{CredentialEvent, CredentialRecord, ExchangeId, Tenant
 /// Events read from the table per catch-up query.
 const CATCH_UP_PAGE: u32 = 500;
 
-/// Per-tenant admission for streams: a reconnect herd or one noisy tenant
-/// cannot hold every slot of a replica.
+/// How many WatchRotations streams one replica holds at most, in all and
+/// per tenant. Streams are admitted by this budget of their own, not by
+/// the unary calls in flight: a listening stream costs memory (a few KiB),
+/// not a call slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamLimits {
+    /// Streams on this replica, every tenant's and the operators'.
+    pub max: usize,
+    /// Streams one tenant's workloads may hold on this replica.
+    pub per_tenant: usize,
+}
+
+/// Why a stream was not admitted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StreamsFull {
+    /// The replica holds its limit.
+    #[error(
+        "this replica already holds {max} WatchRotations streams (its limit); retry with backoff, another replica may take the stream"
+    )]
+    Replica {
+        /// The replica's limit.
+        max: usize,
+    },
+    /// The tenant holds its limit on this replica.
+    #[error(
+        "tenant {tenant} already holds {max} WatchRotations streams on this replica (its limit); close one, or retry with backoff (another replica may take it)"
+    )]
+    Tenant {
+        /// The tenant.
+        tenant: TenantId,
+        /// Its limit.
+        max: usize,
+    },
+}
+
+/// Admission for streams by their own budget ([`StreamLimits`]): a
+/// reconnect herd or one noisy tenant cannot hold every slot of a replica,
+/// and the replica holds no more streams than its memory was sized for.
 pub struct StreamSlots {
-    max_per_tenant: usize,
-    open: Mutex<HashMap<TenantId, usize>>,
+    limits: StreamLimits,
+    open: Mutex<Open>,
+}
+
+#[derive(Default)]
+struct Open {
+    total: usize,
+    per_tenant: HashMap<TenantId, usize>,
 }
 
 /// One admitted stream; frees its slot when dropped.
 pub struct StreamSlot {
     slots: Arc<StreamSlots>,
-    tenant: TenantId,
+    /// `None`: an operator's stream, counted in the replica's total only.
+    tenant: Option<TenantId>,
 }
 
 impl StreamSlots {
-    /// At most `max_per_tenant` concurrent streams per tenant.
-    pub fn new(max_per_tenant: usize) -> Arc<Self> {
+    /// Slots for `limits`.
+    pub fn new(limits: StreamLimits) -> Arc<Self> {
         Arc::new(Self {
-            max_per_tenant,
-            open: Mutex::new(HashMap::new()),
+            limits,
+            open: Mutex::default(),
         })
     }
 
-    /// Streams open on this replica, all tenants.
+    /// Streams open on this replica, all tenants and operators.
     pub fn open_total(&self) -> usize {
         self.open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .sum()
+            .total
     }
 
-    /// Admits a stream for `tenant`, or says why not.
+    /// Admits a stream of `tenant`'s workloads (`None`: an operator's,
+    /// which takes no tenant slot), or says why not.
     ///
     /// # Errors
-    /// `ResourceExhausted`-style message when the tenant holds every slot.
-    pub fn acquire(self: &Arc<Self>, tenant: TenantId) -> Result<StreamSlot, String> {
+    /// [`StreamsFull`] when the replica or the tenant holds its limit.
+    pub fn acquire(self: &Arc<Self>, tenant: Option<TenantId>) -> Result<StreamSlot, StreamsFull> {
         let mut open = self
             .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = open.entry(tenant).or_insert(0);
-        if *n >= self.max_per_tenant {
-            return Err(format!(
-                "tenant {tenant} already holds {} WatchRotations streams on this replica (the limit); close one or retry with backoff",
-                self.max_per_tenant
-            ));
+        if open.total >= self.limits.max {
+            return Err(StreamsFull::Replica {
+                max: self.limits.max,
+            });
         }
-        *n += 1;
+        if let Some(t) = tenant {
+            let n = open.per_tenant.entry(t).or_insert(0);
+            if *n >= self.limits.per_tenant {
+                return Err(StreamsFull::Tenant {
+                    tenant: t,
+                    max: self.limits.per_tenant,
+                });
+            }
+            *n += 1;
+        }
+        open.total += 1;
         Ok(StreamSlot {
             slots: self.clone(),
             tenant,
@@ -88,10 +139,13 @@ impl Drop for StreamSlot {
             .open
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = open.get_mut(&self.tenant) {
+        open.total -= 1;
+        if let Some(t) = self.tenant
+            && let Some(n) = open.per_tenant.get_mut(&t)
+        {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.tenant);
+                open.per_tenant.remove(&t);
             }
         }
     }
@@ -357,6 +411,36 @@ mod tests {
     use secrecy::SecretString;
 
     use super::*;
+
+    #[test]
+    fn streams_are_admitted_by_their_own_budget() {
+        let slots = StreamSlots::new(StreamLimits {
+            max: 3,
+            per_tenant: 2,
+        });
+        let (a, b) = (
+            TenantId::new(uuid::Uuid::new_v4()),
+            TenantId::new(uuid::Uuid::new_v4()),
+        );
+        let a1 = slots.acquire(Some(a)).unwrap();
+        let _a2 = slots.acquire(Some(a)).unwrap();
+        assert_eq!(
+            slots.acquire(Some(a)).err(),
+            Some(StreamsFull::Tenant { tenant: a, max: 2 })
+        );
+        // An operator's stream takes no tenant slot, but counts for the replica.
+        let op = slots.acquire(None).unwrap();
+        assert_eq!(slots.open_total(), 3);
+        assert_eq!(
+            slots.acquire(Some(b)).err(),
+            Some(StreamsFull::Replica { max: 3 })
+        );
+        drop(op);
+        let _b1 = slots.acquire(Some(b)).unwrap();
+        drop(a1);
+        assert_eq!(slots.open_total(), 2);
+        let _a3 = slots.acquire(Some(a)).unwrap();
+    }
     use crate::broker::BrokerSettings;
     use crate::broker::context::RequestContext;
     use crate::broker::types::CredentialSet;
@@ -398,7 +482,12 @@ mod tests {
             )
             .await
             .unwrap();
-        let slot = StreamSlots::new(1).acquire(tenant).unwrap();
+        let slot = StreamSlots::new(StreamLimits {
+            max: 1,
+            per_tenant: 1,
+        })
+        .acquire(Some(tenant))
+        .unwrap();
         let sub = Subscription {
             tenant,
             exchanges: BTreeSet::new(),

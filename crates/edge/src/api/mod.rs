@@ -28,7 +28,9 @@ use crate::broker::types::{ExchangeId, TenantId};
 
 use crate::limits::Limits;
 
-use crate::rotation::watch::{StreamSlots, StreamTiming, Subscription, Watch, WatchItem};
+use crate::rotation::watch::{
+    StreamLimits, StreamSlots, StreamTiming, Subscription, Watch, WatchItem,
+};
 use pb::credential_broker_server::CredentialBroker;
 
 /// The `credbroker.v1.CredentialBroker` service.
@@ -53,20 +55,19 @@ pub struct Gate {
 }
 
 impl BrokerService {
-    /// Serves `broker`; streams follow `timing`, at most
-    /// `max_streams_per_tenant` per tenant, and end with a resumable status
-    /// when `shutdown` fires.
+    /// Serves `broker`; streams follow `timing`, are admitted within
+    /// `streams`, and end with a resumable status when `shutdown` fires.
     pub fn new(
         broker: Arc<Broker>,
         timing: StreamTiming,
-        max_streams_per_tenant: usize,
+        streams: StreamLimits,
         gate: Gate,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             broker,
             timing,
-            slots: StreamSlots::new(max_streams_per_tenant),
+            slots: StreamSlots::new(streams),
             gate,
             shutdown,
         }
@@ -317,22 +318,18 @@ impl CredentialBroker for BrokerService {
             after_seq: *after_seq,
         };
         // Operators' streams (tools, dashboards) do not take the tenant's
-        // stream slots; the tenant's pods keep all of them.
-        let slot = if caller.role == Role::Operator {
-            None
-        } else {
-            Some(
-                self.slots
-                    .acquire(tenant)
-                    .map_err(Status::resource_exhausted)?,
-            )
-        };
+        // stream slots (the tenant's pods keep all of them), only the
+        // replica's.
+        let slot = self
+            .slots
+            .acquire((caller.role != Role::Operator).then_some(tenant))
+            .map_err(status::streams_full)?;
         let watch = Watch::new(
             self.broker.clone(),
             sub,
             self.timing,
             self.shutdown.clone(),
-            slot,
+            Some(slot),
         );
         let stream = watch.into_stream().map(|item| {
             use pb::watch_rotations_response::Message;

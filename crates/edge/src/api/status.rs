@@ -87,6 +87,22 @@ pub fn starting() -> Status {
     )
 }
 
+/// RESOURCE_EXHAUSTED for a stream beyond its replica's or its tenant's
+/// stream budget, with a `google.rpc.RetryInfo` (a full replica: soon,
+/// another may take it; a tenant at its limit: later).
+pub fn streams_full(e: crate::rotation::watch::StreamsFull) -> Status {
+    use crate::rotation::watch::StreamsFull;
+    let retry = match e {
+        StreamsFull::Replica { .. } => std::time::Duration::from_secs(1),
+        StreamsFull::Tenant { .. } => std::time::Duration::from_secs(5),
+    };
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        e.to_string(),
+        ErrorDetails::with_retry_info(Some(retry)),
+    )
+}
+
 /// RESOURCE_EXHAUSTED with a `google.rpc.RetryInfo` saying when to retry.
 pub fn limited(l: Limited) -> Status {
     let secs = l.retry_after.as_secs_f64();

@@ -336,7 +336,10 @@ impl Default for LimitsConfig {
         Self {
             writes_per_minute: 100,
             reads_per_minute: 60_000,
-            watches_per_minute: 1_200,
+            // A 10,000-pod tenant resubscribes at once after a replica
+            // restart (the GCRA burst is the minute's budget): see
+            // docs/streams.md.
+            watches_per_minute: 20_000,
             operator_per_minute: 6_000,
             tenants: std::collections::BTreeMap::new(),
         }
