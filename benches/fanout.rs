@@ -69,6 +69,9 @@ async fn run(n: usize, rotations: usize) -> Result {
         &(n + 16).to_string(),
         "--validation",
         "format",
+        // The subscribers are the tenant's pods, as in a fleet.
+        "--pod-tenant",
+        TENANT,
     ])
     .await;
     let pid = dev.child.id().unwrap();
@@ -83,7 +86,7 @@ async fn run(n: usize, rotations: usize) -> Result {
     let (got_tx, mut got_rx) = mpsc::unbounded_channel::<(u64, Instant)>();
     let mut channels = Vec::new();
     for _ in 0..n.div_ceil(STREAMS_PER_CONNECTION) {
-        channels.push(dev.channel().await);
+        channels.push(dev.pod_channel().await);
     }
     for i in 0..n {
         let mut c = CredentialBrokerClient::new(channels[i / STREAMS_PER_CONNECTION].clone());

@@ -30,12 +30,16 @@ use crate::tls::pki::{DevPki, write_private};
 /// Trust domain of the dev PKI.
 pub const DEV_TRUST_DOMAIN: &str = "credbroker.local";
 
-/// Writes `ca.pem`, `server.pem`/`server.key` and the operator's
-/// `client.pem`/`client.key` into `dir`, and returns the server TLS config.
+/// Writes `ca.pem`, `server.pem`/`server.key`, the operator's
+/// `client.pem`/`client.key` and, given a tenant, a pod's
+/// `pod.pem`/`pod.key` into `dir`, and returns the server TLS config.
 ///
 /// # Errors
 /// On I/O or key generation failure.
-pub fn write_dev_pki(dir: &Path) -> anyhow::Result<crate::config::TlsConfig> {
+pub fn write_dev_pki(
+    dir: &Path,
+    pod_tenant: Option<uuid::Uuid>,
+) -> anyhow::Result<crate::config::TlsConfig> {
     std::fs::create_dir_all(dir)?;
     let pki = DevPki::new("credbroker dev CA")?;
     let server = pki.server(&[])?;
@@ -45,6 +49,11 @@ pub fn write_dev_pki(dir: &Path) -> anyhow::Result<crate::config::TlsConfig> {
     write_private(&dir.join("server.key"), &server.key)?;
     std::fs::write(dir.join("client.pem"), &client.cert)?;
     write_private(&dir.join("client.key"), &client.key)?;
+    if let Some(t) = pod_tenant {
+        let pod = pki.client(&format!("spiffe://{DEV_TRUST_DOMAIN}/tenant/{t}/pod/dev"))?;
+        std::fs::write(dir.join("pod.pem"), &pod.cert)?;
+        write_private(&dir.join("pod.key"), &pod.key)?;
+    }
     Ok(crate::config::TlsConfig {
         cert: dir.join("server.pem"),
         key: dir.join("server.key"),
@@ -185,8 +194,9 @@ pub async fn run(
     max_streams_per_tenant: usize,
     metrics_listen: Option<SocketAddr>,
     validation: DevValidation,
+    pod_tenant: Option<uuid::Uuid>,
 ) -> anyhow::Result<()> {
-    let tls = crate::tls::server_config(&write_dev_pki(dir)?)?;
+    let tls = crate::tls::server_config(&write_dev_pki(dir, pod_tenant)?)?;
     let (validator, _simulators, validation_label) = dev_validator(validation).await?;
     let listener = TcpListener::bind(listen)
         .await

@@ -88,6 +88,10 @@ enum Cmd {
         /// (demo keys), by format only, or against the live exchanges.
         #[arg(long, value_enum, default_value = "simulated")]
         validation: credbroker::dev::DevValidation,
+        /// Also write a workload certificate (`pod.pem`, `pod.key`) for a
+        /// pod of this tenant, to call as a trading pod does.
+        #[arg(long)]
+        pod_tenant: Option<uuid::Uuid>,
     },
 }
 
@@ -244,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
             max_streams_per_tenant,
             metrics_listen,
             validation,
+            pod_tenant,
         } => {
             credbroker::dev::run(
                 listen,
@@ -251,6 +256,7 @@ async fn main() -> anyhow::Result<()> {
                 max_streams_per_tenant,
                 metrics_listen,
                 validation,
+                pod_tenant,
             )
             .await
         }

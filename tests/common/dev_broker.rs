@@ -121,10 +121,23 @@ impl DevBroker {
 
     /// A channel using the operator certificate `dev` wrote.
     pub async fn channel(&self) -> Channel {
+        self.channel_as("client").await
+    }
+
+    /// A channel using the pod certificate `dev --pod-tenant` wrote.
+    pub async fn pod_channel(&self) -> Channel {
+        self.channel_as("pod").await
+    }
+
+    /// A channel presenting `{name}.pem` / `{name}.key`.
+    async fn channel_as(&self, name: &str) -> Channel {
         let read = |f: &str| std::fs::read(self.file(f)).unwrap();
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read("ca.pem")))
-            .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+            .identity(Identity::from_pem(
+                read(&format!("{name}.pem")),
+                read(&format!("{name}.key")),
+            ))
             .domain_name("localhost");
         Channel::from_shared(format!("https://localhost:{}", self.port))
             .unwrap()
