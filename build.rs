@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     fs::write(out.join("credbroker_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
+        // The broker's codec: prost with a small first encode buffer (see
+        // crates/proto/src/codec.rs).
+        .codec_path("crate::codec::Codec")
         // Messages that carry secret bytes get a hand-written, redacted Debug.
         .skip_debug([
             "credbroker.v1.CredentialSet",

@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 /// Generated protobuf types and gRPC stubs of `credbroker.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
