@@ -701,7 +701,8 @@ mod echo {
         fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
             let me = self.clone();
             Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                // The broker's own codec (credbroker.v1's), as the broker uses.
+                let mut grpc = tonic::server::Grpc::new(credbroker_proto::codec::Codec::default());
                 Ok(grpc.unary(me, req).await)
             })
         }
