@@ -244,9 +244,7 @@ pub async fn run(
             sweep: Duration::from_secs(3600),
         },
         streams_admitted: crate::rotation::watch::StreamLimits {
-            max: crate::server::ServerConfig::default()
-                .max_streams
-                .max(max_streams_per_tenant),
+            max: crate::server::DEFAULT_MAX_STREAMS.max(max_streams_per_tenant),
             per_tenant: max_streams_per_tenant.max(1),
         },
         front: crate::server::FrontDoor::default(),

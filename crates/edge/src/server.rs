@@ -200,6 +200,9 @@ pub async fn set_serving(reporter: &HealthReporter, serving: bool) {
 
 // ---- configuration: the [server] section, owned here (`config` re-exports it).
 
+/// WatchRotations streams one replica admits by default (`server.max_streams`).
+pub const DEFAULT_MAX_STREAMS: usize = 20_000;
+
 /// gRPC server settings.
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -242,7 +245,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             heartbeat_secs: 5,
             health_probe_secs: 5,
-            max_streams: 20_000,
+            max_streams: DEFAULT_MAX_STREAMS,
             max_streams_per_tenant: 10_000,
             max_stream_age_secs: 3600,
             max_connections: 20_000,

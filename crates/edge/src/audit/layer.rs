@@ -289,16 +289,16 @@ where
             let resp = crate::api::status::audit_unavailable(&e).into_http();
             return Box::pin(async move { Ok(resp) });
         }
+        // The ids the outermost layer gave the call (and its span), taken
+        // rather than copied: nothing after this layer reads them.
+        let ids = req
+            .extensions_mut()
+            .remove::<CallIds>()
+            .unwrap_or_else(|| CallIds::of(&req));
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let path = req.uri().path();
         let (name, action) = method(path);
         let changes = action.is_some_and(crate::auth::model::Action::changes_state);
-        // The ids the outermost layer gave the call (and its span).
-        let ids = req
-            .extensions()
-            .get::<CallIds>()
-            .cloned()
-            .unwrap_or_else(|| CallIds::of(&req));
         let call = CallAudit(Arc::new(Call {
             request_id: ids.request_id,
             trace_id: ids.trace_id,
