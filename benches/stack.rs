@@ -34,6 +34,8 @@
 mod backends;
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/server.rs"]
+mod server;
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -134,6 +136,7 @@ struct Setup {
 struct Target {
     name: &'static str,
     child: Option<Child>,
+    _server: Option<server::Server>,
     pid: u32,
     addr: String,
 }
@@ -322,6 +325,7 @@ async fn start_target(s: &Setup, name: &'static str) -> Target {
                 name,
                 pid: child.id(),
                 child: Some(child),
+                _server: None,
                 addr,
             }
         }
@@ -329,6 +333,7 @@ async fn start_target(s: &Setup, name: &'static str) -> Target {
             name,
             pid: s.bao.pid(),
             child: None,
+            _server: None,
             addr: s.bao.addr.clone(),
         },
         broker => start_broker(s, broker),
@@ -345,76 +350,13 @@ fn start_broker(s: &Setup, name: &'static str) -> Target {
         ),
         other => panic!("no broker profile {other}"),
     };
-    let dir = s.dir.path().join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let toml = format!(
-        r#"
-[server]
-listen = "127.0.0.1:0"
-
-[tls]
-cert = "{cert}"
-key = "{key}"
-client_ca = "{ca}"
-trust_domain = "{TD}"
-
-[vault]
-addr = "{vault}"
-[vault.auth]
-method = "token"
-
-[postgres]
-url = "{pg}"
-
-[validation]
-mode = "format"
-
-[telemetry]
-metrics_listen = "127.0.0.1:0"
-
-[checks]
-enabled = false
-
-{layers}
-spool_dir = "{spool}"
-"#,
-        cert = s.pki.path("server.pem").display(),
-        key = s.pki.path("server.key").display(),
-        ca = s.pki.path("ca.pem").display(),
-        vault = s.bao.addr,
-        pg = s.db.url(),
-        spool = dir.join("audit").display(),
-    );
-    let cfg = dir.join("credbroker.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_credbroker"))
-        .args(["server", "--config"])
-        .arg(&cfg)
-        .env("CREDBROKER__VAULT__AUTH__TOKEN", &s.bao.token)
-        .env("CREDBROKER_LOG_FORMAT", "json")
-        .env("CREDBROKER_LOG", "info,rustify=off,vaultrs=off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("credbroker server exited before listening")
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["fields"]["message"] == "credbroker listening (mTLS)" {
-            break v["fields"]["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep draining its log so the pipe never fills.
-    std::thread::spawn(move || for _ in lines {});
+    let server = server::start(&s.dir.path().join(name), &s.pki, &s.bao, &s.db, &layers);
     Target {
         name,
-        pid: child.id(),
-        child: Some(child),
-        addr,
+        pid: server.pid,
+        addr: server.addr.clone(),
+        child: None,
+        _server: Some(server),
     }
 }
 

@@ -66,13 +66,20 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Reconnect when no message (not even a heartbeat) arrives this long.
     pub silence_limit: Duration,
+    /// Time one connection attempt (TCP and TLS) may take. gRPC's
+    /// connection backoff gives every attempt at least 20 s
+    /// (`MIN_CONNECT_TIMEOUT`): when a replica dies, its pods reconnect to
+    /// the others at once, and a shorter deadline abandons handshakes the
+    /// busy survivors were about to finish, so the whole fleet retries.
+    pub connect_timeout: Duration,
     /// Bearer token sent on every call, re-read when the file changes.
     pub token: Option<token::TokenFile>,
 }
 
 impl ClientConfig {
     /// Defaults: backoff 100 ms … 30 s, silence limit 15 s (three missed
-    /// heartbeats at the server default of 5 s).
+    /// heartbeats at the server default of 5 s), 20 s per connection
+    /// attempt.
     pub fn new(
         endpoints: Vec<String>,
         ca_pem: Vec<u8>,
@@ -92,6 +99,7 @@ impl ClientConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             silence_limit: Duration::from_secs(15),
+            connect_timeout: Duration::from_secs(20),
             token: None,
         }
     }
@@ -124,6 +132,7 @@ pub struct Snapshot {
 pub struct CredentialHandle {
     state: Arc<ArcSwap<Snapshot>>,
     changes: watch::Receiver<u64>,
+    connection: watch::Receiver<Option<Arc<str>>>,
     cancel: CancellationToken,
 }
 
@@ -132,11 +141,13 @@ impl CredentialHandle {
     pub fn start(cfg: ClientConfig) -> Self {
         let state = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
         let (tx, changes) = watch::channel(0u64);
+        let (connected, connection) = watch::channel(None);
         let cancel = CancellationToken::new();
         let sup = Supervisor {
             cfg,
             state: state.clone(),
             changes: tx,
+            connected,
             generation: 0,
             pending: BTreeMap::new(),
         };
@@ -144,6 +155,7 @@ impl CredentialHandle {
         Self {
             state,
             changes,
+            connection,
             cancel,
         }
     }
@@ -162,6 +174,13 @@ impl CredentialHandle {
     /// value counts the changes.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.clone()
+    }
+
+    /// The endpoint whose WatchRotations stream is open and has answered
+    /// (None while connecting or between reconnects); the receiver sees
+    /// every change.
+    pub fn connection(&self) -> watch::Receiver<Option<Arc<str>>> {
+        self.connection.clone()
     }
 
     /// Waits until `exchange` is held at `version` or later.
@@ -199,6 +218,8 @@ struct Supervisor {
     cfg: ClientConfig,
     state: Arc<ArcSwap<Snapshot>>,
     changes: watch::Sender<u64>,
+    /// The endpoint of the live stream, once it answered.
+    connected: watch::Sender<Option<Arc<str>>>,
     generation: u64,
     /// Fetches to retry: the broker answered with a set older than an event
     /// announced (a replica that has not seen the event yet), or failed.
@@ -237,7 +258,10 @@ enum SessionEnd {
 impl Supervisor {
     async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Backoff::new(self.cfg.backoff_min, self.cfg.backoff_max);
-        let mut attempt = 0usize;
+        // A fleet's pods start at different endpoints (and move on in
+        // turn), so replicas share them and a lost replica's pods spread
+        // over the others.
+        let mut attempt = rand::random_range(0..self.cfg.endpoints.len().max(1));
         loop {
             let Some(endpoint) = self
                 .cfg
@@ -249,7 +273,9 @@ impl Supervisor {
                 return;
             };
             attempt += 1;
-            match self.session(&endpoint, &cancel).await {
+            let end = self.session(&endpoint, &cancel).await;
+            self.connected.send_replace(None);
+            match end {
                 SessionEnd::Cancelled => return,
                 SessionEnd::Retry { why, progressed } => {
                     if progressed {
@@ -281,7 +307,7 @@ impl Supervisor {
             .map_err(|e| format!("bad endpoint: {e}"))?
             .tls_config(tls)
             .map_err(|e| format!("tls: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(self.cfg.connect_timeout)
             .connect()
             .await
             .map_err(|e| format!("connect: {e}"))?;
@@ -346,6 +372,9 @@ impl Supervisor {
                 }
                 Ok(Ok(Some(m))) => m,
             };
+            if !progressed {
+                self.connected.send_replace(Some(Arc::from(endpoint)));
+            }
             progressed = true;
             let Some(message) = msg.message else { continue };
             if !matches!(message, Message::State(_))

@@ -157,6 +157,12 @@ impl Simulators {
         lock(&self.keys).insert((ex, api_key.to_owned()), key);
     }
 
+    /// Deletes a key, as the exchange does when its owner deletes it:
+    /// every later request signed with it is refused.
+    pub fn remove_key(&self, ex: ExchangeId, api_key: &str) {
+        lock(&self.keys).remove(&(ex, api_key.to_owned()));
+    }
+
     /// Changes a registered key.
     pub fn update_key(&self, ex: ExchangeId, api_key: &str, f: impl FnOnce(&mut SimKey)) {
         if let Some(k) = lock(&self.keys).get_mut(&(ex, api_key.to_owned())) {

@@ -297,32 +297,25 @@ pub trait AuditSink: Send + Sync + 'static {
     /// When the record cannot be kept: the caller must fail.
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError>;
 
-    /// [`AuditSink::append`], unless that would wait for another append
-    /// in progress: then `None`, and the caller (an async task) yields to
-    /// its other work and tries again, instead of blocking its worker
-    /// thread. `scratch` (empty on the first try) keeps what was prepared
-    /// between tries.
-    fn try_append(
-        &self,
-        record: &AuditRecord,
-        scratch: &mut Vec<u8>,
-    ) -> Option<Result<(), AuditError>> {
-        let _ = scratch;
-        Some(self.append(record))
+    /// Hands `record` over to be written with whatever else is waiting
+    /// (a group append: one write for every record the worker's other
+    /// calls handed over meanwhile); the [`Ticket`] says when it is
+    /// written and how that went. Nothing is written until some caller
+    /// runs [`AuditSink::write_submitted`], which every submitter does
+    /// itself until its ticket is settled, so no record waits on a thread
+    /// the scheduler may wake late. The default writes at once.
+    fn submit(&self, record: &AuditRecord) -> Ticket {
+        Ticket::settled(self.append(record))
     }
 
-    /// [`AuditSink::append`] of a record [`AuditSink::try_append`] already
-    /// prepared in `scratch`, waiting for the append in progress.
-    ///
-    /// # Errors
-    /// As [`AuditSink::append`].
-    fn append_prepared(
-        &self,
-        record: &AuditRecord,
-        scratch: &mut Vec<u8>,
-    ) -> Result<(), AuditError> {
-        let _ = scratch;
-        self.append(record)
+    /// Writes every submitted record not yet written, in submission order,
+    /// unless another caller is writing (then `false`, and the caller
+    /// yields and tries again: the other writer may be taking its record
+    /// too). With `wait`, waits for that writer instead; every record
+    /// submitted before the call is written (or failed) when it returns.
+    fn write_submitted(&self, wait: bool) -> bool {
+        let _ = wait;
+        true
     }
 
     /// Keeps `record`, which could not be appended after its call had an
@@ -339,6 +332,30 @@ pub trait AuditSink: Send + Sync + 'static {
     /// The reason it could not.
     fn check(&self) -> Result<(), AuditError> {
         Ok(())
+    }
+}
+
+/// A record handed to [`AuditSink::submit`]: settled once the record is
+/// written or could not be. Clones share the outcome.
+#[derive(Clone, Debug, Default)]
+pub struct Ticket(std::sync::Arc<std::sync::OnceLock<Result<(), AuditError>>>);
+
+impl Ticket {
+    /// A ticket whose record is already written, or already failed.
+    pub fn settled(result: Result<(), AuditError>) -> Self {
+        let t = Self::default();
+        t.settle(result);
+        t
+    }
+
+    /// Records the outcome (the first one counts).
+    pub fn settle(&self, result: Result<(), AuditError>) {
+        let _ = self.0.set(result);
+    }
+
+    /// The outcome, once there is one.
+    pub fn result(&self) -> Option<Result<(), AuditError>> {
+        self.0.get().cloned()
     }
 }
 

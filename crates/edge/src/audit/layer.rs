@@ -37,8 +37,9 @@ use super::{AuditError, AuditRecord, AuditSink};
 use crate::broker::types::{ExchangeId, TenantId};
 use crate::telemetry::traces::{CallIds, fast_v7};
 
-/// Tries of a busy spool before waiting on its lock (each a yield to the
-/// worker's other tasks; another append holds the lock for a few µs).
+/// Yields while another append writes before waiting on the spool's lock
+/// (each a yield to the worker's other tasks; a group's write holds the
+/// lock for a few µs).
 const MAX_TRIES: u32 = 64;
 
 /// What the inner layers learned about the call.
@@ -386,21 +387,24 @@ async fn finish(
         return with_request_id(resp, call);
     }
     let record = call.record(note, code);
-    // A busy spool is tried again after the worker's other tasks
-    // ran, instead of blocking the worker thread on another call's
-    // append (on two cores, a worker asleep on a futex is half the
-    // machine idle). Bounded: should the other append's thread be
-    // descheduled, this one waits on the lock after all.
-    let mut scratch = Vec::new();
+    // A group append: the record is handed over, then this task yields
+    // once, so the calls this worker runs meanwhile hand theirs over too,
+    // and the first to come back writes them all with one write(2). No
+    // task sleeps waiting for another thread: each writes the group
+    // itself unless another is writing it (then it yields and looks
+    // again). Bounded: should that writer's thread be descheduled, this
+    // one waits on the lock after all.
+    let ticket = sink.submit(&record);
     let mut tries = 0;
     let appended = loop {
-        if let Some(done) = sink.try_append(&record, &mut scratch) {
+        if let Some(done) = ticket.result() {
             break done;
         }
-        tries += 1;
-        if tries == MAX_TRIES {
-            break sink.append_prepared(&record, &mut scratch);
+        if tries > 0 && sink.write_submitted(tries == MAX_TRIES) {
+            // Written by this task or the one before it.
+            continue;
         }
+        tries += 1;
         tokio::task::yield_now().await;
     };
     if let Err(e) = appended {
@@ -444,11 +448,12 @@ mod tests {
     use crate::audit::AuditError;
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    /// A sink that is always busy to `try_append`, and records what
-    /// `append` (the wait on the lock) gets.
+    /// A sink whose writer is always busy to a caller that does not
+    /// wait, and records what the wait on the lock writes.
     #[derive(Default)]
     struct Busy {
         tries: AtomicU32,
+        queued: Mutex<Vec<(AuditRecord, crate::audit::Ticket)>>,
         appended: Mutex<Vec<AuditRecord>>,
     }
 
@@ -458,9 +463,25 @@ mod tests {
             Ok(())
         }
 
-        fn try_append(&self, _: &AuditRecord, _: &mut Vec<u8>) -> Option<Result<(), AuditError>> {
-            self.tries.fetch_add(1, Ordering::Relaxed);
-            None
+        fn submit(&self, record: &AuditRecord) -> crate::audit::Ticket {
+            let t = crate::audit::Ticket::default();
+            self.queued
+                .lock()
+                .unwrap()
+                .push((record.clone(), t.clone()));
+            t
+        }
+
+        fn write_submitted(&self, wait: bool) -> bool {
+            if !wait {
+                self.tries.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            for (r, t) in self.queued.lock().unwrap().drain(..) {
+                self.appended.lock().unwrap().push(r);
+                t.settle(Ok(()));
+            }
+            true
         }
     }
 
@@ -481,7 +502,7 @@ mod tests {
             .body(())
             .unwrap();
         let resp = svc.call(req).await.unwrap();
-        assert_eq!(sink.tries.load(Ordering::Relaxed), MAX_TRIES);
+        assert_eq!(sink.tries.load(Ordering::Relaxed), MAX_TRIES - 1);
         let appended = sink.appended.lock().unwrap();
         assert_eq!(appended.len(), 1, "recorded once, by waiting");
         assert_eq!(appended[0].action, "GetCredentials");

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use super::chain::{ChainedRecord, GENESIS};
-use super::{AuditError, AuditRecord, AuditSink, chain::link_hash_of};
+use super::{AuditError, AuditRecord, AuditSink, Ticket, chain::link_hash_of};
 use crate::broker::ports::AuditRow;
 
 /// A segment is closed and a new one started beyond this size.
@@ -72,6 +72,20 @@ struct Writer {
     prev_hash: String,
     /// Appended since the shipper last took them, in file order.
     fresh: Vec<Fresh>,
+    /// The group being written, kept to be written into again.
+    batch: Vec<u8>,
+    /// An empty queue to swap with [`Spool::queue`].
+    spare_queue: Vec<Queued>,
+}
+
+/// A record submitted and not yet written.
+struct Queued {
+    /// Its JSON body.
+    body: String,
+    id: Uuid,
+    at: time::OffsetDateTime,
+    tenant: Option<crate::broker::types::TenantId>,
+    ticket: Ticket,
 }
 
 /// The spool of one replica.
@@ -82,6 +96,9 @@ pub struct Spool {
     chain_str: String,
     max_bytes: u64,
     writer: Mutex<Writer>,
+    /// Records submitted and not yet written, in submission order (a
+    /// group append: whoever takes the writer next writes them all).
+    queue: Mutex<Vec<Queued>>,
     /// An empty buffer for [`Writer::fresh`], kept from the shipper.
     spare: Mutex<Vec<Fresh>>,
     dirty: AtomicBool,
@@ -239,7 +256,10 @@ impl Spool {
                 seq,
                 prev_hash,
                 fresh: Vec::new(),
+                batch: Vec::new(),
+                spare_queue: Vec::new(),
             }),
+            queue: Mutex::default(),
             spare: Mutex::default(),
             dirty: AtomicBool::new(false),
             unshipped: AtomicU64::new(unshipped),
@@ -342,9 +362,9 @@ impl Spool {
         }
     }
 
-    /// The line's start, `{"body":` and the record's JSON, built outside
-    /// the writer's lock; refused when the spool is full.
-    fn start_line(&self, record: &AuditRecord, bytes: &mut Vec<u8>) -> Result<(), AuditError> {
+    /// The record's JSON body, built outside the writer's lock and before
+    /// anything waits; refused when the spool is full.
+    fn prepare(&self, record: &AuditRecord) -> Result<Queued, AuditError> {
         let unshipped = self.unshipped();
         if unshipped >= self.max_bytes {
             return Err(AuditError::Full(unshipped));
@@ -356,51 +376,137 @@ impl Spool {
                 "audit spool is over 80 % full: PostgreSQL has not taken records for a while; calls will be refused when it is full"
             );
         }
-        // The line by hand, the body first and serialized straight into it
-        // (canonical JSON, embedded verbatim, exactly as `ChainedRecord`
-        // reads it back); the chain fields follow once the hash is known.
-        bytes.clear();
-        bytes.reserve(1024);
-        bytes.extend_from_slice(BODY_KEY);
-        record.write_json(bytes)
+        // Canonical JSON, embedded verbatim in the line, exactly as
+        // `ChainedRecord` reads it back; the chain fields follow once the
+        // hash is known.
+        let mut body = Vec::with_capacity(1024);
+        record.write_json(&mut body)?;
+        Ok(Queued {
+            body: String::from_utf8(body).map_err(|e| AuditError::Io(e.to_string()))?,
+            id: record.id,
+            at: record.timestamp,
+            tenant: record.tenant_id,
+            ticket: Ticket::default(),
+        })
     }
 
-    /// Chains and writes the line `start_line` began in `bytes`, under the
-    /// writer's lock.
-    fn finish_line(
-        &self,
-        w: &mut Writer,
-        record: &AuditRecord,
-        bytes: &mut Vec<u8>,
-    ) -> Result<(), AuditError> {
-        let (start, end) = (BODY_KEY.len(), bytes.len());
-        let at_nanos = i64::try_from(record.timestamp.unix_timestamp_nanos()).unwrap_or(i64::MAX);
-        if w.len >= self.segment_bytes {
-            let next = w.segment + 1;
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(segment_path(&self.dir, next))
-                .map_err(|e| AuditError::Io(e.to_string()))?;
-            // No fsync under this lock (every call would wait behind it):
-            // the flusher syncs the old segment, then the directory, then
-            // the new segment, in that order (see `sync`).
-            let old = std::mem::replace(&mut w.file, file);
-            w.retired.push(old);
-            w.segment = next;
-            w.len = 0;
-            self.dir_dirty.store(true, Ordering::Release);
-            self.dirty.store(true, Ordering::Release);
+    /// Chains every submitted record and writes their lines in one
+    /// `write(2)`, under the writer's lock; settles their tickets.
+    fn write_queue(&self, w: &mut Writer) {
+        let mut queue = {
+            let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            if q.is_empty() {
+                return;
+            }
+            std::mem::replace(&mut *q, std::mem::take(&mut w.spare_queue))
+        };
+        if let Err(e) = self.roll_if_full(w) {
+            self.fail(w, &mut queue, &e);
+            return;
         }
-        let seq = w.seq + 1;
-        let body =
-            std::str::from_utf8(&bytes[start..end]).map_err(|e| AuditError::Io(e.to_string()))?;
-        let hash = link_hash_of(&self.chain_str, seq, &w.prev_hash, body);
-        // The shipper's copy of the body, only while it is being kept.
-        let body = (w.fresh.len() < FRESH_MAX).then(|| body.to_owned());
-        let prev_hash = std::mem::take(&mut w.prev_hash);
-        // The chain fields without the formatting machinery (this runs
-        // once per call, under the lock).
+        let (seq0, prev0) = (w.seq, w.prev_hash.clone());
+        let mut batch = std::mem::take(&mut w.batch);
+        batch.clear();
+        // Each line's (length, seq, prev_hash, hash), for the shipper's rows.
+        let mut links = Vec::with_capacity(queue.len());
+        for q in &queue {
+            let seq = w.seq + 1;
+            let hash = link_hash_of(&self.chain_str, seq, &w.prev_hash, &q.body);
+            let prev_hash = std::mem::replace(&mut w.prev_hash, hash.clone());
+            let start = batch.len();
+            batch.extend_from_slice(BODY_KEY);
+            batch.extend_from_slice(q.body.as_bytes());
+            self.chain_fields(&mut batch, seq, &prev_hash, &hash, q);
+            links.push(((batch.len() - start) as u64, seq, prev_hash, hash));
+            w.seq = seq;
+        }
+        // One write for the group: the OS has every line when it returns.
+        self.note("write");
+        let written = w.file.write_all(&batch);
+        w.batch = batch;
+        if let Err(e) = written {
+            // A part written (a full disk) is cut off again, so the next
+            // line starts where the chain and the offsets expect it.
+            let _ = w.file.set_len(w.len);
+            w.seq = seq0;
+            w.prev_hash = prev0;
+            // Said once per outage, not once per refused call.
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(
+                    "the audit spool cannot be written ({e}): calls are refused (health NOT_SERVING) until a probe write succeeds"
+                );
+            }
+            self.fail(w, &mut queue, &AuditError::Io(e.to_string()));
+            return;
+        }
+        if self.broken.swap(false, Ordering::Relaxed) {
+            tracing::warn!("the audit spool can be written again: calls are served");
+        }
+        let mut total = 0;
+        for (q, (len, seq, prev_hash, hash)) in queue.drain(..).zip(links) {
+            // The shipper's row (the body moved, not copied), only while
+            // rows are being kept.
+            if w.fresh.len() < FRESH_MAX {
+                let (segment, offset) = (w.segment, w.len);
+                w.fresh.push(Fresh {
+                    segment,
+                    offset,
+                    len,
+                    row: AuditRow {
+                        id: q.id,
+                        at: q.at,
+                        tenant: q.tenant,
+                        chain_id: self.chain_id,
+                        seq,
+                        prev_hash,
+                        hash,
+                        body: q.body,
+                    },
+                });
+            }
+            w.len += len;
+            total += len;
+            q.ticket.settle(Ok(()));
+        }
+        w.spare_queue = queue;
+        self.unshipped.fetch_add(total, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Settles every ticket of `queue` with `e`.
+    fn fail(&self, w: &mut Writer, queue: &mut Vec<Queued>, e: &AuditError) {
+        for q in queue.drain(..) {
+            q.ticket.settle(Err(e.clone()));
+        }
+        w.spare_queue = std::mem::take(queue);
+    }
+
+    /// Starts the next segment once this one is full.
+    fn roll_if_full(&self, w: &mut Writer) -> Result<(), AuditError> {
+        if w.len < self.segment_bytes {
+            return Ok(());
+        }
+        let next = w.segment + 1;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(segment_path(&self.dir, next))
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        // No fsync under this lock (every call would wait behind it): the
+        // flusher syncs the old segment, then the directory, then the new
+        // segment, in that order (see `sync`).
+        let old = std::mem::replace(&mut w.file, file);
+        w.retired.push(old);
+        w.segment = next;
+        w.len = 0;
+        self.dir_dirty.store(true, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The chain fields after the body, without the formatting machinery
+    /// (this runs once per record, under the lock).
+    fn chain_fields(&self, bytes: &mut Vec<u8>, seq: u64, prev_hash: &str, hash: &str, q: &Queued) {
         let (mut digits, mut id) = (itoa::Buffer::new(), Uuid::encode_buffer());
         for part in [
             &b",\"chain_id\":\""[..],
@@ -412,13 +518,14 @@ impl Spool {
             b"\",\"hash\":\"",
             hash.as_bytes(),
             b"\",\"id\":\"",
-            record.id.as_hyphenated().encode_lower(&mut id).as_bytes(),
+            q.id.as_hyphenated().encode_lower(&mut id).as_bytes(),
             b"\",\"at_nanos\":",
         ] {
             bytes.extend_from_slice(part);
         }
+        let at_nanos = i64::try_from(q.at.unix_timestamp_nanos()).unwrap_or(i64::MAX);
         bytes.extend_from_slice(digits.format(at_nanos).as_bytes());
-        match record.tenant_id {
+        match q.tenant {
             Some(t) => {
                 bytes.extend_from_slice(b",\"tenant_id\":\"");
                 bytes.extend_from_slice(
@@ -428,50 +535,6 @@ impl Spool {
             }
             None => bytes.extend_from_slice(b"}\n"),
         }
-        // One write of the whole line: the OS has it when this returns.
-        if let Err(e) = w.file.write_all(bytes) {
-            // A part written (a full disk) is cut off again, so the next
-            // line starts where the chain and the offsets expect it.
-            let len = w.len;
-            let _ = w.file.set_len(len);
-            w.prev_hash = prev_hash;
-            // Said once per outage, not once per refused call.
-            if !self.broken.swap(true, Ordering::Relaxed) {
-                tracing::error!(
-                    "the audit spool cannot be written ({e}): calls are refused (health NOT_SERVING) until a probe write succeeds"
-                );
-            }
-            return Err(AuditError::Io(e.to_string()));
-        }
-        if self.broken.swap(false, Ordering::Relaxed) {
-            tracing::warn!("the audit spool can be written again: calls are served");
-        }
-        let line = bytes.len() as u64;
-        if let Some(body) = body {
-            let row = AuditRow {
-                id: record.id,
-                at: record.timestamp,
-                tenant: record.tenant_id,
-                chain_id: self.chain_id,
-                seq,
-                prev_hash,
-                hash: hash.clone(),
-                body,
-            };
-            let (segment, offset) = (w.segment, w.len);
-            w.fresh.push(Fresh {
-                segment,
-                offset,
-                len: line,
-                row,
-            });
-        }
-        w.seq = seq;
-        w.prev_hash = hash;
-        w.len += line;
-        self.unshipped.fetch_add(line, Ordering::Relaxed);
-        self.dirty.store(true, Ordering::Release);
-        Ok(())
     }
 
     /// Flushes the segment to disk now if anything was appended.
@@ -559,7 +622,7 @@ impl Spool {
             return;
         }
         let record = AuditRecord::audit_probe();
-        match self.append_prepared(&record, &mut Vec::new()) {
+        match self.append(&record) {
             Ok(()) => {
                 p.1.reset();
                 drop(p);
@@ -624,37 +687,40 @@ impl Spool {
 
 impl AuditSink for Spool {
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError> {
-        self.append_prepared(record, &mut Vec::new())
+        let ticket = self.submit(record);
+        if ticket.result().is_none() {
+            self.write_submitted(true);
+        }
+        ticket
+            .result()
+            .unwrap_or_else(|| Err(AuditError::Io("the record was not written".into())))
     }
 
-    fn try_append(
-        &self,
-        record: &AuditRecord,
-        scratch: &mut Vec<u8>,
-    ) -> Option<Result<(), AuditError>> {
-        if scratch.is_empty()
-            && let Err(e) = self.start_line(record, scratch)
-        {
-            return Some(Err(e));
+    fn submit(&self, record: &AuditRecord) -> Ticket {
+        match self.prepare(record) {
+            Ok(q) => {
+                let ticket = q.ticket.clone();
+                self.queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(q);
+                ticket
+            }
+            Err(e) => Ticket::settled(Err(e)),
         }
+    }
+
+    fn write_submitted(&self, wait: bool) -> bool {
         let mut w = match self.writer.try_lock() {
             Ok(w) => w,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
+            Err(TryLockError::WouldBlock) if wait => {
+                self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+            }
+            Err(TryLockError::WouldBlock) => return false,
         };
-        Some(self.finish_line(&mut w, record, scratch))
-    }
-
-    fn append_prepared(
-        &self,
-        record: &AuditRecord,
-        scratch: &mut Vec<u8>,
-    ) -> Result<(), AuditError> {
-        if scratch.is_empty() {
-            self.start_line(record, scratch)?;
-        }
-        let mut w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        self.finish_line(&mut w, record, scratch)
+        self.write_queue(&mut w);
+        true
     }
 
     fn defer(&self, record: AuditRecord) {
@@ -821,33 +887,59 @@ mod tests {
     }
 
     #[test]
-    fn a_busy_spool_is_tried_again_and_the_record_written_once() {
+    fn submitted_records_are_written_as_one_group_in_order_by_whoever_takes_the_writer() {
         let dir = tempfile::tempdir().unwrap();
         let s = Spool::open(dir.path(), 1 << 30).unwrap();
         s.append(&record(0)).unwrap();
-        let (r, mut scratch) = (record(1), Vec::new());
-        {
-            // Another call's append holds the writer.
+        s.ops.lock().unwrap().clear();
+        let tickets: Vec<Ticket> = {
+            // Another call's write holds the writer.
             let _busy = s.writer.lock().unwrap();
-            assert!(s.try_append(&r, &mut scratch).is_none());
-            assert!(s.try_append(&r, &mut scratch).is_none());
-        }
-        // The body was prepared once, while waiting, and is what is written.
-        assert!(scratch.starts_with(BODY_KEY));
-        s.try_append(&r, &mut scratch).unwrap().unwrap();
+            let t = (1..4).map(|n| s.submit(&record(n))).collect();
+            assert!(!s.write_submitted(false), "busy: the caller yields");
+            t
+        };
+        assert!(tickets.iter().all(|t| t.result().is_none()));
+        assert!(s.write_submitted(false));
+        assert!(tickets.iter().all(|t| matches!(t.result(), Some(Ok(())))));
+        assert_eq!(*s.ops.lock().unwrap(), ["write"], "one write for the group");
+        // Nothing left: nothing written.
+        assert!(s.write_submitted(false));
+        assert_eq!(s.ops.lock().unwrap().len(), 1);
         let all = lines(dir.path());
-        assert_eq!(all.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![1, 2]);
+        assert_eq!(all.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3, 4]);
+        for (n, l) in all.iter().enumerate() {
+            let r: AuditRecord = serde_json::from_str(&l.body).unwrap();
+            assert_eq!(r.versions, [n as u64], "in submission order");
+            assert_eq!(l.hash, link_hash(l.chain_id, l.seq, &l.prev_hash, &l.body));
+        }
+        for w in all.windows(2) {
+            assert_eq!(w[1].prev_hash, w[0].hash);
+        }
+        // What the shipper is handed is what the file holds.
+        let fresh = s.take_fresh();
+        assert_eq!(fresh.len(), 4);
+        let mut offset = 0;
+        for (f, l) in fresh.iter().zip(&all) {
+            assert_eq!(
+                (f.offset, f.row.seq, &f.row.hash, &f.row.body),
+                (offset, l.seq, &l.hash, &l.body)
+            );
+            offset += f.len;
+        }
         assert_eq!(
-            serde_json::from_str::<AuditRecord>(&all[1].body).unwrap(),
-            r
+            offset,
+            std::fs::metadata(segment_path(dir.path(), 1))
+                .unwrap()
+                .len()
         );
-        // A full spool refuses on the first try, before waiting for anything.
+        // A full spool refuses at once, before anything waits.
         let small = tempfile::tempdir().unwrap();
         let s = Spool::open(small.path(), 10).unwrap();
         s.append(&record(0)).unwrap();
         let _busy = s.writer.lock().unwrap();
         assert!(matches!(
-            s.try_append(&r, &mut Vec::new()),
+            s.submit(&record(1)).result(),
             Some(Err(AuditError::Full(_)))
         ));
     }
@@ -884,9 +976,10 @@ mod tests {
             s.append(&record(n)).unwrap();
         }
         assert!(
-            s.ops.lock().unwrap().is_empty(),
+            s.ops.lock().unwrap().iter().all(|op| op == "write"),
             "no sync while appending (under the lock)"
         );
+        s.ops.lock().unwrap().clear();
         s.sync().unwrap();
         assert_eq!(
             *s.ops.lock().unwrap(),

@@ -1,0 +1,513 @@
+//! The fleet drill: a rotation under load, with a replica lost mid-rotation.
+//!
+//! Starts `DRILL_REPLICAS` release `credbroker server` replicas (default 2,
+//! default limits, the audit trail on) on one PostgreSQL and one OpenBao,
+//! and a simulated Binance that accepts a key only while it exists there.
+//! `DRILL_PODS` pods (default 1,000), each a [`CredentialHandle`] (the Rust
+//! handle, its own mTLS connection, every replica in its endpoint list),
+//! sign requests to the simulator with the key they hold, `DRILL_RATE` a
+//! second each (default 10 below 5,000 pods, else 1). Then: the operator
+//! creates the next key at the exchange and calls Rotate with an overlap of
+//! `DRILL_OVERLAP_SECS` (default 10); at `DRILL_KILL_AT` of the overlap
+//! (default 0.5) the first replica is killed with SIGKILL; when the overlap
+//! ends the exchange deletes the old key; the load runs `DRILL_AFTER_SECS`
+//! more (default 3).
+//!
+//! It reports requests signed with the deleted key (must be 0), pods still
+//! on the old key when the overlap ends (must be 0), the swap time (Rotate
+//! sent → the pod holds the new version) p50/p99/max, the killed
+//! replica's pods' time to resubscribe (SIGKILL → a stream on another
+//! replica answered) p50/p99/max, Vault operations and read-path misses
+//! (each one PostgreSQL read) per rotation per replica, and broker RSS per
+//! subscriber; prints a table and writes JSON (`DRILL_JSON`, default
+//! `$CARGO_TARGET_DIR/drill.json`). `cargo test --benches` runs a small
+//! drill (60 pods, a 4 s overlap) and asserts the zeros.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/backends.rs"]
+mod backends;
+#[path = "common/server.rs"]
+mod server;
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use backends::{Bao, Pki, TD, TestDb};
+use credbroker::api::pb::{self, credential_broker_client::CredentialBrokerClient};
+use credbroker_client::{ClientConfig, CredentialHandle};
+use credbroker_core::broker::types::{ExchangeId, TenantId};
+use credbroker_sim::{SimKey, Simulators, native_permissions};
+use hdrhistogram::Histogram;
+use secrecy::{ExposeSecret as _, SecretString};
+
+const OLD_KEY: &str = "drillKeyOld0000000000";
+const OLD_SECRET: &str = "drillSecretOld000000000";
+const NEW_KEY: &str = "drillKeyNew0000000000";
+const NEW_SECRET: &str = "drillSecretNew000000000";
+
+fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
+    std::env::var(k).ok().map_or(d, |v| {
+        v.parse()
+            .unwrap_or_else(|_| panic!("{k}: cannot parse {v:?}"))
+    })
+}
+
+struct Plan {
+    pods: usize,
+    rate: f64,
+    replicas: usize,
+    overlap: u32,
+    kill_at: f64,
+    after: f64,
+}
+
+/// What the pods' requests met at the exchange.
+#[derive(Default)]
+struct Tally {
+    sent: AtomicU64,
+    accepted: AtomicU64,
+    refused: AtomicU64,
+    /// Signed with the old key after the exchange deleted it.
+    with_deleted_key: AtomicU64,
+    /// Signed with the old key at all after the rotation (fine within the
+    /// overlap).
+    with_old_key_after_rotate: AtomicU64,
+}
+
+fn main() {
+    // 10,000 pods losing a replica warn 5,000 times: only errors, unless
+    // CREDBROKER_LOG says otherwise.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CREDBROKER_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .try_init();
+    backends::init();
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let pods = env_or("DRILL_PODS", if quick { 60 } else { 1_000 });
+    let plan = Plan {
+        pods,
+        rate: env_or("DRILL_RATE", if pods < 5_000 { 10.0 } else { 1.0 }),
+        replicas: env_or("DRILL_REPLICAS", 2usize).max(2),
+        overlap: env_or("DRILL_OVERLAP_SECS", if quick { 4 } else { 10 }),
+        kill_at: env_or("DRILL_KILL_AT", 0.5f64).clamp(0.0, 0.95),
+        after: env_or("DRILL_AFTER_SECS", if quick { 1.5 } else { 3.0 }),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let report = rt.block_on(drill(&plan));
+    println!("{}", report.table());
+    let path = std::env::var("DRILL_JSON").unwrap_or_else(|_| {
+        let dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        format!("{dir}/drill.json")
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&report.json).unwrap()).unwrap();
+    println!("JSON: {path}");
+    // The drill's promises, checked on every run.
+    assert_eq!(
+        report.json["requests_with_deleted_key"], 0,
+        "a request was signed with a deleted key"
+    );
+    assert_eq!(
+        report.json["pods_on_old_key_at_overlap_end"], 0,
+        "pods were left on the old key"
+    );
+    assert_eq!(
+        report.json["requests_refused"], 0,
+        "the exchange refused requests"
+    );
+    assert_eq!(
+        report.json["pods_swapped"], plan.pods,
+        "not every pod swapped"
+    );
+    assert_eq!(
+        report.json["killed_replica_pods_resubscribed"], report.json["killed_replica_pods"],
+        "not every pod of the killed replica resubscribed"
+    );
+}
+
+struct Report {
+    json: serde_json::Value,
+}
+
+impl Report {
+    fn table(&self) -> String {
+        let j = &self.json;
+        let ms = |v: &serde_json::Value| format!("{:.1} ms", v.as_f64().unwrap_or(f64::NAN));
+        let mut out = format!(
+            "fleet drill: {} pods at {}/s each over {} replicas, overlap {} s, replica 0 killed at {} s\n",
+            j["pods"], j["rate_per_pod"], j["replicas"], j["overlap_secs"], j["kill_after_secs"]
+        );
+        out += &format!(
+            "requests: {} sent, {} accepted, {} refused; signed with the deleted key: {}; with the old key after Rotate (within the overlap): {}\n",
+            j["requests_sent"],
+            j["requests_accepted"],
+            j["requests_refused"],
+            j["requests_with_deleted_key"],
+            j["requests_with_old_key_after_rotate"]
+        );
+        out += &format!(
+            "pods on the old key when the overlap ended: {}; swapped {} of {}: p50 {} p99 {} max {}\n",
+            j["pods_on_old_key_at_overlap_end"],
+            j["pods_swapped"],
+            j["pods"],
+            ms(&j["swap_ms"]["p50"]),
+            ms(&j["swap_ms"]["p99"]),
+            ms(&j["swap_ms"]["max"])
+        );
+        out += &format!(
+            "killed replica's pods: {}, resubscribed {}: p50 {} p99 {} max {}\n",
+            j["killed_replica_pods"],
+            j["killed_replica_pods_resubscribed"],
+            ms(&j["resubscribe_ms"]["p50"]),
+            ms(&j["resubscribe_ms"]["p99"]),
+            ms(&j["resubscribe_ms"]["max"])
+        );
+        for r in j["per_replica"].as_array().into_iter().flatten() {
+            out += &format!(
+                "replica {}: {} subscribers at start, RSS per subscriber {} B; during the rotation: {} Vault operations, {} read-path misses (PostgreSQL reads){}\n",
+                r["replica"],
+                r["subscribers"],
+                r["rss_per_subscriber_bytes"],
+                r["vault_ops"],
+                r["cache_misses"],
+                if r["killed"] == true {
+                    " (until killed)"
+                } else {
+                    ""
+                }
+            );
+        }
+        out
+    }
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Sums the samples of the named metric families.
+async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<&'static str, f64> {
+    let text = http
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut out = BTreeMap::new();
+    for (key, prefix) in [
+        ("vault_ops", "alphapulse_vault_operations_total"),
+        ("cache_misses", "credbroker_cache_misses_total"),
+    ] {
+        let sum: f64 = text
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        out.insert(key, sum);
+    }
+    out
+}
+
+fn summary(h: &Histogram<u64>) -> serde_json::Value {
+    let q = |p: f64| h.value_at_quantile(p) as f64 / 1000.0;
+    serde_json::json!({"p50": q(0.5), "p99": q(0.99), "max": h.max() as f64 / 1000.0, "count": h.len()})
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
+}
+
+async fn drill(plan: &Plan) -> Report {
+    let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
+    let pki = Pki::new();
+    let sims = Arc::new(Simulators::start().await.unwrap());
+    let sim_url = sims.urls[&ExchangeId::Binance].clone();
+    let dir = tempfile::tempdir().unwrap();
+    let mut replicas: Vec<server::Server> = (0..plan.replicas)
+        .map(|i| server::start(&dir.path().join(format!("r{i}")), &pki, &bao, &db, ""))
+        .collect();
+    let idle_rss: Vec<u64> = replicas.iter().map(|r| rss_bytes(r.pid)).collect();
+    let endpoints: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("https://localhost:{}", r.addr.rsplit(':').next().unwrap()))
+        .collect();
+    let survivor = replicas.last().unwrap().addr.parse().unwrap();
+    let mut op = CredentialBrokerClient::new(
+        pki.channel(survivor, &[&format!("spiffe://{TD}/operator/drill")])
+            .await,
+    );
+    let tenant = uuid::Uuid::new_v4();
+    let perms = native_permissions(ExchangeId::Binance, false, false);
+    // The key a person created at the exchange, stored.
+    sims.add_key(
+        ExchangeId::Binance,
+        OLD_KEY,
+        SimKey::hmac(OLD_SECRET, perms.clone()),
+    );
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.to_string(),
+        exchange: "binance".into(),
+        credentials: Some(pb::CredentialSet {
+            api_key: OLD_KEY.into(),
+            api_secret: OLD_SECRET.into(),
+            passphrase: None,
+        }),
+    })
+    .await
+    .unwrap();
+
+    // The fleet: one handle (one connection) per pod, started in waves so
+    // the handshakes do not all land at once.
+    let pair = pki
+        .ca
+        .client_with_uris(&[&format!("spiffe://{TD}/tenant/{tenant}/pod/drill")])
+        .unwrap();
+    let mut handles = Vec::with_capacity(plan.pods);
+    for wave in (0..plan.pods).collect::<Vec<_>>().chunks(250) {
+        let mut started = Vec::new();
+        for i in wave {
+            let mut cfg = ClientConfig::new(
+                endpoints.clone(),
+                pki.ca.ca_pem().into_bytes(),
+                pair.cert.clone().into_bytes(),
+                SecretString::from(pair.key.clone()),
+                TenantId::new(tenant),
+            );
+            cfg.domain = Some("localhost".into());
+            cfg.exchanges = vec![ExchangeId::Binance];
+            cfg.instance = Some(format!("pod-{i}"));
+            started.push(CredentialHandle::start(cfg));
+        }
+        for h in &started {
+            h.wait_for(ExchangeId::Binance, 1, Duration::from_secs(120))
+                .await
+                .expect("a pod never got its first set");
+        }
+        handles.extend(started);
+    }
+    let on = |h: &CredentialHandle| h.connection().borrow().clone();
+    let mut per_replica = Vec::new();
+    for (i, r) in replicas.iter().enumerate() {
+        let ep = &endpoints[i];
+        let subs = handles
+            .iter()
+            .filter(|h| on(h).as_deref() == Some(ep.as_str()))
+            .count();
+        let grown = rss_bytes(r.pid).saturating_sub(idle_rss[i]);
+        per_replica.push(serde_json::json!({
+            "replica": i,
+            "subscribers": subs,
+            "rss_per_subscriber_bytes": if subs > 0 { grown / subs as u64 } else { 0 },
+        }));
+    }
+
+    // The load: every pod signs requests with the key it holds now.
+    let tally = Arc::new(Tally::default());
+    let rotated = Arc::new(AtomicBool::new(false));
+    let deleted = Arc::new(AtomicBool::new(false));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(512)
+        .build()
+        .unwrap();
+    let mut load = tokio::task::JoinSet::new();
+    for h in &handles {
+        let (h, tally, http, url) = (h.clone(), tally.clone(), http.clone(), sim_url.clone());
+        let (rotated, deleted, stop) = (rotated.clone(), deleted.clone(), stop.clone());
+        let period = Duration::from_secs_f64(1.0 / plan.rate);
+        load.spawn(async move {
+            // A random phase, so the fleet's requests spread over the period.
+            tokio::time::sleep(period.mul_f64(rand::random::<f64>())).await;
+            let mut tick = tokio::time::interval(period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(c) = h.get(ExchangeId::Binance) else {
+                    continue;
+                };
+                let key = c.current.api_key.clone();
+                let ts = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+                let query = format!("recvWindow=5000&timestamp={ts}");
+                let sig = credbroker_exchange::signing::binance(
+                    c.current.api_secret.expose_secret(),
+                    &query,
+                    "",
+                );
+                let old = key == OLD_KEY;
+                // Read before sending: a request that left before the
+                // deletion may still arrive after it (the exchange's race,
+                // not the broker's), and is not counted against it.
+                let deleted_before = deleted.load(Ordering::Acquire);
+                if old && rotated.load(Ordering::Acquire) {
+                    tally
+                        .with_old_key_after_rotate
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                if old && deleted_before {
+                    tally.with_deleted_key.fetch_add(1, Ordering::Relaxed);
+                }
+                tally.sent.fetch_add(1, Ordering::Relaxed);
+                let ok = http
+                    .get(format!(
+                        "{url}/sapi/v1/account/apiRestrictions?{query}&signature={sig}"
+                    ))
+                    .header("X-MBX-APIKEY", key)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success());
+                let counter = if ok { &tally.accepted } else { &tally.refused };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    // Warm-up: the load runs on the old key.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let metrics_http = reqwest::Client::new();
+    let mut before = Vec::new();
+    for r in &replicas {
+        before.push(scrape(&metrics_http, &r.metrics).await);
+    }
+
+    // The rotation: the next key exists at the exchange, then Rotate.
+    sims.add_key(
+        ExchangeId::Binance,
+        NEW_KEY,
+        SimKey::hmac(NEW_SECRET, perms),
+    );
+    let t_rotate = Instant::now();
+    let mut swaps = tokio::task::JoinSet::new();
+    for h in &handles {
+        let h = h.clone();
+        swaps.spawn(async move {
+            h.wait_for(ExchangeId::Binance, 2, Duration::from_secs(60))
+                .await
+                .ok()
+                .map(|_| t_rotate.elapsed())
+        });
+    }
+    op.rotate(pb::RotateRequest {
+        tenant_id: tenant.to_string(),
+        exchange: "binance".into(),
+        credentials: Some(pb::CredentialSet {
+            api_key: NEW_KEY.into(),
+            api_secret: NEW_SECRET.into(),
+            passphrase: None,
+        }),
+        overlap_seconds: Some(plan.overlap),
+    })
+    .await
+    .unwrap();
+    rotated.store(true, Ordering::Release);
+    let overlap = Duration::from_secs(plan.overlap.into());
+
+    // Mid-rotation, replica 0 is lost.
+    tokio::time::sleep_until((t_rotate + overlap.mul_f64(plan.kill_at)).into()).await;
+    let killed_ep = endpoints[0].clone();
+    let victims: Vec<CredentialHandle> = handles
+        .iter()
+        .filter(|h| on(h).as_deref() == Some(killed_ep.as_str()))
+        .cloned()
+        .collect();
+    let mut at_kill = scrape(&metrics_http, &replicas[0].metrics).await;
+    replicas[0].kill();
+    let t_kill = Instant::now();
+    let mut resubs = tokio::task::JoinSet::new();
+    for h in &victims {
+        let (mut rx, killed) = (h.connection(), killed_ep.clone());
+        resubs.spawn(async move {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                rx.wait_for(|c| c.as_deref().is_some_and(|c| c != killed)),
+            )
+            .await
+            .ok()
+            .map(|_| t_kill.elapsed())
+        });
+    }
+
+    // The overlap ends: the exchange deletes the old key.
+    tokio::time::sleep_until((t_rotate + overlap).into()).await;
+    let on_old = handles
+        .iter()
+        .filter(|h| h.get(ExchangeId::Binance).is_none_or(|c| c.version < 2))
+        .count();
+    sims.remove_key(ExchangeId::Binance, OLD_KEY);
+    deleted.store(true, Ordering::Release);
+    tokio::time::sleep(Duration::from_secs_f64(plan.after)).await;
+    stop.cancel();
+    while load.join_next().await.is_some() {}
+    let mut after = Vec::new();
+    for r in &replicas[1..] {
+        after.push(scrape(&metrics_http, &r.metrics).await);
+    }
+
+    let mut swap = histogram();
+    while let Some(r) = swaps.join_next().await {
+        if let Some(d) = r.unwrap() {
+            swap.record(d.as_micros().max(1) as u64).unwrap();
+        }
+    }
+    let mut resub = histogram();
+    while let Some(r) = resubs.join_next().await {
+        if let Some(d) = r.unwrap() {
+            resub.record(d.as_micros().max(1) as u64).unwrap();
+        }
+    }
+    for h in &handles {
+        h.stop();
+    }
+    for (i, r) in per_replica.iter_mut().enumerate() {
+        let end = if i == 0 {
+            std::mem::take(&mut at_kill)
+        } else {
+            after[i - 1].clone()
+        };
+        for key in ["vault_ops", "cache_misses"] {
+            r[key] = serde_json::json!(end[key] - before[i][key]);
+        }
+        r["killed"] = serde_json::json!(i == 0);
+    }
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Report {
+        json: serde_json::json!({
+            "pods": plan.pods,
+            "rate_per_pod": plan.rate,
+            "replicas": plan.replicas,
+            "overlap_secs": plan.overlap,
+            "kill_after_secs": plan.overlap as f64 * plan.kill_at,
+            "requests_sent": n(&tally.sent),
+            "requests_accepted": n(&tally.accepted),
+            "requests_refused": n(&tally.refused),
+            "requests_with_deleted_key": n(&tally.with_deleted_key),
+            "requests_with_old_key_after_rotate": n(&tally.with_old_key_after_rotate),
+            "pods_on_old_key_at_overlap_end": on_old,
+            "pods_swapped": swap.len(),
+            "swap_ms": summary(&swap),
+            "killed_replica_pods": victims.len(),
+            "killed_replica_pods_resubscribed": resub.len(),
+            "resubscribe_ms": summary(&resub),
+            "per_replica": per_replica,
+        }),
+    }
+}
