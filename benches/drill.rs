@@ -17,7 +17,7 @@
 //! on the old key when the overlap ends (must be 0), the swap time (Rotate
 //! sent → the pod holds the new version) p50/p99/max, the killed
 //! replica's pods' time to resubscribe (SIGKILL → a stream on another
-//! replica answered) p50/p99/max, Vault operations and read-path misses
+//! replica admitted) p50/p99/max, Vault operations and read-path misses
 //! (each one PostgreSQL read) per rotation per replica, and broker RSS per
 //! subscriber; prints a table and writes JSON (`DRILL_JSON`, default
 //! `$CARGO_TARGET_DIR/drill.json`). `cargo test --benches` runs a small
@@ -212,16 +212,40 @@ async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<&'static str, f6
         .await
         .unwrap();
     let mut out = BTreeMap::new();
-    for (key, prefix) in [
-        ("vault_ops", "alphapulse_vault_operations_total"),
-        ("cache_misses", "credbroker_cache_misses_total"),
+    for (key, prefix, filter) in [
+        ("vault_ops", "alphapulse_vault_operations_total", ""),
+        ("cache_misses", "credbroker_cache_misses_total", ""),
+        (
+            "refused_calls",
+            "credbroker_grpc_server_handled_total",
+            "RESOURCE_EXHAUSTED",
+        ),
+        (
+            "unavailable_calls",
+            "credbroker_grpc_server_handled_total",
+            "UNAVAILABLE",
+        ),
     ] {
         let sum: f64 = text
             .lines()
-            .filter(|l| l.starts_with(prefix))
+            .filter(|l| l.starts_with(prefix) && l.contains(filter))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         out.insert(key, sum);
+    }
+    // Refusals by method: (`refused:<method>`).
+    for l in text.lines().filter(|l| {
+        l.starts_with("credbroker_grpc_server_handled_total") && l.contains("RESOURCE_EXHAUSTED")
+    }) {
+        let method = l
+            .split("method=\"")
+            .nth(1)
+            .and_then(|m| m.split('"').next());
+        let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+        if let (Some(m), Some(n)) = (method, n) {
+            let key: &'static str = Box::leak(format!("refused:{m}").into_boxed_str());
+            *out.entry(key).or_default() += n;
+        }
     }
     out
 }
@@ -483,8 +507,8 @@ async fn drill(plan: &Plan) -> Report {
         } else {
             after[i - 1].clone()
         };
-        for key in ["vault_ops", "cache_misses"] {
-            r[key] = serde_json::json!(end[key] - before[i][key]);
+        for (key, v) in &end {
+            r[*key] = serde_json::json!(v - before[i].get(key).copied().unwrap_or(0.0));
         }
         r["killed"] = serde_json::json!(i == 0);
     }

@@ -462,3 +462,41 @@ async fn database_errors_name_what_failed_without_values() {
     assert!(m.contains("SQLSTATE 22001"), "{m}");
     assert!(!m.contains("SECRETVALUE"), "{m}");
 }
+
+/// A fleet acknowledging at once: the acknowledgements queued while one
+/// group is written go out together, every one lands, a repeated one is
+/// harmless, and one naming a credential that does not exist is NOT_FOUND
+/// without failing the rest of its group.
+#[tokio::test]
+async fn a_fleets_acknowledgements_land_together_and_each_gets_its_own_answer() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut op = env.operator().await;
+    op.validate_and_store(crate::support::store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let meta = env.broker().metadata();
+    let t: TenantId = tenant.parse().unwrap();
+    let now = OffsetDateTime::now_utc();
+    let acks = (0..500).map(|i| {
+        let meta = meta.clone();
+        async move {
+            meta.acknowledge(t, ExchangeId::Binance, &format!("pod-{i}"), 1, now)
+                .await
+        }
+    });
+    let again = meta.acknowledge(t, ExchangeId::Binance, "pod-7", 1, now);
+    let missing = meta.acknowledge(t, ExchangeId::Okx, "pod-0", 1, now);
+    let (results, again, missing) = tokio::join!(futures::future::join_all(acks), again, missing);
+    for r in &results {
+        assert!(r.is_ok(), "{r:?}");
+    }
+    again.unwrap();
+    assert!(
+        matches!(missing, Err(MetadataStoreError::NotFound)),
+        "{missing:?}"
+    );
+    let adoption = meta.adoption(t, ExchangeId::Binance).await.unwrap();
+    assert_eq!(adoption.len(), 500);
+    assert!(adoption.iter().all(|a| a.version == 1));
+}

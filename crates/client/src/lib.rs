@@ -176,9 +176,9 @@ impl CredentialHandle {
         self.changes.clone()
     }
 
-    /// The endpoint whose WatchRotations stream is open and has answered
-    /// (None while connecting or between reconnects); the receiver sees
-    /// every change.
+    /// The endpoint whose WatchRotations stream the broker admitted (None
+    /// while connecting or between reconnects); the receiver sees every
+    /// change.
     pub fn connection(&self) -> watch::Receiver<Option<Arc<str>>> {
         self.connection.clone()
     }
@@ -218,7 +218,7 @@ struct Supervisor {
     cfg: ClientConfig,
     state: Arc<ArcSwap<Snapshot>>,
     changes: watch::Sender<u64>,
-    /// The endpoint of the live stream, once it answered.
+    /// The endpoint of the live stream, once the broker admitted it.
     connected: watch::Sender<Option<Arc<str>>>,
     generation: u64,
     /// Fetches to retry: the broker answered with a set older than an event
@@ -342,6 +342,8 @@ impl Supervisor {
             Ok(r) => r.into_inner(),
             Err(s) => return self.on_status(s, false),
         };
+        // Admitted: the broker holds the subscription from here on.
+        self.connected.send_replace(Some(Arc::from(endpoint)));
         let mut progressed = false;
         // Exchanges named by this connection's initial state; None once the
         // state phase is over.
@@ -372,9 +374,6 @@ impl Supervisor {
                 }
                 Ok(Ok(Some(m))) => m,
             };
-            if !progressed {
-                self.connected.send_replace(Some(Arc::from(endpoint)));
-            }
             progressed = true;
             let Some(message) = msg.message else { continue };
             if !matches!(message, Message::State(_))

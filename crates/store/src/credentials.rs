@@ -393,27 +393,8 @@ impl MetadataStore for PgMetadataStore {
         version: u64,
         at: OffsetDateTime,
     ) -> Result<(), MetadataStoreError> {
-        let subscriber = subscriber.to_owned();
-        self.in_tx("acknowledge", Scope::Tenant(tenant), |tx| {
-            Box::pin(async move {
-                let n = tx
-                    .execute(
-                        "INSERT INTO rotation_acks (tenant_id, exchange, subscriber, version, acked_at) \
-                         SELECT tenant_id, exchange, $3, $4, $5 FROM tenant_credentials \
-                         WHERE tenant_id = $1 AND exchange = $2 \
-                         ON CONFLICT (tenant_id, exchange, subscriber) \
-                         DO UPDATE SET version = EXCLUDED.version, acked_at = EXCLUDED.acked_at",
-                        &[&tenant.as_uuid(), &exchange.as_str(), &subscriber, &to_i64(version), &at],
-                    )
-                    .await
-                    .map_err(pg_err)?;
-                if n == 0 {
-                    return Err(MetadataStoreError::NotFound);
-                }
-                Ok(())
-            })
-        })
-        .await
+        self.acknowledge_grouped(tenant, exchange, subscriber, version, at)
+            .await
     }
 
     async fn adoption(

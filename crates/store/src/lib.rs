@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod acks;
 mod audit;
 mod credentials;
 mod events;
@@ -68,6 +69,8 @@ pub struct PgMetadataStore {
     pool: Pool,
     partitions: audit::KnownDays,
     shipped: audit::ShippedThrough,
+    /// Shared by clones: one queue per pool.
+    acks: std::sync::Arc<acks::Acks>,
 }
 
 /// Whose rows a transaction may see.
@@ -87,6 +90,7 @@ impl PgMetadataStore {
             pool,
             partitions: audit::KnownDays::default(),
             shipped: audit::ShippedThrough::default(),
+            acks: std::sync::Arc::default(),
         }
     }
 
