@@ -202,7 +202,7 @@ fn rss_bytes(pid: u32) -> u64 {
 }
 
 /// Sums the samples of the named metric families.
-async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<&'static str, f64> {
+async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<String, f64> {
     let text = http
         .get(format!("http://{addr}/metrics"))
         .send()
@@ -231,7 +231,7 @@ async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<&'static str, f6
             .filter(|l| l.starts_with(prefix) && l.contains(filter))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        out.insert(key, sum);
+        out.insert(key.to_owned(), sum);
     }
     // Refusals by method: (`refused:<method>`).
     for l in text.lines().filter(|l| {
@@ -243,8 +243,7 @@ async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<&'static str, f6
             .and_then(|m| m.split('"').next());
         let n = l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
         if let (Some(m), Some(n)) = (method, n) {
-            let key: &'static str = Box::leak(format!("refused:{m}").into_boxed_str());
-            *out.entry(key).or_default() += n;
+            *out.entry(format!("refused:{m}")).or_default() += n;
         }
     }
     out
@@ -508,7 +507,7 @@ async fn drill(plan: &Plan) -> Report {
             after[i - 1].clone()
         };
         for (key, v) in &end {
-            r[*key] = serde_json::json!(v - before[i].get(key).copied().unwrap_or(0.0));
+            r[key.as_str()] = serde_json::json!(v - before[i].get(key).copied().unwrap_or(0.0));
         }
         r["killed"] = serde_json::json!(i == 0);
     }

@@ -404,7 +404,7 @@ impl Spool {
             self.fail(w, &mut queue, &e);
             return;
         }
-        let (seq0, prev0) = (w.seq, w.prev_hash.clone());
+        let seq0 = w.seq;
         let mut batch = std::mem::take(&mut w.batch);
         batch.clear();
         // Each line's (length, seq, prev_hash, hash), for the shipper's rows.
@@ -428,8 +428,11 @@ impl Spool {
             // A part written (a full disk) is cut off again, so the next
             // line starts where the chain and the offsets expect it.
             let _ = w.file.set_len(w.len);
+            // Back to the head before the group: the first line's link.
             w.seq = seq0;
-            w.prev_hash = prev0;
+            if let Some((_, _, prev, _)) = links.into_iter().next() {
+                w.prev_hash = prev;
+            }
             // Said once per outage, not once per refused call.
             if !self.broken.swap(true, Ordering::Relaxed) {
                 tracing::error!(
