@@ -184,6 +184,26 @@ async fn dev_validator(
     })
 }
 
+/// Writes `simulators.json` into the dev directory: each simulated exchange's
+/// base URL, for pods and tests that point an exchange client at it.
+fn write_simulator_urls(dir: &Path, sims: &Simulators) -> anyhow::Result<()> {
+    let urls: serde_json::Map<String, serde_json::Value> = sims
+        .urls
+        .iter()
+        .map(|(ex, url)| {
+            (
+                ex.as_str().to_owned(),
+                serde_json::Value::from(url.as_str()),
+            )
+        })
+        .collect();
+    std::fs::write(
+        dir.join("simulators.json"),
+        serde_json::to_vec_pretty(&urls)?,
+    )?;
+    Ok(())
+}
+
 /// Runs the dev broker until SIGINT/SIGTERM.
 ///
 /// # Errors
@@ -197,7 +217,10 @@ pub async fn run(
     pod_tenant: Option<uuid::Uuid>,
 ) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&write_dev_pki(dir, pod_tenant)?)?;
-    let (validator, _simulators, validation_label) = dev_validator(validation).await?;
+    let (validator, simulators, validation_label) = dev_validator(validation).await?;
+    if let Some(sims) = &simulators {
+        write_simulator_urls(dir, sims)?;
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("--listen {listen}: cannot bind ({e})"))?;
@@ -253,6 +276,14 @@ pub async fn run(
         clock: Arc::new(SystemClock),
     };
     let running = app::start(backends, settings, listener).await?;
+    if simulators.is_some() {
+        println!(
+            "Exchange simulators: {}/simulators.json names their base URLs (point an \
+             exchange client there); PUT or DELETE <url>{}<api_key> creates or deletes a key.",
+            dir.display(),
+            crate::exchange::sim::CONTROL_KEYS
+        );
+    }
     println!("{}", grpcurl_examples(dir, addr, validation_label));
     let token = running.shutdown_token();
     tokio::spawn(async move {

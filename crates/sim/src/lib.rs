@@ -208,9 +208,12 @@ async fn handle(State(sim): State<Sim>, req: Request) -> Response {
     let query = parts.uri.query().unwrap_or("").to_owned();
     let method = parts.method.as_str().to_owned();
     let h = &parts.headers;
+    if let Some(api_key) = path.strip_prefix(CONTROL_KEYS) {
+        return control(&sim, &method, api_key, &body);
+    }
     let verdict = match sim.ex {
         ExchangeId::Binance => binance(&sim, h, &query, &body),
-        ExchangeId::Bybit => bybit(&sim, h, &query),
+        ExchangeId::Bybit => bybit(&sim, h, &method, &query, &body),
         ExchangeId::Okx => okx(&sim, h, &method, &path, &query, &body),
         ExchangeId::Coinbase => coinbase(&sim, h, &method, &path),
         ExchangeId::Kraken => kraken(&sim, h, &path, &body),
@@ -290,12 +293,78 @@ fn answer(ex: ExchangeId, path: &str, key: &SimKey) -> Response {
             (200, json!({"error": [], "result": perms}))
         }
         (ExchangeId::Kucoin, "/api/v1/accounts") => (200, json!({"code": "200000", "data": []})),
+        // Order placement, answered as each exchange acknowledges a new
+        // order (nothing is matched: the simulators check who signed).
+        (ExchangeId::Binance, "/api/v3/order") => (
+            200,
+            json!({"symbol": "BTCUSDT", "orderId": order_id(), "orderListId": -1,
+                   "clientOrderId": "sim", "transactTime": now_ms()}),
+        ),
+        (ExchangeId::Bybit, "/v5/order/create") => (
+            200,
+            json!({"retCode": 0, "retMsg": "OK",
+                   "result": {"orderId": order_id().to_string(), "orderLinkId": ""},
+                   "retExtInfo": {}, "time": now_ms()}),
+        ),
+        (ExchangeId::Okx, "/api/v5/trade/order") => (
+            200,
+            json!({"code": "0", "msg": "", "data": [{"ordId": order_id().to_string(),
+                   "clOrdId": "", "tag": "", "sCode": "0", "sMsg": "Order placed"}]}),
+        ),
+        (ExchangeId::Kucoin, "/api/v1/orders") => (
+            200,
+            json!({"code": "200000", "data": {"orderId": order_id().to_string()}}),
+        ),
         (ExchangeId::Kucoin, "/api/v1/user/api-key") => {
             (200, json!({"code": "200000", "data": perms}))
         }
         _ => (404, json!({"msg": "not found"})),
     };
     reply(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body)
+}
+
+fn order_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Where a simulator takes key changes, as an exchange's web UI would:
+/// `PUT {CONTROL_KEYS}{api_key}` with `{"secret": .., "passphrase": ..,
+/// "withdraw": false}` creates (or replaces) a key that can read and trade;
+/// `DELETE` deletes it. Not an exchange endpoint: dev mode and tests only.
+pub const CONTROL_KEYS: &str = "/__sim/keys/";
+
+fn control(sim: &Sim, method: &str, api_key: &str, body: &str) -> Response {
+    if api_key.is_empty() {
+        return reply(StatusCode::BAD_REQUEST, json!({"error": "name the key"}));
+    }
+    let entry = (sim.ex, api_key.to_owned());
+    match method {
+        "DELETE" => {
+            let existed = lock(&sim.keys).remove(&entry).is_some();
+            reply(StatusCode::OK, json!({"deleted": existed}))
+        }
+        "PUT" => {
+            let Ok(v) = serde_json::from_str::<Value>(body) else {
+                return reply(StatusCode::BAD_REQUEST, json!({"error": "a JSON body"}));
+            };
+            let Some(secret) = v["secret"].as_str() else {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": "secret is required"}),
+                );
+            };
+            let withdraw = v["withdraw"].as_bool().unwrap_or(false);
+            let mut key = SimKey::hmac(secret, native_permissions(sim.ex, withdraw, true));
+            key.passphrase = v["passphrase"].as_str().map(str::to_owned);
+            lock(&sim.keys).insert(entry, key);
+            reply(StatusCode::OK, json!({"created": true}))
+        }
+        _ => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"error": "PUT or DELETE"}),
+        ),
+    }
 }
 
 fn known(sim: &Sim, api_key: &str) -> Option<SimKey> {
@@ -319,7 +388,9 @@ fn binance(sim: &Sim, h: &HeaderMap, query: &str, body: &str) -> Verdict {
             "Invalid API-key, IP, or permissions for action.",
         );
     };
-    let Some((payload, sig)) = query.rsplit_once("&signature=") else {
+    // The signature may close the query string or the body; the HMAC covers
+    // the query string followed by the body, both without it ("totalParams").
+    let Some((query, body, sig)) = split_signature(query, body) else {
         return err(
             StatusCode::BAD_REQUEST,
             -1102,
@@ -327,7 +398,7 @@ fn binance(sim: &Sim, h: &HeaderMap, query: &str, body: &str) -> Verdict {
         );
     };
     let param = |name: &str| {
-        payload
+        query
             .split('&')
             .chain(body.split('&'))
             .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
@@ -343,7 +414,7 @@ fn binance(sim: &Sim, h: &HeaderMap, query: &str, body: &str) -> Verdict {
             "Timestamp for this request is outside of the recvWindow.",
         );
     }
-    if signing::binance(&key.secret, payload, body) != sig {
+    if signing::binance(&key.secret, query, body) != sig {
         return err(
             StatusCode::BAD_REQUEST,
             -1022,
@@ -360,9 +431,23 @@ fn binance(sim: &Sim, h: &HeaderMap, query: &str, body: &str) -> Verdict {
     Verdict::Ok(key)
 }
 
-// Bybit v5: `ts + key + recvWindow + queryString`; rule
-// `server - recvWindow <= ts < server + 1000`; errors in retCode, HTTP 200.
-fn bybit(sim: &Sim, h: &HeaderMap, query: &str) -> Verdict {
+/// Binance's `signature` parameter, last in the query string or, failing
+/// that, last in the body: (query, body, signature) with it removed.
+fn split_signature<'a>(query: &'a str, body: &'a str) -> Option<(&'a str, &'a str, &'a str)> {
+    let cut = |s: &'a str| {
+        s.rsplit_once("&signature=")
+            .or_else(|| s.strip_prefix("signature=").map(|sig| ("", sig)))
+    };
+    if let Some((q, sig)) = cut(query) {
+        return Some((q, body, sig));
+    }
+    cut(body).map(|(b, sig)| (query, b, sig))
+}
+
+// Bybit v5: `ts + key + recvWindow + (queryString | jsonBodyString)` (the
+// body for POST); rule `server - recvWindow <= ts < server + 1000`; errors in
+// retCode, HTTP 200.
+fn bybit(sim: &Sim, h: &HeaderMap, method: &str, query: &str, body: &str) -> Verdict {
     let err = |code: i64, msg: &str| {
         Verdict::Deny(reply(
             StatusCode::OK,
@@ -387,7 +472,7 @@ fn bybit(sim: &Sim, h: &HeaderMap, query: &str) -> Verdict {
         u64::try_from(ts).unwrap_or(0),
         api_key,
         u64::try_from(recv).unwrap_or(0),
-        query,
+        if method == "POST" { body } else { query },
     );
     if expected != header(h, "x-bapi-sign") {
         return err(10004, "error sign! origin_string[...]");
