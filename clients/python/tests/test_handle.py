@@ -24,7 +24,9 @@ def store(dev: Dev, tenant: str, exchange: str, keys: KeySet) -> None:
         b.close()
 
 
-def rotate(dev: Dev, tenant: str, exchange: str, keys: KeySet, overlap: Optional[int] = None) -> int:
+def rotate(
+    dev: Dev, tenant: str, exchange: str, keys: KeySet, overlap: Optional[int] = None
+) -> int:
     dev.sim_key(exchange, keys)
     b = dev.operator(tenant)
     try:
@@ -33,7 +35,9 @@ def rotate(dev: Dev, tenant: str, exchange: str, keys: KeySet, overlap: Optional
         b.close()
 
 
-def test_holds_the_set_and_swaps_on_rotation(dev: Dev, tenant: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_holds_the_set_and_swaps_on_rotation(
+    dev: Dev, tenant: str, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     k1, k2 = fresh_keys("bybit"), fresh_keys("bybit")
     store(dev, tenant, "bybit", k1)
@@ -49,6 +53,11 @@ def test_holds_the_set_and_swaps_on_rotation(dev: Dev, tenant: str, caplog: pyte
         assert second.current == k2
         assert second.previous == k1, "the overlap's previous set is held too"
         assert second.previous_valid_until is not None
+        # Callbacks run on the handle's thread right after the swap.
+        for _ in range(100):
+            if len(swaps) == 2:
+                break
+            threading.Event().wait(0.05)
         assert swaps == [("bybit", None, 1), ("bybit", 1, 2)]
         # Operators see that this pod adopted version 2.
         b = dev.operator(tenant)
@@ -141,7 +150,9 @@ def test_asyncio_handle_delivers_swaps_on_the_loop(dev: Dev, tenant: str) -> Non
             assert h.get().current == k1
             loop = asyncio.get_running_loop()
 
-            async def on_swap(ex: str, old: Optional[Credentials], new: Optional[Credentials]) -> None:
+            async def on_swap(
+                ex: str, old: Optional[Credentials], new: Optional[Credentials]
+            ) -> None:
                 assert asyncio.get_running_loop() is loop
                 seen.append(new.version if new else 0)
 
