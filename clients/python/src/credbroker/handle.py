@@ -78,7 +78,7 @@ class CredentialHandle:
         *,
         acknowledge: bool = True,
         ack_jitter: float = 1.0,
-        stream_idle_timeout: float = 60.0,
+        stream_idle_timeout: float = 20.0,
         reconnect_cap: float = 30.0,
     ) -> None:
         self.config = config

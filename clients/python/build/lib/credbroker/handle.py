@@ -77,12 +77,14 @@ class CredentialHandle:
         exchanges: Sequence[str] = (),
         *,
         acknowledge: bool = True,
-        stream_idle_timeout: float = 60.0,
+        ack_jitter: float = 1.0,
+        stream_idle_timeout: float = 20.0,
         reconnect_cap: float = 30.0,
     ) -> None:
         self.config = config
         self.exchanges = [e.lower() for e in exchanges]
         self._acknowledge = acknowledge
+        self._ack_jitter = ack_jitter
         self._idle_timeout = stream_idle_timeout
         self._token = TokenFile(config.token_file)
         self._held: Dict[str, Credentials] = {}
@@ -357,12 +359,23 @@ class CredentialHandle:
             and creds is not None
             and (old is None or old.version != creds.version)
         ):
-            self._ack(name, creds.version)
+            if self._ack_jitter > 0:
+                # A fleet swaps within milliseconds; spreading its
+                # acknowledgements keeps them off the swap's path (and the
+                # broker's) without making operators wait noticeably.
+                t = threading.Timer(
+                    random.uniform(0, self._ack_jitter), self._ack, (name, creds.version)
+                )
+                t.daemon = True
+                t.start()
+            else:
+                self._ack(name, creds.version)
 
     def _ack(self, name: str, version: int) -> None:
+        """Best effort: a lost acknowledgement only delays what operators see."""
         broker = self._broker
-        if broker is None:
-            return  # the next stream's state message leads to a fetch and an ack
+        if broker is None or self._stop.is_set() or self.version(name) != version:
+            return  # a newer version is acknowledged on its own
         try:
             broker.acknowledge(name, version)
         except grpc.RpcError as e:
