@@ -10,7 +10,7 @@ import re
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Tuple
 
 import ccxt
 import ccxt.async_support as ccxt_async
@@ -51,54 +51,38 @@ def balance(ex: Any) -> Any:
     return ex.private_get_accounts()
 
 
+# Each exchange's documented order request: (ccxt implicit method, params,
+# the client order id's field).
+ORDERS: Dict[str, Tuple[str, Dict[str, str], str]] = {
+    "binance": (
+        "private_post_order",
+        {"symbol": "BTCUSDT", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC"}
+        | {"quantity": "0.001", "price": "10000"},
+        "newClientOrderId",
+    ),
+    "bybit": (
+        "private_post_v5_order_create",
+        {"category": "spot", "symbol": "BTCUSDT", "side": "Buy", "orderType": "Limit"}
+        | {"qty": "0.001", "price": "10000"},
+        "orderLinkId",
+    ),
+    "okx": (
+        "private_post_trade_order",
+        {"instId": "BTC-USDT", "tdMode": "cash", "side": "buy", "ordType": "limit"}
+        | {"sz": "0.001", "px": "10000"},
+        "clOrdId",
+    ),
+    "kucoin": (
+        "private_post_orders",
+        {"side": "buy", "symbol": "BTC-USDT", "type": "limit", "price": "10000", "size": "0.001"},
+        "clientOid",
+    ),
+}
+
+
 def order(ex: Any) -> Any:
-    name, oid = ex.id, uuid.uuid4().hex[:16]
-    if name == "binance":
-        return ex.private_post_order(
-            {
-                "symbol": "BTCUSDT",
-                "side": "BUY",
-                "type": "LIMIT",
-                "timeInForce": "GTC",
-                "quantity": "0.001",
-                "price": "10000",
-                "newClientOrderId": oid,
-            }
-        )
-    if name == "bybit":
-        return ex.private_post_v5_order_create(
-            {
-                "category": "spot",
-                "symbol": "BTCUSDT",
-                "side": "Buy",
-                "orderType": "Limit",
-                "qty": "0.001",
-                "price": "10000",
-                "orderLinkId": oid,
-            }
-        )
-    if name == "okx":
-        return ex.private_post_trade_order(
-            {
-                "instId": "BTC-USDT",
-                "tdMode": "cash",
-                "side": "buy",
-                "ordType": "limit",
-                "sz": "0.001",
-                "px": "10000",
-                "clOrdId": oid,
-            }
-        )
-    return ex.private_post_orders(
-        {
-            "clientOid": oid,
-            "side": "buy",
-            "symbol": "BTC-USDT",
-            "type": "limit",
-            "price": "10000",
-            "size": "0.001",
-        }
-    )
+    method, params, id_field = ORDERS[ex.id]
+    return getattr(ex, method)({**params, id_field: uuid.uuid4().hex[:16]})
 
 
 def accepted(name: str, answer: Any) -> bool:
