@@ -63,7 +63,6 @@ class Binding:
         self._applied: Optional[Credentials] = None
         self._original: Callable[..., Any] = exchange.sign
         self._bound = True
-        self.applied_version = 0
 
         def sign(*args: Any, **kwargs: Any) -> Any:
             with self._lock:
@@ -74,6 +73,11 @@ class Binding:
         exchange.sign = sign
         self._install(handle.get(name))
         handle.on_swap(self._on_swap)
+
+    @property
+    def applied_version(self) -> int:
+        """The version the exchange object holds now."""
+        return self._applied.version if self._applied else 0
 
     def __repr__(self) -> str:
         return f"Binding({self.exchange.id!r} → {self.name}, version {self.applied_version})"
@@ -87,7 +91,6 @@ class Binding:
             ex.secret = cur.api_secret
             ex.password = cur.passphrase or ""
             self._applied = creds
-            self.applied_version = creds.version
 
     def _on_swap(self, name: str, _old: Optional[Credentials], new: Optional[Credentials]) -> None:
         if name != self.name or new is None or not self._bound:
