@@ -14,6 +14,7 @@ mod devmode;
 mod examples;
 mod exchanges;
 mod hygiene;
+mod keys;
 mod mtls;
 mod outages;
 mod readpath;

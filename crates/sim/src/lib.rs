@@ -7,6 +7,8 @@
 
 #![forbid(unsafe_code)]
 
+mod keys;
+
 use std::{
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
@@ -65,6 +67,15 @@ pub struct SimKey {
     pub fault: Fault,
     /// Coinbase: the public key its JWTs are verified with.
     pub cdp_public_key: Option<CdpPublicKey>,
+    /// A master account's key: the sub-accounts whose API keys it may
+    /// create, list and delete (empty: an ordinary key).
+    pub manages: Vec<String>,
+    /// The sub-account a key belongs to (keys minted through the API).
+    pub sub_account: Option<String>,
+    /// The note (label, remark) given when the key was created.
+    pub note: String,
+    /// When the key was created (Unix milliseconds).
+    pub created_ms: i64,
 }
 
 impl SimKey {
@@ -77,7 +88,18 @@ impl SimKey {
             ip_allowed: true,
             fault: Fault::None,
             cdp_public_key: None,
+            manages: Vec::new(),
+            sub_account: None,
+            note: String::new(),
+            created_ms: now_ms(),
         }
+    }
+
+    /// A master account's key that manages the API keys of `subs`.
+    pub fn master(secret: &str, permissions: Value, subs: &[&str]) -> Self {
+        let mut k = Self::hmac(secret, permissions);
+        k.manages = subs.iter().map(|s| (*s).to_owned()).collect();
+        k
     }
 }
 
@@ -223,6 +245,9 @@ async fn handle(State(sim): State<Sim>, req: Request) -> Response {
         Verdict::Ok(k) => k,
         Verdict::Deny(r) => return r,
     };
+    if let Some(r) = keys::manage(&sim, &method, &path, &query, &body, &key) {
+        return r;
+    }
     match key.fault {
         Fault::None => {}
         Fault::ServerError => {

@@ -14,11 +14,13 @@ use crate::{ExchangeValidator, signing};
 mod binance;
 mod bybit;
 mod coinbase;
+mod keys;
 mod kraken;
 mod kucoin;
 mod okx;
 
 pub use coinbase::{CoinbaseKey, coinbase_jwt, coinbase_key};
+pub use keys::{ManagedKey, MintSpec};
 pub use okx::okx_timestamp;
 
 use credbroker_core::broker::error::ValidationError;
