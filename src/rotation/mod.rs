@@ -2,6 +2,6 @@
 //! stream's state machine and the overlap retire job (the core's,
 //! re-exported), and the PostgreSQL event listener.
 
-pub use credbroker_core::rotation::{hub, retire, watch};
+pub use credbroker_core::rotation::{hub, mint, retire, watch};
 
 pub mod listener;

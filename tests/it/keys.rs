@@ -164,3 +164,442 @@ async fn only_a_master_key_with_a_wallet_permission_manages_its_own_sub_accounts
         .unwrap_err();
     assert!(e.to_string().contains("web UI"), "{e}");
 }
+
+// ---- zero-touch rotation: the state machine, end to end and at every crash point.
+
+mod zero_touch {
+    use std::sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    };
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+    use credbroker::{
+        api::pb,
+        broker::{
+            error::{BrokerError, MetadataStoreError, ValidationError},
+            ports::CredentialValidator,
+            types::{CredentialSet, ExchangeId, TenantId},
+        },
+        clock::SystemClock,
+        config::{ValidationConfig, ValidationMode},
+        exchange::{
+            ExchangeValidator, WithdrawPolicy,
+            sim::{SimKey, Simulators, native_permissions},
+        },
+        rotation::mint::{
+            KeyManager, KeyRotation, KeyRotationStore, KeyRotator, ManagedKey, MintSettings,
+            MintSpec, Step,
+        },
+        store::PgMetadataStore,
+    };
+    use secrecy::{ExposeSecret as _, SecretString};
+
+    use super::{SUB, bybit_master, set};
+    use crate::exchanges::endpoints;
+    use crate::support::{Env, EnvOptions, new_tenant};
+
+    const EX: ExchangeId = ExchangeId::Bybit;
+    const MASTER: &str = "bybitMasterKey0003";
+    const MASTER_SECRET: &str = "bybitMasterSecret000000000000000000";
+
+    /// The real adapter; can lose one mint's answer (the key is created at
+    /// the exchange, the broker never hears back) and counts mints.
+    struct Keys {
+        inner: Arc<ExchangeValidator>,
+        lose_next_mint: AtomicBool,
+        mints: AtomicU32,
+    }
+
+    #[async_trait]
+    impl KeyManager for Keys {
+        async fn mint(
+            &self,
+            ex: ExchangeId,
+            master: &CredentialSet,
+            spec: &MintSpec,
+        ) -> Result<CredentialSet, ValidationError> {
+            let set = self.inner.mint(ex, master, spec).await?;
+            self.mints.fetch_add(1, Ordering::SeqCst);
+            if self.lose_next_mint.swap(false, Ordering::SeqCst) {
+                return Err(ValidationError::Unavailable {
+                    exchange: "bybit",
+                    reason: "the answer was lost".into(),
+                });
+            }
+            Ok(set)
+        }
+        async fn list(
+            &self,
+            ex: ExchangeId,
+            master: &CredentialSet,
+            sub: &str,
+        ) -> Result<Vec<ManagedKey>, ValidationError> {
+            self.inner.list(ex, master, sub).await
+        }
+        async fn delete(
+            &self,
+            ex: ExchangeId,
+            master: &CredentialSet,
+            sub: &str,
+            key: &str,
+        ) -> Result<bool, ValidationError> {
+            self.inner.delete(ex, master, sub, key).await
+        }
+    }
+
+    /// The real store; can "crash" right before recording a step (its
+    /// effects happened, its record did not).
+    struct Store {
+        inner: Arc<PgMetadataStore>,
+        crash_before: Mutex<Option<Step>>,
+    }
+
+    #[async_trait]
+    impl KeyRotationStore for Store {
+        async fn management(
+            &self,
+            t: TenantId,
+            e: ExchangeId,
+        ) -> Result<Option<String>, MetadataStoreError> {
+            self.inner.management(t, e).await
+        }
+        async fn set_management(
+            &self,
+            t: TenantId,
+            e: ExchangeId,
+            sub: &str,
+            hint: &str,
+        ) -> Result<(), MetadataStoreError> {
+            self.inner.set_management(t, e, sub, hint).await
+        }
+        async fn begin(&self, r: &KeyRotation) -> Result<Option<KeyRotation>, MetadataStoreError> {
+            self.inner.begin(r).await
+        }
+        async fn save(&self, r: &KeyRotation) -> Result<(), MetadataStoreError> {
+            let crashed = {
+                let mut crash = self.crash_before.lock().unwrap();
+                let now = *crash == Some(r.step);
+                if now {
+                    *crash = None;
+                }
+                now
+            };
+            if crashed {
+                return Err(MetadataStoreError::Unavailable("the replica died".into()));
+            }
+            self.inner.save(r).await
+        }
+        async fn get(&self, id: uuid::Uuid) -> Result<Option<KeyRotation>, MetadataStoreError> {
+            self.inner.get(id).await
+        }
+        async fn active(
+            &self,
+            t: TenantId,
+            e: ExchangeId,
+        ) -> Result<Option<KeyRotation>, MetadataStoreError> {
+            self.inner.active(t, e).await
+        }
+        async fn due(
+            &self,
+            now: time::OffsetDateTime,
+            limit: u32,
+        ) -> Result<Vec<KeyRotation>, MetadataStoreError> {
+            self.inner.due(now, limit).await
+        }
+    }
+
+    struct World {
+        env: Env,
+        sims: Simulators,
+        keys: Arc<Keys>,
+        store: Arc<Store>,
+        pg: Arc<PgMetadataStore>,
+        validator: Arc<ExchangeValidator>,
+        tenant: TenantId,
+        old_key: String,
+    }
+
+    const LEASE: time::Duration = time::Duration::milliseconds(500);
+    const OVERLAP: u32 = 2;
+
+    impl World {
+        async fn new() -> World {
+            let sims = Simulators::start().await.unwrap();
+            sims.add_key(EX, MASTER, bybit_master(&["AccountTransfer"], &[SUB]));
+            let env = Env::start_with(EnvOptions {
+                validation: Some(ValidationConfig {
+                    mode: ValidationMode::Exchange,
+                    exchanges: endpoints(&sims),
+                    ..ValidationConfig::default()
+                }),
+                ..EnvOptions::default()
+            })
+            .await;
+            let validator = Arc::new(
+                ExchangeValidator::new(
+                    &endpoints(&sims),
+                    WithdrawPolicy::default(),
+                    Arc::new(SystemClock),
+                )
+                .unwrap(),
+            );
+            let pg = Arc::new(env.db.migrated_store(2).await);
+            let keys = Arc::new(Keys {
+                inner: validator.clone(),
+                lose_next_mint: AtomicBool::new(false),
+                mints: AtomicU32::new(0),
+            });
+            let store = Arc::new(Store {
+                inner: pg.clone(),
+                crash_before: Mutex::new(None),
+            });
+            // The key pods use today: a key of the sub-account, made in the
+            // exchange's web UI, stored through the broker.
+            let tenant = new_tenant();
+            let old_key = format!(
+                "bybitOldKey{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..7]
+            );
+            let mut old = SimKey::hmac(
+                "bybitOldSecret0000000000000000000000",
+                native_permissions(EX, false, true),
+            );
+            old.sub_account = Some(SUB.into());
+            old.note = "made by hand".into();
+            sims.add_key(EX, &old_key, old);
+            env.operator()
+                .await
+                .validate_and_store(pb::ValidateAndStoreRequest {
+                    tenant_id: tenant.clone(),
+                    exchange: "bybit".into(),
+                    credentials: Some(crate::support::set(
+                        &old_key,
+                        "bybitOldSecret0000000000000000000000",
+                    )),
+                })
+                .await
+                .unwrap();
+            let w = World {
+                env,
+                sims,
+                keys,
+                store,
+                pg,
+                validator,
+                tenant: TenantId::new(tenant.parse().unwrap()),
+                old_key,
+            };
+            w.rotator()
+                .set_management_key(w.tenant, EX, SUB, &set(MASTER, MASTER_SECRET))
+                .await
+                .unwrap();
+            w
+        }
+
+        /// A replica's rotator (each its own lease holder).
+        fn rotator(&self) -> KeyRotator {
+            KeyRotator::new(
+                self.env.broker().clone(),
+                self.keys.clone(),
+                self.store.clone(),
+                self.pg.clone(),
+                uuid::Uuid::new_v4(),
+                MintSettings {
+                    lease: LEASE,
+                    retry_min: time::Duration::ZERO,
+                    ..MintSettings::default()
+                },
+            )
+        }
+
+        /// Drives the rotation to its end as replicas would: a fresh
+        /// rotator after the lease of a dead one expired, the job's rounds
+        /// until the overlap ends.
+        async fn finish(&self, id: uuid::Uuid) -> KeyRotation {
+            for _ in 0..40 {
+                match self.rotator().drive(id).await {
+                    Ok(r) if r.step.finished() => return r,
+                    Ok(_) => {}
+                    // A replica that died mid-step: its lease must expire.
+                    Err(BrokerError::Unavailable { .. }) => {
+                        tokio::time::sleep(Duration::from_millis(600)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            panic!(
+                "the rotation did not finish: {:?}",
+                self.pg.get(id).await.unwrap()
+            );
+        }
+
+        /// What must hold after every rotation: the broker serves the
+        /// minted key, the exchange lists exactly that key in the
+        /// sub-account, and the old key is refused there.
+        async fn assert_one_live_key(&self, r: &KeyRotation) {
+            assert_eq!(r.step, Step::Done, "{r:?}");
+            let listed = self
+                .validator
+                .list_keys(EX, &set(MASTER, MASTER_SECRET), SUB)
+                .await
+                .unwrap();
+            let minted = r.minted_api_key.clone().unwrap();
+            assert_eq!(
+                listed.iter().map(|k| k.api_key.clone()).collect::<Vec<_>>(),
+                vec![minted.clone()],
+                "exactly one live key in the sub-account: the minted one"
+            );
+            let mut pod = self.env.tenant_client(&self.tenant.to_string()).await;
+            let got = pod
+                .get_credentials(pb::GetCredentialsRequest {
+                    tenant_id: self.tenant.to_string(),
+                    exchange: "bybit".into(),
+                    min_version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let current = got.current.unwrap();
+            assert_eq!(current.api_key, minted);
+            assert_eq!(got.version, 2);
+            let old = CredentialSet {
+                api_key: self.old_key.clone(),
+                api_secret: SecretString::from("bybitOldSecret0000000000000000000000".to_owned()),
+                passphrase: None,
+            };
+            let refused = self.validator.validate(self.tenant, EX, &old).await;
+            assert!(
+                matches!(refused, Err(ValidationError::Rejected { .. })),
+                "{refused:?}"
+            );
+            let new = CredentialSet {
+                api_key: current.api_key,
+                api_secret: SecretString::from(current.api_secret),
+                passphrase: None,
+            };
+            let perms = self
+                .validator
+                .validate(self.tenant, EX, &new)
+                .await
+                .unwrap();
+            assert!(
+                perms.trade && !perms.withdraw && perms.ip_restricted,
+                "copied, never more: {perms:?}"
+            );
+            assert!(!new.api_secret.expose_secret().is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rotation_mints_swaps_and_deletes_the_old_key() {
+        let w = World::new().await;
+        let r = w.rotator().start(w.tenant, EX, OVERLAP).await.unwrap();
+        assert_eq!(
+            r.step,
+            Step::Waiting,
+            "the fleet swapped; the old key waits for the overlap: {r:?}"
+        );
+        assert_eq!(r.new_version, Some(2));
+        // Another rotation cannot start while this one is unfinished.
+        let busy = w.rotator().start(w.tenant, EX, OVERLAP).await.unwrap_err();
+        assert!(
+            matches!(&busy, BrokerError::FailedPrecondition(m) if m.contains("unfinished")),
+            "{busy}"
+        );
+        let done = w.finish(r.id).await;
+        w.assert_one_live_key(&done).await;
+        assert_eq!(w.keys.mints.load(Ordering::SeqCst), 1);
+        // The next rotation may start now.
+        let next = w.rotator().start(w.tenant, EX, OVERLAP).await.unwrap();
+        assert_eq!(next.old_api_key, done.minted_api_key.unwrap());
+    }
+
+    /// A replica dies right before recording `step` (what the step did at
+    /// the exchange, in Vault or PostgreSQL happened); another takes over.
+    async fn crash_before(step: Step) {
+        let w = World::new().await;
+        *w.store.crash_before.lock().unwrap() = Some(step);
+        let first = w.rotator();
+        let crashed = first.start(w.tenant, EX, OVERLAP).await;
+        // The start itself or the job's round reports the failure.
+        let id = match crashed {
+            Ok(r) => r.id,
+            Err(_) => w.pg.active(w.tenant, EX).await.unwrap().unwrap().id,
+        };
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(600)).await; // its lease expires
+        let done = w.finish(id).await;
+        w.assert_one_live_key(&done).await;
+        assert_eq!(
+            w.keys.mints.load(Ordering::SeqCst),
+            1,
+            "no key minted twice"
+        );
+    }
+
+    #[tokio::test]
+    async fn crash_after_minting_reuses_the_minted_key() {
+        crash_before(Step::Rotating).await;
+    }
+
+    #[tokio::test]
+    async fn crash_after_rotating_does_not_rotate_twice() {
+        crash_before(Step::Waiting).await;
+    }
+
+    #[tokio::test]
+    async fn crash_after_the_overlap_still_deletes_the_old_key() {
+        crash_before(Step::Deleting).await;
+    }
+
+    #[tokio::test]
+    async fn crash_after_deleting_finishes() {
+        crash_before(Step::Done).await;
+    }
+
+    #[tokio::test]
+    async fn a_lost_mint_answer_leaves_no_orphan_key() {
+        let w = World::new().await;
+        w.keys.lose_next_mint.store(true, Ordering::SeqCst);
+        let r = w.rotator().start(w.tenant, EX, OVERLAP).await.unwrap();
+        assert_eq!(r.step, Step::Minting);
+        assert_eq!(r.attempts, 1);
+        assert!(
+            r.last_error.as_deref().unwrap().contains("answer was lost"),
+            "{r:?}"
+        );
+        let done = w.finish(r.id).await;
+        // The first key's secret was never known: it was found by its note
+        // and deleted, and one key minted in its place.
+        w.assert_one_live_key(&done).await;
+        assert_eq!(w.keys.mints.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_management_key_that_cannot_manage_is_refused_and_nothing_starts() {
+        let w = World::new().await;
+        w.sims
+            .add_key(EX, "bybitWeakMaster01", bybit_master(&[], &[]));
+        let refused = w
+            .rotator()
+            .set_management_key(w.tenant, EX, SUB, &set("bybitWeakMaster01", MASTER_SECRET))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                BrokerError::Validation(ValidationError::Rejected { .. })
+            ),
+            "{refused}"
+        );
+        let other = TenantId::new(uuid::Uuid::new_v4());
+        let none = w.rotator().start(other, EX, OVERLAP).await.unwrap_err();
+        assert!(
+            matches!(&none, BrokerError::FailedPrecondition(m) if m.contains("no management key")),
+            "{none}"
+        );
+    }
+}

@@ -15,6 +15,8 @@ use crate::broker::ports::{
     OutboxMessage, RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
 };
 
+use crate::rotation::mint::{KeyRotation, KeyRotationStore};
+
 use crate::broker::types::{
     Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
     ExchangeId, HealthStatus, TenantId,
@@ -138,6 +140,8 @@ struct MetaState {
     leases: BTreeMap<String, (uuid::Uuid, OffsetDateTime)>,
     webhooks: BTreeMap<TenantId, WebhookEndpoint>,
     outbox: Vec<OutboxRow>,
+    management: BTreeMap<(TenantId, ExchangeId), String>,
+    key_rotations: BTreeMap<uuid::Uuid, KeyRotation>,
 }
 
 /// A queued webhook message in memory.
@@ -670,5 +674,87 @@ impl MetadataStore for MemoryMetadataStore {
 
     async fn ping(&self) -> Result<(), MetadataStoreError> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl KeyRotationStore for MemoryMetadataStore {
+    async fn management(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<String>, MetadataStoreError> {
+        Ok(lock(&self.state)
+            .management
+            .get(&(tenant, exchange))
+            .cloned())
+    }
+
+    async fn set_management(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        sub_account: &str,
+        _api_key_hint: &str,
+    ) -> Result<(), MetadataStoreError> {
+        lock(&self.state)
+            .management
+            .insert((tenant, exchange), sub_account.to_owned());
+        Ok(())
+    }
+
+    async fn begin(
+        &self,
+        rotation: &KeyRotation,
+    ) -> Result<Option<KeyRotation>, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let active = st.key_rotations.values().find(|r| {
+            r.tenant == rotation.tenant && r.exchange == rotation.exchange && !r.step.finished()
+        });
+        if let Some(a) = active {
+            return Ok(Some(a.clone()));
+        }
+        st.key_rotations.insert(rotation.id, rotation.clone());
+        Ok(None)
+    }
+
+    async fn save(&self, rotation: &KeyRotation) -> Result<(), MetadataStoreError> {
+        lock(&self.state)
+            .key_rotations
+            .insert(rotation.id, rotation.clone());
+        Ok(())
+    }
+
+    async fn get(&self, id: uuid::Uuid) -> Result<Option<KeyRotation>, MetadataStoreError> {
+        Ok(lock(&self.state).key_rotations.get(&id).cloned())
+    }
+
+    async fn active(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<KeyRotation>, MetadataStoreError> {
+        Ok(lock(&self.state)
+            .key_rotations
+            .values()
+            .find(|r| r.tenant == tenant && r.exchange == exchange && !r.step.finished())
+            .cloned())
+    }
+
+    async fn due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRotation>, MetadataStoreError> {
+        let st = lock(&self.state);
+        let mut due: Vec<KeyRotation> = st
+            .key_rotations
+            .values()
+            .filter(|r| !r.step.finished() && r.due_at() <= now)
+            .cloned()
+            .collect();
+        due.sort_by_key(KeyRotation::due_at);
+        due.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(due)
     }
 }

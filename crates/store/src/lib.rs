@@ -17,6 +17,7 @@ mod audit;
 mod credentials;
 mod events;
 mod fleet;
+mod key_rotations;
 pub mod migrate;
 mod webhooks;
 

@@ -3,6 +3,7 @@
 //! event listener is an adapter, in the broker binary's crate).
 
 pub mod hub;
+pub mod mint;
 pub mod retire;
 pub mod watch;
 

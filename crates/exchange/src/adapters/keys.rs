@@ -13,33 +13,7 @@
 
 use super::*;
 
-/// What a minted key may do: copied from the key it replaces, never more
-/// (withdrawal and transfers are never asked for).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MintSpec {
-    /// The sub-account (Bybit: its UID) the key belongs to.
-    pub sub_account: String,
-    /// The note the key carries at the exchange: how a rotation finds the
-    /// key it minted when the exchange's answer was lost.
-    pub note: String,
-    /// Trading allowed (false: read only).
-    pub trade: bool,
-    /// The IP allow-list (empty: none).
-    pub ips: Vec<String>,
-}
-
-/// A sub-account key as the exchange lists it (never its secret).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ManagedKey {
-    /// The API key.
-    pub api_key: String,
-    /// Its note.
-    pub note: String,
-    /// Whether it may trade.
-    pub trade: bool,
-    /// Its IP allow-list (empty: none).
-    pub ips: Vec<String>,
-}
+pub use credbroker_core::rotation::mint::{ManagedKey, MintSpec};
 
 fn unsupported(ex: ExchangeId) -> ValidationError {
     unavailable(
@@ -257,5 +231,37 @@ impl ExchangeValidator {
         )
         .await?;
         Ok(true)
+    }
+}
+
+#[async_trait::async_trait]
+impl credbroker_core::rotation::mint::KeyManager for ExchangeValidator {
+    async fn mint(
+        &self,
+        exchange: ExchangeId,
+        master: &CredentialSet,
+        spec: &MintSpec,
+    ) -> Result<CredentialSet, ValidationError> {
+        self.mint_key(exchange, master, spec).await
+    }
+
+    async fn list(
+        &self,
+        exchange: ExchangeId,
+        master: &CredentialSet,
+        sub_account: &str,
+    ) -> Result<Vec<ManagedKey>, ValidationError> {
+        self.list_keys(exchange, master, sub_account).await
+    }
+
+    async fn delete(
+        &self,
+        exchange: ExchangeId,
+        master: &CredentialSet,
+        sub_account: &str,
+        api_key: &str,
+    ) -> Result<bool, ValidationError> {
+        self.delete_key(exchange, master, sub_account, api_key)
+            .await
     }
 }

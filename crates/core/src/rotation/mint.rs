@@ -1,0 +1,693 @@
+//! Zero-touch rotation: the broker mints the next key at the exchange with
+//! the tenant's management key, rotates the fleet onto it, and deletes the
+//! old key there when the overlap ends.
+//!
+//! The rotation is a state machine kept in the [`KeyRotationStore`]
+//! (PostgreSQL in production), one step per transition, each step
+//! idempotent, so a replica that dies mid-rotation leaves a row another
+//! replica finishes (each rotation is worked under its own lease):
+//!
+//! ```text
+//! minting ──▶ rotating ──▶ waiting ──(overlap ends)──▶ deleting ──▶ done
+//!    │ (refused: nothing changed for the pods)
+//!    ▼
+//!  failed
+//! ```
+//!
+//! - **minting**: the new key is created in the management key's
+//!   sub-account with the old key's trading permission and IP list (never
+//!   withdrawal or transfers) and a note naming the rotation; its set goes
+//!   to Vault (`…/minted`) before the step is recorded. A mint whose answer
+//!   was lost is found again by listing the sub-account's keys by note:
+//!   when its set reached Vault it is used, otherwise (its secret is
+//!   unrecoverable) it is deleted before minting again, so no key is left
+//!   live behind the rotation.
+//! - **rotating**: `Broker::rotate` with the minted set (validated at the
+//!   exchange like any key; a retried Rotate converges on the same
+//!   version), then the overlap's end is recorded.
+//! - **waiting** until the overlap ends; **deleting** deletes the old key
+//!   at the exchange (listed first: deleting twice is a no-op) and clears
+//!   the minted set from Vault.
+//!
+//! A failed step is retried with backoff and its error recorded (safe to
+//! show); minting gives up after `max_mint_attempts` (`failed`: the pods
+//! never saw a change, and the next rotation may start), while a rotation
+//! past minting keeps retrying: two live keys beyond the overlap are an
+//! alert (`stuck()`), never a silent state.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::audit::AuditRecord;
+use crate::broker::{
+    Broker,
+    context::RequestContext,
+    error::{BrokerError, MetadataStoreError, SecretStoreError, ValidationError},
+    ports::FleetStore,
+    types::{CredentialSet, ExchangeId, TenantId},
+};
+
+/// What a minted key may do: copied from the key it replaces, never more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MintSpec {
+    /// The sub-account (Bybit: its UID) the key belongs to.
+    pub sub_account: String,
+    /// The note the key carries at the exchange (how a lost mint is found).
+    pub note: String,
+    /// Trading allowed (false: read only).
+    pub trade: bool,
+    /// The IP allow-list (empty: none).
+    pub ips: Vec<String>,
+}
+
+/// A sub-account key as the exchange lists it (never its secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManagedKey {
+    /// The API key.
+    pub api_key: String,
+    /// Its note.
+    pub note: String,
+    /// Whether it may trade.
+    pub trade: bool,
+    /// Its IP allow-list (empty: none).
+    pub ips: Vec<String>,
+}
+
+/// An exchange's key-management API, driven with a master account's key.
+#[async_trait]
+pub trait KeyManager: Send + Sync + 'static {
+    /// Creates a key as `spec` says and returns its set.
+    ///
+    /// # Errors
+    /// `Rejected` when the exchange refuses, `Unavailable` without an
+    /// answer (the key may then exist: find it by its note).
+    async fn mint(
+        &self,
+        exchange: ExchangeId,
+        master: &CredentialSet,
+        spec: &MintSpec,
+    ) -> Result<CredentialSet, ValidationError>;
+
+    /// The sub-account's keys.
+    ///
+    /// # Errors
+    /// As [`KeyManager::mint`].
+    async fn list(
+        &self,
+        exchange: ExchangeId,
+        master: &CredentialSet,
+        sub_account: &str,
+    ) -> Result<Vec<ManagedKey>, ValidationError>;
+
+    /// Deletes a key; false when the exchange no longer lists it.
+    ///
+    /// # Errors
+    /// As [`KeyManager::mint`].
+    async fn delete(
+        &self,
+        exchange: ExchangeId,
+        master: &CredentialSet,
+        sub_account: &str,
+        api_key: &str,
+    ) -> Result<bool, ValidationError>;
+}
+
+/// Where a rotation is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Creating the new key at the exchange.
+    Minting,
+    /// Storing and announcing it (the pods swap).
+    Rotating,
+    /// Until the overlap ends.
+    Waiting,
+    /// Deleting the old key at the exchange.
+    Deleting,
+    /// Finished: one live key.
+    Done,
+    /// Gave up before anything changed for the pods.
+    Failed,
+}
+
+impl Step {
+    /// Its name in the store and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Minting => "minting",
+            Step::Rotating => "rotating",
+            Step::Waiting => "waiting",
+            Step::Deleting => "deleting",
+            Step::Done => "done",
+            Step::Failed => "failed",
+        }
+    }
+
+    /// Parses [`Step::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Step::Minting,
+            Step::Rotating,
+            Step::Waiting,
+            Step::Deleting,
+            Step::Done,
+            Step::Failed,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
+    }
+
+    /// Whether the rotation is over.
+    pub fn finished(self) -> bool {
+        matches!(self, Step::Done | Step::Failed)
+    }
+}
+
+/// One rotation at the exchange, as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRotation {
+    /// Its id (also in the minted key's note).
+    pub id: Uuid,
+    /// Owner.
+    pub tenant: TenantId,
+    /// Exchange.
+    pub exchange: ExchangeId,
+    /// The management key's sub-account.
+    pub sub_account: String,
+    /// Where it is.
+    pub step: Step,
+    /// The key being replaced.
+    pub old_api_key: String,
+    /// The minted key, once minted.
+    pub minted_api_key: Option<String>,
+    /// The version the minted key became.
+    pub new_version: Option<u64>,
+    /// The overlap asked for.
+    pub overlap_secs: u32,
+    /// When the old key is deleted (set by the rotating step).
+    pub delete_after: Option<OffsetDateTime>,
+    /// Failed attempts of the current step.
+    pub attempts: u32,
+    /// When to try again.
+    pub next_attempt_at: OffsetDateTime,
+    /// The last failure (safe to show; never a secret).
+    pub last_error: Option<String>,
+    /// Created.
+    pub created_at: OffsetDateTime,
+}
+
+impl KeyRotation {
+    /// When the job should look at it next: the retry time, or in the
+    /// waiting step the overlap's end.
+    pub fn due_at(&self) -> OffsetDateTime {
+        match (self.step, self.delete_after) {
+            (Step::Waiting, Some(t)) => t.max(self.next_attempt_at),
+            _ => self.next_attempt_at,
+        }
+    }
+
+    /// The note the minted key carries at the exchange.
+    pub fn note(&self) -> String {
+        format!("credbroker-{}", self.id.simple())
+    }
+}
+
+/// Where rotations at the exchange and the management keys' sub-accounts
+/// are kept.
+#[async_trait]
+pub trait KeyRotationStore: Send + Sync + 'static {
+    /// The sub-account the tenant's management key for `exchange` manages.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn management(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<String>, MetadataStoreError>;
+
+    /// Records the management key's sub-account (its secret is in Vault).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn set_management(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        sub_account: &str,
+        api_key_hint: &str,
+    ) -> Result<(), MetadataStoreError>;
+
+    /// Stores a new rotation, unless one for the same credential is not
+    /// finished: that one is returned instead.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn begin(
+        &self,
+        rotation: &KeyRotation,
+    ) -> Result<Option<KeyRotation>, MetadataStoreError>;
+
+    /// Saves a rotation's progress.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn save(&self, rotation: &KeyRotation) -> Result<(), MetadataStoreError>;
+
+    /// One rotation.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn get(&self, id: Uuid) -> Result<Option<KeyRotation>, MetadataStoreError>;
+
+    /// The unfinished rotation of a credential, if any.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn active(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<KeyRotation>, MetadataStoreError>;
+
+    /// Unfinished rotations due at `now` (next attempt or overlap end
+    /// reached), oldest first.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn due(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<KeyRotation>, MetadataStoreError>;
+}
+
+/// Settings of the rotator.
+#[derive(Clone, Debug)]
+pub struct MintSettings {
+    /// How long one replica owns a rotation it works on.
+    pub lease: time::Duration,
+    /// Attempts at minting before the rotation is given up.
+    pub max_mint_attempts: u32,
+    /// First wait after a failed attempt; it doubles per attempt.
+    pub retry_min: time::Duration,
+    /// Longest wait between attempts.
+    pub retry_max: time::Duration,
+}
+
+impl Default for MintSettings {
+    fn default() -> Self {
+        Self {
+            lease: time::Duration::seconds(60),
+            max_mint_attempts: 5,
+            retry_min: time::Duration::seconds(5),
+            retry_max: time::Duration::minutes(10),
+        }
+    }
+}
+
+/// Drives rotations at the exchange (see the module docs).
+pub struct KeyRotator {
+    broker: Arc<Broker>,
+    keys: Arc<dyn KeyManager>,
+    store: Arc<dyn KeyRotationStore>,
+    leases: Arc<dyn FleetStore>,
+    holder: Uuid,
+    settings: MintSettings,
+}
+
+/// A step's failure: a message safe to show.
+struct StepError(String);
+
+impl From<BrokerError> for StepError {
+    fn from(e: BrokerError) -> Self {
+        StepError(e.to_string())
+    }
+}
+impl From<ValidationError> for StepError {
+    fn from(e: ValidationError) -> Self {
+        StepError(e.to_string())
+    }
+}
+impl From<SecretStoreError> for StepError {
+    fn from(e: SecretStoreError) -> Self {
+        StepError(BrokerError::from(e).to_string())
+    }
+}
+impl From<MetadataStoreError> for StepError {
+    fn from(e: MetadataStoreError) -> Self {
+        StepError(BrokerError::from(e).to_string())
+    }
+}
+
+const JOB: &str = "key-rotation";
+
+impl KeyRotator {
+    /// A rotator acting as `holder` (one per replica).
+    pub fn new(
+        broker: Arc<Broker>,
+        keys: Arc<dyn KeyManager>,
+        store: Arc<dyn KeyRotationStore>,
+        leases: Arc<dyn FleetStore>,
+        holder: Uuid,
+        settings: MintSettings,
+    ) -> Self {
+        Self {
+            broker,
+            keys,
+            store,
+            leases,
+            holder,
+            settings,
+        }
+    }
+
+    fn path(&self, tenant: TenantId, exchange: ExchangeId, leaf: &str) -> String {
+        format!(
+            "{}/{tenant}/exchanges/{exchange}/{leaf}",
+            self.broker.vault_path_prefix()
+        )
+    }
+
+    /// Vault path of the tenant's management key for `exchange`.
+    pub fn management_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
+        self.path(tenant, exchange, "management")
+    }
+
+    fn minted_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
+        self.path(tenant, exchange, "minted")
+    }
+
+    async fn write_latest(&self, path: &str, set: &CredentialSet) -> Result<u64, BrokerError> {
+        let secrets = self.broker.secrets();
+        let cas = secrets.latest_version(path).await?.unwrap_or(0);
+        Ok(secrets.write(path, set, cas).await?)
+    }
+
+    async fn read_latest(&self, path: &str) -> Result<Option<CredentialSet>, BrokerError> {
+        let secrets = self.broker.secrets();
+        match secrets.latest_version(path).await? {
+            Some(v) => match secrets.read(path, v).await {
+                Ok(set) => Ok(Some(set)),
+                Err(SecretStoreError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Stores the tenant's management key for `exchange` after proving at
+    /// the exchange that it can list `sub_account`'s keys. It is kept in
+    /// Vault under its own path and used by this job only: never served.
+    ///
+    /// # Errors
+    /// `Validation` when the exchange refuses it; store errors.
+    pub async fn set_management_key(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        sub_account: &str,
+        master: &CredentialSet,
+    ) -> Result<(), BrokerError> {
+        if sub_account.is_empty() {
+            return Err(BrokerError::InvalidArgument {
+                field: "sub_account",
+                reason: "name the sub-account whose keys this key manages".into(),
+            });
+        }
+        self.keys.list(exchange, master, sub_account).await?;
+        let path = self.management_path(tenant, exchange);
+        let version = self.write_latest(&path, master).await?;
+        self.store
+            .set_management(tenant, exchange, sub_account, &master.key_hint())
+            .await?;
+        self.broker.audit_system(&AuditRecord::system(
+            JOB,
+            "SetManagementKey",
+            tenant,
+            exchange,
+            vec![version],
+        ));
+        Ok(())
+    }
+
+    /// Starts a rotation at the exchange and drives it as far as it goes
+    /// now (through the fleet's swap; the old key is deleted when the
+    /// overlap ends).
+    ///
+    /// # Errors
+    /// `FailedPrecondition` without a management key or while another
+    /// rotation of this credential is unfinished; `NotFound` without a
+    /// credential.
+    pub async fn start(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        overlap_secs: u32,
+    ) -> Result<KeyRotation, BrokerError> {
+        let Some(sub_account) = self.store.management(tenant, exchange).await? else {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "tenant {tenant} has no management key for {exchange}: store one first (SetManagementKey)"
+            )));
+        };
+        let record = self
+            .broker
+            .metadata()
+            .get(tenant, exchange)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound {
+                tenant: tenant.to_string(),
+                exchange: exchange.as_str(),
+            })?;
+        let current = self
+            .broker
+            .secrets()
+            .read(&record.vault_path, record.current_version)
+            .await?;
+        let now = self.broker.clock().now();
+        let rotation = KeyRotation {
+            id: Uuid::now_v7(),
+            tenant,
+            exchange,
+            sub_account,
+            step: Step::Minting,
+            old_api_key: current.api_key.clone(),
+            minted_api_key: None,
+            new_version: None,
+            overlap_secs,
+            delete_after: None,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+            created_at: now,
+        };
+        if let Some(active) = self.store.begin(&rotation).await? {
+            return Err(BrokerError::FailedPrecondition(format!(
+                "a rotation of {exchange} at the exchange is unfinished (step {}, {} failed attempts{}): it must finish first",
+                active.step.as_str(),
+                active.attempts,
+                active
+                    .last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            )));
+        }
+        self.drive(rotation.id).await
+    }
+
+    /// Works on one rotation under its lease until it waits (overlap, a
+    /// retry) or finishes; returns it as stored.
+    ///
+    /// # Errors
+    /// Store errors (a step's own failure is recorded, not returned).
+    pub async fn drive(&self, id: Uuid) -> Result<KeyRotation, BrokerError> {
+        loop {
+            let Some(mut r) = self.store.get(id).await? else {
+                return Err(BrokerError::FailedPrecondition(format!("no rotation {id}")));
+            };
+            let now = self.broker.clock().now();
+            let waiting = r.step == Step::Waiting && r.delete_after.is_some_and(|t| now < t);
+            if r.step.finished() || waiting || r.next_attempt_at > now {
+                return Ok(r);
+            }
+            let lease = format!("key-rotation:{id}");
+            if !self
+                .leases
+                .take_lease(&lease, self.holder, now, self.settings.lease)
+                .await?
+            {
+                return Ok(r); // another replica works on it
+            }
+            match self.step(&mut r, now).await {
+                Ok(()) => {
+                    r.attempts = 0;
+                    r.last_error = None;
+                }
+                Err(StepError(msg)) => {
+                    r.attempts += 1;
+                    tracing::warn!(tenant = %r.tenant, exchange = %r.exchange, step = r.step.as_str(), attempts = r.attempts, "a rotation at the exchange failed a step: {msg}");
+                    r.last_error = Some(msg);
+                    if r.step == Step::Minting && r.attempts >= self.settings.max_mint_attempts {
+                        r.step = Step::Failed;
+                    } else {
+                        let doublings = r.attempts.saturating_sub(1).min(20);
+                        let wait = self.settings.retry_min
+                            * 2_f64.powi(i32::try_from(doublings).unwrap_or(20));
+                        r.next_attempt_at = now + wait.min(self.settings.retry_max);
+                    }
+                    self.store.save(&r).await?;
+                    return Ok(r);
+                }
+            }
+            self.store.save(&r).await?;
+        }
+    }
+
+    async fn master(&self, r: &KeyRotation) -> Result<CredentialSet, StepError> {
+        self.read_latest(&self.management_path(r.tenant, r.exchange))
+            .await?
+            .ok_or_else(|| {
+                StepError("the management key is gone from Vault: store it again".into())
+            })
+    }
+
+    /// One step; on success `r` holds the next one.
+    async fn step(&self, r: &mut KeyRotation, now: OffsetDateTime) -> Result<(), StepError> {
+        match r.step {
+            Step::Minting => self.mint(r).await,
+            Step::Rotating => {
+                let set = self
+                    .read_latest(&self.minted_path(r.tenant, r.exchange))
+                    .await?
+                    .filter(|s| Some(&s.api_key) == r.minted_api_key.as_ref())
+                    .ok_or_else(|| StepError("the minted key is gone from Vault".into()))?;
+                let ctx = RequestContext::system(JOB);
+                let overlap = time::Duration::seconds(i64::from(r.overlap_secs));
+                let out = self
+                    .broker
+                    .rotate(&ctx, r.tenant, r.exchange, set, Some(overlap))
+                    .await?;
+                r.new_version = Some(out.record.current_version);
+                r.delete_after = Some(now + overlap);
+                r.step = Step::Waiting;
+                Ok(())
+            }
+            Step::Waiting => {
+                r.step = Step::Deleting;
+                Ok(())
+            }
+            Step::Deleting => {
+                let master = self.master(r).await?;
+                self.broker.audit_before(AuditRecord::system(
+                    JOB,
+                    "DeleteKeyAtExchange",
+                    r.tenant,
+                    r.exchange,
+                    vec![],
+                ))?;
+                let deleted = self
+                    .keys
+                    .delete(r.exchange, &master, &r.sub_account, &r.old_api_key)
+                    .await?;
+                self.broker.audit_system(&AuditRecord::system(
+                    JOB,
+                    "DeleteKeyAtExchange",
+                    r.tenant,
+                    r.exchange,
+                    vec![],
+                ));
+                tracing::info!(tenant = %r.tenant, exchange = %r.exchange, deleted, "the replaced key is deleted at the exchange");
+                self.broker
+                    .secrets()
+                    .purge(&self.minted_path(r.tenant, r.exchange))
+                    .await?;
+                r.step = Step::Done;
+                Ok(())
+            }
+            Step::Done | Step::Failed => Ok(()),
+        }
+    }
+
+    async fn mint(&self, r: &mut KeyRotation) -> Result<(), StepError> {
+        let master = self.master(r).await?;
+        let listed = self.keys.list(r.exchange, &master, &r.sub_account).await?;
+        let note = r.note();
+        let minted_path = self.minted_path(r.tenant, r.exchange);
+        // A mint whose answer was lost: its key is listed under our note.
+        let stored = self.read_latest(&minted_path).await?;
+        for k in listed.iter().filter(|k| k.note == note) {
+            if stored.as_ref().is_some_and(|s| s.api_key == k.api_key) {
+                r.minted_api_key = Some(k.api_key.clone());
+                r.step = Step::Rotating;
+                return Ok(()); // its set reached Vault: use it
+            }
+            // Its secret is lost with the answer: it must not stay live.
+            self.keys
+                .delete(r.exchange, &master, &r.sub_account, &k.api_key)
+                .await?;
+        }
+        let Some(old) = listed.iter().find(|k| k.api_key == r.old_api_key) else {
+            return Err(StepError(format!(
+                "the current key is not a key of sub-account {}: the management key cannot replace it",
+                r.sub_account
+            )));
+        };
+        let spec = MintSpec {
+            sub_account: r.sub_account.clone(),
+            note,
+            trade: old.trade,
+            ips: old.ips.clone(),
+        };
+        self.broker.audit_before(AuditRecord::system(
+            JOB,
+            "MintKeyAtExchange",
+            r.tenant,
+            r.exchange,
+            vec![],
+        ))?;
+        let set = self.keys.mint(r.exchange, &master, &spec).await?;
+        self.write_latest(&minted_path, &set).await?;
+        self.broker.audit_system(&AuditRecord::system(
+            JOB,
+            "MintKeyAtExchange",
+            r.tenant,
+            r.exchange,
+            vec![],
+        ));
+        r.minted_api_key = Some(set.api_key.clone());
+        r.step = Step::Rotating;
+        Ok(())
+    }
+
+    /// Works on every due rotation once; returns how many it looked at.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn run_due(&self) -> Result<usize, BrokerError> {
+        let due = self.store.due(self.broker.clock().now(), 32).await?;
+        for r in &due {
+            self.drive(r.id).await?;
+        }
+        Ok(due.len())
+    }
+
+    /// Runs [`Self::run_due`] every `every` until cancelled.
+    pub async fn task_main(
+        self: Arc<Self>,
+        every: std::time::Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            if let Err(e) = self.run_due().await {
+                tracing::warn!("the key-rotation job could not run: {e}");
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
