@@ -438,6 +438,7 @@ async fn drill(plan: &Plan) -> Report {
             passphrase: None,
         }),
         overlap_seconds: Some(plan.overlap),
+        mint: false,
     })
     .await
     .unwrap();

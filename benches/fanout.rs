@@ -154,6 +154,7 @@ async fn run(n: usize, rotations: usize) -> Result {
                 passphrase: None,
             }),
             overlap_seconds: None,
+            mint: false,
         })
         .await
         .unwrap();

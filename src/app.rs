@@ -38,6 +38,8 @@ use crate::limits::Limits;
 
 use crate::rotation::retire;
 
+use crate::rotation::mint::{KeyManager, KeyRotationStore, KeyRotator, MintSettings};
+
 use crate::rotation::hub::Hub;
 
 use crate::rotation::listener::EventListener;
@@ -77,6 +79,21 @@ pub struct Backends {
     /// The audit log's day partitions, retention and lost-outcome
     /// reconciliation, when it lives in PostgreSQL.
     pub audit_days: Option<Arc<PgMetadataStore>>,
+    /// Key management at the exchange (zero-touch rotation), when keys are
+    /// validated against the exchanges.
+    pub keys: Option<KeyBackends>,
+}
+
+/// How often each replica looks for rotations at the exchange that are due
+/// (a retry, an overlap that ended).
+const KEY_ROTATION_ROUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What rotations at the exchange need.
+pub struct KeyBackends {
+    /// The exchanges' key-management APIs.
+    pub manager: Arc<dyn KeyManager>,
+    /// Where the rotations' state is kept.
+    pub store: Arc<dyn KeyRotationStore>,
 }
 
 /// How a replica learns of committed events.
@@ -276,14 +293,24 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     } else {
         None
     };
+    // One client of the exchanges (its request budgets protect the broker's
+    // IP) validates keys and manages them.
+    let exchanges = exchange_validator(&cfg.validation, Arc::new(SystemClock))?;
     Ok(Backends {
         secrets: vault.clone(),
         meta: meta.clone(),
         fleet: meta.clone(),
         webhooks: meta.clone(),
         audit_log: meta.clone(),
-        audit_days: Some(meta),
-        validator: validator(&cfg.validation, Arc::new(SystemClock))?,
+        audit_days: Some(meta.clone()),
+        keys: exchanges.clone().map(|v| KeyBackends {
+            manager: v,
+            store: meta.clone(),
+        }),
+        validator: match exchanges {
+            Some(v) => v,
+            None => Arc::new(FormatCheckValidator),
+        },
         vault: Some(vault),
         webhook_net: crate::webhook::WebhookNet::default(),
         events: EventSource::Postgres {
@@ -301,8 +328,23 @@ pub fn validator(
     cfg: &ValidationConfig,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<Arc<dyn CredentialValidator>> {
+    Ok(match exchange_validator(cfg, clock)? {
+        Some(v) => v,
+        None => Arc::new(FormatCheckValidator),
+    })
+}
+
+/// The exchanges' client (validation and key management), unless the
+/// configuration asks for the format check only.
+///
+/// # Errors
+/// A message naming a bad `validation.exchanges` value.
+pub fn exchange_validator(
+    cfg: &ValidationConfig,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Option<Arc<ExchangeValidator>>> {
     Ok(match cfg.mode {
-        ValidationMode::Format => Arc::new(FormatCheckValidator),
+        ValidationMode::Format => None,
         ValidationMode::Exchange => {
             let policy = WithdrawPolicy {
                 allowed_tenants: cfg
@@ -318,10 +360,10 @@ pub fn validator(
                     .map(|(t, r)| (TenantId::new(*t), r.clone()))
                     .collect(),
             };
-            Arc::new(
+            Some(Arc::new(
                 ExchangeValidator::new(&cfg.exchanges, policy, clock)
                     .map_err(|e| anyhow::anyhow!("validation.{e}"))?,
-            )
+            ))
         }
     })
 }
@@ -441,6 +483,21 @@ pub async fn start(
         targets,
     )?;
     let checks = start_checks(&mut tasks, &s, &backends.fleet, &broker, &metrics);
+    let key_rotator = backends.keys.as_ref().map(|k| {
+        let rotator = Arc::new(KeyRotator::new(
+            broker.clone(),
+            k.manager.clone(),
+            k.store.clone(),
+            backends.fleet.clone(),
+            uuid::Uuid::new_v4(),
+            MintSettings::default(),
+        ));
+        let job = rotator.clone();
+        tasks.spawn_job("key rotations at the exchange", move |cancel| {
+            job.task_main(KEY_ROTATION_ROUND, cancel)
+        });
+        rotator
+    });
     let service = BrokerService::new(
         broker.clone(),
         s.streams,
@@ -457,6 +514,10 @@ pub async fn start(
         },
         tasks.shutdown.clone(),
     );
+    let service = match key_rotator {
+        Some(k) => service.with_key_rotator(k),
+        None => service,
+    };
     let metrics_addr = serve_metrics(&mut tasks, &s, &metrics, &broker, &service, spool).await?;
     serve_health(&mut tasks, &s, health.clone()).await?;
     serve_grpc(&mut tasks, listener, &s, sink, &metrics, service, health)?;

@@ -11,6 +11,8 @@ use crate::app::{self, Backends, EventSource, Settings};
 
 use crate::broker::ports::CredentialValidator;
 
+use crate::rotation::mint::KeyManager;
+
 use crate::broker::types::ExchangeId;
 
 use crate::broker::validate::FormatCheckValidator;
@@ -143,31 +145,58 @@ pub const DEMO_KEYS: &[(ExchangeId, &str, &str, Option<&str>)] = &[
     ),
 ];
 
-async fn dev_validator(
-    mode: DevValidation,
-) -> anyhow::Result<(
+/// The Bybit sub-account the demo keys belong to, and the master key that
+/// manages it (for `SetManagementKey` and `Rotate` with `mint`).
+pub const DEMO_SUB_ACCOUNT: &str = "100200300";
+/// The demo management key: (key, secret).
+pub const DEMO_BYBIT_MASTER: (&str, &str) = ("demoBybitMaster0001", "demoBybitMasterSecret0001");
+
+/// The validator, the exchanges' key management (when keys are validated
+/// against exchanges), the simulators and how validation is described.
+type DevValidator = (
     Arc<dyn CredentialValidator>,
+    Option<Arc<dyn KeyManager>>,
     Option<Simulators>,
     &'static str,
-)> {
+);
+
+async fn dev_validator(mode: DevValidation) -> anyhow::Result<DevValidator> {
     Ok(match mode {
         DevValidation::Format => (
             Arc::new(FormatCheckValidator),
             None,
+            None,
             "the format check only (no exchange is asked)",
         ),
-        DevValidation::Live => (
-            app::validator(&ValidationConfig::default(), Arc::new(SystemClock))?,
-            None,
-            "the real exchanges (mainnet APIs)",
-        ),
+        DevValidation::Live => {
+            let v = app::exchange_validator(&ValidationConfig::default(), Arc::new(SystemClock))?
+                .ok_or_else(|| {
+                anyhow::anyhow!("live validation needs the exchange validator")
+            })?;
+            (
+                v.clone(),
+                Some(v),
+                None,
+                "the real exchanges (mainnet APIs)",
+            )
+        }
         DevValidation::Simulated => {
             let sims = Simulators::start().await?;
             for (ex, key, secret, pass) in DEMO_KEYS {
                 let mut k = SimKey::hmac(secret, native_permissions(*ex, false, true));
                 k.passphrase = pass.map(str::to_owned);
+                if *ex == ExchangeId::Bybit {
+                    k.sub_account = Some(DEMO_SUB_ACCOUNT.into());
+                }
                 sims.add_key(*ex, key, k);
             }
+            let mut master_perms = native_permissions(ExchangeId::Bybit, false, true);
+            master_perms["permissions"]["Wallet"] = serde_json::json!(["AccountTransfer"]);
+            sims.add_key(
+                ExchangeId::Bybit,
+                DEMO_BYBIT_MASTER.0,
+                SimKey::master(DEMO_BYBIT_MASTER.1, master_perms, &[DEMO_SUB_ACCOUNT]),
+            );
             let endpoints = sims.endpoints(5000, 600);
             let v = ExchangeValidator::new(
                 &endpoints,
@@ -175,8 +204,10 @@ async fn dev_validator(
                 Arc::new(SystemClock),
             )
             .map_err(anyhow::Error::msg)?;
+            let v = Arc::new(v);
             (
-                Arc::new(v),
+                v.clone(),
+                Some(v),
                 Some(sims),
                 "the bundled exchange SIMULATORS (demo keys only; no real exchange is asked)",
             )
@@ -217,7 +248,7 @@ pub async fn run(
     pod_tenant: Option<uuid::Uuid>,
 ) -> anyhow::Result<()> {
     let tls = crate::tls::server_config(&write_dev_pki(dir, pod_tenant)?)?;
-    let (validator, simulators, validation_label) = dev_validator(validation).await?;
+    let (validator, key_manager, simulators, validation_label) = dev_validator(validation).await?;
     if let Some(sims) = &simulators {
         write_simulator_urls(dir, sims)?;
     }
@@ -226,6 +257,7 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("--listen {listen}: cannot bind ({e})"))?;
     let addr = listener.local_addr()?;
     let meta = Arc::new(MemoryMetadataStore::default());
+    let key_store = meta.clone();
     let backends = Backends {
         secrets: Arc::new(MemorySecretStore::default()),
         meta: meta.clone(),
@@ -237,6 +269,10 @@ pub async fn run(
         events: EventSource::Local,
         webhook_net: crate::webhook::WebhookNet::default(),
         audit_days: None,
+        keys: key_manager.map(|manager| app::KeyBackends {
+            manager,
+            store: key_store,
+        }),
     };
     let settings = Settings {
         tls,

@@ -146,6 +146,7 @@ impl Memory {
             events: EventSource::Local,
             webhook_net: credbroker::webhook::WebhookNet::default(),
             audit_days: None,
+            keys: None,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let running = app::start(backends, settings, listener).await.unwrap();

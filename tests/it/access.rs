@@ -141,6 +141,7 @@ async fn call(
                     exchange: "binance".into(),
                     credentials: Some(set("binanceKeyMatrix01", "binanceSecretMatrix01")),
                     overlap_seconds: None,
+                    mint: false,
                 },
                 token,
             ))
@@ -162,6 +163,18 @@ async fn call(
                     tenant_id: t.clone(),
                     url: "https://hooks.example/credbroker".into(),
                     secret: String::new(),
+                },
+                token,
+            ))
+            .await
+            .map(drop),
+        Action::SetManagementKey => c
+            .set_management_key(with_token(
+                pb::SetManagementKeyRequest {
+                    tenant_id: t.clone(),
+                    exchange: "bybit".into(),
+                    credentials: Some(set("bybitMasterMatrix01", "bybitMasterSecretMatrix01")),
+                    sub_account: "100200300".into(),
                 },
                 token,
             ))
@@ -211,7 +224,7 @@ fn unlimited() -> LimitsConfig {
 /// The least role for each RPC, copied from the role table in
 /// docs/identity.md (not computed from `Action::needs`, the code under
 /// test).
-const ROLE_TABLE: [(&str, &str); 12] = [
+const ROLE_TABLE: [(&str, &str); 13] = [
     ("ListCredentials", "viewer"),
     ("DescribeCredential", "viewer"),
     ("GetCredentialHealth", "viewer"),
@@ -224,6 +237,7 @@ const ROLE_TABLE: [(&str, &str); 12] = [
     ("ValidateCredentials", "admin"),
     ("ListAuditEvents", "admin"),
     ("SetWebhook", "admin"),
+    ("SetManagementKey", "admin"),
 ];
 
 /// Whether `role` may call `action` by the documented table.

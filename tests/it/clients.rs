@@ -413,6 +413,12 @@ mod lagging {
         ) -> S<pb::SetWebhookResponse> {
             Err(Status::unimplemented("staged broker"))
         }
+        async fn set_management_key(
+            &self,
+            _: Request<pb::SetManagementKeyRequest>,
+        ) -> S<pb::SetManagementKeyResponse> {
+            Err(Status::unimplemented("staged broker"))
+        }
     }
 }
 

@@ -123,6 +123,7 @@ async fn delete_removes_metadata_and_every_vault_version() {
         exchange: "kraken".into(),
         credentials: Some(set("krakenKey0002", "krakenSecret0002")),
         overlap_seconds: None,
+        mint: false,
     })
     .await
     .unwrap();

@@ -59,6 +59,7 @@ async fn the_python_example_hot_swaps_on_rotation() {
         exchange: "bybit".into(),
         credentials: Some(set("bybitKeyPython0002", "bybitSecretPython0002")),
         overlap_seconds: None,
+        mint: false,
     })
     .await
     .unwrap();

@@ -67,6 +67,7 @@ async fn no_secret_in_trace_logs_audit_records_or_errors() {
         exchange: "binance".into(),
         credentials: set("demoKey9876543210", "demoSecret9876543210", None),
         overlap_seconds: None,
+        mint: false,
     })
     .await
     .unwrap();

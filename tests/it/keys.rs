@@ -603,3 +603,113 @@ mod zero_touch {
         );
     }
 }
+
+/// The operators' path: SetManagementKey and Rotate with mint over mTLS,
+/// the replica's own job deleting the old key when the overlap ends.
+#[tokio::test]
+async fn operators_rotate_at_the_exchange_over_grpc() {
+    use credbroker::{
+        api::pb,
+        config::{ValidationConfig, ValidationMode},
+        exchange::sim::native_permissions,
+    };
+    use tonic::Code;
+
+    use crate::support::{Env, EnvOptions, new_tenant};
+
+    let sims = Simulators::start().await.unwrap();
+    let ex = ExchangeId::Bybit;
+    sims.add_key(
+        ex,
+        "bybitMasterKey0004",
+        bybit_master(&["AccountTransfer"], &[SUB]),
+    );
+    let mut old = SimKey::hmac(
+        "bybitOldSecretGrpc00000000000000000",
+        native_permissions(ex, false, true),
+    );
+    old.sub_account = Some(SUB.into());
+    sims.add_key(ex, "bybitOldKeyGrpc001", old);
+    let env = Env::start_with(EnvOptions {
+        validation: Some(ValidationConfig {
+            mode: ValidationMode::Exchange,
+            exchanges: endpoints(&sims),
+            ..ValidationConfig::default()
+        }),
+        ..EnvOptions::default()
+    })
+    .await;
+    let tenant = new_tenant();
+    let mut op = env.operator().await;
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(crate::support::set(
+            "bybitOldKeyGrpc001",
+            "bybitOldSecretGrpc00000000000000000",
+        )),
+    })
+    .await
+    .unwrap();
+    let rotate = |credentials: Option<pb::CredentialSet>| pb::RotateRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials,
+        overlap_seconds: Some(1),
+        mint: true,
+    };
+
+    // No management key yet: a clear FAILED_PRECONDITION, nothing changes.
+    let e = op.rotate(rotate(None)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("SetManagementKey"), "{}", e.message());
+
+    let stored = op
+        .set_management_key(pb::SetManagementKeyRequest {
+            tenant_id: tenant.clone(),
+            exchange: "bybit".into(),
+            credentials: Some(crate::support::set(
+                "bybitMasterKey0004",
+                "bybitMasterSecret000000000000000000",
+            )),
+            sub_account: SUB.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.api_key_hint, "****0004");
+
+    let e = op
+        .rotate(rotate(Some(crate::support::set("bybitOtherKey00001", "s"))))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+
+    let r = op.rotate(rotate(None)).await.unwrap().into_inner();
+    let status = r.key_rotation.unwrap();
+    assert_eq!(status.step, "waiting", "{status:?}");
+    assert_eq!(status.new_version, 2);
+    assert_eq!(r.credential.unwrap().version, 2);
+    assert!(status.minted_api_key_hint.starts_with("****"));
+
+    // The replica's job deletes the old key once the overlap ends.
+    let master = set("bybitMasterKey0004", "bybitMasterSecret000000000000000000");
+    let v = ExchangeValidator::new(
+        &endpoints(&sims),
+        WithdrawPolicy::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let keys = v.list_keys(ex, &master, SUB).await.unwrap();
+        if keys.len() == 1 && keys[0].api_key != "bybitOldKeyGrpc001" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the old key is still live: {keys:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

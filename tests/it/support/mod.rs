@@ -502,6 +502,7 @@ pub fn rotate_req(
         exchange: exchange.into(),
         credentials: Some(set(key, secret)),
         overlap_seconds: overlap,
+        mint: false,
     }
 }
 

@@ -193,6 +193,11 @@ impl Broker {
         &self.clock
     }
 
+    /// The overlap a rotation gets when it names none.
+    pub fn default_overlap(&self) -> Duration {
+        self.settings.default_overlap
+    }
+
     /// The KV v2 folder (relative to the mount) that holds every tenant.
     pub fn vault_path_prefix(&self) -> &str {
         &self.settings.path_prefix

@@ -28,6 +28,8 @@ use crate::broker::types::{ExchangeId, TenantId};
 
 use crate::limits::Limits;
 
+use crate::rotation::mint::{KeyRotation, KeyRotator};
+
 use crate::rotation::watch::{
     StreamLimits, StreamSlots, StreamTiming, Subscription, Watch, WatchItem,
 };
@@ -36,6 +38,8 @@ use pb::credential_broker_server::CredentialBroker;
 /// The `credbroker.v1.CredentialBroker` service.
 pub struct BrokerService {
     broker: Arc<Broker>,
+    /// Rotations at the exchange, where key management is configured.
+    keys: Option<Arc<KeyRotator>>,
     timing: StreamTiming,
     slots: Arc<StreamSlots>,
     gate: Gate,
@@ -66,11 +70,71 @@ impl BrokerService {
     ) -> Self {
         Self {
             broker,
+            keys: None,
             timing,
             slots: StreamSlots::new(streams),
             gate,
             shutdown,
         }
+    }
+
+    /// Serves rotations at the exchange (Rotate with mint, SetManagementKey).
+    #[must_use]
+    pub fn with_key_rotator(mut self, keys: Arc<KeyRotator>) -> Self {
+        self.keys = Some(keys);
+        self
+    }
+
+    fn key_rotator(&self) -> Result<&Arc<KeyRotator>, Status> {
+        self.keys.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this broker does not manage keys at the exchange (it needs validation against the exchanges): send the new key in credentials",
+            )
+        })
+    }
+
+    /// Rotate with mint: the rotator mints, swaps the fleet and (after the
+    /// overlap) deletes the old key at the exchange.
+    async fn rotate_at_exchange(
+        &self,
+        adm: &Admitted,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        credentials: Option<pb::CredentialSet>,
+        overlap_seconds: Option<u32>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        if credentials.is_some() {
+            return Err(Status::invalid_argument(
+                "credentials: leave them out with mint = true (the broker creates the new key at the exchange)",
+            ));
+        }
+        let keys = self.key_rotator()?;
+        let overlap = overlap_seconds.unwrap_or_else(|| {
+            u32::try_from(self.broker.default_overlap().whole_seconds()).unwrap_or(u32::MAX)
+        });
+        let r = keys
+            .start(tenant, exchange, overlap)
+            .await
+            .map_err(status::broker)?;
+        let record = self
+            .broker
+            .metadata()
+            .get(tenant, exchange)
+            .await
+            .map_err(|e| status::broker(e.into()))?;
+        if let Some(rec) = &record {
+            adm.touched(
+                std::iter::once(rec.current_version)
+                    .chain(rec.previous_version)
+                    .collect(),
+                Some(rec.api_key_hint.clone()),
+            );
+        }
+        Ok(Response::new(pb::RotateResponse {
+            credential: record.as_ref().map(convert::metadata),
+            rotated: r.new_version.is_some(),
+            key_rotation: Some(key_rotation_status(&r)),
+        }))
     }
 
     /// This replica's WatchRotations slots (the open-streams gauge).
@@ -275,7 +339,13 @@ impl CredentialBroker for BrokerService {
             exchange: _,
             credentials,
             overlap_seconds,
+            mint,
         } = req.into_inner();
+        if mint {
+            return self
+                .rotate_at_exchange(&adm, tenant, exchange, credentials, overlap_seconds)
+                .await;
+        }
         let set = convert::credential_set(credentials)?;
         let overlap = overlap_seconds.map(|s| time::Duration::seconds(i64::from(s)));
         let out = self
@@ -292,6 +362,7 @@ impl CredentialBroker for BrokerService {
         Ok(Response::new(pb::RotateResponse {
             credential: Some(convert::metadata(&out.record)),
             rotated: out.rotated,
+            key_rotation: None,
         }))
     }
 
@@ -502,6 +573,31 @@ impl CredentialBroker for BrokerService {
         }))
     }
 
+    async fn set_management_key(
+        &self,
+        req: Request<pb::SetManagementKeyRequest>,
+    ) -> Result<Response<pb::SetManagementKeyResponse>, Status> {
+        let (tenant, exchange) =
+            convert::target(&req.get_ref().tenant_id, &req.get_ref().exchange)?;
+        let adm = self.admit(&req, tenant, Some(exchange), Action::SetManagementKey)?;
+        let pb::SetManagementKeyRequest {
+            credentials,
+            sub_account,
+            ..
+        } = req.into_inner();
+        let set = convert::credential_set(credentials)?;
+        let hint = set.key_hint();
+        self.key_rotator()?
+            .set_management_key(tenant, exchange, sub_account.trim(), &set)
+            .await
+            .map_err(status::broker)?;
+        adm.touched(Vec::new(), Some(hint.clone()));
+        Ok(Response::new(pb::SetManagementKeyResponse {
+            api_key_hint: hint,
+            sub_account: sub_account.trim().to_owned(),
+        }))
+    }
+
     async fn list_audit_events(
         &self,
         req: Request<pb::ListAuditEventsRequest>,
@@ -536,5 +632,22 @@ impl CredentialBroker for BrokerService {
             events: rows.iter().filter_map(convert::audit_event).collect(),
             next_page_token,
         }))
+    }
+}
+
+/// A rotation at the exchange as the contract shows it.
+fn key_rotation_status(r: &KeyRotation) -> pb::KeyRotationStatus {
+    pb::KeyRotationStatus {
+        id: r.id.to_string(),
+        step: r.step.as_str().to_owned(),
+        attempts: r.attempts,
+        last_error: r.last_error.clone().unwrap_or_default(),
+        delete_after: r.delete_after.map(convert::ts),
+        minted_api_key_hint: r
+            .minted_api_key
+            .as_deref()
+            .map(crate::broker::types::key_hint)
+            .unwrap_or_default(),
+        new_version: r.new_version.unwrap_or(0),
     }
 }

@@ -86,11 +86,13 @@ pub enum Action {
     ListAuditEvents,
     /// SetWebhook.
     SetWebhook,
+    /// SetManagementKey.
+    SetManagementKey,
 }
 
 impl Action {
     /// Every action, for tests and docs.
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 13] = [
         Action::GetCredentials,
         Action::WatchRotations,
         Action::AcknowledgeVersion,
@@ -103,6 +105,7 @@ impl Action {
         Action::ValidateCredentials,
         Action::ListAuditEvents,
         Action::SetWebhook,
+        Action::SetManagementKey,
     ];
 
     /// Whether the action can change state (a store, a rotation, a delete,
@@ -117,6 +120,7 @@ impl Action {
                 | Action::DeleteCredentials
                 | Action::ValidateCredentials
                 | Action::SetWebhook
+                | Action::SetManagementKey
                 | Action::AcknowledgeVersion
         )
     }
@@ -143,7 +147,8 @@ impl Action {
             | Action::DeleteCredentials
             | Action::ValidateCredentials
             | Action::ListAuditEvents
-            | Action::SetWebhook => Role::Admin,
+            | Action::SetWebhook
+            | Action::SetManagementKey => Role::Admin,
         }
     }
 
@@ -162,6 +167,7 @@ impl Action {
             Action::ValidateCredentials => "ValidateCredentials",
             Action::ListAuditEvents => "ListAuditEvents",
             Action::SetWebhook => "SetWebhook",
+            Action::SetManagementKey => "SetManagementKey",
         }
     }
 }

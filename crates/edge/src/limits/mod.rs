@@ -48,7 +48,8 @@ impl Class {
             | Action::Rotate
             | Action::DeleteCredentials
             | Action::ValidateCredentials
-            | Action::SetWebhook => Class::Write,
+            | Action::SetWebhook
+            | Action::SetManagementKey => Class::Write,
             Action::WatchRotations => Class::Watch,
             Action::GetCredentials
             | Action::AcknowledgeVersion

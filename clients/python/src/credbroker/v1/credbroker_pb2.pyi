@@ -109,24 +109,66 @@ class ValidateAndStoreResponse(_message.Message):
     def __init__(self, credential: _Optional[_Union[CredentialMetadata, _Mapping]] = ...) -> None: ...
 
 class RotateRequest(_message.Message):
-    __slots__ = ("tenant_id", "exchange", "credentials", "overlap_seconds")
+    __slots__ = ("tenant_id", "exchange", "credentials", "overlap_seconds", "mint")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     OVERLAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MINT_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     exchange: str
     credentials: CredentialSet
     overlap_seconds: int
-    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., credentials: _Optional[_Union[CredentialSet, _Mapping]] = ..., overlap_seconds: _Optional[int] = ...) -> None: ...
+    mint: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., credentials: _Optional[_Union[CredentialSet, _Mapping]] = ..., overlap_seconds: _Optional[int] = ..., mint: bool = ...) -> None: ...
 
 class RotateResponse(_message.Message):
-    __slots__ = ("credential", "rotated")
+    __slots__ = ("credential", "rotated", "key_rotation")
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     ROTATED_FIELD_NUMBER: _ClassVar[int]
+    KEY_ROTATION_FIELD_NUMBER: _ClassVar[int]
     credential: CredentialMetadata
     rotated: bool
-    def __init__(self, credential: _Optional[_Union[CredentialMetadata, _Mapping]] = ..., rotated: bool = ...) -> None: ...
+    key_rotation: KeyRotationStatus
+    def __init__(self, credential: _Optional[_Union[CredentialMetadata, _Mapping]] = ..., rotated: bool = ..., key_rotation: _Optional[_Union[KeyRotationStatus, _Mapping]] = ...) -> None: ...
+
+class KeyRotationStatus(_message.Message):
+    __slots__ = ("id", "step", "attempts", "last_error", "delete_after", "minted_api_key_hint", "new_version")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DELETE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MINTED_API_KEY_HINT_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    step: str
+    attempts: int
+    last_error: str
+    delete_after: _timestamp_pb2.Timestamp
+    minted_api_key_hint: str
+    new_version: int
+    def __init__(self, id: _Optional[str] = ..., step: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., delete_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., minted_api_key_hint: _Optional[str] = ..., new_version: _Optional[int] = ...) -> None: ...
+
+class SetManagementKeyRequest(_message.Message):
+    __slots__ = ("tenant_id", "exchange", "credentials", "sub_account")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGE_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    SUB_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    exchange: str
+    credentials: CredentialSet
+    sub_account: str
+    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., credentials: _Optional[_Union[CredentialSet, _Mapping]] = ..., sub_account: _Optional[str] = ...) -> None: ...
+
+class SetManagementKeyResponse(_message.Message):
+    __slots__ = ("api_key_hint", "sub_account")
+    API_KEY_HINT_FIELD_NUMBER: _ClassVar[int]
+    SUB_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    api_key_hint: str
+    sub_account: str
+    def __init__(self, api_key_hint: _Optional[str] = ..., sub_account: _Optional[str] = ...) -> None: ...
 
 class WatchRotationsRequest(_message.Message):
     __slots__ = ("tenant_id", "exchanges", "after_seq")
