@@ -47,6 +47,11 @@ async fn the_printed_grpcurl_commands_work_against_the_simulators() {
         outputs.iter().any(|o| o.contains("\"rotated\": true")),
         "{outputs:?}"
     );
+    // The minted rotation swapped the fleet and waits for the overlap.
+    assert!(
+        outputs.iter().any(|o| o.contains("\"step\": \"waiting\"")),
+        "{outputs:?}"
+    );
 
     // A made-up key is refused by the simulated exchange.
     let e = dev

@@ -8,6 +8,18 @@ path "secret/data/tenants/*" {
   capabilities = ["create", "read", "update"]
 }
 
+# Rotation at the exchange: each tenant's management key (a master
+# account's key that creates and deletes its sub-account's API keys) and
+# the key a rotation minted, until it is stored as a credential version.
+# Listed on their own so a deployment can grant them to the broker alone
+# (the broad stanza above already covers them for this token).
+path "secret/data/tenants/+/exchanges/+/management" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/tenants/+/exchanges/+/minted" {
+  capabilities = ["create", "read", "update"]
+}
+
 # Versions of a path (latest version for check-and-set, the orphan sweep's
 # view), and DeleteCredentials' purge of a whole path.
 path "secret/metadata/tenants/*" {
