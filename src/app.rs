@@ -38,7 +38,9 @@ use crate::limits::Limits;
 
 use crate::rotation::retire;
 
-use crate::rotation::mint::{KeyManager, KeyRotationStore, KeyRotator, MintSettings};
+use crate::rotation::mint::{
+    KeyManager, KeyRotation, KeyRotationObserver, KeyRotationStore, KeyRotator, MintSettings, Step,
+};
 
 use crate::rotation::hub::Hub;
 
@@ -87,6 +89,44 @@ pub struct Backends {
 /// How often each replica looks for rotations at the exchange that are due
 /// (a retry, an overlap that ended).
 const KEY_ROTATION_ROUND: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Rotations at the exchange, as metrics.
+struct KeyRotationMetrics(Metrics);
+
+impl KeyRotationObserver for KeyRotationMetrics {
+    fn step(&self, r: &KeyRotation, step: Step, ok: bool) {
+        self.0
+            .families()
+            .key_rotation_steps
+            .get_or_create(&crate::telemetry::metrics::KeyRotationStep {
+                exchange: r.exchange.as_str(),
+                step: step.as_str(),
+                result: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+
+    fn round(&self, unfinished: &[KeyRotation], now: time::OffsetDateTime) {
+        let f = self.0.families();
+        for step in [Step::Minting, Step::Rotating, Step::Waiting, Step::Deleting] {
+            let n = unfinished.iter().filter(|r| r.step == step).count();
+            f.key_rotations
+                .get_or_create(&crate::telemetry::metrics::StepLabel {
+                    step: step.as_str(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        let overdue = unfinished
+            .iter()
+            .filter(|r| {
+                r.delete_after
+                    .is_some_and(|t| now - t > time::Duration::minutes(5))
+            })
+            .count();
+        f.key_rotations_overdue
+            .set(i64::try_from(overdue).unwrap_or(i64::MAX));
+    }
+}
 
 /// What rotations at the exchange need.
 pub struct KeyBackends {
@@ -484,14 +524,17 @@ pub async fn start(
     )?;
     let checks = start_checks(&mut tasks, &s, &backends.fleet, &broker, &metrics);
     let key_rotator = backends.keys.as_ref().map(|k| {
-        let rotator = Arc::new(KeyRotator::new(
-            broker.clone(),
-            k.manager.clone(),
-            k.store.clone(),
-            backends.fleet.clone(),
-            uuid::Uuid::new_v4(),
-            MintSettings::default(),
-        ));
+        let rotator = Arc::new(
+            KeyRotator::new(
+                broker.clone(),
+                k.manager.clone(),
+                k.store.clone(),
+                backends.fleet.clone(),
+                uuid::Uuid::new_v4(),
+                MintSettings::default(),
+            )
+            .observed_by(Arc::new(KeyRotationMetrics(metrics.clone()))),
+        );
         let job = rotator.clone();
         tasks.spawn_job("key rotations at the exchange", move |cancel| {
             job.task_main(KEY_ROTATION_ROUND, cancel)

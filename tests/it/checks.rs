@@ -19,11 +19,11 @@ use crate::{
 };
 
 /// One parsed sample: name, labels, value.
-type Sample = (String, HashMap<String, String>, f64);
+pub(crate) type Sample = (String, HashMap<String, String>, f64);
 
 /// Scrapes `/metrics` and parses it with `prometheus_client`'s OpenMetrics
 /// parser (strict: a malformed exposition fails the test).
-async fn scrape(env: &Env) -> (String, Vec<Sample>) {
+pub(crate) async fn scrape(env: &Env) -> (String, Vec<Sample>) {
     let addr = env.running.as_ref().unwrap().metrics_addr.unwrap();
     let resp = reqwest::get(format!("http://{addr}/metrics"))
         .await
@@ -69,7 +69,7 @@ print(json.dumps(out))
     (text, samples)
 }
 
-fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples
         .iter()
         .find(|(n, l, _)| {

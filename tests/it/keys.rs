@@ -301,6 +301,9 @@ mod zero_touch {
         ) -> Result<Option<KeyRotation>, MetadataStoreError> {
             self.inner.active(t, e).await
         }
+        async fn unfinished(&self) -> Result<Vec<KeyRotation>, MetadataStoreError> {
+            self.inner.unfinished().await
+        }
         async fn due(
             &self,
             now: time::OffsetDateTime,
@@ -711,5 +714,71 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
             "the old key is still live: {keys:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // A manual rotation (a key made by hand in the sub-account) deletes the
+    // replaced key at the exchange too, once the overlap ends.
+    let mut manual = SimKey::hmac(
+        "bybitManualSecret000000000000000000",
+        native_permissions(ex, false, true),
+    );
+    manual.sub_account = Some(SUB.into());
+    sims.add_key(ex, "bybitManualKey0001", manual);
+    let r = op
+        .rotate(pb::RotateRequest {
+            mint: false,
+            ..rotate(Some(crate::support::set(
+                "bybitManualKey0001",
+                "bybitManualSecret000000000000000000",
+            )))
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.key_rotation.unwrap().step, "waiting");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let keys = v.list_keys(ex, &master, SUB).await.unwrap();
+        if keys.iter().map(|k| k.api_key.as_str()).collect::<Vec<_>>() == ["bybitManualKey0001"] {
+            break;
+        }
+        if std::time::Instant::now() >= deadline {
+            use credbroker::rotation::mint::KeyRotationStore as _;
+            let rows = env.db.migrated_store(1).await;
+            panic!(
+                "the replaced key is still live: {keys:?} {:?}",
+                rows.unfinished().await
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // Both deletions show in the replica's metrics, and nothing is overdue.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, samples) = crate::checks::scrape(&env).await;
+        let deleted = crate::checks::value(
+            &samples,
+            "credbroker_key_rotation_steps_total",
+            &[
+                ("exchange", "bybit"),
+                ("step", "deleting"),
+                ("result", "ok"),
+            ],
+        );
+        let waiting =
+            crate::checks::value(&samples, "credbroker_key_rotations", &[("step", "waiting")]);
+        if deleted == Some(2.0) && waiting == Some(0.0) {
+            assert_eq!(
+                crate::checks::value(&samples, "credbroker_key_rotations_overdue", &[]),
+                Some(0.0)
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{deleted:?} {waiting:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }

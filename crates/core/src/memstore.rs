@@ -741,6 +741,15 @@ impl KeyRotationStore for MemoryMetadataStore {
             .cloned())
     }
 
+    async fn unfinished(&self) -> Result<Vec<KeyRotation>, MetadataStoreError> {
+        Ok(lock(&self.state)
+            .key_rotations
+            .values()
+            .filter(|r| !r.step.finished())
+            .cloned()
+            .collect())
+    }
+
     async fn due(
         &self,
         now: OffsetDateTime,

@@ -104,7 +104,8 @@ impl KeyRotationStore for PgMetadataStore {
                 let inserted = tx
                     .execute(
                         "INSERT INTO key_rotations (id, tenant_id, exchange, sub_account, step, old_api_key, \
-                         overlap_secs, next_attempt_at, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                         minted_api_key, new_version, overlap_secs, delete_after, attempts, next_attempt_at, \
+                         last_error, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
                          ON CONFLICT (tenant_id, exchange) WHERE step NOT IN ('done', 'failed') DO NOTHING",
                         &[
                             &r.id,
@@ -113,8 +114,13 @@ impl KeyRotationStore for PgMetadataStore {
                             &r.sub_account,
                             &r.step.as_str(),
                             &r.old_api_key,
+                            &r.minted_api_key,
+                            &r.new_version.map(to_i64),
                             &i32_of(r.overlap_secs),
+                            &r.delete_after,
+                            &i32_of(r.attempts),
                             &r.next_attempt_at,
+                            &r.last_error,
                             &r.created_at,
                         ],
                     )
@@ -199,6 +205,24 @@ impl KeyRotationStore for PgMetadataStore {
                     .await
                     .map_err(pg_err)?;
                 row.as_ref().map(row_to_rotation).transpose()
+            })
+        })
+        .await
+    }
+
+    async fn unfinished(&self) -> Result<Vec<KeyRotation>, MetadataStoreError> {
+        self.in_tx("unfinished_key_rotations", Scope::System, |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        &format!(
+                            "SELECT {COLUMNS} FROM key_rotations WHERE step NOT IN ('done', 'failed')"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter().map(row_to_rotation).collect()
             })
         })
         .await

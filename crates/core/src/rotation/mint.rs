@@ -272,6 +272,13 @@ pub trait KeyRotationStore: Send + Sync + 'static {
         exchange: ExchangeId,
     ) -> Result<Option<KeyRotation>, MetadataStoreError>;
 
+    /// Every unfinished rotation (a handful: at most one per credential
+    /// being rotated).
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn unfinished(&self) -> Result<Vec<KeyRotation>, MetadataStoreError>;
+
     /// Unfinished rotations due at `now` (next attempt or overlap end
     /// reached), oldest first.
     ///
@@ -282,6 +289,22 @@ pub trait KeyRotationStore: Send + Sync + 'static {
         now: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<KeyRotation>, MetadataStoreError>;
+}
+
+/// What the rotator reports as it works (metrics; alerts).
+pub trait KeyRotationObserver: Send + Sync + 'static {
+    /// One step attempted: `ok` or failed (the error is in `r.last_error`).
+    fn step(&self, r: &KeyRotation, step: Step, ok: bool);
+    /// After each round of the job: every unfinished rotation.
+    fn round(&self, unfinished: &[KeyRotation], now: OffsetDateTime);
+}
+
+/// Reports nothing.
+pub struct Unobserved;
+
+impl KeyRotationObserver for Unobserved {
+    fn step(&self, _: &KeyRotation, _: Step, _: bool) {}
+    fn round(&self, _: &[KeyRotation], _: OffsetDateTime) {}
 }
 
 /// Settings of the rotator.
@@ -316,6 +339,7 @@ pub struct KeyRotator {
     leases: Arc<dyn FleetStore>,
     holder: Uuid,
     settings: MintSettings,
+    observer: Arc<dyn KeyRotationObserver>,
 }
 
 /// A step's failure: a message safe to show.
@@ -361,7 +385,15 @@ impl KeyRotator {
             leases,
             holder,
             settings,
+            observer: Arc::new(Unobserved),
         }
+    }
+
+    /// Reports steps and rounds to `observer`.
+    #[must_use]
+    pub fn observed_by(mut self, observer: Arc<dyn KeyRotationObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     fn path(&self, tenant: TenantId, exchange: ExchangeId, leaf: &str) -> String {
@@ -498,6 +530,84 @@ impl KeyRotator {
         self.drive(rotation.id).await
     }
 
+    /// Before a manual Rotate: the key it replaces, when the tenant has a
+    /// management key for `exchange` (so the replaced key can be deleted
+    /// at the exchange once the overlap ends).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn key_to_retire(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<String>, BrokerError> {
+        if self.store.management(tenant, exchange).await?.is_none() {
+            return Ok(None);
+        }
+        let Some(record) = self.broker.metadata().get(tenant, exchange).await? else {
+            return Ok(None);
+        };
+        let current = self
+            .broker
+            .secrets()
+            .read(&record.vault_path, record.current_version)
+            .await?;
+        Ok(Some(current.api_key))
+    }
+
+    /// After a manual Rotate that replaced `old_api_key`: the old key is
+    /// deleted at the exchange when the overlap ends, as a minted
+    /// rotation's is (a rotation that starts at its waiting step). Returns
+    /// None when nothing is to be deleted or another rotation of the
+    /// credential is unfinished (then the old key stays: logged).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn retire_after_overlap(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        old_api_key: String,
+    ) -> Result<Option<KeyRotation>, BrokerError> {
+        let Some(sub_account) = self.store.management(tenant, exchange).await? else {
+            return Ok(None);
+        };
+        let Some(record) = self.broker.metadata().get(tenant, exchange).await? else {
+            return Ok(None);
+        };
+        let current = self
+            .broker
+            .secrets()
+            .read(&record.vault_path, record.current_version)
+            .await?;
+        if current.api_key == old_api_key {
+            return Ok(None);
+        }
+        let now = self.broker.clock().now();
+        let delete_after = record.previous_valid_until.unwrap_or(now).max(now);
+        let rotation = KeyRotation {
+            id: Uuid::now_v7(),
+            tenant,
+            exchange,
+            sub_account,
+            step: Step::Waiting,
+            old_api_key,
+            minted_api_key: None,
+            new_version: Some(record.current_version),
+            overlap_secs: u32::try_from((delete_after - now).whole_seconds()).unwrap_or(0),
+            delete_after: Some(delete_after),
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+            created_at: now,
+        };
+        if let Some(active) = self.store.begin(&rotation).await? {
+            tracing::warn!(%tenant, %exchange, step = active.step.as_str(), "a rotation at the exchange is unfinished: the key this Rotate replaced is not deleted at the exchange automatically; delete it there");
+            return Ok(None);
+        }
+        Ok(Some(rotation))
+    }
+
     /// Works on one rotation under its lease until it waits (overlap, a
     /// retry) or finishes; returns it as stored.
     ///
@@ -521,10 +631,12 @@ impl KeyRotator {
             {
                 return Ok(r); // another replica works on it
             }
+            let step = r.step;
             match self.step(&mut r, now).await {
                 Ok(()) => {
                     r.attempts = 0;
                     r.last_error = None;
+                    self.observer.step(&r, step, true);
                 }
                 Err(StepError(msg)) => {
                     r.attempts += 1;
@@ -539,6 +651,7 @@ impl KeyRotator {
                         r.next_attempt_at = now + wait.min(self.settings.retry_max);
                     }
                     self.store.save(&r).await?;
+                    self.observer.step(&r, step, false);
                     return Ok(r);
                 }
             }
@@ -671,6 +784,8 @@ impl KeyRotator {
         for r in &due {
             self.drive(r.id).await?;
         }
+        let unfinished = self.store.unfinished().await?;
+        self.observer.round(&unfinished, self.broker.clock().now());
         Ok(due.len())
     }
 

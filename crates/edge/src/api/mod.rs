@@ -348,11 +348,31 @@ impl CredentialBroker for BrokerService {
         }
         let set = convert::credential_set(credentials)?;
         let overlap = overlap_seconds.map(|s| time::Duration::seconds(i64::from(s)));
+        // With a management key, the replaced key is deleted at the
+        // exchange when the overlap ends, as after a minted rotation.
+        let retiring = match &self.keys {
+            Some(k) => k
+                .key_to_retire(tenant, exchange)
+                .await
+                .map_err(status::broker)?,
+            None => None,
+        };
         let out = self
             .broker
             .rotate(&adm.ctx(), tenant, exchange, set, overlap)
             .await
             .map_err(status::broker)?;
+        let mut key_rotation = None;
+        if let (Some(k), Some(old)) = (&self.keys, retiring)
+            && out.rotated
+        {
+            match k.retire_after_overlap(tenant, exchange, old).await {
+                Ok(r) => key_rotation = r.as_ref().map(key_rotation_status),
+                Err(e) => {
+                    tracing::warn!(%tenant, %exchange, "the replaced key will not be deleted at the exchange automatically: {e}")
+                }
+            }
+        }
         adm.touched(
             std::iter::once(out.record.current_version)
                 .chain(out.record.previous_version)
@@ -362,7 +382,7 @@ impl CredentialBroker for BrokerService {
         Ok(Response::new(pb::RotateResponse {
             credential: Some(convert::metadata(&out.record)),
             rotated: out.rotated,
-            key_rotation: None,
+            key_rotation,
         }))
     }
 

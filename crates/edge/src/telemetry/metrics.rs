@@ -77,6 +77,24 @@ pub struct ExchangeResult {
     pub result: &'static str,
 }
 
+/// `exchange`, `step`, `result`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyRotationStep {
+    /// Exchange name.
+    pub exchange: &'static str,
+    /// minting, rotating, waiting, deleting.
+    pub step: &'static str,
+    /// ok, failed.
+    pub result: &'static str,
+}
+
+/// `step`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    /// minting, rotating, waiting, deleting.
+    pub step: &'static str,
+}
+
 /// `operation`, `status`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VaultOp {
@@ -173,6 +191,16 @@ pub struct Families {
     /// `credbroker_webhook_backlog{tenant_id}`: the same, per tenant (a
     /// receiver that is down shows as its own tenant's backlog).
     pub webhook_backlog: Family<TenantLabel, Gauge>,
+    /// `credbroker_key_rotation_steps_total{exchange,step,result}`: steps
+    /// of rotations at the exchange attempted by this replica.
+    pub key_rotation_steps: Family<KeyRotationStep, Counter>,
+    /// `credbroker_key_rotations{step}`: unfinished rotations at the
+    /// exchange, by step.
+    pub key_rotations: Family<StepLabel, Gauge>,
+    /// `credbroker_key_rotations_overdue`: rotations whose old key is still
+    /// live at the exchange more than five minutes after its overlap ended
+    /// (two live keys: alert on > 0).
+    pub key_rotations_overdue: Gauge,
 }
 
 impl Default for Metrics {
@@ -204,6 +232,9 @@ impl Metrics {
             webhook_deliveries: Family::default(),
             webhook_outbox: Gauge::default(),
             webhook_backlog: Family::default(),
+            key_rotation_steps: Family::default(),
+            key_rotations: Family::default(),
+            key_rotations_overdue: Gauge::default(),
         }))
     }
 
@@ -313,6 +344,21 @@ impl Metrics {
             "credbroker_vault_operation_duration_seconds",
             "Vault operation latency",
             f.vault_duration.clone(),
+        );
+        r.register(
+            "credbroker_key_rotation_steps",
+            "Steps of rotations at the exchange attempted by this replica, by exchange, step and result",
+            f.key_rotation_steps.clone(),
+        );
+        r.register(
+            "credbroker_key_rotations",
+            "Unfinished rotations at the exchange, by step",
+            f.key_rotations.clone(),
+        );
+        r.register(
+            "credbroker_key_rotations_overdue",
+            "Rotations whose old key is still live at the exchange more than 5 minutes after the overlap ended",
+            f.key_rotations_overdue.clone(),
         );
         r.register(
             "credbroker_vault_up",
