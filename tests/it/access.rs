@@ -175,6 +175,8 @@ async fn call(
                     exchange: "bybit".into(),
                     credentials: Some(set("bybitMasterMatrix01", "bybitMasterSecretMatrix01")),
                     sub_account: "100200300".into(),
+                    rotate_every_days: 0,
+                    overlap_seconds: None,
                 },
                 token,
             ))

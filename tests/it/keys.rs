@@ -190,7 +190,7 @@ mod zero_touch {
         },
         rotation::mint::{
             KeyManager, KeyRotation, KeyRotationStore, KeyRotator, ManagedKey, MintSettings,
-            MintSpec, Step,
+            MintSpec, RotationSchedule, Scheduled, Step,
         },
         store::PgMetadataStore,
     };
@@ -271,8 +271,12 @@ mod zero_touch {
             e: ExchangeId,
             sub: &str,
             hint: &str,
+            schedule: RotationSchedule,
         ) -> Result<(), MetadataStoreError> {
-            self.inner.set_management(t, e, sub, hint).await
+            self.inner.set_management(t, e, sub, hint, schedule).await
+        }
+        async fn scheduled(&self) -> Result<Vec<Scheduled>, MetadataStoreError> {
+            self.inner.scheduled().await
         }
         async fn begin(&self, r: &KeyRotation) -> Result<Option<KeyRotation>, MetadataStoreError> {
             self.inner.begin(r).await
@@ -395,7 +399,13 @@ mod zero_touch {
                 old_key,
             };
             w.rotator()
-                .set_management_key(w.tenant, EX, SUB, &set(MASTER, MASTER_SECRET))
+                .set_management_key(
+                    w.tenant,
+                    EX,
+                    SUB,
+                    &set(MASTER, MASTER_SECRET),
+                    RotationSchedule::default(),
+                )
                 .await
                 .unwrap();
             w
@@ -582,13 +592,55 @@ mod zero_touch {
     }
 
     #[tokio::test]
+    async fn a_schedule_rotates_by_itself_when_its_period_has_passed() {
+        let w = World::new().await;
+        let schedule = RotationSchedule {
+            every_days: 30,
+            overlap_secs: OVERLAP,
+        };
+        w.rotator()
+            .set_management_key(w.tenant, EX, SUB, &set(MASTER, MASTER_SECRET), schedule)
+            .await
+            .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        assert!(
+            w.rotator().start_scheduled(now).await.unwrap().is_empty(),
+            "not yet due"
+        );
+        let later = now + time::Duration::days(31);
+        let started = w.rotator().start_scheduled(later).await.unwrap();
+        assert_eq!(started.len(), 1, "due after 30 days");
+        assert_eq!(started[0].step, Step::Waiting, "{:?}", started[0]);
+        assert!(
+            w.rotator().start_scheduled(later).await.unwrap().is_empty(),
+            "never while one is unfinished"
+        );
+        let done = w.finish(started[0].id).await;
+        w.assert_one_live_key(&done).await;
+        // The period counts from the last rotation's start.
+        assert!(
+            w.rotator()
+                .start_scheduled(now + time::Duration::days(29))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
     async fn a_management_key_that_cannot_manage_is_refused_and_nothing_starts() {
         let w = World::new().await;
         w.sims
             .add_key(EX, "bybitWeakMaster01", bybit_master(&[], &[]));
         let refused = w
             .rotator()
-            .set_management_key(w.tenant, EX, SUB, &set("bybitWeakMaster01", MASTER_SECRET))
+            .set_management_key(
+                w.tenant,
+                EX,
+                SUB,
+                &set("bybitWeakMaster01", MASTER_SECRET),
+                RotationSchedule::default(),
+            )
             .await
             .unwrap_err();
         assert!(
@@ -676,6 +728,8 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
                 "bybitMasterSecret000000000000000000",
             )),
             sub_account: SUB.into(),
+            rotate_every_days: 0,
+            overlap_seconds: None,
         })
         .await
         .unwrap()

@@ -15,7 +15,7 @@ use crate::broker::ports::{
     OutboxMessage, RotationCommit, SecretStore, VersionInfo, WebhookEndpoint, WebhookStore,
 };
 
-use crate::rotation::mint::{KeyRotation, KeyRotationStore};
+use crate::rotation::mint::{KeyRotation, KeyRotationStore, RotationSchedule, Scheduled};
 
 use crate::broker::types::{
     Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
@@ -140,7 +140,7 @@ struct MetaState {
     leases: BTreeMap<String, (uuid::Uuid, OffsetDateTime)>,
     webhooks: BTreeMap<TenantId, WebhookEndpoint>,
     outbox: Vec<OutboxRow>,
-    management: BTreeMap<(TenantId, ExchangeId), String>,
+    management: BTreeMap<(TenantId, ExchangeId), (String, RotationSchedule, OffsetDateTime)>,
     key_rotations: BTreeMap<uuid::Uuid, KeyRotation>,
 }
 
@@ -687,7 +687,7 @@ impl KeyRotationStore for MemoryMetadataStore {
         Ok(lock(&self.state)
             .management
             .get(&(tenant, exchange))
-            .cloned())
+            .map(|(sub, _, _)| sub.clone()))
     }
 
     async fn set_management(
@@ -696,11 +696,41 @@ impl KeyRotationStore for MemoryMetadataStore {
         exchange: ExchangeId,
         sub_account: &str,
         _api_key_hint: &str,
+        schedule: RotationSchedule,
     ) -> Result<(), MetadataStoreError> {
-        lock(&self.state)
-            .management
-            .insert((tenant, exchange), sub_account.to_owned());
+        lock(&self.state).management.insert(
+            (tenant, exchange),
+            (sub_account.to_owned(), schedule, OffsetDateTime::now_utc()),
+        );
         Ok(())
+    }
+
+    async fn scheduled(&self) -> Result<Vec<Scheduled>, MetadataStoreError> {
+        let st = lock(&self.state);
+        Ok(st
+            .management
+            .iter()
+            .filter(|(_, (_, s, _))| s.every_days > 0)
+            .filter_map(|((tenant, exchange), (_, schedule, stored))| {
+                let mine: Vec<&KeyRotation> = st
+                    .key_rotations
+                    .values()
+                    .filter(|r| r.tenant == *tenant && r.exchange == *exchange)
+                    .collect();
+                if mine.iter().any(|r| !r.step.finished()) {
+                    return None;
+                }
+                let last = mine.iter().max_by_key(|r| r.created_at);
+                Some(Scheduled {
+                    tenant: *tenant,
+                    exchange: *exchange,
+                    schedule: *schedule,
+                    since: last.map_or(*stored, |r| r.created_at.max(*stored)),
+                    last_failed: last
+                        .is_some_and(|r| r.step == crate::rotation::mint::Step::Failed),
+                })
+            })
+            .collect())
     }
 
     async fn begin(

@@ -12,7 +12,7 @@ use credbroker_core::{
         error::MetadataStoreError,
         types::{ExchangeId, TenantId},
     },
-    rotation::mint::{KeyRotation, KeyRotationStore, Step},
+    rotation::mint::{KeyRotation, KeyRotationStore, RotationSchedule, Scheduled, Step},
 };
 
 use super::{PgMetadataStore, Scope, pg_err, to_i64, to_u64};
@@ -74,19 +74,66 @@ impl KeyRotationStore for PgMetadataStore {
         exchange: ExchangeId,
         sub_account: &str,
         api_key_hint: &str,
+        schedule: RotationSchedule,
     ) -> Result<(), MetadataStoreError> {
         let (sub, hint) = (sub_account.to_owned(), api_key_hint.to_owned());
         self.in_tx("set_management_key", Scope::System, |tx| {
             Box::pin(async move {
                 tx.execute(
-                    "INSERT INTO management_keys (tenant_id, exchange, sub_account, api_key_hint) VALUES ($1, $2, $3, $4) \
+                    "INSERT INTO management_keys (tenant_id, exchange, sub_account, api_key_hint, rotate_every_days, overlap_secs) \
+                     VALUES ($1, $2, $3, $4, $5, $6) \
                      ON CONFLICT (tenant_id, exchange) DO UPDATE SET sub_account = EXCLUDED.sub_account, \
-                     api_key_hint = EXCLUDED.api_key_hint, updated_at = now()",
-                    &[&tenant.as_uuid(), &exchange.as_str(), &sub, &hint],
+                     api_key_hint = EXCLUDED.api_key_hint, rotate_every_days = EXCLUDED.rotate_every_days, \
+                     overlap_secs = EXCLUDED.overlap_secs, updated_at = now()",
+                    &[
+                        &tenant.as_uuid(),
+                        &exchange.as_str(),
+                        &sub,
+                        &hint,
+                        &i32_of(schedule.every_days),
+                        &i32_of(schedule.overlap_secs),
+                    ],
                 )
                 .await
                 .map_err(pg_err)?;
                 Ok(())
+            })
+        })
+        .await
+    }
+
+    async fn scheduled(&self) -> Result<Vec<Scheduled>, MetadataStoreError> {
+        self.in_tx("scheduled_key_rotations", Scope::System, |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "SELECT m.tenant_id, m.exchange, m.rotate_every_days, m.overlap_secs, \
+                         GREATEST(m.updated_at, last.created_at) AS since, COALESCE(last.step = 'failed', false) AS last_failed \
+                         FROM management_keys m \
+                         LEFT JOIN LATERAL (SELECT k.created_at, k.step FROM key_rotations k \
+                             WHERE k.tenant_id = m.tenant_id AND k.exchange = m.exchange \
+                             ORDER BY k.created_at DESC LIMIT 1) last ON true \
+                         WHERE m.rotate_every_days > 0 AND NOT EXISTS (SELECT 1 FROM key_rotations u \
+                             WHERE u.tenant_id = m.tenant_id AND u.exchange = m.exchange AND u.step NOT IN ('done', 'failed'))",
+                        &[],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                rows.iter()
+                    .map(|r| {
+                        let exchange: String = r.get("exchange");
+                        Ok(Scheduled {
+                            tenant: TenantId::new(r.get("tenant_id")),
+                            exchange: ExchangeId::from_str(&exchange).map_err(MetadataStoreError::Other)?,
+                            schedule: RotationSchedule {
+                                every_days: u32::try_from(r.get::<_, i32>("rotate_every_days")).unwrap_or(0),
+                                overlap_secs: u32::try_from(r.get::<_, i32>("overlap_secs")).unwrap_or(0),
+                            },
+                            since: r.get("since"),
+                            last_failed: r.get("last_failed"),
+                        })
+                    })
+                    .collect()
             })
         })
         .await

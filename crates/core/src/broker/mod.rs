@@ -198,6 +198,11 @@ impl Broker {
         self.settings.default_overlap
     }
 
+    /// The longest overlap a rotation may ask for.
+    pub fn max_overlap(&self) -> Duration {
+        self.settings.max_overlap
+    }
+
     /// The KV v2 folder (relative to the mount) that holds every tenant.
     pub fn vault_path_prefix(&self) -> &str {
         &self.settings.path_prefix

@@ -214,6 +214,44 @@ impl KeyRotation {
     }
 }
 
+/// When the job rotates a credential at the exchange by itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RotationSchedule {
+    /// Every this many days (0: only when asked).
+    pub every_days: u32,
+    /// The overlap of those rotations, in seconds.
+    pub overlap_secs: u32,
+}
+
+/// A management key with a schedule, and when its credential's last
+/// rotation at the exchange started.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scheduled {
+    /// Owner.
+    pub tenant: TenantId,
+    /// Exchange.
+    pub exchange: ExchangeId,
+    /// Its schedule.
+    pub schedule: RotationSchedule,
+    /// When the last rotation started (else when the key was stored).
+    pub since: OffsetDateTime,
+    /// Whether that last rotation failed.
+    pub last_failed: bool,
+}
+
+impl Scheduled {
+    /// Whether a rotation is due at `now`: the schedule's period after the
+    /// last one, or a day after a failed one.
+    pub fn due(&self, now: OffsetDateTime) -> bool {
+        let wait = if self.last_failed {
+            time::Duration::days(1)
+        } else {
+            time::Duration::days(i64::from(self.schedule.every_days))
+        };
+        self.schedule.every_days > 0 && self.since + wait <= now
+    }
+}
+
 /// Where rotations at the exchange and the management keys' sub-accounts
 /// are kept.
 #[async_trait]
@@ -238,7 +276,15 @@ pub trait KeyRotationStore: Send + Sync + 'static {
         exchange: ExchangeId,
         sub_account: &str,
         api_key_hint: &str,
+        schedule: RotationSchedule,
     ) -> Result<(), MetadataStoreError>;
+
+    /// Management keys with a schedule whose credential has no unfinished
+    /// rotation.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn scheduled(&self) -> Result<Vec<Scheduled>, MetadataStoreError>;
 
     /// Stores a new rotation, unless one for the same credential is not
     /// finished: that one is returned instead.
@@ -442,6 +488,7 @@ impl KeyRotator {
         exchange: ExchangeId,
         sub_account: &str,
         master: &CredentialSet,
+        schedule: RotationSchedule,
     ) -> Result<(), BrokerError> {
         if sub_account.is_empty() {
             return Err(BrokerError::InvalidArgument {
@@ -453,7 +500,7 @@ impl KeyRotator {
         let path = self.management_path(tenant, exchange);
         let version = self.write_latest(&path, master).await?;
         self.store
-            .set_management(tenant, exchange, sub_account, &master.key_hint())
+            .set_management(tenant, exchange, sub_account, &master.key_hint(), schedule)
             .await?;
         self.broker.audit_system(&AuditRecord::system(
             JOB,
@@ -780,6 +827,7 @@ impl KeyRotator {
     /// # Errors
     /// Store errors.
     pub async fn run_due(&self) -> Result<usize, BrokerError> {
+        self.start_scheduled(self.broker.clock().now()).await?;
         let due = self.store.due(self.broker.clock().now(), 32).await?;
         for r in &due {
             self.drive(r.id).await?;
@@ -787,6 +835,37 @@ impl KeyRotator {
         let unfinished = self.store.unfinished().await?;
         self.observer.round(&unfinished, self.broker.clock().now());
         Ok(due.len())
+    }
+
+    /// Starts the scheduled rotations due at `now`; returns those started.
+    /// A start that fails (the exchange refuses, another replica started
+    /// it first) is logged and left for the next round.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn start_scheduled(
+        &self,
+        now: OffsetDateTime,
+    ) -> Result<Vec<KeyRotation>, BrokerError> {
+        let mut started = Vec::new();
+        for s in self.store.scheduled().await? {
+            if !s.due(now) {
+                continue;
+            }
+            match self
+                .start(s.tenant, s.exchange, s.schedule.overlap_secs)
+                .await
+            {
+                Ok(r) => {
+                    tracing::info!(tenant = %s.tenant, exchange = %s.exchange, step = r.step.as_str(), "a scheduled rotation at the exchange started");
+                    started.push(r);
+                }
+                Err(e) => {
+                    tracing::warn!(tenant = %s.tenant, exchange = %s.exchange, "a scheduled rotation at the exchange could not start: {e}")
+                }
+            }
+        }
+        Ok(started)
     }
 
     /// Runs [`Self::run_due`] every `every` until cancelled.

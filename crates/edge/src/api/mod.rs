@@ -28,7 +28,7 @@ use crate::broker::types::{ExchangeId, TenantId};
 
 use crate::limits::Limits;
 
-use crate::rotation::mint::{KeyRotation, KeyRotator};
+use crate::rotation::mint::{KeyRotation, KeyRotator, RotationSchedule};
 
 use crate::rotation::watch::{
     StreamLimits, StreamSlots, StreamTiming, Subscription, Watch, WatchItem,
@@ -603,18 +603,39 @@ impl CredentialBroker for BrokerService {
         let pb::SetManagementKeyRequest {
             credentials,
             sub_account,
+            rotate_every_days,
+            overlap_seconds,
             ..
         } = req.into_inner();
+        if rotate_every_days > 3650 {
+            return Err(Status::invalid_argument(
+                "rotate_every_days: at most 3650 (0: only when asked)",
+            ));
+        }
+        let overlap = overlap_seconds.map_or(self.broker.default_overlap(), |s| {
+            time::Duration::seconds(i64::from(s))
+        });
+        if overlap > self.broker.max_overlap() {
+            return Err(Status::invalid_argument(format!(
+                "overlap_seconds: at most {} (the broker's rotation.max_overlap_secs)",
+                self.broker.max_overlap().whole_seconds()
+            )));
+        }
+        let schedule = RotationSchedule {
+            every_days: rotate_every_days,
+            overlap_secs: u32::try_from(overlap.whole_seconds()).unwrap_or(u32::MAX),
+        };
         let set = convert::credential_set(credentials)?;
         let hint = set.key_hint();
         self.key_rotator()?
-            .set_management_key(tenant, exchange, sub_account.trim(), &set)
+            .set_management_key(tenant, exchange, sub_account.trim(), &set, schedule)
             .await
             .map_err(status::broker)?;
         adm.touched(Vec::new(), Some(hint.clone()));
         Ok(Response::new(pb::SetManagementKeyResponse {
             api_key_hint: hint,
             sub_account: sub_account.trim().to_owned(),
+            rotate_every_days,
         }))
     }
 

@@ -151,24 +151,30 @@ class KeyRotationStatus(_message.Message):
     def __init__(self, id: _Optional[str] = ..., step: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., delete_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., minted_api_key_hint: _Optional[str] = ..., new_version: _Optional[int] = ...) -> None: ...
 
 class SetManagementKeyRequest(_message.Message):
-    __slots__ = ("tenant_id", "exchange", "credentials", "sub_account")
+    __slots__ = ("tenant_id", "exchange", "credentials", "sub_account", "rotate_every_days", "overlap_seconds")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     SUB_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_EVERY_DAYS_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     exchange: str
     credentials: CredentialSet
     sub_account: str
-    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., credentials: _Optional[_Union[CredentialSet, _Mapping]] = ..., sub_account: _Optional[str] = ...) -> None: ...
+    rotate_every_days: int
+    overlap_seconds: int
+    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., credentials: _Optional[_Union[CredentialSet, _Mapping]] = ..., sub_account: _Optional[str] = ..., rotate_every_days: _Optional[int] = ..., overlap_seconds: _Optional[int] = ...) -> None: ...
 
 class SetManagementKeyResponse(_message.Message):
-    __slots__ = ("api_key_hint", "sub_account")
+    __slots__ = ("api_key_hint", "sub_account", "rotate_every_days")
     API_KEY_HINT_FIELD_NUMBER: _ClassVar[int]
     SUB_ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_EVERY_DAYS_FIELD_NUMBER: _ClassVar[int]
     api_key_hint: str
     sub_account: str
-    def __init__(self, api_key_hint: _Optional[str] = ..., sub_account: _Optional[str] = ...) -> None: ...
+    rotate_every_days: int
+    def __init__(self, api_key_hint: _Optional[str] = ..., sub_account: _Optional[str] = ..., rotate_every_days: _Optional[int] = ...) -> None: ...
 
 class WatchRotationsRequest(_message.Message):
     __slots__ = ("tenant_id", "exchanges", "after_seq")
