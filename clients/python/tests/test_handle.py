@@ -189,3 +189,29 @@ def test_keeps_the_last_good_set_while_the_broker_is_down(tmp_path: object) -> N
         h.close()
     finally:
         stop(d.proc)
+
+
+def test_a_rotation_minted_at_the_exchange_reaches_the_pod(dev: Dev, tenant: str) -> None:
+    """dev mode's Bybit demo: the demo key belongs to a sub-account the demo
+    management key manages; the broker mints the next key and the handle
+    swaps to it."""
+    demo = KeySet("demoBybitKey0001", "demoBybitSecret0001")
+    b = dev.operator(tenant)
+    try:
+        b.validate_and_store("bybit", demo)
+        with pytest.raises(ValueError):
+            b.rotate("bybit", demo, mint=True)
+        with CredentialHandle(dev.config(tenant), ["bybit"]) as h:
+            h.wait_ready(20)
+            stored = b.set_management_key(
+                "bybit", KeySet("demoBybitMaster0001", "demoBybitMasterSecret0001"), "100200300"
+            )
+            assert stored.api_key_hint == "****0001"
+            r = b.rotate("bybit", mint=True, overlap_seconds=3600)
+            assert r.key_rotation.step == "waiting", r.key_rotation
+            got = h.wait_for_version(2, timeout=20)
+            assert got.current.api_key != demo.api_key
+            assert got.previous == demo, "the old key is served until the overlap ends"
+            assert got.current.api_secret not in repr(got)
+    finally:
+        b.close()

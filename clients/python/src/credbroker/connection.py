@@ -220,14 +220,45 @@ class Broker:
         return r.credential
 
     def rotate(
-        self, exchange: str, keys: KeySet, overlap_seconds: Optional[int] = None
+        self,
+        exchange: str,
+        keys: Optional[KeySet] = None,
+        overlap_seconds: Optional[int] = None,
+        mint: bool = False,
     ) -> pb.RotateResponse:
-        req = pb.RotateRequest(
-            tenant_id=self.config.tenant, exchange=exchange, credentials=_pb_set(keys)
-        )
+        """Rotates to ``keys``, or with ``mint=True`` (and no keys) lets the
+        broker mint the next key at the exchange with the tenant's
+        management key and delete the old one after the overlap."""
+        if (keys is None) != mint:
+            raise ValueError("pass the new keys, or mint=True without keys")
+        req = pb.RotateRequest(tenant_id=self.config.tenant, exchange=exchange, mint=mint)
+        if keys is not None:
+            req.credentials.CopyFrom(_pb_set(keys))
         if overlap_seconds is not None:
             req.overlap_seconds = overlap_seconds
         return self._unary("Rotate", req, pb.RotateResponse.FromString)
+
+    def set_management_key(
+        self,
+        exchange: str,
+        keys: KeySet,
+        sub_account: str,
+        rotate_every_days: int = 0,
+        overlap_seconds: Optional[int] = None,
+    ) -> pb.SetManagementKeyResponse:
+        """Stores the master account's key that manages ``sub_account``'s
+        keys (admin); with ``rotate_every_days`` the broker rotates at the
+        exchange by itself."""
+        req = pb.SetManagementKeyRequest(
+            tenant_id=self.config.tenant,
+            exchange=exchange,
+            credentials=_pb_set(keys),
+            sub_account=sub_account,
+            rotate_every_days=rotate_every_days,
+        )
+        if overlap_seconds is not None:
+            req.overlap_seconds = overlap_seconds
+        return self._unary("SetManagementKey", req, pb.SetManagementKeyResponse.FromString)
 
     def describe(self, exchange: str) -> pb.CredentialMetadata:
         return self._unary(
