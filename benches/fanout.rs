@@ -60,13 +60,21 @@ struct Result {
     p99: Duration,
     max: Duration,
     bytes_per_subscriber: u64,
+    /// The broker's whole RSS with every subscriber idle.
+    rss_idle_mib: u64,
     cpu_per_delivery: Duration,
 }
 
 async fn run(n: usize, rotations: usize) -> Result {
+    // The stream budgets sized to the fleet (as an operator would for one
+    // this large): the default open rate, 20,000 a minute per tenant, is a
+    // whole 10,000-pod fleet's reconnect, not 100,000 pods at once.
+    let opens = (n + 16).max(20_000).to_string();
     let dev = DevBroker::spawn_with(&[
         "--max-streams-per-tenant",
         &(n + 16).to_string(),
+        "--watches-per-minute",
+        &opens,
         "--validation",
         "format",
         // The subscribers are the tenant's pods, as in a fleet.
@@ -92,15 +100,28 @@ async fn run(n: usize, rotations: usize) -> Result {
         let mut c = CredentialBrokerClient::new(channels[i / STREAMS_PER_CONNECTION].clone());
         let (ready, got) = (ready_tx.clone(), got_tx.clone());
         tokio::spawn(async move {
-            let mut s = c
-                .watch_rotations(pb::WatchRotationsRequest {
-                    tenant_id: TENANT.into(),
-                    exchanges: vec![],
-                    after_seq: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            // As a pod does: a refusal for load (RESOURCE_EXHAUSTED, the
+            // replica's calls in flight while 100,000 streams open at once)
+            // is retried after a jittered pause.
+            let mut pause = Duration::from_millis(50);
+            let mut s = loop {
+                match c
+                    .watch_rotations(pb::WatchRotationsRequest {
+                        tenant_id: TENANT.into(),
+                        exchanges: vec![],
+                        after_seq: 0,
+                    })
+                    .await
+                {
+                    Ok(r) => break r.into_inner(),
+                    Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                        let jitter = Duration::from_millis(u64::from(rand::random::<u8>()) * 4);
+                        tokio::time::sleep(pause + jitter).await;
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
+                    Err(e) => panic!("WatchRotations refused: {e}"),
+                }
+            };
             while let Ok(Some(m)) = s.message().await {
                 match m.message {
                     Some(Message::State(_)) => {
@@ -180,6 +201,7 @@ async fn run(n: usize, rotations: usize) -> Result {
         p99: percentile(&latencies, 0.99),
         max: *latencies.last().unwrap(),
         bytes_per_subscriber: (rss_idle.saturating_sub(rss_before) * 1024) / n as u64,
+        rss_idle_mib: rss_idle / 1024,
         cpu_per_delivery: cpu / u32::try_from(n * rotations).unwrap(),
     }
 }
@@ -214,18 +236,19 @@ fn main() {
         "fan-out, Rotate sent → ROTATED event received ({rotations} rotations, {profile} build)"
     );
     println!(
-        "{:>12} {:>10} {:>10} {:>10} {:>18}",
-        "subscribers", "p50", "p99", "max", "RSS/idle stream"
+        "{:>12} {:>10} {:>10} {:>10} {:>18} {:>17} {:>13}",
+        "subscribers", "p50", "p99", "max", "RSS/idle stream", "CPU/delivery", "broker RSS"
     );
     for r in &results {
         println!(
-            "{:>12} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>16} B {:>15.1}µs",
+            "{:>12} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>16} B {:>15.1}µs {:>9} MiB",
             r.subscribers,
             r.p50.as_secs_f64() * 1e3,
             r.p99.as_secs_f64() * 1e3,
             r.max.as_secs_f64() * 1e3,
             r.bytes_per_subscriber,
-            r.cpu_per_delivery.as_secs_f64() * 1e6
+            r.cpu_per_delivery.as_secs_f64() * 1e6,
+            r.rss_idle_mib
         );
     }
 }

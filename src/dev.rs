@@ -242,7 +242,7 @@ fn write_simulator_urls(dir: &Path, sims: &Simulators) -> anyhow::Result<()> {
 pub async fn run(
     listen: SocketAddr,
     dir: &Path,
-    max_streams_per_tenant: usize,
+    (max_streams_per_tenant, watches_per_minute): (usize, u32),
     metrics_listen: Option<SocketAddr>,
     validation: DevValidation,
     pod_tenant: Option<uuid::Uuid>,
@@ -278,7 +278,10 @@ pub async fn run(
         tls,
         trust_domain: DEV_TRUST_DOMAIN.into(),
         auth: crate::config::AuthConfig::default(),
-        limits: crate::config::LimitsConfig::default(),
+        limits: crate::config::LimitsConfig {
+            watches_per_minute,
+            ..crate::config::LimitsConfig::default()
+        },
         audit: crate::config::AuditConfig {
             spool_dir: dir.join("audit"),
             ..crate::config::AuditConfig::default()

@@ -81,6 +81,10 @@ enum Cmd {
         /// Concurrent WatchRotations streams per tenant.
         #[arg(long, default_value_t = 10_000)]
         max_streams_per_tenant: usize,
+        /// WatchRotations opens per tenant and minute (0: no limit; the
+        /// memory bench opens 100,000 streams at once).
+        #[arg(long, default_value_t = credbroker::config::LimitsConfig::default().watches_per_minute)]
+        watches_per_minute: u32,
         /// Serve Prometheus metrics here (`/metrics`); off unless given.
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
@@ -246,6 +250,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             dir,
             max_streams_per_tenant,
+            watches_per_minute,
             metrics_listen,
             validation,
             pod_tenant,
@@ -253,7 +258,7 @@ async fn main() -> anyhow::Result<()> {
             credbroker::dev::run(
                 listen,
                 &dir,
-                max_streams_per_tenant,
+                (max_streams_per_tenant, watches_per_minute),
                 metrics_listen,
                 validation,
                 pod_tenant,
