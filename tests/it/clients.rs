@@ -490,3 +490,71 @@ async fn the_handle_refetches_until_the_announced_version_is_served() {
     cancel.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// When an overlap ends the handle drops the previous set itself: a fleet
+/// does not refetch a version it holds (10,000 pods would all call
+/// GetCredentials at the overlap's end for nothing).
+#[tokio::test]
+async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut admin = env.operator().await;
+    admin
+        .validate_and_store(store_req(
+            &tenant,
+            "bybit",
+            "bybitKey000000",
+            "bybitSecret000000",
+        ))
+        .await
+        .unwrap();
+    let handle = CredentialHandle::start(client_config(&env, vec![env.endpoint()], &tenant));
+    let wait = Duration::from_secs(15);
+    handle.wait_for(ExchangeId::Bybit, 1, wait).await.unwrap();
+    admin
+        .rotate(crate::support::rotate_req(
+            &tenant,
+            "bybit",
+            "bybitKey000001",
+            "bybitSecret000001",
+            Some(1),
+        ))
+        .await
+        .unwrap();
+    let v2 = handle.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
+    assert!(v2.previous.is_some());
+    let gets = |samples: &[crate::checks::Sample]| {
+        crate::checks::value(
+            samples,
+            "credbroker_grpc_server_handled_total",
+            &[("method", "GetCredentials"), ("code", "OK")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = gets(&crate::checks::scrape(&env).await.1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        credbroker::rotation::retire::retire_once(env.broker())
+            .await
+            .unwrap(),
+        1
+    );
+    let deadline = std::time::Instant::now() + wait;
+    while handle.get(ExchangeId::Bybit).unwrap().previous.is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the previous set was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = handle.get(ExchangeId::Bybit).unwrap();
+    assert_eq!(
+        (after.version, after.current.api_key.as_str()),
+        (2, "bybitKey000001")
+    );
+    assert_eq!(
+        gets(&crate::checks::scrape(&env).await.1),
+        before,
+        "no fetch at the overlap's end"
+    );
+}

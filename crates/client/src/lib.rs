@@ -230,8 +230,6 @@ struct Supervisor {
 struct Pending {
     /// The version an event or the state announced.
     min_version: u64,
-    /// Refetch even if that version is held (PREVIOUS_EXPIRED).
-    force: bool,
     backoff: Backoff,
     since: Instant,
     next_at: Instant,
@@ -389,7 +387,7 @@ impl Supervisor {
                     if let Some(named) = in_state.as_mut() {
                         named.push(ex);
                     }
-                    self.refresh(&mut client, ex, meta.version, false).await;
+                    self.refresh(&mut client, ex, meta.version).await;
                 }
                 Message::Event(e) => {
                     let Ok(ex) = e.exchange.parse::<ExchangeId>() else {
@@ -399,11 +397,15 @@ impl Supervisor {
                     if kind == EventKind::Deleted {
                         self.pending.remove(&ex);
                         self.remove(ex);
+                    } else if kind == EventKind::PreviousExpired
+                        && self.drop_previous(ex, e.version)
+                    {
+                        // The overlap ended and the version is held: the
+                        // previous set is dropped here, with nothing to
+                        // fetch (a whole fleet refetching at the overlap's
+                        // end would be a load spike that changes nothing).
                     } else {
-                        // PREVIOUS_EXPIRED keeps the version but drops the
-                        // previous set: refetch even though it is held.
-                        let force = kind == EventKind::PreviousExpired;
-                        self.refresh(&mut client, ex, e.version, force).await;
+                        self.refresh(&mut client, ex, e.version).await;
                     }
                     self.set_seq(e.seq);
                 }
@@ -456,6 +458,33 @@ impl Supervisor {
         }
     }
 
+    /// Drops the previous set of `ex` when the held version is at least
+    /// `version`; false when it is older (then a fetch is needed).
+    fn drop_previous(&mut self, ex: ExchangeId, version: u64) -> bool {
+        let Some(held) = self.state.load().credentials.get(&ex).cloned() else {
+            return false;
+        };
+        if held.version < version {
+            return false;
+        }
+        if held.previous.is_some() {
+            let dropped = Arc::new(Credentials {
+                previous: None,
+                ..(*held).clone()
+            });
+            self.state.rcu(|st| {
+                let mut c = st.credentials.clone();
+                c.insert(ex, dropped.clone());
+                Snapshot {
+                    credentials: c,
+                    last_seq: st.last_seq,
+                }
+            });
+            self.bump();
+        }
+        true
+    }
+
     fn forget_absent(&mut self, named: &[ExchangeId]) {
         let held: Vec<ExchangeId> = self.state.load().credentials.keys().copied().collect();
         for ex in held {
@@ -470,24 +499,17 @@ impl Supervisor {
     /// accepts a set older than `version`: the fetch is retried with backoff
     /// (while the stream keeps being read) until the broker serves it. A
     /// failed fetch keeps the last good value and is retried the same way.
-    async fn refresh(
-        &mut self,
-        client: &mut BrokerClient,
-        ex: ExchangeId,
-        version: u64,
-        force: bool,
-    ) {
+    async fn refresh(&mut self, client: &mut BrokerClient, ex: ExchangeId, version: u64) {
         // Deduplicate by version: reconnects and replays cause no reload.
         // (Not `>=`: a credential deleted and stored again restarts at 1.)
         let held = self.state.load().credentials.get(&ex).map(|c| c.version);
-        if !force && held == Some(version) {
+        if held == Some(version) {
             self.pending.remove(&ex);
             return;
         }
         let now = Instant::now();
         let p = self.pending.entry(ex).or_insert(Pending {
             min_version: version,
-            force,
             backoff: Backoff::new(REFETCH_MIN, REFETCH_MAX),
             since: now,
             next_at: now,
@@ -496,7 +518,6 @@ impl Supervisor {
         // A newer announcement replaces the older one (a delete and a new
         // store may announce a lower version: the latest announcement wins).
         p.min_version = version;
-        p.force |= force;
         p.next_at = now;
         self.fetch(client, ex).await;
     }
@@ -517,8 +538,7 @@ impl Supervisor {
 
     /// One attempt of the pending fetch of `ex`.
     async fn fetch(&mut self, client: &mut BrokerClient, ex: ExchangeId) {
-        let Some((min_version, force)) = self.pending.get(&ex).map(|p| (p.min_version, p.force))
-        else {
+        let Some(min_version) = self.pending.get(&ex).map(|p| p.min_version) else {
             return;
         };
         let resp = client
@@ -559,7 +579,7 @@ impl Supervisor {
                 "the broker now serves the announced version");
         }
         let held = self.state.load().credentials.get(&ex).map(|c| c.version);
-        if !force && held == Some(version) {
+        if held == Some(version) {
             return;
         }
         let creds = Arc::new(creds);
