@@ -162,7 +162,16 @@ async fn only_a_master_key_with_a_wallet_permission_manages_its_own_sub_accounts
         .mint_key(ExchangeId::Coinbase, &master, &spec("n"))
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("web UI"), "{e}");
+    assert!(
+        matches!(
+            &e,
+            ValidationError::InvalidField {
+                field: "exchange",
+                ..
+            }
+        ) && e.to_string().contains("web UI"),
+        "not worth retrying, and says what to do: {e}"
+    );
 }
 
 // ---- zero-touch rotation: the state machine, end to end and at every crash point.

@@ -15,11 +15,14 @@ use super::*;
 
 pub use credbroker_core::rotation::mint::{ManagedKey, MintSpec};
 
+/// Not worth retrying: INVALID_ARGUMENT, naming what to do instead.
 fn unsupported(ex: ExchangeId) -> ValidationError {
-    unavailable(
-        ex,
-        "the broker cannot manage this exchange's keys through its API (create and delete keys in its web UI)",
-    )
+    ValidationError::InvalidField {
+        field: "exchange",
+        reason: format!(
+            "the broker cannot manage {ex}'s keys through its API yet (key management: bybit); create and delete keys in its web UI"
+        ),
+    }
 }
 
 /// Bybit's answer: the `result` of a retCode 0, or the error it names.
