@@ -47,7 +47,7 @@ use crate::broker::{
     context::RequestContext,
     error::{BrokerError, MetadataStoreError, SecretStoreError, ValidationError},
     ports::FleetStore,
-    types::{CredentialSet, ExchangeId, TenantId},
+    types::{CredentialRecord, CredentialSet, ExchangeId, TenantId},
 };
 
 /// What a minted key may do: copied from the key it replaces, never more.
@@ -531,20 +531,13 @@ impl KeyRotator {
                 "tenant {tenant} has no management key for {exchange}: store one first (SetManagementKey)"
             )));
         };
-        let record = self
-            .broker
-            .metadata()
-            .get(tenant, exchange)
-            .await?
-            .ok_or_else(|| BrokerError::NotFound {
-                tenant: tenant.to_string(),
-                exchange: exchange.as_str(),
-            })?;
-        let current = self
-            .broker
-            .secrets()
-            .read(&record.vault_path, record.current_version)
-            .await?;
+        let (_, old_api_key) =
+            self.current_key(tenant, exchange)
+                .await?
+                .ok_or_else(|| BrokerError::NotFound {
+                    tenant: tenant.to_string(),
+                    exchange: exchange.as_str(),
+                })?;
         let now = self.broker.clock().now();
         let rotation = KeyRotation {
             id: Uuid::now_v7(),
@@ -552,7 +545,7 @@ impl KeyRotator {
             exchange,
             sub_account,
             step: Step::Minting,
-            old_api_key: current.api_key.clone(),
+            old_api_key,
             minted_api_key: None,
             new_version: None,
             overlap_secs,
@@ -591,6 +584,18 @@ impl KeyRotator {
         if self.store.management(tenant, exchange).await?.is_none() {
             return Ok(None);
         }
+        Ok(self
+            .current_key(tenant, exchange)
+            .await?
+            .map(|(_, key)| key))
+    }
+
+    /// The credential's record and the API key it serves as current.
+    async fn current_key(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<(CredentialRecord, String)>, BrokerError> {
         let Some(record) = self.broker.metadata().get(tenant, exchange).await? else {
             return Ok(None);
         };
@@ -599,7 +604,7 @@ impl KeyRotator {
             .secrets()
             .read(&record.vault_path, record.current_version)
             .await?;
-        Ok(Some(current.api_key))
+        Ok(Some((record, current.api_key)))
     }
 
     /// After a manual Rotate that replaced `old_api_key`: the old key is
@@ -619,15 +624,10 @@ impl KeyRotator {
         let Some(sub_account) = self.store.management(tenant, exchange).await? else {
             return Ok(None);
         };
-        let Some(record) = self.broker.metadata().get(tenant, exchange).await? else {
+        let Some((record, current)) = self.current_key(tenant, exchange).await? else {
             return Ok(None);
         };
-        let current = self
-            .broker
-            .secrets()
-            .read(&record.vault_path, record.current_version)
-            .await?;
-        if current.api_key == old_api_key {
+        if current == old_api_key {
             return Ok(None);
         }
         let now = self.broker.clock().now();
