@@ -539,6 +539,7 @@ pub async fn start(
         tasks.spawn_job("key rotations at the exchange", move |cancel| {
             job.task_main(KEY_ROTATION_ROUND, cancel)
         });
+        checks.rotate_expiring_with(rotator.clone());
         rotator
     });
     let service = BrokerService::new(

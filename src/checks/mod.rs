@@ -30,6 +30,8 @@ use tracing::Instrument as _;
 
 use crate::audit::AuditRecord;
 
+use crate::rotation::mint::KeyRotator;
+
 use crate::broker::Broker;
 
 use crate::broker::context::RequestContext;
@@ -125,9 +127,49 @@ pub struct HealthChecks {
     settings: CheckSettings,
     holder: uuid::Uuid,
     budgets: HashMap<ExchangeId, DefaultDirectRateLimiter>,
+    /// Rotations at the exchange: a key found expired or about to expire is
+    /// replaced by a minted one when its tenant stored a management key.
+    keys: std::sync::OnceLock<Arc<KeyRotator>>,
 }
 
 impl HealthChecks {
+    /// Lets a check that finds a key expired or expiring start a rotation
+    /// at the exchange (where a management key is stored).
+    pub fn rotate_expiring_with(&self, keys: Arc<KeyRotator>) {
+        let _ = self.keys.set(keys);
+    }
+
+    /// After a check: when the key expired or expires within the warning
+    /// window and a management key is stored, a minted rotation replaces
+    /// it (one at a time: an unfinished rotation, or no management key,
+    /// is a quiet no).
+    async fn rotate_if_expiring(&self, out: &crate::broker::CheckOutcome) {
+        let Some(keys) = self.keys.get() else {
+            return;
+        };
+        let now = self.broker.clock().now();
+        let expiring = matches!(out.finding, crate::broker::Finding::Expired)
+            || out
+                .record
+                .permissions
+                .as_ref()
+                .and_then(|p| p.expires_at)
+                .is_some_and(|t| t - now <= self.broker.expiry_warning());
+        if !expiring {
+            return;
+        }
+        let (tenant, exchange) = (out.record.tenant, out.record.exchange);
+        let overlap = u32::try_from(self.broker.default_overlap().whole_seconds()).unwrap_or(3600);
+        match keys.start(tenant, exchange, overlap).await {
+            Ok(r) => {
+                tracing::info!(%tenant, %exchange, step = r.step.as_str(), "the key is expiring: a rotation at the exchange started")
+            }
+            Err(BrokerError::FailedPrecondition(_)) => {}
+            Err(e) => {
+                tracing::warn!(%tenant, %exchange, "the key is expiring and a rotation at the exchange could not start: {e}")
+            }
+        }
+    }
     /// The job for this replica.
     pub fn new(
         broker: Arc<Broker>,
@@ -147,6 +189,7 @@ impl HealthChecks {
             settings,
             holder: uuid::Uuid::new_v4(),
             budgets,
+            keys: std::sync::OnceLock::new(),
         })
     }
 
@@ -238,6 +281,7 @@ impl HealthChecks {
                                 if out.finding.is_failure() {
                                     self.metrics.health_check_failed(tenant, exchange);
                                 }
+                                self.rotate_if_expiring(&out).await;
                                 (out.finding.as_str(), vec![out.record.current_version])
                             }
                             Err(BrokerError::NotFound { .. }) => ("gone", vec![]),

@@ -845,3 +845,90 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
+
+/// A key the exchange says expires within the warning window is replaced by
+/// a minted one when the health check sees it (its tenant stored a
+/// management key).
+#[tokio::test]
+async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
+    use credbroker::{
+        api::pb,
+        config::{ValidationConfig, ValidationMode},
+        exchange::sim::native_permissions,
+    };
+    use time::format_description::well_known::Rfc3339;
+
+    use crate::support::{Env, EnvOptions, new_tenant};
+
+    let sims = Simulators::start().await.unwrap();
+    let ex = ExchangeId::Bybit;
+    sims.add_key(
+        ex,
+        "bybitMasterKey0005",
+        bybit_master(&["AccountTransfer"], &[SUB]),
+    );
+    let mut perms = native_permissions(ex, false, true);
+    perms["expiredAt"] = (time::OffsetDateTime::now_utc() + time::Duration::days(2))
+        .format(&Rfc3339)
+        .unwrap()
+        .into();
+    let mut old = SimKey::hmac("bybitExpiringSecret0000000000000000", perms);
+    old.sub_account = Some(SUB.into());
+    sims.add_key(ex, "bybitExpiringKey01", old);
+    let env = Env::start_with(EnvOptions {
+        validation: Some(ValidationConfig {
+            mode: ValidationMode::Exchange,
+            exchanges: endpoints(&sims),
+            ..ValidationConfig::default()
+        }),
+        ..EnvOptions::default()
+    })
+    .await;
+    let tenant = new_tenant();
+    let mut op = env.operator().await;
+    op.validate_and_store(pb::ValidateAndStoreRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(crate::support::set(
+            "bybitExpiringKey01",
+            "bybitExpiringSecret0000000000000000",
+        )),
+    })
+    .await
+    .unwrap();
+    op.set_management_key(pb::SetManagementKeyRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(crate::support::set(
+            "bybitMasterKey0005",
+            "bybitMasterSecret000000000000000000",
+        )),
+        sub_account: SUB.into(),
+        rotate_every_days: 0,
+        overlap_seconds: None,
+    })
+    .await
+    .unwrap();
+
+    let report = env.running.as_ref().unwrap().checks.round().await.unwrap();
+    assert_eq!(report.count("drift"), 1, "{report:?}");
+    let got = op
+        .get_credentials(pb::GetCredentialsRequest {
+            tenant_id: tenant.clone(),
+            exchange: "bybit".into(),
+            min_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.version, 2,
+        "the check started a rotation at the exchange"
+    );
+    assert_ne!(got.current.unwrap().api_key, "bybitExpiringKey01");
+    assert_eq!(
+        got.previous.unwrap().api_key,
+        "bybitExpiringKey01",
+        "served until the overlap ends"
+    );
+}

@@ -198,6 +198,11 @@ impl Broker {
         self.settings.default_overlap
     }
 
+    /// How soon before a key's expiry the health check calls it drift.
+    pub fn expiry_warning(&self) -> Duration {
+        self.settings.expiry_warning
+    }
+
     /// The longest overlap a rotation may ask for.
     pub fn max_overlap(&self) -> Duration {
         self.settings.max_overlap
