@@ -290,7 +290,11 @@ mod zero_touch {
         async fn begin(&self, r: &KeyRotation) -> Result<Option<KeyRotation>, MetadataStoreError> {
             self.inner.begin(r).await
         }
-        async fn save(&self, r: &KeyRotation) -> Result<(), MetadataStoreError> {
+        async fn save(
+            &self,
+            r: &KeyRotation,
+            notice: Option<&credbroker::broker::ports::Notice>,
+        ) -> Result<(), MetadataStoreError> {
             let crashed = {
                 let mut crash = self.crash_before.lock().unwrap();
                 let now = *crash == Some(r.step);
@@ -302,7 +306,7 @@ mod zero_touch {
             if crashed {
                 return Err(MetadataStoreError::Unavailable("the replica died".into()));
             }
-            self.inner.save(r).await
+            self.inner.save(r, notice).await
         }
         async fn get(&self, id: uuid::Uuid) -> Result<Option<KeyRotation>, MetadataStoreError> {
             self.inner.get(id).await
@@ -634,6 +638,77 @@ mod zero_touch {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[tokio::test]
+    async fn a_rotation_that_cannot_mint_tells_the_tenants_webhook_and_frees_the_next() {
+        let w = World::new().await;
+        let (receiver, url) = crate::support::Receiver::start(0).await;
+        w.env
+            .operator()
+            .await
+            .set_webhook(pb::SetWebhookRequest {
+                tenant_id: w.tenant.to_string(),
+                url,
+                secret: String::new(),
+            })
+            .await
+            .unwrap();
+        // The key pods use is no longer a key of the managed sub-account:
+        // the management key cannot replace it.
+        w.sims.update_key(EX, &w.old_key, |k| k.sub_account = None);
+        let rotator = KeyRotator::new(
+            w.env.broker().clone(),
+            w.keys.clone(),
+            w.store.clone(),
+            w.pg.clone(),
+            uuid::Uuid::new_v4(),
+            MintSettings {
+                lease: LEASE,
+                max_mint_attempts: 1,
+                ..MintSettings::default()
+            },
+        );
+        let r = rotator.start(w.tenant, EX, OVERLAP).await.unwrap();
+        assert_eq!(r.step, Step::Failed, "{r:?}");
+        assert!(
+            r.last_error
+                .as_deref()
+                .unwrap()
+                .contains("not a key of sub-account"),
+            "{r:?}"
+        );
+        assert_eq!(
+            w.keys.mints.load(Ordering::SeqCst),
+            0,
+            "nothing minted, nothing changed"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let body = loop {
+            if let Some((_, body)) = receiver
+                .requests()
+                .into_iter()
+                .find(|(_, b)| b.contains("rotation_failed"))
+            {
+                break body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no webhook: {:?}",
+                receiver.requests()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["type"], "credential.rotation_failed");
+        assert_eq!(v["data"]["rotation_id"], r.id.to_string());
+        assert_eq!(v["data"]["step"], "failed");
+        assert!(!body.contains("Secret"), "no secret in the webhook: {body}");
+        // A failed rotation does not block the next one.
+        w.sims
+            .update_key(EX, &w.old_key, |k| k.sub_account = Some(SUB.into()));
+        let next = w.rotator().start(w.tenant, EX, OVERLAP).await.unwrap();
+        assert_eq!(next.step, Step::Waiting, "{next:?}");
     }
 
     #[tokio::test]

@@ -748,10 +748,18 @@ impl KeyRotationStore for MemoryMetadataStore {
         Ok(None)
     }
 
-    async fn save(&self, rotation: &KeyRotation) -> Result<(), MetadataStoreError> {
-        lock(&self.state)
-            .key_rotations
-            .insert(rotation.id, rotation.clone());
+    async fn save(
+        &self,
+        rotation: &KeyRotation,
+        notice: Option<&Notice>,
+    ) -> Result<(), MetadataStoreError> {
+        let mut st = lock(&self.state);
+        st.key_rotations.insert(rotation.id, rotation.clone());
+        if let Some(n) = notice
+            && st.webhooks.contains_key(&rotation.tenant)
+        {
+            st.outbox.push(OutboxRow::new(rotation.tenant, n.clone()));
+        }
         Ok(())
     }
 

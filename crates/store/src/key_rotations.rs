@@ -10,6 +10,7 @@ use tokio_postgres::Row;
 use credbroker_core::{
     broker::{
         error::MetadataStoreError,
+        ports::Notice,
         types::{ExchangeId, TenantId},
     },
     rotation::mint::{KeyRotation, KeyRotationStore, RotationSchedule, Scheduled, Step},
@@ -192,8 +193,13 @@ impl KeyRotationStore for PgMetadataStore {
         .await
     }
 
-    async fn save(&self, rotation: &KeyRotation) -> Result<(), MetadataStoreError> {
+    async fn save(
+        &self,
+        rotation: &KeyRotation,
+        notice: Option<&Notice>,
+    ) -> Result<(), MetadataStoreError> {
         let r = rotation.clone();
+        let notice = notice.cloned();
         self.in_tx("save_key_rotation", Scope::System, |tx| {
             Box::pin(async move {
                 tx.execute(
@@ -212,6 +218,17 @@ impl KeyRotationStore for PgMetadataStore {
                 )
                 .await
                 .map_err(pg_err)?;
+                if let Some(n) = &notice {
+                    // Queued with the change, only for a tenant with a
+                    // webhook; due at once by the database's clock.
+                    tx.execute(
+                        "INSERT INTO webhook_outbox (id, tenant_id, event_type, payload, created_at, next_attempt_at) \
+                         SELECT $1, $2, $3, $4, $5, now() FROM tenant_webhooks WHERE tenant_id = $2",
+                        &[&n.id, &r.tenant.as_uuid(), &n.event_type, &n.payload, &n.at],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                }
                 Ok(())
             })
         })

@@ -46,7 +46,7 @@ use crate::broker::{
     Broker,
     context::RequestContext,
     error::{BrokerError, MetadataStoreError, SecretStoreError, ValidationError},
-    ports::FleetStore,
+    ports::{FleetStore, Notice},
     types::{CredentialRecord, CredentialSet, ExchangeId, TenantId},
 };
 
@@ -296,11 +296,16 @@ pub trait KeyRotationStore: Send + Sync + 'static {
         rotation: &KeyRotation,
     ) -> Result<Option<KeyRotation>, MetadataStoreError>;
 
-    /// Saves a rotation's progress.
+    /// Saves a rotation's progress, and queues `notice` for the tenant's
+    /// webhook (if it has one) in the same transaction.
     ///
     /// # Errors
     /// Unavailable when the store cannot be reached.
-    async fn save(&self, rotation: &KeyRotation) -> Result<(), MetadataStoreError>;
+    async fn save(
+        &self,
+        rotation: &KeyRotation,
+        notice: Option<&Notice>,
+    ) -> Result<(), MetadataStoreError>;
 
     /// One rotation.
     ///
@@ -413,6 +418,33 @@ impl From<MetadataStoreError> for StepError {
 }
 
 const JOB: &str = "key-rotation";
+
+/// Failures in a row of a step past minting after which the tenant's
+/// webhook hears that its old key stays live (`credential.rotation_stuck`).
+const STUCK_AFTER: u32 = 3;
+
+/// A webhook about rotation `r` (Standard Webhooks shape; no secret: the
+/// tenant, exchange, rotation, step, attempts and the safe error).
+fn rotation_notice(event_type: &'static str, r: &KeyRotation, at: OffsetDateTime) -> Notice {
+    let payload = serde_json::json!({
+        "type": event_type,
+        "timestamp": at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        "data": {
+            "tenant_id": r.tenant.to_string(),
+            "exchange": r.exchange.as_str(),
+            "rotation_id": r.id.to_string(),
+            "step": r.step.as_str(),
+            "attempts": r.attempts,
+            "reason": r.last_error,
+        },
+    });
+    Notice {
+        id: Uuid::now_v7(),
+        event_type,
+        payload: payload.to_string(),
+        at,
+    }
+}
 
 impl KeyRotator {
     /// A rotator acting as `holder` (one per replica).
@@ -689,20 +721,27 @@ impl KeyRotator {
                     r.attempts += 1;
                     tracing::warn!(tenant = %r.tenant, exchange = %r.exchange, step = r.step.as_str(), attempts = r.attempts, "a rotation at the exchange failed a step: {msg}");
                     r.last_error = Some(msg);
+                    let notice;
                     if r.step == Step::Minting && r.attempts >= self.settings.max_mint_attempts {
                         r.step = Step::Failed;
+                        notice = Some(rotation_notice("credential.rotation_failed", &r, now));
                     } else {
+                        // Past minting the old key stays live until this
+                        // succeeds: the tenant hears of it once, at the
+                        // third failure in a row.
+                        notice = (r.step != Step::Minting && r.attempts == STUCK_AFTER)
+                            .then(|| rotation_notice("credential.rotation_stuck", &r, now));
                         let doublings = r.attempts.saturating_sub(1).min(20);
                         let wait = self.settings.retry_min
                             * 2_f64.powi(i32::try_from(doublings).unwrap_or(20));
                         r.next_attempt_at = now + wait.min(self.settings.retry_max);
                     }
-                    self.store.save(&r).await?;
+                    self.store.save(&r, notice.as_ref()).await?;
                     self.observer.step(&r, step, false);
                     return Ok(r);
                 }
             }
-            self.store.save(&r).await?;
+            self.store.save(&r, None).await?;
         }
     }
 
