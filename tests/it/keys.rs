@@ -34,6 +34,49 @@ fn bybit_master(wallet: &[&str], subs: &[&str]) -> SimKey {
     )
 }
 
+/// Bybit's simulator with the master key `master` managing [`SUB`] and a
+/// key of that sub-account made by hand (`old`, its permission answer
+/// `perms`), a broker validating against it, and that key stored for a new
+/// tenant: (simulators, broker, tenant).
+async fn bybit_fleet(
+    master: &str,
+    old: (&str, &str),
+    perms: serde_json::Value,
+) -> (Simulators, crate::support::Env, String) {
+    use credbroker::config::{ValidationConfig, ValidationMode};
+
+    let sims = Simulators::start().await.unwrap();
+    sims.add_key(
+        ExchangeId::Bybit,
+        master,
+        bybit_master(&["AccountTransfer"], &[SUB]),
+    );
+    let mut key = SimKey::hmac(old.1, perms);
+    key.sub_account = Some(SUB.into());
+    key.note = "made by hand".into();
+    sims.add_key(ExchangeId::Bybit, old.0, key);
+    let env = crate::support::Env::start_with(crate::support::EnvOptions {
+        validation: Some(ValidationConfig {
+            mode: ValidationMode::Exchange,
+            exchanges: endpoints(&sims),
+            ..ValidationConfig::default()
+        }),
+        ..crate::support::EnvOptions::default()
+    })
+    .await;
+    let tenant = crate::support::new_tenant();
+    env.operator()
+        .await
+        .validate_and_store(credbroker::api::pb::ValidateAndStoreRequest {
+            tenant_id: tenant.clone(),
+            exchange: "bybit".into(),
+            credentials: Some(crate::support::set(old.0, old.1)),
+        })
+        .await
+        .unwrap();
+    (sims, env, tenant)
+}
+
 fn set(key: &str, secret: &str) -> CredentialSet {
     CredentialSet {
         api_key: key.into(),
@@ -192,10 +235,9 @@ mod zero_touch {
             types::{CredentialSet, ExchangeId, TenantId},
         },
         clock::SystemClock,
-        config::{ValidationConfig, ValidationMode},
         exchange::{
             ExchangeValidator, WithdrawPolicy,
-            sim::{SimKey, Simulators, native_permissions},
+            sim::{Simulators, native_permissions},
         },
         rotation::mint::{
             KeyManager, KeyRotation, KeyRotationStore, KeyRotator, ManagedKey, MintSettings,
@@ -207,7 +249,7 @@ mod zero_touch {
 
     use super::{SUB, bybit_master, set};
     use crate::exchanges::endpoints;
-    use crate::support::{Env, EnvOptions, new_tenant};
+    use crate::support::Env;
 
     const EX: ExchangeId = ExchangeId::Bybit;
     const MASTER: &str = "bybitMasterKey0003";
@@ -346,16 +388,17 @@ mod zero_touch {
 
     impl World {
         async fn new() -> World {
-            let sims = Simulators::start().await.unwrap();
-            sims.add_key(EX, MASTER, bybit_master(&["AccountTransfer"], &[SUB]));
-            let env = Env::start_with(EnvOptions {
-                validation: Some(ValidationConfig {
-                    mode: ValidationMode::Exchange,
-                    exchanges: endpoints(&sims),
-                    ..ValidationConfig::default()
-                }),
-                ..EnvOptions::default()
-            })
+            // The key pods use today: a key of the sub-account, made in the
+            // exchange's web UI, stored through the broker.
+            let old_key = format!(
+                "bybitOldKey{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..7]
+            );
+            let (sims, env, tenant) = super::bybit_fleet(
+                MASTER,
+                (&old_key, "bybitOldSecret0000000000000000000000"),
+                native_permissions(EX, false, true),
+            )
             .await;
             let validator = Arc::new(
                 ExchangeValidator::new(
@@ -375,32 +418,6 @@ mod zero_touch {
                 inner: pg.clone(),
                 crash_before: Mutex::new(None),
             });
-            // The key pods use today: a key of the sub-account, made in the
-            // exchange's web UI, stored through the broker.
-            let tenant = new_tenant();
-            let old_key = format!(
-                "bybitOldKey{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..7]
-            );
-            let mut old = SimKey::hmac(
-                "bybitOldSecret0000000000000000000000",
-                native_permissions(EX, false, true),
-            );
-            old.sub_account = Some(SUB.into());
-            old.note = "made by hand".into();
-            sims.add_key(EX, &old_key, old);
-            env.operator()
-                .await
-                .validate_and_store(pb::ValidateAndStoreRequest {
-                    tenant_id: tenant.clone(),
-                    exchange: "bybit".into(),
-                    credentials: Some(crate::support::set(
-                        &old_key,
-                        "bybitOldSecret0000000000000000000000",
-                    )),
-                })
-                .await
-                .unwrap();
             let w = World {
                 env,
                 sims,
@@ -747,49 +764,17 @@ mod zero_touch {
 /// the replica's own job deleting the old key when the overlap ends.
 #[tokio::test]
 async fn operators_rotate_at_the_exchange_over_grpc() {
-    use credbroker::{
-        api::pb,
-        config::{ValidationConfig, ValidationMode},
-        exchange::sim::native_permissions,
-    };
+    use credbroker::{api::pb, exchange::sim::native_permissions};
     use tonic::Code;
 
-    use crate::support::{Env, EnvOptions, new_tenant};
-
-    let sims = Simulators::start().await.unwrap();
     let ex = ExchangeId::Bybit;
-    sims.add_key(
-        ex,
+    let (sims, env, tenant) = bybit_fleet(
         "bybitMasterKey0004",
-        bybit_master(&["AccountTransfer"], &[SUB]),
-    );
-    let mut old = SimKey::hmac(
-        "bybitOldSecretGrpc00000000000000000",
+        ("bybitOldKeyGrpc001", "bybitOldSecretGrpc00000000000000000"),
         native_permissions(ex, false, true),
-    );
-    old.sub_account = Some(SUB.into());
-    sims.add_key(ex, "bybitOldKeyGrpc001", old);
-    let env = Env::start_with(EnvOptions {
-        validation: Some(ValidationConfig {
-            mode: ValidationMode::Exchange,
-            exchanges: endpoints(&sims),
-            ..ValidationConfig::default()
-        }),
-        ..EnvOptions::default()
-    })
+    )
     .await;
-    let tenant = new_tenant();
     let mut op = env.operator().await;
-    op.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "bybit".into(),
-        credentials: Some(crate::support::set(
-            "bybitOldKeyGrpc001",
-            "bybitOldSecretGrpc00000000000000000",
-        )),
-    })
-    .await
-    .unwrap();
     let rotate = |credentials: Option<pb::CredentialSet>| pb::RotateRequest {
         tenant_id: tenant.clone(),
         exchange: "bybit".into(),
@@ -926,51 +911,22 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
 /// management key).
 #[tokio::test]
 async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
-    use credbroker::{
-        api::pb,
-        config::{ValidationConfig, ValidationMode},
-        exchange::sim::native_permissions,
-    };
+    use credbroker::{api::pb, exchange::sim::native_permissions};
     use time::format_description::well_known::Rfc3339;
 
-    use crate::support::{Env, EnvOptions, new_tenant};
-
-    let sims = Simulators::start().await.unwrap();
     let ex = ExchangeId::Bybit;
-    sims.add_key(
-        ex,
-        "bybitMasterKey0005",
-        bybit_master(&["AccountTransfer"], &[SUB]),
-    );
     let mut perms = native_permissions(ex, false, true);
     perms["expiredAt"] = (time::OffsetDateTime::now_utc() + time::Duration::days(2))
         .format(&Rfc3339)
         .unwrap()
         .into();
-    let mut old = SimKey::hmac("bybitExpiringSecret0000000000000000", perms);
-    old.sub_account = Some(SUB.into());
-    sims.add_key(ex, "bybitExpiringKey01", old);
-    let env = Env::start_with(EnvOptions {
-        validation: Some(ValidationConfig {
-            mode: ValidationMode::Exchange,
-            exchanges: endpoints(&sims),
-            ..ValidationConfig::default()
-        }),
-        ..EnvOptions::default()
-    })
+    let (_sims, env, tenant) = bybit_fleet(
+        "bybitMasterKey0005",
+        ("bybitExpiringKey01", "bybitExpiringSecret0000000000000000"),
+        perms,
+    )
     .await;
-    let tenant = new_tenant();
     let mut op = env.operator().await;
-    op.validate_and_store(pb::ValidateAndStoreRequest {
-        tenant_id: tenant.clone(),
-        exchange: "bybit".into(),
-        credentials: Some(crate::support::set(
-            "bybitExpiringKey01",
-            "bybitExpiringSecret0000000000000000",
-        )),
-    })
-    .await
-    .unwrap();
     op.set_management_key(pb::SetManagementKeyRequest {
         tenant_id: tenant.clone(),
         exchange: "bybit".into(),

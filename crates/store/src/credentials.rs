@@ -302,16 +302,7 @@ impl MetadataStore for PgMetadataStore {
                     None
                 };
                 if let Some(n) = &u.notice {
-                    // Queued with the change, only for a tenant with a webhook;
-                    // due at once by the database's clock (the deliverers'
-                    // time), whatever the broker's domain clock says.
-                    tx.execute(
-                        "INSERT INTO webhook_outbox (id, tenant_id, event_type, payload, created_at, next_attempt_at) \
-                         SELECT $1, $2, $3, $4, $5, now() FROM tenant_webhooks WHERE tenant_id = $2",
-                        &[&n.id, &u.tenant.as_uuid(), &n.event_type, &n.payload, &n.at],
-                    )
-                    .await
-                    .map_err(pg_err)?;
+                    super::webhooks::queue_notice(tx, u.tenant, n).await?;
                 }
                 Ok((record, event))
             })

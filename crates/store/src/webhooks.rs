@@ -5,11 +5,30 @@ use time::OffsetDateTime;
 
 use credbroker_core::broker::{
     error::MetadataStoreError,
-    ports::{OutboxMessage, WebhookEndpoint, WebhookStore},
+    ports::{Notice, OutboxMessage, WebhookEndpoint, WebhookStore},
     types::TenantId,
 };
 
 use super::{PgMetadataStore, Scope, pg_err, to_i64, to_u64};
+
+/// Queues `notice` for `tenant`'s webhook in the transaction of the change
+/// it reports; nothing for a tenant without one. Due at once by the
+/// database's clock (the deliverers' time), whatever the broker's domain
+/// clock says.
+pub(super) async fn queue_notice(
+    tx: &deadpool_postgres::Transaction<'_>,
+    tenant: TenantId,
+    notice: &Notice,
+) -> Result<(), MetadataStoreError> {
+    tx.execute(
+        "INSERT INTO webhook_outbox (id, tenant_id, event_type, payload, created_at, next_attempt_at) \
+         SELECT $1, $2, $3, $4, $5, now() FROM tenant_webhooks WHERE tenant_id = $2",
+        &[&notice.id, &tenant.as_uuid(), &notice.event_type, &notice.payload, &notice.at],
+    )
+    .await
+    .map_err(pg_err)?;
+    Ok(())
+}
 
 #[async_trait]
 impl WebhookStore for PgMetadataStore {
