@@ -73,7 +73,17 @@ struct Plan {
 struct Tally {
     sent: AtomicU64,
     accepted: AtomicU64,
+    /// Answered with an error status by the exchange.
     refused: AtomicU64,
+    /// Never answered: the connection to the exchange failed or timed out
+    /// (the load generator's own trouble on a saturated machine, not a
+    /// refusal).
+    failed_connect: AtomicU64,
+    failed_timeout: AtomicU64,
+    failed_other: AtomicU64,
+    /// Refusals by the exchange's error code (`-1021` timestamp outside
+    /// the window, `-2014`/`-2015` unknown key or bad signature ...).
+    refusal_codes: std::sync::Mutex<BTreeMap<String, u64>>,
     /// Signed with the old key after the exchange deleted it.
     with_deleted_key: AtomicU64,
     /// Signed with the old key at all after the rotation (fine within the
@@ -149,13 +159,22 @@ impl Report {
             j["pods"], j["rate_per_pod"], j["replicas"], j["overlap_secs"], j["kill_after_secs"]
         );
         out += &format!(
-            "requests: {} sent, {} accepted, {} refused; signed with the deleted key: {}; with the old key after Rotate (within the overlap): {}\n",
+            "requests: {} sent, {} accepted, {} refused by the exchange, {} never answered (connect {}, timeout {}, other {}); signed with the deleted key: {}; with the old key after Rotate (within the overlap): {}\n",
             j["requests_sent"],
             j["requests_accepted"],
             j["requests_refused"],
+            j["requests_failed_connect"].as_u64().unwrap_or(0)
+                + j["requests_failed_timeout"].as_u64().unwrap_or(0)
+                + j["requests_failed_other"].as_u64().unwrap_or(0),
+            j["requests_failed_connect"],
+            j["requests_failed_timeout"],
+            j["requests_failed_other"],
             j["requests_with_deleted_key"],
             j["requests_with_old_key_after_rotate"]
         );
+        if j["requests_refused"].as_u64().unwrap_or(0) > 0 {
+            out += &format!("exchange refusals by code: {}\n", j["refusal_codes"]);
+        }
         out += &format!(
             "pods on the old key when the overlap ended: {}; swapped {} of {}: p50 {} p99 {} max {}\n",
             j["pods_on_old_key_at_overlap_end"],
@@ -347,14 +366,21 @@ async fn drill(plan: &Plan) -> Report {
     let rotated = Arc::new(AtomicBool::new(false));
     let deleted = Arc::new(AtomicBool::new(false));
     let stop = tokio_util::sync::CancellationToken::new();
+    // Every pod of the drill lives in this one process, which has a
+    // descriptor limit a real fleet spread over 10,000 processes does not:
+    // at most IN_FLIGHT requests at a time, on reused connections, so the
+    // load cannot take the descriptors the pods' broker connections need.
+    const IN_FLIGHT: usize = 512;
     let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(512)
+        .pool_max_idle_per_host(IN_FLIGHT)
         .build()
         .unwrap();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
     let mut load = tokio::task::JoinSet::new();
     for h in &handles {
         let (h, tally, http, url) = (h.clone(), tally.clone(), http.clone(), sim_url.clone());
         let (rotated, deleted, stop) = (rotated.clone(), deleted.clone(), stop.clone());
+        let in_flight = in_flight.clone();
         let period = Duration::from_secs_f64(1.0 / plan.rate);
         load.spawn(async move {
             // A random phase, so the fleet's requests spread over the period.
@@ -366,6 +392,10 @@ async fn drill(plan: &Plan) -> Report {
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                // The key is read and the request signed once it may leave.
+                let Ok(_permit) = in_flight.acquire().await else {
+                    return;
+                };
                 let Some(c) = h.get(ExchangeId::Binance) else {
                     continue;
                 };
@@ -391,15 +421,28 @@ async fn drill(plan: &Plan) -> Report {
                     tally.with_deleted_key.fetch_add(1, Ordering::Relaxed);
                 }
                 tally.sent.fetch_add(1, Ordering::Relaxed);
-                let ok = http
+                let sent = http
                     .get(format!(
                         "{url}/sapi/v1/account/apiRestrictions?{query}&signature={sig}"
                     ))
                     .header("X-MBX-APIKEY", key)
                     .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success());
-                let counter = if ok { &tally.accepted } else { &tally.refused };
+                    .await;
+                let counter = match sent {
+                    Ok(r) if r.status().is_success() => &tally.accepted,
+                    Ok(r) => {
+                        let body = r.text().await.unwrap_or_default();
+                        let code = serde_json::from_str::<serde_json::Value>(&body)
+                            .ok()
+                            .and_then(|v| v.get("code").map(ToString::to_string))
+                            .unwrap_or_else(|| "?".into());
+                        *tally.refusal_codes.lock().unwrap().entry(code).or_default() += 1;
+                        &tally.refused
+                    }
+                    Err(e) if e.is_connect() => &tally.failed_connect,
+                    Err(e) if e.is_timeout() => &tally.failed_timeout,
+                    Err(_) => &tally.failed_other,
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         });
@@ -523,6 +566,10 @@ async fn drill(plan: &Plan) -> Report {
             "requests_sent": n(&tally.sent),
             "requests_accepted": n(&tally.accepted),
             "requests_refused": n(&tally.refused),
+            "requests_failed_connect": n(&tally.failed_connect),
+            "requests_failed_timeout": n(&tally.failed_timeout),
+            "requests_failed_other": n(&tally.failed_other),
+            "refusal_codes": serde_json::json!(*tally.refusal_codes.lock().unwrap()),
             "requests_with_deleted_key": n(&tally.with_deleted_key),
             "requests_with_old_key_after_rotate": n(&tally.with_old_key_after_rotate),
             "pods_on_old_key_at_overlap_end": on_old,

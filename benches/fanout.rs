@@ -110,6 +110,7 @@ async fn run(n: usize, rotations: usize) -> Result {
                         tenant_id: TENANT.into(),
                         exchanges: vec![],
                         after_seq: 0,
+                        include_credentials: false,
                     })
                     .await
                 {

@@ -75,6 +75,7 @@ async fn call(
                     tenant_id: t.clone(),
                     exchanges: vec![],
                     after_seq: 0,
+                    include_credentials: false,
                 },
                 token,
             ))
@@ -634,6 +635,7 @@ async fn operator_streams_leave_the_tenants_slots_alone() {
         tenant_id: a.clone(),
         exchanges: vec![],
         after_seq: 0,
+        include_credentials: false,
     };
     let mut held = Vec::new();
     for _ in 0..3 {

@@ -1444,3 +1444,123 @@ async fn an_outcome_a_crash_lost_is_written_from_the_event_log() {
     let report = credbroker::audit::chain::verify_all(&store.audit_chains().await.unwrap());
     assert_eq!(report.broken, 0, "{:?}", report.lines);
 }
+
+/// The next message that is not a heartbeat, whole (its set included).
+async fn next_sent(
+    s: &mut tonic::Streaming<pb::WatchRotationsResponse>,
+) -> pb::WatchRotationsResponse {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), s.message())
+            .await
+            .expect("no message within 10 s")
+            .expect("stream error")
+            .expect("stream ended");
+        if !matches!(
+            m.message,
+            Some(pb::watch_rotations_response::Message::Heartbeat(_))
+        ) {
+            return m;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stream_with_include_credentials_sends_each_set_and_records_each_as_a_read() {
+    use pb::watch_rotations_response::Message;
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut op = env.operator().await;
+    op.validate_and_store(store_n(&tenant, "binance"))
+        .await
+        .unwrap();
+    let mut pod = env.tenant_client(&tenant).await;
+    let watch = |include_credentials| pb::WatchRotationsRequest {
+        tenant_id: tenant.clone(),
+        exchanges: vec![],
+        after_seq: 0,
+        include_credentials,
+    };
+
+    // Without the flag, no set travels on the stream.
+    let mut plain = pod
+        .watch_rotations(watch(false))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = next_sent(&mut plain).await;
+    assert!(matches!(m.message, Some(Message::State(_))));
+    assert!(m.credentials.is_none(), "no set unless asked for");
+    drop(plain);
+
+    let r = pod.watch_rotations(watch(true)).await;
+    let stream_id = request_id(&r);
+    let mut stream = r.unwrap().into_inner();
+    // The state carries the set itself.
+    let m = next_sent(&mut stream).await;
+    let Some(Message::State(state)) = &m.message else {
+        panic!("state first, got {m:?}")
+    };
+    let set = m.credentials.expect("the state's set");
+    assert_eq!((state.version, set.version), (1, 1));
+    let cur = set.current.unwrap();
+    assert_eq!(
+        (cur.api_key.as_str(), cur.api_secret.as_str()),
+        ("binanceKey000000", "binanceSecret000000")
+    );
+    assert!(set.previous.is_none());
+
+    // A rotation's event carries the new set and the previous one with its
+    // deadline: what GetCredentials would answer, without asking.
+    op.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
+    let m = next_sent(&mut stream).await;
+    let Some(Message::Event(e)) = &m.message else {
+        panic!("the rotation's event, got {m:?}")
+    };
+    let set = m.credentials.expect("the event's set");
+    assert_eq!(
+        (e.kind, e.version, set.version, set.previous_version),
+        (pb::EventKind::Rotated as i32, 2, 2, Some(1))
+    );
+    assert_eq!(set.current.unwrap().api_key, "binanceKey000001");
+    assert_eq!(set.previous.unwrap().api_key, "binanceKey000000");
+    assert!(set.previous_valid_until.is_some());
+    let got = pod
+        .get_credentials(get_req(&tenant, "binance"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.version, 2);
+
+    // Each set sent is a read on the trail: secret_access, the stream's
+    // request id, who read, which versions; a record of its own each.
+    let sent = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let sent: Vec<AuditRecord> = all_records(&env)
+                .await
+                .into_iter()
+                .filter(|r| {
+                    r.request_id.to_string() == stream_id && r.event_type == "secret_access"
+                })
+                .collect();
+            if sent.len() >= 2 {
+                return sent;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("both sets' records reached PostgreSQL");
+    let mut versions: Vec<Vec<u64>> = sent.iter().map(|r| r.versions.clone()).collect();
+    versions.sort();
+    assert_eq!(versions, vec![vec![1], vec![2, 1]]);
+    for r in &sent {
+        assert_eq!(
+            (r.action.as_ref(), r.result.as_ref(), r.resource.as_ref()),
+            ("WatchRotations", "success", "binance_api_key")
+        );
+        assert_eq!(r.user, format!("spiffe://{TD}/tenant/{tenant}/pod/test"));
+        assert_eq!(r.role, "trader");
+        assert_eq!(r.tenant_id.unwrap().to_string(), tenant);
+        assert_ne!(r.id.to_string(), stream_id, "a record of its own");
+    }
+}

@@ -79,21 +79,31 @@ async fn the_handle_follows_rotations_fails_over_dedupes_and_keeps_the_last_good
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(*handle.changes().borrow(), 3);
 
-    // The pod acknowledged what it holds.
-    let meta = admin
-        .describe_credential(pb::DescribeCredentialRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let ack = meta
-        .adoption
-        .iter()
-        .find(|a| a.subscriber.ends_with("#trader-0"))
-        .expect("acknowledged");
-    assert_eq!((ack.version, ack.on_previous), (3, false));
+    // The pod acknowledged what it holds (within a random second).
+    let deadline = std::time::Instant::now() + wait;
+    let ack = loop {
+        let meta = admin
+            .describe_credential(pb::DescribeCredentialRequest {
+                tenant_id: tenant.clone(),
+                exchange: "binance".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match meta
+            .adoption
+            .into_iter()
+            .find(|a| a.subscriber.ends_with("#trader-0"))
+        {
+            Some(a) if a.version == 3 => break a,
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "version 3 never acknowledged: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!ack.on_previous);
     assert!(
         ack.subscriber
             .starts_with(&format!("spiffe://{TD}/tenant/{tenant}/"))
@@ -334,9 +344,11 @@ mod lagging {
             let items = vec![
                 Ok(pb::WatchRotationsResponse {
                     message: Some(Message::State(state)),
+                    credentials: None,
                 }),
                 Ok(pb::WatchRotationsResponse {
                     message: Some(Message::Event(event)),
+                    credentials: None,
                 }),
             ];
             let heartbeats = tokio_stream::StreamExt::map(
@@ -350,6 +362,7 @@ mod lagging {
                             head_seq: 2,
                             sent_at: None,
                         })),
+                        credentials: None,
                     })
                 },
             );
@@ -557,4 +570,88 @@ async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch()
         before,
         "no fetch at the overlap's end"
     );
+}
+
+#[tokio::test]
+async fn the_handle_takes_each_set_from_the_stream_without_a_fetch() {
+    let env = Env::start().await;
+    let tenant = new_tenant();
+    let mut admin = env.operator().await;
+    admin
+        .validate_and_store(store_req(
+            &tenant,
+            "bybit",
+            "bybitKey000000",
+            "bybitSecret000000",
+        ))
+        .await
+        .unwrap();
+    let gets = |samples: &[crate::checks::Sample]| {
+        crate::checks::value(
+            samples,
+            "credbroker_grpc_server_handled_total",
+            &[("method", "GetCredentials"), ("code", "OK")],
+        )
+        .unwrap_or(0.0)
+    };
+    let before = gets(&crate::checks::scrape(&env).await.1);
+    let handle = CredentialHandle::start(client_config(&env, vec![env.endpoint()], &tenant));
+    let wait = Duration::from_secs(15);
+    handle.wait_for(ExchangeId::Bybit, 1, wait).await.unwrap();
+    admin
+        .rotate(crate::support::rotate_req(
+            &tenant,
+            "bybit",
+            "bybitKey000001",
+            "bybitSecret000001",
+            None,
+        ))
+        .await
+        .unwrap();
+    let v2 = handle.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
+    assert_eq!(v2.current.api_key, "bybitKey000001");
+    assert_eq!(
+        v2.previous
+            .as_ref()
+            .map(|(s, v, _)| (s.api_key.as_str(), *v)),
+        Some(("bybitKey000000", 1))
+    );
+    // The version it took is acknowledged (within a second, from a task of
+    // its own), as after a fetch.
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let d = admin
+            .describe_credential(pb::DescribeCredentialRequest {
+                tenant_id: tenant.clone(),
+                exchange: "bybit".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if d.adoption
+            .iter()
+            .any(|a| a.subscriber.ends_with("#trader-0") && a.version == 2)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never acknowledged: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        gets(&crate::checks::scrape(&env).await.1),
+        before,
+        "both sets came on the stream: no GetCredentials"
+    );
+    handle.stop();
+
+    // Without include_credentials the same handle fetches each set.
+    let mut cfg = client_config(&env, vec![env.endpoint()], &tenant);
+    cfg.include_credentials = false;
+    let fetching = CredentialHandle::start(cfg);
+    fetching.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
+    assert_eq!(gets(&crate::checks::scrape(&env).await.1), before + 1.0);
+    fetching.stop();
 }

@@ -329,6 +329,7 @@ async fn watch_sends_state_then_every_change_and_resumes_from_a_sequence() {
             tenant_id: tenant.clone(),
             exchanges: vec![],
             after_seq: 0,
+            include_credentials: false,
         })
         .await
         .unwrap()
@@ -382,6 +383,7 @@ async fn watch_sends_state_then_every_change_and_resumes_from_a_sequence() {
             tenant_id: tenant.clone(),
             exchanges: vec!["kraken".into()],
             after_seq: e1.seq,
+            include_credentials: false,
         })
         .await
         .unwrap()
@@ -414,6 +416,7 @@ async fn watch_sends_state_then_every_change_and_resumes_from_a_sequence() {
             tenant_id: tenant.clone(),
             exchanges: vec![],
             after_seq: 0,
+            include_credentials: false,
         })
         .await
         .unwrap_err();

@@ -356,6 +356,7 @@ async fn sigterm_ends_streams_with_a_resumable_status_and_exits_cleanly() {
             tenant_id: tenant,
             exchanges: vec![],
             after_seq: 0,
+            include_credentials: false,
         })
         .await
         .unwrap()

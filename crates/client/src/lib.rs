@@ -74,6 +74,12 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// Bearer token sent on every call, re-read when the file changes.
     pub token: Option<token::TokenFile>,
+    /// Ask for the sets on the stream itself (`include_credentials`, as
+    /// Envoy SDS and SPIRE's Workload API push theirs): a rotation then
+    /// costs no GetCredentials round trip. A set the stream does not carry
+    /// (a broker that could not read or record it, or one older than the
+    /// field) is fetched as without it. Default: true.
+    pub include_credentials: bool,
 }
 
 impl ClientConfig {
@@ -101,6 +107,7 @@ impl ClientConfig {
             silence_limit: Duration::from_secs(15),
             connect_timeout: Duration::from_secs(20),
             token: None,
+            include_credentials: true,
         }
     }
 }
@@ -143,6 +150,13 @@ impl CredentialHandle {
         let (tx, changes) = watch::channel(0u64);
         let (connected, connection) = watch::channel(None);
         let cancel = CancellationToken::new();
+        let (acks, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(acknowledge(
+            cfg.tenant,
+            cfg.instance.clone().unwrap_or_default(),
+            queued,
+            cancel.clone(),
+        ));
         let sup = Supervisor {
             cfg,
             state: state.clone(),
@@ -150,6 +164,7 @@ impl CredentialHandle {
             connected,
             generation: 0,
             pending: BTreeMap::new(),
+            acks,
         };
         tokio::spawn(sup.run(cancel.clone()));
         Self {
@@ -224,6 +239,53 @@ struct Supervisor {
     /// Fetches to retry: the broker answered with a set older than an event
     /// announced (a replica that has not seen the event yet), or failed.
     pending: BTreeMap<ExchangeId, Pending>,
+    /// Versions taken, for [`acknowledge`] to report.
+    acks: tokio::sync::mpsc::UnboundedSender<(ExchangeId, u64, BrokerClient)>,
+}
+
+/// Reports each version the handle takes (AcknowledgeVersion), in order,
+/// from this one task: it waits a random part of a second after a version
+/// is taken, so a fleet's acknowledgements spread out instead of landing
+/// with its swap and the stream is read on at once; then it sends the
+/// latest version of each exchange taken meanwhile, on the connection that
+/// took it. An acknowledgement that fails is not retried: the next one
+/// supersedes it.
+async fn acknowledge(
+    tenant: TenantId,
+    instance: String,
+    mut queued: tokio::sync::mpsc::UnboundedReceiver<(ExchangeId, u64, BrokerClient)>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = cancel.cancelled() => return,
+            q = queued.recv() => match q {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(rand::random_range(0..1_000))) => {}
+        }
+        let mut latest = BTreeMap::new();
+        let (ex, version, client) = first;
+        latest.insert(ex, (version, client));
+        while let Ok((ex, version, client)) = queued.try_recv() {
+            latest.insert(ex, (version, client));
+        }
+        for (ex, (version, mut client)) in latest {
+            let ack = pb::AcknowledgeVersionRequest {
+                tenant_id: tenant.to_string(),
+                exchange: ex.as_str().to_owned(),
+                version,
+                instance: instance.clone(),
+            };
+            if let Err(s) = client.acknowledge_version(ack).await {
+                tracing::debug!(exchange = %ex, "acknowledgement not recorded: {}", s.message());
+            }
+        }
+    }
 }
 
 /// A fetch that has not yet produced the announced version.
@@ -234,6 +296,22 @@ struct Pending {
     since: Instant,
     next_at: Instant,
     warned: bool,
+}
+
+/// An error with its causes ("transport error: ... : Connection refused"):
+/// tonic's transport error alone does not say what failed.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.ends_with(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// First retry delay of a fetch that got an older set than announced.
@@ -308,7 +386,7 @@ impl Supervisor {
             .connect_timeout(self.cfg.connect_timeout)
             .connect()
             .await
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|e| format!("connect: {}", chain(&e)))?;
         Ok(token::broker_client(
             ch,
             token::Bearer(self.cfg.token.clone()),
@@ -335,6 +413,7 @@ impl Supervisor {
                 .map(|e| e.as_str().to_owned())
                 .collect(),
             after_seq,
+            include_credentials: self.cfg.include_credentials,
         };
         let mut stream = match client.watch_rotations(req).await {
             Ok(r) => r.into_inner(),
@@ -373,7 +452,13 @@ impl Supervisor {
                 Ok(Ok(Some(m))) => m,
             };
             progressed = true;
-            let Some(message) = msg.message else { continue };
+            let pb::WatchRotationsResponse {
+                message: Some(message),
+                credentials: pushed,
+            } = msg
+            else {
+                continue;
+            };
             if !matches!(message, Message::State(_))
                 && let Some(named) = in_state.take()
             {
@@ -387,7 +472,7 @@ impl Supervisor {
                     if let Some(named) = in_state.as_mut() {
                         named.push(ex);
                     }
-                    self.refresh(&mut client, ex, meta.version).await;
+                    self.refresh(&mut client, ex, meta.version, pushed).await;
                 }
                 Message::Event(e) => {
                     let Ok(ex) = e.exchange.parse::<ExchangeId>() else {
@@ -405,7 +490,7 @@ impl Supervisor {
                         // fetch (a whole fleet refetching at the overlap's
                         // end would be a load spike that changes nothing).
                     } else {
-                        self.refresh(&mut client, ex, e.version).await;
+                        self.refresh(&mut client, ex, e.version, pushed).await;
                     }
                     self.set_seq(e.seq);
                 }
@@ -499,7 +584,15 @@ impl Supervisor {
     /// accepts a set older than `version`: the fetch is retried with backoff
     /// (while the stream keeps being read) until the broker serves it. A
     /// failed fetch keeps the last good value and is retried the same way.
-    async fn refresh(&mut self, client: &mut BrokerClient, ex: ExchangeId, version: u64) {
+    /// A set the stream carried (`pushed`) is taken instead of a fetch when
+    /// it is at least `version`.
+    async fn refresh(
+        &mut self,
+        client: &mut BrokerClient,
+        ex: ExchangeId,
+        version: u64,
+        pushed: Option<pb::GetCredentialsResponse>,
+    ) {
         // Deduplicate by version: reconnects and replays cause no reload.
         // (Not `>=`: a credential deleted and stored again restarts at 1.)
         let held = self.state.load().credentials.get(&ex).map(|c| c.version);
@@ -519,6 +612,11 @@ impl Supervisor {
         // store may announce a lower version: the latest announcement wins).
         p.min_version = version;
         p.next_at = now;
+        if let Some(resp) = pushed
+            && self.take(client, ex, resp)
+        {
+            return;
+        }
         self.fetch(client, ex).await;
     }
 
@@ -561,16 +659,31 @@ impl Supervisor {
                 return;
             }
         };
+        if !self.take(client, ex, resp) {
+            self.backoff(ex);
+        }
+    }
+
+    /// Adopts `resp` (a fetch's answer or a set the stream carried) for the
+    /// pending announcement of `ex`, then acknowledges it; false when it is
+    /// incomplete or older than announced (the announcement stays pending).
+    fn take(
+        &mut self,
+        client: &BrokerClient,
+        ex: ExchangeId,
+        resp: pb::GetCredentialsResponse,
+    ) -> bool {
+        let Some(min_version) = self.pending.get(&ex).map(|p| p.min_version) else {
+            return true;
+        };
         let Some(creds) = to_credentials(ex, resp) else {
             tracing::warn!(exchange = %ex, "keeping the last good credentials: the broker sent an incomplete set");
-            self.backoff(ex);
-            return;
+            return false;
         };
         let version = creds.version;
         if version < min_version {
             // A replica (or its cache) that has not seen the event yet.
-            self.backoff(ex);
-            return;
+            return false;
         }
         if let Some(p) = self.pending.remove(&ex)
             && p.warned
@@ -580,7 +693,7 @@ impl Supervisor {
         }
         let held = self.state.load().credentials.get(&ex).map(|c| c.version);
         if held == Some(version) {
-            return;
+            return true;
         }
         let creds = Arc::new(creds);
         self.state.rcu(|st| {
@@ -592,15 +705,8 @@ impl Supervisor {
             }
         });
         self.bump();
-        let ack = pb::AcknowledgeVersionRequest {
-            tenant_id: self.cfg.tenant.to_string(),
-            exchange: ex.as_str().to_owned(),
-            version,
-            instance: self.cfg.instance.clone().unwrap_or_default(),
-        };
-        if let Err(s) = client.acknowledge_version(ack).await {
-            tracing::debug!(exchange = %ex, "acknowledgement not recorded: {}", s.message());
-        }
+        let _ = self.acks.send((ex, version, client.clone()));
+        true
     }
 
     /// Schedules the next attempt of `ex`'s fetch (jittered exponential

@@ -519,6 +519,7 @@ pub fn watch_req(tenant: &str, after_seq: u64) -> credbroker::api::pb::WatchRota
         tenant_id: tenant.into(),
         exchanges: vec![],
         after_seq,
+        include_credentials: false,
     }
 }
 

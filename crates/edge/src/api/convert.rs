@@ -7,6 +7,7 @@ use time::OffsetDateTime;
 use tonic::Status;
 
 use super::{pb, status::bad_field};
+use crate::broker::CredentialView;
 use crate::broker::types::{
     Adoption, CredentialEvent, CredentialRecord, CredentialSet, CredentialStatus, EventKind,
     ExchangeId, MAX_FIELD_LEN, Permissions, TenantId,
@@ -250,6 +251,31 @@ pub fn event(e: &CredentialEvent) -> pb::RotationEvent {
         previous_version: e.previous_version,
         previous_valid_until: e.previous_valid_until.map(ts),
         occurred_at: Some(ts(e.occurred_at)),
+    }
+}
+
+/// Versions a read served: current, then the previous still open.
+pub fn served_versions(view: &CredentialView) -> Vec<u64> {
+    std::iter::once(view.record().current_version)
+        .chain(view.previous().map(|(_, v, _)| v))
+        .collect()
+}
+
+/// What GetCredentials answers for `view` (also sent on WatchRotations
+/// streams with `include_credentials`).
+pub fn credentials(view: &CredentialView) -> pb::GetCredentialsResponse {
+    let (previous, previous_version, previous_valid_until) = match view.previous() {
+        Some((set, v, until)) => (Some(set_to_pb(set)), Some(v), Some(ts(until))),
+        None => (None, None, None),
+    };
+    pb::GetCredentialsResponse {
+        current: Some(set_to_pb(view.current())),
+        version: view.record().current_version,
+        status: status(view.record().status),
+        previous,
+        previous_version,
+        previous_valid_until,
+        stale: view.stale,
     }
 }
 

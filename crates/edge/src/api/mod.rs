@@ -24,7 +24,7 @@ use crate::broker::Broker;
 
 use crate::broker::context::{Actor, RequestContext};
 
-use crate::broker::types::{ExchangeId, TenantId};
+use crate::broker::types::{EventKind, ExchangeId, TenantId};
 
 use crate::limits::Limits;
 
@@ -207,6 +207,46 @@ impl BrokerService {
     }
 }
 
+/// How long a stream waits for a set to send before sending its message
+/// without it (the client then fetches it).
+const PUSH_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The set a stream sends with a message about `exchange` at `version`
+/// (WatchRotations with `include_credentials`): read like GetCredentials
+/// (cache, one shared load per key), its read recorded before it leaves.
+/// None when it cannot be read in time or recorded: the message goes
+/// without it, and the client fetches.
+async fn pushed_set(
+    broker: &Broker,
+    deliveries: Option<&crate::audit::layer::Deliveries>,
+    tenant: TenantId,
+    exchange: ExchangeId,
+    version: u64,
+) -> Option<pb::GetCredentialsResponse> {
+    let view = match tokio::time::timeout(
+        PUSH_READ_TIMEOUT,
+        broker.get_credentials(tenant, exchange, version),
+    )
+    .await
+    {
+        Ok(Ok(view)) => view,
+        Ok(Err(e)) => {
+            tracing::debug!(%tenant, %exchange, version, "set not sent on the stream: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%tenant, %exchange, version, "set not sent on the stream: no answer in time");
+            return None;
+        }
+    };
+    if let Some(d) = deliveries {
+        d.record(exchange, convert::served_versions(&view))
+            .await
+            .ok()?;
+    }
+    Some(convert::credentials(&view))
+}
+
 /// An admitted call.
 struct Admitted {
     caller: Caller,
@@ -275,29 +315,8 @@ impl CredentialBroker for BrokerService {
             .get_credentials(tenant, exchange, *min_version)
             .await
             .map_err(status::broker)?;
-        adm.touched(
-            std::iter::once(view.record().current_version)
-                .chain(view.previous().map(|(_, v, _)| v))
-                .collect(),
-            None,
-        );
-        let (previous, previous_version, previous_valid_until) = match view.previous() {
-            Some((set, v, until)) => (
-                Some(convert::set_to_pb(set)),
-                Some(v),
-                Some(convert::ts(until)),
-            ),
-            None => (None, None, None),
-        };
-        Ok(Response::new(pb::GetCredentialsResponse {
-            current: Some(convert::set_to_pb(view.current())),
-            version: view.record().current_version,
-            status: convert::status(view.record().status),
-            previous,
-            previous_version,
-            previous_valid_until,
-            stale: view.stale,
-        }))
+        adm.touched(convert::served_versions(&view), None);
+        Ok(Response::new(convert::credentials(&view)))
     }
 
     async fn validate_and_store(
@@ -394,11 +413,22 @@ impl CredentialBroker for BrokerService {
             tenant_id,
             exchanges,
             after_seq,
+            include_credentials,
         } = req.get_ref();
         let tenant = convert::tenant(tenant_id)?;
-        let caller = self
-            .admit(&req, tenant, None, Action::WatchRotations)?
-            .caller;
+        let adm = self.admit(&req, tenant, None, Action::WatchRotations)?;
+        // Sets on the stream are reads: the caller must be one who may read.
+        let deliveries = if *include_credentials {
+            auth::authorize(&adm.caller, tenant, Action::GetCredentials).map_err(|e| {
+                status::auth(auth::AuthError::PermissionDenied(format!(
+                    "include_credentials sends the credential sets themselves, which this caller may not read ({e}); watch without it"
+                )))
+            })?;
+            Some(adm.audit.as_ref().map(CallAudit::deliveries))
+        } else {
+            None
+        };
+        let caller = adm.caller;
         let exchanges = exchanges
             .iter()
             .map(|e| convert::exchange_id("exchanges", e))
@@ -422,7 +452,7 @@ impl CredentialBroker for BrokerService {
             self.shutdown.clone(),
             Some(slot),
         );
-        let stream = watch.into_stream().map(|item| {
+        let to_pb = |item| {
             use pb::watch_rotations_response::Message;
             let message = match item {
                 WatchItem::State(r) => Message::State(convert::metadata(&r)),
@@ -436,7 +466,30 @@ impl CredentialBroker for BrokerService {
             };
             Ok(pb::WatchRotationsResponse {
                 message: Some(message),
+                credentials: None,
             })
+        };
+        let Some(deliveries) = deliveries else {
+            return Ok(Response::new(Box::pin(watch.into_stream().map(to_pb))));
+        };
+        let broker = self.broker.clone();
+        let stream = watch.into_stream().then(move |item| {
+            let wanted = match &item {
+                WatchItem::State(r) => Some((r.exchange, r.current_version)),
+                WatchItem::Event(e) if matches!(e.kind, EventKind::Stored | EventKind::Rotated) => {
+                    Some((e.exchange, e.version))
+                }
+                _ => None,
+            };
+            let (broker, deliveries) = (broker.clone(), deliveries.clone());
+            async move {
+                let mut msg = to_pb(item)?;
+                if let Some((exchange, version)) = wanted {
+                    msg.credentials =
+                        pushed_set(&broker, deliveries.as_ref(), tenant, exchange, version).await;
+                }
+                Ok(msg)
+            }
         });
         Ok(Response::new(Box::pin(stream)))
     }

@@ -171,6 +171,63 @@ impl CallAudit {
     }
 }
 
+impl CallAudit {
+    /// The recorder of the credential sets this call's stream sends
+    /// (WatchRotations with `include_credentials`), taken while the call's
+    /// note still names the caller (the note is consumed when the call
+    /// answers, and a stream outlives its answer's headers).
+    pub fn deliveries(&self) -> Deliveries {
+        let note = self.0.note.lock().unwrap_or_else(PoisonError::into_inner);
+        Deliveries {
+            call: self.clone(),
+            user: note.user.clone(),
+            tenant: note.tenant,
+        }
+    }
+}
+
+/// Records each credential set a stream sends: a read like GetCredentials's
+/// (secret_access), one record per set, its own id, the stream's request id.
+#[derive(Clone, Debug)]
+pub struct Deliveries {
+    call: CallAudit,
+    user: Option<(Arc<str>, &'static str)>,
+    tenant: Option<TenantId>,
+}
+
+impl Deliveries {
+    /// Writes the record of `exchange`'s set (`versions`: current, then
+    /// previous) before it is sent.
+    ///
+    /// # Errors
+    /// When it cannot be written: the set must not be sent.
+    pub async fn record(&self, exchange: ExchangeId, versions: Vec<u64>) -> Result<(), AuditError> {
+        let note = AuditNote {
+            user: self.user.clone(),
+            tenant: self.tenant,
+            exchange: Some(exchange),
+            versions,
+            key_hint: None,
+        };
+        let record = AuditRecord {
+            id: fast_v7(),
+            timestamp: OffsetDateTime::now_utc(),
+            event_type: Cow::Borrowed("secret_access"),
+            duration_ms: 0.0,
+            ..self.call.record(note, Code::Ok)
+        };
+        append_grouped(&self.call.0.sink, &record).await.inspect_err(|e| {
+            // Kept for the spool's recovery probe to write, as a withheld
+            // read's record is.
+            let mut r = record.clone();
+            r.result = Cow::Borrowed("failure");
+            r.grpc_code = Cow::Borrowed("UNAVAILABLE");
+            tracing::warn!(request_id = %r.request_id, "a credential set was not sent on a stream: its read could not be recorded: {e}");
+            self.call.0.sink.defer(r);
+        })
+    }
+}
+
 /// See the module docs.
 #[derive(Clone)]
 pub struct AuditLayer {
@@ -387,27 +444,7 @@ async fn finish(
         return with_request_id(resp, call);
     }
     let record = call.record(note, code);
-    // A group append: the record is handed over, then this task yields
-    // once, so the calls this worker runs meanwhile hand theirs over too,
-    // and the first to come back writes them all with one write(2). No
-    // task sleeps waiting for another thread: each writes the group
-    // itself unless another is writing it (then it yields and looks
-    // again). Bounded: should that writer's thread be descheduled, this
-    // one waits on the lock after all.
-    let ticket = sink.submit(&record);
-    let mut tries = 0;
-    let appended = loop {
-        if let Some(done) = ticket.result() {
-            break done;
-        }
-        if tries > 0 && sink.write_submitted(tries == MAX_TRIES) {
-            // Written by this task or the one before it.
-            continue;
-        }
-        tries += 1;
-        tokio::task::yield_now().await;
-    };
-    if let Err(e) = appended {
+    if let Err(e) = append_grouped(sink, &record).await {
         // Kept for the spool's recovery probe to write.
         if changes {
             // It ran (its request record says so): the caller hears the
@@ -426,6 +463,29 @@ async fn finish(
         sink.defer(record);
     }
     with_request_id(resp, call)
+}
+
+/// Appends `record` to the spool as part of a group: the record is handed
+/// over, then this task yields once, so the calls this worker runs
+/// meanwhile hand theirs over too, and the first to come back writes them
+/// all with one write(2). No task sleeps waiting for another thread: each
+/// writes the group itself unless another is writing it (then it yields and
+/// looks again). Bounded: should that writer's thread be descheduled, this
+/// one waits on the lock after all. Returns once the record is written.
+async fn append_grouped(sink: &Arc<dyn AuditSink>, record: &AuditRecord) -> Result<(), AuditError> {
+    let ticket = sink.submit(record);
+    let mut tries = 0;
+    loop {
+        if let Some(done) = ticket.result() {
+            return done;
+        }
+        if tries > 0 && sink.write_submitted(tries == MAX_TRIES) {
+            // Written by this task or the one before it.
+            continue;
+        }
+        tries += 1;
+        tokio::task::yield_now().await;
+    }
 }
 
 /// Every answer names its call.

@@ -177,24 +177,28 @@ class SetManagementKeyResponse(_message.Message):
     def __init__(self, api_key_hint: _Optional[str] = ..., sub_account: _Optional[str] = ..., rotate_every_days: _Optional[int] = ...) -> None: ...
 
 class WatchRotationsRequest(_message.Message):
-    __slots__ = ("tenant_id", "exchanges", "after_seq")
+    __slots__ = ("tenant_id", "exchanges", "after_seq", "include_credentials")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     EXCHANGES_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     exchanges: _containers.RepeatedScalarFieldContainer[str]
     after_seq: int
-    def __init__(self, tenant_id: _Optional[str] = ..., exchanges: _Optional[_Iterable[str]] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    include_credentials: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., exchanges: _Optional[_Iterable[str]] = ..., after_seq: _Optional[int] = ..., include_credentials: bool = ...) -> None: ...
 
 class WatchRotationsResponse(_message.Message):
-    __slots__ = ("state", "event", "heartbeat")
+    __slots__ = ("state", "event", "heartbeat", "credentials")
     STATE_FIELD_NUMBER: _ClassVar[int]
     EVENT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     state: CredentialMetadata
     event: RotationEvent
     heartbeat: Heartbeat
-    def __init__(self, state: _Optional[_Union[CredentialMetadata, _Mapping]] = ..., event: _Optional[_Union[RotationEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    credentials: GetCredentialsResponse
+    def __init__(self, state: _Optional[_Union[CredentialMetadata, _Mapping]] = ..., event: _Optional[_Union[RotationEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., credentials: _Optional[_Union[GetCredentialsResponse, _Mapping]] = ...) -> None: ...
 
 class RotationEvent(_message.Message):
     __slots__ = ("seq", "tenant_id", "exchange", "kind", "version", "previous_version", "previous_valid_until", "occurred_at")
