@@ -66,6 +66,8 @@ struct Plan {
     overlap: u32,
     kill_at: f64,
     after: f64,
+    /// The pods ask for their sets on the stream (`include_credentials`).
+    push: bool,
 }
 
 /// What the pods' requests met at the exchange.
@@ -110,6 +112,7 @@ fn main() {
         overlap: env_or("DRILL_OVERLAP_SECS", if quick { 4 } else { 10 }),
         kill_at: env_or("DRILL_KILL_AT", 0.5f64).clamp(0.0, 0.95),
         after: env_or("DRILL_AFTER_SECS", if quick { 1.5 } else { 3.0 }),
+        push: env_or("DRILL_PUSH", 1u8) != 0,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,8 +158,13 @@ impl Report {
         let j = &self.json;
         let ms = |v: &serde_json::Value| format!("{:.1} ms", v.as_f64().unwrap_or(f64::NAN));
         let mut out = format!(
-            "fleet drill: {} pods at {}/s each over {} replicas, overlap {} s, replica 0 killed at {} s\n",
-            j["pods"], j["rate_per_pod"], j["replicas"], j["overlap_secs"], j["kill_after_secs"]
+            "fleet drill: {} pods at {}/s each over {} replicas, overlap {} s, replica 0 killed at {} s, sets on the stream: {}\n",
+            j["pods"],
+            j["rate_per_pod"],
+            j["replicas"],
+            j["overlap_secs"],
+            j["kill_after_secs"],
+            j["sets_on_the_stream"]
         );
         out += &format!(
             "requests: {} sent, {} accepted, {} refused by the exchange, {} never answered (connect {}, timeout {}, other {}); signed with the deleted key: {}; with the old key after Rotate (within the overlap): {}\n",
@@ -336,6 +344,7 @@ async fn drill(plan: &Plan) -> Report {
             cfg.domain = Some("localhost".into());
             cfg.exchanges = vec![ExchangeId::Binance];
             cfg.instance = Some(format!("pod-{i}"));
+            cfg.include_credentials = plan.push;
             started.push(CredentialHandle::start(cfg));
         }
         for h in &started {
@@ -462,6 +471,15 @@ async fn drill(plan: &Plan) -> Report {
         SimKey::hmac(NEW_SECRET, perms),
     );
     let t_rotate = Instant::now();
+    // Phase marks on stderr, in wall-clock time, to line a CPU profile up with.
+    let mark = |what: &str| {
+        let now = time::OffsetDateTime::now_utc();
+        eprintln!(
+            "drill: {what} at {:.3}",
+            now.unix_timestamp_nanos() as f64 / 1e9
+        );
+    };
+    mark("rotate");
     let mut swaps = tokio::task::JoinSet::new();
     for h in &handles {
         let h = h.clone();
@@ -499,6 +517,7 @@ async fn drill(plan: &Plan) -> Report {
     let mut at_kill = scrape(&metrics_http, &replicas[0].metrics).await;
     replicas[0].kill();
     let t_kill = Instant::now();
+    mark("kill");
     let mut resubs = tokio::task::JoinSet::new();
     for h in &victims {
         let (mut rx, killed) = (h.connection(), killed_ep.clone());
@@ -562,6 +581,7 @@ async fn drill(plan: &Plan) -> Report {
             "rate_per_pod": plan.rate,
             "replicas": plan.replicas,
             "overlap_secs": plan.overlap,
+            "sets_on_the_stream": plan.push,
             "kill_after_secs": plan.overlap as f64 * plan.kill_at,
             "requests_sent": n(&tally.sent),
             "requests_accepted": n(&tally.accepted),

@@ -1530,6 +1530,21 @@ async fn a_stream_with_include_credentials_sends_each_set_and_records_each_as_a_
         .unwrap()
         .into_inner();
     assert_eq!(got.version, 2);
+    // A stream resumed after that event starts with the state, without
+    // the set the client already holds; one resumed before it gets it.
+    for (after_seq, sent) in [(e.seq, false), (e.seq - 1, true)] {
+        let mut resumed = pod
+            .watch_rotations(pb::WatchRotationsRequest {
+                after_seq,
+                ..watch(true)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let m = next_sent(&mut resumed).await;
+        assert!(matches!(m.message, Some(Message::State(_))), "{m:?}");
+        assert_eq!(m.credentials.is_some(), sent, "after seq {after_seq}");
+    }
 
     // Each set sent is a read on the trail: secret_access, the stream's
     // request id, who read, which versions; a record of its own each.

@@ -241,6 +241,23 @@ impl CredentialCache {
             })
     }
 
+    /// The record of a fresh entry holding `min_version` or newer, without
+    /// counting a hit (for decisions that serve no secret, such as whether
+    /// an acknowledged version is served).
+    pub fn record(
+        &self,
+        key: &CacheKey,
+        now: OffsetDateTime,
+        min_version: u64,
+    ) -> Option<CredentialRecord> {
+        let slot = self.inner.entries.get(key)?;
+        let e = &slot.entry;
+        (slot.standing == Standing::Fresh
+            && now < e.fetched_at + self.inner.ttl
+            && e.record.current_version >= min_version)
+            .then(|| e.record.clone())
+    }
+
     /// The entry if it may be served while a backend is down: within
     /// `ttl + grace` of its fetch, and, if an event replaced it, before the
     /// end of the overlap that keeps its set valid.

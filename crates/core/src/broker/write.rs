@@ -292,8 +292,14 @@ impl Broker {
         version: u64,
     ) -> Result<(), BrokerError> {
         tracing::debug!(request_id = %ctx.request_id, %tenant, %exchange, version, "version acknowledged");
-        let record = self.describe(tenant, exchange).await?;
         let now = self.clock.now();
+        // A fleet acknowledges a rotation within the same second: the
+        // cached record decides (events keep it current), and PostgreSQL
+        // is asked only when the cache does not hold this version.
+        let record = match self.cache.record(&(tenant, exchange), now, version) {
+            Some(r) => r,
+            None => self.describe(tenant, exchange).await?,
+        };
         let served = version == record.current_version
             || record.open_previous(now).is_some_and(|(v, _)| v == version);
         if !served {

@@ -433,10 +433,11 @@ impl CredentialBroker for BrokerService {
             .iter()
             .map(|e| convert::exchange_id("exchanges", e))
             .collect::<Result<BTreeSet<_>, _>>()?;
+        let after_seq = *after_seq;
         let sub = Subscription {
             tenant,
             exchanges,
-            after_seq: *after_seq,
+            after_seq,
         };
         // Operators' streams (tools, dashboards) do not take the tenant's
         // stream slots (the tenant's pods keep all of them), only the
@@ -475,7 +476,11 @@ impl CredentialBroker for BrokerService {
         let broker = self.broker.clone();
         let stream = watch.into_stream().then(move |item| {
             let wanted = match &item {
-                WatchItem::State(r) => Some((r.exchange, r.current_version)),
+                // A resuming client has seen every change up to its
+                // `after_seq`, so it holds the set already (or fetches it).
+                WatchItem::State(r) if after_seq == 0 || r.event_seq > after_seq => {
+                    Some((r.exchange, r.current_version))
+                }
                 WatchItem::Event(e) if matches!(e.kind, EventKind::Stored | EventKind::Rotated) => {
                     Some((e.exchange, e.version))
                 }
