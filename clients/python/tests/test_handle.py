@@ -215,3 +215,33 @@ def test_a_rotation_minted_at_the_exchange_reaches_the_pod(dev: Dev, tenant: str
             assert got.current.api_secret not in repr(got)
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("include_credentials", [True, False])
+def test_takes_sets_from_the_stream_without_a_fetch(
+    dev: Dev, tenant: str, monkeypatch: pytest.MonkeyPatch, include_credentials: bool
+) -> None:
+    import credbroker.connection as connection
+
+    fetched: List[Tuple[str, int]] = []
+    real = connection.Broker.get_credentials
+
+    def counting(self: connection.Broker, exchange: str, min_version: int = 0) -> Credentials:
+        fetched.append((exchange, min_version))
+        return real(self, exchange, min_version)
+
+    monkeypatch.setattr(connection.Broker, "get_credentials", counting)
+    k1, k2 = fresh_keys("bybit"), fresh_keys("bybit")
+    store(dev, tenant, "bybit", k1)
+    with CredentialHandle(
+        dev.config(tenant), ["bybit"], include_credentials=include_credentials
+    ) as h:
+        h.wait_ready(20)
+        assert h.get().current == k1
+        assert rotate(dev, tenant, "bybit", k2) == 2
+        second = h.wait_for_version(2, timeout=20)
+        assert (second.current, second.previous) == (k2, k1)
+    if include_credentials:
+        assert fetched == [], "both sets came on the stream"
+    else:
+        assert fetched == [("bybit", 1), ("bybit", 2)]

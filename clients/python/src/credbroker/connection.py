@@ -195,7 +195,9 @@ class Broker:
             pb.AcknowledgeVersionResponse.FromString,
         )
 
-    def watch(self, exchanges: Sequence[str], after_seq: int) -> "Stream":
+    def watch(
+        self, exchanges: Sequence[str], after_seq: int, include_credentials: bool = False
+    ) -> "Stream":
         call = self.channel.unary_stream(
             SERVICE + "WatchRotations",
             request_serializer=lambda m: m.SerializeToString(),
@@ -203,7 +205,10 @@ class Broker:
         )
         it = call(
             pb.WatchRotationsRequest(
-                tenant_id=self.config.tenant, exchanges=list(exchanges), after_seq=after_seq
+                tenant_id=self.config.tenant,
+                exchanges=list(exchanges),
+                after_seq=after_seq,
+                include_credentials=include_credentials,
             ),
             metadata=self._token.metadata(),
         )

@@ -27,7 +27,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import grpc
 
-from credbroker.connection import Broker, BrokerConfig, Stream, TokenFile, connect
+from credbroker.connection import (
+    Broker,
+    BrokerConfig,
+    Stream,
+    TokenFile,
+    connect,
+    credentials as credentials_of,
+)
 from credbroker.credentials import Credentials
 from credbroker.v1 import credbroker_pb2 as pb
 
@@ -80,8 +87,13 @@ class CredentialHandle:
         ack_jitter: float = 1.0,
         stream_idle_timeout: float = 20.0,
         reconnect_cap: float = 30.0,
+        include_credentials: bool = True,
     ) -> None:
         self.config = config
+        # Sets arrive on the stream itself (as Envoy SDS pushes secrets):
+        # a rotation costs no GetCredentials round trip. A message without
+        # its set (or a broker older than the field) means a fetch.
+        self._include_credentials = include_credentials
         self.exchanges = [e.lower() for e in exchanges]
         self._acknowledge = acknowledge
         self._ack_jitter = ack_jitter
@@ -244,7 +256,7 @@ class CredentialHandle:
 
     def _follow(self, broker: Broker) -> None:
         after = self.last_seq
-        stream = broker.watch(self.exchanges, after)
+        stream = broker.watch(self.exchanges, after, self._include_credentials)
         self._last_message = time.monotonic()
         self._stream = stream
         if self._stop.is_set():
@@ -255,10 +267,15 @@ class CredentialHandle:
                 self.connected_to = broker.target
                 self._reconnect.reset()
             kind = msg.WhichOneof("message")
+            pushed = (
+                credentials_of(msg.state.exchange or msg.event.exchange, msg.credentials)
+                if msg.HasField("credentials")
+                else None
+            )
             if kind == "state":
-                self._on_state(broker, msg.state)
+                self._on_state(broker, msg.state, pushed)
             elif kind == "event":
-                self._on_event(broker, msg.event)
+                self._on_event(broker, msg.event, pushed)
             elif kind == "heartbeat":
                 if after > msg.heartbeat.head_seq:
                     # We resumed from a number the log never reached (a
@@ -270,19 +287,23 @@ class CredentialHandle:
                     self._state_seen = True
                     self._lock.notify_all()
 
-    def _on_state(self, broker: Broker, state: pb.CredentialMetadata) -> None:
+    def _on_state(
+        self, broker: Broker, state: pb.CredentialMetadata, pushed: Optional[Credentials]
+    ) -> None:
         name = state.exchange
         with self._lock:
             held = self._held.get(name)
         if held is None or held.version < state.version:
-            self._fetch(broker, name, state.version)
+            self._fetch(broker, name, state.version, pushed)
         elif held.previous is not None and not state.HasField("previous_version"):
             self._adopt(name, held.without_previous())
         with self._lock:
             self._ready_exchanges.add(name)
             self._lock.notify_all()
 
-    def _on_event(self, broker: Broker, event: pb.RotationEvent) -> None:
+    def _on_event(
+        self, broker: Broker, event: pb.RotationEvent, pushed: Optional[Credentials]
+    ) -> None:
         name = event.exchange
         if event.kind == pb.EVENT_KIND_DELETED:
             self._adopt(name, None)
@@ -295,19 +316,23 @@ class CredentialHandle:
             elif held is None or held.version < event.version:
                 self._fetch(broker, name, event.version)
         else:
-            self._fetch(broker, name, event.version)
+            self._fetch(broker, name, event.version, pushed)
         with self._lock:
             self.last_seq = max(self.last_seq, event.seq)
             self._lock.notify_all()
 
-    def _fetch(self, broker: Broker, name: str, announced: int) -> None:
-        """Fetches until the broker serves ``announced`` or newer."""
+    def _fetch(
+        self, broker: Broker, name: str, announced: int, pushed: Optional[Credentials] = None
+    ) -> None:
+        """Fetches until the broker serves ``announced`` or newer; a set the
+        stream carried (``pushed``) is taken instead when it is new enough."""
         backoff = Backoff(0.05, 5.0)
         started = time.monotonic()
         warned = False
         while not self._stop.is_set():
             try:
-                creds = broker.get_credentials(name, min_version=announced)
+                creds = pushed or broker.get_credentials(name, min_version=announced)
+                pushed = None
             except grpc.RpcError as e:
                 if isinstance(e, grpc.Call) and e.code() == grpc.StatusCode.NOT_FOUND:
                     self._adopt(name, None)
