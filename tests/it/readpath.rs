@@ -320,6 +320,94 @@ async fn concurrent_misses_of_a_cold_key_share_one_load() {
     b.stop().await.unwrap();
 }
 
+/// A fleet resuming on this replica at once (its other replica died)
+/// shares the reads its streams start from: 1,000 opens, each resuming
+/// after the same point, make a handful of PostgreSQL reads, not 3,000,
+/// and every one starts from the current state and sees the next event.
+#[tokio::test]
+async fn streams_that_open_together_share_their_starting_reads() {
+    use credbroker::rotation::watch::{StreamTiming, Subscription, Watch, WatchItem};
+    use futures::StreamExt as _;
+    let env = Env::start().await;
+    let tenant_s = new_tenant();
+    let tenant: TenantId = tenant_s.parse().unwrap();
+    let mut op = env.operator().await;
+    op.validate_and_store(store_n(&tenant_s, "binance"))
+        .await
+        .unwrap();
+    op.rotate(rotate_n(&tenant_s, "binance", 1)).await.unwrap();
+    // The pods resume after the last event they saw: the rotation.
+    let resume_at = env.broker().metadata().snapshot(tenant).await.unwrap().1;
+
+    let mut backends = app::real_backends(&env.config).await.unwrap();
+    let meta = ProbeMeta::new(backends.meta.clone());
+    backends.meta = meta.clone();
+    let b = env.replica_with(backends, None).await;
+
+    let n = 1000;
+    let start = Arc::new(tokio::sync::Barrier::new(n));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (broker, start, cancel) = (b.broker.clone(), start.clone(), cancel.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let sub = Subscription {
+                tenant,
+                exchanges: Default::default(),
+                after_seq: resume_at,
+            };
+            let timing = StreamTiming {
+                heartbeat: Duration::from_secs(30),
+                max_age: None,
+            };
+            let mut s = Box::pin(Watch::new(broker, sub, timing, cancel, None).into_stream());
+            let first = s.next().await;
+            (first, s)
+        }));
+    }
+    let mut streams = Vec::new();
+    for t in tasks {
+        let (first, s) = t.await.unwrap();
+        let Some(WatchItem::State(r)) = first else {
+            panic!("the state first, got {first:?}")
+        };
+        assert_eq!(r.current_version, 2);
+        streams.push(s);
+    }
+    let [state, events, retention] = meta.open_reads();
+    eprintln!("{n} opens: {state} state reads, {events} event reads, {retention} retention reads");
+    for (what, reads) in [
+        ("state", state),
+        ("events", events),
+        ("retention", retention),
+    ] {
+        assert!(
+            (1..n / 10).contains(&reads),
+            "{what}: {reads} reads for {n} opens"
+        );
+    }
+    // Every stream sees the next change.
+    op.rotate(rotate_n(&tenant_s, "binance", 2)).await.unwrap();
+    for s in &mut streams {
+        let e = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                match s.next().await {
+                    Some(WatchItem::Event(e)) => return e,
+                    Some(WatchItem::Heartbeat { .. }) => continue,
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("every stream got the rotation");
+        assert_eq!(e.version, 3);
+    }
+    cancel.cancel();
+    drop(streams);
+    b.stop().await.unwrap();
+}
+
 /// A destroyed previous version is served without it (not UNAVAILABLE); a
 /// destroyed current version is DATA_LOSS with advice, and a Rotate repairs
 /// it; health stays SERVING throughout (Vault is up).

@@ -38,17 +38,6 @@ pub(crate) struct Acks {
     flush: tokio::sync::Mutex<()>,
 }
 
-/// The same error again, for every row of a failed group.
-fn again(e: &MetadataStoreError) -> MetadataStoreError {
-    match e {
-        MetadataStoreError::Unavailable(m) => MetadataStoreError::Unavailable(m.clone()),
-        MetadataStoreError::AlreadyExists => MetadataStoreError::AlreadyExists,
-        MetadataStoreError::Conflict => MetadataStoreError::Conflict,
-        MetadataStoreError::NotFound => MetadataStoreError::NotFound,
-        MetadataStoreError::Other(m) => MetadataStoreError::Other(m.clone()),
-    }
-}
-
 impl PgMetadataStore {
     /// Records (upserts) `subscriber`'s acknowledgement, written with every
     /// other acknowledgement queued meanwhile.
@@ -153,7 +142,7 @@ impl PgMetadataStore {
                             Err(MetadataStoreError::NotFound)
                         }
                     }
-                    Err(e) => Err(again(e)),
+                    Err(e) => Err(e.clone()),
                 };
                 let _ = q.done.send(result);
             }

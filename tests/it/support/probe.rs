@@ -109,6 +109,9 @@ impl SecretStore for ProbeSecrets {
 pub struct ProbeMeta {
     inner: Arc<dyn MetadataStore>,
     gets: AtomicUsize,
+    /// The reads a stream open makes: state, events after a point, the
+    /// retention mark.
+    open_reads: [AtomicUsize; 3],
     after_rotate: std::sync::Mutex<std::time::Duration>,
 }
 
@@ -117,6 +120,7 @@ impl ProbeMeta {
         Arc::new(Self {
             inner,
             gets: AtomicUsize::new(0),
+            open_reads: Default::default(),
             after_rotate: std::sync::Mutex::new(std::time::Duration::ZERO),
         })
     }
@@ -129,6 +133,11 @@ impl ProbeMeta {
     /// Row reads so far.
     pub fn gets(&self) -> usize {
         self.gets.load(Ordering::SeqCst)
+    }
+
+    /// State reads, event-page reads and retention-mark reads so far.
+    pub fn open_reads(&self) -> [usize; 3] {
+        self.open_reads.each_ref().map(|n| n.load(Ordering::SeqCst))
     }
 }
 
@@ -153,6 +162,7 @@ impl MetadataStore for ProbeMeta {
         &self,
         t: TenantId,
     ) -> Result<(Vec<CredentialRecord>, u64), MetadataStoreError> {
+        self.open_reads[0].fetch_add(1, Ordering::SeqCst);
         self.inner.snapshot(t).await
     }
     async fn insert(
@@ -197,6 +207,7 @@ impl MetadataStore for ProbeMeta {
         after: u64,
         limit: u32,
     ) -> Result<Vec<CredentialEvent>, MetadataStoreError> {
+        self.open_reads[1].fetch_add(1, Ordering::SeqCst);
         self.inner.events_after(t, after, limit).await
     }
     async fn acknowledge(
@@ -220,6 +231,7 @@ impl MetadataStore for ProbeMeta {
         self.inner.prune_events(before).await
     }
     async fn pruned_through(&self) -> Result<u64, MetadataStoreError> {
+        self.open_reads[2].fetch_add(1, Ordering::SeqCst);
         self.inner.pruned_through().await
     }
     async fn ping(&self) -> Result<(), MetadataStoreError> {

@@ -32,7 +32,7 @@ pub enum SecretStoreError {
 }
 
 /// A failure of the metadata store (PostgreSQL).
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum MetadataStoreError {
     /// The database could not be reached.
     #[error("metadata store unavailable: {0}")]

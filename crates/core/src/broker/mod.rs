@@ -79,6 +79,8 @@ pub struct Broker {
     validator: Arc<dyn CredentialValidator>,
     cache: CredentialCache,
     hub: Hub,
+    /// The reads stream opens share.
+    opens: crate::rotation::opens::StreamOpens,
     clock: Arc<dyn Clock>,
     settings: BrokerSettings,
 }
@@ -103,6 +105,7 @@ impl Broker {
             validator,
             cache,
             hub,
+            opens: crate::rotation::opens::StreamOpens::default(),
             clock,
             settings,
         }
@@ -186,6 +189,11 @@ impl Broker {
     /// The event hub of this replica.
     pub fn hub(&self) -> &Hub {
         &self.hub
+    }
+
+    /// The reads stream opens share (see [`crate::rotation::opens`]).
+    pub fn opens(&self) -> &crate::rotation::opens::StreamOpens {
+        &self.opens
     }
 
     /// The clock.

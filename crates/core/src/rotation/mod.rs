@@ -4,6 +4,7 @@
 
 pub mod hub;
 pub mod mint;
+pub mod opens;
 pub mod retire;
 pub mod watch;
 

@@ -336,7 +336,12 @@ impl Watch {
     /// would ever arrive after it), ends the stream with a resync status.
     async fn start(&mut self) {
         let pruned = if self.sub.after_seq > 0 {
-            match self.broker.metadata().pruned_through().await {
+            match self
+                .broker
+                .opens()
+                .pruned_through(self.broker.metadata())
+                .await
+            {
                 Ok(pruned) if self.sub.after_seq < pruned => {
                     return self.end(BrokerError::ResumeTooOld {
                         after_seq: self.sub.after_seq,
@@ -348,8 +353,14 @@ impl Watch {
         } else {
             0
         };
-        match self.broker.metadata().snapshot(self.sub.tenant).await {
-            Ok((records, seq)) => {
+        match self
+            .broker
+            .opens()
+            .snapshot(self.broker.metadata(), self.sub.tenant)
+            .await
+        {
+            Ok(state) => {
+                let (records, seq) = (&state.0, state.1);
                 let head = seq.max(pruned);
                 if self.sub.after_seq > head {
                     return self.end(BrokerError::ResumeAhead {
@@ -364,10 +375,11 @@ impl Watch {
                     self.cursor = seq;
                 }
                 for r in records
-                    .into_iter()
+                    .iter()
                     .filter(|r| self.sub.wants(r.tenant, r.exchange))
                 {
-                    self.pending.push_back(WatchItem::State(Box::new(r)));
+                    self.pending
+                        .push_back(WatchItem::State(Box::new(r.clone())));
                 }
             }
             Err(e) => return self.end(e.into()),
@@ -382,19 +394,25 @@ impl Watch {
         loop {
             let page = match self
                 .broker
-                .metadata()
-                .events_after(self.sub.tenant, self.cursor, CATCH_UP_PAGE)
+                .opens()
+                .events_after(
+                    self.broker.metadata(),
+                    self.sub.tenant,
+                    self.cursor,
+                    CATCH_UP_PAGE,
+                )
                 .await
             {
                 Ok(p) => p,
                 Err(e) => return self.end(e.into()),
             };
             let full = page.len() == CATCH_UP_PAGE as usize;
-            for e in page {
+            for e in page.iter() {
                 self.cursor = e.seq;
                 self.head = self.head.max(e.seq);
                 if self.sub.wants(e.tenant, e.exchange) {
-                    self.pending.push_back(WatchItem::Event(Arc::new(e)));
+                    self.pending
+                        .push_back(WatchItem::Event(Arc::new(e.clone())));
                 }
             }
             if !full {
