@@ -68,6 +68,8 @@ struct Plan {
     after: f64,
     /// The pods ask for their sets on the stream (`include_credentials`).
     push: bool,
+    /// The pods' acknowledgement spread (`ClientConfig::ack_jitter`).
+    ack_jitter: f64,
 }
 
 /// What the pods' requests met at the exchange.
@@ -113,6 +115,7 @@ fn main() {
         kill_at: env_or("DRILL_KILL_AT", 0.5f64).clamp(0.0, 0.95),
         after: env_or("DRILL_AFTER_SECS", if quick { 1.5 } else { 3.0 }),
         push: env_or("DRILL_PUSH", 1u8) != 0,
+        ack_jitter: env_or("DRILL_ACK_JITTER_SECS", 1.0f64),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -345,6 +348,7 @@ async fn drill(plan: &Plan) -> Report {
             cfg.exchanges = vec![ExchangeId::Binance];
             cfg.instance = Some(format!("pod-{i}"));
             cfg.include_credentials = plan.push;
+            cfg.ack_jitter = Duration::from_secs_f64(plan.ack_jitter);
             started.push(CredentialHandle::start(cfg));
         }
         for h in &started {
@@ -582,6 +586,7 @@ async fn drill(plan: &Plan) -> Report {
             "replicas": plan.replicas,
             "overlap_secs": plan.overlap,
             "sets_on_the_stream": plan.push,
+            "ack_jitter_secs": plan.ack_jitter,
             "kill_after_secs": plan.overlap as f64 * plan.kill_at,
             "requests_sent": n(&tally.sent),
             "requests_accepted": n(&tally.accepted),

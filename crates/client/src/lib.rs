@@ -80,6 +80,10 @@ pub struct ClientConfig {
     /// (a broker that could not read or record it, or one older than the
     /// field) is fetched as without it. Default: true.
     pub include_credentials: bool,
+    /// Each acknowledgement waits a random delay up to this long after the
+    /// version was taken, so a fleet's acknowledgements spread out instead
+    /// of landing together with its swap. Default: 1 s.
+    pub ack_jitter: Duration,
 }
 
 impl ClientConfig {
@@ -108,6 +112,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(20),
             token: None,
             include_credentials: true,
+            ack_jitter: Duration::from_secs(1),
         }
     }
 }
@@ -154,6 +159,7 @@ impl CredentialHandle {
         tokio::spawn(acknowledge(
             cfg.tenant,
             cfg.instance.clone().unwrap_or_default(),
+            cfg.ack_jitter,
             queued,
             cancel.clone(),
         ));
@@ -244,15 +250,16 @@ struct Supervisor {
 }
 
 /// Reports each version the handle takes (AcknowledgeVersion), in order,
-/// from this one task: it waits a random part of a second after a version
-/// is taken, so a fleet's acknowledgements spread out instead of landing
-/// with its swap and the stream is read on at once; then it sends the
+/// from this one task: it waits a random delay up to `jitter` after a
+/// version is taken, so a fleet's acknowledgements spread out instead of
+/// landing with its swap and the stream is read on at once; then it sends the
 /// latest version of each exchange taken meanwhile, on the connection that
 /// took it. An acknowledgement that fails is not retried: the next one
 /// supersedes it.
 async fn acknowledge(
     tenant: TenantId,
     instance: String,
+    jitter: Duration,
     mut queued: tokio::sync::mpsc::UnboundedReceiver<(ExchangeId, u64, BrokerClient)>,
     cancel: CancellationToken,
 ) {
@@ -266,7 +273,7 @@ async fn acknowledge(
         };
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(rand::random_range(0..1_000))) => {}
+            () = tokio::time::sleep(jitter.mul_f64(rand::random::<f64>())) => {}
         }
         let mut latest = BTreeMap::new();
         let (ex, version, client) = first;
