@@ -16,7 +16,7 @@ use tonic::{Code, Request};
 use crate::support::{
     Env, TD, get_req,
     memory::{Memory, MemoryOptions},
-    new_tenant, rotate_n, store_n,
+    new_tenant, next_sent, rotate_n, store_n,
 };
 
 /// Every audit record of the database.
@@ -1443,25 +1443,6 @@ async fn an_outcome_a_crash_lost_is_written_from_the_event_log() {
     // The chains still verify.
     let report = credbroker::audit::chain::verify_all(&store.audit_chains().await.unwrap());
     assert_eq!(report.broken, 0, "{:?}", report.lines);
-}
-
-/// The next message that is not a heartbeat, whole (its set included).
-async fn next_sent(
-    s: &mut tonic::Streaming<pb::WatchRotationsResponse>,
-) -> pb::WatchRotationsResponse {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), s.message())
-            .await
-            .expect("no message within 10 s")
-            .expect("stream error")
-            .expect("stream ended");
-        if !matches!(
-            m.message,
-            Some(pb::watch_rotations_response::Message::Heartbeat(_))
-        ) {
-            return m;
-        }
-    }
 }
 
 #[tokio::test]

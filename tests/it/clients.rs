@@ -507,8 +507,13 @@ async fn the_handle_refetches_until_the_announced_version_is_served() {
 /// When an overlap ends the handle drops the previous set itself: a fleet
 /// does not refetch a version it holds (10,000 pods would all call
 /// GetCredentials at the overlap's end for nothing).
-#[tokio::test]
-async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch() {
+/// An env whose new tenant has a Bybit key stored (version 1), and an
+/// operator's client.
+async fn bybit_stored() -> (
+    Env,
+    String,
+    pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>,
+) {
     let env = Env::start().await;
     let tenant = new_tenant();
     let mut admin = env.operator().await;
@@ -521,6 +526,22 @@ async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch()
         ))
         .await
         .unwrap();
+    (env, tenant, admin)
+}
+
+/// GetCredentials calls the env's broker has answered OK so far.
+async fn fetches(env: &Env) -> f64 {
+    crate::checks::value(
+        &crate::checks::scrape(env).await.1,
+        "credbroker_grpc_server_handled_total",
+        &[("method", "GetCredentials"), ("code", "OK")],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch() {
+    let (env, tenant, mut admin) = bybit_stored().await;
     let handle = CredentialHandle::start(client_config(&env, vec![env.endpoint()], &tenant));
     let wait = Duration::from_secs(15);
     handle.wait_for(ExchangeId::Bybit, 1, wait).await.unwrap();
@@ -536,15 +557,7 @@ async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch()
         .unwrap();
     let v2 = handle.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
     assert!(v2.previous.is_some());
-    let gets = |samples: &[crate::checks::Sample]| {
-        crate::checks::value(
-            samples,
-            "credbroker_grpc_server_handled_total",
-            &[("method", "GetCredentials"), ("code", "OK")],
-        )
-        .unwrap_or(0.0)
-    };
-    let before = gets(&crate::checks::scrape(&env).await.1);
+    let before = fetches(&env).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(
         credbroker::rotation::retire::retire_once(env.broker())
@@ -565,36 +578,13 @@ async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch()
         (after.version, after.current.api_key.as_str()),
         (2, "bybitKey000001")
     );
-    assert_eq!(
-        gets(&crate::checks::scrape(&env).await.1),
-        before,
-        "no fetch at the overlap's end"
-    );
+    assert_eq!(fetches(&env).await, before, "no fetch at the overlap's end");
 }
 
 #[tokio::test]
 async fn the_handle_takes_each_set_from_the_stream_without_a_fetch() {
-    let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut admin = env.operator().await;
-    admin
-        .validate_and_store(store_req(
-            &tenant,
-            "bybit",
-            "bybitKey000000",
-            "bybitSecret000000",
-        ))
-        .await
-        .unwrap();
-    let gets = |samples: &[crate::checks::Sample]| {
-        crate::checks::value(
-            samples,
-            "credbroker_grpc_server_handled_total",
-            &[("method", "GetCredentials"), ("code", "OK")],
-        )
-        .unwrap_or(0.0)
-    };
-    let before = gets(&crate::checks::scrape(&env).await.1);
+    let (env, tenant, mut admin) = bybit_stored().await;
+    let before = fetches(&env).await;
     let handle = CredentialHandle::start(client_config(&env, vec![env.endpoint()], &tenant));
     let wait = Duration::from_secs(15);
     handle.wait_for(ExchangeId::Bybit, 1, wait).await.unwrap();
@@ -641,7 +631,7 @@ async fn the_handle_takes_each_set_from_the_stream_without_a_fetch() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(
-        gets(&crate::checks::scrape(&env).await.1),
+        fetches(&env).await,
         before,
         "both sets came on the stream: no GetCredentials"
     );
@@ -652,6 +642,6 @@ async fn the_handle_takes_each_set_from_the_stream_without_a_fetch() {
     cfg.include_credentials = false;
     let fetching = CredentialHandle::start(cfg);
     fetching.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
-    assert_eq!(gets(&crate::checks::scrape(&env).await.1), before + 1.0);
+    assert_eq!(fetches(&env).await, before + 1.0);
     fetching.stop();
 }

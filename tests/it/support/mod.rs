@@ -526,15 +526,25 @@ pub fn watch_req(tenant: &str, after_seq: u64) -> credbroker::api::pb::WatchRota
 pub async fn next_non_heartbeat(
     s: &mut tonic::Streaming<credbroker::api::pb::WatchRotationsResponse>,
 ) -> credbroker::api::pb::watch_rotations_response::Message {
+    next_sent(s).await.message.expect("empty message")
+}
+
+/// The next message that is not a heartbeat, whole (with the set it
+/// carries, if any).
+pub async fn next_sent(
+    s: &mut tonic::Streaming<credbroker::api::pb::WatchRotationsResponse>,
+) -> credbroker::api::pb::WatchRotationsResponse {
     loop {
         let m = tokio::time::timeout(Duration::from_secs(10), s.message())
             .await
             .expect("no message within 10 s")
             .expect("stream error")
             .expect("stream ended");
-        match m.message.expect("empty message") {
-            credbroker::api::pb::watch_rotations_response::Message::Heartbeat(_) => continue,
-            other => return other,
+        if !matches!(
+            m.message,
+            Some(credbroker::api::pb::watch_rotations_response::Message::Heartbeat(_))
+        ) {
+            return m;
         }
     }
 }
