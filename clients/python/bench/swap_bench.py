@@ -41,7 +41,9 @@ def worker(args: argparse.Namespace) -> int:
 
     handles = []
     for _ in range(args.threads):
-        h = CredentialHandle(config, ["binance"], acknowledge=True)
+        h = CredentialHandle(
+            config, ["binance"], acknowledge=True, include_credentials=not args.fetch
+        )
         h.on_swap(record)
         handles.append(h.start())
     for h in handles:
@@ -65,6 +67,11 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--rotations", type=int, default=10)
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument(
+        "--fetch",
+        action="store_true",
+        help="fetch each set with GetCredentials instead of taking it from the stream",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -93,7 +100,8 @@ def main() -> int:
             ]
             workers = [
                 subprocess.Popen(
-                    [sys.executable, __file__, "--worker", spec, "--threads", str(n)],
+                    [sys.executable, __file__, "--worker", spec, "--threads", str(n)]
+                    + (["--fetch"] if args.fetch else []),
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
