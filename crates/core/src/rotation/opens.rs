@@ -21,11 +21,9 @@ use std::{
     sync::{Arc, Mutex, OnceLock, PoisonError},
 };
 
-use crate::broker::{
-    error::MetadataStoreError,
-    ports::MetadataStore,
-    types::{CredentialEvent, CredentialRecord, TenantId},
-};
+use crate::broker::error::MetadataStoreError;
+use crate::broker::ports::MetadataStore;
+use crate::broker::types::{CredentialEvent, CredentialRecord, TenantId};
 
 /// Reads of `V` by key, shared as described in the module docs.
 pub struct Shared<K, V> {
