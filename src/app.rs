@@ -360,20 +360,6 @@ pub async fn real_backends(cfg: &Config) -> anyhow::Result<Backends> {
     })
 }
 
-/// The validator the configuration asks for.
-///
-/// # Errors
-/// A message naming a bad `validation.exchanges` value.
-pub fn validator(
-    cfg: &ValidationConfig,
-    clock: Arc<dyn Clock>,
-) -> anyhow::Result<Arc<dyn CredentialValidator>> {
-    Ok(match exchange_validator(cfg, clock)? {
-        Some(v) => v,
-        None => Arc::new(FormatCheckValidator),
-    })
-}
-
 /// The exchanges' client (validation and key management), unless the
 /// configuration asks for the format check only.
 ///

@@ -13,7 +13,7 @@ use credbroker::{
     clock::SystemClock,
     exchange::{
         ExchangeValidator, WithdrawPolicy,
-        adapters::MintSpec,
+        adapters::{KeyManager as _, MintSpec},
         sim::{SimKey, Simulators},
     },
 };
@@ -112,7 +112,7 @@ async fn a_master_key_mints_lists_and_deletes_sub_account_keys() {
     let ex = ExchangeId::Bybit;
 
     let minted = v
-        .mint_key(ex, &master, &spec("credbroker:rotation-1"))
+        .mint(ex, &master, &spec("credbroker:rotation-1"))
         .await
         .unwrap();
     assert_eq!(minted.api_key.len(), 18, "Bybit keys are 18 characters");
@@ -127,23 +127,17 @@ async fn a_master_key_mints_lists_and_deletes_sub_account_keys() {
         "{perms:?}"
     );
 
-    let listed = v.list_keys(ex, &master, SUB).await.unwrap();
+    let listed = v.list(ex, &master, SUB).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].api_key, minted.api_key);
     assert_eq!(listed[0].note, "credbroker:rotation-1");
     assert!(listed[0].trade);
     assert_eq!(listed[0].ips, vec!["10.0.0.1".to_owned()]);
 
+    assert!(v.delete(ex, &master, SUB, &minted.api_key).await.unwrap());
+    assert!(v.list(ex, &master, SUB).await.unwrap().is_empty());
     assert!(
-        v.delete_key(ex, &master, SUB, &minted.api_key)
-            .await
-            .unwrap()
-    );
-    assert!(v.list_keys(ex, &master, SUB).await.unwrap().is_empty());
-    assert!(
-        !v.delete_key(ex, &master, SUB, &minted.api_key)
-            .await
-            .unwrap(),
+        !v.delete(ex, &master, SUB, &minted.api_key).await.unwrap(),
         "deleting twice is a no-op"
     );
     // Deleted at the exchange: every later request signed with it fails.
@@ -191,18 +185,18 @@ async fn only_a_master_key_with_a_wallet_permission_manages_its_own_sub_accounts
         assert!(!text.contains("Secret"), "no secret in the error: {text}");
     };
     let no_wallet = set("bybitNoWalletKey01", "bybitMasterSecret000000000000000000");
-    refused(v.mint_key(ex, &no_wallet, &spec("n")).await, "10005");
+    refused(v.mint(ex, &no_wallet, &spec("n")).await, "10005");
     let plain = set("bybitPlainKey00001", "bybitPlainSecret");
-    refused(v.mint_key(ex, &plain, &spec("n")).await, "10005");
+    refused(v.mint(ex, &plain, &spec("n")).await, "10005");
     let master = set("bybitMasterKey0002", "bybitMasterSecret000000000000000000");
     let mut foreign = spec("n");
     foreign.sub_account = "999".into();
-    refused(v.mint_key(ex, &master, &foreign).await, "10001");
-    assert!(v.mint_key(ex, &master, &spec("ok")).await.is_ok());
+    refused(v.mint(ex, &master, &foreign).await, "10001");
+    assert!(v.mint(ex, &master, &spec("ok")).await.is_ok());
 
     // Exchanges without a key-management adapter say so.
     let e = v
-        .mint_key(ExchangeId::Coinbase, &master, &spec("n"))
+        .mint(ExchangeId::Coinbase, &master, &spec("n"))
         .await
         .unwrap_err();
     assert!(
@@ -486,7 +480,7 @@ mod zero_touch {
             assert_eq!(r.step, Step::Done, "{r:?}");
             let listed = self
                 .validator
-                .list_keys(EX, &set(MASTER, MASTER_SECRET), SUB)
+                .list(EX, &set(MASTER, MASTER_SECRET), SUB)
                 .await
                 .unwrap();
             let minted = r.minted_api_key.clone().unwrap();
@@ -619,6 +613,22 @@ mod zero_touch {
         // and deleted, and one key minted in its place.
         w.assert_one_live_key(&done).await;
         assert_eq!(w.keys.mints.load(Ordering::SeqCst), 2);
+        // Both deletions at the exchange are on record, each before and
+        // after it: the orphan's and the replaced key's.
+        let sql = format!(
+            "SELECT count(*) FROM audit_log WHERE tenant_id = '{}' \
+             AND body::jsonb->>'action' = 'DeleteKeyAtExchange'",
+            w.tenant
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while w.env.count(&sql).await < 4 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "deletions at the exchange missing from the audit trail"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(w.env.count(&sql).await, 4);
     }
 
     #[tokio::test]
@@ -828,7 +838,7 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
     .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let keys = v.list_keys(ex, &master, SUB).await.unwrap();
+        let keys = v.list(ex, &master, SUB).await.unwrap();
         if keys.len() == 1 && keys[0].api_key != "bybitOldKeyGrpc001" {
             break;
         }
@@ -861,7 +871,7 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
     assert_eq!(r.key_rotation.unwrap().step, "waiting");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
-        let keys = v.list_keys(ex, &master, SUB).await.unwrap();
+        let keys = v.list(ex, &master, SUB).await.unwrap();
         if keys.iter().map(|k| k.api_key.as_str()).collect::<Vec<_>>() == ["bybitManualKey0001"] {
             break;
         }

@@ -536,17 +536,26 @@ impl Supervisor {
         let _ = self.changes.send(self.generation);
     }
 
+    /// Publishes `creds` as what `ex` holds now (None: nothing), and tells
+    /// the watchers of [`CredentialHandle::changes`].
+    fn publish(&mut self, ex: ExchangeId, creds: Option<Arc<Credentials>>) {
+        self.state.rcu(|st| {
+            let mut c = st.credentials.clone();
+            match &creds {
+                Some(set) => c.insert(ex, Arc::clone(set)),
+                None => c.remove(&ex),
+            };
+            Snapshot {
+                credentials: c,
+                last_seq: st.last_seq,
+            }
+        });
+        self.bump();
+    }
+
     fn remove(&mut self, ex: ExchangeId) {
         if self.state.load().credentials.contains_key(&ex) {
-            self.state.rcu(|st| {
-                let mut c = st.credentials.clone();
-                c.remove(&ex);
-                Snapshot {
-                    credentials: c,
-                    last_seq: st.last_seq,
-                }
-            });
-            self.bump();
+            self.publish(ex, None);
         }
     }
 
@@ -560,19 +569,11 @@ impl Supervisor {
             return false;
         }
         if held.previous.is_some() {
-            let dropped = Arc::new(Credentials {
+            let dropped = Credentials {
                 previous: None,
                 ..(*held).clone()
-            });
-            self.state.rcu(|st| {
-                let mut c = st.credentials.clone();
-                c.insert(ex, dropped.clone());
-                Snapshot {
-                    credentials: c,
-                    last_seq: st.last_seq,
-                }
-            });
-            self.bump();
+            };
+            self.publish(ex, Some(Arc::new(dropped)));
         }
         true
     }
@@ -702,16 +703,7 @@ impl Supervisor {
         if held == Some(version) {
             return true;
         }
-        let creds = Arc::new(creds);
-        self.state.rcu(|st| {
-            let mut c = st.credentials.clone();
-            c.insert(ex, creds.clone());
-            Snapshot {
-                credentials: c,
-                last_seq: st.last_seq,
-            }
-        });
-        self.bump();
+        self.publish(ex, Some(Arc::new(creds)));
         let _ = self.acks.send((ex, version, client.clone()));
         true
     }

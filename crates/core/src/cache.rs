@@ -230,32 +230,38 @@ impl CredentialCache {
         now: OffsetDateTime,
         min_version: u64,
     ) -> Option<Arc<CachedCredential>> {
-        let slot = self.inner.entries.get(key)?;
-        let e = &slot.entry;
-        (slot.standing == Standing::Fresh
-            && now < e.fetched_at + self.inner.ttl
-            && e.record.current_version >= min_version)
-            .then(|| {
-                self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
-                slot.entry
-            })
+        let entry = self.fresh_entry(key, now, min_version)?;
+        self.inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+        Some(entry)
     }
 
-    /// The record of a fresh entry holding `min_version` or newer, without
-    /// counting a hit (for decisions that serve no secret, such as whether
-    /// an acknowledged version is served).
+    /// The record of [`Self::fresh`]'s entry, without counting a hit (for
+    /// decisions that serve no secret, such as whether an acknowledged
+    /// version is served).
     pub fn record(
         &self,
         key: &CacheKey,
         now: OffsetDateTime,
         min_version: u64,
     ) -> Option<CredentialRecord> {
+        self.fresh_entry(key, now, min_version)
+            .map(|e| e.record.clone())
+    }
+
+    /// What [`Self::fresh`] serves, uncounted.
+    #[inline]
+    fn fresh_entry(
+        &self,
+        key: &CacheKey,
+        now: OffsetDateTime,
+        min_version: u64,
+    ) -> Option<Arc<CachedCredential>> {
         let slot = self.inner.entries.get(key)?;
         let e = &slot.entry;
         (slot.standing == Standing::Fresh
             && now < e.fetched_at + self.inner.ttl
             && e.record.current_version >= min_version)
-            .then(|| e.record.clone())
+            .then_some(slot.entry)
     }
 
     /// The entry if it may be served while a backend is down: within

@@ -199,6 +199,33 @@ pub struct KeyRotation {
 }
 
 impl KeyRotation {
+    /// A rotation of `old_api_key` that starts minting now.
+    fn new(
+        tenant: TenantId,
+        exchange: ExchangeId,
+        sub_account: String,
+        old_api_key: String,
+        overlap_secs: u32,
+        now: OffsetDateTime,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            tenant,
+            exchange,
+            sub_account,
+            step: Step::Minting,
+            old_api_key,
+            minted_api_key: None,
+            new_version: None,
+            overlap_secs,
+            delete_after: None,
+            attempts: 0,
+            next_attempt_at: now,
+            last_error: None,
+            created_at: now,
+        }
+    }
+
     /// When the job should look at it next: the retry time, or in the
     /// waiting step the overlap's end.
     pub fn due_at(&self) -> OffsetDateTime {
@@ -212,6 +239,14 @@ impl KeyRotation {
     pub fn note(&self) -> String {
         format!("credbroker-{}", self.id.simple())
     }
+}
+
+/// The key a manual Rotate replaces, with the sub-account whose management
+/// key can delete it ([`KeyRotator::key_to_retire`]).
+#[derive(Clone, Debug)]
+pub struct Retiring {
+    sub_account: String,
+    old_api_key: String,
 }
 
 /// When the job rotates a credential at the exchange by itself.
@@ -570,23 +605,14 @@ impl KeyRotator {
                     tenant: tenant.to_string(),
                     exchange: exchange.as_str(),
                 })?;
-        let now = self.broker.clock().now();
-        let rotation = KeyRotation {
-            id: Uuid::now_v7(),
+        let rotation = KeyRotation::new(
             tenant,
             exchange,
             sub_account,
-            step: Step::Minting,
             old_api_key,
-            minted_api_key: None,
-            new_version: None,
             overlap_secs,
-            delete_after: None,
-            attempts: 0,
-            next_attempt_at: now,
-            last_error: None,
-            created_at: now,
-        };
+            self.broker.clock().now(),
+        );
         if let Some(active) = self.store.begin(&rotation).await? {
             return Err(BrokerError::FailedPrecondition(format!(
                 "a rotation of {exchange} at the exchange is unfinished (step {}, {} failed attempts{}): it must finish first",
@@ -612,14 +638,17 @@ impl KeyRotator {
         &self,
         tenant: TenantId,
         exchange: ExchangeId,
-    ) -> Result<Option<String>, BrokerError> {
-        if self.store.management(tenant, exchange).await?.is_none() {
+    ) -> Result<Option<Retiring>, BrokerError> {
+        let Some(sub_account) = self.store.management(tenant, exchange).await? else {
             return Ok(None);
-        }
+        };
         Ok(self
             .current_key(tenant, exchange)
             .await?
-            .map(|(_, key)| key))
+            .map(|(_, old_api_key)| Retiring {
+                sub_account,
+                old_api_key,
+            }))
     }
 
     /// The credential's record and the API key it serves as current.
@@ -639,46 +668,39 @@ impl KeyRotator {
         Ok(Some((record, current.api_key)))
     }
 
-    /// After a manual Rotate that replaced `old_api_key`: the old key is
-    /// deleted at the exchange when the overlap ends, as a minted
-    /// rotation's is (a rotation that starts at its waiting step). Returns
-    /// None when nothing is to be deleted or another rotation of the
-    /// credential is unfinished (then the old key stays: logged).
+    /// After a manual Rotate that replaced `retiring` with `new_api_key`
+    /// (`rotated`: the record it committed): the old key is deleted at the
+    /// exchange when the overlap ends, as a minted rotation's is (a
+    /// rotation that starts at its waiting step). Returns None when nothing
+    /// is to be deleted or another rotation of the credential is unfinished
+    /// (then the old key stays: logged).
     ///
     /// # Errors
     /// Store errors.
     pub async fn retire_after_overlap(
         &self,
-        tenant: TenantId,
-        exchange: ExchangeId,
-        old_api_key: String,
+        retiring: Retiring,
+        rotated: &CredentialRecord,
+        new_api_key: &str,
     ) -> Result<Option<KeyRotation>, BrokerError> {
-        let Some(sub_account) = self.store.management(tenant, exchange).await? else {
-            return Ok(None);
-        };
-        let Some((record, current)) = self.current_key(tenant, exchange).await? else {
-            return Ok(None);
-        };
-        if current == old_api_key {
+        if new_api_key == retiring.old_api_key {
             return Ok(None);
         }
+        let (tenant, exchange) = (rotated.tenant, rotated.exchange);
         let now = self.broker.clock().now();
-        let delete_after = record.previous_valid_until.unwrap_or(now).max(now);
+        let delete_after = rotated.previous_valid_until.unwrap_or(now).max(now);
         let rotation = KeyRotation {
-            id: Uuid::now_v7(),
-            tenant,
-            exchange,
-            sub_account,
             step: Step::Waiting,
-            old_api_key,
-            minted_api_key: None,
-            new_version: Some(record.current_version),
-            overlap_secs: u32::try_from((delete_after - now).whole_seconds()).unwrap_or(0),
+            new_version: Some(rotated.current_version),
             delete_after: Some(delete_after),
-            attempts: 0,
-            next_attempt_at: now,
-            last_error: None,
-            created_at: now,
+            ..KeyRotation::new(
+                tenant,
+                exchange,
+                retiring.sub_account,
+                retiring.old_api_key,
+                u32::try_from((delete_after - now).whole_seconds()).unwrap_or(0),
+                now,
+            )
         };
         if let Some(active) = self.store.begin(&rotation).await? {
             tracing::warn!(%tenant, %exchange, step = active.step.as_str(), "a rotation at the exchange is unfinished: the key this Rotate replaced is not deleted at the exchange automatically; delete it there");
@@ -745,6 +767,21 @@ impl KeyRotator {
         }
     }
 
+    /// An action at the exchange on the record, Vault's way: its request
+    /// record before it (no record, no action), its outcome after.
+    async fn at_exchange<T>(
+        &self,
+        r: &KeyRotation,
+        action: &'static str,
+        act: impl std::future::Future<Output = Result<T, ValidationError>>,
+    ) -> Result<T, StepError> {
+        let record = || AuditRecord::system(JOB, action, r.tenant, r.exchange, vec![]);
+        self.broker.audit_before(record())?;
+        let out = act.await?;
+        self.broker.audit_system(&record());
+        Ok(out)
+    }
+
     async fn master(&self, r: &KeyRotation) -> Result<CredentialSet, StepError> {
         self.read_latest(&self.management_path(r.tenant, r.exchange))
             .await?
@@ -780,24 +817,14 @@ impl KeyRotator {
             }
             Step::Deleting => {
                 let master = self.master(r).await?;
-                self.broker.audit_before(AuditRecord::system(
-                    JOB,
-                    "DeleteKeyAtExchange",
-                    r.tenant,
-                    r.exchange,
-                    vec![],
-                ))?;
                 let deleted = self
-                    .keys
-                    .delete(r.exchange, &master, &r.sub_account, &r.old_api_key)
+                    .at_exchange(
+                        r,
+                        "DeleteKeyAtExchange",
+                        self.keys
+                            .delete(r.exchange, &master, &r.sub_account, &r.old_api_key),
+                    )
                     .await?;
-                self.broker.audit_system(&AuditRecord::system(
-                    JOB,
-                    "DeleteKeyAtExchange",
-                    r.tenant,
-                    r.exchange,
-                    vec![],
-                ));
                 tracing::info!(tenant = %r.tenant, exchange = %r.exchange, deleted, "the replaced key is deleted at the exchange");
                 self.broker
                     .secrets()
@@ -824,9 +851,13 @@ impl KeyRotator {
                 return Ok(()); // its set reached Vault: use it
             }
             // Its secret is lost with the answer: it must not stay live.
-            self.keys
-                .delete(r.exchange, &master, &r.sub_account, &k.api_key)
-                .await?;
+            self.at_exchange(
+                r,
+                "DeleteKeyAtExchange",
+                self.keys
+                    .delete(r.exchange, &master, &r.sub_account, &k.api_key),
+            )
+            .await?;
         }
         let Some(old) = listed.iter().find(|k| k.api_key == r.old_api_key) else {
             return Err(StepError(format!(
@@ -840,22 +871,14 @@ impl KeyRotator {
             trade: old.trade,
             ips: old.ips.clone(),
         };
-        self.broker.audit_before(AuditRecord::system(
-            JOB,
-            "MintKeyAtExchange",
-            r.tenant,
-            r.exchange,
-            vec![],
-        ))?;
-        let set = self.keys.mint(r.exchange, &master, &spec).await?;
+        let set = self
+            .at_exchange(
+                r,
+                "MintKeyAtExchange",
+                self.keys.mint(r.exchange, &master, &spec),
+            )
+            .await?;
         self.write_latest(&minted_path, &set).await?;
-        self.broker.audit_system(&AuditRecord::system(
-            JOB,
-            "MintKeyAtExchange",
-            r.tenant,
-            r.exchange,
-            vec![],
-        ));
         r.minted_api_key = Some(set.api_key.clone());
         r.step = Step::Rotating;
         Ok(())

@@ -105,8 +105,9 @@ impl<K: Hash + Eq + Clone, V: Clone> Shared<K, V> {
 /// are current at.
 pub type State = Arc<(Vec<CredentialRecord>, u64)>;
 
-/// A page of events after a resume point.
-pub type Events = Arc<Vec<CredentialEvent>>;
+/// A page of events after a resume point, each shared as the hub shares
+/// a live one (the streams that read the page hand out the same events).
+pub type Events = Arc<[Arc<CredentialEvent>]>;
 
 /// The shared reads of a broker's stream opens.
 #[derive(Default)]
@@ -158,7 +159,9 @@ impl StreamOpens {
     ) -> Result<Events, MetadataStoreError> {
         self.events
             .get((tenant, after, limit), || async move {
-                meta.events_after(tenant, after, limit).await.map(Arc::new)
+                meta.events_after(tenant, after, limit)
+                    .await
+                    .map(|page| page.into_iter().map(Arc::new).collect())
             })
             .await
     }

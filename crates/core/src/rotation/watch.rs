@@ -411,8 +411,7 @@ impl Watch {
                 self.cursor = e.seq;
                 self.head = self.head.max(e.seq);
                 if self.sub.wants(e.tenant, e.exchange) {
-                    self.pending
-                        .push_back(WatchItem::Event(Arc::new(e.clone())));
+                    self.pending.push_back(WatchItem::Event(Arc::clone(e)));
                 }
             }
             if !full {

@@ -123,12 +123,7 @@ impl BrokerService {
             .await
             .map_err(|e| status::broker(e.into()))?;
         if let Some(rec) = &record {
-            adm.touched(
-                std::iter::once(rec.current_version)
-                    .chain(rec.previous_version)
-                    .collect(),
-                Some(rec.api_key_hint.clone()),
-            );
+            adm.touched_rotation(rec);
         }
         Ok(Response::new(pb::RotateResponse {
             credential: record.as_ref().map(convert::metadata),
@@ -291,6 +286,17 @@ impl Admitted {
             });
         }
     }
+
+    /// [`Self::touched`] for a rotation that left `record`: its current
+    /// version, the previous one it keeps, and the new key's mask.
+    fn touched_rotation(&self, record: &crate::broker::types::CredentialRecord) {
+        self.touched(
+            std::iter::once(record.current_version)
+                .chain(record.previous_version)
+                .collect(),
+            Some(record.api_key_hint.clone()),
+        );
+    }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchRotationsResponse, Status>> + Send>>;
@@ -376,28 +382,24 @@ impl CredentialBroker for BrokerService {
                 .map_err(status::broker)?,
             None => None,
         };
+        let new_api_key = retiring.as_ref().map(|_| set.api_key.clone());
         let out = self
             .broker
             .rotate(&adm.ctx(), tenant, exchange, set, overlap)
             .await
             .map_err(status::broker)?;
         let mut key_rotation = None;
-        if let (Some(k), Some(old)) = (&self.keys, retiring)
+        if let (Some(k), Some(old), Some(new_api_key)) = (&self.keys, retiring, new_api_key)
             && out.rotated
         {
-            match k.retire_after_overlap(tenant, exchange, old).await {
+            match k.retire_after_overlap(old, &out.record, &new_api_key).await {
                 Ok(r) => key_rotation = r.as_ref().map(key_rotation_status),
                 Err(e) => {
                     tracing::warn!(%tenant, %exchange, "the replaced key will not be deleted at the exchange automatically: {e}")
                 }
             }
         }
-        adm.touched(
-            std::iter::once(out.record.current_version)
-                .chain(out.record.previous_version)
-                .collect(),
-            Some(out.record.api_key_hint.clone()),
-        );
+        adm.touched_rotation(&out.record);
         Ok(Response::new(pb::RotateResponse {
             credential: Some(convert::metadata(&out.record)),
             rotated: out.rotated,
@@ -486,10 +488,11 @@ impl CredentialBroker for BrokerService {
                 }
                 _ => None,
             };
-            let (broker, deliveries) = (broker.clone(), deliveries.clone());
+            // Heartbeats and other messages carry nothing: no clones.
+            let push = wanted.map(|w| (w, broker.clone(), deliveries.clone()));
             async move {
                 let mut msg = to_pb(item)?;
-                if let Some((exchange, version)) = wanted {
+                if let Some(((exchange, version), broker, deliveries)) = push {
                     msg.credentials =
                         pushed_set(&broker, deliveries.as_ref(), tenant, exchange, version).await;
                 }

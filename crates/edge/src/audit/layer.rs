@@ -161,17 +161,21 @@ impl CallAudit {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        // An id and a time of its own; the request id links it to the outcome.
-        let record = AuditRecord {
+        self.0
+            .sink
+            .append(&self.record_of_its_own(note).into_request())
+    }
+
+    /// A record from `note` with an id and a time of its own, besides the
+    /// call's outcome record; the request id links them.
+    fn record_of_its_own(&self, note: AuditNote) -> AuditRecord {
+        AuditRecord {
             id: fast_v7(),
             timestamp: OffsetDateTime::now_utc(),
             ..self.record(note, Code::Ok)
-        };
-        self.0.sink.append(&record.into_request())
+        }
     }
-}
 
-impl CallAudit {
     /// The recorder of the credential sets this call's stream sends
     /// (WatchRotations with `include_credentials`), taken while the call's
     /// note still names the caller (the note is consumed when the call
@@ -210,20 +214,15 @@ impl Deliveries {
             key_hint: None,
         };
         let record = AuditRecord {
-            id: fast_v7(),
-            timestamp: OffsetDateTime::now_utc(),
             event_type: Cow::Borrowed("secret_access"),
             duration_ms: 0.0,
-            ..self.call.record(note, Code::Ok)
+            ..self.call.record_of_its_own(note)
         };
         append_grouped(&self.call.0.sink, &record).await.inspect_err(|e| {
+            tracing::warn!(request_id = %record.request_id, "a credential set was not sent on a stream: its read could not be recorded: {e}");
             // Kept for the spool's recovery probe to write, as a withheld
             // read's record is.
-            let mut r = record.clone();
-            r.result = Cow::Borrowed("failure");
-            r.grpc_code = Cow::Borrowed("UNAVAILABLE");
-            tracing::warn!(request_id = %r.request_id, "a credential set was not sent on a stream: its read could not be recorded: {e}");
-            self.call.0.sink.defer(r);
+            self.call.0.sink.defer(withheld(record.clone()));
         })
     }
 }
@@ -455,12 +454,7 @@ async fn finish(
             // A read changes nothing: its answer (a secret) is withheld.
             resp = crate::api::status::audit_withheld(&e).into_http();
         }
-        let mut record = record;
-        if !changes {
-            record.result = Cow::Borrowed("failure");
-            record.grpc_code = Cow::Borrowed("UNAVAILABLE");
-        }
-        sink.defer(record);
+        sink.defer(if changes { record } else { withheld(record) });
     }
     with_request_id(resp, call)
 }
@@ -485,6 +479,16 @@ async fn append_grouped(sink: &Arc<dyn AuditSink>, record: &AuditRecord) -> Resu
         }
         tries += 1;
         tokio::task::yield_now().await;
+    }
+}
+
+/// The record of a read whose answer was withheld because its record could
+/// not be written.
+fn withheld(record: AuditRecord) -> AuditRecord {
+    AuditRecord {
+        result: Cow::Borrowed("failure"),
+        grpc_code: Cow::Borrowed("UNAVAILABLE"),
+        ..record
     }
 }
 

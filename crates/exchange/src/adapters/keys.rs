@@ -13,7 +13,7 @@
 
 use super::*;
 
-pub use credbroker_core::rotation::mint::{ManagedKey, MintSpec};
+pub use credbroker_core::rotation::mint::{KeyManager, ManagedKey, MintSpec};
 
 /// Not worth retrying: INVALID_ARGUMENT, naming what to do instead.
 fn unsupported(ex: ExchangeId) -> ValidationError {
@@ -99,14 +99,17 @@ impl ExchangeValidator {
         let (status, body) = self.send(ExchangeId::Bybit, req).await?;
         bybit_result(status, &body)
     }
+}
 
+#[async_trait::async_trait]
+impl KeyManager for ExchangeValidator {
     /// Creates a key in `spec.sub_account` with `master`, and returns it.
     ///
     /// # Errors
     /// `Rejected` when the exchange refuses (the master key's permissions, a
     /// foreign sub-account), `Unavailable` when no answer could be had (the
-    /// key may then exist: find it with [`Self::list_keys`] by its note).
-    pub async fn mint_key(
+    /// key may then exist: find it with [`KeyManager::list`] by its note).
+    async fn mint(
         &self,
         ex: ExchangeId,
         master: &CredentialSet,
@@ -154,8 +157,8 @@ impl ExchangeValidator {
     /// The keys of `sub_account`, without secrets.
     ///
     /// # Errors
-    /// As [`Self::mint_key`].
-    pub async fn list_keys(
+    /// As [`KeyManager::mint`].
+    async fn list(
         &self,
         ex: ExchangeId,
         master: &CredentialSet,
@@ -210,8 +213,8 @@ impl ExchangeValidator {
     /// lists it (already deleted: deleting is idempotent).
     ///
     /// # Errors
-    /// As [`Self::mint_key`].
-    pub async fn delete_key(
+    /// As [`KeyManager::mint`].
+    async fn delete(
         &self,
         ex: ExchangeId,
         master: &CredentialSet,
@@ -221,7 +224,7 @@ impl ExchangeValidator {
         if ex != ExchangeId::Bybit {
             return Err(unsupported(ex));
         }
-        let listed = self.list_keys(ex, master, sub_account).await?;
+        let listed = self.list(ex, master, sub_account).await?;
         if !listed.iter().any(|k| k.api_key == api_key) {
             return Ok(false);
         }
@@ -234,37 +237,5 @@ impl ExchangeValidator {
         )
         .await?;
         Ok(true)
-    }
-}
-
-#[async_trait::async_trait]
-impl credbroker_core::rotation::mint::KeyManager for ExchangeValidator {
-    async fn mint(
-        &self,
-        exchange: ExchangeId,
-        master: &CredentialSet,
-        spec: &MintSpec,
-    ) -> Result<CredentialSet, ValidationError> {
-        self.mint_key(exchange, master, spec).await
-    }
-
-    async fn list(
-        &self,
-        exchange: ExchangeId,
-        master: &CredentialSet,
-        sub_account: &str,
-    ) -> Result<Vec<ManagedKey>, ValidationError> {
-        self.list_keys(exchange, master, sub_account).await
-    }
-
-    async fn delete(
-        &self,
-        exchange: ExchangeId,
-        master: &CredentialSet,
-        sub_account: &str,
-        api_key: &str,
-    ) -> Result<bool, ValidationError> {
-        self.delete_key(exchange, master, sub_account, api_key)
-            .await
     }
 }

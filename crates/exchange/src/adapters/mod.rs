@@ -20,7 +20,7 @@ mod kucoin;
 mod okx;
 
 pub use coinbase::{CoinbaseKey, coinbase_jwt, coinbase_key};
-pub use keys::{ManagedKey, MintSpec};
+pub use keys::{KeyManager, ManagedKey, MintSpec};
 pub use okx::okx_timestamp;
 
 use credbroker_core::broker::error::ValidationError;
