@@ -30,6 +30,11 @@ mod backends;
 #[path = "common/server.rs"]
 mod server;
 
+/// The pods, the load and the exchange share this process: the broker's
+/// allocator, so the harness takes less of the cores the replicas need.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::{
     collections::BTreeMap,
     sync::{
@@ -115,7 +120,7 @@ fn main() {
         kill_at: env_or("DRILL_KILL_AT", 0.5f64).clamp(0.0, 0.95),
         after: env_or("DRILL_AFTER_SECS", if quick { 1.5 } else { 3.0 }),
         push: env_or("DRILL_PUSH", 1u8) != 0,
-        ack_jitter: env_or("DRILL_ACK_JITTER_SECS", 1.0f64),
+        ack_jitter: env_or("DRILL_ACK_JITTER_SECS", 5.0f64),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -196,6 +201,10 @@ impl Report {
             ms(&j["swap_ms"]["max"])
         );
         out += &format!(
+            "the operator's Rotate call (validation at the exchange, Vault, commit): {}\n",
+            ms(&j["rotate_call_ms"])
+        );
+        out += &format!(
             "killed replica's pods: {}, resubscribed {}: p50 {} p99 {} max {}\n",
             j["killed_replica_pods"],
             j["killed_replica_pods_resubscribed"],
@@ -205,9 +214,11 @@ impl Report {
         );
         for r in j["per_replica"].as_array().into_iter().flatten() {
             out += &format!(
-                "replica {}: {} subscribers at start, RSS per subscriber {} B; during the rotation: {} Vault operations, {} read-path misses (PostgreSQL reads){}\n",
+                "replica {}: {} subscribers at start, swap p50 {} p99 {}, RSS per subscriber {} B; during the rotation: {} Vault operations, {} read-path misses (PostgreSQL reads){}\n",
                 r["replica"],
                 r["subscribers"],
+                ms(&r["swap_ms"]["p50"]),
+                ms(&r["swap_ms"]["p99"]),
                 r["rss_per_subscriber_bytes"],
                 r["vault_ops"],
                 r["cache_misses"],
@@ -487,11 +498,12 @@ async fn drill(plan: &Plan) -> Report {
     let mut swaps = tokio::task::JoinSet::new();
     for h in &handles {
         let h = h.clone();
+        let replica = on(&h).and_then(|ep| endpoints.iter().position(|e| e.as_str() == &*ep));
         swaps.spawn(async move {
             h.wait_for(ExchangeId::Binance, 2, Duration::from_secs(60))
                 .await
                 .ok()
-                .map(|_| t_rotate.elapsed())
+                .map(|_| (replica, t_rotate.elapsed()))
         });
     }
     op.rotate(pb::RotateRequest {
@@ -507,6 +519,9 @@ async fn drill(plan: &Plan) -> Report {
     })
     .await
     .unwrap();
+    // The operator's call: validation at the exchange, the Vault write and
+    // the commit (the pods may swap before its answer arrives).
+    let rotate_call = t_rotate.elapsed();
     rotated.store(true, Ordering::Release);
     let overlap = Duration::from_secs(plan.overlap.into());
 
@@ -553,9 +568,17 @@ async fn drill(plan: &Plan) -> Report {
     }
 
     let mut swap = histogram();
+    // By the replica the pod was on at the rotation: the committing one
+    // (the operator's, the last) applies its event at once, the others
+    // learn it from PostgreSQL.
+    let mut swap_on: Vec<Histogram<u64>> = (0..plan.replicas).map(|_| histogram()).collect();
     while let Some(r) = swaps.join_next().await {
-        if let Some(d) = r.unwrap() {
-            swap.record(d.as_micros().max(1) as u64).unwrap();
+        if let Some((replica, d)) = r.unwrap() {
+            let us = d.as_micros().max(1) as u64;
+            swap.record(us).unwrap();
+            if let Some(i) = replica {
+                swap_on[i].record(us).unwrap();
+            }
         }
     }
     let mut resub = histogram();
@@ -577,6 +600,7 @@ async fn drill(plan: &Plan) -> Report {
             r[key.as_str()] = serde_json::json!(v - before[i].get(key).copied().unwrap_or(0.0));
         }
         r["killed"] = serde_json::json!(i == 0);
+        r["swap_ms"] = summary(&swap_on[i]);
     }
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     Report {
@@ -599,6 +623,7 @@ async fn drill(plan: &Plan) -> Report {
             "requests_with_old_key_after_rotate": n(&tally.with_old_key_after_rotate),
             "pods_on_old_key_at_overlap_end": on_old,
             "pods_swapped": swap.len(),
+            "rotate_call_ms": rotate_call.as_secs_f64() * 1e3,
             "swap_ms": summary(&swap),
             "killed_replica_pods": victims.len(),
             "killed_replica_pods_resubscribed": resub.len(),

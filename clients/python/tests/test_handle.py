@@ -42,7 +42,7 @@ def test_holds_the_set_and_swaps_on_rotation(
     k1, k2 = fresh_keys("bybit"), fresh_keys("bybit")
     store(dev, tenant, "bybit", k1)
     swaps: List[Tuple[str, Optional[int], Optional[int]]] = []
-    with CredentialHandle(dev.config(tenant, instance="pod-a"), ["bybit"]) as h:
+    with CredentialHandle(dev.config(tenant, instance="pod-a"), ["bybit"], ack_jitter=0.5) as h:
         h.on_swap(lambda ex, old, new: swaps.append((ex, old and old.version, new and new.version)))
         h.wait_ready(20)
         first = h.get()

@@ -82,7 +82,9 @@ pub struct ClientConfig {
     pub include_credentials: bool,
     /// Each acknowledgement waits a random delay up to this long after the
     /// version was taken, so a fleet's acknowledgements spread out instead
-    /// of landing together with its swap. Default: 1 s.
+    /// of landing together with its swap: they are bookkeeping (who holds
+    /// which version), and 10,000 of them in the swap's second slowed the
+    /// swap itself (docs/performance.md). Default: 5 s.
     pub ack_jitter: Duration,
 }
 
@@ -112,7 +114,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(20),
             token: None,
             include_credentials: true,
-            ack_jitter: Duration::from_secs(1),
+            ack_jitter: Duration::from_secs(5),
         }
     }
 }

@@ -84,7 +84,7 @@ class CredentialHandle:
         exchanges: Sequence[str] = (),
         *,
         acknowledge: bool = True,
-        ack_jitter: float = 1.0,
+        ack_jitter: float = 5.0,
         stream_idle_timeout: float = 20.0,
         reconnect_cap: float = 30.0,
         include_credentials: bool = True,
