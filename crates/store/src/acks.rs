@@ -111,8 +111,8 @@ impl PgMetadataStore {
             let written = self
                 .in_tx("acknowledge", Scope::Tenant(tenant), |tx| {
                     Box::pin(async move {
-                        let rows = tx
-                            .query(
+                        let upsert = tx
+                            .prepare_cached(
                                 "INSERT INTO rotation_acks (tenant_id, exchange, subscriber, version, acked_at) \
                                  SELECT c.tenant_id, c.exchange, a.subscriber, a.version, a.acked_at \
                                  FROM unnest($2::text[], $3::text[], $4::bigint[], $5::timestamptz[]) \
@@ -121,6 +121,12 @@ impl PgMetadataStore {
                                  ON CONFLICT (tenant_id, exchange, subscriber) \
                                  DO UPDATE SET version = EXCLUDED.version, acked_at = EXCLUDED.acked_at \
                                  RETURNING exchange, subscriber",
+                            )
+                            .await
+                            .map_err(pg_err)?;
+                        let rows = tx
+                            .query(
+                                &upsert,
                                 &[&tenant.as_uuid(), &exchanges, &subscribers, &versions, &ats],
                             )
                             .await

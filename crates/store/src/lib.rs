@@ -116,15 +116,25 @@ impl PgMetadataStore {
             .await
             .map_err(|e| MetadataStoreError::Unavailable(e.to_string()))?;
         let tx = client.transaction().await.map_err(pg_err)?;
+        // Prepared once per connection: every transaction starts with one
+        // of these (parsing it each time was PostgreSQL's work, not ours).
         match scope {
             Scope::Tenant(t) => {
-                tx.execute(
-                    "SELECT set_config('role', 'credbroker_tenant', true), set_config('credbroker.tenant_id', $1, true)",
-                    &[&t.to_string()],
-                )
-                .await
+                let set = tx
+                    .prepare_cached(
+                        "SELECT set_config('role', 'credbroker_tenant', true), set_config('credbroker.tenant_id', $1, true)",
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                tx.execute(&set, &[&t.to_string()]).await
             }
-            Scope::System => tx.execute("SELECT set_config('role', 'credbroker_system', true)", &[]).await,
+            Scope::System => {
+                let set = tx
+                    .prepare_cached("SELECT set_config('role', 'credbroker_system', true)")
+                    .await
+                    .map_err(pg_err)?;
+                tx.execute(&set, &[]).await
+            }
             Scope::Owner => Ok(0),
         }
         .map_err(pg_err)?;
