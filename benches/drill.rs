@@ -472,6 +472,7 @@ async fn drill(plan: &Plan) -> Report {
         });
     }
     // Warm-up: the load runs on the old key.
+    eprintln!("drill: load started");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let metrics_http = reqwest::Client::new();
     let mut before = Vec::new();
