@@ -43,18 +43,32 @@ async fn bybit_fleet(
     old: (&str, &str),
     perms: serde_json::Value,
 ) -> (Simulators, crate::support::Env, String) {
-    use credbroker::config::{ValidationConfig, ValidationMode};
-
-    let sims = Simulators::start().await.unwrap();
-    sims.add_key(
-        ExchangeId::Bybit,
-        master,
-        bybit_master(&["AccountTransfer"], &[SUB]),
-    );
     let mut key = SimKey::hmac(old.1, perms);
     key.sub_account = Some(SUB.into());
     key.note = "made by hand".into();
-    sims.add_key(ExchangeId::Bybit, old.0, key);
+    fleet(
+        ExchangeId::Bybit,
+        (master, bybit_master(&["AccountTransfer"], &[SUB])),
+        (old.0, key),
+        crate::support::set(old.0, old.1),
+    )
+    .await
+}
+
+/// `ex`'s simulator with `master` and the hand-made key `old`, a broker
+/// validating against it, and `stored` (the old key's set) stored for a
+/// new tenant: (simulators, broker, tenant).
+async fn fleet(
+    ex: ExchangeId,
+    master: (&str, SimKey),
+    old: (&str, SimKey),
+    stored: credbroker::api::pb::CredentialSet,
+) -> (Simulators, crate::support::Env, String) {
+    use credbroker::config::{ValidationConfig, ValidationMode};
+
+    let sims = Simulators::start().await.unwrap();
+    sims.add_key(ex, master.0, master.1);
+    sims.add_key(ex, old.0, old.1);
     let env = crate::support::Env::start_with(crate::support::EnvOptions {
         validation: Some(ValidationConfig {
             mode: ValidationMode::Exchange,
@@ -69,8 +83,8 @@ async fn bybit_fleet(
         .await
         .validate_and_store(credbroker::api::pb::ValidateAndStoreRequest {
             tenant_id: tenant.clone(),
-            exchange: "bybit".into(),
-            credentials: Some(crate::support::set(old.0, old.1)),
+            exchange: ex.as_str().into(),
+            credentials: Some(stored),
         })
         .await
         .unwrap();
@@ -134,10 +148,16 @@ async fn a_master_key_mints_lists_and_deletes_sub_account_keys() {
     assert!(listed[0].trade);
     assert_eq!(listed[0].ips, vec!["10.0.0.1".to_owned()]);
 
-    assert!(v.delete(ex, &master, SUB, &minted.api_key).await.unwrap());
+    assert!(
+        v.delete(ex, &master, SUB, &minted.api_key, None)
+            .await
+            .unwrap()
+    );
     assert!(v.list(ex, &master, SUB).await.unwrap().is_empty());
     assert!(
-        !v.delete(ex, &master, SUB, &minted.api_key).await.unwrap(),
+        !v.delete(ex, &master, SUB, &minted.api_key, None)
+            .await
+            .unwrap(),
         "deleting twice is a no-op"
     );
     // Deleted at the exchange: every later request signed with it fails.
@@ -289,8 +309,12 @@ mod zero_touch {
             master: &CredentialSet,
             sub: &str,
             key: &str,
+            passphrase: Option<&SecretString>,
         ) -> Result<bool, ValidationError> {
-            self.inner.delete(ex, master, sub, key).await
+            self.inner.delete(ex, master, sub, key, passphrase).await
+        }
+        fn deletes_with_passphrase(&self, ex: ExchangeId) -> bool {
+            self.inner.deletes_with_passphrase(ex)
         }
     }
 
@@ -972,4 +996,252 @@ async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
         "bybitExpiringKey01",
         "served until the overlap ends"
     );
+}
+
+/// KuCoin's sub-account keys: the master account's key, a passphrase per
+/// key chosen by its creator and asked for again to delete it.
+mod kucoin {
+    use super::*;
+    use credbroker::{api::pb, exchange::sim::native_permissions};
+
+    pub(super) const SUB: &str = "kcsub01";
+    const MASTER: (&str, &str, &str) = (
+        "kcMasterKey00000000001",
+        "kc-master-secret",
+        "kc-master-pass",
+    );
+
+    fn master_key() -> SimKey {
+        let mut k = SimKey::master(
+            MASTER.1,
+            native_permissions(ExchangeId::Kucoin, false, false),
+            &[SUB],
+        );
+        k.passphrase = Some(MASTER.2.into());
+        k
+    }
+
+    fn master() -> CredentialSet {
+        CredentialSet {
+            passphrase: Some(SecretString::from(MASTER.2.to_owned())),
+            ..set(MASTER.0, MASTER.1)
+        }
+    }
+
+    /// A key made by hand in [`SUB`] with `passphrase`.
+    fn by_hand(secret: &str, passphrase: &str) -> SimKey {
+        let mut k = SimKey::hmac(secret, native_permissions(ExchangeId::Kucoin, false, true));
+        k.passphrase = Some(passphrase.into());
+        k.sub_account = Some(SUB.into());
+        k.note = "made by hand".into();
+        k
+    }
+
+    fn validator(sims: &Simulators) -> ExchangeValidator {
+        ExchangeValidator::new(
+            &endpoints(sims),
+            WithdrawPolicy::default(),
+            Arc::new(SystemClock),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_master_key_mints_lists_and_deletes_kucoin_sub_account_keys() {
+        let ex = ExchangeId::Kucoin;
+        let sims = Simulators::start().await.unwrap();
+        sims.add_key(ex, MASTER.0, master_key());
+        let v = validator(&sims);
+        let note = "cb0123456789ABCDEFGHabcd";
+        assert!(credbroker::rotation::mint::is_minted_note(note));
+
+        let minted = v
+            .mint(
+                ex,
+                &master(),
+                &MintSpec {
+                    sub_account: SUB.into(),
+                    ..spec(note)
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(minted.api_key.len(), 24, "KuCoin keys are 24 hex digits");
+        let pass = minted
+            .passphrase
+            .as_ref()
+            .expect("the passphrase the broker chose");
+        assert_eq!(secrecy::ExposeSecret::expose_secret(pass).len(), 32);
+        let perms = v
+            .validate(TenantId::new(uuid::Uuid::new_v4()), ex, &minted)
+            .await
+            .unwrap();
+        assert!(
+            perms.trade && !perms.withdraw && perms.ip_restricted,
+            "{perms:?}"
+        );
+
+        let listed = v.list(ex, &master(), SUB).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            (
+                listed[0].api_key.as_str(),
+                listed[0].note.as_str(),
+                listed[0].trade
+            ),
+            (minted.api_key.as_str(), note, true)
+        );
+        assert_eq!(listed[0].ips, ["10.0.0.1"]);
+
+        // A key it minted is deleted without being handed its passphrase
+        // (a lost mint's key): it is derived from the master secret again.
+        assert!(
+            v.delete(ex, &master(), SUB, &minted.api_key, None)
+                .await
+                .unwrap()
+        );
+        assert!(v.list(ex, &master(), SUB).await.unwrap().is_empty());
+        assert!(
+            !v.delete(ex, &master(), SUB, &minted.api_key, None)
+                .await
+                .unwrap()
+        );
+
+        // A key made by hand: only with its own passphrase.
+        sims.add_key(
+            ex,
+            "kcHandKey0000000000001",
+            by_hand("kc-hand-secret", "kc-hand-pass"),
+        );
+        let e = v
+            .delete(ex, &master(), SUB, "kcHandKey0000000000001", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ValidationError::InvalidField { reason, .. } if reason.contains("web UI")),
+            "{e:?}"
+        );
+        let wrong = SecretString::from("not-its-pass".to_owned());
+        let e = v
+            .delete(ex, &master(), SUB, "kcHandKey0000000000001", Some(&wrong))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ValidationError::Rejected { code: Some(c), .. } if c == "400100"),
+            "{e:?}"
+        );
+        let right = SecretString::from("kc-hand-pass".to_owned());
+        assert!(
+            v.delete(ex, &master(), SUB, "kcHandKey0000000000001", Some(&right))
+                .await
+                .unwrap()
+        );
+
+        // Not the master account's key: KuCoin's 400007, said plainly.
+        sims.add_key(
+            ex,
+            "kcOtherKey000000000001",
+            by_hand("kc-other-secret", "kc-other-pass"),
+        );
+        let other = CredentialSet {
+            passphrase: Some(SecretString::from("kc-other-pass".to_owned())),
+            ..set("kcOtherKey000000000001", "kc-other-secret")
+        };
+        let e = v.list(ex, &other, SUB).await.unwrap_err();
+        assert!(
+            matches!(&e, ValidationError::Rejected { code: Some(c), reason, .. } if c == "400007" && reason.contains("master account")),
+            "{e:?}"
+        );
+    }
+
+    /// End to end over gRPC: the hand-made key is replaced by a minted one
+    /// and deleted at KuCoin with the passphrase Vault holds for it; the
+    /// next rotation deletes the minted key the same way.
+    #[tokio::test]
+    async fn operators_rotate_kucoin_keys_at_the_exchange() {
+        let ex = ExchangeId::Kucoin;
+        let (sims, env, tenant) = fleet(
+            ex,
+            (MASTER.0, master_key()),
+            (
+                "kcOldKey00000000000001",
+                by_hand("kc-old-secret", "kc-old-pass"),
+            ),
+            pb::CredentialSet {
+                api_key: "kcOldKey00000000000001".into(),
+                api_secret: "kc-old-secret".into(),
+                passphrase: Some("kc-old-pass".into()),
+            },
+        )
+        .await;
+        let mut op = env.operator().await;
+        op.set_management_key(pb::SetManagementKeyRequest {
+            tenant_id: tenant.clone(),
+            exchange: "kucoin".into(),
+            credentials: Some(pb::CredentialSet {
+                api_key: MASTER.0.into(),
+                api_secret: MASTER.1.into(),
+                passphrase: Some(MASTER.2.into()),
+            }),
+            sub_account: SUB.into(),
+            rotate_every_days: 0,
+            overlap_seconds: None,
+        })
+        .await
+        .unwrap();
+        let v = validator(&sims);
+        let mut replaced = "kcOldKey00000000000001".to_owned();
+        for round in 1..=2 {
+            let r = op
+                .rotate(pb::RotateRequest {
+                    tenant_id: tenant.clone(),
+                    exchange: "kucoin".into(),
+                    credentials: None,
+                    overlap_seconds: Some(1),
+                    mint: true,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.key_rotation.unwrap().step, "waiting", "round {round}");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            let live = loop {
+                let keys = v.list(ex, &master(), SUB).await.unwrap();
+                if keys.len() == 1 && keys[0].api_key != replaced {
+                    break keys[0].clone();
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "round {round}: the replaced key is still live: {keys:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            };
+            // The one live key is the one the broker serves, with the
+            // passphrase it was minted with.
+            let served = op
+                .get_credentials(pb::GetCredentialsRequest {
+                    tenant_id: tenant.clone(),
+                    exchange: "kucoin".into(),
+                    min_version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let current = served.current.unwrap();
+            assert_eq!(current.api_key, live.api_key);
+            assert!(
+                credbroker::rotation::mint::is_minted_note(&live.note),
+                "{}",
+                live.note
+            );
+            let set = CredentialSet {
+                passphrase: current.passphrase.map(SecretString::from),
+                ..set(&current.api_key, &current.api_secret)
+            };
+            v.validate(TenantId::new(uuid::Uuid::new_v4()), ex, &set)
+                .await
+                .unwrap();
+            replaced = live.api_key;
+        }
+    }
 }

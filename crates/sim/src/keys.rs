@@ -12,8 +12,27 @@
 //! - `POST /v5/user/delete-sub-api` `{apikey}`: the key stops working at
 //!   once.
 //!
+//! KuCoin (kucoin.com/docs/rest/account/sub-account-api/…), every call
+//! with the master account's key (General permission; another account's
+//! key is refused with 400007, "Access denied, requires more permission"):
+//! - `POST /api/v1/sub/api-key` `{subName, passphrase (7–32 characters, no
+//!   spaces), remark (1–24 characters), permission ("General", "Spot",
+//!   "Futures", "Margin", "InnerTransfer"; default "General"),
+//!   ipWhitelist (up to 20, comma-separated), expire}` → `{subName,
+//!   remark, apiKey, apiSecret, passphrase, permission, ipWhitelist,
+//!   createdAt}`;
+//! - `GET /api/v1/sub/api-key?subName=[&apiKey=]` → `[{subName, remark,
+//!   apiKey, permission, ipWhitelist, createdAt}]`;
+//! - `DELETE /api/v1/sub/api-key?apiKey=&passphrase=&subName=` →
+//!   `{subName, apiKey}`: the key's own passphrase is required.
+//!
+//! KuCoin documents 400100 ("Parameter Error") for bad parameters; it does
+//! not say which code a foreign sub-account, an unknown key or a wrong
+//! passphrase get, so the simulator answers 400100 for each.
+//!
 //! A minted key is an ordinary key afterwards: it signs, validates and
-//! answers `query-api` with the permissions it was created with.
+//! answers the permission endpoint with the permissions it was created
+//! with.
 
 use super::*;
 
@@ -33,6 +52,13 @@ pub(super) fn manage(
         (ExchangeId::Bybit, "GET", "/v5/user/sub-apikeys") => Some(bybit_list(sim, query, caller)),
         (ExchangeId::Bybit, "POST", "/v5/user/delete-sub-api") => {
             Some(bybit_delete(sim, body, caller))
+        }
+        (ExchangeId::Kucoin, "POST", "/api/v1/sub/api-key") => {
+            Some(kucoin_create(sim, body, caller))
+        }
+        (ExchangeId::Kucoin, "GET", "/api/v1/sub/api-key") => Some(kucoin_list(sim, query, caller)),
+        (ExchangeId::Kucoin, "DELETE", "/api/v1/sub/api-key") => {
+            Some(kucoin_delete(sim, query, caller))
         }
         _ => None,
     }
@@ -193,4 +219,148 @@ fn bybit_delete(sim: &Sim, body: &str, caller: &SimKey) -> Response {
     }
     keys.remove(&(sim.ex, target));
     bybit_reply(0, "", json!({}))
+}
+
+fn kucoin_reply(data: Value) -> Response {
+    reply(StatusCode::OK, json!({"code": "200000", "data": data}))
+}
+
+fn kucoin_refusal(code: &str, msg: &str) -> Response {
+    let status = if code == "400007" {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::BAD_REQUEST
+    };
+    reply(status, json!({"code": code, "msg": msg}))
+}
+
+const KUCOIN_DENIED: &str = "Access denied, requires more permission.";
+
+/// A query parameter, percent-decoded.
+fn param(query: &str, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// The permission answer of a KuCoin key (`GET /api/v1/user/api-key`).
+fn kucoin_answer(api_key: &str, k: &SimKey) -> Value {
+    let p = &k.permissions;
+    json!({"subName": k.sub_account, "remark": k.note, "apiKey": api_key,
+           "permission": p["permission"], "ipWhitelist": p["ipWhitelist"],
+           "createdAt": k.created_ms})
+}
+
+fn kucoin_create(sim: &Sim, body: &str, caller: &SimKey) -> Response {
+    if caller.manages.is_empty() {
+        return kucoin_refusal("400007", KUCOIN_DENIED);
+    }
+    let Ok(req) = serde_json::from_str::<Value>(body) else {
+        return kucoin_refusal("400100", "Parameter Error: the body is not JSON");
+    };
+    let field = |k: &str| req[k].as_str().unwrap_or("").to_owned();
+    let (sub, passphrase, remark) = (field("subName"), field("passphrase"), field("remark"));
+    if !caller.manages.contains(&sub) {
+        return kucoin_refusal("400100", "Parameter Error: subName");
+    }
+    if !(7..=32).contains(&passphrase.chars().count()) || passphrase.contains(' ') {
+        return kucoin_refusal("400100", "Parameter Error: passphrase");
+    }
+    if !(1..=24).contains(&remark.chars().count()) {
+        return kucoin_refusal("400100", "Parameter Error: remark");
+    }
+    let permission = req["permission"].as_str().unwrap_or("General").to_owned();
+    const SETTABLE: [&str; 5] = ["General", "Spot", "Futures", "Margin", "InnerTransfer"];
+    if !permission.split(',').all(|p| SETTABLE.contains(&p.trim())) {
+        return kucoin_refusal("400100", "Parameter Error: permission");
+    }
+    let ips = field("ipWhitelist");
+    if ips.split(',').filter(|ip| !ip.is_empty()).count() > 20 {
+        return kucoin_refusal("400100", "Parameter Error: ipWhitelist");
+    }
+    // KuCoin's shapes: a 24-digit hex key, a UUID secret.
+    let api_key = format!("{:016x}{:08x}", now_ms(), order_id());
+    let secret = {
+        let h: String = random_alnum(32)
+            .bytes()
+            .map(|b| char::from(b"0123456789abcdef"[usize::from(b) % 16]))
+            .collect();
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    };
+    let mut key = SimKey::hmac(
+        &secret,
+        json!({"remark": remark, "apiKey": api_key, "apiVersion": 2,
+               "permission": permission, "ipWhitelist": ips, "createdAt": now_ms()}),
+    );
+    key.passphrase = Some(passphrase.clone());
+    key.sub_account = Some(sub.clone());
+    key.note.clone_from(&remark);
+    let created = key.created_ms;
+    lock(&sim.keys).insert((sim.ex, api_key.clone()), key);
+    kucoin_reply(json!({
+        "subName": sub, "remark": remark, "apiKey": api_key, "apiSecret": secret,
+        "passphrase": passphrase, "permission": permission, "ipWhitelist": ips,
+        "createdAt": created
+    }))
+}
+
+fn kucoin_list(sim: &Sim, query: &str, caller: &SimKey) -> Response {
+    if caller.manages.is_empty() {
+        return kucoin_refusal("400007", KUCOIN_DENIED);
+    }
+    let sub = param(query, "subName").unwrap_or_default();
+    if !caller.manages.contains(&sub) {
+        return kucoin_refusal("400100", "Parameter Error: subName");
+    }
+    let only = param(query, "apiKey");
+    let keys = lock(&sim.keys);
+    let mut list: Vec<(&String, &SimKey)> = keys
+        .iter()
+        .filter(|((ex, api_key), k)| {
+            *ex == sim.ex
+                && k.sub_account.as_deref() == Some(sub.as_str())
+                && only.as_ref().is_none_or(|o| o == api_key)
+        })
+        .map(|((_, api_key), k)| (api_key, k))
+        .collect();
+    list.sort_by_key(|(_, k)| k.created_ms);
+    kucoin_reply(Value::Array(
+        list.iter()
+            .map(|(api_key, k)| kucoin_answer(api_key, k))
+            .collect(),
+    ))
+}
+
+fn kucoin_delete(sim: &Sim, query: &str, caller: &SimKey) -> Response {
+    if caller.manages.is_empty() {
+        return kucoin_refusal("400007", KUCOIN_DENIED);
+    }
+    let (Some(api_key), Some(passphrase), Some(sub)) = (
+        param(query, "apiKey"),
+        param(query, "passphrase"),
+        param(query, "subName"),
+    ) else {
+        return kucoin_refusal(
+            "400100",
+            "Parameter Error: apiKey, passphrase and subName are required",
+        );
+    };
+    let mut keys = lock(&sim.keys);
+    let Some(key) = keys.get(&(sim.ex, api_key.clone())).filter(|k| {
+        k.sub_account.as_deref() == Some(sub.as_str()) && caller.manages.contains(&sub)
+    }) else {
+        return kucoin_refusal("400100", "Parameter Error: apiKey");
+    };
+    if key.passphrase.as_deref() != Some(passphrase.as_str()) {
+        return kucoin_refusal("400100", "Parameter Error: passphrase");
+    }
+    keys.remove(&(sim.ex, api_key.clone()));
+    kucoin_reply(json!({"subName": sub, "apiKey": api_key}))
 }

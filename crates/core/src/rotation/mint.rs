@@ -38,6 +38,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use secrecy::SecretString;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -103,6 +104,8 @@ pub trait KeyManager: Send + Sync + 'static {
     ) -> Result<Vec<ManagedKey>, ValidationError>;
 
     /// Deletes a key; false when the exchange no longer lists it.
+    /// `passphrase` is the key's own, when the broker still holds its set
+    /// and the exchange asks for it ([`KeyManager::deletes_with_passphrase`]).
     ///
     /// # Errors
     /// As [`KeyManager::mint`].
@@ -112,7 +115,20 @@ pub trait KeyManager: Send + Sync + 'static {
         master: &CredentialSet,
         sub_account: &str,
         api_key: &str,
+        passphrase: Option<&SecretString>,
     ) -> Result<bool, ValidationError>;
+
+    /// Whether deleting a key of `exchange` takes that key's passphrase
+    /// (KuCoin's does).
+    fn deletes_with_passphrase(&self, _exchange: ExchangeId) -> bool {
+        false
+    }
+}
+
+/// Whether `note` is one the broker gives the keys it mints
+/// ([`KeyRotation::note`]): `cb` and 22 letters and digits.
+pub fn is_minted_note(note: &str) -> bool {
+    note.len() == 24 && note.starts_with("cb") && note.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Where a rotation is.
@@ -235,9 +251,24 @@ impl KeyRotation {
         }
     }
 
-    /// The note the minted key carries at the exchange.
+    /// The note the minted key carries at the exchange: `cb` and the
+    /// rotation's id in base 62, 24 letters and digits, which every
+    /// exchange's label takes (KuCoin's remark: at most 24 characters).
     pub fn note(&self) -> String {
-        format!("credbroker-{}", self.id.simple())
+        const DIGITS: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut n = self.id.as_u128();
+        let mut out = [b'0'; 22];
+        for d in out.iter_mut().rev() {
+            *d = DIGITS[(n % 62) as usize];
+            n /= 62;
+        }
+        format!("cb{}", String::from_utf8_lossy(&out))
+    }
+
+    /// Whether a key listed with `note` is this rotation's mint (also under
+    /// the note of releases before the base-62 one).
+    fn minted_as(&self, note: &str) -> bool {
+        note == self.note() || note == format!("credbroker-{}", self.id.simple())
     }
 }
 
@@ -531,6 +562,25 @@ impl KeyRotator {
         Ok(secrets.write(path, set, cas).await?)
     }
 
+    /// The passphrase of the key being replaced, from the versions of the
+    /// credential Vault still holds (newest first); None once they are
+    /// destroyed.
+    async fn held_passphrase(&self, r: &KeyRotation) -> Result<Option<SecretString>, BrokerError> {
+        let secrets = self.broker.secrets();
+        let path = self.broker.vault_path(r.tenant, r.exchange);
+        let mut versions = secrets.versions(&path).await?;
+        versions.retain(|v| !v.destroyed);
+        versions.sort_by_key(|v| std::cmp::Reverse(v.version));
+        for v in versions {
+            match secrets.read(&path, v.version).await {
+                Ok(set) if set.api_key == r.old_api_key => return Ok(set.passphrase),
+                Ok(_) | Err(SecretStoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(None)
+    }
+
     async fn read_latest(&self, path: &str) -> Result<Option<CredentialSet>, BrokerError> {
         let secrets = self.broker.secrets();
         match secrets.latest_version(path).await? {
@@ -817,12 +867,22 @@ impl KeyRotator {
             }
             Step::Deleting => {
                 let master = self.master(r).await?;
+                let passphrase = if self.keys.deletes_with_passphrase(r.exchange) {
+                    self.held_passphrase(r).await?
+                } else {
+                    None
+                };
                 let deleted = self
                     .at_exchange(
                         r,
                         "DeleteKeyAtExchange",
-                        self.keys
-                            .delete(r.exchange, &master, &r.sub_account, &r.old_api_key),
+                        self.keys.delete(
+                            r.exchange,
+                            &master,
+                            &r.sub_account,
+                            &r.old_api_key,
+                            passphrase.as_ref(),
+                        ),
                     )
                     .await?;
                 tracing::info!(tenant = %r.tenant, exchange = %r.exchange, deleted, "the replaced key is deleted at the exchange");
@@ -844,7 +904,7 @@ impl KeyRotator {
         let minted_path = self.minted_path(r.tenant, r.exchange);
         // A mint whose answer was lost: its key is listed under our note.
         let stored = self.read_latest(&minted_path).await?;
-        for k in listed.iter().filter(|k| k.note == note) {
+        for k in listed.iter().filter(|k| r.minted_as(&k.note)) {
             if stored.as_ref().is_some_and(|s| s.api_key == k.api_key) {
                 r.minted_api_key = Some(k.api_key.clone());
                 r.step = Step::Rotating;
@@ -854,8 +914,10 @@ impl KeyRotator {
             self.at_exchange(
                 r,
                 "DeleteKeyAtExchange",
+                // Its passphrase, where the exchange asks for it, is the
+                // one the adapter chose for our note.
                 self.keys
-                    .delete(r.exchange, &master, &r.sub_account, &k.api_key),
+                    .delete(r.exchange, &master, &r.sub_account, &k.api_key, None),
             )
             .await?;
         }
