@@ -116,13 +116,7 @@ impl KeyRotationObserver for KeyRotationMetrics {
                 })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        let overdue = unfinished
-            .iter()
-            .filter(|r| {
-                r.delete_after
-                    .is_some_and(|t| now - t > time::Duration::minutes(5))
-            })
-            .count();
+        let overdue = unfinished.iter().filter(|r| r.overdue(now)).count();
         f.key_rotations_overdue
             .set(i64::try_from(overdue).unwrap_or(i64::MAX));
     }

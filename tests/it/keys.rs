@@ -1037,6 +1037,21 @@ mod kucoin {
         k
     }
 
+    async fn health(
+        op: &mut credbroker::api::pb::credential_broker_client::CredentialBrokerClient<
+            tonic::transport::Channel,
+        >,
+        tenant: &str,
+    ) -> pb::CredentialHealth {
+        op.get_credential_health(pb::GetCredentialHealthRequest {
+            tenant_id: tenant.into(),
+            exchange: "kucoin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    }
+
     fn validator(sims: &Simulators) -> ExchangeValidator {
         ExchangeValidator::new(
             &endpoints(sims),
@@ -1197,13 +1212,36 @@ mod kucoin {
                     tenant_id: tenant.clone(),
                     exchange: "kucoin".into(),
                     credentials: None,
-                    overlap_seconds: Some(1),
+                    // Round 2 removes the master key before the overlap ends.
+                    overlap_seconds: Some(if round == 2 { 3 } else { 1 }),
                     mint: true,
                 })
                 .await
                 .unwrap()
                 .into_inner();
             assert_eq!(r.key_rotation.unwrap().step, "waiting", "round {round}");
+            if round == 2 {
+                // The master key is gone at the exchange: the deletion
+                // fails, and GetCredentialHealth shows the rotation stuck
+                // with its error, until the key is back.
+                sims.remove_key(ex, MASTER.0);
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+                let stuck = loop {
+                    let k = health(&mut op, &tenant)
+                        .await
+                        .key_rotation
+                        .expect("an unfinished rotation shows");
+                    if k.attempts > 0 {
+                        break k;
+                    }
+                    assert!(std::time::Instant::now() < deadline, "never failed: {k:?}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                };
+                assert_eq!(stuck.step, "deleting", "{stuck:?}");
+                assert!(stuck.last_error.contains("400003"), "{stuck:?}");
+                assert!(!stuck.overdue, "within 5 minutes of the overlap's end");
+                sims.add_key(ex, MASTER.0, master_key());
+            }
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
             let live = loop {
                 let keys = v.list(ex, &master(), SUB).await.unwrap();
@@ -1241,6 +1279,12 @@ mod kucoin {
             v.validate(TenantId::new(uuid::Uuid::new_v4()), ex, &set)
                 .await
                 .unwrap();
+            // Done: nothing unfinished shows.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while let Some(k) = health(&mut op, &tenant).await.key_rotation {
+                assert!(std::time::Instant::now() < deadline, "still shown: {k:?}");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
             replaced = live.api_key;
         }
     }

@@ -131,6 +131,10 @@ pub fn is_minted_note(note: &str) -> bool {
     note.len() == 24 && note.starts_with("cb") && note.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
+/// How long past the overlap's end an old key may stay live at the
+/// exchange before its rotation counts as overdue.
+pub const OVERDUE_AFTER: time::Duration = time::Duration::minutes(5);
+
 /// Where a rotation is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
@@ -240,6 +244,12 @@ impl KeyRotation {
             last_error: None,
             created_at: now,
         }
+    }
+
+    /// Whether its old key is still live at the exchange more than
+    /// [`OVERDUE_AFTER`] past the overlap's end: two live keys, to alert on.
+    pub fn overdue(&self, now: OffsetDateTime) -> bool {
+        !self.step.finished() && self.delete_after.is_some_and(|t| now - t > OVERDUE_AFTER)
     }
 
     /// When the job should look at it next: the retry time, or in the
@@ -757,6 +767,19 @@ impl KeyRotator {
             return Ok(None);
         }
         Ok(Some(rotation))
+    }
+
+    /// The credential's unfinished rotation at the exchange, if any (what
+    /// GetCredentialHealth shows: a stuck one with its attempts and error).
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn unfinished_of(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+    ) -> Result<Option<KeyRotation>, BrokerError> {
+        Ok(self.store.active(tenant, exchange).await?)
     }
 
     /// Works on one rotation under its lease until it waits (overlap, a

@@ -230,6 +230,7 @@ pub fn health(r: &CredentialRecord) -> pb::CredentialHealth {
         checked_at: r.health_checked_at.map(ts),
         detail: r.health_detail.clone().unwrap_or_default(),
         permissions: r.permissions.as_ref().map(permissions),
+        key_rotation: None,
     }
 }
 

@@ -128,7 +128,7 @@ impl BrokerService {
         Ok(Response::new(pb::RotateResponse {
             credential: record.as_ref().map(convert::metadata),
             rotated: r.new_version.is_some(),
-            key_rotation: Some(key_rotation_status(&r)),
+            key_rotation: Some(key_rotation_status(&r, self.broker.clock().now())),
         }))
     }
 
@@ -393,7 +393,10 @@ impl CredentialBroker for BrokerService {
             && out.rotated
         {
             match k.retire_after_overlap(old, &out.record, &new_api_key).await {
-                Ok(r) => key_rotation = r.as_ref().map(key_rotation_status),
+                Ok(r) => {
+                    let now = self.broker.clock().now();
+                    key_rotation = r.as_ref().map(|r| key_rotation_status(r, now));
+                }
                 Err(e) => {
                     tracing::warn!(%tenant, %exchange, "the replaced key will not be deleted at the exchange automatically: {e}")
                 }
@@ -626,7 +629,16 @@ impl CredentialBroker for BrokerService {
             .describe(tenant, exchange)
             .await
             .map_err(status::broker)?;
-        Ok(Response::new(convert::health(&record)))
+        let mut health = convert::health(&record);
+        if let Some(keys) = &self.keys {
+            let now = self.broker.clock().now();
+            health.key_rotation = keys
+                .unfinished_of(tenant, exchange)
+                .await
+                .map_err(status::broker)?
+                .map(|r| key_rotation_status(&r, now));
+        }
+        Ok(Response::new(health))
     }
 
     async fn set_webhook(
@@ -738,8 +750,9 @@ impl CredentialBroker for BrokerService {
 }
 
 /// A rotation at the exchange as the contract shows it.
-fn key_rotation_status(r: &KeyRotation) -> pb::KeyRotationStatus {
+fn key_rotation_status(r: &KeyRotation, now: time::OffsetDateTime) -> pb::KeyRotationStatus {
     pb::KeyRotationStatus {
+        overdue: r.overdue(now),
         id: r.id.to_string(),
         step: r.step.as_str().to_owned(),
         attempts: r.attempts,

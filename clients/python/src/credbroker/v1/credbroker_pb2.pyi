@@ -133,7 +133,7 @@ class RotateResponse(_message.Message):
     def __init__(self, credential: _Optional[_Union[CredentialMetadata, _Mapping]] = ..., rotated: bool = ..., key_rotation: _Optional[_Union[KeyRotationStatus, _Mapping]] = ...) -> None: ...
 
 class KeyRotationStatus(_message.Message):
-    __slots__ = ("id", "step", "attempts", "last_error", "delete_after", "minted_api_key_hint", "new_version")
+    __slots__ = ("id", "step", "attempts", "last_error", "delete_after", "minted_api_key_hint", "new_version", "overdue")
     ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class KeyRotationStatus(_message.Message):
     DELETE_AFTER_FIELD_NUMBER: _ClassVar[int]
     MINTED_API_KEY_HINT_FIELD_NUMBER: _ClassVar[int]
     NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OVERDUE_FIELD_NUMBER: _ClassVar[int]
     id: str
     step: str
     attempts: int
@@ -148,7 +149,8 @@ class KeyRotationStatus(_message.Message):
     delete_after: _timestamp_pb2.Timestamp
     minted_api_key_hint: str
     new_version: int
-    def __init__(self, id: _Optional[str] = ..., step: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., delete_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., minted_api_key_hint: _Optional[str] = ..., new_version: _Optional[int] = ...) -> None: ...
+    overdue: bool
+    def __init__(self, id: _Optional[str] = ..., step: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., delete_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., minted_api_key_hint: _Optional[str] = ..., new_version: _Optional[int] = ..., overdue: bool = ...) -> None: ...
 
 class SetManagementKeyRequest(_message.Message):
     __slots__ = ("tenant_id", "exchange", "credentials", "sub_account", "rotate_every_days", "overlap_seconds")
@@ -347,7 +349,7 @@ class GetCredentialHealthRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ...) -> None: ...
 
 class CredentialHealth(_message.Message):
-    __slots__ = ("tenant_id", "exchange", "status", "credential_status", "checked_at", "detail", "permissions")
+    __slots__ = ("tenant_id", "exchange", "status", "credential_status", "checked_at", "detail", "permissions", "key_rotation")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     EXCHANGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -355,6 +357,7 @@ class CredentialHealth(_message.Message):
     CHECKED_AT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     PERMISSIONS_FIELD_NUMBER: _ClassVar[int]
+    KEY_ROTATION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     exchange: str
     status: str
@@ -362,7 +365,8 @@ class CredentialHealth(_message.Message):
     checked_at: _timestamp_pb2.Timestamp
     detail: str
     permissions: Permissions
-    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., status: _Optional[str] = ..., credential_status: _Optional[_Union[CredentialStatus, str]] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., permissions: _Optional[_Union[Permissions, _Mapping]] = ...) -> None: ...
+    key_rotation: KeyRotationStatus
+    def __init__(self, tenant_id: _Optional[str] = ..., exchange: _Optional[str] = ..., status: _Optional[str] = ..., credential_status: _Optional[_Union[CredentialStatus, str]] = ..., checked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., detail: _Optional[str] = ..., permissions: _Optional[_Union[Permissions, _Mapping]] = ..., key_rotation: _Optional[_Union[KeyRotationStatus, _Mapping]] = ...) -> None: ...
 
 class SetWebhookRequest(_message.Message):
     __slots__ = ("tenant_id", "url", "secret")
