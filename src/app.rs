@@ -589,6 +589,8 @@ fn build_broker(
                 default_overlap: secs(s.rotation.default_overlap_secs),
                 max_overlap: secs(s.rotation.max_overlap_secs),
                 expiry_warning: time::Duration::days(i64::from(s.checks.expiry_warning_days)),
+                max_key_age: (s.checks.max_key_age_days > 0)
+                    .then(|| time::Duration::days(i64::from(s.checks.max_key_age_days))),
             },
         )
         .with_audit(sink.clone())

@@ -389,6 +389,10 @@ pub struct ChecksConfig {
     pub requests_per_minute: u32,
     /// An expiry the exchange reports closer than this is reported.
     pub expiry_warning_days: u32,
+    /// A key whose current version is older than this many days is
+    /// reported (drift: the tenant's webhook hears it once), as AWS flags
+    /// access keys older than 90 days; 0: never.
+    pub max_key_age_days: u32,
     /// The lease's length; the holder renews it at a third of that.
     pub lease_secs: u64,
 }
@@ -402,6 +406,7 @@ impl Default for ChecksConfig {
             concurrency: 4,
             requests_per_minute: 20,
             expiry_warning_days: 7,
+            max_key_age_days: 90,
             lease_secs: 60,
         }
     }

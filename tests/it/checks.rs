@@ -81,18 +81,9 @@ pub(crate) fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> 
         .map(|(_, _, v)| *v)
 }
 
-async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
-    for _ in 0..100 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
-#[tokio::test]
-async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
+/// The exchange simulators, a clock the test moves, and a broker that
+/// validates against the simulators and checks by that clock.
+async fn checked_env() -> (Simulators, Arc<ManualClock>, Env) {
     let sims = Simulators::start().await.unwrap();
     let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
     let env = Env::start_with(EnvOptions {
@@ -105,6 +96,22 @@ async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
         ..EnvOptions::default()
     })
     .await;
+    (sims, clock, env)
+}
+
+async fn wait_for<F: Fn() -> bool>(what: &str, f: F) {
+    for _ in 0..100 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
+    let (sims, clock, env) = checked_env().await;
     let running = env.running.as_ref().unwrap();
     let mut op = env.operator().await;
     let tenant = new_tenant();
@@ -443,4 +450,66 @@ async fn the_health_check_lease_lets_one_replica_work_and_another_take_over() {
         "the credential was checked this round already"
     );
     b.stop().await.unwrap();
+}
+
+/// Kraken has no key-management API: the broker cannot rotate its keys by
+/// itself, so a key older than the rotation policy (`max_key_age_days`,
+/// 90 by default) is reported instead: in the health detail, as drift, and
+/// once to the tenant's webhook.
+#[tokio::test]
+async fn a_key_older_than_the_rotation_policy_is_reported_once() {
+    let (sims, clock, env) = checked_env().await;
+    let checks = &env.running.as_ref().unwrap().checks;
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    let receiver = Receiver::for_tenant(&mut op, &tenant, 0).await;
+    let (key, secret, _) = register(&sims, ExchangeId::Kraken, "age", false);
+    op.validate_and_store(store_req(&tenant, ExchangeId::Kraken, &key, &secret, None))
+        .await
+        .unwrap();
+    let health = || {
+        let mut op = op.clone();
+        let req = pb::GetCredentialHealthRequest {
+            tenant_id: tenant.clone(),
+            exchange: "kraken".into(),
+        };
+        async move { op.get_credential_health(req).await.unwrap().into_inner() }
+    };
+
+    // 89 days on: within the policy.
+    clock.advance(time::Duration::days(89));
+    assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
+    assert!(health().await.detail.is_empty());
+
+    // 91 days on: reported, and the tenant hears it once.
+    clock.advance(time::Duration::days(2));
+    assert_eq!(checks.round().await.unwrap().count("drift"), 1);
+    let h = health().await;
+    assert_eq!(
+        h.credential_status,
+        CredentialStatus::Active as i32,
+        "it still works"
+    );
+    assert!(
+        h.detail
+            .contains("older than the rotation policy (90 days)"),
+        "{}",
+        h.detail
+    );
+    clock.advance(time::Duration::hours(4));
+    assert_eq!(checks.round().await.unwrap().count("drift"), 1);
+    wait_for("the reminder", || !receiver.requests().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = receiver.requests();
+    assert_eq!(sent.len(), 1, "once per change, not every round");
+    let v: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
+    assert_eq!(v["type"], "credential.drift");
+    assert!(
+        v["data"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("rotation policy"),
+        "{v}"
+    );
+    assert!(!sent[0].1.contains(secret.as_str()));
 }

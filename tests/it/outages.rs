@@ -74,14 +74,7 @@ async fn postgres_restarts_keep_cached_reads_refuse_writes_and_lose_no_event_rec
     }
     // A webhook whose first attempt is refused (503): its retry comes due
     // while PostgreSQL is down.
-    let (receiver, url) = Receiver::start(1).await;
-    op.set_webhook(pb::SetWebhookRequest {
-        tenant_id: tenant.clone(),
-        url,
-        secret: String::new(),
-    })
-    .await
-    .unwrap();
+    let receiver = Receiver::for_tenant(&mut op, &tenant, 1).await;
     let (kr_key, kr_secret, _) = register(&sims, ExchangeId::Kraken, "outage", false);
     op.validate_and_store(store_req(
         &tenant,

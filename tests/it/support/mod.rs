@@ -436,6 +436,24 @@ pub struct Receiver {
 }
 
 impl Receiver {
+    /// A receiver set as `tenant`'s webhook endpoint (its first
+    /// `fail_first` deliveries refused with 503).
+    pub async fn for_tenant(
+        op: &mut CredentialBrokerClient<Channel>,
+        tenant: &str,
+        fail_first: usize,
+    ) -> Receiver {
+        let (receiver, url) = Receiver::start(fail_first).await;
+        op.set_webhook(credbroker::api::pb::SetWebhookRequest {
+            tenant_id: tenant.into(),
+            url,
+            secret: String::new(),
+        })
+        .await
+        .unwrap();
+        receiver
+    }
+
     pub async fn start(fail_first: usize) -> (Receiver, String) {
         let r = Receiver::default();
         *r.fail_first.lock().unwrap() = fail_first;

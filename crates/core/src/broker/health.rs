@@ -148,12 +148,35 @@ impl Broker {
         }
     }
 
+    /// The reminder for a key older than the rotation policy
+    /// (`max_key_age`), in words; None when it is younger, when no policy
+    /// is set, or when Vault cannot say when the version was written.
+    async fn past_rotation_policy(
+        &self,
+        record: &CredentialRecord,
+        now: OffsetDateTime,
+    ) -> Option<String> {
+        let max = self.settings.max_key_age?;
+        let versions = self.secrets.versions(&record.vault_path).await.ok()?;
+        let written = versions
+            .iter()
+            .find(|v| v.version == record.current_version)?
+            .created_at;
+        (now - written > max).then(|| {
+            format!(
+                "is older than the rotation policy ({} days): rotate it",
+                max.whole_days()
+            )
+        })
+    }
+
     /// The one health-check path (the background job and
     /// ValidateCredentials): validates the current set against the
     /// exchange and records what it found. A refusal marks the credential
     /// invalid (expired when the exchange reports it expired) with an
     /// INVALIDATED event; drift (a lost permission or IP allow-list, an
-    /// expiry within the warning window) is recorded in the health detail;
+    /// expiry within the warning window, a key older than the rotation
+    /// policy) is recorded in the health detail;
     /// an exchange outage changes nothing but the health detail. Every
     /// finding the tenant must hear of goes, in the same commit, to the
     /// tenant's webhook outbox.
@@ -187,12 +210,15 @@ impl Broker {
             match self.validator.validate(tenant, exchange, &set).await {
                 Ok(permissions) => {
                     let expired = permissions.expires_at.is_some_and(|t| t <= now);
-                    let drifted = drift(
+                    let mut drifted = drift(
                         record.permissions.as_ref(),
                         &permissions,
                         now,
                         self.settings.expiry_warning,
                     );
+                    if let Some(reminder) = self.past_rotation_policy(&record, now).await {
+                        drifted.push(reminder);
+                    }
                     let (status, health, detail, finding) = if expired {
                         let why =
                             "the exchange reports the key expired; rotate in a new one".to_owned();

@@ -56,6 +56,10 @@ pub struct BrokerSettings {
     /// An expiry the exchange reports closer than this is reported by a
     /// health check.
     pub expiry_warning: Duration,
+    /// A key whose current version is older than this is reported by a
+    /// health check (the reminder to rotate, where the exchange has no
+    /// key-management API or none is stored); None: never.
+    pub max_key_age: Option<Duration>,
 }
 
 impl Default for BrokerSettings {
@@ -65,6 +69,7 @@ impl Default for BrokerSettings {
             default_overlap: Duration::hours(1),
             max_overlap: Duration::days(7),
             expiry_warning: Duration::days(7),
+            max_key_age: None,
         }
     }
 }
