@@ -9,14 +9,19 @@ path "secret/data/tenants/*" {
 }
 
 # Rotation at the exchange: each tenant's management key (a master
-# account's key that creates and deletes its sub-account's API keys) and
-# the key a rotation minted, until it is stored as a credential version.
+# account's key that creates and deletes its sub-account's API keys), the
+# key a rotation minted, until it is stored as a credential version, and
+# the replaced key's set where deleting it takes its passphrase (KuCoin),
+# until it is deleted at the exchange.
 # Listed on their own so a deployment can grant them to the broker alone
 # (the broad stanza above already covers them for this token).
 path "secret/data/tenants/+/exchanges/+/management" {
   capabilities = ["create", "read", "update"]
 }
 path "secret/data/tenants/+/exchanges/+/minted" {
+  capabilities = ["create", "read", "update"]
+}
+path "secret/data/tenants/+/exchanges/+/retiring" {
   capabilities = ["create", "read", "update"]
 }
 

@@ -572,10 +572,18 @@ impl KeyRotator {
         Ok(secrets.write(path, set, cas).await?)
     }
 
-    /// The passphrase of the key being replaced, from the versions of the
+    /// Vault path of the replaced key's set, kept from the rotation's swap
+    /// until the key is deleted at the exchange, where deleting it takes its
+    /// passphrase (the retire job destroys the credential's previous version
+    /// when the overlap ends, maybe before the delete step runs).
+    fn retiring_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
+        self.path(tenant, exchange, "retiring")
+    }
+
+    /// The set of the key being replaced, from the versions of the
     /// credential Vault still holds (newest first); None once they are
     /// destroyed.
-    async fn held_passphrase(&self, r: &KeyRotation) -> Result<Option<SecretString>, BrokerError> {
+    async fn held_set(&self, r: &KeyRotation) -> Result<Option<CredentialSet>, BrokerError> {
         let secrets = self.broker.secrets();
         let path = self.broker.vault_path(r.tenant, r.exchange);
         let mut versions = secrets.versions(&path).await?;
@@ -583,12 +591,41 @@ impl KeyRotator {
         versions.sort_by_key(|v| std::cmp::Reverse(v.version));
         for v in versions {
             match secrets.read(&path, v.version).await {
-                Ok(set) if set.api_key == r.old_api_key => return Ok(set.passphrase),
+                Ok(set) if set.api_key == r.old_api_key => return Ok(Some(set)),
                 Ok(_) | Err(SecretStoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
         Ok(None)
+    }
+
+    /// Keeps the replaced key's set at [`Self::retiring_path`] where the
+    /// exchange deletes a key only with its passphrase.
+    async fn keep_retiring_set(&self, r: &KeyRotation) -> Result<(), BrokerError> {
+        if !self.keys.deletes_with_passphrase(r.exchange) {
+            return Ok(());
+        }
+        if let Some(set) = self.held_set(r).await? {
+            self.write_latest(&self.retiring_path(r.tenant, r.exchange), &set)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The passphrase of the key being replaced: from the set kept for it,
+    /// else from the credential's versions.
+    async fn retiring_passphrase(
+        &self,
+        r: &KeyRotation,
+    ) -> Result<Option<SecretString>, BrokerError> {
+        let kept = self
+            .read_latest(&self.retiring_path(r.tenant, r.exchange))
+            .await?
+            .filter(|s| s.api_key == r.old_api_key);
+        Ok(match kept {
+            Some(set) => set.passphrase,
+            None => self.held_set(r).await?.and_then(|s| s.passphrase),
+        })
     }
 
     async fn read_latest(&self, path: &str) -> Result<Option<CredentialSet>, BrokerError> {
@@ -766,6 +803,11 @@ impl KeyRotator {
             tracing::warn!(%tenant, %exchange, step = active.step.as_str(), "a rotation at the exchange is unfinished: the key this Rotate replaced is not deleted at the exchange automatically; delete it there");
             return Ok(None);
         }
+        // The replaced key is the previous version now, until the overlap
+        // ends; where deleting it takes its passphrase, keep its set.
+        if let Err(e) = self.keep_retiring_set(&rotation).await {
+            tracing::warn!(%tenant, %exchange, "the replaced key's set could not be kept for its deletion (it is looked up again then): {e}");
+        }
         Ok(Some(rotation))
     }
 
@@ -873,6 +915,7 @@ impl KeyRotator {
                     .await?
                     .filter(|s| Some(&s.api_key) == r.minted_api_key.as_ref())
                     .ok_or_else(|| StepError("the minted key is gone from Vault".into()))?;
+                self.keep_retiring_set(r).await?;
                 let ctx = RequestContext::system(JOB);
                 let overlap = time::Duration::seconds(i64::from(r.overlap_secs));
                 let out = self
@@ -891,7 +934,7 @@ impl KeyRotator {
             Step::Deleting => {
                 let master = self.master(r).await?;
                 let passphrase = if self.keys.deletes_with_passphrase(r.exchange) {
-                    self.held_passphrase(r).await?
+                    self.retiring_passphrase(r).await?
                 } else {
                     None
                 };
@@ -909,10 +952,12 @@ impl KeyRotator {
                     )
                     .await?;
                 tracing::info!(tenant = %r.tenant, exchange = %r.exchange, deleted, "the replaced key is deleted at the exchange");
-                self.broker
-                    .secrets()
-                    .purge(&self.minted_path(r.tenant, r.exchange))
-                    .await?;
+                for leaf in [
+                    self.minted_path(r.tenant, r.exchange),
+                    self.retiring_path(r.tenant, r.exchange),
+                ] {
+                    self.broker.secrets().purge(&leaf).await?;
+                }
                 r.step = Step::Done;
                 Ok(())
             }
