@@ -511,7 +511,10 @@ pub async fn start(
                 k.store.clone(),
                 backends.fleet.clone(),
                 uuid::Uuid::new_v4(),
-                MintSettings::default(),
+                MintSettings {
+                    end_on_adoption: s.rotation.delete_on_adoption,
+                    ..MintSettings::default()
+                },
             )
             .observed_by(Arc::new(KeyRotationMetrics(metrics.clone()))),
         );

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::{Env, TD, new_tenant, rotate_n, store_req};
 
-fn client_config(env: &Env, endpoints: Vec<String>, tenant: &str) -> ClientConfig {
+pub(crate) fn client_config(env: &Env, endpoints: Vec<String>, tenant: &str) -> ClientConfig {
     let pair = env
         .pki
         .ca
@@ -613,14 +613,7 @@ async fn the_handle_takes_each_set_from_the_stream_without_a_fetch() {
     // above, from a task of its own), as after a fetch.
     let deadline = std::time::Instant::now() + wait;
     loop {
-        let d = admin
-            .describe_credential(pb::DescribeCredentialRequest {
-                tenant_id: tenant.clone(),
-                exchange: "bybit".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let d = crate::support::describe(&mut admin, &tenant, "bybit").await;
         if d.adoption
             .iter()
             .any(|a| a.subscriber.ends_with("#trader-0") && a.version == 2)

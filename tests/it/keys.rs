@@ -43,6 +43,22 @@ async fn bybit_fleet(
     old: (&str, &str),
     perms: serde_json::Value,
 ) -> (Simulators, crate::support::Env, String) {
+    bybit_fleet_with(
+        master,
+        old,
+        perms,
+        credbroker::config::RotationConfig::default(),
+    )
+    .await
+}
+
+/// [`bybit_fleet`] with the broker's `[rotation]` settings.
+async fn bybit_fleet_with(
+    master: &str,
+    old: (&str, &str),
+    perms: serde_json::Value,
+    rotation: credbroker::config::RotationConfig,
+) -> (Simulators, crate::support::Env, String) {
     let mut key = SimKey::hmac(old.1, perms);
     key.sub_account = Some(SUB.into());
     key.note = "made by hand".into();
@@ -51,6 +67,7 @@ async fn bybit_fleet(
         (master, bybit_master(&["AccountTransfer"], &[SUB])),
         (old.0, key),
         crate::support::set(old.0, old.1),
+        rotation,
     )
     .await
 }
@@ -63,6 +80,7 @@ async fn fleet(
     master: (&str, SimKey),
     old: (&str, SimKey),
     stored: credbroker::api::pb::CredentialSet,
+    rotation: credbroker::config::RotationConfig,
 ) -> (Simulators, crate::support::Env, String) {
     use credbroker::config::{ValidationConfig, ValidationMode};
 
@@ -75,6 +93,7 @@ async fn fleet(
             exchanges: endpoints(&sims),
             ..ValidationConfig::default()
         }),
+        rotation,
         ..crate::support::EnvOptions::default()
     })
     .await;
@@ -1189,6 +1208,7 @@ mod kucoin {
                 api_secret: "kc-old-secret".into(),
                 passphrase: Some("kc-old-pass".into()),
             },
+            credbroker::config::RotationConfig::default(),
         )
         .await;
         let mut op = env.operator().await;
@@ -1301,4 +1321,149 @@ mod kucoin {
             replaced = live.api_key;
         }
     }
+}
+
+/// With `[rotation] delete_on_adoption`, the old key is deleted at the
+/// exchange as soon as every subscriber adopted the new version, long
+/// before the overlap's end (which ends then too); a subscriber that has
+/// not acknowledged the new version keeps the old key live until the
+/// overlap ends.
+#[tokio::test]
+async fn the_old_key_goes_once_every_subscriber_adopted_the_new_one() {
+    use credbroker::{
+        api::pb, client::CredentialHandle, config::RotationConfig,
+        exchange::sim::native_permissions,
+    };
+    use std::time::{Duration, Instant};
+
+    let ex = ExchangeId::Bybit;
+    let (master_key, master_secret) = ("bybitMasterKey0007", "bybitMasterSecret000000000000000000");
+    let (sims, env, tenant) = bybit_fleet_with(
+        master_key,
+        ("bybitOldKeyAdopt01", "bybitOldSecretAdopt0000000000000000"),
+        native_permissions(ex, false, true),
+        RotationConfig {
+            delete_on_adoption: true,
+            ..RotationConfig::default()
+        },
+    )
+    .await;
+    let mut op = env.operator().await;
+    op.set_management_key(pb::SetManagementKeyRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(crate::support::set(master_key, master_secret)),
+        sub_account: SUB.into(),
+        rotate_every_days: 0,
+        overlap_seconds: None,
+    })
+    .await
+    .unwrap();
+    // One pod, on the Rust handle: it acknowledges what it holds.
+    let mut cfg = crate::clients::client_config(&env, vec![env.endpoint()], &tenant);
+    cfg.exchanges = vec![ex];
+    let pod = CredentialHandle::start(cfg);
+    let viewer = op.clone();
+    let adopted = |version: u64| {
+        let mut op = viewer.clone();
+        let tenant = tenant.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let meta = crate::support::describe(&mut op, &tenant, "bybit").await;
+                if meta.adoption.iter().any(|a| a.version >= version) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "version {version} never acknowledged"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    adopted(1).await;
+    let master = set(master_key, master_secret);
+    let v = ExchangeValidator::new(
+        &endpoints(&sims),
+        WithdrawPolicy::default(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let rotate = |overlap: u32| pb::RotateRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: None,
+        overlap_seconds: Some(overlap),
+        mint: true,
+    };
+    let live_keys = || async { v.list(ex, &master, SUB).await.unwrap() };
+
+    // An hour's overlap: the pod adopts version 2, and the old key goes in
+    // seconds; the overlap ended with it (the pod dropped the previous set).
+    let r = op.rotate(rotate(3600)).await.unwrap().into_inner();
+    assert_eq!(r.key_rotation.unwrap().step, "waiting");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_keys()
+        .await
+        .iter()
+        .any(|k| k.api_key == "bybitOldKeyAdopt01")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old key outlived the fleet's adoption"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pod
+        .get(ex)
+        .is_none_or(|c| c.version != 2 || c.previous.is_some())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the pod still holds the previous set"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A second subscriber that acknowledged version 2 and then went
+    // silent: the next rotation's old key waits for the overlap's end.
+    let mut silent = env
+        .client_for(&format!(
+            "spiffe://{}/tenant/{tenant}/pod/silent",
+            crate::support::TD
+        ))
+        .await;
+    silent
+        .acknowledge_version(pb::AcknowledgeVersionRequest {
+            tenant_id: tenant.clone(),
+            exchange: "bybit".into(),
+            version: 2,
+            instance: "silent".into(),
+        })
+        .await
+        .unwrap();
+    let replaced = pod.get(ex).unwrap().current.api_key.clone();
+    let started = Instant::now();
+    op.rotate(rotate(6)).await.unwrap();
+    adopted(3).await;
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    assert!(
+        live_keys().await.iter().any(|k| k.api_key == replaced),
+        "deleted before the silent subscriber adopted it or the overlap ended"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while live_keys().await.iter().any(|k| k.api_key == replaced) {
+        assert!(
+            Instant::now() < deadline,
+            "the old key outlived the overlap"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(6),
+        "not before the overlap's end"
+    );
+    pod.stop();
 }

@@ -106,14 +106,7 @@ async fn rotate_serves_previous_until_the_overlap_ends_then_retires_it() {
             .await,
         1
     );
-    let d = c
-        .describe_credential(pb::DescribeCredentialRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = crate::support::describe(&mut c, &tenant, "binance").await;
     assert!(d.previous_version.is_none() && d.previous_valid_until.is_none());
     // A second pass finds nothing to do.
     assert_eq!(retire::retire_once(env.broker()).await.unwrap(), 0);

@@ -569,6 +569,25 @@ impl MetadataStore for MemoryMetadataStore {
         Ok((record, event))
     }
 
+    async fn end_overlap_at(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        previous_version: u64,
+        at: OffsetDateTime,
+    ) -> Result<bool, MetadataStoreError> {
+        let mut st = lock(&self.state);
+        let Some(r) = st.records.get_mut(&(tenant, exchange)) else {
+            return Ok(false);
+        };
+        let moves = r.previous_version == Some(previous_version)
+            && r.previous_valid_until.is_some_and(|t| t > at);
+        if moves {
+            r.previous_valid_until = Some(at);
+        }
+        Ok(moves)
+    }
+
     async fn expire_overlaps(
         &self,
         now: OffsetDateTime,

@@ -310,6 +310,35 @@ impl MetadataStore for PgMetadataStore {
         .await
     }
 
+    async fn end_overlap_at(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        previous_version: u64,
+        at: OffsetDateTime,
+    ) -> Result<bool, MetadataStoreError> {
+        self.in_tx("end_overlap_at", Scope::System, |tx| {
+            Box::pin(async move {
+                let n = tx
+                    .execute(
+                        "UPDATE tenant_credentials SET previous_valid_until = $4 \
+                         WHERE tenant_id = $1 AND exchange = $2 AND previous_version = $3 \
+                           AND previous_valid_until > $4",
+                        &[
+                            &tenant.as_uuid(),
+                            &exchange.as_str(),
+                            &to_i64(previous_version),
+                            &at,
+                        ],
+                    )
+                    .await
+                    .map_err(pg_err)?;
+                Ok(n == 1)
+            })
+        })
+        .await
+    }
+
     async fn expire_overlaps(
         &self,
         now: OffsetDateTime,

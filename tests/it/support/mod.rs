@@ -234,6 +234,21 @@ pub fn set(key: &str, secret: &str) -> credbroker::api::pb::CredentialSet {
     }
 }
 
+/// DescribeCredential's answer for `tenant`'s `exchange`.
+pub async fn describe(
+    op: &mut CredentialBrokerClient<Channel>,
+    tenant: &str,
+    exchange: &str,
+) -> credbroker::api::pb::CredentialMetadata {
+    op.describe_credential(credbroker::api::pb::DescribeCredentialRequest {
+        tenant_id: tenant.into(),
+        exchange: exchange.into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 pub fn new_tenant() -> String {
     Uuid::new_v4().to_string()
 }

@@ -194,6 +194,15 @@ impl MetadataStore for ProbeMeta {
     ) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError> {
         self.inner.record_health(u).await
     }
+    async fn end_overlap_at(
+        &self,
+        t: TenantId,
+        e: ExchangeId,
+        previous_version: u64,
+        at: OffsetDateTime,
+    ) -> Result<bool, MetadataStoreError> {
+        self.inner.end_overlap_at(t, e, previous_version, at).await
+    }
     async fn expire_overlaps(
         &self,
         now: OffsetDateTime,

@@ -313,6 +313,20 @@ pub trait MetadataStore: Send + Sync + 'static {
         update: HealthUpdate,
     ) -> Result<(CredentialRecord, Option<CredentialEvent>), MetadataStoreError>;
 
+    /// Moves the end of `exchange`'s open overlap to `at` (for the retire
+    /// job to end it), if `previous_version` is still the previous version
+    /// and its overlap ends later; returns whether it moved.
+    ///
+    /// # Errors
+    /// Unavailable when the store cannot be reached.
+    async fn end_overlap_at(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        previous_version: u64,
+        at: OffsetDateTime,
+    ) -> Result<bool, MetadataStoreError>;
+
     /// Ends overlaps whose deadline passed before `now`: clears the previous
     /// version and appends PREVIOUS_EXPIRED, one transaction per record.
     /// Returns each retired (vault path, version) with its event.

@@ -445,7 +445,14 @@ pub struct MintSettings {
     pub retry_min: time::Duration,
     /// Longest wait between attempts.
     pub retry_max: time::Duration,
+    /// End the overlap once every recent subscriber adopted the new version
+    /// (`[rotation] delete_on_adoption`).
+    pub end_on_adoption: bool,
 }
+
+/// A subscriber that acknowledged a version of the credential within this
+/// long counts as part of the fleet that must adopt the new one.
+pub const ADOPTION_WINDOW: time::Duration = time::Duration::days(1);
 
 impl Default for MintSettings {
     fn default() -> Self {
@@ -454,6 +461,7 @@ impl Default for MintSettings {
             max_mint_attempts: 5,
             retry_min: time::Duration::seconds(5),
             retry_max: time::Duration::minutes(10),
+            end_on_adoption: false,
         }
     }
 }
@@ -811,6 +819,48 @@ impl KeyRotator {
         Ok(Some(rotation))
     }
 
+    /// Whether a waiting rotation's fleet adopted its new version early:
+    /// with `end_on_adoption`, every subscriber that acknowledged a version
+    /// within [`ADOPTION_WINDOW`] has acknowledged the new one (and there is
+    /// at least one).
+    async fn adopted(&self, r: &KeyRotation, now: OffsetDateTime) -> Result<bool, BrokerError> {
+        let (true, Some(new)) = (self.settings.end_on_adoption, r.new_version) else {
+            return Ok(false);
+        };
+        let fleet: Vec<_> = self
+            .broker
+            .metadata()
+            .adoption(r.tenant, r.exchange)
+            .await?
+            .into_iter()
+            .filter(|a| now - a.acked_at <= ADOPTION_WINDOW)
+            .collect();
+        Ok(!fleet.is_empty() && fleet.iter().all(|a| a.version >= new))
+    }
+
+    /// Ends the credential's overlap now (the retire job's pass runs at
+    /// once: PREVIOUS_EXPIRED, the version no longer served), if the
+    /// rotation's new version is still the current one.
+    async fn end_overlap_now(
+        &self,
+        r: &mut KeyRotation,
+        now: OffsetDateTime,
+    ) -> Result<(), StepError> {
+        let record = self.broker.metadata().get(r.tenant, r.exchange).await?;
+        if let Some(rec) = record.filter(|rec| Some(rec.current_version) == r.new_version)
+            && let Some(previous) = rec.previous_version
+        {
+            self.broker
+                .metadata()
+                .end_overlap_at(r.tenant, r.exchange, previous, now)
+                .await?;
+            crate::rotation::retire::retire_once(&self.broker).await?;
+            tracing::info!(tenant = %r.tenant, exchange = %r.exchange, "every subscriber adopted the new version: the overlap ended early");
+        }
+        r.delete_after = Some(now);
+        Ok(())
+    }
+
     /// The credential's unfinished rotation at the exchange, if any (what
     /// GetCredentialHealth shows: a stuck one with its attempts and error).
     ///
@@ -835,7 +885,9 @@ impl KeyRotator {
                 return Err(BrokerError::FailedPrecondition(format!("no rotation {id}")));
             };
             let now = self.broker.clock().now();
-            let waiting = r.step == Step::Waiting && r.delete_after.is_some_and(|t| now < t);
+            let waiting = r.step == Step::Waiting
+                && r.delete_after.is_some_and(|t| now < t)
+                && !self.adopted(&r, now).await?;
             if r.step.finished() || waiting || r.next_attempt_at > now {
                 return Ok(r);
             }
@@ -928,6 +980,11 @@ impl KeyRotator {
                 Ok(())
             }
             Step::Waiting => {
+                if r.delete_after.is_some_and(|t| now < t) {
+                    // Every subscriber adopted the new version: the
+                    // overlap ends now, before the key is deleted.
+                    self.end_overlap_now(r, now).await?;
+                }
                 r.step = Step::Deleting;
                 Ok(())
             }
@@ -1023,6 +1080,15 @@ impl KeyRotator {
         let due = self.store.due(self.broker.clock().now(), 32).await?;
         for r in &due {
             self.drive(r.id).await?;
+        }
+        if self.settings.end_on_adoption {
+            // Waiting rotations are not due before the overlap's end; each
+            // is looked at for its fleet's adoption.
+            for r in self.store.unfinished().await? {
+                if r.step == Step::Waiting {
+                    self.drive(r.id).await?;
+                }
+            }
         }
         let unfinished = self.store.unfinished().await?;
         self.observer.round(&unfinished, self.broker.clock().now());

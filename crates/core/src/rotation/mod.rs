@@ -29,6 +29,13 @@ pub struct RotationConfig {
     pub event_retention_secs: u64,
     /// Backstop poll of the events table when no notification arrives.
     pub event_poll_secs: u64,
+    /// A rotation at the exchange ends the overlap and deletes the old key
+    /// as soon as every subscriber that acknowledged a version of the
+    /// credential in the last day has acknowledged the new one, instead of
+    /// waiting for the overlap's end. Only for fleets whose every pod
+    /// acknowledges (the Rust handle, the agent and the Python package do):
+    /// a pod that never acknowledges is not counted.
+    pub delete_on_adoption: bool,
 }
 
 impl Default for RotationConfig {
@@ -41,6 +48,7 @@ impl Default for RotationConfig {
             orphan_grace_secs: 900,
             event_retention_secs: 7 * 24 * 3600,
             event_poll_secs: 5,
+            delete_on_adoption: false,
         }
     }
 }
