@@ -13,6 +13,13 @@
 //! ends the exchange deletes the old key; the load runs `DRILL_AFTER_SECS`
 //! more (default 3).
 //!
+//! `DRILL_MINT=1` runs the rotation at the exchange instead (zero-touch,
+//! on the Bybit simulator): the tenant's management key is stored, the
+//! operator calls Rotate with `"mint": true`, and the broker itself creates
+//! the next key and deletes the old one after the overlap; the drill
+//! reports the time from Rotate to the old key's deletion and the
+//! key-management calls the exchange answered.
+//!
 //! It reports requests signed with the deleted key (must be 0), pods still
 //! on the old key when the overlap ends (must be 0), the swap time (Rotate
 //! sent → the pod holds the new version) p50/p99/max, the killed
@@ -56,6 +63,18 @@ const OLD_KEY: &str = "drillKeyOld0000000000";
 const OLD_SECRET: &str = "drillSecretOld000000000";
 const NEW_KEY: &str = "drillKeyNew0000000000";
 const NEW_SECRET: &str = "drillSecretNew000000000";
+/// `DRILL_MINT`: the master account's key and the sub-account it manages.
+const MASTER_KEY: &str = "drillMasterKey0000000";
+const MASTER_SECRET: &str = "drillMasterSecret000000";
+const SUB_ACCOUNT: &str = "100200300";
+/// The Bybit key-management paths (and the permission query a minted key's
+/// validation makes), counted per rotation.
+const MANAGEMENT_PATHS: [&str; 4] = [
+    "/v5/user/create-sub-api",
+    "/v5/user/sub-apikeys",
+    "/v5/user/delete-sub-api",
+    "/v5/user/query-api",
+];
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k).ok().map_or(d, |v| {
@@ -75,6 +94,8 @@ struct Plan {
     push: bool,
     /// The pods' acknowledgement spread (`ClientConfig::ack_jitter`).
     ack_jitter: f64,
+    /// Rotation at the exchange (Bybit): the broker mints and deletes.
+    mint: bool,
 }
 
 /// What the pods' requests met at the exchange.
@@ -121,6 +142,7 @@ fn main() {
         after: env_or("DRILL_AFTER_SECS", if quick { 1.5 } else { 3.0 }),
         push: env_or("DRILL_PUSH", 1u8) != 0,
         ack_jitter: env_or("DRILL_ACK_JITTER_SECS", 5.0f64),
+        mint: env_or("DRILL_MINT", 0u8) != 0,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -142,6 +164,10 @@ fn main() {
     assert_eq!(
         report.json["pods_on_old_key_at_overlap_end"], 0,
         "pods were left on the old key"
+    );
+    assert_eq!(
+        report.json["old_key_deleted"], true,
+        "the old key is still live at the exchange"
     );
     assert_eq!(
         report.json["requests_refused"], 0,
@@ -204,6 +230,13 @@ impl Report {
             "the operator's Rotate call (validation at the exchange, Vault, commit): {}\n",
             ms(&j["rotate_call_ms"])
         );
+        if j["mint"] == true {
+            out += &format!(
+                "at the exchange: Rotate sent → old key deleted {}; exchange calls for the rotation: {}\n",
+                ms(&j["rotate_to_old_key_deleted_ms"]),
+                j["exchange_calls"]
+            );
+        }
         out += &format!(
             "killed replica's pods: {}, resubscribed {}: p50 {} p99 {} max {}\n",
             j["killed_replica_pods"],
@@ -303,10 +336,23 @@ async fn drill(plan: &Plan) -> Report {
     let (bao, db) = tokio::join!(Bao::start(), TestDb::create());
     let pki = Pki::new();
     let sims = Arc::new(Simulators::start().await.unwrap());
-    let sim_url = sims.urls[&ExchangeId::Binance].clone();
+    let ex = if plan.mint {
+        ExchangeId::Bybit
+    } else {
+        ExchangeId::Binance
+    };
+    let sim_url = sims.urls[&ex].clone();
     let dir = tempfile::tempdir().unwrap();
+    // Rotation at the exchange needs validation there (the simulator).
+    let extra = if plan.mint {
+        format!(
+            "[validation]\nmode = \"exchange\"\n[validation.exchanges.bybit]\nbase_url = \"{sim_url}\"\n"
+        )
+    } else {
+        String::new()
+    };
     let mut replicas: Vec<server::Server> = (0..plan.replicas)
-        .map(|i| server::start(&dir.path().join(format!("r{i}")), &pki, &bao, &db, ""))
+        .map(|i| server::start(&dir.path().join(format!("r{i}")), &pki, &bao, &db, &extra))
         .collect();
     let idle_rss: Vec<u64> = replicas.iter().map(|r| rss_bytes(r.pid)).collect();
     let endpoints: Vec<String> = replicas
@@ -319,16 +365,27 @@ async fn drill(plan: &Plan) -> Report {
             .await,
     );
     let tenant = uuid::Uuid::new_v4();
-    let perms = native_permissions(ExchangeId::Binance, false, false);
-    // The key a person created at the exchange, stored.
-    sims.add_key(
-        ExchangeId::Binance,
-        OLD_KEY,
-        SimKey::hmac(OLD_SECRET, perms.clone()),
-    );
+    let perms = native_permissions(ex, false, false);
+    // The key a person created at the exchange (in the managed sub-account
+    // when the broker rotates at the exchange), stored.
+    let mut old = SimKey::hmac(OLD_SECRET, perms.clone());
+    if plan.mint {
+        old.sub_account = Some(SUB_ACCOUNT.into());
+        sims.add_key(
+            ex,
+            MASTER_KEY,
+            SimKey::master(
+                MASTER_SECRET,
+                serde_json::json!({"id": "1", "note": "master", "apiKey": MASTER_KEY, "readOnly": 0,
+                    "secret": "", "permissions": {"Wallet": ["AccountTransfer"]}, "ips": ["*"]}),
+                &[SUB_ACCOUNT],
+            ),
+        );
+    }
+    sims.add_key(ex, OLD_KEY, old);
     op.validate_and_store(pb::ValidateAndStoreRequest {
         tenant_id: tenant.to_string(),
-        exchange: "binance".into(),
+        exchange: ex.as_str().into(),
         credentials: Some(pb::CredentialSet {
             api_key: OLD_KEY.into(),
             api_secret: OLD_SECRET.into(),
@@ -337,6 +394,22 @@ async fn drill(plan: &Plan) -> Report {
     })
     .await
     .unwrap();
+    if plan.mint {
+        op.set_management_key(pb::SetManagementKeyRequest {
+            tenant_id: tenant.to_string(),
+            exchange: ex.as_str().into(),
+            credentials: Some(pb::CredentialSet {
+                api_key: MASTER_KEY.into(),
+                api_secret: MASTER_SECRET.into(),
+                passphrase: None,
+            }),
+            sub_account: SUB_ACCOUNT.into(),
+            rotate_every_days: 0,
+            overlap_seconds: None,
+        })
+        .await
+        .unwrap();
+    }
 
     // The fleet: one handle (one connection) per pod, started in waves so
     // the handshakes do not all land at once.
@@ -356,14 +429,14 @@ async fn drill(plan: &Plan) -> Report {
                 TenantId::new(tenant),
             );
             cfg.domain = Some("localhost".into());
-            cfg.exchanges = vec![ExchangeId::Binance];
+            cfg.exchanges = vec![ex];
             cfg.instance = Some(format!("pod-{i}"));
             cfg.include_credentials = plan.push;
             cfg.ack_jitter = Duration::from_secs_f64(plan.ack_jitter);
             started.push(CredentialHandle::start(cfg));
         }
         for h in &started {
-            h.wait_for(ExchangeId::Binance, 1, Duration::from_secs(120))
+            h.wait_for(ex, 1, Duration::from_secs(120))
                 .await
                 .expect("a pod never got its first set");
         }
@@ -420,17 +493,29 @@ async fn drill(plan: &Plan) -> Report {
                 let Ok(_permit) = in_flight.acquire().await else {
                     return;
                 };
-                let Some(c) = h.get(ExchangeId::Binance) else {
+                let Some(c) = h.get(ex) else {
                     continue;
                 };
                 let key = c.current.api_key.clone();
+                let secret = c.current.api_secret.expose_secret();
                 let ts = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-                let query = format!("recvWindow=5000&timestamp={ts}");
-                let sig = credbroker_exchange::signing::binance(
-                    c.current.api_secret.expose_secret(),
-                    &query,
-                    "",
-                );
+                let request = if ex == ExchangeId::Bybit {
+                    let query = "accountType=UNIFIED";
+                    let ts = u64::try_from(ts).unwrap_or(0);
+                    let sig = credbroker_exchange::signing::bybit(secret, ts, &key, 5000, query);
+                    http.get(format!("{url}/v5/account/wallet-balance?{query}"))
+                        .header("X-BAPI-API-KEY", key.as_str())
+                        .header("X-BAPI-TIMESTAMP", ts.to_string())
+                        .header("X-BAPI-SIGN", sig)
+                        .header("X-BAPI-RECV-WINDOW", "5000")
+                } else {
+                    let query = format!("recvWindow=5000&timestamp={ts}");
+                    let sig = credbroker_exchange::signing::binance(secret, &query, "");
+                    http.get(format!(
+                        "{url}/sapi/v1/account/apiRestrictions?{query}&signature={sig}"
+                    ))
+                    .header("X-MBX-APIKEY", key.as_str())
+                };
                 let old = key == OLD_KEY;
                 // Read before sending: a request that left before the
                 // deletion may still arrive after it (the exchange's race,
@@ -445,23 +530,26 @@ async fn drill(plan: &Plan) -> Report {
                     tally.with_deleted_key.fetch_add(1, Ordering::Relaxed);
                 }
                 tally.sent.fetch_add(1, Ordering::Relaxed);
-                let sent = http
-                    .get(format!(
-                        "{url}/sapi/v1/account/apiRestrictions?{query}&signature={sig}"
-                    ))
-                    .header("X-MBX-APIKEY", key)
-                    .send()
-                    .await;
+                let sent = request.send().await;
                 let counter = match sent {
-                    Ok(r) if r.status().is_success() => &tally.accepted,
+                    // Bybit refuses with HTTP 200 and a retCode.
+                    Ok(r) if r.status().is_success() && ex != ExchangeId::Bybit => &tally.accepted,
                     Ok(r) => {
+                        let status = r.status();
                         let body = r.text().await.unwrap_or_default();
-                        let code = serde_json::from_str::<serde_json::Value>(&body)
-                            .ok()
-                            .and_then(|v| v.get("code").map(ToString::to_string))
-                            .unwrap_or_else(|| "?".into());
-                        *tally.refusal_codes.lock().unwrap().entry(code).or_default() += 1;
-                        &tally.refused
+                        let v = serde_json::from_str::<serde_json::Value>(&body).ok();
+                        let ret_code = v.as_ref().and_then(|v| v["retCode"].as_i64());
+                        if status.is_success() && ret_code.unwrap_or(0) == 0 {
+                            &tally.accepted
+                        } else {
+                            let code = ret_code.map(|c| c.to_string()).or_else(|| {
+                                v.as_ref()
+                                    .and_then(|v| v.get("code").map(ToString::to_string))
+                            });
+                            let code = code.unwrap_or_else(|| "?".into());
+                            *tally.refusal_codes.lock().unwrap().entry(code).or_default() += 1;
+                            &tally.refused
+                        }
                     }
                     Err(e) if e.is_connect() => &tally.failed_connect,
                     Err(e) if e.is_timeout() => &tally.failed_timeout,
@@ -480,12 +568,12 @@ async fn drill(plan: &Plan) -> Report {
         before.push(scrape(&metrics_http, &r.metrics).await);
     }
 
-    // The rotation: the next key exists at the exchange, then Rotate.
-    sims.add_key(
-        ExchangeId::Binance,
-        NEW_KEY,
-        SimKey::hmac(NEW_SECRET, perms),
-    );
+    // The rotation: the next key exists at the exchange (a person made it,
+    // or the broker mints it), then Rotate.
+    if !plan.mint {
+        sims.add_key(ex, NEW_KEY, SimKey::hmac(NEW_SECRET, perms));
+    }
+    let calls_before: Vec<u64> = MANAGEMENT_PATHS.iter().map(|p| sims.calls(ex, p)).collect();
     let t_rotate = Instant::now();
     // Phase marks on stderr, in wall-clock time, to line a CPU profile up with.
     let mark = |what: &str| {
@@ -501,7 +589,7 @@ async fn drill(plan: &Plan) -> Report {
         let h = h.clone();
         let replica = on(&h).and_then(|ep| endpoints.iter().position(|e| e.as_str() == &*ep));
         swaps.spawn(async move {
-            h.wait_for(ExchangeId::Binance, 2, Duration::from_secs(60))
+            h.wait_for(ex, 2, Duration::from_secs(60))
                 .await
                 .ok()
                 .map(|_| (replica, t_rotate.elapsed()))
@@ -509,14 +597,14 @@ async fn drill(plan: &Plan) -> Report {
     }
     op.rotate(pb::RotateRequest {
         tenant_id: tenant.to_string(),
-        exchange: "binance".into(),
-        credentials: Some(pb::CredentialSet {
+        exchange: ex.as_str().into(),
+        credentials: (!plan.mint).then(|| pb::CredentialSet {
             api_key: NEW_KEY.into(),
             api_secret: NEW_SECRET.into(),
             passphrase: None,
         }),
         overlap_seconds: Some(plan.overlap),
-        mint: false,
+        mint: plan.mint,
     })
     .await
     .unwrap();
@@ -552,14 +640,24 @@ async fn drill(plan: &Plan) -> Report {
         });
     }
 
-    // The overlap ends: the exchange deletes the old key.
+    // The overlap ends: the old key is deleted at the exchange (by its
+    // owner, or by the broker's rotation at the exchange).
     tokio::time::sleep_until((t_rotate + overlap).into()).await;
     let on_old = handles
         .iter()
-        .filter(|h| h.get(ExchangeId::Binance).is_none_or(|c| c.version < 2))
+        .filter(|h| h.get(ex).is_none_or(|c| c.version < 2))
         .count();
-    sims.remove_key(ExchangeId::Binance, OLD_KEY);
+    if plan.mint {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sims.has_key(ex, OLD_KEY) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    } else {
+        sims.remove_key(ex, OLD_KEY);
+    }
+    let old_key_deleted = t_rotate.elapsed();
     deleted.store(true, Ordering::Release);
+    mark("old key deleted");
     tokio::time::sleep(Duration::from_secs_f64(plan.after)).await;
     stop.cancel();
     while load.join_next().await.is_some() {}
@@ -625,6 +723,17 @@ async fn drill(plan: &Plan) -> Report {
             "pods_on_old_key_at_overlap_end": on_old,
             "pods_swapped": swap.len(),
             "rotate_call_ms": rotate_call.as_secs_f64() * 1e3,
+            "mint": plan.mint,
+            "exchange": ex.as_str(),
+            "old_key_deleted": !sims.has_key(ex, OLD_KEY),
+            "rotate_to_old_key_deleted_ms": old_key_deleted.as_secs_f64() * 1e3,
+            "exchange_calls": serde_json::Value::Object(
+                MANAGEMENT_PATHS
+                    .iter()
+                    .zip(&calls_before)
+                    .map(|(p, b)| ((*p).to_owned(), serde_json::json!(sims.calls(ex, p) - b)))
+                    .collect(),
+            ),
             "swap_ms": summary(&swap),
             "killed_replica_pods": victims.len(),
             "killed_replica_pods_resubscribed": resub.len(),

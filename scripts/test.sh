@@ -44,4 +44,7 @@ CREDBROKER_BIN="${CARGO_TARGET_DIR:-target}/debug/credbroker" "$py" -m pytest -q
 # The benchmarks first, as quick smoke runs (tiny sizes), so the unit and
 # integration tests' summary is what the run ends with.
 cargo test --benches "$@"
+# The drill once more with the rotation at the exchange (zero-touch): the
+# broker mints the next key and deletes the old one under load.
+DRILL_MINT=1 cargo test --bench drill "$@"
 exec cargo test --workspace --lib --bins --tests "$@"

@@ -40,8 +40,9 @@ impl Server {
 }
 
 /// Starts `credbroker server` with its state in `dir` and `extra` (TOML
-/// sections: limits, audit, auth...) after the common configuration;
-/// returns once it listens.
+/// sections: limits, audit, auth, validation...) after the common
+/// configuration (whose `[validation]` is format checks only, unless
+/// `extra` has its own); returns once it listens.
 pub fn start(dir: &Path, pki: &Pki, bao: &Bao, db: &TestDb, extra: &str) -> Server {
     std::fs::create_dir_all(dir).unwrap();
     let toml = format!(
@@ -63,9 +64,7 @@ method = "token"
 [postgres]
 url = "{pg}"
 
-[validation]
-mode = "format"
-
+{validation}
 [telemetry]
 metrics_listen = "127.0.0.1:0"
 
@@ -79,6 +78,12 @@ enabled = false
         ca = pki.path("ca.pem").display(),
         vault = bao.addr,
         pg = db.url(),
+        // Format checks only, unless `extra` validates at the exchanges.
+        validation = if extra.contains("[validation]") {
+            ""
+        } else {
+            "[validation]\nmode = \"format\"\n"
+        },
     );
     let cfg = dir.join("credbroker.toml");
     std::fs::write(&cfg, toml).unwrap();

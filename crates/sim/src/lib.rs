@@ -105,11 +105,15 @@ impl SimKey {
 
 type Keys = Arc<Mutex<HashMap<(ExchangeId, String), SimKey>>>;
 
+/// Requests answered, by exchange and path.
+type Calls = Arc<Mutex<HashMap<(ExchangeId, String), u64>>>;
+
 /// The running simulators and their key registry.
 pub struct Simulators {
     /// Base URL per exchange.
     pub urls: BTreeMap<ExchangeId, String>,
     keys: Keys,
+    calls: Calls,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -125,6 +129,7 @@ impl Drop for Simulators {
 struct Sim {
     ex: ExchangeId,
     keys: Keys,
+    calls: Calls,
     nonces: Arc<Mutex<HashMap<String, u64>>>,
 }
 
@@ -135,6 +140,7 @@ impl Simulators {
     /// When a port cannot be bound.
     pub async fn start() -> std::io::Result<Self> {
         let keys: Keys = Arc::default();
+        let calls: Calls = Arc::default();
         let nonces = Arc::default();
         let mut urls = BTreeMap::new();
         let mut tasks = Vec::new();
@@ -144,6 +150,7 @@ impl Simulators {
             let sim = Sim {
                 ex,
                 keys: Arc::clone(&keys),
+                calls: Arc::clone(&calls),
                 nonces: Arc::clone(&nonces),
             };
             let app = Router::new().fallback(handle).with_state(sim);
@@ -151,7 +158,12 @@ impl Simulators {
                 let _ = axum::serve(listener, app).await;
             }));
         }
-        Ok(Self { urls, keys, tasks })
+        Ok(Self {
+            urls,
+            keys,
+            calls,
+            tasks,
+        })
     }
 
     /// Validator endpoints pointing at these simulators.
@@ -183,6 +195,19 @@ impl Simulators {
     /// every later request signed with it is refused.
     pub fn remove_key(&self, ex: ExchangeId, api_key: &str) {
         lock(&self.keys).remove(&(ex, api_key.to_owned()));
+    }
+
+    /// Whether the exchange knows `api_key` (it was not deleted).
+    pub fn has_key(&self, ex: ExchangeId, api_key: &str) -> bool {
+        lock(&self.keys).contains_key(&(ex, api_key.to_owned()))
+    }
+
+    /// Requests `ex`'s simulator has answered on `path`, signed or not.
+    pub fn calls(&self, ex: ExchangeId, path: &str) -> u64 {
+        lock(&self.calls)
+            .get(&(ex, path.to_owned()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Changes a registered key.
@@ -227,6 +252,7 @@ async fn handle(State(sim): State<Sim>, req: Request) -> Response {
     };
     let body = String::from_utf8_lossy(&body).to_string();
     let path = parts.uri.path().to_owned();
+    *lock(&sim.calls).entry((sim.ex, path.clone())).or_default() += 1;
     let query = parts.uri.query().unwrap_or("").to_owned();
     let method = parts.method.as_str().to_owned();
     let h = &parts.headers;
