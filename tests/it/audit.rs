@@ -1449,11 +1449,7 @@ async fn an_outcome_a_crash_lost_is_written_from_the_event_log() {
 async fn a_stream_with_include_credentials_sends_each_set_and_records_each_as_a_read() {
     use pb::watch_rotations_response::Message;
     let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut op = env.operator().await;
-    op.validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
+    let (tenant, mut op) = env.stored_tenant().await;
     let mut pod = env.tenant_client(&tenant).await;
     let watch = |include_credentials| pb::WatchRotationsRequest {
         tenant_id: tenant.clone(),

@@ -85,14 +85,7 @@ async fn the_handle_follows_rotations_fails_over_dedupes_and_keeps_the_last_good
     // The pod acknowledged what it holds (within the half second set above).
     let deadline = std::time::Instant::now() + wait;
     let ack = loop {
-        let meta = admin
-            .describe_credential(pb::DescribeCredentialRequest {
-                tenant_id: tenant.clone(),
-                exchange: "binance".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let meta = crate::support::describe(&mut admin, &tenant, "binance").await;
         match meta
             .adoption
             .into_iter()
@@ -142,14 +135,7 @@ async fn acknowledging_a_version_that_is_not_served_is_refused() {
     };
     // Previous (inside its overlap) and current are fine.
     c.acknowledge_version(ack(1)).await.unwrap();
-    let meta = op
-        .describe_credential(pb::DescribeCredentialRequest {
-            tenant_id: tenant.clone(),
-            exchange: "kraken".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let meta = crate::support::describe(&mut op, &tenant, "kraken").await;
     assert_eq!(meta.adoption.len(), 1);
     assert!(
         meta.adoption[0].on_previous,
@@ -532,6 +518,32 @@ async fn bybit_stored() -> (
     (env, tenant, admin)
 }
 
+/// A pod's handle on [`bybit_stored`]'s key (once it holds version 1), then
+/// a Rotate to `bybitKey000001` with `overlap` seconds (None: the default).
+async fn rotated_under_a_handle(
+    env: &Env,
+    tenant: &str,
+    admin: &mut pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>,
+    overlap: Option<u32>,
+) -> CredentialHandle {
+    let handle = CredentialHandle::start(client_config(env, vec![env.endpoint()], tenant));
+    handle
+        .wait_for(ExchangeId::Bybit, 1, Duration::from_secs(15))
+        .await
+        .unwrap();
+    admin
+        .rotate(crate::support::rotate_req(
+            tenant,
+            "bybit",
+            "bybitKey000001",
+            "bybitSecret000001",
+            overlap,
+        ))
+        .await
+        .unwrap();
+    handle
+}
+
 /// GetCredentials calls the env's broker has answered OK so far.
 async fn fetches(env: &Env) -> f64 {
     crate::checks::value(
@@ -545,19 +557,8 @@ async fn fetches(env: &Env) -> f64 {
 #[tokio::test]
 async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch() {
     let (env, tenant, mut admin) = bybit_stored().await;
-    let handle = CredentialHandle::start(client_config(&env, vec![env.endpoint()], &tenant));
     let wait = Duration::from_secs(15);
-    handle.wait_for(ExchangeId::Bybit, 1, wait).await.unwrap();
-    admin
-        .rotate(crate::support::rotate_req(
-            &tenant,
-            "bybit",
-            "bybitKey000001",
-            "bybitSecret000001",
-            Some(1),
-        ))
-        .await
-        .unwrap();
+    let handle = rotated_under_a_handle(&env, &tenant, &mut admin, Some(1)).await;
     let v2 = handle.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
     assert!(v2.previous.is_some());
     let before = fetches(&env).await;
@@ -588,19 +589,8 @@ async fn the_handle_drops_the_previous_set_at_the_overlaps_end_without_a_fetch()
 async fn the_handle_takes_each_set_from_the_stream_without_a_fetch() {
     let (env, tenant, mut admin) = bybit_stored().await;
     let before = fetches(&env).await;
-    let handle = CredentialHandle::start(client_config(&env, vec![env.endpoint()], &tenant));
     let wait = Duration::from_secs(15);
-    handle.wait_for(ExchangeId::Bybit, 1, wait).await.unwrap();
-    admin
-        .rotate(crate::support::rotate_req(
-            &tenant,
-            "bybit",
-            "bybitKey000001",
-            "bybitSecret000001",
-            None,
-        ))
-        .await
-        .unwrap();
+    let handle = rotated_under_a_handle(&env, &tenant, &mut admin, None).await;
     let v2 = handle.wait_for(ExchangeId::Bybit, 2, wait).await.unwrap();
     assert_eq!(v2.current.api_key, "bybitKey000001");
     assert_eq!(

@@ -72,14 +72,7 @@ async fn store_then_get_round_trips_through_vault_and_postgres() {
     );
 
     // Describe and List never carry secrets.
-    let d = c
-        .describe_credential(pb::DescribeCredentialRequest {
-            tenant_id: tenant.clone(),
-            exchange: "binance".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = crate::support::describe(&mut c, &tenant, "binance").await;
     assert_eq!(d.version, 1);
     assert!(!format!("{d:?}").contains("binanceSecret0001"));
     let l = c

@@ -273,12 +273,8 @@ async fn a_load_that_raced_a_rotation_is_not_cached_on_real_stores() {
 #[tokio::test]
 async fn concurrent_misses_of_a_cold_key_share_one_load() {
     let env = Env::start().await;
-    let tenant_s = new_tenant();
+    let (tenant_s, mut op) = env.stored_tenant().await;
     let tenant: TenantId = tenant_s.parse().unwrap();
-    let mut op = env.operator().await;
-    op.validate_and_store(store_n(&tenant_s, "binance"))
-        .await
-        .unwrap();
     op.rotate(rotate_n(&tenant_s, "binance", 1)).await.unwrap();
 
     let mut backends = app::real_backends(&env.config).await.unwrap();
@@ -329,12 +325,8 @@ async fn streams_that_open_together_share_their_starting_reads() {
     use credbroker::rotation::watch::{StreamTiming, Subscription, Watch, WatchItem};
     use futures::StreamExt as _;
     let env = Env::start().await;
-    let tenant_s = new_tenant();
+    let (tenant_s, mut op) = env.stored_tenant().await;
     let tenant: TenantId = tenant_s.parse().unwrap();
-    let mut op = env.operator().await;
-    op.validate_and_store(store_n(&tenant_s, "binance"))
-        .await
-        .unwrap();
     op.rotate(rotate_n(&tenant_s, "binance", 1)).await.unwrap();
     // The pods resume after the last event they saw: the rotation.
     let resume_at = env.broker().metadata().snapshot(tenant).await.unwrap().1;
@@ -414,11 +406,7 @@ async fn streams_that_open_together_share_their_starting_reads() {
 #[tokio::test]
 async fn destroyed_versions_are_not_reported_as_an_outage() {
     let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut op = env.operator().await;
-    op.validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
+    let (tenant, mut op) = env.stored_tenant().await;
     op.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     let path = env.credential_path(&tenant, "binance");
     let destroy = |v: u32| {
@@ -597,11 +585,7 @@ async fn vault_answers_are_classified_by_status_and_shape() {
 #[tokio::test]
 async fn the_sweep_destroys_orphaned_versions_only() {
     let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut op = env.operator().await;
-    op.validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
+    let (tenant, mut op) = env.stored_tenant().await;
     // Two orphans, as the loser of a concurrent Rotate leaves them: written
     // in Vault, never committed.
     let path = env.credential_path(&tenant, "binance");
@@ -654,11 +638,7 @@ async fn the_sweep_destroys_orphaned_versions_only() {
 #[tokio::test]
 async fn a_resume_point_ahead_of_the_log_asks_for_a_resync() {
     let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut op = env.operator().await;
-    op.validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
+    let (tenant, mut op) = env.stored_tenant().await;
     let mut s = watch_past_state(&mut op, &tenant).await;
     let hb = loop {
         match s.message().await.unwrap().unwrap().message.unwrap() {

@@ -162,11 +162,7 @@ async fn a_client_resumes_on_another_replica_without_gaps_or_duplicates() {
 #[tokio::test]
 async fn the_listener_recovers_after_losing_its_connection() {
     let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut c = env.operator().await;
-    c.validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
+    let (tenant, mut c) = env.stored_tenant().await;
     let mut stream = env
         .tenant_client(&tenant)
         .await
@@ -202,11 +198,7 @@ async fn the_listener_recovers_after_losing_its_connection() {
 #[tokio::test]
 async fn resuming_before_retention_asks_for_a_resync() {
     let env = Env::start().await;
-    let tenant = new_tenant();
-    let mut c = env.operator().await;
-    c.validate_and_store(store_n(&tenant, "binance"))
-        .await
-        .unwrap();
+    let (tenant, mut c) = env.stored_tenant().await;
     c.rotate(rotate_n(&tenant, "binance", 1)).await.unwrap();
     // Prune everything (retention passed for all events).
     let pruned = env

@@ -276,16 +276,7 @@ async fn concurrent_rotations_never_both_win() {
         }
     }
     assert!(ok >= 1);
-    let d = env
-        .operator()
-        .await
-        .describe_credential(pb::DescribeCredentialRequest {
-            tenant_id: tenant.clone(),
-            exchange: "bybit".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let d = crate::support::describe(&mut env.operator().await, &tenant, "bybit").await;
     let rotated = env
         .count("SELECT count(*) FROM credential_events WHERE kind = 'rotated'")
         .await;

@@ -170,6 +170,17 @@ impl Env {
             .await
     }
 
+    /// A new tenant with one Binance key stored (`store_n`): the tenant and
+    /// the operator's client that stored it.
+    pub async fn stored_tenant(&self) -> (String, CredentialBrokerClient<Channel>) {
+        let tenant = new_tenant();
+        let mut op = self.operator().await;
+        op.validate_and_store(store_n(&tenant, "binance"))
+            .await
+            .unwrap();
+        (tenant, op)
+    }
+
     pub async fn tenant_client(&self, tenant: &str) -> CredentialBrokerClient<Channel> {
         self.client_for(&format!("spiffe://{TD}/tenant/{tenant}/pod/test"))
             .await
