@@ -594,6 +594,7 @@ fn build_broker(
                 expiry_warning: time::Duration::days(i64::from(s.checks.expiry_warning_days)),
                 max_key_age: (s.checks.max_key_age_days > 0)
                     .then(|| time::Duration::days(i64::from(s.checks.max_key_age_days))),
+                watch_replaced_keys: s.checks.watch_replaced_keys,
             },
         )
         .with_audit(sink.clone())

@@ -281,6 +281,9 @@ impl HealthChecks {
                                 if out.finding.is_failure() {
                                     self.metrics.health_check_failed(tenant, exchange);
                                 }
+                                if out.replaced_live > 0 {
+                                    self.metrics.replaced_keys_live(exchange, out.replaced_live);
+                                }
                                 self.rotate_if_expiring(&out).await;
                                 (out.finding.as_str(), vec![out.record.current_version])
                             }
@@ -393,6 +396,13 @@ pub struct ChecksConfig {
     /// reported (drift: the tenant's webhook hears it once), as AWS flags
     /// access keys older than 90 days; 0: never.
     pub max_key_age_days: u32,
+    /// When an overlap ends, keep the replaced key's set (in Vault, at
+    /// `…/replaced`) and ask its exchange at each check whether the key
+    /// still works there: a replaced key left live is reported (drift, the
+    /// tenant's webhook `credential.old_key_live` once,
+    /// `credbroker_replaced_keys_live_total`) until it is deleted at the
+    /// exchange, and then its copy is destroyed.
+    pub watch_replaced_keys: bool,
     /// The lease's length; the holder renews it at a third of that.
     pub lease_secs: u64,
 }
@@ -407,6 +417,7 @@ impl Default for ChecksConfig {
             requests_per_minute: 20,
             expiry_warning_days: 7,
             max_key_age_days: 90,
+            watch_replaced_keys: true,
             lease_secs: 60,
         }
     }

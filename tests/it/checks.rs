@@ -11,6 +11,7 @@ use credbroker::{
     clock::ManualClock,
     config::{ValidationConfig, ValidationMode},
     exchange::sim::{Fault, Simulators, native_permissions},
+    rotation::retire,
 };
 
 use crate::{
@@ -512,4 +513,162 @@ async fn a_key_older_than_the_rotation_policy_is_reported_once() {
         "{v}"
     );
     assert!(!sent[0].1.contains(secret.as_str()));
+}
+
+/// Coinbase has no key-management API: after a Rotate the operator must
+/// delete the replaced key in the exchange's web UI. When the overlap ends
+/// the retire pass keeps the replaced set (in Vault, `…/replaced`), and each
+/// check asks the exchange whether that key still works: while it does, the
+/// health detail says so, the tenant's webhook hears it once
+/// (`credential.old_key_live`) and `credbroker_replaced_keys_live_total`
+/// counts it; once the key is deleted at the exchange the reminder clears and
+/// the copy is destroyed.
+#[tokio::test]
+async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_deleted_there() {
+    let (sims, clock, env) = checked_env().await;
+    let checks = &env.running.as_ref().unwrap().checks;
+    let broker = env.broker().clone();
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    let receiver = Receiver::for_tenant(&mut op, &tenant, 0).await;
+    let ex = ExchangeId::Coinbase;
+    let (old_key, old_secret, _) = register(&sims, ex, "old", false);
+    let (new_key, new_secret, _) = register(&sims, ex, "new", false);
+    op.validate_and_store(store_req(&tenant, ex, &old_key, &old_secret, None))
+        .await
+        .unwrap();
+    op.rotate(pb::RotateRequest {
+        tenant_id: tenant.clone(),
+        exchange: ex.as_str().into(),
+        credentials: store_req(&tenant, ex, &new_key, &new_secret, None).credentials,
+        overlap_seconds: Some(60),
+        mint: false,
+    })
+    .await
+    .unwrap();
+    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
+    let kept_path = broker.replaced_path(t, ex);
+    let kept = || {
+        let broker = broker.clone();
+        let path = kept_path.clone();
+        async move {
+            broker
+                .secrets()
+                .versions(&path)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|v| !v.destroyed)
+                .count()
+        }
+    };
+    let health = || {
+        let mut op = op.clone();
+        let req = pb::GetCredentialHealthRequest {
+            tenant_id: tenant.clone(),
+            exchange: ex.as_str().into(),
+        };
+        async move { op.get_credential_health(req).await.unwrap().into_inner() }
+    };
+
+    // Inside the overlap both keys are meant to work: nothing to report.
+    assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
+    assert_eq!(kept().await, 0, "nothing kept before the overlap ends");
+
+    // The overlap ends: the replaced set is kept, the served one destroyed.
+    clock.advance(time::Duration::minutes(2));
+    assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
+    assert_eq!(kept().await, 1);
+
+    // The operator forgot to delete it at Coinbase: reported.
+    clock.advance(time::Duration::hours(4));
+    let round = checks.round().await.unwrap();
+    assert_eq!(round.count("drift"), 1, "{round:?}");
+    let h = health().await;
+    assert_eq!(h.credential_status, CredentialStatus::Active as i32);
+    assert!(
+        h.detail.contains("the replaced key")
+            && h.detail.contains("still works at coinbase")
+            && h.detail.contains("delete it at the exchange"),
+        "{}",
+        h.detail
+    );
+    assert!(!h.detail.contains(old_key.as_str()), "only the key's hint");
+    let (_, samples) = scrape(&env).await;
+    assert_eq!(
+        value(
+            &samples,
+            "credbroker_replaced_keys_live_total",
+            &[("exchange", "coinbase")]
+        ),
+        Some(1.0)
+    );
+    // Every round says it again in the detail, the tenant hears it once.
+    clock.advance(time::Duration::hours(4));
+    assert_eq!(checks.round().await.unwrap().count("drift"), 1);
+    wait_for("the reminder", || !receiver.requests().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = receiver.requests();
+    assert_eq!(sent.len(), 1, "once per change, not every round");
+    let v: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
+    assert_eq!(v["type"], "credential.old_key_live", "{v}");
+    assert!(!sent[0].1.contains(old_secret.as_str()));
+    assert!(!sent[0].1.contains(old_key.as_str()));
+
+    // Deleted at the exchange: the reminder clears and the copy goes.
+    sims.remove_key(ex, &old_key);
+    clock.advance(time::Duration::hours(4));
+    assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
+    assert!(health().await.detail.is_empty());
+    assert_eq!(kept().await, 0, "the copy is destroyed");
+    let (_, samples) = scrape(&env).await;
+    assert_eq!(
+        value(
+            &samples,
+            "credbroker_replaced_keys_live_total",
+            &[("exchange", "coinbase")]
+        ),
+        Some(2.0),
+        "counted once per check that found it"
+    );
+    // The new key is untouched and served.
+    assert!(sims.has_key(ex, &new_key));
+}
+
+/// A replaced key deleted at the exchange before its overlap ended (as the
+/// operator should) is checked once and its copy destroyed.
+#[tokio::test]
+async fn a_replaced_key_deleted_in_time_is_checked_once_and_forgotten() {
+    let (sims, clock, env) = checked_env().await;
+    let checks = &env.running.as_ref().unwrap().checks;
+    let broker = env.broker().clone();
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    let ex = ExchangeId::Kraken;
+    let (old_key, old_secret, _) = register(&sims, ex, "gone", false);
+    let (new_key, new_secret, _) = register(&sims, ex, "kept", false);
+    op.validate_and_store(store_req(&tenant, ex, &old_key, &old_secret, None))
+        .await
+        .unwrap();
+    op.rotate(pb::RotateRequest {
+        tenant_id: tenant.clone(),
+        exchange: ex.as_str().into(),
+        credentials: store_req(&tenant, ex, &new_key, &new_secret, None).credentials,
+        overlap_seconds: Some(60),
+        mint: false,
+    })
+    .await
+    .unwrap();
+    sims.remove_key(ex, &old_key);
+    clock.advance(time::Duration::minutes(2));
+    assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
+    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
+    let path = broker.replaced_path(t, ex);
+    assert_eq!(broker.secrets().versions(&path).await.unwrap().len(), 1);
+    clock.advance(time::Duration::hours(4));
+    assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
+    assert!(
+        broker.secrets().versions(&path).await.unwrap().is_empty(),
+        "the path is removed with its last copy"
+    );
 }

@@ -1426,6 +1426,25 @@ async fn the_old_key_goes_once_every_subscriber_adopted_the_new_one() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The overlap's end kept the replaced set for the health checks; the
+    // rotation deleted that key at the exchange, so its copy goes too.
+    let kept = env.broker().replaced_path(tenant.parse().unwrap(), ex);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env
+        .broker()
+        .secrets()
+        .versions(&kept)
+        .await
+        .unwrap()
+        .iter()
+        .any(|v| !v.destroyed)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the deleted key's copy is still kept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A second subscriber that acknowledged version 2 and then went
     // silent: the next rotation's old key waits for the overlap's end.

@@ -191,6 +191,13 @@ async fn zero_overlap_revokes_the_old_key_at_once() {
         meta["data"]["versions"]["1"]["destroyed"], true,
         "leaked version destroyed: {meta}"
     );
+    // Its set is kept for the health checks, which ask the exchange
+    // whether the leaked key still works there until it is deleted.
+    let kept = env
+        .credential_path(&tenant, "kraken")
+        .replace("/credentials", "/replaced");
+    let (_, meta) = env.kv_metadata(&kept).await;
+    assert_eq!(meta["data"]["current_version"], 1, "{meta}");
 }
 
 #[tokio::test]

@@ -25,6 +25,13 @@ path "secret/data/tenants/+/exchanges/+/retiring" {
   capabilities = ["create", "read", "update"]
 }
 
+# A replaced key's set, kept from the end of its overlap while the health
+# checks ask the exchange whether it still works there ([checks]
+# watch_replaced_keys); destroyed once the exchange refuses it.
+path "secret/data/tenants/+/exchanges/+/replaced" {
+  capabilities = ["create", "read", "update"]
+}
+
 # Versions of a path (latest version for check-and-set, the orphan sweep's
 # view), and DeleteCredentials' purge of a whole path.
 path "secret/metadata/tenants/*" {

@@ -46,11 +46,13 @@ impl Notice {
     /// The webhook for `finding`, recorded by `update` on `version`. Its
     /// payload follows the Standard Webhooks shape (`type`, `timestamp`,
     /// `data`) and holds no secret: tenant, exchange, version, status and
-    /// the safe-to-show reason.
-    fn new(finding: &Finding, update: &HealthUpdate, version: u64) -> Self {
+    /// the safe-to-show reason. A drift that includes a replaced key the
+    /// exchange still accepts (`old_key_live`) is its own type.
+    fn new(finding: &Finding, update: &HealthUpdate, version: u64, old_key_live: bool) -> Self {
         let event_type = match finding {
             Finding::Refused(_) => "credential.invalidated",
             Finding::Expired => "credential.expired",
+            Finding::Drift(_) if old_key_live => "credential.old_key_live",
             _ => "credential.drift",
         };
         let id = uuid::Uuid::now_v7();
@@ -83,6 +85,9 @@ pub struct CheckOutcome {
     pub record: CredentialRecord,
     /// What it found.
     pub finding: Finding,
+    /// Replaced keys (kept since their overlap ended) that the exchange
+    /// still accepts: each is in the finding's reminder.
+    pub replaced_live: usize,
 }
 
 /// What changed between the permissions stored and the ones the exchange
@@ -170,6 +175,151 @@ impl Broker {
         })
     }
 
+    /// Vault path where the retire pass keeps a replaced key's set when its
+    /// overlap ends, so the health checks can ask the exchange whether the
+    /// key still works there (one KV version per replaced key).
+    pub fn replaced_path(&self, tenant: TenantId, exchange: ExchangeId) -> String {
+        format!(
+            "{}/{tenant}/exchanges/{exchange}/replaced",
+            self.settings.path_prefix
+        )
+    }
+
+    /// Writes `set` as the newest version at `path` (check-and-set against
+    /// the latest).
+    ///
+    /// # Errors
+    /// Vault errors.
+    pub async fn write_latest(&self, path: &str, set: &CredentialSet) -> Result<u64, BrokerError> {
+        let cas = self.secrets.latest_version(path).await?.unwrap_or(0);
+        Ok(self.secrets.write(path, set, cas).await?)
+    }
+
+    /// At the end of an overlap (the retire pass), before `version` of the
+    /// credential at `path` is destroyed: keeps its set at
+    /// [`Self::replaced_path`] for the health checks (when
+    /// `watch_replaced_keys` is on).
+    ///
+    /// # Errors
+    /// Vault errors; the caller retires the version anyway.
+    pub(crate) async fn keep_replaced(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        path: &str,
+        version: u64,
+    ) -> Result<(), BrokerError> {
+        if !self.settings.watch_replaced_keys {
+            return Ok(());
+        }
+        let set = self.secrets.read(path, version).await?;
+        self.audit_before(crate::audit::AuditRecord::system(
+            "retire",
+            "KeepReplacedKey",
+            tenant,
+            exchange,
+            vec![version],
+        ))?;
+        self.write_latest(&self.replaced_path(tenant, exchange), &set)
+            .await?;
+        Ok(())
+    }
+
+    /// Destroys the kept copies of `api_key` (deleted at the exchange by a
+    /// rotation there), and the path when none is left.
+    ///
+    /// # Errors
+    /// Vault errors.
+    pub async fn forget_replaced(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        api_key: &str,
+    ) -> Result<(), BrokerError> {
+        let path = self.replaced_path(tenant, exchange);
+        let kept: Vec<u64> = self
+            .secrets
+            .versions(&path)
+            .await?
+            .into_iter()
+            .filter(|v| !v.destroyed)
+            .map(|v| v.version)
+            .collect();
+        let mut gone = Vec::new();
+        for v in &kept {
+            match self.secrets.read(&path, *v).await {
+                Ok(set) if set.api_key == api_key => gone.push(*v),
+                Ok(_) | Err(SecretStoreError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if gone.is_empty() {
+            return Ok(());
+        }
+        if gone.len() == kept.len() {
+            self.secrets.purge(&path).await?;
+        } else {
+            self.secrets.destroy_versions(&path, &gone).await?;
+        }
+        Ok(())
+    }
+
+    /// The replaced keys kept since their overlap ended that the exchange
+    /// still accepts, as reminders in words (one per key, naming its hint
+    /// and the day its overlap ended, so the detail does not change from
+    /// round to round). A kept key the exchange refuses (deleted there) has
+    /// its copy destroyed, and the path is removed once none is left; one
+    /// the exchange cannot be asked about now is asked again next time.
+    async fn replaced_still_live(&self, tenant: TenantId, exchange: ExchangeId) -> Vec<String> {
+        let path = self.replaced_path(tenant, exchange);
+        let Ok(versions) = self.secrets.versions(&path).await else {
+            return Vec::new();
+        };
+        let kept: Vec<_> = versions.iter().filter(|v| !v.destroyed).collect();
+        let mut live = Vec::new();
+        let mut gone = Vec::new();
+        for v in &kept {
+            let Ok(set) = self.secrets.read(&path, v.version).await else {
+                continue;
+            };
+            match self.validator.validate(tenant, exchange, &set).await {
+                Ok(_) => live.push(format!(
+                    "the replaced key {} still works at {exchange} after its overlap ended on {}: delete it at the exchange",
+                    set.key_hint(),
+                    v.created_at.date()
+                )),
+                Err(ValidationError::Unavailable { .. }) => {}
+                Err(_) => gone.push(v.version),
+            }
+        }
+        if !gone.is_empty() {
+            let record = crate::audit::AuditRecord::system(
+                "health-check",
+                "DestroyReplacedKey",
+                tenant,
+                exchange,
+                gone.clone(),
+            );
+            if self.audit_before(record.clone()).is_ok() {
+                let destroyed = if gone.len() == kept.len() {
+                    self.secrets.purge(&path).await
+                } else {
+                    self.secrets.destroy_versions(&path, &gone).await
+                };
+                match destroyed {
+                    Ok(()) => {
+                        tracing::info!(%tenant, %exchange, versions = ?gone, "the exchange no longer accepts the replaced key: its copy is destroyed");
+                        self.audit_system(&record);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%tenant, %exchange, "could not destroy the copy of a replaced key the exchange refuses: {e}");
+                    }
+                }
+            }
+        }
+        live
+    }
+
     /// The one health-check path (the background job and
     /// ValidateCredentials): validates the current set against the
     /// exchange and records what it found. A refusal marks the credential
@@ -206,6 +356,7 @@ impl Broker {
             by: ctx.changed_by(),
             notice: None,
         };
+        let mut replaced_live = 0;
         let (mut update, finding, notify) =
             match self.validator.validate(tenant, exchange, &set).await {
                 Ok(permissions) => {
@@ -219,6 +370,9 @@ impl Broker {
                     if let Some(reminder) = self.past_rotation_policy(&record, now).await {
                         drifted.push(reminder);
                     }
+                    let live = self.replaced_still_live(tenant, exchange).await;
+                    replaced_live = live.len();
+                    drifted.extend(live);
                     let (status, health, detail, finding) = if expired {
                         let why =
                             "the exchange reports the key expired; rotate in a new one".to_owned();
@@ -288,7 +442,12 @@ impl Broker {
                 }
             };
         if notify {
-            update.notice = Some(Notice::new(&finding, &update, record.current_version));
+            update.notice = Some(Notice::new(
+                &finding,
+                &update,
+                record.current_version,
+                replaced_live > 0,
+            ));
         }
         let (updated, event) = self.meta.record_health(update).await.map_err(|e| match e {
             error::MetadataStoreError::NotFound => not_found(tenant, exchange),
@@ -303,6 +462,7 @@ impl Broker {
         Ok(CheckOutcome {
             record: updated,
             finding,
+            replaced_live,
         })
     }
 }

@@ -60,6 +60,10 @@ pub struct BrokerSettings {
     /// health check (the reminder to rotate, where the exchange has no
     /// key-management API or none is stored); None: never.
     pub max_key_age: Option<Duration>,
+    /// Keep a replaced key's set when its overlap ends, so the health
+    /// checks can tell whether the exchange still accepts it (a key left
+    /// live there: the reminder to delete it), until it no longer does.
+    pub watch_replaced_keys: bool,
 }
 
 impl Default for BrokerSettings {
@@ -70,6 +74,7 @@ impl Default for BrokerSettings {
             max_overlap: Duration::days(7),
             expiry_warning: Duration::days(7),
             max_key_age: None,
+            watch_replaced_keys: false,
         }
     }
 }

@@ -227,13 +227,22 @@ impl Broker {
         // Versions no longer served are destroyed now: the replaced current
         // one on an emergency revoke, and a previous one cut short by a
         // rotation inside its overlap. Failure only delays it to the retire
-        // job's sweep of what the database no longer references.
+        // job's sweep of what the database no longer references. Their sets
+        // are kept for the health checks first, as at an overlap's end.
         let mut dead: Vec<u64> = Vec::new();
         if !keep_previous {
             dead.push(record.current_version);
         }
         if let Some((v, _)) = record.open_previous(now) {
             dead.push(v);
+        }
+        for v in &dead {
+            if let Err(e) = self
+                .keep_replaced(tenant, exchange, &updated.vault_path, *v)
+                .await
+            {
+                tracing::warn!(%tenant, %exchange, version = v, "could not keep the replaced key's set to check it at the exchange: {e}");
+            }
         }
         if !dead.is_empty()
             && let Err(e) = self
@@ -249,7 +258,8 @@ impl Broker {
         })
     }
 
-    /// Deletes metadata (with a DELETED event) and then every Vault version.
+    /// Deletes metadata (with a DELETED event) and then every Vault version,
+    /// the copies of replaced keys kept for the health checks included.
     /// Returns whether anything was stored. Retrying after a Vault failure
     /// finishes the purge.
     ///
@@ -271,6 +281,9 @@ impl Broker {
         }
         self.secrets
             .purge(&self.vault_path(tenant, exchange))
+            .await?;
+        self.secrets
+            .purge(&self.replaced_path(tenant, exchange))
             .await?;
         if deleted {
             tracing::info!(%tenant, %exchange, "credentials deleted");

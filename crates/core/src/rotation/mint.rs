@@ -574,12 +574,6 @@ impl KeyRotator {
         self.path(tenant, exchange, "minted")
     }
 
-    async fn write_latest(&self, path: &str, set: &CredentialSet) -> Result<u64, BrokerError> {
-        let secrets = self.broker.secrets();
-        let cas = secrets.latest_version(path).await?.unwrap_or(0);
-        Ok(secrets.write(path, set, cas).await?)
-    }
-
     /// Vault path of the replaced key's set, kept from the rotation's swap
     /// until the key is deleted at the exchange, where deleting it takes its
     /// passphrase (the retire job destroys the credential's previous version
@@ -614,7 +608,8 @@ impl KeyRotator {
             return Ok(());
         }
         if let Some(set) = self.held_set(r).await? {
-            self.write_latest(&self.retiring_path(r.tenant, r.exchange), &set)
+            self.broker
+                .write_latest(&self.retiring_path(r.tenant, r.exchange), &set)
                 .await?;
         }
         Ok(())
@@ -670,7 +665,7 @@ impl KeyRotator {
         }
         self.keys.list(exchange, master, sub_account).await?;
         let path = self.management_path(tenant, exchange);
-        let version = self.write_latest(&path, master).await?;
+        let version = self.broker.write_latest(&path, master).await?;
         self.store
             .set_management(tenant, exchange, sub_account, &master.key_hint(), schedule)
             .await?;
@@ -1015,6 +1010,10 @@ impl KeyRotator {
                 ] {
                     self.broker.secrets().purge(&leaf).await?;
                 }
+                // Deleted here: no health check needs to ask about it.
+                self.broker
+                    .forget_replaced(r.tenant, r.exchange, &r.old_api_key)
+                    .await?;
                 r.step = Step::Done;
                 Ok(())
             }
@@ -1065,7 +1064,7 @@ impl KeyRotator {
                 self.keys.mint(r.exchange, &master, &spec),
             )
             .await?;
-        self.write_latest(&minted_path, &set).await?;
+        self.broker.write_latest(&minted_path, &set).await?;
         r.minted_api_key = Some(set.api_key.clone());
         r.step = Step::Rotating;
         Ok(())

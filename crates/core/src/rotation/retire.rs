@@ -53,6 +53,14 @@ pub async fn retire_once(broker: &Broker) -> Result<usize, BrokerError> {
     let retired = broker.metadata().expire_overlaps(now, BATCH).await?;
     let n = retired.len();
     for (path, version, event) in retired {
+        // Kept for the health checks, which ask the exchange whether the
+        // replaced key still works there.
+        if let Err(e) = broker
+            .keep_replaced(event.tenant, event.exchange, &path, version)
+            .await
+        {
+            tracing::warn!(tenant = %event.tenant, exchange = %event.exchange, version, "could not keep the replaced key's set to check it at the exchange: {e}");
+        }
         // The row no longer references the version, so it is never served
         // again even if the destroy fails; the orphan sweep removes it later.
         if let Err(e) = broker.secrets().destroy_versions(&path, &[version]).await {

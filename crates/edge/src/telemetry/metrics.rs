@@ -201,6 +201,10 @@ pub struct Families {
     /// live at the exchange more than five minutes after its overlap ended
     /// (two live keys: alert on > 0).
     pub key_rotations_overdue: Gauge,
+    /// `credbroker_replaced_keys_live_total{exchange}`: replaced keys a
+    /// health check found still accepted by their exchange after their
+    /// overlap (one per key per check: alert on any increase).
+    pub replaced_keys_live: Family<ExchangeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -235,6 +239,7 @@ impl Metrics {
             key_rotation_steps: Family::default(),
             key_rotations: Family::default(),
             key_rotations_overdue: Gauge::default(),
+            replaced_keys_live: Family::default(),
         }))
     }
 
@@ -294,6 +299,17 @@ impl Metrics {
                 exchange: exchange.as_str(),
             })
             .inc();
+    }
+
+    /// A health check found `n` replaced keys of a credential on `exchange`
+    /// still accepted there after their overlap.
+    pub fn replaced_keys_live(&self, exchange: ExchangeId, n: usize) {
+        self.0
+            .replaced_keys_live
+            .get_or_create(&ExchangeLabel {
+                exchange: exchange.as_str(),
+            })
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     /// Every metric, plus what `sources` knows at scrape time.
@@ -359,6 +375,11 @@ impl Metrics {
             "credbroker_key_rotations_overdue",
             "Rotations whose old key is still live at the exchange more than 5 minutes after the overlap ended",
             f.key_rotations_overdue.clone(),
+        );
+        r.register(
+            "credbroker_replaced_keys_live",
+            "Replaced keys a health check found still accepted by their exchange after the overlap ended (delete them at the exchange)",
+            f.replaced_keys_live.clone(),
         );
         r.register(
             "credbroker_vault_up",
