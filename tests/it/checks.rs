@@ -672,3 +672,48 @@ async fn a_replaced_key_deleted_in_time_is_checked_once_and_forgotten() {
         "the path is removed with its last copy"
     );
 }
+
+/// A replaced key rotated back in is served again, not left live: no
+/// reminder (it would tell the operator to delete the key the pods use),
+/// and its kept copy is destroyed.
+#[tokio::test]
+async fn a_replaced_key_rotated_back_in_is_not_reported() {
+    let (sims, clock, env) = checked_env().await;
+    let checks = &env.running.as_ref().unwrap().checks;
+    let broker = env.broker().clone();
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    let ex = ExchangeId::Kraken;
+    let (a_key, a_secret, _) = register(&sims, ex, "back", false);
+    let (b_key, b_secret, _) = register(&sims, ex, "forth", false);
+    op.validate_and_store(store_req(&tenant, ex, &a_key, &a_secret, None))
+        .await
+        .unwrap();
+    let rotate = |key: &str, secret: &str| pb::RotateRequest {
+        tenant_id: tenant.clone(),
+        exchange: ex.as_str().into(),
+        credentials: store_req(&tenant, ex, key, secret, None).credentials,
+        overlap_seconds: Some(60),
+        mint: false,
+    };
+    op.rotate(rotate(&b_key, &b_secret)).await.unwrap();
+    clock.advance(time::Duration::minutes(2));
+    assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
+    // A comes back: current again, B in its overlap.
+    op.rotate(rotate(&a_key, &a_secret)).await.unwrap();
+    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
+    let path = broker.replaced_path(t, ex);
+    assert_eq!(broker.secrets().versions(&path).await.unwrap().len(), 1);
+    let round = checks.round().await.unwrap();
+    assert_eq!(round.count("healthy"), 1, "{round:?}");
+    assert!(
+        broker
+            .secrets()
+            .versions(&path)
+            .await
+            .unwrap()
+            .iter()
+            .all(|v| v.destroyed),
+        "the served key's copy is destroyed"
+    );
+}

@@ -269,19 +269,38 @@ impl Broker {
     /// and the day its overlap ended, so the detail does not change from
     /// round to round). A kept key the exchange refuses (deleted there) has
     /// its copy destroyed, and the path is removed once none is left; one
-    /// the exchange cannot be asked about now is asked again next time.
-    async fn replaced_still_live(&self, tenant: TenantId, exchange: ExchangeId) -> Vec<String> {
+    /// the exchange cannot be asked about now is asked again next time. A
+    /// kept key that is served again (rotated back in as `record`'s current
+    /// or previous version) is no longer a replaced key: its copy goes, as
+    /// does a second copy of one key.
+    async fn replaced_still_live(&self, record: &CredentialRecord, current: &str) -> Vec<String> {
+        let (tenant, exchange) = (record.tenant, record.exchange);
         let path = self.replaced_path(tenant, exchange);
         let Ok(versions) = self.secrets.versions(&path).await else {
             return Vec::new();
         };
         let kept: Vec<_> = versions.iter().filter(|v| !v.destroyed).collect();
+        if kept.is_empty() {
+            return Vec::new();
+        }
+        let mut served = vec![current.to_owned()];
+        if let Some(previous) = record.previous_version
+            && let Ok(set) = self.secrets.read(&record.vault_path, previous).await
+        {
+            served.push(set.api_key.clone());
+        }
         let mut live = Vec::new();
         let mut gone = Vec::new();
-        for v in &kept {
+        let mut seen = std::collections::HashSet::new();
+        // Newest first: a key kept twice keeps its latest copy.
+        for v in kept.iter().rev() {
             let Ok(set) = self.secrets.read(&path, v.version).await else {
                 continue;
             };
+            if served.contains(&set.api_key) || !seen.insert(set.api_key.clone()) {
+                gone.push(v.version);
+                continue;
+            }
             match self.validator.validate(tenant, exchange, &set).await {
                 Ok(_) => live.push(format!(
                     "the replaced key {} still works at {exchange} after its overlap ended on {}: delete it at the exchange",
@@ -370,7 +389,7 @@ impl Broker {
                     if let Some(reminder) = self.past_rotation_policy(&record, now).await {
                         drifted.push(reminder);
                     }
-                    let live = self.replaced_still_live(tenant, exchange).await;
+                    let live = self.replaced_still_live(&record, &set.api_key).await;
                     replaced_live = live.len();
                     drifted.extend(live);
                     let (status, health, detail, finding) = if expired {
