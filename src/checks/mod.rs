@@ -139,10 +139,12 @@ impl HealthChecks {
         let _ = self.keys.set(keys);
     }
 
-    /// After a check: when the key expired or expires within the warning
-    /// window and a management key is stored, a minted rotation replaces
-    /// it (one at a time: an unfinished rotation, or no management key,
-    /// is a quiet no).
+    /// After a check: when the key expired, expires within the warning
+    /// window or is older than the rotation policy (`max_key_age_days`),
+    /// and a management key is stored, a minted rotation replaces it (one
+    /// at a time: an unfinished rotation, or no management key, is a quiet
+    /// no). Other drift (a lost permission or IP allow-list) is not
+    /// rotated away: the minted key would copy it.
     async fn rotate_if_expiring(&self, out: &crate::broker::CheckOutcome) {
         let Some(keys) = self.keys.get() else {
             return;
@@ -155,18 +157,23 @@ impl HealthChecks {
                 .as_ref()
                 .and_then(|p| p.expires_at)
                 .is_some_and(|t| t - now <= self.broker.expiry_warning());
-        if !expiring {
+        if !expiring && !out.past_policy {
             return;
         }
+        let why = if expiring {
+            "the key is expiring"
+        } else {
+            "the key is older than the rotation policy"
+        };
         let (tenant, exchange) = (out.record.tenant, out.record.exchange);
         let overlap = u32::try_from(self.broker.default_overlap().whole_seconds()).unwrap_or(3600);
         match keys.start(tenant, exchange, overlap).await {
             Ok(r) => {
-                tracing::info!(%tenant, %exchange, step = r.step.as_str(), "the key is expiring: a rotation at the exchange started")
+                tracing::info!(%tenant, %exchange, step = r.step.as_str(), "{why}: a rotation at the exchange started")
             }
             Err(BrokerError::FailedPrecondition(_)) => {}
             Err(e) => {
-                tracing::warn!(%tenant, %exchange, "the key is expiring and a rotation at the exchange could not start: {e}")
+                tracing::warn!(%tenant, %exchange, "{why} and a rotation at the exchange could not start: {e}")
             }
         }
     }

@@ -43,21 +43,16 @@ async fn bybit_fleet(
     old: (&str, &str),
     perms: serde_json::Value,
 ) -> (Simulators, crate::support::Env, String) {
-    bybit_fleet_with(
-        master,
-        old,
-        perms,
-        credbroker::config::RotationConfig::default(),
-    )
-    .await
+    bybit_fleet_with(master, old, perms, crate::support::EnvOptions::default()).await
 }
 
-/// [`bybit_fleet`] with the broker's `[rotation]` settings.
+/// [`bybit_fleet`] with the broker's options (its `[rotation]` settings,
+/// its clock); validation is the simulators'.
 async fn bybit_fleet_with(
     master: &str,
     old: (&str, &str),
     perms: serde_json::Value,
-    rotation: credbroker::config::RotationConfig,
+    opts: crate::support::EnvOptions,
 ) -> (Simulators, crate::support::Env, String) {
     let mut key = SimKey::hmac(old.1, perms);
     key.sub_account = Some(SUB.into());
@@ -67,7 +62,7 @@ async fn bybit_fleet_with(
         (master, bybit_master(&["AccountTransfer"], &[SUB])),
         (old.0, key),
         crate::support::set(old.0, old.1),
-        rotation,
+        opts,
     )
     .await
 }
@@ -80,7 +75,7 @@ async fn fleet(
     master: (&str, SimKey),
     old: (&str, SimKey),
     stored: credbroker::api::pb::CredentialSet,
-    rotation: credbroker::config::RotationConfig,
+    opts: crate::support::EnvOptions,
 ) -> (Simulators, crate::support::Env, String) {
     use credbroker::config::{ValidationConfig, ValidationMode};
 
@@ -93,8 +88,7 @@ async fn fleet(
             exchanges: endpoints(&sims),
             ..ValidationConfig::default()
         }),
-        rotation,
-        ..crate::support::EnvOptions::default()
+        ..opts
     })
     .await;
     let tenant = crate::support::new_tenant();
@@ -1017,6 +1011,82 @@ async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
     );
 }
 
+/// A key older than the rotation policy (`[checks] max_key_age_days`, 90 by
+/// default) is drift; where its tenant stored a management key, the health
+/// check replaces it at the exchange instead of only reminding.
+#[tokio::test]
+async fn the_health_check_rotates_a_key_older_than_the_policy_at_the_exchange() {
+    use credbroker::{api::pb, clock::ManualClock, exchange::sim::native_permissions};
+
+    let ex = ExchangeId::Bybit;
+    let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
+    // A key without an expiry of its own (IP-bound keys do not expire).
+    let mut perms = native_permissions(ex, false, true);
+    perms["expiredAt"] = "".into();
+    perms["deadlineDay"] = 0.into();
+    let (_sims, env, tenant) = bybit_fleet_with(
+        "bybitMasterKey0008",
+        ("bybitAgedKey000001", "bybitAgedSecret00000000000000000000"),
+        perms,
+        crate::support::EnvOptions {
+            clock: Some(clock.clone()),
+            ..crate::support::EnvOptions::default()
+        },
+    )
+    .await;
+    let mut op = env.operator().await;
+    op.set_management_key(pb::SetManagementKeyRequest {
+        tenant_id: tenant.clone(),
+        exchange: "bybit".into(),
+        credentials: Some(crate::support::set(
+            "bybitMasterKey0008",
+            "bybitMasterSecret000000000000000000",
+        )),
+        sub_account: SUB.into(),
+        rotate_every_days: 0,
+        overlap_seconds: None,
+    })
+    .await
+    .unwrap();
+    let served = || {
+        let mut op = op.clone();
+        let tenant = tenant.clone();
+        async move {
+            op.get_credentials(pb::GetCredentialsRequest {
+                tenant_id: tenant,
+                exchange: "bybit".into(),
+                min_version: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let checks = &env.running.as_ref().unwrap().checks;
+
+    // Within the policy: nothing happens.
+    clock.advance(time::Duration::days(89));
+    let report = checks.round().await.unwrap();
+    assert_eq!(report.count("healthy"), 1, "{report:?}");
+    assert_eq!(served().await.version, 1);
+
+    // Past it: reported, and replaced at the exchange.
+    clock.advance(time::Duration::days(2));
+    let report = checks.round().await.unwrap();
+    assert_eq!(report.count("drift"), 1, "{report:?}");
+    let got = served().await;
+    assert_eq!(
+        got.version, 2,
+        "the check started a rotation at the exchange"
+    );
+    assert_ne!(got.current.unwrap().api_key, "bybitAgedKey000001");
+    assert_eq!(
+        got.previous.unwrap().api_key,
+        "bybitAgedKey000001",
+        "served until the overlap ends"
+    );
+}
+
 /// KuCoin's sub-account keys: the master account's key, a passphrase per
 /// key chosen by its creator and asked for again to delete it.
 mod kucoin {
@@ -1208,7 +1278,7 @@ mod kucoin {
                 api_secret: "kc-old-secret".into(),
                 passphrase: Some("kc-old-pass".into()),
             },
-            credbroker::config::RotationConfig::default(),
+            crate::support::EnvOptions::default(),
         )
         .await;
         let mut op = env.operator().await;
@@ -1342,9 +1412,12 @@ async fn the_old_key_goes_once_every_subscriber_adopted_the_new_one() {
         master_key,
         ("bybitOldKeyAdopt01", "bybitOldSecretAdopt0000000000000000"),
         native_permissions(ex, false, true),
-        RotationConfig {
-            delete_on_adoption: true,
-            ..RotationConfig::default()
+        crate::support::EnvOptions {
+            rotation: RotationConfig {
+                delete_on_adoption: true,
+                ..RotationConfig::default()
+            },
+            ..crate::support::EnvOptions::default()
         },
     )
     .await;

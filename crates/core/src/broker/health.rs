@@ -88,6 +88,10 @@ pub struct CheckOutcome {
     /// Replaced keys (kept since their overlap ended) that the exchange
     /// still accepts: each is in the finding's reminder.
     pub replaced_live: usize,
+    /// The current key is older than the rotation policy
+    /// (`max_key_age`): where a management key is stored, the health-check
+    /// job replaces it at the exchange.
+    pub past_policy: bool,
 }
 
 /// What changed between the permissions stored and the ones the exchange
@@ -376,6 +380,7 @@ impl Broker {
             notice: None,
         };
         let mut replaced_live = 0;
+        let mut past_policy = false;
         let (mut update, finding, notify) =
             match self.validator.validate(tenant, exchange, &set).await {
                 Ok(permissions) => {
@@ -387,6 +392,7 @@ impl Broker {
                         self.settings.expiry_warning,
                     );
                     if let Some(reminder) = self.past_rotation_policy(&record, now).await {
+                        past_policy = true;
                         drifted.push(reminder);
                     }
                     let live = self.replaced_still_live(&record, &set.api_key).await;
@@ -482,6 +488,7 @@ impl Broker {
             record: updated,
             finding,
             replaced_live,
+            past_policy,
         })
     }
 }
