@@ -515,6 +515,51 @@ async fn a_key_older_than_the_rotation_policy_is_reported_once() {
     assert!(!sent[0].1.contains(secret.as_str()));
 }
 
+/// A Rotate of `ex` to `key` with a minute's overlap.
+fn rotate_req(tenant: &str, ex: ExchangeId, key: &str, secret: &str) -> pb::RotateRequest {
+    pb::RotateRequest {
+        tenant_id: tenant.into(),
+        exchange: ex.as_str().into(),
+        credentials: store_req(tenant, ex, key, secret, None).credentials,
+        overlap_seconds: Some(60),
+        mint: false,
+    }
+}
+
+/// Two keys of `ex` made at the simulator (tagged `tags`): the first
+/// stored for `tenant`, then replaced by the second with a minute's
+/// overlap. Returns both as (key, secret).
+async fn stored_then_replaced(
+    sims: &Simulators,
+    op: &mut pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>,
+    tenant: &str,
+    ex: ExchangeId,
+    tags: (&str, &str),
+) -> ((String, String), (String, String)) {
+    let (old_key, old_secret, _) = register(sims, ex, tags.0, false);
+    let (new_key, new_secret, _) = register(sims, ex, tags.1, false);
+    op.validate_and_store(store_req(tenant, ex, &old_key, &old_secret, None))
+        .await
+        .unwrap();
+    op.rotate(rotate_req(tenant, ex, &new_key, &new_secret))
+        .await
+        .unwrap();
+    ((old_key, old_secret), (new_key, new_secret))
+}
+
+/// How many replaced keys of `tenant`'s `ex` credential Vault keeps.
+async fn kept_copies(env: &Env, tenant: &str, ex: ExchangeId) -> usize {
+    let path = env.broker().replaced_path(tenant.parse().unwrap(), ex);
+    env.broker()
+        .secrets()
+        .versions(&path)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|v| !v.destroyed)
+        .count()
+}
+
 /// Coinbase has no key-management API: after a Rotate the operator must
 /// delete the replaced key in the exchange's web UI. When the overlap ends
 /// the retire pass keeps the replaced set (in Vault, `…/replaced`), and each
@@ -532,36 +577,9 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
     let tenant = new_tenant();
     let receiver = Receiver::for_tenant(&mut op, &tenant, 0).await;
     let ex = ExchangeId::Coinbase;
-    let (old_key, old_secret, _) = register(&sims, ex, "old", false);
-    let (new_key, new_secret, _) = register(&sims, ex, "new", false);
-    op.validate_and_store(store_req(&tenant, ex, &old_key, &old_secret, None))
-        .await
-        .unwrap();
-    op.rotate(pb::RotateRequest {
-        tenant_id: tenant.clone(),
-        exchange: ex.as_str().into(),
-        credentials: store_req(&tenant, ex, &new_key, &new_secret, None).credentials,
-        overlap_seconds: Some(60),
-        mint: false,
-    })
-    .await
-    .unwrap();
-    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
-    let kept_path = broker.replaced_path(t, ex);
-    let kept = || {
-        let broker = broker.clone();
-        let path = kept_path.clone();
-        async move {
-            broker
-                .secrets()
-                .versions(&path)
-                .await
-                .unwrap()
-                .into_iter()
-                .filter(|v| !v.destroyed)
-                .count()
-        }
-    };
+    let ((old_key, old_secret), (new_key, _)) =
+        stored_then_replaced(&sims, &mut op, &tenant, ex, ("old", "new")).await;
+    let kept = || kept_copies(&env, &tenant, ex);
     let health = || {
         let mut op = op.clone();
         let req = pb::GetCredentialHealthRequest {
@@ -645,31 +663,18 @@ async fn a_replaced_key_deleted_in_time_is_checked_once_and_forgotten() {
     let mut op = env.operator().await;
     let tenant = new_tenant();
     let ex = ExchangeId::Kraken;
-    let (old_key, old_secret, _) = register(&sims, ex, "gone", false);
-    let (new_key, new_secret, _) = register(&sims, ex, "kept", false);
-    op.validate_and_store(store_req(&tenant, ex, &old_key, &old_secret, None))
-        .await
-        .unwrap();
-    op.rotate(pb::RotateRequest {
-        tenant_id: tenant.clone(),
-        exchange: ex.as_str().into(),
-        credentials: store_req(&tenant, ex, &new_key, &new_secret, None).credentials,
-        overlap_seconds: Some(60),
-        mint: false,
-    })
-    .await
-    .unwrap();
+    let ((old_key, _), _) =
+        stored_then_replaced(&sims, &mut op, &tenant, ex, ("gone", "kept")).await;
     sims.remove_key(ex, &old_key);
     clock.advance(time::Duration::minutes(2));
     assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
-    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
-    let path = broker.replaced_path(t, ex);
-    assert_eq!(broker.secrets().versions(&path).await.unwrap().len(), 1);
+    assert_eq!(kept_copies(&env, &tenant, ex).await, 1);
     clock.advance(time::Duration::hours(4));
     assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
-    assert!(
-        broker.secrets().versions(&path).await.unwrap().is_empty(),
-        "the path is removed with its last copy"
+    assert_eq!(
+        kept_copies(&env, &tenant, ex).await,
+        0,
+        "the copy is destroyed"
     );
 }
 
@@ -684,36 +689,20 @@ async fn a_replaced_key_rotated_back_in_is_not_reported() {
     let mut op = env.operator().await;
     let tenant = new_tenant();
     let ex = ExchangeId::Kraken;
-    let (a_key, a_secret, _) = register(&sims, ex, "back", false);
-    let (b_key, b_secret, _) = register(&sims, ex, "forth", false);
-    op.validate_and_store(store_req(&tenant, ex, &a_key, &a_secret, None))
-        .await
-        .unwrap();
-    let rotate = |key: &str, secret: &str| pb::RotateRequest {
-        tenant_id: tenant.clone(),
-        exchange: ex.as_str().into(),
-        credentials: store_req(&tenant, ex, key, secret, None).credentials,
-        overlap_seconds: Some(60),
-        mint: false,
-    };
-    op.rotate(rotate(&b_key, &b_secret)).await.unwrap();
+    let ((a_key, a_secret), _) =
+        stored_then_replaced(&sims, &mut op, &tenant, ex, ("back", "forth")).await;
     clock.advance(time::Duration::minutes(2));
     assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
     // A comes back: current again, B in its overlap.
-    op.rotate(rotate(&a_key, &a_secret)).await.unwrap();
-    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
-    let path = broker.replaced_path(t, ex);
-    assert_eq!(broker.secrets().versions(&path).await.unwrap().len(), 1);
+    op.rotate(rotate_req(&tenant, ex, &a_key, &a_secret))
+        .await
+        .unwrap();
+    assert_eq!(kept_copies(&env, &tenant, ex).await, 1);
     let round = checks.round().await.unwrap();
     assert_eq!(round.count("healthy"), 1, "{round:?}");
-    assert!(
-        broker
-            .secrets()
-            .versions(&path)
-            .await
-            .unwrap()
-            .iter()
-            .all(|v| v.destroyed),
+    assert_eq!(
+        kept_copies(&env, &tenant, ex).await,
+        0,
         "the served key's copy is destroyed"
     );
 }

@@ -24,6 +24,11 @@ use crate::exchanges::endpoints;
 
 const SUB: &str = "100200300";
 
+/// The operator's gRPC client.
+type Operator = credbroker::api::pb::credential_broker_client::CredentialBrokerClient<
+    tonic::transport::Channel,
+>;
+
 fn bybit_master(wallet: &[&str], subs: &[&str]) -> SimKey {
     SimKey::master(
         "bybitMasterSecret000000000000000000",
@@ -958,7 +963,7 @@ async fn operators_rotate_at_the_exchange_over_grpc() {
 /// management key).
 #[tokio::test]
 async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
-    use credbroker::{api::pb, exchange::sim::native_permissions};
+    use credbroker::exchange::sim::native_permissions;
     use time::format_description::well_known::Rfc3339;
 
     let ex = ExchangeId::Bybit;
@@ -974,11 +979,21 @@ async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
     )
     .await;
     let mut op = env.operator().await;
-    op.set_management_key(pb::SetManagementKeyRequest {
-        tenant_id: tenant.clone(),
+    manage_bybit(&mut op, &tenant, "bybitMasterKey0005").await;
+
+    let report = env.running.as_ref().unwrap().checks.round().await.unwrap();
+    assert_eq!(report.count("drift"), 1, "{report:?}");
+    assert_replaced_at_the_exchange(&mut op, &tenant, "bybitExpiringKey01").await;
+}
+
+/// Stores `master` (a master key [`bybit_fleet`] made) as `tenant`'s Bybit
+/// management key, without a schedule.
+async fn manage_bybit(op: &mut Operator, tenant: &str, master: &str) {
+    op.set_management_key(credbroker::api::pb::SetManagementKeyRequest {
+        tenant_id: tenant.into(),
         exchange: "bybit".into(),
         credentials: Some(crate::support::set(
-            "bybitMasterKey0005",
+            master,
             "bybitMasterSecret000000000000000000",
         )),
         sub_account: SUB.into(),
@@ -987,26 +1002,35 @@ async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
     })
     .await
     .unwrap();
+}
 
-    let report = env.running.as_ref().unwrap().checks.round().await.unwrap();
-    assert_eq!(report.count("drift"), 1, "{report:?}");
-    let got = op
-        .get_credentials(pb::GetCredentialsRequest {
-            tenant_id: tenant.clone(),
-            exchange: "bybit".into(),
-            min_version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+/// `tenant`'s Bybit credential as GetCredentials serves it.
+async fn served_bybit(
+    op: &mut Operator,
+    tenant: &str,
+) -> credbroker::api::pb::GetCredentialsResponse {
+    op.get_credentials(credbroker::api::pb::GetCredentialsRequest {
+        tenant_id: tenant.into(),
+        exchange: "bybit".into(),
+        min_version: 0,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// A rotation at the exchange replaced `old`: version 2 is a minted key,
+/// `old` still served as the previous version until the overlap ends.
+async fn assert_replaced_at_the_exchange(op: &mut Operator, tenant: &str, old: &str) {
+    let got = served_bybit(op, tenant).await;
     assert_eq!(
         got.version, 2,
         "the check started a rotation at the exchange"
     );
-    assert_ne!(got.current.unwrap().api_key, "bybitExpiringKey01");
+    assert_ne!(got.current.unwrap().api_key, old);
     assert_eq!(
         got.previous.unwrap().api_key,
-        "bybitExpiringKey01",
+        old,
         "served until the overlap ends"
     );
 }
@@ -1016,7 +1040,7 @@ async fn the_health_check_rotates_an_expiring_key_at_the_exchange() {
 /// check replaces it at the exchange instead of only reminding.
 #[tokio::test]
 async fn the_health_check_rotates_a_key_older_than_the_policy_at_the_exchange() {
-    use credbroker::{api::pb, clock::ManualClock, exchange::sim::native_permissions};
+    use credbroker::{clock::ManualClock, exchange::sim::native_permissions};
 
     let ex = ExchangeId::Bybit;
     let clock = Arc::new(ManualClock::new(time::OffsetDateTime::now_utc()));
@@ -1035,56 +1059,20 @@ async fn the_health_check_rotates_a_key_older_than_the_policy_at_the_exchange() 
     )
     .await;
     let mut op = env.operator().await;
-    op.set_management_key(pb::SetManagementKeyRequest {
-        tenant_id: tenant.clone(),
-        exchange: "bybit".into(),
-        credentials: Some(crate::support::set(
-            "bybitMasterKey0008",
-            "bybitMasterSecret000000000000000000",
-        )),
-        sub_account: SUB.into(),
-        rotate_every_days: 0,
-        overlap_seconds: None,
-    })
-    .await
-    .unwrap();
-    let served = || {
-        let mut op = op.clone();
-        let tenant = tenant.clone();
-        async move {
-            op.get_credentials(pb::GetCredentialsRequest {
-                tenant_id: tenant,
-                exchange: "bybit".into(),
-                min_version: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
+    manage_bybit(&mut op, &tenant, "bybitMasterKey0008").await;
     let checks = &env.running.as_ref().unwrap().checks;
 
     // Within the policy: nothing happens.
     clock.advance(time::Duration::days(89));
     let report = checks.round().await.unwrap();
     assert_eq!(report.count("healthy"), 1, "{report:?}");
-    assert_eq!(served().await.version, 1);
+    assert_eq!(served_bybit(&mut op, &tenant).await.version, 1);
 
     // Past it: reported, and replaced at the exchange.
     clock.advance(time::Duration::days(2));
     let report = checks.round().await.unwrap();
     assert_eq!(report.count("drift"), 1, "{report:?}");
-    let got = served().await;
-    assert_eq!(
-        got.version, 2,
-        "the check started a rotation at the exchange"
-    );
-    assert_ne!(got.current.unwrap().api_key, "bybitAgedKey000001");
-    assert_eq!(
-        got.previous.unwrap().api_key,
-        "bybitAgedKey000001",
-        "served until the overlap ends"
-    );
+    assert_replaced_at_the_exchange(&mut op, &tenant, "bybitAgedKey000001").await;
 }
 
 /// KuCoin's sub-account keys: the master account's key, a passphrase per
