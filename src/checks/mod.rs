@@ -288,6 +288,9 @@ impl HealthChecks {
                                 if out.finding.is_failure() {
                                     self.metrics.health_check_failed(tenant, exchange);
                                 }
+                                if out.past_policy {
+                                    self.metrics.key_past_policy(exchange);
+                                }
                                 if out.replaced_live > 0 {
                                     self.metrics.replaced_keys_live(exchange, out.replaced_live);
                                 }

@@ -497,6 +497,15 @@ async fn a_key_older_than_the_rotation_policy_is_reported_once() {
         "{}",
         h.detail
     );
+    let (_, samples) = scrape(&env).await;
+    assert_eq!(
+        value(
+            &samples,
+            "credbroker_keys_past_rotation_policy_total",
+            &[("exchange", "kraken")]
+        ),
+        Some(1.0)
+    );
     clock.advance(time::Duration::hours(4));
     assert_eq!(checks.round().await.unwrap().count("drift"), 1);
     wait_for("the reminder", || !receiver.requests().is_empty()).await;

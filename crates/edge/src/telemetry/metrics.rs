@@ -205,6 +205,10 @@ pub struct Families {
     /// health check found still accepted by their exchange after their
     /// overlap (one per key per check: alert on any increase).
     pub replaced_keys_live: Family<ExchangeLabel, Counter>,
+    /// `credbroker_keys_past_rotation_policy_total{exchange}`: checks that
+    /// found the current key older than the rotation policy
+    /// (`max_key_age_days`).
+    pub keys_past_policy: Family<ExchangeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -216,6 +220,21 @@ impl Default for Metrics {
 impl Metrics {
     /// Fresh metrics, all zero.
     pub fn new() -> Self {
+        let m = Self::empty();
+        // The reminders' counters start at 0 for every exchange: Prometheus'
+        // `increase()` cannot see a series' first sample, so a counter that
+        // appeared at 1 would never fire its alert.
+        for exchange in ExchangeId::ALL {
+            let label = ExchangeLabel {
+                exchange: exchange.as_str(),
+            };
+            m.0.replaced_keys_live.get_or_create(&label);
+            m.0.keys_past_policy.get_or_create(&label);
+        }
+        m
+    }
+
+    fn empty() -> Self {
         Self(Arc::new(Families {
             credentials: Family::default(),
             validation_duration: Family::new_with_constructor(slow),
@@ -240,6 +259,7 @@ impl Metrics {
             key_rotations: Family::default(),
             key_rotations_overdue: Gauge::default(),
             replaced_keys_live: Family::default(),
+            keys_past_policy: Family::default(),
         }))
     }
 
@@ -312,6 +332,17 @@ impl Metrics {
             .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
+    /// A health check found the current key on `exchange` older than the
+    /// rotation policy.
+    pub fn key_past_policy(&self, exchange: ExchangeId) {
+        self.0
+            .keys_past_policy
+            .get_or_create(&ExchangeLabel {
+                exchange: exchange.as_str(),
+            })
+            .inc();
+    }
+
     /// Every metric, plus what `sources` knows at scrape time.
     pub fn registry(&self, sources: Sources) -> Registry {
         let f = &self.0;
@@ -380,6 +411,11 @@ impl Metrics {
             "credbroker_replaced_keys_live",
             "Replaced keys a health check found still accepted by their exchange after the overlap ended (delete them at the exchange)",
             f.replaced_keys_live.clone(),
+        );
+        r.register(
+            "credbroker_keys_past_rotation_policy",
+            "Health checks that found the current key older than the rotation policy (max_key_age_days): rotate it",
+            f.keys_past_policy.clone(),
         );
         r.register(
             "credbroker_vault_up",
