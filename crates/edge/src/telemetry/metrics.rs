@@ -228,8 +228,8 @@ impl Metrics {
             let label = ExchangeLabel {
                 exchange: exchange.as_str(),
             };
-            m.0.replaced_keys_live.get_or_create(&label);
-            m.0.keys_past_policy.get_or_create(&label);
+            m.0.replaced_keys_live.get_or_create_owned(&label);
+            m.0.keys_past_policy.get_or_create_owned(&label);
         }
         m
     }
