@@ -417,6 +417,47 @@ async fn health_checks_catch_dead_keys_tell_the_tenant_and_are_observable() {
     crate::chart::check_chart(&["--metrics-only", "--scrape", scrape.to_str().unwrap()]);
 }
 
+/// Alerts count failures with `increase()`, which cannot see a series'
+/// first sample: a stored credential's failure counter is exported at 0
+/// before any check fails, and the checks' findings start at 0 too.
+#[tokio::test]
+async fn failure_counters_exist_at_zero_before_the_first_failure() {
+    let (sims, _clock, env) = checked_env().await;
+    let mut op = env.operator().await;
+    let tenant = new_tenant();
+    let (key, secret, _) = register(&sims, ExchangeId::Kraken, "zero", false);
+    op.validate_and_store(store_req(&tenant, ExchangeId::Kraken, &key, &secret, None))
+        .await
+        .unwrap();
+    let labels = [("tenant_id", tenant.as_str()), ("exchange", "kraken")];
+    let m = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (_, m) = scrape(&env).await;
+            if value(&m, "alphapulse_credentials_total", &labels).is_some() {
+                return m;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the credential counts show the stored credential");
+    assert_eq!(
+        value(
+            &m,
+            "alphapulse_credentials_health_check_failures_total",
+            &labels
+        ),
+        Some(0.0)
+    );
+    for result in ["refused", "expired", "drift"] {
+        assert_eq!(
+            value(&m, "credbroker_health_checks_total", &[("result", result)]),
+            Some(0.0),
+            "{result}"
+        );
+    }
+}
+
 /// One replica at a time: a second replica's round does nothing while the
 /// first holds the lease, and takes over once it lapses.
 #[tokio::test]

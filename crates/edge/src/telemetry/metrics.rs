@@ -231,6 +231,17 @@ impl Metrics {
             m.0.replaced_keys_live.get_or_create_owned(&label);
             m.0.keys_past_policy.get_or_create_owned(&label);
         }
+        for result in [
+            "healthy",
+            "refused",
+            "expired",
+            "drift",
+            "unreachable",
+            "error",
+        ] {
+            m.0.health_checks
+                .get_or_create_owned(&ResultLabel { result });
+        }
         m
     }
 
@@ -296,11 +307,20 @@ impl Metrics {
         hist.observe(elapsed.as_secs_f64());
     }
 
-    /// Replaces the credential gauge with `counts`.
+    /// Replaces the credential gauge with `counts`. Every credential counted
+    /// also gets its health-check failure counter, at 0 until a check
+    /// fails: the failure-rate alert's `increase()` cannot see a series'
+    /// first sample, so a counter born at 1 would hide the failure.
     pub fn set_credentials(&self, counts: &[(TenantId, ExchangeId, CredentialStatus, u64)]) {
         let f = &self.0.credentials;
         f.clear();
         for (tenant, exchange, status, n) in counts {
+            self.0
+                .health_check_failures
+                .get_or_create_owned(&TenantExchange {
+                    tenant_id: tenant.to_string(),
+                    exchange: exchange.as_str(),
+                });
             f.get_or_create(&CredentialLabels {
                 tenant_id: tenant.to_string(),
                 exchange: exchange.as_str(),
