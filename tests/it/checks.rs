@@ -456,6 +456,15 @@ async fn failure_counters_exist_at_zero_before_the_first_failure() {
             "{result}"
         );
     }
+    assert_eq!(
+        value(
+            &m,
+            "credbroker_validations_total",
+            &[("exchange", "okx"), ("result", "rejected")]
+        ),
+        Some(0.0),
+        "an exchange nothing was validated on yet"
+    );
 }
 
 /// One replica at a time: a second replica's round does nothing while the

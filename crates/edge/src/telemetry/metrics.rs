@@ -221,15 +221,21 @@ impl Metrics {
     /// Fresh metrics, all zero.
     pub fn new() -> Self {
         let m = Self::empty();
-        // The reminders' counters start at 0 for every exchange: Prometheus'
-        // `increase()` cannot see a series' first sample, so a counter that
-        // appeared at 1 would never fire its alert.
+        // The counters the chart's alerts read start at 0 for every exchange
+        // (and finding): Prometheus' `increase()` cannot see a series' first
+        // sample, so a counter that appeared at 1 would hide that event.
         for exchange in ExchangeId::ALL {
             let label = ExchangeLabel {
                 exchange: exchange.as_str(),
             };
             m.0.replaced_keys_live.get_or_create_owned(&label);
             m.0.keys_past_policy.get_or_create_owned(&label);
+            for result in ["accepted", "rejected", "unavailable", "invalid_argument"] {
+                m.0.validations.get_or_create_owned(&ExchangeResult {
+                    exchange: exchange.as_str(),
+                    result,
+                });
+            }
         }
         for result in [
             "healthy",
