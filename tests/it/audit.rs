@@ -20,7 +20,7 @@ use crate::support::{
 };
 
 /// Every audit record of the database.
-async fn all_records(env: &Env) -> Vec<AuditRecord> {
+pub(crate) async fn all_records(env: &Env) -> Vec<AuditRecord> {
     let c = env.db.connect().await;
     c.query("SELECT body FROM audit_log", &[])
         .await

@@ -710,6 +710,27 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
     );
     // The new key is untouched and served.
     assert!(sims.has_key(ex, &new_key));
+    // Keeping the copy and destroying it are on record.
+    let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let actions: Vec<_> = crate::audit::all_records(&env)
+                .await
+                .into_iter()
+                .filter(|r| r.tenant_id == Some(t))
+                .map(|r| r.action.to_string())
+                .collect();
+            if ["KeepReplacedKey", "DestroyReplacedKey"]
+                .iter()
+                .all(|a| actions.iter().any(|x| x == a))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the copy's keeping and destruction reached the audit trail");
 }
 
 /// A replaced key deleted at the exchange before its overlap ended (as the

@@ -260,11 +260,35 @@ impl Broker {
         if gone.is_empty() {
             return Ok(());
         }
-        if gone.len() == kept.len() {
+        self.destroy_kept(tenant, exchange, &gone, kept.len(), "key-rotation")
+            .await
+    }
+
+    /// Destroys the kept copies `gone` (of `kept` at the path: when that is
+    /// all of them, the path goes too), on record as `actor`'s.
+    async fn destroy_kept(
+        &self,
+        tenant: TenantId,
+        exchange: ExchangeId,
+        gone: &[u64],
+        kept: usize,
+        actor: &'static str,
+    ) -> Result<(), BrokerError> {
+        let path = self.replaced_path(tenant, exchange);
+        let record = crate::audit::AuditRecord::system(
+            actor,
+            "DestroyReplacedKey",
+            tenant,
+            exchange,
+            gone.to_vec(),
+        );
+        self.audit_before(record.clone())?;
+        if gone.len() == kept {
             self.secrets.purge(&path).await?;
         } else {
-            self.secrets.destroy_versions(&path, &gone).await?;
+            self.secrets.destroy_versions(&path, gone).await?;
         }
+        self.audit_system(&record);
         Ok(())
     }
 
@@ -316,27 +340,15 @@ impl Broker {
             }
         }
         if !gone.is_empty() {
-            let record = crate::audit::AuditRecord::system(
-                "health-check",
-                "DestroyReplacedKey",
-                tenant,
-                exchange,
-                gone.clone(),
-            );
-            if self.audit_before(record.clone()).is_ok() {
-                let destroyed = if gone.len() == kept.len() {
-                    self.secrets.purge(&path).await
-                } else {
-                    self.secrets.destroy_versions(&path, &gone).await
-                };
-                match destroyed {
-                    Ok(()) => {
-                        tracing::info!(%tenant, %exchange, versions = ?gone, "the exchange no longer accepts the replaced key: its copy is destroyed");
-                        self.audit_system(&record);
-                    }
-                    Err(e) => {
-                        tracing::warn!(%tenant, %exchange, "could not destroy the copy of a replaced key the exchange refuses: {e}");
-                    }
+            match self
+                .destroy_kept(tenant, exchange, &gone, kept.len(), "health-check")
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(%tenant, %exchange, versions = ?gone, "the exchange no longer accepts the replaced key, or it is served again: its copy is destroyed");
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, %exchange, "could not destroy the copy of a replaced key: {e}");
                 }
             }
         }
