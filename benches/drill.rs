@@ -6,7 +6,8 @@
 //! `DRILL_PODS` pods (default 1,000), each a [`CredentialHandle`] (the Rust
 //! handle, its own mTLS connection, every replica in its endpoint list),
 //! sign requests to the simulator with the key they hold, `DRILL_RATE` a
-//! second each (default 10 below 5,000 pods, else 1). Then: the operator
+//! second each (default 10 below 5,000 pods, else 1; over one HTTP/2
+//! connection, every answer read). Then: the operator
 //! creates the next key at the exchange and calls Rotate with an overlap of
 //! `DRILL_OVERLAP_SECS` (default 10); at `DRILL_KILL_AT` of the overlap
 //! (default 0.5) the first replica is killed with SIGKILL; when the overlap
@@ -28,7 +29,8 @@
 //! (each one PostgreSQL read) per rotation per replica, and broker RSS per
 //! subscriber; prints a table and writes JSON (`DRILL_JSON`, default
 //! `$CARGO_TARGET_DIR/drill.json`). `cargo test --benches` runs a small
-//! drill (60 pods, a 4 s overlap) and asserts the zeros.
+//! drill (60 pods, a 4 s overlap) and asserts the zeros (a request the
+//! exchange never answered included).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
