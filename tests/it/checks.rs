@@ -503,6 +503,30 @@ async fn the_health_check_lease_lets_one_replica_work_and_another_take_over() {
     b.stop().await.unwrap();
 }
 
+/// The value of the counter `name` for `exchange` on the broker's scrape.
+async fn exchange_counter(env: &Env, name: &str, exchange: &str) -> Option<f64> {
+    let (_, samples) = scrape(env).await;
+    value(&samples, name, &[("exchange", exchange)])
+}
+
+/// Another check round a while later reports `finding` again, and the
+/// tenant's webhook has heard of it exactly once (once per change, not
+/// every round): its payload.
+async fn reported_again_but_told_once(
+    clock: &ManualClock,
+    checks: &credbroker::checks::HealthChecks,
+    receiver: &Receiver,
+    finding: &str,
+) -> serde_json::Value {
+    clock.advance(time::Duration::hours(4));
+    assert_eq!(checks.round().await.unwrap().count(finding), 1);
+    wait_for("the reminder", || !receiver.requests().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = receiver.requests();
+    assert_eq!(sent.len(), 1, "once per change, not every round");
+    serde_json::from_str(&sent[0].1).unwrap()
+}
+
 /// Kraken has no key-management API: the broker cannot rotate its keys by
 /// itself, so a key older than the rotation policy (`max_key_age_days`,
 /// 90 by default) is reported instead: in the health detail, as drift, and
@@ -547,22 +571,11 @@ async fn a_key_older_than_the_rotation_policy_is_reported_once() {
         "{}",
         h.detail
     );
-    let (_, samples) = scrape(&env).await;
     assert_eq!(
-        value(
-            &samples,
-            "credbroker_keys_past_rotation_policy_total",
-            &[("exchange", "kraken")]
-        ),
+        exchange_counter(&env, "credbroker_keys_past_rotation_policy_total", "kraken").await,
         Some(1.0)
     );
-    clock.advance(time::Duration::hours(4));
-    assert_eq!(checks.round().await.unwrap().count("drift"), 1);
-    wait_for("the reminder", || !receiver.requests().is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = receiver.requests();
-    assert_eq!(sent.len(), 1, "once per change, not every round");
-    let v: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
+    let v = reported_again_but_told_once(&clock, checks, &receiver, "drift").await;
     assert_eq!(v["type"], "credential.drift");
     assert!(
         v["data"]["reason"]
@@ -571,7 +584,7 @@ async fn a_key_older_than_the_rotation_policy_is_reported_once() {
             .contains("rotation policy"),
         "{v}"
     );
-    assert!(!sent[0].1.contains(secret.as_str()));
+    assert!(!v.to_string().contains(secret.as_str()));
 }
 
 /// A Rotate of `ex` to `key` with a minute's overlap.
@@ -671,26 +684,15 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
         h.detail
     );
     assert!(!h.detail.contains(old_key.as_str()), "only the key's hint");
-    let (_, samples) = scrape(&env).await;
     assert_eq!(
-        value(
-            &samples,
-            "credbroker_replaced_keys_live_total",
-            &[("exchange", "coinbase")]
-        ),
+        exchange_counter(&env, "credbroker_replaced_keys_live_total", "coinbase").await,
         Some(1.0)
     );
     // Every round says it again in the detail, the tenant hears it once.
-    clock.advance(time::Duration::hours(4));
-    assert_eq!(checks.round().await.unwrap().count("drift"), 1);
-    wait_for("the reminder", || !receiver.requests().is_empty()).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let sent = receiver.requests();
-    assert_eq!(sent.len(), 1, "once per change, not every round");
-    let v: serde_json::Value = serde_json::from_str(&sent[0].1).unwrap();
+    let v = reported_again_but_told_once(&clock, checks, &receiver, "drift").await;
     assert_eq!(v["type"], "credential.old_key_live", "{v}");
-    assert!(!sent[0].1.contains(old_secret.as_str()));
-    assert!(!sent[0].1.contains(old_key.as_str()));
+    assert!(!v.to_string().contains(old_secret.as_str()));
+    assert!(!v.to_string().contains(old_key.as_str()));
 
     // Deleted at the exchange: the reminder clears and the copy goes.
     sims.remove_key(ex, &old_key);
@@ -698,13 +700,8 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
     assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
     assert!(health().await.detail.is_empty());
     assert_eq!(kept().await, 0, "the copy is destroyed");
-    let (_, samples) = scrape(&env).await;
     assert_eq!(
-        value(
-            &samples,
-            "credbroker_replaced_keys_live_total",
-            &[("exchange", "coinbase")]
-        ),
+        exchange_counter(&env, "credbroker_replaced_keys_live_total", "coinbase").await,
         Some(2.0),
         "counted once per check that found it"
     );
