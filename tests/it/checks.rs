@@ -598,25 +598,62 @@ fn rotate_req(tenant: &str, ex: ExchangeId, key: &str, secret: &str) -> pb::Rota
     }
 }
 
-/// Two keys of `ex` made at the simulator (tagged `tags`): the first
-/// stored for `tenant`, then replaced by the second with a minute's
-/// overlap. Returns both as (key, secret).
-async fn stored_then_replaced(
-    sims: &Simulators,
-    op: &mut pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>,
-    tenant: &str,
+/// A broker checking against the simulators (by a clock the test moves)
+/// and a tenant whose `ex` credential was replaced: two keys made at the
+/// simulator (tagged `tags`), the first stored, then replaced by the
+/// second with a minute's overlap.
+struct Replaced {
+    sims: Simulators,
+    clock: Arc<ManualClock>,
+    env: Env,
+    op: pb::credential_broker_client::CredentialBrokerClient<tonic::transport::Channel>,
+    tenant: String,
     ex: ExchangeId,
-    tags: (&str, &str),
-) -> ((String, String), (String, String)) {
-    let (old_key, old_secret, _) = register(sims, ex, tags.0, false);
-    let (new_key, new_secret, _) = register(sims, ex, tags.1, false);
-    op.validate_and_store(store_req(tenant, ex, &old_key, &old_secret, None))
-        .await
-        .unwrap();
-    op.rotate(rotate_req(tenant, ex, &new_key, &new_secret))
-        .await
-        .unwrap();
-    ((old_key, old_secret), (new_key, new_secret))
+    /// The replaced key: (key, secret).
+    old: (String, String),
+    /// The key that replaced it.
+    new: (String, String),
+}
+
+impl Replaced {
+    async fn start(ex: ExchangeId, tags: (&str, &str)) -> Self {
+        let (sims, clock, env) = checked_env().await;
+        let mut op = env.operator().await;
+        let tenant = new_tenant();
+        let (old_key, old_secret, _) = register(&sims, ex, tags.0, false);
+        let (new_key, new_secret, _) = register(&sims, ex, tags.1, false);
+        op.validate_and_store(store_req(&tenant, ex, &old_key, &old_secret, None))
+            .await
+            .unwrap();
+        op.rotate(rotate_req(&tenant, ex, &new_key, &new_secret))
+            .await
+            .unwrap();
+        Self {
+            sims,
+            clock,
+            env,
+            op,
+            tenant,
+            ex,
+            old: (old_key, old_secret),
+            new: (new_key, new_secret),
+        }
+    }
+
+    fn checks(&self) -> &credbroker::checks::HealthChecks {
+        &self.env.running.as_ref().unwrap().checks
+    }
+
+    /// The overlap ends: the retire pass retires the replaced version.
+    async fn end_overlap(&self) {
+        self.clock.advance(time::Duration::minutes(2));
+        assert_eq!(retire::retire_once(self.env.broker()).await.unwrap(), 1);
+    }
+
+    /// How many replaced keys Vault keeps for the credential.
+    async fn kept(&self) -> usize {
+        kept_copies(&self.env, &self.tenant, self.ex).await
+    }
 }
 
 /// How many replaced keys of `tenant`'s `ex` credential Vault keeps.
@@ -642,16 +679,12 @@ async fn kept_copies(env: &Env, tenant: &str, ex: ExchangeId) -> usize {
 /// the copy is destroyed.
 #[tokio::test]
 async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_deleted_there() {
-    let (sims, clock, env) = checked_env().await;
-    let checks = &env.running.as_ref().unwrap().checks;
-    let broker = env.broker().clone();
-    let mut op = env.operator().await;
-    let tenant = new_tenant();
-    let receiver = Receiver::for_tenant(&mut op, &tenant, 0).await;
-    let ex = ExchangeId::Coinbase;
-    let ((old_key, old_secret), (new_key, _)) =
-        stored_then_replaced(&sims, &mut op, &tenant, ex, ("old", "new")).await;
-    let kept = || kept_copies(&env, &tenant, ex);
+    let mut r = Replaced::start(ExchangeId::Coinbase, ("old", "new")).await;
+    let receiver = Receiver::for_tenant(&mut r.op, &r.tenant, 0).await;
+    let (sims, clock, env, op, tenant, ex) = (&r.sims, &r.clock, &r.env, &r.op, &r.tenant, r.ex);
+    let ((old_key, old_secret), (new_key, _)) = (&r.old, &r.new);
+    let checks = r.checks();
+    let kept = || r.kept();
     let health = || {
         let mut op = op.clone();
         let req = pb::GetCredentialHealthRequest {
@@ -666,8 +699,7 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
     assert_eq!(kept().await, 0, "nothing kept before the overlap ends");
 
     // The overlap ends: the replaced set is kept, the served one destroyed.
-    clock.advance(time::Duration::minutes(2));
-    assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
+    r.end_overlap().await;
     assert_eq!(kept().await, 1);
 
     // The operator forgot to delete it at Coinbase: reported.
@@ -685,33 +717,33 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
     );
     assert!(!h.detail.contains(old_key.as_str()), "only the key's hint");
     assert_eq!(
-        exchange_counter(&env, "credbroker_replaced_keys_live_total", "coinbase").await,
+        exchange_counter(env, "credbroker_replaced_keys_live_total", "coinbase").await,
         Some(1.0)
     );
     // Every round says it again in the detail, the tenant hears it once.
-    let v = reported_again_but_told_once(&clock, checks, &receiver, "drift").await;
+    let v = reported_again_but_told_once(clock, checks, &receiver, "drift").await;
     assert_eq!(v["type"], "credential.old_key_live", "{v}");
     assert!(!v.to_string().contains(old_secret.as_str()));
     assert!(!v.to_string().contains(old_key.as_str()));
 
     // Deleted at the exchange: the reminder clears and the copy goes.
-    sims.remove_key(ex, &old_key);
+    sims.remove_key(ex, old_key);
     clock.advance(time::Duration::hours(4));
     assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
     assert!(health().await.detail.is_empty());
     assert_eq!(kept().await, 0, "the copy is destroyed");
     assert_eq!(
-        exchange_counter(&env, "credbroker_replaced_keys_live_total", "coinbase").await,
+        exchange_counter(env, "credbroker_replaced_keys_live_total", "coinbase").await,
         Some(2.0),
         "counted once per check that found it"
     );
     // The new key is untouched and served.
-    assert!(sims.has_key(ex, &new_key));
+    assert!(sims.has_key(ex, new_key));
     // Keeping the copy and destroying it are on record.
     let t: credbroker::broker::types::TenantId = tenant.parse().unwrap();
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let actions: Vec<_> = crate::audit::all_records(&env)
+            let actions: Vec<_> = crate::audit::all_records(env)
                 .await
                 .into_iter()
                 .filter(|r| r.tenant_id == Some(t))
@@ -734,25 +766,13 @@ async fn a_replaced_key_left_live_at_the_exchange_is_reported_until_it_is_delete
 /// operator should) is checked once and its copy destroyed.
 #[tokio::test]
 async fn a_replaced_key_deleted_in_time_is_checked_once_and_forgotten() {
-    let (sims, clock, env) = checked_env().await;
-    let checks = &env.running.as_ref().unwrap().checks;
-    let broker = env.broker().clone();
-    let mut op = env.operator().await;
-    let tenant = new_tenant();
-    let ex = ExchangeId::Kraken;
-    let ((old_key, _), _) =
-        stored_then_replaced(&sims, &mut op, &tenant, ex, ("gone", "kept")).await;
-    sims.remove_key(ex, &old_key);
-    clock.advance(time::Duration::minutes(2));
-    assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
-    assert_eq!(kept_copies(&env, &tenant, ex).await, 1);
-    clock.advance(time::Duration::hours(4));
-    assert_eq!(checks.round().await.unwrap().count("healthy"), 1);
-    assert_eq!(
-        kept_copies(&env, &tenant, ex).await,
-        0,
-        "the copy is destroyed"
-    );
+    let r = Replaced::start(ExchangeId::Kraken, ("gone", "kept")).await;
+    r.sims.remove_key(r.ex, &r.old.0);
+    r.end_overlap().await;
+    assert_eq!(r.kept().await, 1);
+    r.clock.advance(time::Duration::hours(4));
+    assert_eq!(r.checks().round().await.unwrap().count("healthy"), 1);
+    assert_eq!(r.kept().await, 0, "the copy is destroyed");
 }
 
 /// A replaced key rotated back in is served again, not left live: no
@@ -760,26 +780,13 @@ async fn a_replaced_key_deleted_in_time_is_checked_once_and_forgotten() {
 /// and its kept copy is destroyed.
 #[tokio::test]
 async fn a_replaced_key_rotated_back_in_is_not_reported() {
-    let (sims, clock, env) = checked_env().await;
-    let checks = &env.running.as_ref().unwrap().checks;
-    let broker = env.broker().clone();
-    let mut op = env.operator().await;
-    let tenant = new_tenant();
-    let ex = ExchangeId::Kraken;
-    let ((a_key, a_secret), _) =
-        stored_then_replaced(&sims, &mut op, &tenant, ex, ("back", "forth")).await;
-    clock.advance(time::Duration::minutes(2));
-    assert_eq!(retire::retire_once(&broker).await.unwrap(), 1);
+    let mut r = Replaced::start(ExchangeId::Kraken, ("back", "forth")).await;
+    r.end_overlap().await;
     // A comes back: current again, B in its overlap.
-    op.rotate(rotate_req(&tenant, ex, &a_key, &a_secret))
-        .await
-        .unwrap();
-    assert_eq!(kept_copies(&env, &tenant, ex).await, 1);
-    let round = checks.round().await.unwrap();
+    let back = rotate_req(&r.tenant, r.ex, &r.old.0, &r.old.1);
+    r.op.rotate(back).await.unwrap();
+    assert_eq!(r.kept().await, 1);
+    let round = r.checks().round().await.unwrap();
     assert_eq!(round.count("healthy"), 1, "{round:?}");
-    assert_eq!(
-        kept_copies(&env, &tenant, ex).await,
-        0,
-        "the served key's copy is destroyed"
-    );
+    assert_eq!(r.kept().await, 0, "the served key's copy is destroyed");
 }
