@@ -1,9 +1,11 @@
 //! Observability: the Prometheus metrics ([`metrics`]), the decorators that
-//! measure Vault and the exchanges ([`instrument`]), and the `/metrics`
+//! measure Vault and the exchanges ([`instrument`]), the JSON logs' span
+//! fields ([`json_fields`]), and the `/metrics`
 //! endpoint on its own port (so a scrape never competes with the gRPC
 //! listener's connection cap and never needs a client certificate).
 
 pub mod instrument;
+pub mod json_fields;
 pub mod metrics;
 pub mod traces;
 

@@ -66,6 +66,7 @@ pub fn init(
     let fmt = if json {
         tracing_subscriber::fmt::layer()
             .json()
+            .fmt_fields(super::json_fields::JsonSpanFields)
             .with_filter(filter)
             .boxed()
     } else {
