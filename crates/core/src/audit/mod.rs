@@ -297,6 +297,12 @@ pub trait AuditSink: Send + Sync + 'static {
     /// When the record cannot be kept: the caller must fail.
     fn append(&self, record: &AuditRecord) -> Result<(), AuditError>;
 
+    /// Whether records are kept at all (`false` for [`Discard`], the sink
+    /// of a broker with auditing off: callers skip building them).
+    fn keeps(&self) -> bool {
+        true
+    }
+
     /// Hands `record` over to be written with whatever else is waiting
     /// (a group append: one write for every record the worker's other
     /// calls handed over meanwhile); the [`Ticket`] says when it is
@@ -365,6 +371,10 @@ pub struct Discard;
 impl AuditSink for Discard {
     fn append(&self, _: &AuditRecord) -> Result<(), AuditError> {
         Ok(())
+    }
+
+    fn keeps(&self) -> bool {
+        false
     }
 }
 

@@ -425,6 +425,10 @@ async fn finish(
     mut resp: http::Response<tonic::body::Body>,
     changes: bool,
 ) -> http::Response<tonic::body::Body> {
+    if !sink.keeps() {
+        // Auditing is off: no record to build.
+        return with_request_id(resp, call);
+    }
     let code = crate::api::status::response_code(&resp);
     let note = call.take_note();
     // A refusal for a rate limit is tallied, not recorded one by one: a
