@@ -25,7 +25,8 @@
 //! `cargo bench --bench stack` (`STACK_SECS` measured seconds, default 10;
 //! `STACK_CONC` callers, default 64; `STACK_RATE` the open loop's offered
 //! rate, default half of the all-layers broker's closed-loop throughput;
-//! `STACK_ONLY=echo,bare,...` a subset). `cargo test --benches` runs it as a
+//! `STACK_ONLY=echo,bare,...` a subset; `STACK_CLOSED=0` the open loop
+//! alone, at `STACK_RATE` or 1,000/s). `cargo test --benches` runs it as a
 //! smoke run of about a second per target.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -159,6 +160,9 @@ fn orchestrate() {
         .ok()
         .map(|v| v.split(',').map(str::to_owned).collect());
     let wanted = |n: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == n));
+    // `STACK_CLOSED=0`: the open loop alone, on targets that ran nothing
+    // before it (no closed loop's records still being shipped meanwhile).
+    let closed_loop = env_or("STACK_CLOSED", 1u8) != 0;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -179,9 +183,11 @@ fn orchestrate() {
             continue;
         }
         let t = rt.block_on(start_target(&setup, name));
-        let w = drive(&setup, &t, "closed", conc, None, secs, warm);
-        print_row(&w);
-        rows.push(w);
+        if closed_loop {
+            let w = drive(&setup, &t, "closed", conc, None, secs, warm);
+            print_row(&w);
+            rows.push(w);
+        }
         targets.push(t);
     }
     // The open loop, at one offered rate for every gRPC target (half of what
@@ -392,9 +398,12 @@ fn drive(
     if matches!(t.name, "access" | "all") {
         cmd.env("STACK_TOKEN", &s.token);
     }
-    if let Some(r) = rate {
-        cmd.env("STACK_RATE", r.to_string());
-    }
+    // The closed loop must not inherit the open loop's rate from the
+    // bench's own environment (`STACK_RATE=...`).
+    match rate {
+        Some(r) => cmd.env("STACK_RATE", r.to_string()),
+        None => cmd.env_remove("STACK_RATE"),
+    };
     let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut next = || lines.next().expect("the load client ended early").unwrap();

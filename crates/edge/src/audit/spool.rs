@@ -297,6 +297,14 @@ impl Spool {
             .segment
     }
 
+    /// Where the next line will be written: (segment, byte offset). A
+    /// shipping pass ships up to here and no further (what is appended
+    /// meanwhile waits for the next pass).
+    pub fn end(&self) -> (u64, u64) {
+        let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        (w.segment, w.len)
+    }
+
     /// The chain's head now: the last seq written and its hash.
     pub fn head(&self) -> (u64, String) {
         let w = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
