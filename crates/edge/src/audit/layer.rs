@@ -356,6 +356,18 @@ where
         let path = req.uri().path();
         let (name, action) = method(path);
         let changes = action.is_some_and(crate::auth::model::Action::changes_state);
+        if !self.sink.keeps() {
+            // Auditing is off: no note for the inner layers to fill, no
+            // record; the answer still names its call, and a call that
+            // can change state still runs to its end.
+            let id = ids.request_id;
+            let work = async move { Ok(with_request_id(inner.call(req).await?, id)) };
+            return if changes {
+                self.run_to_end(work)
+            } else {
+                Box::pin(work)
+            };
+        }
         let call = CallAudit(Arc::new(Call {
             request_id: ids.request_id,
             trace_id: ids.trace_id,
@@ -397,7 +409,19 @@ where
         if !changes {
             return Box::pin(work);
         }
-        // Run to the end whatever happens to the caller (see module docs).
+        self.run_to_end(work)
+    }
+}
+
+impl<S> Audit<S> {
+    /// Runs `work` as a tracked task, to the end whatever happens to the
+    /// caller (see module docs), and answers with its result.
+    fn run_to_end<E: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<http::Response<tonic::body::Body>, E>>
+        + Send
+        + 'static,
+    ) -> BoxFuture<'static, Result<http::Response<tonic::body::Body>, E>> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.calls.spawn(
             async move {
@@ -425,10 +449,6 @@ async fn finish(
     mut resp: http::Response<tonic::body::Body>,
     changes: bool,
 ) -> http::Response<tonic::body::Body> {
-    if !sink.keeps() {
-        // Auditing is off: no record to build.
-        return with_request_id(resp, call);
-    }
     let code = crate::api::status::response_code(&resp);
     let note = call.take_note();
     // A refusal for a rate limit is tallied, not recorded one by one: a
@@ -444,7 +464,7 @@ async fn finish(
             super::refusals::Refusal::RateLimited,
             note.tenant,
         );
-        return with_request_id(resp, call);
+        return with_request_id(resp, call.request_id());
     }
     let record = call.record(note, code);
     if let Err(e) = append_grouped(sink, &record).await {
@@ -460,7 +480,7 @@ async fn finish(
         }
         sink.defer(if changes { record } else { withheld(record) });
     }
-    with_request_id(resp, call)
+    with_request_id(resp, call.request_id())
 }
 
 /// Appends `record` to the spool as part of a group: the record is handed
@@ -499,12 +519,10 @@ fn withheld(record: AuditRecord) -> AuditRecord {
 /// Every answer names its call.
 fn with_request_id(
     mut resp: http::Response<tonic::body::Body>,
-    call: &CallAudit,
+    request_id: Uuid,
 ) -> http::Response<tonic::body::Body> {
     let mut id = Uuid::encode_buffer();
-    if let Ok(v) =
-        http::HeaderValue::from_str(call.request_id().as_hyphenated().encode_lower(&mut id))
-    {
+    if let Ok(v) = http::HeaderValue::from_str(request_id.as_hyphenated().encode_lower(&mut id)) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
@@ -578,6 +596,57 @@ mod tests {
             resp.headers()["x-request-id"].to_str().unwrap(),
             appended[0].request_id.to_string()
         );
+    }
+
+    /// With auditing off (a sink that keeps nothing) the layer builds no
+    /// note for the inner layers, still names every answer's call, and
+    /// still runs a state-changing call to its end when its caller goes.
+    #[tokio::test]
+    async fn with_auditing_off_answers_are_named_and_writes_still_finish() {
+        let sink: Arc<dyn AuditSink> = Arc::new(crate::audit::Discard);
+        let finished = Arc::new(AtomicU32::new(0));
+        let seen = finished.clone();
+        let inner = tower::service_fn(move |req: http::Request<()>| {
+            let finished = seen.clone();
+            async move {
+                assert!(
+                    req.extensions().get::<CallAudit>().is_none(),
+                    "no note to fill with auditing off"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+            }
+        });
+        let calls = tokio_util::task::TaskTracker::new();
+        let mut svc = AuditLayer::new(
+            sink.clone(),
+            crate::audit::refusals::Refusals::new(sink),
+            calls.clone(),
+        )
+        .layer(inner);
+        let call = |method: &str| {
+            let mut req = http::Request::builder()
+                .uri(format!("/credbroker.v1.CredentialBroker/{method}"))
+                .body(())
+                .unwrap();
+            let ids = CallIds::of(&req);
+            let id = ids.request_id;
+            req.extensions_mut().insert(ids);
+            (req, id)
+        };
+        let (req, id) = call("GetCredentials");
+        let resp = svc.call(req).await.unwrap();
+        assert_eq!(
+            resp.headers()["x-request-id"].to_str().unwrap(),
+            id.to_string()
+        );
+        // A Rotate whose caller gives up at once still runs to its end.
+        let (req, _) = call("Rotate");
+        drop(svc.call(req));
+        calls.close();
+        calls.wait().await;
+        assert_eq!(finished.load(Ordering::SeqCst), 2);
     }
 
     #[test]
