@@ -448,6 +448,7 @@ mod tests {
         spool: Arc<Spool>,
         tenant: TenantId,
         batches: std::sync::atomic::AtomicUsize,
+        anchors: std::sync::atomic::AtomicUsize,
         busy: usize,
     }
 
@@ -470,6 +471,8 @@ mod tests {
             seq: u64,
             hash: &str,
         ) -> Result<(), MetadataStoreError> {
+            self.anchors
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.meta.anchor_audit(chain_id, seq, hash).await
         }
         async fn list_audit(
@@ -497,6 +500,7 @@ mod tests {
             spool: spool.clone(),
             tenant,
             batches: Default::default(),
+            anchors: Default::default(),
             busy: 3,
         };
         for r in &records(Some(tenant), 10) {
@@ -504,6 +508,9 @@ mod tests {
         }
         assert_eq!(ship_once(&spool, &log).await.unwrap().records, 10);
         assert_eq!(log.batches.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // The pass ended, so the chain's head was anchored (under steady
+        // load a pass that never ends never anchors).
+        assert_eq!(log.anchors.load(std::sync::atomic::Ordering::Relaxed), 1);
         assert_eq!(
             shipped_seqs(&log.meta, tenant).await,
             (1..=10).collect::<Vec<_>>()
@@ -517,5 +524,6 @@ mod tests {
             (1..=20).collect::<Vec<_>>()
         );
         assert_eq!(log.batches.load(std::sync::atomic::Ordering::Relaxed), 3);
+        assert_eq!(log.anchors.load(std::sync::atomic::Ordering::Relaxed), 3);
     }
 }
