@@ -79,16 +79,10 @@ async fn ship_from(
     // endless run of tiny batches (measured: ~47 records per transaction
     // at 8,000 calls/s, PostgreSQL 20 µs per record in BEGIN, set_config,
     // COPY and COMMIT round trips) instead of one batch every `ship_ms`.
+    // (The segment being written then: a later one waits too.)
     let end = spool.end();
-    loop {
-        if *at >= end {
-            if let Some((seq, hash)) = last_head {
-                meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
-            }
-            return Ok(total);
-        }
+    while *at < end {
         let (seg, off) = *at;
-        let current = spool.current_segment();
         if fresh.is_empty() {
             // Swapped, not copied: the empty buffer goes back to the spool.
             spool.recycle(std::mem::take(fresh).into());
@@ -114,7 +108,7 @@ async fn ship_from(
         if rows.is_empty() {
             // Nothing more here: move past a finished segment (keeping the
             // chain head first, in case no segment is left to read it from).
-            if seg < current {
+            if seg < end.0 {
                 let dir = dir.to_owned();
                 let (seq, hash) = spool.head();
                 *at = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, u64)> {
@@ -122,7 +116,7 @@ async fn ship_from(
                     let next = segments(&dir)?
                         .into_iter()
                         .find(|n| *n > seg)
-                        .unwrap_or(current);
+                        .unwrap_or(end.0);
                     write_offset(&dir, next, 0)?;
                     let _ = std::fs::remove_file(segment_path(&dir, seg));
                     Ok((next, 0))
@@ -130,10 +124,7 @@ async fn ship_from(
                 .await??;
                 continue;
             }
-            if let Some((seq, hash)) = last_head {
-                meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
-            }
-            return Ok(total);
+            break;
         }
         if let Some(l) = rows.last() {
             last_head = Some((l.seq, l.hash.clone()));
@@ -145,6 +136,10 @@ async fn ship_from(
         total.records += shipped;
         tokio::task::yield_now().await;
     }
+    if let Some((seq, hash)) = last_head {
+        meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
+    }
+    Ok(total)
 }
 
 /// The next batch from memory, when the records kept in memory continue
