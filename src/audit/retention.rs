@@ -46,6 +46,7 @@ pub async fn task_main(
             Ok(p) if p.days > 0 => tracing::info!(
                 days = p.days,
                 chains = p.chains,
+                anchors = p.anchors,
                 keep_days,
                 "audit retention dropped the oldest days"
             ),

@@ -333,6 +333,9 @@ impl Drop for Bao {
 pub struct TestDb {
     pub name: String,
     admin_url: String,
+    /// The login role that owns the database, when it is not the admin's
+    /// (a role made for the test, dropped with it).
+    owner: Option<String>,
 }
 
 pub fn pg_admin_url() -> String {
@@ -352,17 +355,53 @@ impl TestDb {
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .unwrap();
-        TestDb { name, admin_url }
+        TestDb {
+            name,
+            admin_url,
+            owner: None,
+        }
     }
 
-    /// Connection string for this database.
+    /// A fresh database owned by a login role made for it that is no
+    /// superuser (as a deployment's would be: row-level security applies
+    /// to it), which [`TestDb::url`] logs in as. It may create roles, as
+    /// the first migration needs.
+    pub async fn create_owned() -> TestDb {
+        let admin_url = pg_admin_url();
+        let id = Uuid::new_v4().simple().to_string();
+        let (name, owner) = (format!("credbroker_t_{id}"), format!("credbroker_o_{id}"));
+        let (client, conn) = tokio_postgres::connect(&admin_url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {admin_url}: {e}"));
+        tokio::spawn(conn);
+        // Two statements: CREATE DATABASE refuses a transaction block.
+        for sql in [
+            format!("CREATE ROLE {owner} LOGIN NOSUPERUSER NOBYPASSRLS CREATEROLE"),
+            format!("CREATE DATABASE {name} OWNER {owner}"),
+        ] {
+            client.batch_execute(&sql).await.unwrap();
+        }
+        TestDb {
+            name,
+            admin_url,
+            owner: Some(owner),
+        }
+    }
+
+    /// Connection string for this database (as its owner).
     pub fn url(&self) -> String {
         let base: Vec<&str> = self
             .admin_url
             .split_whitespace()
             .filter(|kv| !kv.starts_with("dbname="))
+            .filter(|kv| self.owner.is_none() || !kv.starts_with("user="))
             .collect();
-        format!("{} dbname={}", base.join(" "), self.name)
+        let user = self
+            .owner
+            .as_ref()
+            .map(|o| format!(" user={o}"))
+            .unwrap_or_default();
+        format!("{} dbname={}{user}", base.join(" "), self.name)
     }
 
     /// The metadata store on this database, schema migrated.
@@ -392,7 +431,11 @@ impl TestDb {
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        let (url, name, owner) = (
+            self.admin_url.clone(),
+            self.name.clone(),
+            self.owner.clone(),
+        );
         // Drop runs inside a runtime; use a thread with its own.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -407,6 +450,11 @@ impl Drop for TestDb {
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;
+                    if let Some(owner) = owner {
+                        let _ = client
+                            .batch_execute(&format!("DROP ROLE IF EXISTS {owner}"))
+                            .await;
+                    }
                 }
             });
         })

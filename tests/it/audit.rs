@@ -1319,6 +1319,68 @@ async fn the_sink_copies_into_days_and_retention_drops_whole_days() {
     assert!(listed.iter().all(|r| r.tenant == Some(b)));
 }
 
+/// Retention as a deployment runs it: the login role owns the schema and
+/// is no superuser, so row-level security applies to it too. Anchors
+/// naming records a retention cut removed go with them (the table grew for
+/// ever before), what is left verifies, and the broker's own role still
+/// cannot remove an anchor.
+#[tokio::test]
+async fn retention_removes_the_anchors_below_its_cut_as_a_plain_owner() {
+    use credbroker::{
+        audit::{AuditSink as _, retention, ship, spool::Spool},
+        broker::types::TenantId,
+    };
+    crate::support::init();
+    let db = crate::support::TestDb::create_owned().await;
+    let store = db.migrated_store(2).await;
+    let tenant = TenantId::new(uuid::Uuid::new_v4());
+    let now = time::OffsetDateTime::now_utc();
+    let today = now.date().midnight().assume_utc();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+    // Three days of ten records, each day shipped (and anchored) on its own.
+    for day in (0..3).rev() {
+        for i in 0..10 {
+            let at = today - time::Duration::days(day) + time::Duration::minutes(i);
+            spool.append(&record_at(at, tenant)).unwrap();
+        }
+        assert_eq!(ship::ship_once(&spool, &store).await.unwrap().records, 10);
+    }
+    let c = db.connect().await;
+    let anchors = || {
+        let c = &c;
+        async move {
+            c.query("SELECT seq FROM audit_anchors ORDER BY seq", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, i64>(0))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(anchors().await, [10, 20, 30]);
+    // Keep one day: the oldest day goes, and with it the anchor naming its
+    // last record.
+    let pruned = retention::run_once(&store, 1, now).await.unwrap();
+    assert_eq!((pruned.days, pruned.chains, pruned.anchors), (1, 1, 1));
+    assert_eq!(anchors().await, [20, 30]);
+    let report = credbroker::audit::chain::verify_all(&store.audit_chains().await.unwrap());
+    assert_eq!(report.broken, 0, "{:?}", report.lines);
+    assert!(report.lines[0].contains("2 anchors"), "{:?}", report.lines);
+    // The broker's role may read and add anchors, never remove one.
+    c.batch_execute("BEGIN; SET LOCAL ROLE credbroker_system")
+        .await
+        .unwrap();
+    let denied = c.execute("DELETE FROM audit_anchors", &[]).await;
+    assert_eq!(
+        denied.as_ref().err().and_then(|e| e.code()),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{denied:?}"
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(anchors().await, [20, 30]);
+}
+
 /// A change committed by a call whose outcome record a crash lost (it
 /// waited in memory for a spool that could not be written): the replica
 /// whose chain holds the call's request record writes the outcome from the

@@ -274,6 +274,8 @@ pub struct Pruned {
     pub days: usize,
     /// Chains whose start moved (one cut recorded each).
     pub chains: usize,
+    /// Anchors removed: those naming records at or below a new cut.
+    pub anchors: u64,
 }
 
 impl PgMetadataStore {
@@ -508,6 +510,7 @@ impl PgMetadataStore {
                         )
                         .await
                         .map_err(pg_err)?;
+                    let mut anchors = 0;
                     for page in &newest {
                         let (records, _) = unpack(page);
                         let Some(last) = records.iter().max_by_key(|r| r.seq) else {
@@ -520,6 +523,18 @@ impl PgMetadataStore {
                         )
                         .await
                         .map_err(pg_err)?;
+                        // Anchors naming removed records go with them
+                        // (`verify` skips them; kept, the table grew for
+                        // ever). The owner may: row-level security lets it
+                        // through as a member of the system role (v1); the
+                        // system role itself holds no DELETE privilege.
+                        anchors += tx
+                            .execute(
+                                "DELETE FROM audit_anchors WHERE chain_id = $1 AND seq <= $2",
+                                &[&last.chain_id, &to_i64(last.seq)],
+                            )
+                            .await
+                            .map_err(pg_err)?;
                     }
                     for p in &old {
                         tx.batch_execute(&format!("DROP TABLE {p}"))
@@ -529,6 +544,7 @@ impl PgMetadataStore {
                     Ok(Pruned {
                         days: old.len(),
                         chains: newest.len(),
+                        anchors,
                     })
                 })
             })

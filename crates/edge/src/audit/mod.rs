@@ -29,7 +29,10 @@ pub struct AuditConfig {
     pub max_spool_bytes: u64,
     /// Group fsync period: what a power cut can lose at most.
     pub fsync_ms: u64,
-    /// Shipping period.
+    /// Shipping period: each pass ships what the spool held when it
+    /// began, as one batch. Smaller, more frequent batches disturb the
+    /// calls less (measured at 16,000 calls/s: p99 4.8–5.5 ms at 50
+    /// against 6.3–7.5 ms at 200); an idle spool costs no pass anything.
     pub ship_ms: u64,
     /// Days of records PostgreSQL keeps (whole UTC days are dropped once
     /// older); 0 keeps every record.
@@ -43,7 +46,7 @@ impl Default for AuditConfig {
             spool_dir: std::path::PathBuf::from("/var/lib/credbroker/audit"),
             max_spool_bytes: 1024 * 1024 * 1024,
             fsync_ms: 50,
-            ship_ms: 200,
+            ship_ms: 50,
             retention_days: 0,
         }
     }

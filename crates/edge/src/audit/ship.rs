@@ -3,7 +3,8 @@
 //! what it already holds, so a batch re-sent after a crash adds nothing
 //! twice), then records the new offset. Fully shipped segments are removed. While PostgreSQL is away the
 //! spool grows (bounded: see [`super::spool`]) and drains when it returns.
-//! Each pass that shipped anything also anchors the chain's head.
+//! The shipping task anchors the chain's newest shipped record once it
+//! moved, at most every [`ANCHOR_EVERY`] (and on its last pass).
 
 use std::{
     collections::VecDeque,
@@ -31,20 +32,43 @@ const MEMORY_BATCH: usize = 2_000;
 /// Bytes read from a segment per batch at most.
 const READ_BYTES: usize = 1024 * 1024;
 
+/// The shipping task anchors the chain's head at most this often. An
+/// anchor is what catches a rewrite of the chain's tail (the broker's roles
+/// can add anchors, never change one), so this is how much of the newest
+/// shipped trail such a rewrite could reach unseen. One per pass (every
+/// `ship_ms`) added a row and a transaction to every pass under load, in a
+/// table only retention prunes.
+pub const ANCHOR_EVERY: Duration = Duration::from_secs(1);
+
 /// What one pass did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Shipped {
     /// Records inserted (or found already there).
     pub records: usize,
+    /// The newest record shipped (seq, hash), if any.
+    pub head: Option<(u64, String)>,
 }
 
 /// Ships what the spool holds now (what is appended meanwhile waits for
-/// the next pass).
+/// the next pass), then anchors the newest record shipped.
 ///
 /// # Errors
 /// When PostgreSQL or the spool cannot be used; nothing is marked shipped
 /// that was not inserted.
 pub async fn ship_once(spool: &Spool, meta: &dyn AuditLog) -> anyhow::Result<Shipped> {
+    let shipped = ship_pass(spool, meta).await?;
+    if let Some((seq, hash)) = &shipped.head {
+        meta.anchor_audit(spool.chain_id(), *seq, hash).await?;
+    }
+    Ok(shipped)
+}
+
+/// [`ship_once`] without the anchor (the shipping task anchors on its own
+/// schedule: [`Anchoring`]).
+///
+/// # Errors
+/// As [`ship_once`].
+pub async fn ship_pass(spool: &Spool, meta: &dyn AuditLog) -> anyhow::Result<Shipped> {
     let dir = spool.dir().to_owned();
     let from = read_offset(&dir)?;
     let mut at = from;
@@ -72,8 +96,6 @@ async fn ship_from(
     fresh: &mut VecDeque<Fresh>,
 ) -> anyhow::Result<Shipped> {
     let mut total = Shipped::default();
-    // The newest shipped (seq, hash): anchored once per pass.
-    let mut last_head: Option<(u64, String)> = None;
     // A pass ships what was appended before it began, then ends: under
     // load, going on with what arrives meanwhile turned a pass into an
     // endless run of tiny batches (measured: ~47 records per transaction
@@ -126,20 +148,54 @@ async fn ship_from(
             }
             break;
         }
-        if let Some(l) = rows.last() {
-            last_head = Some((l.seq, l.hash.clone()));
-        }
+        let head = rows.last().map(|l| (l.seq, l.hash.clone()));
         let shipped = rows.len();
         meta.ship_audit(rows).await?;
         *at = (seg, off + consumed);
         spool.shipped(consumed);
         total.records += shipped;
+        total.head = head;
         tokio::task::yield_now().await;
     }
-    if let Some((seq, hash)) = last_head {
-        meta.anchor_audit(spool.chain_id(), seq, &hash).await?;
-    }
     Ok(total)
+}
+
+/// When the shipping task anchors: the newest record shipped and not yet
+/// anchored, once [`ANCHOR_EVERY`] has passed since the last anchor (at
+/// once for the first, and on the task's last pass whatever the time).
+#[derive(Debug, Default)]
+pub struct Anchoring {
+    pending: Option<(u64, String)>,
+    last: Option<std::time::Instant>,
+}
+
+impl Anchoring {
+    /// A pass shipped up to `head` (`None`: nothing) at `now`; returns
+    /// the head to anchor now, if one is due. Until [`Anchoring::anchored`]
+    /// says it was written, it stays pending.
+    pub fn after_pass(
+        &mut self,
+        head: Option<(u64, String)>,
+        now: std::time::Instant,
+        last_pass: bool,
+    ) -> Option<(u64, String)> {
+        if head.is_some() {
+            self.pending = head;
+        }
+        let due = last_pass
+            || self
+                .last
+                .is_none_or(|t| now.duration_since(t) >= ANCHOR_EVERY);
+        if due { self.pending.clone() } else { None }
+    }
+
+    /// `head` was anchored at `now`.
+    pub fn anchored(&mut self, head: &(u64, String), now: std::time::Instant) {
+        self.last = Some(now);
+        if self.pending.as_ref().is_some_and(|p| p.0 <= head.0) {
+            self.pending = None;
+        }
+    }
 }
 
 /// The next batch from memory, when the records kept in memory continue
@@ -270,15 +326,24 @@ pub async fn task_main(
     // Capped low: a PostgreSQL that returns is drained within seconds.
     let mut backoff = crate::backoff::Backoff::new(every, Duration::from_secs(2));
     let mut wait = every;
+    let mut anchoring = Anchoring::default();
     loop {
         let stop = tokio::select! {
             () = cancel.cancelled() => true,
             () = tokio::time::sleep(wait) => false,
         };
-        match ship_once(&spool, meta.as_ref()).await {
-            Ok(_) => {
+        match ship_pass(&spool, meta.as_ref()).await {
+            Ok(shipped) => {
                 backoff.reset();
                 wait = every;
+                let now = std::time::Instant::now();
+                if let Some(head) = anchoring.after_pass(shipped.head, now, stop) {
+                    match meta.anchor_audit(spool.chain_id(), head.0, &head.1).await {
+                        Ok(()) => anchoring.anchored(&head, now),
+                        // Still pending: tried again after the next pass.
+                        Err(e) => tracing::warn!("audit chain head not anchored yet: {e}"),
+                    }
+                }
                 // Everything appended before the pass is shipped now.
                 if let Some(a) = after.as_mut() {
                     a.after_pass(&spool).await;
@@ -520,5 +585,39 @@ mod tests {
         );
         assert_eq!(log.batches.load(std::sync::atomic::Ordering::Relaxed), 3);
         assert_eq!(log.anchors.load(std::sync::atomic::Ordering::Relaxed), 3);
+    }
+
+    /// The task anchors the newest shipped head at once, then at most every
+    /// `ANCHOR_EVERY` whatever the passes in between shipped (the newest
+    /// of them), on its last pass whatever the time, and never a head it
+    /// has anchored already; a head whose anchor failed stays pending.
+    #[test]
+    fn anchors_are_spaced_and_the_newest_head_is_the_one_anchored() {
+        let t0 = std::time::Instant::now();
+        let head = |n: u64| Some((n, format!("h{n}")));
+        let mut a = Anchoring::default();
+        // Nothing shipped yet: nothing to anchor.
+        assert_eq!(a.after_pass(None, t0, false), None);
+        // The first head: at once.
+        assert_eq!(a.after_pass(head(10), t0, false), head(10));
+        a.anchored(&(10, "h10".into()), t0);
+        // Passes within the period: nothing, though they ship.
+        let soon = t0 + ANCHOR_EVERY / 4;
+        assert_eq!(a.after_pass(head(20), soon, false), None);
+        assert_eq!(a.after_pass(head(30), soon + ANCHOR_EVERY / 4, false), None);
+        // A pass that ships nothing once the period is over: the newest
+        // head shipped meanwhile.
+        let later = t0 + ANCHOR_EVERY;
+        assert_eq!(a.after_pass(None, later, false), head(30));
+        // Its anchor failed: still pending, tried after the next pass.
+        assert_eq!(a.after_pass(None, later, false), head(30));
+        a.anchored(&(30, "h30".into()), later);
+        // Anchored: nothing pending, even once due again.
+        assert_eq!(a.after_pass(None, later + ANCHOR_EVERY * 2, false), None);
+        // The last pass anchors what it shipped at once.
+        assert_eq!(
+            a.after_pass(head(31), later + ANCHOR_EVERY / 10, true),
+            head(31)
+        );
     }
 }
