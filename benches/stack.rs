@@ -19,7 +19,9 @@
 //! fixed offered rate (latency counted from each call's intended start, so
 //! coordinated omission cannot hide the tail), with warm-up first; HDR
 //! histograms; the CPU per call of the target process and of every
-//! `postgres` process, from /proc over the measured window. Prints a table
+//! `postgres` process, from /proc over the measured window. Before each
+//! window the audited brokers' spools are shipped to the end and
+//! PostgreSQL checkpoints, so no window pays for the one before. Prints a table
 //! and writes JSON (`STACK_JSON`, default `$CARGO_TARGET_DIR/stack-bench.json`).
 //!
 //! `cargo bench --bench stack` (`STACK_SECS` measured seconds, default 10;
@@ -184,6 +186,7 @@ fn orchestrate() {
         }
         let t = rt.block_on(start_target(&setup, name));
         if closed_loop {
+            rt.block_on(settle(&setup, targets.iter().chain([&t])));
             let w = drive(&setup, &t, "closed", conc, None, secs, warm);
             print_row(&w);
             rows.push(w);
@@ -208,6 +211,7 @@ fn orchestrate() {
         } else {
             rate
         };
+        rt.block_on(settle(&setup, targets.iter()));
         let w = drive(&setup, t, "open", conc, Some(r), secs, warm);
         print_row(&w);
         rows.push(w);
@@ -363,6 +367,50 @@ fn start_broker(s: &Setup, name: &'static str) -> Target {
         addr: server.addr.clone(),
         child: None,
         _server: Some(server),
+    }
+}
+
+/// Lets the work a window leaves behind end before the next window
+/// begins, so it is not counted there: every audited broker ships what its
+/// spool still holds, then PostgreSQL writes out what it took (a
+/// `CHECKPOINT`). Without this, a target's window could pay for the
+/// previous target's backlog (once a 30 ms p99, in an open loop that
+/// followed the everything-on closed loop's 400,000 records).
+async fn settle(s: &Setup, targets: impl Iterator<Item = &Target>) {
+    let http = reqwest::Client::new();
+    for t in targets {
+        let Some(server) = &t._server else { continue };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let text = http
+                .get(format!("http://{}/metrics", server.metrics))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            // Absent when the broker keeps no spool (audit off).
+            let unshipped = text
+                .lines()
+                .find(|l| l.starts_with("credbroker_audit_spool_unshipped_bytes "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if unshipped == 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {unshipped} audit bytes still unshipped after 120 s",
+                t.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // The bench's login is the database's superuser (or holds
+    // pg_checkpoint); without the right it measures without the step.
+    if let Err(e) = s.db.connect().await.batch_execute("CHECKPOINT").await {
+        eprintln!("no CHECKPOINT between windows: {e}");
     }
 }
 
