@@ -288,14 +288,7 @@ fn rss_bytes(pid: u32) -> u64 {
 
 /// Sums the samples of the named metric families.
 async fn scrape(http: &reqwest::Client, addr: &str) -> BTreeMap<String, f64> {
-    let text = http
-        .get(format!("http://{addr}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server::metrics_text(http, addr).await;
     let mut out = BTreeMap::new();
     for (key, prefix, filter) in [
         ("vault_ops", "alphapulse_vault_operations_total", ""),

@@ -379,17 +379,10 @@ fn start_broker(s: &Setup, name: &'static str) -> Target {
 async fn settle(s: &Setup, targets: impl Iterator<Item = &Target>) {
     let http = reqwest::Client::new();
     for t in targets {
-        let Some(server) = &t._server else { continue };
+        let Some(broker) = &t._server else { continue };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let text = http
-                .get(format!("http://{}/metrics", server.metrics))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = server::metrics_text(&http, &broker.metrics).await;
             // Absent when the broker keeps no spool (audit off).
             let unshipped = text
                 .lines()

@@ -122,3 +122,14 @@ enabled = false
         metrics: metrics.unwrap(),
     }
 }
+
+/// The text of a server's `/metrics` page (`addr`: [`Server::metrics`]).
+pub async fn metrics_text(http: &reqwest::Client, addr: &str) -> String {
+    http.get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
