@@ -68,7 +68,7 @@ pub async fn ship_once(spool: &Spool, meta: &dyn AuditLog) -> anyhow::Result<Shi
 ///
 /// # Errors
 /// As [`ship_once`].
-pub async fn ship_pass(spool: &Spool, meta: &dyn AuditLog) -> anyhow::Result<Shipped> {
+async fn ship_pass(spool: &Spool, meta: &dyn AuditLog) -> anyhow::Result<Shipped> {
     let dir = spool.dir().to_owned();
     let from = read_offset(&dir)?;
     let mut at = from;
@@ -164,7 +164,7 @@ async fn ship_from(
 /// anchored, once [`ANCHOR_EVERY`] has passed since the last anchor (at
 /// once for the first, and on the task's last pass whatever the time).
 #[derive(Debug, Default)]
-pub struct Anchoring {
+struct Anchoring {
     pending: Option<(u64, String)>,
     last: Option<std::time::Instant>,
 }
@@ -173,7 +173,7 @@ impl Anchoring {
     /// A pass shipped up to `head` (`None`: nothing) at `now`; returns
     /// the head to anchor now, if one is due. Until [`Anchoring::anchored`]
     /// says it was written, it stays pending.
-    pub fn after_pass(
+    fn after_pass(
         &mut self,
         head: Option<(u64, String)>,
         now: std::time::Instant,
@@ -190,7 +190,7 @@ impl Anchoring {
     }
 
     /// `head` was anchored at `now`.
-    pub fn anchored(&mut self, head: &(u64, String), now: std::time::Instant) {
+    fn anchored(&mut self, head: &(u64, String), now: std::time::Instant) {
         self.last = Some(now);
         if self.pending.as_ref().is_some_and(|p| p.0 <= head.0) {
             self.pending = None;
