@@ -69,7 +69,7 @@ pub enum Who {
     /// Refused before authentication: its connection's certificate chain
     /// (read at flush time, once per tally).
     Connection(Option<Arc<Vec<CertificateDer<'static>>>>),
-    /// Past [`MAX_KEYS`] distinct callers.
+    /// Past `MAX_KEYS` distinct callers in one interval.
     Many,
 }
 
